@@ -1,0 +1,56 @@
+"""Causal attention over the paged KV cache, shared by GPT-2 and GPT-OSS.
+
+Each step writes the batch's new keys/values into their slots, then for every attention group gathers the
+group's keys into a padded [seqs, context] tensor and runs one scaled-dot-product attention over it.
+Learned attention sinks (GPT-OSS) join the softmax as one extra key with zero value whose score is the
+sink logit, supplied through an additive mask, which keeps the whole computation inside SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.forward_batch import ForwardBatch
+
+
+def paged_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache: tuple[Tensor, Tensor],
+    batch: ForwardBatch,
+    window: int | None = None,
+    sinks: Tensor | None = None,
+) -> Tensor:
+    """q [T, H, D], k and v [T, KVH, D] for the batch's tokens -> attention output [T, H, D].
+
+    ``window`` limits each query to the last ``window`` positions (itself included).
+    ``sinks`` [H] are per-head logits that take part in the softmax normalisation.
+    """
+    key_cache, value_cache = cache
+    key_cache.index_copy_(0, batch.slot_mapping, k.to(key_cache.dtype))
+    value_cache.index_copy_(0, batch.slot_mapping, v.to(value_cache.dtype))
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    out = torch.empty_like(q)
+    for group in batch.groups:
+        qg = q.new_zeros(group.num_seqs * group.max_query, num_heads, head_dim)
+        qg[group.pad_index] = q[group.token_index]
+        qg = qg.view(group.num_seqs, group.max_query, num_heads, head_dim).transpose(1, 2)
+        kg = key_cache[group.key_slots].to(q.dtype).transpose(1, 2)  # [S, KVH, L, D]
+        vg = value_cache[group.key_slots].to(q.dtype).transpose(1, 2)
+        mask = group.mask(window)
+        if sinks is None:
+            attn_mask: Tensor = mask
+        else:
+            kg = F.pad(kg, (0, 0, 0, 1))
+            vg = F.pad(vg, (0, 0, 0, 1))
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+            bias = bias.expand(-1, num_heads, -1, -1)
+            sink_col = sinks.to(q.dtype).view(1, num_heads, 1, 1).expand(group.num_seqs, -1, group.max_query, 1)
+            attn_mask = torch.cat([bias, sink_col], dim=-1)
+        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=attn_mask, enable_gqa=True)
+        og = og.transpose(1, 2).reshape(group.num_seqs * group.max_query, num_heads, head_dim)
+        out[group.token_index] = og[group.pad_index]
+    return out

@@ -1,0 +1,130 @@
+"""The one input every model forward takes: a flat batch of tokens from many sequences.
+
+The engine mixes prefill chunks and single decode tokens from different sequences in one call. Tokens of
+one sequence are contiguous and in position order. Their keys and values are written to, and read from, a
+paged cache: sequence i's j-th token lives in slot ``block_tables[i, j // block_size] * block_size +
+j % block_size`` of the shared pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(slots=True)
+class AttentionGroup:
+    """Sequences whose queries are padded together for one batched attention call.
+
+    Decode tokens (one query each) share a group; every prefill chunk gets its own, so a long chunk never
+    pads the decode queries to its length.
+    """
+
+    token_index: Tensor  # [n_tokens] rows of the flat batch that belong to this group
+    pad_index: Tensor  # [n_tokens] where each of those rows lands in the [n_seqs * max_query] padded queries
+    num_seqs: int
+    max_query: int
+    key_slots: Tensor  # [n_seqs, max_context] cache slot of each key (padding points at a valid slot)
+    query_positions: Tensor  # [n_seqs, max_query] position of each padded query (0 for padding)
+    context_lens: Tensor  # [n_seqs]
+    _masks: dict[int | None, Tensor] = field(default_factory=dict)
+
+    def mask(self, window: int | None) -> Tensor:
+        """[n_seqs, 1, max_query, max_context] True where a query may attend a key (causal, optional window)."""
+        if window not in self._masks:
+            key_pos = torch.arange(self.key_slots.shape[1], device=self.key_slots.device)
+            q = self.query_positions.unsqueeze(-1)
+            allowed = key_pos <= q
+            if window is not None:
+                allowed &= key_pos > q - window
+            self._masks[window] = allowed.unsqueeze(1)
+        return self._masks[window]
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    input_ids: Tensor  # [T] int64
+    positions: Tensor  # [T] int64, position of each token within its sequence
+    slot_mapping: Tensor  # [T] int64, cache slot that receives each token's K/V
+    query_lens: list[int]  # per sequence: tokens it has in this batch
+    context_lens: list[int]  # per sequence: tokens in the cache once this batch is written (cached + new)
+    block_tables: list[list[int]]  # per sequence: its cache blocks in order
+    block_size: int
+    groups: list[AttentionGroup] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        token_ids: list[list[int]],
+        start_positions: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> "ForwardBatch":
+        """Batch sequence i's ``token_ids[i]``, which sit at positions ``start_positions[i]`` onwards."""
+        query_lens = [len(t) for t in token_ids]
+        context_lens = [s + n for s, n in zip(start_positions, query_lens)]
+        positions = [p for s, n in zip(start_positions, query_lens) for p in range(s, s + n)]
+        slots = [
+            table[p // block_size] * block_size + p % block_size
+            for table, s, n in zip(block_tables, start_positions, query_lens)
+            for p in range(s, s + n)
+        ]
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        batch = cls(
+            input_ids=as_tensor([t for ids in token_ids for t in ids]),
+            positions=as_tensor(positions),
+            slot_mapping=as_tensor(slots),
+            query_lens=query_lens,
+            context_lens=context_lens,
+            block_tables=block_tables,
+            block_size=block_size,
+        )
+        batch.groups = batch._plan_groups(device)
+        return batch
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def last_token_index(self) -> Tensor:
+        """Row of each sequence's last token in the flat batch: where its next-token logits come from."""
+        ends = torch.tensor(self.query_lens, device=self.input_ids.device).cumsum(0)
+        return ends - 1
+
+    def _plan_groups(self, device: torch.device | str) -> list[AttentionGroup]:
+        starts = [0]
+        for n in self.query_lens:
+            starts.append(starts[-1] + n)
+        decode = [i for i, n in enumerate(self.query_lens) if n == 1]
+        prefill = [[i] for i, n in enumerate(self.query_lens) if n > 1]
+        return [self._group(members, starts, device) for members in ([decode] if decode else []) + prefill]
+
+    def _group(self, members: list[int], starts: list[int], device: torch.device | str) -> AttentionGroup:
+        max_query = max(self.query_lens[i] for i in members)
+        max_context = max(self.context_lens[i] for i in members)
+        bs = self.block_size
+        key_pos = torch.arange(max_context)
+        token_index, pad_index, key_slots, query_positions = [], [], [], []
+        for row, i in enumerate(members):
+            n, ctx = self.query_lens[i], self.context_lens[i]
+            token_index.append(torch.arange(starts[i], starts[i] + n))
+            pad_index.append(torch.arange(n) + row * max_query)
+            table = torch.tensor(self.block_tables[i], dtype=torch.long)
+            pos = key_pos.clamp(max=ctx - 1)
+            key_slots.append(table[pos // bs] * bs + pos % bs)
+            qpos = torch.zeros(max_query, dtype=torch.long)
+            qpos[:n] = torch.arange(ctx - n, ctx)
+            query_positions.append(qpos)
+        return AttentionGroup(
+            token_index=torch.cat(token_index).to(device),
+            pad_index=torch.cat(pad_index).to(device),
+            num_seqs=len(members),
+            max_query=max_query,
+            key_slots=torch.stack(key_slots).to(device),
+            query_positions=torch.stack(query_positions).to(device),
+            context_lens=torch.tensor([self.context_lens[i] for i in members], device=device),
+        )

@@ -1,0 +1,150 @@
+"""GPT-2: learned positions, pre-LayerNorm blocks, causal multi-head attention, tanh-GELU MLP, tied lm_head.
+
+Module names mirror the HuggingFace export (``h.N.attn.c_attn`` ...), and projections keep its Conv1D
+layout (weight stored [in, out], applied as ``x @ W + b``), so checkpoint tensors load without transposes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.attention import paged_attention
+from models.checkpoint import Checkpoint, CheckpointError, config_float, config_int, read_json
+from models.forward_batch import ForwardBatch
+from models.kv_cache import KVCacheSpec, PagedKVCache
+
+
+@dataclass(frozen=True, slots=True)
+class GPT2Config:
+    vocab_size: int
+    n_positions: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_inner: int
+    layer_norm_epsilon: float
+    eos_token_id: int
+
+    @classmethod
+    def from_json(cls, config: dict) -> "GPT2Config":
+        for unsupported in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if config.get(unsupported):
+                raise CheckpointError(f"config.json: {unsupported}=true is not supported")
+        activation = config.get("activation_function", "gelu_new")
+        if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise CheckpointError(f"config.json: activation_function={activation!r} is not supported (expected gelu_new)")
+        n_embd = config_int(config, "n_embd")
+        n_head = config_int(config, "n_head", high=n_embd)
+        if n_embd % n_head:
+            raise CheckpointError(f"config.json: n_embd={n_embd} is not divisible by n_head={n_head}")
+        vocab_size = config_int(config, "vocab_size")
+        return cls(
+            vocab_size=vocab_size,
+            n_positions=config_int(config, "n_positions", default=config.get("n_ctx")),
+            n_embd=n_embd,
+            n_layer=config_int(config, "n_layer", high=1024),
+            n_head=n_head,
+            n_inner=config_int(config, "n_inner", default=4 * n_embd),
+            layer_norm_epsilon=config_float(config, "layer_norm_epsilon", 0.0, 1.0, default=1e-5),
+            eos_token_id=config_int(config, "eos_token_id", low=0, high=vocab_size - 1, default=50256),
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class Conv1D(nn.Module):
+    """A linear layer with its weight stored [in, out], as GPT-2 checkpoints hold it."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.bias = nn.Parameter(torch.empty(n_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.bias, x, self.weight)
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.num_heads = config.n_head
+        self.head_dim = config.head_dim
+        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, config.n_embd)
+
+    def forward(self, x: Tensor, batch: ForwardBatch, cache: tuple[Tensor, Tensor]) -> Tensor:
+        q, k, v = self.c_attn(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
+        out = paged_attention(q, k, v, cache, batch)
+        return self.c_proj(out.reshape(x.shape[0], -1))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.c_fc = Conv1D(config.n_embd, config.n_inner)
+        self.c_proj = Conv1D(config.n_inner, config.n_embd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = GPT2Attention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = GPT2MLP(config)
+
+    def forward(self, h: Tensor, batch: ForwardBatch, cache: tuple[Tensor, Tensor]) -> Tensor:
+        h = h + self.attn(self.ln_1(h), batch, cache)
+        return h + self.mlp(self.ln_2(h))
+
+
+class GPT2(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(GPT2Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+    @property
+    def max_context(self) -> int:
+        return self.config.n_positions
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return KVCacheSpec(self.config.n_layer, self.config.n_head, self.config.head_dim)
+
+    def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> Tensor:
+        h = self.wte(batch.input_ids) + self.wpe(batch.positions)
+        for index, block in enumerate(self.h):
+            h = block(h, batch, cache.layer(index))
+        return self.ln_f(h)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """The lm_head is the token embedding (tied), as in every GPT-2 export."""
+        return (hidden @ self.wte.weight.T).float()
+
+
+def load_gpt2(model_dir: Path, dtype: torch.dtype, device: torch.device | str) -> GPT2:
+    """Load an HF-layout GPT-2, with or without the ``transformer.`` prefix; a separate lm_head is ignored (tied)."""
+    config = GPT2Config.from_json(read_json(model_dir / "config.json"))
+    checkpoint = Checkpoint(model_dir)
+    prefix = "transformer." if checkpoint.has("transformer.wte.weight") else ""
+    with torch.device("meta"):
+        model = GPT2(config)
+    state = {
+        name: checkpoint.get(prefix + name, shape=tuple(param.shape), dtype=dtype, device=device)
+        for name, param in model.named_parameters()
+    }
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval().requires_grad_(False)

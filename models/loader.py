@@ -1,0 +1,83 @@
+"""One entry point from a checkpoint directory to a ready model and its tokenizer, whatever the family/layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.checkpoint import CheckpointError, read_json
+from models.tokenizer import Tokenizer, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # GPT2 or GptOss: forward(batch, cache), compute_logits, kv_cache_spec, max_context
+    tokenizer: Tokenizer
+    family: str  # "gpt2" | "gpt_oss"
+    directory: Path
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def max_context(self) -> int:
+        return self.model.max_context
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is float32 on CPU (16-bit matmuls are slow without native support) and bfloat16 on GPU."""
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def detect_family(config: dict) -> str:
+    from models.gpt_oss import is_original_gpt_oss_config
+
+    model_type = config.get("model_type")
+    if model_type in ("gpt2", "gpt_oss"):
+        return model_type
+    if model_type is None and is_original_gpt_oss_config(config):
+        return "gpt_oss"
+    raise CheckpointError(f"config.json: unknown model_type {model_type!r} (supported: gpt2, gpt_oss)")
+
+
+def tokenizer_directory(model_dir: Path) -> Path:
+    """A GPT-OSS ``original/`` folder may hold no tokenizer: the real repository keeps it in the parent."""
+    for candidate in (model_dir, model_dir.parent):
+        if any((candidate / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+            return candidate
+    return model_dir
+
+
+def load_model(
+    path: str | Path, dtype: str = "auto", device: str = "auto", keep_experts_packed: bool = False
+) -> LoadedModel:
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"missing file: model directory {model_dir} does not exist")
+    family = detect_family(read_json(model_dir / "config.json"))
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if family == "gpt2":
+        from models.gpt2 import load_gpt2
+
+        model = load_gpt2(model_dir, torch_dtype, torch_device)
+    else:
+        from models.gpt_oss import load_gpt_oss
+
+        model = load_gpt_oss(model_dir, torch_dtype, torch_device, keep_experts_packed=keep_experts_packed)
+    tokenizer = load_tokenizer(tokenizer_directory(model_dir))
+    return LoadedModel(model, tokenizer, family, model_dir, torch_dtype, torch_device)

@@ -1,0 +1,28 @@
+"""What a client asked for, per choice: how to pick tokens and when to stop, as the engine reads it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int = 16
+    min_tokens: int = 0  # the stop tokens are masked until this many tokens are out
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop_token_ids: frozenset[int] = frozenset()  # the model's eos/stop ids plus any the client added
+    ignore_eos: bool = False  # keep going past stop_token_ids until max_tokens
+    logprobs: int | None = None  # None: no logprobs; k: the sampled token's logprob plus the top k
+    prompt_logprobs: int | None = None  # same, for every prompt token after the first (echo, perplexity)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,150 @@
+"""Incremental parsing of GPT-OSS output in the harmony format into reasoning and content deltas.
+
+The model continues a prompt that ended with `<|start|>assistant`, so it begins inside a message
+header. A message is `header <|message|> body` ending at `<|end|>`, `<|return|>` or `<|call|>`;
+the header names the channel (`<|channel|>analysis`) and, for a tool call, a recipient (`to=...`).
+Where a message body goes:
+- analysis channel -> reasoning;
+- commentary channel addressed to a recipient -> dropped: it is a tool call's arguments, and this
+  server offers no tools (vLLM hands these to its tool parser, never to content);
+- anything else (final, commentary preambles as in vLLM, unknown or missing channel) -> content.
+A second message to the same place is separated from the first by a newline, as vLLM joins them.
+
+A tiny random model emits arbitrary tokens, so nothing here raises: text outside any message is
+content, a header that runs past MAX_HEADER_TOKENS or meets a token no header holds was not a
+header and its text becomes content, and stray special tokens add no text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from server.chat.messages import ChatDelta
+from server.chat.token_text import TokenTextDecoder
+
+if TYPE_CHECKING:
+    from models.tokenizer import Tokenizer
+
+# Real headers are a channel, a recipient and a content type: a dozen tokens at most.
+MAX_HEADER_TOKENS = 32
+CHANNEL = re.compile(r"<\|channel\|>\s*([^\s<]+)")
+RECIPIENT = re.compile(r"(?:^|\s)to=([^\s<]+)")
+
+
+@dataclass(frozen=True, slots=True)
+class HarmonySpecialTokens:
+    """The ids of the tokens harmony's structure is made of, looked up in the tokenizer by name."""
+
+    start: int
+    end: int
+    message: int
+    channel: int
+    return_: int
+    call: int
+    endoftext: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Tokenizer) -> HarmonySpecialTokens:
+        names = {"start": "<|start|>", "end": "<|end|>", "message": "<|message|>",
+                 "channel": "<|channel|>", "return_": "<|return|>", "call": "<|call|>",
+                 "endoftext": "<|endoftext|>"}
+        missing = [name for name in names.values() if name not in tokenizer.special_tokens]
+        if missing:
+            raise ValueError(f"tokenizer lacks the harmony special tokens {', '.join(missing)}")
+        return cls(**{field: tokenizer.special_tokens[name] for field, name in names.items()})
+
+
+class HarmonyOutputParser:
+    """One per generated choice; see the module docstring for where each message's text goes."""
+
+    def __init__(self, tokenizer: Tokenizer, tokens: HarmonySpecialTokens) -> None:
+        self._tokens = tokens
+        self._message_ends = frozenset((tokens.end, tokens.return_, tokens.call))
+        self._special_names = {token_id: name for name, token_id in tokenizer.special_tokens.items()}
+        self._text = TokenTextDecoder(tokenizer)
+        self._header: list[int] | None = []  # None: in a body or outside any message
+        self._target: str | None = "content"  # "reasoning", "content", or None to drop the body
+        self._written = {"reasoning": False, "content": False}
+        self._new_run = True  # the next text starts a new message (or stretch of loose text)
+        self._delta = ChatDelta()
+
+    def feed(self, token_id: int) -> ChatDelta:
+        self._delta = ChatDelta()
+        self._consume(token_id)
+        return self._delta
+
+    def finish(self) -> ChatDelta:
+        self._delta = ChatDelta()
+        # A header cut short by max_tokens said nothing yet; one without a channel was loose text.
+        if self._header is not None and self._tokens.channel not in self._header:
+            self._abandon_header()
+        self._end_run()
+        return self._delta
+
+    def _consume(self, token_id: int) -> None:
+        if self._header is not None:
+            self._consume_header(token_id)
+        elif token_id in self._message_ends:
+            self._end_run()
+        elif token_id == self._tokens.start:
+            self._end_run()
+            self._header = []
+        else:
+            self._emit(self._text.feed(token_id))
+
+    def _consume_header(self, token_id: int) -> None:
+        assert self._header is not None
+        if token_id == self._tokens.message:
+            self._open_body()
+        elif token_id in self._message_ends or token_id == self._tokens.start:
+            self._abandon_header()
+            self._consume(token_id)
+        elif len(self._header) >= MAX_HEADER_TOKENS:
+            self._abandon_header()
+            self._consume(token_id)
+        else:
+            self._header.append(token_id)
+
+    def _open_body(self) -> None:
+        header = self._header_text()
+        channel = CHANNEL.search(header)
+        if channel and channel.group(1) == "analysis":
+            self._target = "reasoning"
+        elif channel and channel.group(1) == "commentary" and RECIPIENT.search(header):
+            self._target = None
+        else:
+            self._target = "content"
+        self._header = None
+        self._new_run = True
+
+    def _abandon_header(self) -> None:
+        """What looked like a header was not one: its text is content outside any message."""
+        held, self._header = self._header or [], None
+        self._target = "content"
+        self._new_run = True
+        for token_id in held:
+            self._emit(self._text.feed(token_id))
+
+    def _end_run(self) -> None:
+        self._emit(self._text.flush())
+        self._target = "content"
+        self._new_run = True
+
+    def _header_text(self) -> str:
+        parts = [self._special_names[t].encode() if t in self._special_names else self._text.text_bytes(t)
+                 for t in self._header or []]
+        return b"".join(parts).decode("utf-8", errors="replace")
+
+    def _emit(self, text: str) -> None:
+        if not text or self._target is None:
+            return
+        if self._new_run and self._written[self._target]:
+            text = "\n" + text
+        self._new_run = False
+        self._written[self._target] = True
+        if self._target == "reasoning":
+            self._delta.reasoning += text
+        else:
+            self._delta.content += text

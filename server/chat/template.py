@@ -1,0 +1,113 @@
+"""Chat prompts for models without harmony (GPT-2): a Jinja template renders the conversation as text.
+
+The template sees `messages` (dicts with `role`, `content`, `reasoning`), `add_generation_prompt`
+(always true), `reasoning_effort` and `current_date`. The default, DEFAULT_CHAT_TEMPLATE, writes a
+plain transcript and leaves the model to continue after "Assistant:":
+
+    System: Be brief.
+    User: Hello!
+    Assistant:
+
+Template text is trusted, printed values are not: special tokens (`<|endoftext|>`) are recognised
+only in the template's own literal text, while everything a `{{ ... }}` expression prints -- message
+text above all -- is encoded as ordinary text, so a user typing "<|endoftext|>" cannot inject one.
+The whole transcript is still encoded as one text between special tokens, so BPE merges across the
+seams (" Hello" stays one token after "User:").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from server.chat.messages import ChatDelta, ChatMessage
+from server.chat.token_text import TokenTextDecoder
+
+if TYPE_CHECKING:
+    from models.tokenizer import Tokenizer
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message.role | capitalize }}: {{ message.content }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+# Unicode noncharacters: never part of real text, so they can fence printed values in the output.
+VALUE_START, VALUE_END = "\ufdd0", "\ufdd1"
+PRINTED_VALUE = re.compile(f"{VALUE_START}(.*?){VALUE_END}", re.DOTALL)
+
+
+def load_chat_template(value: str) -> str:
+    """`--chat-template`: a value with Jinja markup is the template itself, anything else a file path."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"--chat-template: no such file {value!r} (and no Jinja markup for an inline template)")
+    return path.read_text(encoding="utf-8")
+
+
+def fence_printed_value(value: object) -> str:
+    text = "" if value is None else str(value)
+    # Strip fences already inside (a captured `{% set %}` block) so printed text is never trusted.
+    text = text.replace(VALUE_START, "").replace(VALUE_END, "")
+    return f"{VALUE_START}{text}{VALUE_END}"
+
+
+class TemplateChatFormat:
+    def __init__(self, tokenizer: Tokenizer, template: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.stop_token_ids = frozenset((tokenizer.eos_token_id,))
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                    finalize=fence_printed_value)
+        try:
+            self.template = environment.from_string(template if template is not None else DEFAULT_CHAT_TEMPLATE)
+        except jinja2.TemplateSyntaxError as error:
+            raise ValueError(f"invalid chat template: {error}") from error
+        names = sorted(tokenizer.special_tokens, key=len, reverse=True)
+        self._special_in_literal = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+
+    def render(self, messages: list[ChatMessage], *, reasoning_effort: str | None = None,
+               current_date: str | None = None) -> list[int]:
+        text = self.template.render(messages=[dataclasses.asdict(m) for m in messages],
+                                    add_generation_prompt=True, reasoning_effort=reasoning_effort,
+                                    current_date=current_date)
+        return self._encode(text)
+
+    def parser(self) -> PlainTextParser:
+        return PlainTextParser(self.tokenizer)
+
+    def _encode(self, fenced: str) -> list[int]:
+        """Ordinary text between special tokens; special tokens only where the template's literal text has them."""
+        ids: list[int] = []
+        run = ""
+        for index, part in enumerate(PRINTED_VALUE.split(fenced)):
+            if index % 2 == 1 or self._special_in_literal is None:  # a printed value, or no specials at all
+                run += part
+                continue
+            for piece_index, piece in enumerate(self._special_in_literal.split(part)):
+                if piece_index % 2 == 0:
+                    run += piece
+                else:
+                    ids += self.tokenizer.encode_ordinary(run) + [self.tokenizer.special_tokens[piece]]
+                    run = ""
+        return ids + self.tokenizer.encode_ordinary(run)
+
+
+class PlainTextParser:
+    """Everything such a model writes is content; special tokens add no text."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._text = TokenTextDecoder(tokenizer)
+
+    def feed(self, token_id: int) -> ChatDelta:
+        return ChatDelta(content=self._text.feed(token_id))
+
+    def finish(self) -> ChatDelta:
+        return ChatDelta(content=self._text.flush())

@@ -51,7 +51,8 @@ def test_custom_template_sees_effort_date_and_reasoning(tokenizer):
 
 def test_load_chat_template_reads_a_file(tokenizer, tmp_path: Path):
     path = tmp_path / "chat.jinja"
-    path.write_text("{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}<assistant>\n", encoding="utf-8")
+    template = "{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}<assistant>\n"
+    path.write_text(template, encoding="utf-8")
     chat = TemplateChatFormat(tokenizer, load_chat_template(str(path)))
     assert tokenizer.decode(chat.render(CONVERSATION[:2])) == "<system> Be brief.\n<user> Hello!\n<assistant>"
 

@@ -85,7 +85,7 @@ class HarmonyOutputParser:
 
     def _consume(self, token_id: int) -> None:
         if self._header is not None:
-            self._consume_header(token_id)
+            self._consume_header(self._header, token_id)
         elif token_id in self._message_ends:
             self._end_run()
         elif token_id == self._tokens.start:
@@ -94,18 +94,14 @@ class HarmonyOutputParser:
         else:
             self._emit(self._text.feed(token_id))
 
-    def _consume_header(self, token_id: int) -> None:
-        assert self._header is not None
+    def _consume_header(self, header: list[int], token_id: int) -> None:
         if token_id == self._tokens.message:
             self._open_body()
-        elif token_id in self._message_ends or token_id == self._tokens.start:
-            self._abandon_header()
-            self._consume(token_id)
-        elif len(self._header) >= MAX_HEADER_TOKENS:
+        elif token_id in self._message_ends or token_id == self._tokens.start or len(header) >= MAX_HEADER_TOKENS:
             self._abandon_header()
             self._consume(token_id)
         else:
-            self._header.append(token_id)
+            header.append(token_id)
 
     def _open_body(self) -> None:
         header = self._header_text()

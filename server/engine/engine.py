@@ -1,0 +1,225 @@
+"""The synchronous engine core: one ``step()`` schedules, runs the model, samples and reports.
+
+It owns the KV pool, the block manager, the scheduler, the model runner and the sampler for one model, and
+is driven by one thread (see async_engine). Outputs are reported per choice; a choice that ends is freed
+at once, so its blocks are available to the very next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from models.kv_cache import PagedKVCache
+from models.loader import LoadedModel
+from server.engine.block_manager import BlockManager
+from server.engine.errors import RequestRejected
+from server.engine.model_runner import ModelRunner
+from server.engine.outputs import ChoiceOutput
+from server.engine.sampler import Sampler
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import ScheduledChunk, Scheduler
+from server.engine.sequence import Sequence
+from server.engine.step_metrics import StepMetrics
+
+log = logging.getLogger("gptserve.engine")
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # per-step token budget: a long prompt is prefilled in chunks of this
+    max_model_len: int | None = None  # default: the model's context length
+    kv_cache_tokens: int | None = None  # default: sized from free memory
+    block_size: int = 16
+    max_queue: int = 1024
+    enable_prefix_caching: bool = True
+    kv_memory_fraction: float = 0.25  # of free memory, when kv_cache_tokens is not given
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_preemptions: int
+
+
+Output = tuple[str, ChoiceOutput]  # (request id, what happened to one of its choices)
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, metrics: StepMetrics | None = None) -> None:
+        self.loaded = loaded
+        self.config = config
+        self.metrics = metrics or StepMetrics(None)
+        self.max_model_len = min(config.max_model_len or loaded.max_context, loaded.max_context)
+        spec = loaded.model.kv_cache_spec()
+        num_blocks = self._pool_blocks(spec.bytes_per_token(loaded.dtype))
+        self.cache = PagedKVCache(spec, num_blocks, config.block_size, dtype=loaded.dtype, device=loaded.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(loaded.model, self.cache, loaded.device)
+        self.sampler = Sampler()
+        self.requests: dict[str, list[Sequence]] = {}
+        log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, config.block_size, num_blocks * config.block_size)
+
+    def _pool_blocks(self, bytes_per_token: int) -> int:
+        tokens = self.config.kv_cache_tokens
+        if tokens is None:
+            budget = int(free_memory_bytes(self.loaded.device) * self.config.kv_memory_fraction)
+            useful = self.config.max_num_seqs * self.max_model_len  # more than this can never be used at once
+            tokens = min(budget // bytes_per_token, useful)
+        blocks = tokens // self.config.block_size
+        if blocks < 1:
+            raise ValueError(f"KV cache of {tokens} tokens holds no block of {self.config.block_size}")
+        return blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.config.block_size
+
+    def validate(self, prompt_len: int, params: SamplingParams, n: int) -> None:
+        """Reject up front what could never be served, so it never occupies the queue or the cache."""
+        if prompt_len == 0:
+            raise RequestRejected("the prompt is empty", "prompt")
+        total = prompt_len + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestRejected(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {prompt_len} prompt tokens "
+                f"+ {params.max_tokens} max_tokens = {total} were requested",
+                "max_tokens" if prompt_len <= self.max_model_len else "prompt",
+            )
+        if total > self.capacity_tokens:
+            raise RequestRejected(
+                f"{total} tokens (prompt + max_tokens) can never fit the KV cache of {self.capacity_tokens} tokens",
+                "max_tokens",
+            )
+        if params.max_tokens == 0 and n > 1:
+            raise RequestRejected("n > 1 needs max_tokens > 0", "n")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, n: int = 1) -> None:
+        now = time.monotonic()
+        seqs = []
+        for index in range(n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(self.loaded.device).manual_seed((params.seed + index * 0x9E3779B9) % 2**63)
+            seq = Sequence(request_id, index, list(prompt_ids), len(prompt_ids), params, now, generator)
+            if params.prompt_logprobs is not None:
+                seq.prompt_logprobs = [None]
+            self.scheduler.add(seq)
+            seqs.append(seq)
+        self.requests[request_id] = seqs
+
+    def abort(self, request_id: str) -> list[Output]:
+        return [(request_id, out) for out in self._end_request(request_id, "abort")]
+
+    def stop_choice(self, request_id: str, index: int) -> None:
+        """The front end matched a stop string: end that choice now; it already told its client."""
+        for seq in self.requests.get(request_id, []):
+            if seq.index == index and not seq.is_finished:
+                self._finish(seq, "stop")
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.num_used_blocks, bm.num_blocks, self.scheduler.num_preemptions)
+
+    def step(self) -> list[Output]:
+        preemptions = self.scheduler.num_preemptions
+        chunks = self.scheduler.schedule()
+        self.metrics.preempted(self.scheduler.num_preemptions - preemptions)
+        if not chunks:
+            return []
+        now = time.monotonic()
+        for chunk in chunks:
+            if chunk.seq.first_scheduled_time is None:
+                chunk.seq.first_scheduled_time = now
+                self.metrics.prefix_cache(chunk.seq)
+        try:
+            step = self.runner.run(chunks)
+            tokens, logprobs = self.sampler(step.logits, step.sampling_seqs)
+        except Exception as exc:  # a failed forward fails only this step's requests; the engine keeps serving
+            log.exception("model step failed; failing the %d sequences in it", len(chunks))
+            return self._fail(chunks, f"model step failed: {exc}")
+        self.metrics.step(sum(c.num_tokens for c in chunks))
+        for chunk in chunks:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+            chunk.seq.prompt_logprobs.extend(step.prompt_logprobs.get(id(chunk.seq), []))
+        now = time.monotonic()
+        outputs = [self._advance(seq, token, lp, now) for seq, token, lp in zip(step.sampling_seqs, tokens, logprobs)]
+        self.metrics.scheduler_state(self.stats())
+        return [o for o in outputs if o is not None]
+
+    def _advance(self, seq: Sequence, token: int, logprob, now: float) -> Output | None:
+        """Append the sampled token (unless the choice is done) and report it."""
+        if seq.is_finished:
+            return None
+        params = seq.params
+        new_tokens, new_logprobs, reason = [], [], None
+        if seq.num_output_tokens >= params.max_tokens:
+            reason = "length"  # max_tokens=0: the prompt alone was asked for
+        elif token in params.stop_token_ids and not params.ignore_eos:
+            reason = "stop"
+        else:
+            seq.token_ids.append(token)
+            new_tokens.append(token)
+            if logprob is not None:
+                new_logprobs.append(logprob)
+            if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = "length"
+        if new_tokens:
+            self.metrics.token(seq, now)
+            seq.first_token_time = seq.first_token_time or now
+            seq.last_token_time = now
+        out = ChoiceOutput(seq.index, new_tokens, new_logprobs if params.logprobs is not None else None)
+        if not seq.reported_prompt:
+            seq.reported_prompt = True
+            out.num_prompt_tokens = seq.num_prompt_tokens
+            out.num_cached_tokens = seq.num_cached_tokens
+            if params.prompt_logprobs is not None:
+                out.prompt_logprobs = list(seq.prompt_logprobs)
+        if reason is not None:
+            self._finish(seq, reason)
+            out.finish_reason = reason
+        return seq.request_id, out
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.metrics.finished(seq, time.monotonic())
+        seqs = self.requests.get(seq.request_id, [])
+        if all(s.is_finished for s in seqs):
+            self.requests.pop(seq.request_id, None)
+
+    def _end_request(self, request_id: str, reason: str, error: str | None = None) -> list[ChoiceOutput]:
+        ended = []
+        for seq in self.requests.get(request_id, []):
+            if not seq.is_finished:
+                self._finish(seq, reason)
+                ended.append(ChoiceOutput(seq.index, [], finish_reason=reason, error=error))
+        return ended
+
+    def _fail(self, chunks: list[ScheduledChunk], message: str) -> list[Output]:
+        for chunk in chunks:
+            self.block_manager.forget(chunk.seq)
+        outputs = []
+        for request_id in dict.fromkeys(c.seq.request_id for c in chunks):
+            outputs += [(request_id, out) for out in self._end_request(request_id, "error", message)]
+        self.metrics.scheduler_state(self.stats())
+        return outputs

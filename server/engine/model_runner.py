@@ -1,0 +1,70 @@
+"""Turns a step's scheduled chunks into one model forward, and returns only the logits someone needs.
+
+Next-token logits are computed for sequences whose chunk catches them up (they sample this step); every
+prompt position is scored only for requests that asked for prompt logprobs (echo, perplexity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from models.forward_batch import ForwardBatch
+from models.kv_cache import PagedKVCache
+from server.engine.outputs import TokenLogprob
+from server.engine.sampler import top_logprobs
+from server.engine.scheduler import ScheduledChunk
+from server.engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class StepLogits:
+    sampling_seqs: list[Sequence]  # sequences that sample a token this step, in row order of `logits`
+    logits: Tensor  # [len(sampling_seqs), vocab] float32
+    prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # id(seq) -> new entries
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, cache: PagedKVCache, device: torch.device) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = device
+
+    @torch.inference_mode()
+    def run(self, chunks: list[ScheduledChunk]) -> StepLogits:
+        batch = ForwardBatch.build(
+            [c.seq.token_ids[c.seq.num_computed_tokens : c.seq.num_computed_tokens + c.num_tokens] for c in chunks],
+            [c.seq.num_computed_tokens for c in chunks],
+            [c.seq.block_table for c in chunks],
+            self.cache.block_size,
+            self.device,
+        )
+        hidden = self.model(batch, self.cache)
+        rows, sampling_seqs, offset = [], [], 0
+        for chunk in chunks:
+            offset += chunk.num_tokens
+            if chunk.seq.num_computed_tokens + chunk.num_tokens == chunk.seq.num_tokens:
+                rows.append(offset - 1)
+                sampling_seqs.append(chunk.seq)
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
+        step = StepLogits(sampling_seqs, logits)
+        offset = 0
+        for chunk in chunks:
+            if chunk.seq.wants_prompt_logprobs:
+                step.prompt_logprobs[id(chunk.seq)] = self._prompt_logprobs(chunk, hidden[offset : offset + chunk.num_tokens])
+            offset += chunk.num_tokens
+        return step
+
+    def _prompt_logprobs(self, chunk: ScheduledChunk, hidden: Tensor) -> list[TokenLogprob]:
+        """Logprob of each prompt token this chunk predicts that the sequence has not scored yet."""
+        seq, start = chunk.seq, chunk.seq.num_computed_tokens
+        first_target = len(seq.prompt_logprobs)  # index of the next prompt token to score
+        last_target = min(start + chunk.num_tokens, seq.num_prompt_tokens - 1)  # position p predicts token p+1
+        if first_target > last_target:
+            return []
+        positions = torch.arange(first_target - 1, last_target, device=self.device)
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[positions - start]), dim=-1)
+        targets = torch.tensor(seq.token_ids[first_target : last_target + 1], dtype=torch.long, device=self.device)
+        return top_logprobs(logprobs, targets, seq.params.prompt_logprobs or 0)

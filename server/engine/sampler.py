@@ -1,0 +1,112 @@
+"""Next-token choice for a whole batch at once: penalties, bias, temperature, top-k/top-p/min-p, seeds, logprobs.
+
+Every transform is a tensor operation over the batch; the only per-row Python work is for rows that carry
+their own seed (their noise is drawn from their own generator, so a seed gives the same output whatever
+else shares the batch) or a logit_bias.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from server.engine.outputs import TokenLogprob
+from server.engine.sequence import Sequence
+
+
+def top_logprobs(logprobs: Tensor, chosen: Tensor, k: int) -> list[TokenLogprob]:
+    """Logprob of each row's chosen token plus its k most likely alternatives."""
+    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], chosen[:, None][:, :0])
+    return [
+        TokenLogprob(token, lp, list(zip(ids, values)))
+        for token, lp, ids, values in zip(chosen.tolist(), chosen_lp, top_ids.tolist(), top_values.tolist())
+    ]
+
+
+class Sampler:
+    def __call__(self, logits: Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """logits [B, V] float32, one row per sequence -> next token ids and (when asked) their logprobs."""
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
+        logits = self._apply_penalties(logits.clone(), seqs)
+        logits = self._apply_bias_and_min_tokens(logits, seqs)
+        tokens = logits.argmax(dim=-1)
+        sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows, device=logits.device)
+            tokens[rows] = self._sample(logits[rows], [seqs[i] for i in sampled_rows])
+        token_list = tokens.tolist()
+        logprob_list: list[TokenLogprob | None] = [None] * len(seqs)
+        if raw_logprobs is not None:
+            wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+            k = max(seqs[i].params.logprobs for i in wanted)
+            index = torch.tensor(wanted, device=logits.device)
+            for i, entry in zip(wanted, top_logprobs(raw_logprobs[index], tokens[index], k)):
+                entry.top = entry.top[: seqs[i].params.logprobs]
+                logprob_list[i] = entry
+        return token_list, logprob_list
+
+    @staticmethod
+    def _apply_penalties(logits: Tensor, seqs: list[Sequence]) -> Tensor:
+        params = [s.params for s in seqs]
+        if all(p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1 for p in params):
+            return logits
+        batch, vocab = logits.shape
+        device = logits.device
+        counts = torch.zeros(batch, vocab, device=device)
+        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+        for row, seq in enumerate(seqs):
+            out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=device)
+            counts[row].index_add_(0, out, torch.ones(len(out), device=device))
+            seen[row, torch.tensor(seq.token_ids, dtype=torch.long, device=device)] = True
+        rep = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1)
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalised, logits)
+        freq = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)
+        presence = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)
+        return logits - freq * counts - presence * (counts > 0).float()
+
+    @staticmethod
+    def _apply_bias_and_min_tokens(logits: Tensor, seqs: list[Sequence]) -> Tensor:
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+                logits[row, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+            if seq.num_output_tokens < p.min_tokens and p.stop_token_ids:
+                logits[row, list(p.stop_token_ids)] = float("-inf")
+        return logits
+
+    @staticmethod
+    def _sample(logits: Tensor, seqs: list[Sequence]) -> Tensor:
+        device = logits.device
+        temperature = torch.tensor([s.params.temperature for s in seqs], device=device).unsqueeze(1)
+        logits = logits / temperature
+        top_k = [s.params.top_k for s in seqs]
+        top_p = [s.params.top_p for s in seqs]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            logits = _top_k_top_p(logits, top_k, top_p)
+        probs = torch.softmax(logits, dim=-1)
+        min_p = torch.tensor([s.params.min_p for s in seqs], device=device).unsqueeze(1)
+        if (min_p > 0).any():
+            probs = torch.where(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0, probs)
+        # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p, and lets each row use its own RNG.
+        noise = torch.empty_like(probs).exponential_()
+        for row, seq in enumerate(seqs):
+            if seq.generator is not None:
+                noise[row].exponential_(generator=seq.generator)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _top_k_top_p(logits: Tensor, top_k: list[int], top_p: list[float]) -> Tensor:
+    """Mask everything outside each row's top-k and outside the smallest set whose probability reaches top-p."""
+    vocab = logits.shape[-1]
+    device = logits.device
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=device).clamp(max=vocab)
+    ranks = torch.arange(vocab, device=device).unsqueeze(0)
+    drop = ranks >= k.unsqueeze(1)
+    sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop |= mass_before >= torch.tensor(top_p, device=device).unsqueeze(1)
+    return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))

@@ -1,0 +1,64 @@
+"""One choice of one request as the engine tracks it: its tokens, how many are in the KV cache, and its blocks.
+
+There is no prefill or decode phase: ``num_computed_tokens`` catches up with ``token_ids`` under the
+scheduler's token budget, a chunk at a time; the step that catches it up samples the next token.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from server.engine.outputs import TokenLogprob
+from server.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    request_id: str
+    index: int  # choice index within the request
+    token_ids: list[int]  # prompt, then generated tokens
+    num_prompt_tokens: int
+    params: SamplingParams
+    arrival_time: float
+    generator: torch.Generator | None = None  # per-choice RNG when the request has a seed
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first scheduled
+    finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    reported_prompt: bool = False  # prompt-level fields go out with the first output only
+    block_hashes: list[int] = field(default_factory=list)  # chained content hash of each full block so far
+    num_published_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens

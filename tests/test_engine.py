@@ -1,0 +1,248 @@
+"""The engine core driven step by step: batching, chunked prefill, prefix cache, preemption, aborts, failures.
+
+The reference is models.generation (one batched prefill, then decode), which test_gpt2 checks against
+transformers token for token.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from models.generation import greedy_generate, prompt_logits
+from models.loader import load_model
+from server.engine.engine import EngineConfig, LLMEngine
+from server.engine.errors import RequestRejected
+from server.engine.outputs import ChoiceOutput
+from server.engine.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_gpt2_dir, device):
+    return load_model(tiny_gpt2_dir, dtype="float32", device=str(device))
+
+
+def make_engine(loaded, **overrides) -> LLMEngine:
+    config = EngineConfig(**({"kv_cache_tokens": 4096, "max_num_batched_tokens": 64, "block_size": 8} | overrides))
+    return LLMEngine(loaded, config)
+
+
+def run_all(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, dict[int, list[ChoiceOutput]]]:
+    results: dict[str, dict[int, list[ChoiceOutput]]] = {}
+    for _ in range(max_steps):
+        if not engine.has_work:
+            return results
+        for request_id, out in engine.step():
+            results.setdefault(request_id, {}).setdefault(out.index, []).append(out)
+    raise AssertionError("engine did not drain")
+
+
+def tokens_of(outs: list[ChoiceOutput]) -> list[int]:
+    return [t for o in outs for t in o.new_token_ids]
+
+
+def random_prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(50257) for _ in range(n)]
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
+
+
+def test_greedy_batch_of_40_mixed_lengths_equals_single_sequence_generation(loaded):
+    engine = make_engine(loaded)
+    prompts = [random_prompt(3 + (i * 7) % 90, seed=i) for i in range(40)]
+    max_tokens = [5 + i % 17 for i in range(40)]
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, greedy(max_tokens[i]))
+    results = run_all(engine)
+    for i, prompt in enumerate(prompts):
+        [expected] = greedy_generate(loaded.model, [prompt], max_tokens[i])
+        outs = results[f"r{i}"][0]
+        assert tokens_of(outs) == expected
+        assert outs[-1].finish_reason == "length"
+        assert outs[0].num_prompt_tokens == len(prompt)
+    assert engine.block_manager.num_used_blocks == 0
+    assert engine.stats().running == engine.stats().waiting == 0
+
+
+def test_long_prompt_is_prefilled_in_chunks_without_stalling_decodes(loaded):
+    engine = make_engine(loaded, max_num_batched_tokens=16)
+    engine.add_request("short", random_prompt(4, 1), greedy(20))
+    engine.step()  # short is now decoding
+    engine.add_request("long", random_prompt(100, 2), greedy(3))
+    steps_with_short_token = 0
+    for _ in range(6):  # the 100-token prompt needs >6 chunks of at most 15 tokens
+        outputs = dict(engine.step())
+        assert "long" not in outputs or not outputs["long"].new_token_ids
+        steps_with_short_token += "short" in outputs
+    assert steps_with_short_token == 6
+    results = run_all(engine)
+    assert tokens_of(results["long"][0]) == greedy_generate(loaded.model, [random_prompt(100, 2)], 3)[0]
+
+
+def test_repeated_prompt_hits_prefix_cache_with_identical_output(loaded):
+    engine = make_engine(loaded)
+    prompt = random_prompt(70, 3)
+    engine.add_request("cold", prompt, greedy(8))
+    cold = run_all(engine)["cold"][0]
+    engine.add_request("warm", prompt, greedy(8))
+    warm = run_all(engine)["warm"][0]
+    assert cold[0].num_cached_tokens == 0
+    assert warm[0].num_cached_tokens == 64  # all full blocks of 8 but the one holding the last prompt token
+    assert tokens_of(warm) == tokens_of(cold)
+
+
+def test_shared_system_prompt_reuses_blocks_across_different_requests(loaded):
+    engine = make_engine(loaded)
+    system = random_prompt(40, 4)
+    engine.add_request("a", system + random_prompt(9, 5), greedy(4))
+    run_all(engine)
+    b_prompt = system + random_prompt(13, 6)
+    engine.add_request("b", b_prompt, greedy(4))
+    b = run_all(engine)["b"][0]
+    assert b[0].num_cached_tokens == 40
+    assert tokens_of(b) == greedy_generate(loaded.model, [b_prompt], 4)[0]
+
+
+def test_kv_pool_too_small_for_all_preempts_and_everyone_finishes_correctly(loaded):
+    engine = make_engine(loaded, kv_cache_tokens=160, max_num_batched_tokens=64)
+    prompts = [random_prompt(30 + i, seed=20 + i) for i in range(8)]
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, greedy(30))
+    results = run_all(engine)
+    assert engine.scheduler.num_preemptions > 0
+    for i, prompt in enumerate(prompts):
+        assert tokens_of(results[f"r{i}"][0]) == greedy_generate(loaded.model, [prompt], 30)[0]
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_request_that_can_never_fit_is_rejected_up_front(loaded):
+    engine = make_engine(loaded, kv_cache_tokens=64)
+    with pytest.raises(RequestRejected, match="never fit"):
+        engine.validate(60, greedy(10), 1)
+    with pytest.raises(RequestRejected, match="maximum context length is 128"):
+        make_engine(loaded).validate(100, greedy(29), 1)
+
+
+def test_abort_frees_blocks_and_reports_abort(loaded):
+    engine = make_engine(loaded)
+    engine.add_request("x", random_prompt(50, 7), greedy(100))
+    engine.step()
+    engine.step()
+    assert engine.block_manager.num_used_blocks > 0
+    [(request_id, out)] = engine.abort("x")
+    assert (request_id, out.finish_reason) == ("x", "abort")
+    assert engine.block_manager.num_used_blocks == 0 and not engine.has_work
+
+
+def test_stop_token_ends_choice_and_is_not_reported(loaded):
+    engine = make_engine(loaded)
+    prompt = random_prompt(10, 8)
+    [free_run] = greedy_generate(loaded.model, [prompt], 6)
+    engine.add_request("s", prompt, greedy(6, stop_token_ids=frozenset({free_run[3]})))
+    outs = run_all(engine)["s"][0]
+    assert tokens_of(outs) == free_run[:3]
+    assert outs[-1].finish_reason == "stop"
+
+
+def test_min_tokens_and_ignore_eos_force_the_length(loaded):
+    engine = make_engine(loaded)
+    prompt = random_prompt(10, 8)
+    [free_run] = greedy_generate(loaded.model, [prompt], 6)
+    engine.add_request("m", prompt, greedy(6, stop_token_ids=frozenset({free_run[0]}), ignore_eos=True))
+    outs = run_all(engine)["m"][0]
+    assert len(tokens_of(outs)) == 6 and outs[-1].finish_reason == "length"
+
+
+def test_prompt_logprobs_with_zero_max_tokens_match_full_forward(loaded):
+    engine = make_engine(loaded, max_num_batched_tokens=16)  # scored across several chunks
+    prompt = random_prompt(45, 9)
+    engine.add_request("p", prompt, SamplingParams(max_tokens=0, prompt_logprobs=2))
+    [out] = run_all(engine)["p"][0]
+    assert out.finish_reason == "length" and out.new_token_ids == []
+    expected = torch.log_softmax(prompt_logits(loaded.model, [prompt])[0], dim=-1)
+    assert out.prompt_logprobs[0] is None
+    for i, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        assert entry.token_id == prompt[i]
+        assert abs(entry.logprob - expected[i - 1, prompt[i]].item()) < 1e-4
+        assert [t for t, _ in entry.top] == expected[i - 1].topk(2).indices.tolist()
+
+
+def test_sampled_logprobs_report_raw_distribution(loaded):
+    engine = make_engine(loaded)
+    prompt = random_prompt(12, 10)
+    engine.add_request("l", prompt, greedy(1, logprobs=3))
+    [out] = run_all(engine)["l"][0]
+    expected = torch.log_softmax(prompt_logits(loaded.model, [prompt])[0][-1], dim=-1)
+    [entry] = out.logprobs
+    assert entry.token_id == expected.argmax().item()
+    assert abs(entry.logprob - expected.max().item()) < 1e-4
+    assert [t for t, _ in entry.top] == expected.topk(3).indices.tolist()
+
+
+def test_seed_gives_same_sample_whatever_shares_the_batch(loaded):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
+    prompt = random_prompt(15, 11)
+    alone = make_engine(loaded)
+    alone.add_request("s", prompt, params)
+    expected = tokens_of(run_all(alone)["s"][0])
+    crowded = make_engine(loaded)
+    for i in range(10):
+        crowded.add_request(f"other{i}", random_prompt(5 + i, 30 + i), SamplingParams(max_tokens=12, temperature=1.0))
+    crowded.add_request("s", prompt, params)
+    assert tokens_of(run_all(crowded)["s"][0]) == expected
+
+
+def test_n_choices_share_prompt_blocks_and_differ_by_seed(loaded):
+    engine = make_engine(loaded)
+    engine.add_request("n", random_prompt(33, 12), SamplingParams(max_tokens=10, temperature=1.0, seed=7), n=3)
+    choices = run_all(engine)["n"]
+    assert sorted(choices) == [0, 1, 2]
+    assert [choices[i][0].num_cached_tokens for i in range(3)] == [0, 32, 32]
+    assert len({tuple(tokens_of(choices[i])) for i in range(3)}) > 1
+
+
+def test_failed_forward_fails_only_that_step_and_engine_keeps_serving(loaded, monkeypatch):
+    engine = make_engine(loaded)
+    engine.add_request("doomed", random_prompt(20, 13), greedy(5))
+    original = engine.runner.run
+
+    def broken(chunks):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(engine.runner, "run", broken)
+    [(request_id, out)] = engine.step()
+    assert (request_id, out.finish_reason) == ("doomed", "error") and "injected fault" in out.error
+    assert engine.block_manager.num_used_blocks == 0 and not engine.block_manager.cached
+    monkeypatch.setattr(engine.runner, "run", original)
+    prompt = random_prompt(20, 13)
+    engine.add_request("after", prompt, greedy(5))
+    assert tokens_of(run_all(engine)["after"][0]) == greedy_generate(loaded.model, [prompt], 5)[0]
+
+
+def test_penalties_and_logit_bias_steer_greedy_choice(loaded):
+    engine = make_engine(loaded)
+    prompt = random_prompt(10, 14)
+    [free_run] = greedy_generate(loaded.model, [prompt], 1)
+    engine.add_request("bias", prompt, greedy(1, logit_bias={free_run[0]: -100.0, 42: 100.0}))
+    assert tokens_of(run_all(engine)["bias"][0]) == [42]
+    engine.add_request("rep", [42] * 10, greedy(8, frequency_penalty=50.0, presence_penalty=50.0))
+    out = tokens_of(run_all(engine)["rep"][0])
+    assert len(set(out)) == len(out)  # penalties far above the logit range forbid any repeat
+
+
+def test_penalty_arithmetic_matches_openai_and_ctrl_definitions():
+    from server.engine.sampler import Sampler
+    from server.engine.sequence import Sequence
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0)
+    seq = Sequence("r", 0, [1, 3, 3, 2], 1, params, 0.0)  # prompt [1]; outputs 3, 3, 2
+    got = Sampler._apply_penalties(logits.clone(), [seq])
+    # repetition (CTRL) on every seen token: positive / 2, negative * 2; then OpenAI's count and presence terms
+    expected = torch.tensor([[2.0, -2.0, 0.25 - 0.25 - 0.5, 1.5 - 0.5 - 0.5]])
+    assert torch.allclose(got, expected)

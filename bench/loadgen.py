@@ -188,7 +188,8 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, str | None]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=DEFAULTS.vocab_size, help="prompt token ids are below this")
     p.add_argument("--api-key")
-    p.add_argument("--timeout", type=float, default=DEFAULTS.timeout, help="seconds to wait for a connection or for more of a reply")
+    p.add_argument("--timeout", type=float, default=DEFAULTS.timeout,
+                   help="seconds to wait for a connection or for more of a reply")
     p.add_argument("--warmup-requests", type=int, default=1, help="unmeasured requests before the first level")
     p.add_argument("--extra-body", type=json.loads, default={},
                    help='JSON merged into every request body, e.g. \'{"n_predict": 128}\'')

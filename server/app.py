@@ -1,0 +1,223 @@
+"""The FastAPI application: engines started and stopped with the app, one gateway in front of every route.
+
+The gateway (a plain ASGI middleware, so streamed bodies pass through untouched) gives every response an
+``x-request-id``, checks the API key, bounds the body size, counts the request in /metrics and writes one
+JSON log line per request.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from models.loader import LoadedModel
+from server.chat import HarmonyChatFormat, TemplateChatFormat, load_chat_template
+from server.config import ServerConfig
+from server.engine.async_engine import AsyncEngine
+from server.engine.engine import EngineConfig
+from server.engine.errors import EngineError, QueueFull
+from server.metrics import Metrics
+from server.protocol import APIError, ErrorObject, ErrorResponse
+from server.routes import chat_completions, completions, health, metrics, models, perplexity
+from server.routes.engine_calls import ClientDisconnected
+from server.routes.models import ServedModel
+
+log = logging.getLogger("gptserve")
+access_log = logging.getLogger("gptserve.access")
+
+OPEN_PATHS = ("/health", "/metrics")  # reachable without the API key, for probes and scrapers
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # a client's id is echoed back only if it is sane
+LOGGED_BODY_CHARS = 4096
+
+
+def create_app(config: ServerConfig, loaded_models: dict[str, LoadedModel]) -> FastAPI:
+    chat_template = load_chat_template(config.chat_template) if config.chat_template else None
+    process_metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine_config = EngineConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len, kv_cache_tokens=config.kv_cache_tokens,
+            block_size=config.block_size, max_queue=config.max_queue,
+        )
+        created = int(time.time())
+        for name, loaded in loaded_models.items():
+            engine = AsyncEngine(name, loaded, engine_config, process_metrics.for_model(name))
+            engine.start()
+            chat_format = (HarmonyChatFormat(loaded.tokenizer) if loaded.family == "gpt_oss"
+                           else TemplateChatFormat(loaded.tokenizer, chat_template))
+            app.state.models[name] = ServedModel(name, engine, chat_format, created)
+            log.info("serving model", extra={"model": name, "family": loaded.family,
+                                              "max_model_len": engine.max_model_len})
+        yield
+        for served in app.state.models.values():
+            await served.engine.shutdown()
+
+    app = FastAPI(title="gptserve", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible serving of GPT-2 and GPT-OSS checkpoints.")
+    app.state.models = {}
+    app.state.metrics = process_metrics
+    for module in (completions, chat_completions, perplexity, models, health, metrics):
+        app.include_router(module.router)
+    _add_error_handlers(app)
+    app.add_middleware(Gateway, config=config, metrics=process_metrics)
+    return app
+
+
+def error_response(status: int, error: ErrorObject, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=error).model_dump(), status_code=status, headers=headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return error_response(e.status, e.error)
+
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, e: EngineError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if isinstance(e, QueueFull) else None
+        return error_response(e.status, ErrorObject(message=e.message, type=e.type, param=e.param), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return error_response(400, validation_error_object(e))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return error_response(e.status_code, ErrorObject(message=message, type=kind), getattr(e, "headers", None))
+
+    @app.exception_handler(ClientDisconnected)
+    async def client_gone(request: Request, e: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": only the log ever sees it
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error", extra={"request_id": request.state.request_id})
+        return error_response(500, ErrorObject(message="internal server error", type="internal_error"))
+
+
+def validation_error_object(e: RequestValidationError) -> ErrorObject:
+    """The first problem, named by its field (``param`` is the top-level body field)."""
+    first = e.errors()[0]
+    location = [str(part) for part in first["loc"] if part != "body"]
+    if first["type"] == "json_invalid":
+        return ErrorObject(message=f"the body is not valid JSON: {first.get('msg')}", type="invalid_request_error")
+    if first["type"] == "extra_forbidden":
+        message = f"{'.'.join(location)}: unknown or unsupported parameter"
+    else:
+        # Union branches show up as loc parts like "list[int]": keep the path a client would write.
+        path = ".".join(part for part in location if not re.search(r"[\[\]]|^(str|int|float|bool)$", part))
+        message = f"{path or 'body'}: {first['msg']}"
+    return ErrorObject(message=message, type="invalid_request_error", param=location[0] if location else None)
+
+
+class Gateway:
+    def __init__(self, app: ASGIApp, config: ServerConfig, metrics: Metrics) -> None:
+        self.app = app
+        self.config = config
+        self.metrics = metrics
+        self._api_key = config.api_key.encode() if config.api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        given_id = headers.get("x-request-id", "")
+        request_id = given_id if REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append("x-request-id", request_id)
+            await send(message)
+
+        body = b""
+        try:
+            rejection = self._refuse(scope, headers)
+            if rejection is None:
+                body, rejection = await self._read_body(receive)
+            if rejection is not None:
+                await rejection(scope, receive, send_with_id)
+                return
+            await self.app(scope, _replay(body, receive), send_with_id)
+        finally:
+            self._record(scope, request_id, status, time.perf_counter() - started, body)
+
+    def _refuse(self, scope: Scope, headers: Headers) -> Response | None:
+        if self._api_key is not None and scope["path"] not in OPEN_PATHS:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key):
+                return error_response(401, ErrorObject(
+                    message="missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                    type="invalid_request_error", code="invalid_api_key"))
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.config.max_body_bytes):
+            return self._too_large()
+        return None
+
+    async def _read_body(self, receive: Receive) -> tuple[bytes, Response | None]:
+        """The whole body, up to --max-body-bytes whatever Content-Length claimed (chunked bodies have none)."""
+        parts, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", Response(status_code=499)
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > self.config.max_body_bytes:
+                return b"", self._too_large()
+            if not message.get("more_body", False):
+                return b"".join(parts), None
+
+    def _too_large(self) -> Response:
+        return error_response(413, ErrorObject(
+            message=f"the request body exceeds --max-body-bytes ({self.config.max_body_bytes} bytes)",
+            type="invalid_request_error", code="request_too_large"))
+
+    def _record(self, scope: Scope, request_id: str, status: int, seconds: float, body: bytes) -> None:
+        route = getattr(scope.get("route"), "path", None)
+        self.metrics.count_http(route or "unmatched", scope["method"], status)
+        line = {"request_id": request_id, "method": scope["method"], "route": route or scope["path"],
+                "status": status, "latency_ms": round(seconds * 1000, 1)}
+        usage = scope.get("state", {}).get("usage")
+        if usage is not None:
+            line |= usage().model_dump(exclude={"prompt_tokens_details"})
+        if self.config.log_requests and body:
+            line["body"] = body[:LOGGED_BODY_CHARS].decode("utf-8", "replace")
+        access_log.info("request", extra=line)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The app reads the body we already buffered; later receives (disconnect) go to the server."""
+    delivered = False
+
+    async def replay() -> Message:
+        nonlocal delivered
+        if delivered:
+            return await receive()
+        delivered = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay

@@ -1,0 +1,135 @@
+"""``gptserve`` / ``python -m server``: flags (each also read from ``GPTSERVE_<FLAG>``), model loading, uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from server.config import DEFAULT_MAX_BODY_BYTES, ServerConfig
+
+if TYPE_CHECKING:
+    from models.loader import LoadedModel
+
+log = logging.getLogger("gptserve")
+
+LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
+TRUE_WORDS = ("1", "true", "yes", "on")
+
+
+def _env_name(flag: str) -> str:
+    return "GPTSERVE_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptserve",
+        description="OpenAI-compatible server for GPT-2 and GPT-OSS checkpoints. Every flag can also be set "
+        "in the environment as GPTSERVE_<FLAG>, e.g. GPTSERVE_MAX_NUM_SEQS=32; flags win over the environment.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def add(flag: str, help: str, **kwargs) -> None:
+        env = os.environ.get(_env_name(flag))
+        if kwargs.get("action") == "store_true":
+            kwargs["default"] = env is not None and env.lower() in TRUE_WORDS
+        elif env is not None:
+            kwargs["default"] = env  # argparse runs string defaults through ``type`` too
+        parser.add_argument(flag, help=f"{help} [env {_env_name(flag)}]", **kwargs)
+
+    add("--model", "checkpoint to serve, repeatable: PATH, NAME=PATH or a HuggingFace hub id "
+        "(env: comma-separated). Default: gpt2 from the HF cache/hub, else a tiny random-weight demo model",
+        action="append", default=None)
+    add("--host", "address to listen on", default="127.0.0.1")
+    add("--port", "port to listen on", type=int, default=8000)
+    add("--device", "where the model runs", choices=["auto", "cpu", "cuda"], default="auto")
+    add("--dtype", "weight and activation dtype (auto: float32 on CPU, bfloat16 on GPU)",
+        choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    add("--max-num-seqs", "most sequences decoded together in one step", type=_positive_int, default=64)
+    add("--max-num-batched-tokens", "most tokens (prefill + decode) in one step", type=_positive_int, default=512)
+    add("--max-model-len", "longest prompt + completion in tokens (default: the model's context length)",
+        type=_positive_int, default=None)
+    add("--kv-cache-tokens", "KV cache capacity in tokens (default: sized from free memory)",
+        type=_positive_int, default=None)
+    add("--block-size", "tokens per KV cache block", type=_positive_int, default=16)
+    add("--max-queue", "requests allowed to wait before new ones get 429", type=_positive_int, default=1024)
+    add("--tensor-parallel-size", "GPUs to shard each model over (only 1 is supported for now)",
+        type=_positive_int, default=1)
+    add("--api-key", "require 'Authorization: Bearer KEY' on /v1/* routes", default=None)
+    add("--seed", "seed for the global RNGs (per-request seeds come from the request)", type=int, default=None)
+    add("--log-level", "log verbosity", choices=LOG_LEVELS, type=str.lower, default="info")
+    add("--chat-template", "Jinja chat template (file path or the text) for models without a built-in chat "
+        "format (GPT-2)", default=None)
+    add("--keep-experts-packed", "keep GPT-OSS MoE experts in MXFP4 and dequantize per step (less memory)",
+        action="store_true")
+    add("--max-body-bytes", "largest request body accepted; larger ones get 413", type=_positive_int,
+        default=DEFAULT_MAX_BODY_BYTES)
+    add("--log-requests", "include prompts and completions in the request log", action="store_true")
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> ServerConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tensor_parallel_size > 1:
+        parser.error("--tensor-parallel-size > 1 is not yet supported; run one process per GPU for now")
+    models = args.model
+    if models is None:
+        env_models = os.environ.get(_env_name("--model"), "")
+        models = [spec.strip() for spec in env_models.split(",") if spec.strip()]
+    values = {name: value for name, value in vars(args).items() if name != "model"}
+    return ServerConfig(models=models, **values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)
+
+    from server.logging_setup import configure_logging
+
+    configure_logging(config.log_level)
+    try:
+        loaded = load_models(config)
+    except (OSError, ValueError) as e:  # CheckpointError, ModelSourceError, TokenizerError, missing files
+        log.error("cannot load model: %s", e)
+        print(f"gptserve: error: {e}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from server.app import create_app
+
+    app = create_app(config, loaded)
+    uvicorn.run(app, host=config.host, port=config.port, log_config=None, access_log=False,
+                log_level=config.log_level, timeout_graceful_shutdown=30)
+    return 0
+
+
+def load_models(config: ServerConfig) -> dict[str, LoadedModel]:
+    """Resolve every spec first (cheap, fails fast), then load the weights one model at a time."""
+    import torch
+
+    from models.loader import load_model
+    from server.model_source import default_model_source, resolve_model_spec
+
+    if config.seed is not None:
+        torch.manual_seed(config.seed)
+    sources = [resolve_model_spec(spec) for spec in config.models] or [default_model_source()]
+    names = [source.name for source in sources]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"--model: served names must be unique, {duplicates} given twice (use NAME=PATH)")
+    loaded = {}
+    for source in sources:
+        log.info("loading model", extra={"model": source.name, "directory": str(source.directory)})
+        loaded[source.name] = load_model(source.directory, dtype=config.dtype, device=config.device,
+                                         keep_experts_packed=config.keep_experts_packed)
+    return loaded

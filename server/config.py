@@ -1,0 +1,30 @@
+"""Everything the daemon is started with, as one plain record built by the CLI and read by the app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    models: list[str] = field(default_factory=list)  # --model specs; empty: the default gpt2
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    dtype: str = "auto"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    kv_cache_tokens: int | None = None
+    block_size: int = 16
+    max_queue: int = 1024
+    tensor_parallel_size: int = 1
+    api_key: str | None = None
+    seed: int | None = None
+    log_level: str = "info"
+    chat_template: str | None = None  # a file path or the template text itself, for models without harmony
+    keep_experts_packed: bool = False
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    log_requests: bool = False  # prompts and outputs go to the log only when asked for

@@ -1,0 +1,82 @@
+"""Token ids to text for streaming: never split a UTF-8 character, never let a stop string (or its start) out."""
+
+from __future__ import annotations
+
+import codecs
+from typing import Protocol
+
+
+class ByteTokenizer(Protocol):
+    special_tokens: dict[str, int]
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+
+class IncrementalDetokenizer:
+    """Bytes of a character split across tokens wait for the token that completes it.
+
+    Special tokens (end-of-text and friends) are control, not text, and are left out as vLLM's
+    ``skip_special_tokens`` does. Only bytes that can never form valid UTF-8 become U+FFFD.
+    """
+
+    def __init__(self, tokenizer: ByteTokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._special_ids = frozenset(tokenizer.special_tokens.values())
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_ids: list[int]) -> str:
+        data = b"".join(self._tokenizer.token_bytes(t) for t in token_ids if t not in self._special_ids)
+        return self._decoder.decode(data)
+
+    def finish(self) -> str:
+        """What is left when the sequence ends; a dangling partial character becomes U+FFFD here."""
+        return self._decoder.decode(b"", final=True)
+
+
+class StopStringMatcher:
+    """Text in, safe text out: the end of the text that could still grow into a stop string is held back.
+
+    Emitted text never contains the start of a match, so searching only the held-back tail plus the new text
+    finds every match, and the earliest one wins.
+    """
+
+    def __init__(self, stop: list[str]) -> None:
+        self._stop = [s for s in stop if s]
+        self._pending = ""
+        self.matched: str | None = None
+
+    def feed(self, text: str) -> str:
+        if self.matched is not None:
+            return ""
+        pending = self._pending + text
+        hits = [(index, s) for s in self._stop if (index := pending.find(s)) >= 0]
+        if hits:
+            index, self.matched = min(hits)
+            self._pending = ""
+            return pending[:index]
+        keep = self._longest_stop_prefix_suffix(pending)
+        self._pending = pending[len(pending) - keep :]
+        return pending[: len(pending) - keep]
+
+    def flush(self) -> str:
+        """The held-back tail, once no more text will come."""
+        pending, self._pending = self._pending, ""
+        return pending
+
+    def _longest_stop_prefix_suffix(self, text: str) -> int:
+        longest = 0
+        for s in self._stop:
+            for size in range(min(len(s) - 1, len(text)), longest, -1):
+                if text.endswith(s[:size]):
+                    longest = size
+                    break
+        return longest
+
+
+def token_text(tokenizer: ByteTokenizer, token_id: int) -> str:
+    """One token as logprobs show it: its text, or OpenAI's ``bytes:\\xNN`` form when not whole UTF-8."""
+    data = tokenizer.token_bytes(token_id)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in data)

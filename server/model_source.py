@@ -1,0 +1,116 @@
+"""From a ``--model`` spec (PATH, NAME=PATH or a hub id) to a served name and a local checkpoint directory.
+
+Nothing here loads weights; it only decides where they are, so a bad spec fails before any slow work starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HUB_ID = "gpt2"
+DEMO_MODEL_NAME = "gpt2-tiny-random-demo"
+# Only what the loader reads: GPT-OSS repos also ship original/ and metal/ copies of the weights.
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt"]
+HUB_IGNORE_PATTERNS = ["original/*", "metal/*"]
+
+
+class ModelSourceError(ValueError):
+    """A spec that names no usable checkpoint; the message says what is missing."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    name: str  # the id clients put in the request's "model" field
+    directory: Path
+
+
+def resolve_model_spec(spec: str) -> ModelSource:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return ModelSource(_default_name(path), path)
+    name, sep, target = spec.partition("=")
+    if sep:
+        if not name or not target:
+            raise ModelSourceError(f"--model {spec!r}: NAME=PATH needs both a name and a path")
+        target_path = Path(target).expanduser()
+        if target_path.is_dir():
+            return ModelSource(name, target_path)
+        return ModelSource(name, download_from_hub(target))
+    if _looks_like_path(spec):
+        raise ModelSourceError(f"--model {spec!r}: directory {path} does not exist")
+    return ModelSource(spec, download_from_hub(spec))
+
+
+def default_model_source() -> ModelSource:
+    """``gpt2`` from the HF cache or hub; failing that, a tiny random-weight demo model written once locally."""
+    try:
+        return ModelSource(DEFAULT_HUB_ID, download_from_hub(DEFAULT_HUB_ID))
+    except ModelSourceError as e:
+        directory = demo_model_directory()
+        log.warning(
+            "no --model given and %s; serving %s, a tiny GPT-2 with RANDOM weights from %s: its text is noise",
+            e, DEMO_MODEL_NAME, directory,
+        )
+        return ModelSource(DEMO_MODEL_NAME, directory)
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """The local snapshot of a hub model: the cache first, the network only when the hub is not set offline."""
+    from huggingface_hub import snapshot_download
+
+    patterns = {"allow_patterns": HUB_ALLOW_PATTERNS, "ignore_patterns": HUB_IGNORE_PATTERNS}
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, **patterns))
+    except Exception:  # noqa: BLE001 - any failure here just means "not cached"
+        pass
+    if _hub_offline():
+        raise ModelSourceError(
+            f"hub model {repo_id!r} is not in the local HuggingFace cache and HF_HUB_OFFLINE is set"
+        )
+    try:
+        return Path(snapshot_download(repo_id, **patterns))
+    except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end the same way
+        raise ModelSourceError(
+            f"hub model {repo_id!r} is not in the local HuggingFace cache and could not be downloaded "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
+        ) from None
+
+
+def demo_model_directory() -> Path:
+    """Written once under the user's cache dir; a temporary sibling renamed into place keeps it whole."""
+    from models.testing.gpt2_checkpoint import write_tiny_gpt2
+
+    cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptserve"
+    directory = cache_root / DEMO_MODEL_NAME
+    if (directory / "config.json").is_file():
+        return directory
+    cache_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=DEMO_MODEL_NAME, dir=cache_root))
+    write_tiny_gpt2(staging / "model", seed=0, n_positions=1024)
+    try:
+        (staging / "model").rename(directory)
+    except OSError:  # another process won the race; its copy is identical
+        pass
+    shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _default_name(path: Path) -> str:
+    """The directory's base name; a GPT-OSS ``original/`` folder is named after its parent."""
+    resolved = path.resolve()
+    return resolved.parent.name if resolved.name == "original" else resolved.name
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or os.sep + os.sep in spec or spec.count("/") > 1
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")

@@ -1,0 +1,259 @@
+"""Request and response bodies of the HTTP API, as OpenAI's API reference defines them (plus vLLM's extras).
+
+Bounds live in the models so the OpenAPI schema states them and a bad value is a 400 naming its field before
+any route code runs. Unknown fields are refused (``extra="forbid"``) rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+MAX_N = 128
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 512
+INT64 = 2**63 - 1
+
+StopStrings = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+PromptInput = str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class SamplingFields(Strict):
+    """The sampling and stopping fields the completions and chat endpoints share."""
+
+    model: str
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="vLLM extra; 0 or -1 is off")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="vLLM extra")
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: StopStrings | Annotated[list[StopStrings], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None
+    seed: int | None = Field(None, ge=-INT64 - 1, le=INT64)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, description="vLLM extra; 1 is off")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=1024, description="token id (as a string) -> bias added to its logit"
+    )
+    user: str | None = Field(None, max_length=512)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(False, description="vLLM extra: keep generating past the end-of-text token")
+    min_tokens: int = Field(0, ge=0, description="vLLM extra: no stop token before this many tokens")
+
+
+class CompletionRequest(SamplingFields):
+    prompt: PromptInput
+    max_tokens: int | None = Field(16, ge=0, description="null: up to the context length")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = Field(None, description="not supported; must be null")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="only best_of == n is supported")
+
+
+class TextContentPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageParam(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = Field(None, max_length=256)
+    reasoning_content: str | None = Field(None, description="an earlier assistant turn's reasoning")
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
+    max_tokens: int | None = Field(None, ge=0, description="deprecated alias of max_completion_tokens")
+    max_completion_tokens: int | None = Field(None, ge=0, description="null: up to the context length")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+
+
+class PerplexityRequest(Strict):
+    model: str
+    input: PromptInput
+    stride: int | None = Field(None, ge=1, description="default max_length // 2")
+    max_length: int | None = Field(None, ge=2, description="window length; default the model's context")
+    prepend_bos: bool = False
+    logprobs: bool = False
+
+
+# ---- responses ----
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy format: parallel lists, one entry per token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    reasoning_content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDeltaMessage(BaseModel):
+    """A stream delta carries only what changed: unset fields stay out of the JSON."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler) -> dict:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class PerplexityResult(BaseModel):
+    object: Literal["perplexity"] = "perplexity"
+    index: int
+    perplexity: float
+    nll: float = Field(description="mean negative log-likelihood per scored token, in nats")
+    num_tokens: int = Field(description="tokens scored")
+    token_logprobs: list[float | None] | None = Field(None, description="only with logprobs=true")
+
+
+class PerplexityUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class PerplexityResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[PerplexityResult]
+    usage: PerplexityUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "gptserve"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorObject(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorObject
+
+
+class APIError(Exception):
+    """Raised by routes; the app turns it into the contract's error body with this status."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = ErrorObject(message=message, type=type, param=param, code=code)
+
+
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in [(400, "invalid request"), (401, "missing or wrong API key"),
+                                (404, "unknown model"), (413, "body too large"), (429, "queue full"),
+                                (503, "not ready or the engine failed")]
+}

@@ -1,0 +1,74 @@
+"""One chat choice as it grows: the chat format's parser splits reasoning from content; stop strings cut content."""
+
+from __future__ import annotations
+
+from models.tokenizer import Tokenizer
+from server.chat import ChatOutputParser
+from server.detokenizer import StopStringMatcher, token_text
+from server.engine.errors import EngineUnavailable
+from server.engine.outputs import ChoiceOutput, TokenLogprob
+from server.protocol import APIError, ChatTokenLogprob, TopLogprob
+
+
+class ChatChoice:
+    def __init__(self, tokenizer: Tokenizer, parser: ChatOutputParser, stop: list[str], top_logprobs: int | None):
+        self._tokenizer = tokenizer
+        self._parser = parser
+        self._stop = StopStringMatcher(stop)
+        self._top_k = top_logprobs  # None: no logprobs asked for
+        self.reasoning = ""
+        self.content = ""
+        self.logprobs: list[ChatTokenLogprob] | None = [] if top_logprobs is not None else None
+        self.num_tokens = 0
+        self.finish_reason: str | None = None
+        self._sent = (0, 0, 0)  # reasoning chars, content chars, logprob entries already streamed
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def stopped_by_string(self) -> bool:
+        return self._stop.matched is not None
+
+    def add(self, output: ChoiceOutput) -> None:
+        if self.done:
+            return
+        if output.finish_reason == "error":
+            raise APIError(500, output.error or "the engine failed this request", type="internal_error")
+        if output.finish_reason == "abort":
+            raise EngineUnavailable("the request was aborted: the server is shutting down")
+        self.num_tokens += len(output.new_token_ids)
+        if self.logprobs is not None:
+            self.logprobs += [self._logprob(t, s) for t, s in zip(output.new_token_ids, output.logprobs or [])]
+        for token_id in output.new_token_ids:
+            self._take_text(self._parser.feed(token_id))
+            if self.stopped_by_string:
+                break
+        if output.finish_reason is not None and not self.stopped_by_string:
+            self._take_text(self._parser.finish())
+            if not self.stopped_by_string:
+                self.content += self._stop.flush()
+        if self.stopped_by_string:
+            self.finish_reason = "stop"
+        elif output.finish_reason is not None:
+            self.finish_reason = output.finish_reason
+
+    def take_delta(self) -> tuple[str, str, list[ChatTokenLogprob] | None]:
+        """Reasoning, content and logprobs added since the last call, for the next stream chunk."""
+        reasoning_sent, content_sent, logprobs_sent = self._sent
+        self._sent = (len(self.reasoning), len(self.content), len(self.logprobs or []))
+        new_logprobs = None if self.logprobs is None else self.logprobs[logprobs_sent:]
+        return self.reasoning[reasoning_sent:], self.content[content_sent:], new_logprobs
+
+    def _take_text(self, delta) -> None:
+        self.reasoning += delta.reasoning
+        self.content += self._stop.feed(delta.content)
+
+    def _logprob(self, token_id: int, score: TokenLogprob) -> ChatTokenLogprob:
+        top = [self._top_logprob(t, value) for t, value in score.top[: self._top_k]]
+        return ChatTokenLogprob(**self._top_logprob(token_id, score.logprob).model_dump(), top_logprobs=top)
+
+    def _top_logprob(self, token_id: int, logprob: float) -> TopLogprob:
+        return TopLogprob(token=token_text(self._tokenizer, token_id), logprob=logprob,
+                          bytes=list(self._tokenizer.token_bytes(token_id)))

@@ -1,0 +1,145 @@
+"""POST /v1/chat/completions: messages rendered by the model's chat format, reasoning split from content."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+import jinja2
+from fastapi import APIRouter, Request
+
+from server.chat import ChatMessage
+from server.protocol import (
+    ERROR_RESPONSES, APIError, ChatChoice as ChatChoiceBody, ChatChunkChoice, ChatCompletionChunk,
+    ChatCompletionRequest, ChatCompletionResponse, ChatDeltaMessage, ChatLogprobs, ChatMessageParam,
+    ChatResponseMessage, PromptTokensDetails, Usage,
+)
+from server.routes.chat_choice import ChatChoice
+from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
+from server.routes.models import ServedModel, find_model
+from server.routes.sampling import sampling_params, stop_strings
+from server.streaming import prime, sse_response
+
+router = APIRouter()
+
+
+@dataclass
+class ChatRun:
+    served: ServedModel
+    body: ChatCompletionRequest
+    job: PromptJob
+    choices: list[ChatChoice]
+    id: str
+    created: int
+    cached_tokens: int = 0
+
+    async def run(self) -> AsyncGenerator[int, None]:
+        """Feeds engine outputs into the choices; yields the index of each choice that changed."""
+        async with MergedOutputs(self.served.engine, self.id, [self.job], self.body.n) as outputs:
+            async for _, output in outputs:
+                self.cached_tokens = max(self.cached_tokens, output.num_cached_tokens)
+                choice = self.choices[output.index]
+                was_done = choice.done
+                choice.add(output)
+                if choice.done and not was_done:
+                    if choice.stopped_by_string:
+                        outputs.stop_choice(0, output.index)
+                    else:
+                        outputs.choice_finished(0)
+                yield output.index
+
+    def usage(self) -> Usage:
+        prompt_tokens = len(self.job.prompt_ids)
+        completion_tokens = sum(choice.num_tokens for choice in self.choices)
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
+
+    async def response(self) -> ChatCompletionResponse:
+        async for _ in self.run():
+            pass
+        choices = [
+            ChatChoiceBody(
+                index=i,
+                message=ChatResponseMessage(content=c.content, reasoning_content=c.reasoning or None),
+                logprobs=None if c.logprobs is None else ChatLogprobs(content=c.logprobs),
+                finish_reason=c.finish_reason,
+            )
+            for i, c in enumerate(self.choices)
+        ]
+        return ChatCompletionResponse(id=self.id, created=self.created, model=self.served.name, choices=choices,
+                                      usage=self.usage())
+
+    async def chunks(self) -> AsyncGenerator[ChatCompletionChunk, None]:
+        announced = [False] * len(self.choices)
+        async for index in self.run():
+            choice = self.choices[index]
+            if not announced[index]:  # OpenAI's first delta of each choice carries only the role
+                announced[index] = True
+                yield self._chunk(index, ChatDeltaMessage(role="assistant", content=""))
+            reasoning, content, logprobs = choice.take_delta()
+            if not (reasoning or content or logprobs or choice.done):
+                continue
+            delta = ChatDeltaMessage()
+            if reasoning:
+                delta.reasoning_content = reasoning
+            if content:
+                delta.content = content
+            chunk = self._chunk(index, delta)
+            if logprobs:
+                chunk.choices[0].logprobs = ChatLogprobs(content=logprobs)
+            if choice.done:
+                chunk.choices[0].finish_reason = choice.finish_reason
+            yield chunk
+        if self.body.stream_options is not None and self.body.stream_options.include_usage:
+            yield ChatCompletionChunk(id=self.id, created=self.created, model=self.served.name, choices=[],
+                                      usage=self.usage())
+
+    def _chunk(self, index: int, delta: ChatDeltaMessage) -> ChatCompletionChunk:
+        chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.served.name,
+                                    choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=None)])
+        return chunk
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    served = find_model(request, body.model)
+    engine = served.engine
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    prompt = _render(served, body)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens is None:
+        max_tokens = max(engine.max_model_len - len(prompt), 0)
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(body, engine.tokenizer, max_tokens=max_tokens, logprobs=top_logprobs,
+                             model_stop_ids=served.chat_format.stop_token_ids)
+    engine.validate(len(prompt), params, body.n)
+    stop = stop_strings(body)
+    run = ChatRun(
+        served, body, PromptJob(prompt, params),
+        choices=[ChatChoice(engine.tokenizer, served.chat_format.parser(), stop, top_logprobs)
+                 for _ in range(body.n)],
+        id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+    )
+    request.state.usage = run.usage  # read by the request log once the answer is out
+    if body.stream:
+        return sse_response(await prime(request, run.chunks()))
+    return await cancel_on_disconnect(request, run.response())
+
+
+def _render(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
+    messages = [_chat_message(m) for m in body.messages]
+    try:
+        return served.chat_format.render(messages, reasoning_effort=body.reasoning_effort)
+    except (ValueError, jinja2.TemplateError) as e:
+        raise APIError(400, f"messages: cannot render the conversation: {e}", param="messages") from None
+
+
+def _chat_message(message: ChatMessageParam) -> ChatMessage:
+    content = message.content
+    if isinstance(content, list):
+        content = "".join(part.text for part in content)
+    return ChatMessage(role=message.role, content=content or "", reasoning=message.reasoning_content)

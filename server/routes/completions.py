@@ -1,0 +1,121 @@
+"""POST /v1/completions: every prompt × n choices, numbered as OpenAI does (prompt_index * n + choice)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+
+from server.protocol import (
+    ERROR_RESPONSES, APIError, CompletionChoice, CompletionRequest, CompletionResponse, PromptTokensDetails, Usage,
+)
+from server.engine.outputs import ChoiceOutput
+from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
+from server.routes.models import ServedModel, find_model
+from server.routes.sampling import sampling_params, stop_strings, tokenize_prompts
+from server.routes.text_choice import TextChoice
+from server.streaming import prime, sse_response
+
+router = APIRouter()
+
+
+@dataclass
+class CompletionRun:
+    """One request in flight: its prompts, choices and what the engine said about each prompt's cache use."""
+
+    served: ServedModel
+    body: CompletionRequest
+    jobs: list[PromptJob]
+    choices: list[TextChoice]
+    id: str
+    created: int
+    cached_tokens: list[int]
+
+    async def run(self) -> AsyncGenerator[int, None]:
+        """Feeds engine outputs into the choices; yields the index of each choice that changed."""
+        n = self.body.n
+        async with MergedOutputs(self.served.engine, self.id, self.jobs, n) as outputs:
+            async for prompt_index, output in outputs:
+                index = prompt_index * n + output.index
+                choice = self.choices[index]
+                if output.num_prompt_tokens:  # only the first output of a choice reports its prompt
+                    self._first_output(prompt_index, choice, output)
+                was_done = choice.done
+                choice.add(output)
+                if choice.done and not was_done:
+                    if choice.stopped_by_string:
+                        outputs.stop_choice(prompt_index, output.index)
+                    else:
+                        outputs.choice_finished(prompt_index)
+                yield index
+
+    def _first_output(self, prompt_index: int, choice: TextChoice, output: ChoiceOutput) -> None:
+        self.cached_tokens[prompt_index] = max(self.cached_tokens[prompt_index], output.num_cached_tokens)
+        if self.body.echo:
+            choice.echo(self.jobs[prompt_index].prompt_ids, output.prompt_logprobs)
+
+    def usage(self) -> Usage:
+        prompt_tokens = sum(len(job.prompt_ids) for job in self.jobs)
+        completion_tokens = sum(choice.num_tokens for choice in self.choices)
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached_tokens)))
+
+    async def response(self) -> CompletionResponse:
+        async for _ in self.run():
+            pass
+        choices = [CompletionChoice(index=i, text=c.text, logprobs=c.logprobs, finish_reason=c.finish_reason)
+                   for i, c in enumerate(self.choices)]
+        return CompletionResponse(id=self.id, created=self.created, model=self.served.name, choices=choices,
+                                  usage=self.usage())
+
+    async def chunks(self) -> AsyncGenerator[CompletionResponse, None]:
+        async for index in self.run():
+            choice = self.choices[index]
+            text, logprobs = choice.take_delta()
+            if not text and not (logprobs and logprobs.tokens) and not choice.done:
+                continue
+            fields = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+            chunk = CompletionResponse(id=self.id, created=self.created, model=self.served.name,
+                                       choices=[CompletionChoice(**fields)])
+            yield chunk
+        if self.body.stream_options is not None and self.body.stream_options.include_usage:
+            yield CompletionResponse(id=self.id, created=self.created, model=self.served.name, choices=[],
+                                     usage=self.usage())
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
+async def create_completion(body: CompletionRequest, request: Request):
+    served = find_model(request, body.model)
+    _refuse_unsupported(body)
+    engine = served.engine
+    prompts = tokenize_prompts(body.prompt, engine.tokenizer)
+    prompt_logprobs = body.logprobs if body.echo else None
+    jobs = []
+    for prompt in prompts:
+        max_tokens = body.max_tokens if body.max_tokens is not None else max(engine.max_model_len - len(prompt), 0)
+        params = sampling_params(body, engine.tokenizer, max_tokens=max_tokens, logprobs=body.logprobs,
+                                 model_stop_ids=frozenset((engine.tokenizer.eos_token_id,)),
+                                 prompt_logprobs=prompt_logprobs)
+        engine.validate(len(prompt), params, body.n)
+        jobs.append(PromptJob(prompt, params))
+    stop = stop_strings(body)
+    run = CompletionRun(
+        served, body, jobs,
+        choices=[TextChoice(engine.tokenizer, stop, body.logprobs) for _ in range(len(prompts) * body.n)],
+        id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), cached_tokens=[0] * len(prompts),
+    )
+    request.state.usage = run.usage  # read by the request log once the answer is out
+    if body.stream:
+        return sse_response(await prime(request, run.chunks()))
+    return await cancel_on_disconnect(request, run.response())
+
+
+def _refuse_unsupported(body: CompletionRequest) -> None:
+    if body.suffix is not None:
+        raise APIError(400, "suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(400, f"best_of ({body.best_of}) other than n ({body.n}) is not supported", param="best_of")

@@ -1,0 +1,42 @@
+"""GET /v1/models, and the registry of served models every route looks a request's ``model`` up in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+
+from server.chat import HarmonyChatFormat, TemplateChatFormat
+from server.engine.async_engine import AsyncEngine
+from server.protocol import APIError, ModelCard, ModelList
+
+router = APIRouter()
+
+
+@dataclass(slots=True)
+class ServedModel:
+    name: str
+    engine: AsyncEngine
+    chat_format: HarmonyChatFormat | TemplateChatFormat
+    created: int  # unix time the server started serving it
+
+    def card(self) -> ModelCard:
+        return ModelCard(id=self.name, created=self.created, max_model_len=self.engine.max_model_len)
+
+
+def find_model(request: Request, name: str) -> ServedModel:
+    served: dict[str, ServedModel] = request.app.state.models
+    if name not in served:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {sorted(served)}",
+                       param="model", type="not_found_error", code="model_not_found")
+    return served[name]
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[model.card() for model in request.app.state.models.values()])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    return find_model(request, model_id).card()

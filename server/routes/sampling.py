@@ -1,0 +1,72 @@
+"""From the request's sampling fields and prompt to what the engine reads: token ids and SamplingParams."""
+
+from __future__ import annotations
+
+from models.tokenizer import Tokenizer
+from server.engine.sampling_params import SamplingParams
+from server.protocol import APIError, SamplingFields
+
+
+def tokenize_prompts(prompt: str | list[str] | list[int] | list[list[int]], tokenizer: Tokenizer,
+                     param: str = "prompt") -> list[list[int]]:
+    """One token list per prompt: text is encoded, token ids are checked against the vocabulary."""
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)]
+    if isinstance(prompt[0], str):
+        return [tokenizer.encode(text) for text in prompt]
+    prompts = [prompt] if isinstance(prompt[0], int) else prompt
+    for ids in prompts:
+        check_token_ids(ids, tokenizer, param)
+    return [list(ids) for ids in prompts]
+
+
+def check_token_ids(ids: list[int], tokenizer: Tokenizer, param: str) -> None:
+    bad = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
+    if bad:
+        raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary (0..{tokenizer.vocab_size - 1})",
+                       param=param)
+
+
+def stop_strings(body: SamplingFields) -> list[str]:
+    if body.stop is None:
+        return []
+    return [body.stop] if isinstance(body.stop, str) else list(body.stop)
+
+
+def sampling_params(body: SamplingFields, tokenizer: Tokenizer, *, max_tokens: int, model_stop_ids: frozenset[int],
+                    logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+    """The engine's view of one request; ``max_tokens`` is already resolved (defaults differ per endpoint)."""
+    if body.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})",
+                       param="min_tokens")
+    client_stop_ids = body.stop_token_ids or []
+    check_token_ids(client_stop_ids, tokenizer, "stop_token_ids")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        min_tokens=body.min_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(body.top_k or 0, 0),
+        min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logit_bias=_logit_bias(body.logit_bias or {}, tokenizer),
+        seed=body.seed,
+        stop_token_ids=model_stop_ids | frozenset(client_stop_ids),
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )
+
+
+def _logit_bias(bias: dict[str, float], tokenizer: Tokenizer) -> dict[int, float]:
+    parsed = {}
+    for key, value in bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise APIError(400, f"logit_bias: key {key!r} is not a token id", param="logit_bias") from None
+        check_token_ids([token_id], tokenizer, "logit_bias")
+        parsed[token_id] = value
+    return parsed

@@ -1,0 +1,75 @@
+"""Server-sent events as OpenAI streams them: one ``data: {json}`` per chunk, ``data: [DONE]`` last."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from server.engine.errors import EngineError
+from server.protocol import APIError, ErrorObject, ErrorResponse
+from server.routes.engine_calls import cancel_on_disconnect
+
+log = logging.getLogger("gptserve.http")
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse_event(chunk: BaseModel) -> bytes:
+    return b"data: " + chunk.model_dump_json().encode() + b"\n\n"
+
+
+async def prime(request: Request, chunks: AsyncGenerator[BaseModel, None]) -> AsyncGenerator[BaseModel, None]:
+    """Wait for the first chunk before answering, so QueueFull and friends still become their HTTP status."""
+    try:
+        first = await cancel_on_disconnect(request, anext(chunks))
+    except StopAsyncIteration:
+        return chunks
+    except BaseException:
+        await chunks.aclose()
+        raise
+    return _prepend(first, chunks)
+
+
+async def _prepend(first: BaseModel, rest: AsyncGenerator[BaseModel, None]) -> AsyncGenerator[BaseModel, None]:
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()
+
+
+def sse_response(chunks: AsyncGenerator[BaseModel, None]) -> StreamingResponse:
+    return StreamingResponse(
+        _frames(chunks),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _frames(chunks: AsyncGenerator[BaseModel, None]) -> AsyncIterator[bytes]:
+    """Once the 200 is sent an error can only be reported in the stream: as an error event, then [DONE].
+
+    A client disconnect cancels this generator; closing ``chunks`` then aborts the engine requests.
+    """
+    try:
+        async for chunk in chunks:
+            yield sse_event(chunk)
+    except Exception as e:  # noqa: BLE001 - whatever went wrong, the client gets an error event, not a cut stream
+        yield sse_event(ErrorResponse(error=stream_error(e)))
+    finally:
+        await chunks.aclose()
+    yield DONE
+
+
+def stream_error(e: Exception) -> ErrorObject:
+    if isinstance(e, APIError):
+        return e.error
+    if isinstance(e, EngineError):
+        return ErrorObject(message=e.message, type=e.type, param=e.param)
+    log.exception("streaming failed", exc_info=e)
+    return ErrorObject(message="internal server error", type="internal_error")

@@ -11,6 +11,8 @@ are bound once, so each call from the engine thread is a plain increment or obse
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -45,7 +47,7 @@ class ModelMetrics:
     """One served model's series. Called from the engine thread: every method is a few locked increments."""
 
     def __init__(self, families: dict[str, Counter | Gauge | Histogram], model_name: str) -> None:
-        def bind(name: str):
+        def bind(name: str) -> Any:  # the family's child for this model: a Gauge, Counter or Histogram
             return families[name].labels(model_name=model_name)
 
         self._running = bind("num_requests_running")
@@ -78,11 +80,9 @@ class ModelMetrics:
         self._kv_blocks.set(kv_blocks_used)
         self._kv_usage.set(kv_blocks_used / kv_blocks_total if kv_blocks_total else 0.0)
 
-    def step(self, prompt_tokens: int, generation_tokens: int) -> None:
-        """One engine step: prompt tokens computed (prefix-cache hits excluded) and tokens sampled."""
-        self._prompt_tokens.inc(prompt_tokens)
-        self._generation_tokens.inc(generation_tokens)
-        self._iteration_tokens.observe(prompt_tokens + generation_tokens)
+    def step(self, num_tokens: int) -> None:
+        """One engine step computed `num_tokens` tokens: prompt chunks plus one per decoding sequence."""
+        self._iteration_tokens.observe(num_tokens)
 
     def prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None:
         """A new request's prompt looked up in the prefix cache: tokens asked for and tokens found."""
@@ -93,12 +93,14 @@ class ModelMetrics:
         self._preemptions.inc()
 
     def first_token(self, seconds: float) -> None:
-        """Arrival to first sampled token."""
+        """A sequence's first token, `seconds` after arrival. Counted as it comes, so throughput graphs stay live."""
         self._ttft.observe(seconds)
+        self._generation_tokens.inc()
 
     def inter_token(self, seconds: float) -> None:
-        """Time between two consecutive tokens of one sequence."""
+        """A sequence's next token, `seconds` after its previous one."""
         self._itl.observe(seconds)
+        self._generation_tokens.inc()
 
     def request_finished(self, finished_reason: str, prompt_tokens: int, generation_tokens: int,
                          e2e: float, queue: float, prefill: float, decode: float) -> None:
@@ -108,6 +110,7 @@ class ModelMetrics:
         to last token, e2e = arrival to finish.
         """
         self._finished[finished_reason].inc()
+        self._prompt_tokens.inc(prompt_tokens)
         self._request_prompt.observe(prompt_tokens)
         self._request_generation.observe(generation_tokens)
         self._e2e.observe(e2e)
@@ -172,8 +175,8 @@ def _model_families(registry: CollectorRegistry) -> dict[str, Counter | Gauge | 
         "prefix_cache_queries": counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
         "prefix_cache_hits": counter("prefix_cache_hits", "Prompt tokens found in the prefix cache."),
         "num_preemptions": counter("num_preemptions", "Requests preempted to free KV-cache blocks."),
-        "prompt_tokens": counter("prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded)."),
-        "generation_tokens": counter("generation_tokens", "Tokens generated."),
+        "prompt_tokens": counter("prompt_tokens", "Prompt tokens of finished requests."),
+        "generation_tokens": counter("generation_tokens", "Tokens generated, counted as each is sampled."),
         "request_success": counter("request_success", "Requests finished, by finish reason.", ("finished_reason",)),
         "iteration_tokens": histogram("iteration_tokens_total", "Tokens per engine step.", ITERATION_TOKEN_BUCKETS),
         "time_to_first_token": histogram("time_to_first_token_seconds", "Time to first token in seconds.",

@@ -125,17 +125,28 @@ def test_scheduler_state_sets_queues_and_kv_usage_fraction() -> None:
     assert value(metrics, "gptserve:kv_cache_usage_perc") == 0
 
 
-def test_step_counts_tokens_and_observes_batch_tokens() -> None:
+def test_step_observes_tokens_per_engine_step() -> None:
     metrics = Metrics()
     model = metrics.for_model("gpt2")
-    model.step(prompt_tokens=12, generation_tokens=4)
-    model.step(prompt_tokens=0, generation_tokens=4)
-    assert value(metrics, "gptserve:prompt_tokens_total") == 12
-    assert value(metrics, "gptserve:generation_tokens_total") == 8
+    model.step(num_tokens=5)
+    model.step(num_tokens=16)
     assert value(metrics, "gptserve:iteration_tokens_total_count") == 2
-    assert value(metrics, "gptserve:iteration_tokens_total_sum") == 20
+    assert value(metrics, "gptserve:iteration_tokens_total_sum") == 21
     assert value(metrics, "gptserve:iteration_tokens_total_bucket", le="8.0") == 1
     assert value(metrics, "gptserve:iteration_tokens_total_bucket", le="16.0") == 2
+
+
+def test_generated_tokens_count_as_they_come_and_prompt_tokens_when_requests_finish() -> None:
+    metrics = Metrics()
+    model = metrics.for_model("gpt2")
+    model.first_token(0.5)
+    model.inter_token(0.1)
+    assert value(metrics, "gptserve:generation_tokens_total") == 2
+    assert value(metrics, "gptserve:prompt_tokens_total") == 0
+    model.inter_token(0.1)
+    model.request_finished("stop", prompt_tokens=12, generation_tokens=3, e2e=0.8, queue=0.1, prefill=0.4, decode=0.2)
+    assert value(metrics, "gptserve:generation_tokens_total") == 3
+    assert value(metrics, "gptserve:prompt_tokens_total") == 12
 
 
 def test_prefix_cache_and_preemptions_are_counted() -> None:
@@ -197,7 +208,7 @@ def test_two_models_keep_separate_series() -> None:
     metrics = Metrics()
     gpt2, oss = metrics.for_model("gpt2"), metrics.for_model("gpt-oss-20b")
     gpt2.scheduler_state(running=2, waiting=0, kv_blocks_used=10, kv_blocks_total=20)
-    oss.step(prompt_tokens=7, generation_tokens=1)
+    oss.first_token(0.2)
     oss.request_finished("abort", prompt_tokens=7, generation_tokens=1, e2e=1, queue=0, prefill=1, decode=0)
     assert value(metrics, "gptserve:num_requests_running", model_name="gpt2") == 2
     assert value(metrics, "gptserve:num_requests_running", model_name="gpt-oss-20b") == 0

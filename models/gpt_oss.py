@@ -1,0 +1,137 @@
+"""GPT-OSS: OpenAI's open-weight mixture-of-experts transformer, over the paged KV cache.
+
+Per layer: RMSNorm -> attention (GQA, YaRN rotary, learned sinks, a sliding window on some layers) ->
+residual -> RMSNorm -> MoE -> residual; then a final RMSNorm and an untied unembedding. Numerically as
+openai/gpt-oss's torch reference: norms in float32 with float32 scales, everything else in the load dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.attention import paged_attention
+from models.checkpoint import Checkpoint, read_json
+from models.forward_batch import ForwardBatch
+from models.gpt_oss_config import GptOssConfig, is_original_gpt_oss_config
+from models.gpt_oss_weights import read_state, stores_mxfp4
+from models.kv_cache import KVCacheSpec, PagedKVCache
+from models.moe import MoE
+from models.rotary import YarnRotary, apply_rotary
+
+__all__ = ["GptOss", "GptOssConfig", "is_original_gpt_oss_config", "load_gpt_oss"]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(size, dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = x.float()
+        t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * t).to(x.dtype)
+
+
+class GptOssAttention(nn.Module):
+    def __init__(self, config: GptOssConfig, window: int | None) -> None:
+        super().__init__()
+        self.window = window
+        self.head_dim = config.head_dim
+        self.split = [config.num_heads * config.head_dim] + 2 * [config.num_kv_heads * config.head_dim]
+        self.qkv = nn.Linear(config.hidden_size, sum(self.split))
+        self.out = nn.Linear(config.num_heads * config.head_dim, config.hidden_size)
+        self.sinks = nn.Parameter(torch.empty(config.num_heads))
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch, cache: tuple[Tensor, Tensor]
+    ) -> Tensor:
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in self.qkv(x).split(self.split, dim=-1))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = paged_attention(q, k, v, cache, batch, window=self.window, sinks=self.sinks)
+        return self.out(out.flatten(-2))
+
+
+class GptOssBlock(nn.Module):
+    def __init__(self, config: GptOssConfig, layer: int, packed_experts: bool) -> None:
+        super().__init__()
+        window = config.sliding_window if config.sliding_layers[layer] else None
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = GptOssAttention(config, window)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.moe = MoE(
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_experts,
+            config.experts_per_token,
+            config.swiglu_alpha,
+            config.swiglu_limit,
+            packed_experts,
+        )
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch, cache: tuple[Tensor, Tensor]
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, batch, cache)
+        return x + self.moe(self.mlp_norm(x))
+
+
+class GptOss(nn.Module):
+    def __init__(self, config: GptOssConfig, packed_experts: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GptOssBlock(config, i, packed_experts) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = YarnRotary(
+            config.head_dim,
+            config.rope_theta,
+            config.rope_factor,
+            config.rope_original_context,
+            config.rope_beta_fast,
+            config.rope_beta_slow,
+            config.rope_truncate,
+        )
+
+    @property
+    def max_context(self) -> int:
+        return self.config.max_position_embeddings
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return KVCacheSpec(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim)
+
+    def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> Tensor:
+        x = self.embedding(batch.input_ids)
+        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, batch, cache.layer(index))
+        return self.norm(x)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden).float()
+
+
+def load_gpt_oss(
+    model_dir: Path, dtype: torch.dtype, device: torch.device | str, keep_experts_packed: bool = False
+) -> GptOss:
+    """Load the HF layout or the original one (a folder whose config.json has the reference's key names).
+
+    ``keep_experts_packed`` keeps MXFP4 experts as uint8 blocks and scales, dequantizing an expert each time
+    a forward runs it (see models/mxfp4.py for the memory each mode needs); float experts stay float.
+    """
+    raw_config = read_json(model_dir / "config.json")
+    original = is_original_gpt_oss_config(raw_config)
+    config = GptOssConfig.from_original(raw_config) if original else GptOssConfig.from_hf(raw_config)
+    checkpoint = Checkpoint(model_dir)
+    packed = keep_experts_packed and stores_mxfp4(checkpoint, original)
+    with torch.device("meta"):
+        model = GptOss(config, packed_experts=packed)
+    shapes = {name: tuple(param.shape) for name, param in model.named_parameters()}
+    state = read_state(checkpoint, config, original, shapes, dtype, torch.device(device))
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,99 @@
+"""GPT-OSS's mixture-of-experts MLP: a router picks k experts per token, each a clamped-SwiGLU MLP.
+
+Tokens are grouped by expert and every selected expert runs once, on its own tokens, so the cost grows
+with experts_per_token and never with the number of experts. Expert matrices are stored [out, in] as the
+original checkpoint holds them, either as float tensors or as MXFP4 blocks dequantized only when run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.mxfp4 import dequantize_mxfp4, packed_shapes
+
+
+def swiglu(x: Tensor, alpha: float, limit: float) -> Tensor:
+    """Gate and linear halves interleave (gate at even columns); both are clamped, and the linear half gets +1."""
+    gate, linear = x[..., ::2], x[..., 1::2]
+    gate = gate.clamp(max=limit)
+    linear = linear.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(gate * alpha) * (linear + 1)
+
+
+def _frozen(shape: tuple[int, ...], dtype: torch.dtype | None = None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+
+
+class Experts(nn.Module):
+    """The num_experts MLPs of one layer: gate_up [E, 2I, H] (interleaved gate/linear rows), down [E, H, I]."""
+
+    def __init__(
+        self, num_experts: int, hidden: int, intermediate: int, alpha: float, limit: float, packed: bool
+    ) -> None:
+        super().__init__()
+        self.alpha, self.limit, self.packed = alpha, limit, packed
+        gate_up_shape, down_shape = (num_experts, 2 * intermediate, hidden), (num_experts, hidden, intermediate)
+        if packed:
+            (gate_up_blocks, gate_up_scales), (down_blocks, down_scales) = map(packed_shapes, (gate_up_shape, down_shape))
+            self.gate_up_blocks = _frozen(gate_up_blocks, torch.uint8)
+            self.gate_up_scales = _frozen(gate_up_scales, torch.uint8)
+            self.down_blocks = _frozen(down_blocks, torch.uint8)
+            self.down_scales = _frozen(down_scales, torch.uint8)
+        else:
+            self.gate_up = _frozen(gate_up_shape)
+            self.down = _frozen(down_shape)
+        self.gate_up_bias = _frozen((num_experts, 2 * intermediate))
+        self.down_bias = _frozen((num_experts, hidden))
+
+    def matrices(self, expert: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Expert ``expert``'s gate_up and down matrices."""
+        if self.packed:
+            return (
+                dequantize_mxfp4(self.gate_up_blocks[expert], self.gate_up_scales[expert], dtype),
+                dequantize_mxfp4(self.down_blocks[expert], self.down_scales[expert], dtype),
+            )
+        return self.gate_up[expert], self.down[expert]
+
+    def run(self, expert: int, x: Tensor) -> Tensor:
+        """Expert ``expert`` applied to its tokens x [n, H] -> [n, H]."""
+        gate_up, down = self.matrices(expert, x.dtype)
+        h = swiglu(F.linear(x, gate_up, self.gate_up_bias[expert]), self.alpha, self.limit)
+        return F.linear(h, down, self.down_bias[expert])
+
+
+class MoE(nn.Module):
+    def __init__(
+        self,
+        hidden: int,
+        intermediate: int,
+        num_experts: int,
+        experts_per_token: int,
+        alpha: float,
+        limit: float,
+        packed: bool,
+    ) -> None:
+        super().__init__()
+        self.experts_per_token = experts_per_token
+        self.router = nn.Linear(hidden, num_experts)
+        self.experts = Experts(num_experts, hidden, intermediate, alpha, limit, packed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [T, H] -> the routing-weighted sum of each token's k experts, [T, H]."""
+        k = self.experts_per_token
+        top_logits, top_experts = torch.topk(self.router(x), k, dim=-1)
+        # Softmax over the k selected logits only; in float32, as the norms.
+        route_weights = torch.softmax(top_logits.float(), dim=-1).to(x.dtype).flatten()
+        picks_by_expert = torch.argsort(top_experts.flatten(), stable=True)  # (token, slot) picks, grouped
+        counts = torch.bincount(top_experts.flatten(), minlength=self.router.out_features).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                picks = picks_by_expert[start : start + count]
+                tokens = picks // k
+                y = self.experts.run(expert, x[tokens])
+                out.index_add_(0, tokens, y * route_weights[picks, None])
+            start += count
+        return out

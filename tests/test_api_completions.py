@@ -1,0 +1,162 @@
+"""POST /v1/completions against a real server: greedy output and logprobs equal transformers on the same weights."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+import torch
+
+from models.tokenizer import load_tokenizer
+from server.detokenizer import token_text
+from tests.server_process import ServerProcess
+
+EOS = 50256
+PROMPTS = ["Hello, my name is", "The capital of France", "1 2 3 4 5 6 7 8 9 10 11 12", "Once"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gpt2_dir):
+    with ServerProcess(["--model", f"tiny={tiny_gpt2_dir}", "--max-num-seqs", "16"]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_gpt2_dir):
+    return load_tokenizer(tiny_gpt2_dir)
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_gpt2_dir):
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
+
+
+@torch.no_grad()
+def oracle_logprobs(oracle, ids: list[int]) -> torch.Tensor:
+    """log_softmax of the next-token logits at every position: [len(ids), vocab]."""
+    return torch.log_softmax(oracle(torch.tensor([ids])).logits[0].double(), -1)
+
+
+def oracle_greedy(oracle, prompt: list[int], max_new_tokens: int) -> list[int]:
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(oracle_logprobs(oracle, prompt + out)[-1].argmax())
+        if token == EOS:
+            break
+        out.append(token)
+    return out
+
+
+def test_greedy_string_prompt_equals_transformers(client, tokenizer, oracle):
+    prompt = PROMPTS[0]
+    expected = oracle_greedy(oracle, tokenizer.encode(prompt), 12)
+    result = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, logprobs=0)
+    choice = result.choices[0]
+    assert choice.text == tokenizer.decode(expected)
+    assert choice.logprobs.tokens == [token_text(tokenizer, t) for t in expected]
+    assert choice.finish_reason == ("length" if len(expected) == 12 else "stop")
+    assert result.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert result.usage.completion_tokens == len(expected)
+    assert result.usage.total_tokens == result.usage.prompt_tokens + len(expected)
+
+
+def test_token_id_and_batched_prompts_number_choices_prompt_major(client, tokenizer, oracle):
+    id_prompts = [tokenizer.encode(p) for p in PROMPTS]
+    expected = [tokenizer.decode(oracle_greedy(oracle, ids, 8)) for ids in id_prompts]
+    single = client.completions.create(model="tiny", prompt=id_prompts[1], max_tokens=8, temperature=0)
+    assert single.choices[0].text == expected[1]
+    for prompt in (PROMPTS, id_prompts):
+        batch = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+        assert [c.index for c in batch.choices] == list(range(len(PROMPTS)))
+        assert [c.text for c in batch.choices] == expected
+        assert batch.usage.prompt_tokens == sum(len(ids) for ids in id_prompts)
+
+
+def test_logprobs_equal_log_softmax_of_transformers_logits(client, tokenizer, oracle):
+    prompt = tokenizer.encode(PROMPTS[1])
+    result = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=5)
+    logprobs = result.choices[0].logprobs
+    generated = prompt[:]
+    for token, token_logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        reference = oracle_logprobs(oracle, generated)[-1]
+        best = reference.topk(5)
+        token_id = int(best.indices[0])
+        assert token == token_text(tokenizer, token_id)
+        assert token_logprob == pytest.approx(float(reference[token_id]), abs=1e-4)
+        expected_top = {token_text(tokenizer, int(i)): float(v) for v, i in zip(best.values, best.indices)}
+        assert top.keys() == expected_top.keys()
+        assert all(top[k] == pytest.approx(v, abs=1e-4) for k, v in expected_top.items())
+        generated.append(token_id)
+    assert logprobs.text_offset[0] == 0
+    assert logprobs.text_offset[1] == len(logprobs.tokens[0])
+
+
+def test_echo_logprobs_with_zero_max_tokens_scores_the_prompt(client, tokenizer, oracle):
+    """lm-evaluation-harness's loglikelihood request."""
+    prompt = PROMPTS[2]
+    ids = tokenizer.encode(prompt)
+    result = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    choice = result.choices[0]
+    assert choice.text == prompt
+    assert choice.logprobs.tokens == [token_text(tokenizer, t) for t in ids]
+    assert choice.logprobs.token_logprobs[0] is None
+    reference = oracle_logprobs(oracle, ids)
+    expected = [float(reference[i - 1, ids[i]]) for i in range(1, len(ids))]
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert result.usage.completion_tokens == 0
+
+
+def test_concurrent_mixed_requests_equal_their_single_answers(server, client):
+    bodies = [{"model": "tiny", "prompt": PROMPTS[i % 4] * (1 + i % 3), "max_tokens": 4 + i % 9, "temperature": 0}
+              for i in range(32)]
+    singles = [client.completions.create(**body).choices[0].text for body in bodies]
+
+    async def all_at_once() -> list[str]:
+        async with httpx.AsyncClient(base_url=server.v1, timeout=120) as http:
+            responses = await asyncio.gather(*(http.post("/completions", json=body) for body in bodies))
+        return [r.json()["choices"][0]["text"] for r in responses]
+
+    assert asyncio.run(all_at_once()) == singles
+
+
+def test_n_choices_with_seed_are_reproducible(client):
+    kwargs = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 10, "temperature": 1.0, "n": 3, "seed": 1234}
+    first = client.completions.create(**kwargs)
+    second = client.completions.create(**kwargs)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]
+    assert len({c.text for c in first.choices}) > 1
+
+
+def test_stop_string_truncates_and_finishes_with_stop(client, tokenizer, oracle):
+    full = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    result = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                       stop=[stop, "never appears"])
+    assert result.choices[0].text == full[: full.index(stop)]
+    assert result.choices[0].finish_reason == "stop"
+
+
+def test_repeated_long_prompt_hits_prefix_cache_with_identical_output(client):
+    prompt = " ".join(str(i) for i in range(40))  # ~80 tokens: several full KV blocks
+    first = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0)
+    second = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0)
+    assert second.choices[0].text == first.choices[0].text
+    assert second.usage.prompt_tokens_details.cached_tokens > 0
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+
+
+def test_models_lists_the_served_model_with_its_context(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny"]
+    assert models[0].max_model_len == 128
+    assert client.models.retrieve("tiny").id == "tiny"

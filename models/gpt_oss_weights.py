@@ -36,7 +36,10 @@ HF_NAMES = {
     "layers.{i}.moe.experts.down_scales": "model.layers.{i}.mlp.experts.down_proj_scales",
     "layers.{i}.moe.experts.down_bias": "model.layers.{i}.mlp.experts.down_proj_bias",
 }
-HF_FLOAT_EXPERTS = {"gate_up": "model.layers.{i}.mlp.experts.gate_up_proj", "down": "model.layers.{i}.mlp.experts.down_proj"}
+HF_FLOAT_EXPERTS = {
+    "gate_up": "model.layers.{i}.mlp.experts.gate_up_proj",
+    "down": "model.layers.{i}.mlp.experts.down_proj",
+}
 
 ORIGINAL_NAMES = {
     "embedding.weight": "embedding.weight",

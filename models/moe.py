@@ -36,7 +36,8 @@ class Experts(nn.Module):
         self.alpha, self.limit, self.packed = alpha, limit, packed
         gate_up_shape, down_shape = (num_experts, 2 * intermediate, hidden), (num_experts, hidden, intermediate)
         if packed:
-            (gate_up_blocks, gate_up_scales), (down_blocks, down_scales) = map(packed_shapes, (gate_up_shape, down_shape))
+            gate_up_blocks, gate_up_scales = packed_shapes(gate_up_shape)
+            down_blocks, down_scales = packed_shapes(down_shape)
             self.gate_up_blocks = _frozen(gate_up_blocks, torch.uint8)
             self.gate_up_scales = _frozen(gate_up_scales, torch.uint8)
             self.down_blocks = _frozen(down_blocks, torch.uint8)

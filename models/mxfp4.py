@@ -4,16 +4,19 @@ A tensor of logical shape [..., N] is stored as ``blocks`` uint8 [..., N/32, 16]
 nibble first) and ``scales`` uint8 [..., N/32] (an E8M0 exponent with bias 127). Every MXFP4 value times a
 power of two is exact in float32 and bfloat16, so dequantizing loses nothing there.
 
-Memory for the weights of the real models (experts: 3 * hidden * intermediate values per expert; "rest":
-embedding, unembedding, attention, router, norms, biases; GiB = 2^30 bytes):
+Memory for the weights of the real models, in GiB (2^30 bytes). "Rest" is everything but the experts:
+embedding, unembedding, attention, router, norms, biases. 20b: 24 layers x 32 experts; 120b: 36 layers x 128
+experts; hidden = intermediate = 2880, so 3 * 2880^2 values per expert.
 
-| model        | experts packed | experts fp32 | experts bf16 | rest fp32 | rest bf16 | packed + fp32 rest | packed + bf16 rest |
-|--------------|----------------|--------------|--------------|-----------|-----------|--------------------|--------------------|
-| gpt-oss-20b  | 9.5            | 71.2         | 35.6         | 6.7       | 3.4       | 16.2               | 12.8               |
-| gpt-oss-120b | 56.7           | 427.2        | 213.6        | 8.1       | 4.0       | 64.8               | 60.8               |
+| what                                      | gpt-oss-20b | gpt-oss-120b  |
+|-------------------------------------------|-------------|---------------|
+| experts kept packed (4.25 bits a value)   | 9.5         | 56.7          |
+| experts dequantized, fp32 / bf16          | 71.2 / 35.6 | 427.2 / 213.6 |
+| rest, fp32 / bf16                         | 6.7 / 3.4   | 8.1 / 4.0     |
+| whole model in fp32: packed / dequantized | 16.2 / 77.9 | 64.8 / 435.2  |
+| whole model in bf16: packed / dequantized | 12.8 / 39.0 | 60.8 / 217.6  |
 
-(20b: 24 layers x 32 experts, 120b: 36 layers x 128 experts, hidden = intermediate = 2880.) Kept packed,
-a forward also holds the experts it is running dequantized: 95 MiB per expert in fp32, 47 MiB in bf16.
+Kept packed, a forward also holds the expert it is running dequantized: 95 MiB in fp32, 47 MiB in bf16.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def oracle(checkpoint_dir) -> GptOssForCausalLM:
         state |= load_file(shard)
     for blocks_name in [name for name in state if name.endswith("_blocks")]:
         base = blocks_name.removesuffix("_blocks")
-        state[base] = convert_moe_packed_tensors(state.pop(blocks_name), state.pop(base + "_scales"), dtype=torch.float32)
+        blocks, scales = state.pop(blocks_name), state.pop(base + "_scales")
+        state[base] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
     oracle = GptOssForCausalLM(hf_config)
     oracle.load_state_dict({name: t.float() for name, t in state.items()}, strict=True)
     oracle.generation_config.eos_token_id = None
@@ -141,6 +142,16 @@ def test_packed_experts_give_identical_logits(model, checkpoint_dir):
     assert torch.equal(full_forward(packed, ids), full_forward(model, ids))
 
 
+def test_float_experts_checkpoint_gives_identical_logits(model, tmp_path):
+    float_dir = write_tiny_gpt_oss(tmp_path / "float", float_experts=True, sliding_window=SLIDING_WINDOW)
+    index = json.loads((float_dir / "model.safetensors.index.json").read_text())
+    assert not any(name.endswith("_blocks") for name in index["weight_map"])
+    unpacked = load_gpt_oss(float_dir, torch.float32, torch.device("cpu"), keep_experts_packed=True)
+    assert not unpacked.layers[0].moe.experts.packed  # nothing to keep packed
+    ids = random_tokens(20, seed=12)
+    assert torch.equal(full_forward(unpacked, ids), full_forward(model, ids))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16_bit_load_computes_in_that_dtype_close_to_float32(model, checkpoint_dir, dtype):
     low = load_gpt_oss(checkpoint_dir / "original", dtype, torch.device("cpu"), keep_experts_packed=True)
@@ -165,12 +176,14 @@ def test_moe_runs_only_the_experts_the_router_selects(model, monkeypatch):
 
     monkeypatch.setattr(Experts, "run", counting_run)
     k = model.config.experts_per_token
-    hooks = [
-        layer.moe.router.register_forward_hook(
-            lambda module, args, logits, i=i: selected.append({(i, e) for e in logits.topk(k).indices.flatten().tolist()})
-        )
-        for i, layer in enumerate(model.layers)
-    ]
+
+    def record_selection(layer: int):
+        def hook(module, args, logits):
+            selected.append({(layer, e) for e in logits.topk(k).indices.flatten().tolist()})
+
+        return hook
+
+    hooks = [layer.moe.router.register_forward_hook(record_selection(i)) for i, layer in enumerate(model.layers)]
     ids = random_tokens(6, seed=11)
     try:
         full_forward(model, ids)
@@ -212,7 +225,12 @@ def edited_copy(source: Path, target: Path, **config_changes) -> Path:
 
 @pytest.mark.parametrize(
     "folder, key, value",
-    [("", "num_experts_per_tok", 9), ("", "head_dim", 0), ("original", "experts_per_token", 0), ("original", "hidden_size", -1)],
+    [
+        ("", "num_experts_per_tok", 9),
+        ("", "head_dim", 0),
+        ("original", "experts_per_token", 0),
+        ("original", "hidden_size", -1),
+    ],
 )
 def test_out_of_range_config_key_is_named(checkpoint_dir, tmp_path, folder, key, value):
     broken = edited_copy(checkpoint_dir / folder, tmp_path / "broken", **{key: value})

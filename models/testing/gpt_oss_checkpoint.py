@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from models.mxfp4 import packed_shapes
+from models.mxfp4 import dequantize_mxfp4, packed_shapes
 from models.testing.gpt2_checkpoint import write_safetensors
 from models.testing.tokenizer_files import write_gpt_oss_tokenizer
 
@@ -79,14 +79,16 @@ def tiny_gpt_oss_tensors(config: dict, seed: int, weights_dtype: torch.dtype) ->
             b + "mlp.mlp2_bias": normal(experts, hidden, std=0.1),
         }
         # A few large gate_up blocks push some activations past the SwiGLU clamp.
-        tensors |= {b + f"mlp.mlp1_weight.{k}": v for k, v in mxfp4(experts, 2 * inter, hidden, large_fraction=1 / 16).items()}
+        mlp1 = mxfp4(experts, 2 * inter, hidden, large_fraction=1 / 16)
+        tensors |= {b + f"mlp.mlp1_weight.{k}": v for k, v in mlp1.items()}
         tensors |= {b + f"mlp.mlp2_weight.{k}": v for k, v in mxfp4(experts, hidden, inter).items()}
     tensors |= {"norm.scale": norm_scale(), "unembedding.weight": normal(config["vocab_size"], hidden, std=0.3)}
     return tensors
 
 
-def hf_tensors(original: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """The same weights under HF names: q/k/v split apart, experts keep their MXFP4 blocks and scales."""
+def hf_tensors(original: dict[str, torch.Tensor], config: dict, float_experts: bool) -> dict[str, torch.Tensor]:
+    """The same weights under HF names: q/k/v split apart; experts keep their MXFP4 blocks and scales, or
+    with ``float_experts`` are stored dequantized and transposed to [E, in, out], as HF's unpacked export has them."""
     q_dim = config["head_dim"] * config["num_attention_heads"]
     kv_dim = config["head_dim"] * config["num_key_value_heads"]
     tensors = {
@@ -109,17 +111,30 @@ def hf_tensors(original: dict[str, torch.Tensor], config: dict) -> dict[str, tor
             m + "mlp.experts.down_proj_bias": original[b + "mlp.mlp2_bias"],
         }
         for hf_name, ours in (("gate_up_proj", "mlp1_weight"), ("down_proj", "mlp2_weight")):
-            for part in ("blocks", "scales"):
-                tensors[m + f"mlp.experts.{hf_name}_{part}"] = original[b + f"mlp.{ours}.{part}"]
+            blocks, scales = original[b + f"mlp.{ours}.blocks"], original[b + f"mlp.{ours}.scales"]
+            if float_experts:
+                weight = dequantize_mxfp4(blocks, scales, original[b + "mlp.mlp1_bias"].dtype)
+                tensors[m + f"mlp.experts.{hf_name}"] = weight.transpose(1, 2).contiguous()
+            else:
+                tensors |= {m + f"mlp.experts.{hf_name}_blocks": blocks, m + f"mlp.experts.{hf_name}_scales": scales}
     return tensors
 
 
-def hf_config_json(config: dict) -> dict:
+def hf_config_json(config: dict, float_experts: bool = False) -> dict:
     """config.json with the keys and values openai/gpt-oss-20b's has, at ``config``'s sizes."""
     layers = config["num_hidden_layers"]
     layer_types = config.get("layer_types") or [
         "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
     ]
+    quantization = {
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+        "quant_method": "mxfp4",
+    }
     return {
         "architectures": ["GptOssForCausalLM"],
         "attention_bias": True,
@@ -142,15 +157,7 @@ def hf_config_json(config: dict) -> dict:
         "num_local_experts": config["num_local_experts"],
         "output_router_logits": False,
         "pad_token_id": 199999,
-        "quantization_config": {
-            "modules_to_not_convert": [
-                "model.layers.*.self_attn",
-                "model.layers.*.mlp.router",
-                "model.embed_tokens",
-                "lm_head",
-            ],
-            "quant_method": "mxfp4",
-        },
+        **({} if float_experts else {"quantization_config": quantization}),
         "rms_norm_eps": config["rms_norm_eps"],
         "rope_scaling": {
             "beta_fast": config["rope_beta_fast"],
@@ -212,12 +219,17 @@ def _write_original(out_dir: Path, tensors: dict[str, torch.Tensor], config: dic
     save_file(tensors, out_dir / "model.safetensors")
 
 
-def _write_hf(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+def _write_hf(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict, float_experts: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(hf_config_json(config), indent=2))
-    generation = {"bos_token_id": 199998, "do_sample": True, "eos_token_id": [200002, 199999, 200012], "pad_token_id": 199999}
+    (out_dir / "config.json").write_text(json.dumps(hf_config_json(config, float_experts), indent=2))
+    generation = {
+        "bos_token_id": 199998,
+        "do_sample": True,
+        "eos_token_id": [200002, 199999, 200012],
+        "pad_token_id": 199999,
+    }
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    write_safetensors(out_dir, hf_tensors(tensors, config), shards=3)
+    write_safetensors(out_dir, hf_tensors(tensors, config, float_experts), shards=3)
     write_gpt_oss_tokenizer(out_dir)
 
 
@@ -227,17 +239,21 @@ def write_tiny_gpt_oss(
     layout: str = "hf",
     seed: int = 0,
     weights_dtype: torch.dtype = torch.bfloat16,
+    float_experts: bool = False,
     **config_overrides,
 ) -> Path:
     """Write a tiny checkpoint and return the directory to load.
 
     ``layout``: "hf" (config, 3 shards + index, generation config, tokenizer), "original" (config.json,
     dtypes.json, model.safetensors, plus the tokenizer so the folder serves on its own) or "hf+original"
-    (the HF layout with the same weights in ``original/``, like the real repository). ``config_overrides``
+    (the HF layout with the same weights in ``original/``, like the real repository). ``float_experts``
+    (HF layout only) stores the experts' values as float tensors instead of MXFP4. ``config_overrides``
     are keys of TINY_CONFIG (or ``layer_types``).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if float_experts and layout != "hf":
+        raise ValueError("float experts exist only in the HF layout")
     unknown = config_overrides.keys() - TINY_CONFIG.keys() - {"layer_types"}
     if unknown:
         raise ValueError(f"unknown config keys: {sorted(unknown)}")
@@ -247,7 +263,7 @@ def write_tiny_gpt_oss(
         _write_original(out_dir, tensors, config)
         write_gpt_oss_tokenizer(out_dir)
         return out_dir
-    _write_hf(out_dir, tensors, config)
+    _write_hf(out_dir, tensors, config, float_experts)
     if layout == "hf+original":
         _write_original(out_dir / "original", tensors, config)
     return out_dir

@@ -49,8 +49,8 @@ def tiny_gpt_oss_tensors(config: dict, seed: int, weights_dtype: torch.dtype) ->
     hidden, inter, experts = config["hidden_size"], config["intermediate_size"], config["num_local_experts"]
     qkv_dim = config["head_dim"] * (config["num_attention_heads"] + 2 * config["num_key_value_heads"])
 
-    def normal(*shape: int, std: float, mean: float = 0.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * std + mean).to(weights_dtype)
+    def normal(*shape: int, std: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * std).to(weights_dtype)
 
     def mxfp4(*shape: int, large_fraction: float = 0.0) -> dict[str, torch.Tensor]:
         """Scales 2^-6 .. 2^-4 (outputs of order one at these widths); ``large_fraction`` of blocks at 2^-2."""

@@ -1,0 +1,104 @@
+"""POST /v1/chat/completions through the OpenAI SDK: GPT-2 via the plain template, GPT-OSS via harmony."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from models.loader import load_model
+from models.generation import greedy_generate
+from server.chat import ChatMessage, HarmonyChatFormat, TemplateChatFormat
+from tests.server_process import ServerProcess
+
+MESSAGES = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": " there!"}]}]
+AS_CHAT_MESSAGES = [ChatMessage("system", "Be brief."), ChatMessage("user", "Hello there!")]
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt_oss_dir(tmp_path_factory):
+    from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
+
+    return write_tiny_gpt_oss(tmp_path_factory.mktemp("tiny") / "gpt-oss")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gpt2_dir, tiny_gpt_oss_dir):
+    with ServerProcess(["--model", f"tiny={tiny_gpt2_dir}", "--model", f"oss={tiny_gpt_oss_dir}"]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+
+
+def oracle_reply(directory, chat_format_of, max_tokens: int, reasoning_effort: str | None = None):
+    """Greedy tokens from the offline generator, parsed by the same chat format the server uses."""
+    loaded = load_model(directory, device="cpu")
+    chat_format = chat_format_of(loaded.tokenizer)
+    prompt = chat_format.render(AS_CHAT_MESSAGES, reasoning_effort=reasoning_effort)
+    tokens = greedy_generate(loaded.model, [prompt], max_tokens, chat_format.stop_token_ids)[0]
+    parser = chat_format.parser()
+    reasoning = content = ""
+    for delta in [*(parser.feed(t) for t in tokens), parser.finish()]:
+        reasoning, content = reasoning + delta.reasoning, content + delta.content
+    return prompt, tokens, reasoning, content
+
+
+def test_gpt2_chat_uses_the_template_and_matches_greedy(client, tiny_gpt2_dir):
+    prompt, tokens, _, content = oracle_reply(tiny_gpt2_dir, TemplateChatFormat, 10)
+    result = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, temperature=0)
+    message = result.choices[0].message
+    assert result.object == "chat.completion"
+    assert message.role == "assistant"
+    assert message.content == content
+    assert getattr(message, "reasoning_content", None) is None
+    assert result.usage.prompt_tokens == len(prompt)
+    assert result.usage.completion_tokens == len(tokens)
+
+
+def test_gpt_oss_chat_splits_reasoning_from_content_as_harmony_parses_it(client, tiny_gpt_oss_dir):
+    prompt, tokens, reasoning, content = oracle_reply(tiny_gpt_oss_dir, HarmonyChatFormat, 24, "low")
+    result = client.chat.completions.create(model="oss", messages=MESSAGES, max_completion_tokens=24,
+                                            temperature=0, reasoning_effort="low")
+    message = result.choices[0].message
+    assert message.content == content
+    assert (getattr(message, "reasoning_content", None) or "") == reasoning
+    assert result.usage.prompt_tokens == len(prompt)
+    assert result.usage.completion_tokens == len(tokens)
+
+
+def test_gpt_oss_stream_carries_the_same_reasoning_and_content(client):
+    kwargs = {"model": "oss", "messages": MESSAGES, "max_completion_tokens": 24, "temperature": 0}
+    whole = client.chat.completions.create(**kwargs).choices[0].message
+    reasoning = content = ""
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        delta = chunk.choices[0].delta
+        reasoning += getattr(delta, "reasoning_content", None) or ""
+        content += delta.content or ""
+    assert content == whole.content
+    assert reasoning == (getattr(whole, "reasoning_content", None) or "")
+
+
+def test_chat_logprobs_in_the_chat_format(client):
+    result = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, temperature=0,
+                                            logprobs=True, top_logprobs=2)
+    entries = result.choices[0].logprobs.content
+    assert len(entries) == result.usage.completion_tokens
+    for entry in entries:
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token or entry.token.startswith("bytes:")
+        assert len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy picks the top token
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+
+
+def test_n_choices_and_stop_strings_in_chat(client):
+    whole = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
+    text = whole.choices[0].message.content
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    result = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0, n=2,
+                                            stop=stop)
+    assert [c.index for c in result.choices] == [0, 1]
+    assert all(c.message.content == text[: text.index(stop)] for c in result.choices)
+    assert all(c.finish_reason == "stop" for c in result.choices)

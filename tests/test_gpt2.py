@@ -113,7 +113,7 @@ def test_bfloat16_load_stays_close_to_float32(tiny_gpt2_dir, model, device):
 
 
 def test_missing_weights_file_is_named(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 8, "n_head": 2, "n_layer": 1, "n_positions": 8, "vocab_size": 10}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 8, "n_head": 2, "n_layer": 1, "n_positions": 8, "vocab_size": 50257}))
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_gpt2(tmp_path, torch.float32, "cpu")
 

@@ -149,6 +149,17 @@ def test_stop_token_ends_choice_and_is_not_reported(loaded):
     assert outs[-1].finish_reason == "stop"
 
 
+def test_stop_choice_ends_only_that_choice_and_reports_it(loaded):
+    engine = make_engine(loaded)
+    engine.add_request("two", random_prompt(10, 15), SamplingParams(max_tokens=20, temperature=1.0, seed=1), n=2)
+    engine.step()
+    assert engine.stop_choice("two", 1) == [("two", ChoiceOutput(1, [], finish_reason="stop"))]
+    assert engine.stop_choice("two", 1) == []
+    results = run_all(engine)
+    assert results["two"][0][-1].finish_reason == "length" and 1 not in results["two"]
+    assert engine.block_manager.num_used_blocks == 0
+
+
 def test_min_tokens_and_ignore_eos_force_the_length(loaded):
     engine = make_engine(loaded)
     prompt = random_prompt(10, 8)

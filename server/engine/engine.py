@@ -127,11 +127,13 @@ class LLMEngine:
     def abort(self, request_id: str) -> list[Output]:
         return [(request_id, out) for out in self._end_request(request_id, "abort")]
 
-    def stop_choice(self, request_id: str, index: int) -> None:
-        """The front end matched a stop string: end that choice now; it already told its client."""
+    def stop_choice(self, request_id: str, index: int) -> list[Output]:
+        """The front end matched a stop string: end that choice now, and close its stream."""
         for seq in self.requests.get(request_id, []):
             if seq.index == index and not seq.is_finished:
                 self._finish(seq, "stop")
+                return [(request_id, ChoiceOutput(index, [], finish_reason="stop"))]
+        return []
 
     @property
     def has_work(self) -> bool:

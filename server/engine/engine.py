@@ -205,6 +205,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
         self.metrics.finished(seq, time.monotonic())
+        self.metrics.scheduler_state(self.stats())  # aborts and stop strings end requests between steps
         seqs = self.requests.get(seq.request_id, [])
         if all(s.is_finished for s in seqs):
             self.requests.pop(seq.request_id, None)

@@ -31,14 +31,14 @@ from server.engine.engine import EngineConfig
 from server.engine.errors import EngineError, QueueFull
 from server.metrics import Metrics
 from server.protocol import APIError, ErrorObject, ErrorResponse
-from server.routes import chat_completions, completions, health, metrics, models, perplexity
+from server.routes import chat_completions, completions, health, metrics, models, perplexity, ready
 from server.routes.engine_calls import ClientDisconnected
 from server.routes.models import ServedModel
 
 log = logging.getLogger("gptserve")
 access_log = logging.getLogger("gptserve.access")
 
-OPEN_PATHS = ("/health", "/metrics")  # reachable without the API key, for probes and scrapers
+OPEN_PATHS = ("/health", "/ready", "/metrics")  # reachable without the API key, for probes and scrapers
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # a client's id is echoed back only if it is sane
 LOGGED_BODY_CHARS = 4096
 
@@ -71,7 +71,7 @@ def create_app(config: ServerConfig, loaded_models: dict[str, LoadedModel]) -> F
                   description="OpenAI-compatible serving of GPT-2 and GPT-OSS checkpoints.")
     app.state.models = {}
     app.state.metrics = process_metrics
-    for module in (completions, chat_completions, perplexity, models, health, metrics):
+    for module in (completions, chat_completions, perplexity, models, health, ready, metrics):
         app.include_router(module.router)
     _add_error_handlers(app)
     app.add_middleware(Gateway, config=config, metrics=process_metrics)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.forward_batch import ForwardBatch
+from models.forward_batch import AttentionGroup, ForwardBatch
 
 
 def paged_attention(
@@ -38,8 +38,8 @@ def paged_attention(
         qg = q.new_zeros(group.num_seqs * group.max_query, num_heads, head_dim)
         qg[group.pad_index] = q[group.token_index]
         qg = qg.view(group.num_seqs, group.max_query, num_heads, head_dim).transpose(1, 2)
-        kg = key_cache[group.key_slots].to(q.dtype).transpose(1, 2)  # [S, KVH, L, D]
-        vg = value_cache[group.key_slots].to(q.dtype).transpose(1, 2)
+        kg = _gather_blocks(key_cache, group).to(q.dtype).transpose(1, 2)  # [S, KVH, L, D]
+        vg = _gather_blocks(value_cache, group).to(q.dtype).transpose(1, 2)
         mask = group.mask(window)
         if sinks is None:
             attn_mask: Tensor = mask
@@ -54,3 +54,10 @@ def paged_attention(
         og = og.transpose(1, 2).reshape(group.num_seqs * group.max_query, num_heads, head_dim)
         out[group.token_index] = og[group.pad_index]
     return out
+
+
+def _gather_blocks(cache: Tensor, group: AttentionGroup) -> Tensor:
+    """The group's keys (or values) as [S, L, KVH, D], copied a whole block at a time."""
+    kv_heads, head_dim = cache.shape[1], cache.shape[2]
+    blocks = cache.view(-1, group.block_size, kv_heads, head_dim).index_select(0, group.key_blocks.flatten())
+    return blocks.view(group.num_seqs, group.num_key_positions, kv_heads, head_dim)

@@ -26,15 +26,20 @@ class AttentionGroup:
     pad_index: Tensor  # [n_tokens] where each of those rows lands in the [n_seqs * max_query] padded queries
     num_seqs: int
     max_query: int
-    key_slots: Tensor  # [n_seqs, max_context] cache slot of each key (padding points at a valid slot)
+    key_blocks: Tensor  # [n_seqs, max_blocks] cache blocks holding each sequence's keys, padded with a valid block
     query_positions: Tensor  # [n_seqs, max_query] position of each padded query (0 for padding)
     context_lens: Tensor  # [n_seqs]
+    block_size: int
     _masks: dict[int | None, Tensor] = field(default_factory=dict)
+
+    @property
+    def num_key_positions(self) -> int:
+        return self.key_blocks.shape[1] * self.block_size
 
     def mask(self, window: int | None) -> Tensor:
         """[n_seqs, 1, max_query, max_context] True where a query may attend a key (causal, optional window)."""
         if window not in self._masks:
-            key_pos = torch.arange(self.key_slots.shape[1], device=self.key_slots.device)
+            key_pos = torch.arange(self.num_key_positions, device=self.key_blocks.device)
             q = self.query_positions.unsqueeze(-1)
             allowed = key_pos <= q
             if window is not None:
@@ -105,17 +110,15 @@ class ForwardBatch:
 
     def _group(self, members: list[int], starts: list[int], device: torch.device | str) -> AttentionGroup:
         max_query = max(self.query_lens[i] for i in members)
-        max_context = max(self.context_lens[i] for i in members)
         bs = self.block_size
-        key_pos = torch.arange(max_context)
-        token_index, pad_index, key_slots, query_positions = [], [], [], []
+        max_blocks = -(-max(self.context_lens[i] for i in members) // bs)
+        token_index, pad_index, key_blocks, query_positions = [], [], [], []
         for row, i in enumerate(members):
             n, ctx = self.query_lens[i], self.context_lens[i]
             token_index.append(torch.arange(starts[i], starts[i] + n))
             pad_index.append(torch.arange(n) + row * max_query)
-            table = torch.tensor(self.block_tables[i], dtype=torch.long)
-            pos = key_pos.clamp(max=ctx - 1)
-            key_slots.append(table[pos // bs] * bs + pos % bs)
+            used = self.block_tables[i][: -(-ctx // bs)]
+            key_blocks.append(used + [used[0]] * (max_blocks - len(used)))  # padding is masked out
             qpos = torch.zeros(max_query, dtype=torch.long)
             qpos[:n] = torch.arange(ctx - n, ctx)
             query_positions.append(qpos)
@@ -124,7 +127,8 @@ class ForwardBatch:
             pad_index=torch.cat(pad_index).to(device),
             num_seqs=len(members),
             max_query=max_query,
-            key_slots=torch.stack(key_slots).to(device),
+            key_blocks=torch.tensor(key_blocks, dtype=torch.long, device=device),
             query_positions=torch.stack(query_positions).to(device),
             context_lens=torch.tensor([self.context_lens[i] for i in members], device=device),
+            block_size=bs,
         )

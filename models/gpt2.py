@@ -6,6 +6,7 @@ layout (weight stored [in, out], applied as ``x @ W + b``), so checkpoint tensor
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,18 @@ from models.attention import paged_attention
 from models.checkpoint import Checkpoint, CheckpointError, config_float, config_int, read_json
 from models.forward_batch import ForwardBatch
 from models.kv_cache import KVCacheSpec, PagedKVCache
+from models.parallel import SINGLE, TensorParallel
+
+# Tensor-parallel splits, by parameter name within a block: (dimension split over ranks, fused parts in it).
+# c_attn and c_fc are column-parallel (q, k, v each split by heads); the c_proj weights are row-parallel.
+BLOCK_SPLITS = {
+    "attn.c_attn.weight": (1, 3),
+    "attn.c_attn.bias": (0, 3),
+    "attn.c_proj.weight": (0, 1),
+    "mlp.c_fc.weight": (1, 1),
+    "mlp.c_fc.bias": (0, 1),
+    "mlp.c_proj.weight": (0, 1),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,13 +84,28 @@ class Conv1D(nn.Module):
         return torch.addmm(self.bias, x, self.weight)
 
 
+class RowParallelConv1D(Conv1D):
+    """A Conv1D whose input features are split over the ranks: partial products are summed, then the bias added."""
+
+    def __init__(self, n_in: int, n_out: int, tp: TensorParallel) -> None:
+        super().__init__(n_in, n_out)
+        self.tp = tp
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.tp.all_reduce(x @ self.weight) + self.bias
+
+
+def output_projection(n_in: int, n_out: int, tp: TensorParallel) -> Conv1D:
+    return Conv1D(n_in, n_out) if tp.world_size == 1 else RowParallelConv1D(n_in, n_out, tp)
+
+
 class GPT2Attention(nn.Module):
-    def __init__(self, config: GPT2Config) -> None:
+    def __init__(self, config: GPT2Config, tp: TensorParallel) -> None:
         super().__init__()
-        self.num_heads = config.n_head
+        self.num_heads = tp.local(config.n_head, "n_head")
         self.head_dim = config.head_dim
-        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)
-        self.c_proj = Conv1D(config.n_embd, config.n_embd)
+        self.c_attn = Conv1D(config.n_embd, 3 * self.num_heads * self.head_dim)
+        self.c_proj = output_projection(self.num_heads * self.head_dim, config.n_embd, tp)
 
     def forward(self, x: Tensor, batch: ForwardBatch, cache: tuple[Tensor, Tensor]) -> Tensor:
         q, k, v = self.c_attn(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
@@ -86,22 +114,23 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, config: GPT2Config) -> None:
+    def __init__(self, config: GPT2Config, tp: TensorParallel) -> None:
         super().__init__()
-        self.c_fc = Conv1D(config.n_embd, config.n_inner)
-        self.c_proj = Conv1D(config.n_inner, config.n_embd)
+        n_inner = tp.local(config.n_inner, "n_inner")
+        self.c_fc = Conv1D(config.n_embd, n_inner)
+        self.c_proj = output_projection(n_inner, config.n_embd, tp)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, config: GPT2Config) -> None:
+    def __init__(self, config: GPT2Config, tp: TensorParallel) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = GPT2Attention(config)
+        self.attn = GPT2Attention(config, tp)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = GPT2MLP(config)
+        self.mlp = GPT2MLP(config, tp)
 
     def forward(self, h: Tensor, batch: ForwardBatch, cache: tuple[Tensor, Tensor]) -> Tensor:
         h = h + self.attn(self.ln_1(h), batch, cache)
@@ -109,12 +138,15 @@ class GPT2Block(nn.Module):
 
 
 class GPT2(nn.Module):
-    def __init__(self, config: GPT2Config) -> None:
+    """With a TensorParallel of N ranks: this rank's 1/N of the heads and MLP columns; embeddings replicated."""
+
+    def __init__(self, config: GPT2Config, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.h = nn.ModuleList(GPT2Block(config) for _ in range(config.n_layer))
+        self.h = nn.ModuleList(GPT2Block(config, tp) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
     @property
@@ -122,7 +154,7 @@ class GPT2(nn.Module):
         return self.config.n_positions
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        return KVCacheSpec(self.config.n_layer, self.config.n_head, self.config.head_dim)
+        return KVCacheSpec(self.config.n_layer, self.h[0].attn.num_heads, self.config.head_dim)
 
     def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> Tensor:
         h = self.wte(batch.input_ids) + self.wpe(batch.positions)
@@ -132,19 +164,30 @@ class GPT2(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """The lm_head is the token embedding (tied), as in every GPT-2 export."""
-        return (hidden @ self.wte.weight.T).float()
+        return F.linear(hidden, self.wte.weight).float()
 
 
-def load_gpt2(model_dir: Path, dtype: torch.dtype, device: torch.device | str) -> GPT2:
-    """Load an HF-layout GPT-2, with or without the ``transformer.`` prefix; a separate lm_head is ignored (tied)."""
+def load_gpt2(
+    model_dir: Path, dtype: torch.dtype, device: torch.device | str, tp: TensorParallel = SINGLE
+) -> GPT2:
+    """Load an HF-layout GPT-2, with or without the ``transformer.`` prefix; a separate lm_head is ignored (tied).
+
+    A tensor-parallel rank reads only its slices of the split weights."""
     config = GPT2Config.from_json(read_json(model_dir / "config.json"))
     checkpoint = Checkpoint(model_dir)
     prefix = "transformer." if checkpoint.has("transformer.wte.weight") else ""
     with torch.device("meta"):
-        model = GPT2(config)
-    state = {
-        name: checkpoint.get(prefix + name, shape=tuple(param.shape), dtype=dtype, device=device)
-        for name, param in model.named_parameters()
-    }
+        model = GPT2(config, tp)
+    state = {}
+    for name, param in model.named_parameters():
+        split = BLOCK_SPLITS.get(re.sub(r"^h\.\d+\.", "", name)) if tp.world_size > 1 else None
+        if split is None:
+            state[name] = checkpoint.get(prefix + name, shape=tuple(param.shape), dtype=dtype, device=device)
+            continue
+        dim, parts = split
+        shape = list(param.shape)
+        shape[dim] *= tp.world_size
+        ranges = tp.ranges(*[shape[dim] // parts] * parts)
+        state[name] = checkpoint.get_slices(prefix + name, dim, ranges, tuple(shape), dtype, device)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval().requires_grad_(False)

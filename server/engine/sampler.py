@@ -90,13 +90,15 @@ class Sampler:
         min_p = torch.tensor([s.params.min_p for s in seqs], device=device).unsqueeze(1)
         if (min_p > 0).any():
             probs = torch.where(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0, probs)
-        # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p, and lets each row use its own RNG.
-        noise = torch.empty_like(probs).exponential_()
+        # Inverse-CDF sampling: one uniform per row (drawn from the row's own generator when it has a seed), so a
+        # seed gives the same token whatever shares the batch, at a fraction of the cost of per-token noise.
+        cdf = probs.cumsum(dim=-1)
+        uniform = torch.rand(len(seqs), 1, device=device)
         for row, seq in enumerate(seqs):
             if seq.generator is not None:
-                noise[row].exponential_(generator=seq.generator)
-        return (probs / noise).argmax(dim=-1)
-
+                uniform[row] = torch.rand(1, generator=seq.generator, device=device)
+        picks = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
+        return picks.squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 def _top_k_top_p(logits: Tensor, top_k: list[int], top_p: list[float]) -> Tensor:
     """Mask everything outside each row's top-k and outside the smallest set whose probability reaches top-p."""

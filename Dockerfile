@@ -49,8 +49,9 @@ EXPOSE 8000
 USER 10001:10001
 WORKDIR /home/gptserve
 
+# Healthy means ready to serve (/ready: models loaded, engines running), not merely alive (/health).
 # Loading a large checkpoint on a CPU takes minutes: the start period keeps the container from counting as unhealthy.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('GPTSERVE_PORT', '8000'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('GPTSERVE_PORT', '8000'), timeout=4)"]
 
 ENTRYPOINT ["gptserve"]

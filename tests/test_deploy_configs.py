@@ -23,6 +23,7 @@ import yaml
 from dockerfile_parse import DockerfileParser
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.app import OPEN_PATHS
 from server.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,7 +238,7 @@ def test_compose_gptserve_serves_a_read_only_model_volume_with_a_health_check() 
     assert volume["target"] == "/models" and volume["read_only"] is True
     assert service["environment"]["GPTSERVE_MODEL"].startswith("/models/")
     assert service["environment"]["GPTSERVE_DEVICE"] == "cpu"
-    assert f"127.0.0.1:{SERVER_PORT}/health" in " ".join(service["healthcheck"]["test"])
+    assert f"127.0.0.1:{SERVER_PORT}/ready" in " ".join(service["healthcheck"]["test"])
     assert service["ports"] == [f"127.0.0.1:{SERVER_PORT}:{SERVER_PORT}"]
     assert "profiles" not in service
 
@@ -281,7 +282,7 @@ def test_dockerfile_listens_on_all_interfaces_with_a_health_check_and_model_volu
     assert instructions("EXPOSE") == [str(SERVER_PORT)]
     assert json.loads(instructions("VOLUME")[0]) == ["/models"]
     (healthcheck,) = instructions("HEALTHCHECK")
-    assert "/health" in healthcheck and "--start-period=" in healthcheck
+    assert "/ready'" in healthcheck and "--start-period=" in healthcheck
 
 
 def test_dockerfile_installs_torch_for_cpu_by_default_before_copying_source() -> None:
@@ -303,3 +304,11 @@ def test_build_context_holds_what_the_dockerfile_copies_and_nothing_local() -> N
     for local in (".venv/bin/python", ".git/HEAD", "tests/test_metrics.py", "deploy/prometheus.yml",
                   "server/__pycache__/metrics.cpython-311.pyc"):
         assert dockerignored(local), local
+
+
+def test_both_health_checks_probe_readiness_on_a_route_open_without_the_api_key() -> None:
+    """With GPTSERVE_API_KEY set, a probe of a keyed route would read 401 and mark every container unhealthy."""
+    probes = [" ".join(compose()["services"]["gptserve"]["healthcheck"]["test"]), instructions("HEALTHCHECK")[0]]
+    for probe in probes:
+        (path,) = re.findall(r"http://127\.0\.0\.1:[^/]+(/[\w/-]*)", probe)
+        assert path == "/ready" and path in OPEN_PATHS, probe

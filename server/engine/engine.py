@@ -147,7 +147,8 @@ class LLMEngine:
         preemptions = self.scheduler.num_preemptions
         chunks = self.scheduler.schedule()
         self.metrics.preempted(self.scheduler.num_preemptions - preemptions)
-        if not chunks:
+        if not chunks:  # nothing fits yet: the gauges still show who waits
+            self.metrics.scheduler_state(self.stats())
             return []
         now = time.monotonic()
         for chunk in chunks:

@@ -79,10 +79,31 @@ class Checkpoint:
         device: torch.device | str = "cpu",
     ) -> Tensor:
         """One tensor, checked against the shape the config implies, in the requested dtype and device."""
-        if shape is not None and self.shape(name) != tuple(shape):
-            raise CheckpointError(f"tensor {name} has shape {list(self.shape(name))}, expected {list(shape)} from config.json")
+        self._check_shape(name, shape)
         tensor = self._handle(name).get_tensor(name)
         return tensor.to(device=device, dtype=dtype or tensor.dtype)
+
+    def get_slices(
+        self,
+        name: str,
+        dim: int,
+        ranges: list[tuple[int, int]],
+        shape: tuple[int, ...] | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
+        """The [start, stop) pieces of dimension ``dim`` of one tensor, concatenated; ``shape`` is the whole
+        tensor's. Only those pieces are read from the file, so a tensor-parallel rank never holds the rest."""
+        self._check_shape(name, shape)
+        view = self._handle(name).get_slice(name)
+        lead = (slice(None),) * dim
+        parts = [view[(*lead, slice(start, stop))] for start, stop in ranges]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+        return tensor.to(device=device, dtype=dtype or tensor.dtype)
+
+    def _check_shape(self, name: str, shape: tuple[int, ...] | None) -> None:
+        if shape is not None and self.shape(name) != tuple(shape):
+            raise CheckpointError(f"tensor {name} has shape {list(self.shape(name))}, expected {list(shape)} from config.json")
 
     def _handle(self, name: str):
         if name not in self._file_of:

@@ -20,6 +20,7 @@ from models.gpt_oss_config import GptOssConfig, is_original_gpt_oss_config
 from models.gpt_oss_weights import read_state, stores_mxfp4
 from models.kv_cache import KVCacheSpec, PagedKVCache
 from models.moe import MoE
+from models.parallel import SINGLE, TensorParallel
 from models.rotary import YarnRotary, apply_rotary
 
 __all__ = ["GptOss", "GptOssConfig", "is_original_gpt_oss_config", "load_gpt_oss"]
@@ -37,15 +38,32 @@ class RMSNorm(nn.Module):
         return (self.weight * t).to(x.dtype)
 
 
+class RowParallelLinear(nn.Linear):
+    """A Linear whose input features are split over the ranks: partial products are summed, then the bias added."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel) -> None:
+        super().__init__(in_features, out_features)
+        self.tp = tp
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.tp.all_reduce(F.linear(x, self.weight)) + self.bias
+
+
 class GptOssAttention(nn.Module):
-    def __init__(self, config: GptOssConfig, window: int | None) -> None:
+    """With N ranks: this rank's 1/N of the query heads, of the KV heads (GQA groups stay whole) and sinks."""
+
+    def __init__(self, config: GptOssConfig, window: int | None, tp: TensorParallel) -> None:
         super().__init__()
         self.window = window
         self.head_dim = config.head_dim
-        self.split = [config.num_heads * config.head_dim] + 2 * [config.num_kv_heads * config.head_dim]
+        num_heads = tp.local(config.num_heads, "num_attention_heads")
+        num_kv_heads = tp.local(config.num_kv_heads, "num_key_value_heads")
+        self.split = [num_heads * config.head_dim] + 2 * [num_kv_heads * config.head_dim]
         self.qkv = nn.Linear(config.hidden_size, sum(self.split))
-        self.out = nn.Linear(config.num_heads * config.head_dim, config.hidden_size)
-        self.sinks = nn.Parameter(torch.empty(config.num_heads))
+        out_features = num_heads * config.head_dim
+        self.out = (nn.Linear(out_features, config.hidden_size) if tp.world_size == 1
+                    else RowParallelLinear(out_features, config.hidden_size, tp))
+        self.sinks = nn.Parameter(torch.empty(num_heads))
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch, cache: tuple[Tensor, Tensor]
@@ -57,11 +75,11 @@ class GptOssAttention(nn.Module):
 
 
 class GptOssBlock(nn.Module):
-    def __init__(self, config: GptOssConfig, layer: int, packed_experts: bool) -> None:
+    def __init__(self, config: GptOssConfig, layer: int, packed_experts: bool, tp: TensorParallel) -> None:
         super().__init__()
         window = config.sliding_window if config.sliding_layers[layer] else None
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = GptOssAttention(config, window)
+        self.attn = GptOssAttention(config, window, tp)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.moe = MoE(
             config.hidden_size,
@@ -71,6 +89,7 @@ class GptOssBlock(nn.Module):
             config.swiglu_alpha,
             config.swiglu_limit,
             packed_experts,
+            tp,
         )
 
     def forward(
@@ -81,13 +100,18 @@ class GptOssBlock(nn.Module):
 
 
 class GptOss(nn.Module):
-    def __init__(self, config: GptOssConfig, packed_experts: bool = False) -> None:
+    """With a TensorParallel of N ranks: attention split by heads, MoE by experts (see models/moe.py), the
+    embedding replicated, and the unembedding only on rank 0, the one rank that computes logits."""
+
+    def __init__(self, config: GptOssConfig, packed_experts: bool = False, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp
         self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(GptOssBlock(config, i, packed_experts) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(GptOssBlock(config, i, packed_experts, tp) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if tp.is_first:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = YarnRotary(
             config.head_dim,
             config.rope_theta,
@@ -103,7 +127,7 @@ class GptOss(nn.Module):
         return self.config.max_position_embeddings
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        return KVCacheSpec(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim)
+        return KVCacheSpec(self.config.num_layers, self.config.num_kv_heads // self.tp.world_size, self.config.head_dim)
 
     def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> Tensor:
         x = self.embedding(batch.input_ids)
@@ -117,12 +141,17 @@ class GptOss(nn.Module):
 
 
 def load_gpt_oss(
-    model_dir: Path, dtype: torch.dtype, device: torch.device | str, keep_experts_packed: bool = False
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    keep_experts_packed: bool = False,
+    tp: TensorParallel = SINGLE,
 ) -> GptOss:
     """Load the HF layout or the original one (a folder whose config.json has the reference's key names).
 
     ``keep_experts_packed`` keeps MXFP4 experts as uint8 blocks and scales, dequantizing an expert each time
     a forward runs it (see models/mxfp4.py for the memory each mode needs); float experts stay float.
+    A tensor-parallel rank reads only its slices of the split weights.
     """
     raw_config = read_json(model_dir / "config.json")
     original = is_original_gpt_oss_config(raw_config)
@@ -130,8 +159,8 @@ def load_gpt_oss(
     checkpoint = Checkpoint(model_dir)
     packed = keep_experts_packed and stores_mxfp4(checkpoint, original)
     with torch.device("meta"):
-        model = GptOss(config, packed_experts=packed)
+        model = GptOss(config, packed_experts=packed, tp=tp)
     shapes = {name: tuple(param.shape) for name, param in model.named_parameters()}
-    state = read_state(checkpoint, config, original, shapes, dtype, torch.device(device))
+    state = read_state(checkpoint, config, original, shapes, dtype, torch.device(device), tp)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval().requires_grad_(False)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import CheckpointError, read_json
+from models.parallel import SINGLE, TensorParallel
 from models.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,7 +64,11 @@ def tokenizer_directory(model_dir: Path) -> Path:
 
 
 def load_model(
-    path: str | Path, dtype: str = "auto", device: str = "auto", keep_experts_packed: bool = False
+    path: str | Path,
+    dtype: str = "auto",
+    device: str = "auto",
+    keep_experts_packed: bool = False,
+    tp: TensorParallel = SINGLE,
 ) -> LoadedModel:
     model_dir = Path(path)
     if not model_dir.is_dir():
@@ -71,13 +76,24 @@ def load_model(
     family = detect_family(read_json(model_dir / "config.json"))
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    model = load_weights(model_dir, family, torch_dtype, torch_device, keep_experts_packed, tp)
+    tokenizer = load_tokenizer(tokenizer_directory(model_dir))
+    return LoadedModel(model, tokenizer, family, model_dir, torch_dtype, torch_device)
+
+
+def load_weights(
+    model_dir: Path,
+    family: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    keep_experts_packed: bool = False,
+    tp: TensorParallel = SINGLE,
+) -> nn.Module:
+    """The model alone (a tensor-parallel worker rank needs no tokenizer): this rank's shard of it."""
     if family == "gpt2":
         from models.gpt2 import load_gpt2
 
-        model = load_gpt2(model_dir, torch_dtype, torch_device)
-    else:
-        from models.gpt_oss import load_gpt_oss
+        return load_gpt2(model_dir, dtype, device, tp)
+    from models.gpt_oss import load_gpt_oss
 
-        model = load_gpt_oss(model_dir, torch_dtype, torch_device, keep_experts_packed=keep_experts_packed)
-    tokenizer = load_tokenizer(tokenizer_directory(model_dir))
-    return LoadedModel(model, tokenizer, family, model_dir, torch_dtype, torch_device)
+    return load_gpt_oss(model_dir, dtype, device, keep_experts_packed=keep_experts_packed, tp=tp)

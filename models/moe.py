@@ -12,6 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.mxfp4 import dequantize_mxfp4, packed_shapes
+from models.parallel import SINGLE, TensorParallel
+
+
+def splits_by_experts(num_experts: int, tp: TensorParallel) -> bool:
+    """Expert parallel (each rank holds num_experts / N whole experts) when N divides the experts; otherwise
+    every rank holds a 1/N slice of every expert's intermediate dimension, as openai/gpt-oss's reference does."""
+    return num_experts % tp.world_size == 0
 
 
 def swiglu(x: Tensor, alpha: float, limit: float) -> Tensor:
@@ -30,10 +37,18 @@ class Experts(nn.Module):
     """The num_experts MLPs of one layer: gate_up [E, 2I, H] (interleaved gate/linear rows), down [E, H, I]."""
 
     def __init__(
-        self, num_experts: int, hidden: int, intermediate: int, alpha: float, limit: float, packed: bool
+        self,
+        num_experts: int,
+        hidden: int,
+        intermediate: int,
+        alpha: float,
+        limit: float,
+        packed: bool,
+        adds_down_bias: bool = True,
     ) -> None:
         super().__init__()
         self.alpha, self.limit, self.packed = alpha, limit, packed
+        self.adds_down_bias = adds_down_bias  # False on all ranks but one when the intermediate dim is split
         gate_up_shape, down_shape = (num_experts, 2 * intermediate, hidden), (num_experts, hidden, intermediate)
         if packed:
             gate_up_blocks, gate_up_scales = packed_shapes(gate_up_shape)
@@ -61,7 +76,7 @@ class Experts(nn.Module):
         """Expert ``expert`` applied to its tokens x [n, H] -> [n, H]."""
         gate_up, down = self.matrices(expert, x.dtype)
         h = swiglu(F.linear(x, gate_up, self.gate_up_bias[expert]), self.alpha, self.limit)
-        return F.linear(h, down, self.down_bias[expert])
+        return F.linear(h, down, self.down_bias[expert] if self.adds_down_bias else None)
 
 
 class MoE(nn.Module):
@@ -74,11 +89,20 @@ class MoE(nn.Module):
         alpha: float,
         limit: float,
         packed: bool,
+        tp: TensorParallel = SINGLE,
     ) -> None:
         super().__init__()
         self.experts_per_token = experts_per_token
-        self.router = nn.Linear(hidden, num_experts)
-        self.experts = Experts(num_experts, hidden, intermediate, alpha, limit, packed)
+        self.tp = tp
+        self.router = nn.Linear(hidden, num_experts)  # replicated: every rank routes every token
+        if splits_by_experts(num_experts, tp):
+            local_experts = num_experts // tp.world_size
+            self.expert_range = range(tp.rank * local_experts, (tp.rank + 1) * local_experts)
+            self.experts = Experts(local_experts, hidden, intermediate, alpha, limit, packed)
+        else:
+            self.expert_range = range(num_experts)
+            local_intermediate = tp.local(intermediate, "intermediate_size")
+            self.experts = Experts(num_experts, hidden, local_intermediate, alpha, limit, packed, tp.is_first)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [T, H] -> the routing-weighted sum of each token's k experts, [T, H]."""
@@ -91,10 +115,10 @@ class MoE(nn.Module):
         out = torch.zeros_like(x)
         start = 0
         for expert, count in enumerate(counts):
-            if count:
+            if count and expert in self.expert_range:
                 picks = picks_by_expert[start : start + count]
                 tokens = picks // k
-                y = self.experts.run(expert, x[tokens])
+                y = self.experts.run(expert - self.expert_range.start, x[tokens])
                 out.index_add_(0, tokens, y * route_weights[picks, None])
             start += count
-        return out
+        return self.tp.all_reduce(out)

@@ -14,6 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from models.loader import LoadedModel
+from server.engine.distributed import ShardedModel
 from server.engine.engine import EngineConfig, EngineStats, LLMEngine, Output
 from server.engine.errors import EngineUnavailable, QueueFull
 from server.engine.outputs import ChoiceOutput
@@ -48,6 +49,8 @@ class AsyncEngine:
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if isinstance(self.loaded.model, ShardedModel):  # tensor parallel: the other ranks allocate their KV too
+            self.loaded.model.attach(self.engine.cache, self.fail)
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
         self._thread.start()
@@ -64,10 +67,19 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10.0)
+        if isinstance(self.loaded.model, ShardedModel):
+            await asyncio.to_thread(self.loaded.model.stop)
 
     @property
     def healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._failure is None
+
+    def fail(self, reason: str) -> None:
+        """From any thread, when something the engine needs is gone (a tensor-parallel rank): /health turns 503
+        and every in-flight and new request gets 503 now, even while the engine thread is blocked."""
+        if self._failure is None:
+            self._failure = EngineUnavailable(reason)
+            self._loop.call_soon_threadsafe(self._fail_all, reason)
 
     def stats(self) -> EngineStats:
         """As of the end of the last step (read without locking the engine thread)."""

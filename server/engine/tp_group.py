@@ -1,0 +1,61 @@
+"""Joining the tensor-parallel ranks: the process groups, their timeouts, and what every rank loads.
+
+Two groups over the same ranks. The data group (NCCL on CUDA, gloo on CPU) carries each step's batch and
+the models' all_reduces under a short timeout, so a rank that hangs mid-step fails the step within
+STEP_TIMEOUT instead of blocking the server forever. The control group (always gloo, CPU tensors) carries
+only the small per-step header that idle workers wait on; it must not time out while the server is idle.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from models.parallel import TensorParallel
+
+STEP_TIMEOUT = timedelta(seconds=8)  # longest wait for a peer inside one step's collectives
+IDLE_TIMEOUT = timedelta(days=3650)  # workers wait for the next step as long as the server runs
+JOIN_TIMEOUT = timedelta(seconds=120)  # every rank must reach the rendezvous within this
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSpec:
+    """What each rank needs to load its shard, given to every rank when it starts."""
+
+    model_dir: str
+    dtype: str  # a --dtype value
+    device: str  # a --device value; with cuda, rank r uses local GPU LOCAL_RANK (spawned: r)
+    keep_experts_packed: bool
+    log_level: str
+
+
+@dataclass(frozen=True, slots=True)
+class RankContext:
+    tp: TensorParallel  # over the data group
+    control: dist.ProcessGroup
+    device: torch.device
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "MASTER_ADDR" in os.environ)
+
+
+def rank_device(spec: ShardSpec, local_rank: int) -> torch.device:
+    if spec.device == "cpu" or (spec.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def join(rank: int, world_size: int, spec: ShardSpec, local_rank: int, store: dist.Store | None) -> RankContext:
+    """Join the process group: through ``store`` (ranks spawned here) or, with None, torchrun's environment."""
+    device = rank_device(spec, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    options = {"store": store} if store is not None else {"init_method": "env://"}
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=STEP_TIMEOUT, **options)
+    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    return RankContext(TensorParallel(rank, world_size), control, device)

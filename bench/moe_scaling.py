@@ -1,0 +1,174 @@
+"""``python -m bench.moe_scaling``: does a GPT-OSS MoE layer cost the same per token with 8, 32 or 128 experts?
+
+Two measurements, both with random weights and the same 4 active experts per token:
+
+- one GPT-OSS-shaped MoE layer (hidden = intermediate = 2880, top-4) built from ``models.moe.MoE``: time per
+  call and per token at decode-sized (1, 16, 64) and prefill-sized (512) batches. Experts are MXFP4 kept
+  packed (dequantized per use, as ``--keep-experts-packed`` serves; 128 experts take 1.6 GB) or float32
+  (as the default load; 24.9M values = 95 MiB per expert, so 128 would take 12.7 GB: float stops at
+  ``--float-max-experts``).
+- a tiny whole GPT-OSS model (models.testing's shape, 3 layers) written with each expert count and run
+  through ``greedy_generate``: decode time per generated token at batch 1 and 16 (prefill subtracted).
+
+Also reports how many distinct experts a call touches: at batch > 1 that grows with the expert count, and
+so does any cost paid per expert run (dequantization, weight reads, Python dispatch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from models.moe import MoE
+
+HIDDEN = INTERMEDIATE = 2880
+TOP_K = 4
+SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0
+
+
+def random_moe(num_experts: int, packed: bool, seed: int = 0) -> MoE:
+    """MXFP4 scales 2^-6..2^-4 as in models.testing; float weights and biases normal(0, 0.02)."""
+    torch.manual_seed(seed)
+    moe = MoE(HIDDEN, INTERMEDIATE, num_experts, TOP_K, SWIGLU_ALPHA, SWIGLU_LIMIT, packed).requires_grad_(False)
+    for name, param in moe.named_parameters():
+        if name.endswith("_scales"):
+            param.random_(121, 124)
+        elif name.endswith("_blocks"):
+            param.random_(0, 256)
+        else:
+            param.normal_(0.0, 0.02)
+    return moe.eval()
+
+
+def distinct_experts(moe: MoE, x: torch.Tensor) -> int:
+    return torch.topk(moe.router(x), TOP_K, dim=-1).indices.unique().numel()
+
+
+@torch.inference_mode()
+def time_layer(moe: MoE, tokens: int, min_time: float, max_reps: int) -> dict:
+    """Best seconds per call over fresh random inputs (so routing varies), repeated until ``min_time``.
+    Best, not median: on a shared machine the slow outliers are other people's work."""
+    times, touched = [], []
+    while len(times) < max_reps and (not times or sum(times) < min_time):
+        x = torch.randn(tokens, HIDDEN)
+        touched.append(distinct_experts(moe, x))
+        start = time.perf_counter()
+        moe(x)
+        times.append(time.perf_counter() - start)
+    per_call = min(times)
+    return {"tokens": tokens, "reps": len(times), "distinct_experts": statistics.mean(touched),
+            "ms_per_call": per_call * 1e3, "ms_per_token": per_call * 1e3 / tokens}
+
+
+def layer_rows(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for weights in args.weights:
+        for experts in args.experts:
+            if weights == "float" and experts > args.float_max_experts:
+                continue
+            moe = random_moe(experts, packed=weights == "packed")
+            with torch.inference_mode():
+                moe(torch.randn(1, HIDDEN))  # warm-up: first-call allocations
+            for tokens in args.tokens:
+                row = {"weights": weights, "experts": experts, **time_layer(moe, tokens, args.min_time, args.max_reps)}
+                print(f"layer {row}", file=sys.stderr, flush=True)
+                rows.append(row)
+            del moe
+    return rows
+
+
+def best_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@torch.inference_mode()
+def decode_ms_per_token(model: torch.nn.Module, batch: int, new_tokens: int, repeats: int) -> float:
+    """Generating new_tokens minus generating one leaves new_tokens - 1 decode steps without the prefill."""
+    from models.generation import greedy_generate
+
+    prompts = [[(7 * b + 3 * i) % 50000 for i in range(16)] for b in range(batch)]
+    greedy_generate(model, prompts, 2)  # warm-up
+    full = best_time(lambda: greedy_generate(model, prompts, new_tokens), repeats)
+    one = best_time(lambda: greedy_generate(model, prompts, 1), repeats)
+    return (full - one) * 1e3 / (batch * (new_tokens - 1))
+
+
+def model_rows(args: argparse.Namespace) -> list[dict]:
+    from models.loader import load_model
+    from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for experts in args.experts:
+            path = write_tiny_gpt_oss(Path(tmp) / f"e{experts}", num_local_experts=experts)
+            for packed in (True, False):
+                model = load_model(path, device="cpu", keep_experts_packed=packed).model
+                for batch in (1, 16):
+                    ms = decode_ms_per_token(model, batch, args.model_new_tokens, repeats=3)
+                    rows.append({"weights": "packed" if packed else "float", "experts": experts, "batch": batch,
+                                 "ms_per_token": ms})
+                    print(f"tiny model {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
+def with_ratios(rows: list[dict], key: tuple[str, ...]) -> list[dict]:
+    """Each row's ms_per_token over that of the fewest-experts row with the same ``key`` values."""
+    for row in rows:
+        peers = [r for r in rows if all(r[k] == row[k] for k in key)]
+        base = min(peers, key=lambda r: r["experts"])
+        row["ratio_vs_fewest"] = row["ms_per_token"] / base["ms_per_token"]
+    return rows
+
+
+def table(rows: list[dict], columns: tuple[str, ...]) -> str:
+    def cell(value: object) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = [columns] + [tuple(cell(r[c]) for c in columns) for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.moe_scaling", description=__doc__.split("\n\n")[0])
+    p.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 512], help="tokens per MoE layer call")
+    p.add_argument("--weights", nargs="+", choices=["packed", "float"], default=["packed", "float"])
+    p.add_argument("--float-max-experts", type=int, default=32, help="skip float layers with more experts")
+    p.add_argument("--min-time", type=float, default=2.0, help="seconds of calls per measurement (at least one)")
+    p.add_argument("--max-reps", type=int, default=5)
+    p.add_argument("--model-new-tokens", type=int, default=16, help="tokens per sequence in the tiny-model run")
+    p.add_argument("--skip-layer", action="store_true")
+    p.add_argument("--skip-model", action="store_true")
+    p.add_argument("--json-out", type=Path)
+    args = p.parse_args(argv)
+    print(f"torch threads: {torch.get_num_threads()}")
+    report: dict = {"threads": torch.get_num_threads()}
+    if not args.skip_layer:
+        report["layer"] = with_ratios(layer_rows(args), ("weights", "tokens"))
+        print("MoE layer, hidden = intermediate = 2880, top-4:")
+        print(table(report["layer"], ("weights", "experts", "tokens", "reps", "distinct_experts", "ms_per_call",
+                                      "ms_per_token", "ratio_vs_fewest")))
+    if not args.skip_model:
+        report["tiny_model"] = with_ratios(model_rows(args), ("weights", "batch"))
+        print("tiny GPT-OSS (hidden 64, 3 layers, vocab 201088), greedy decode:")
+        print(table(report["tiny_model"], ("weights", "experts", "batch", "ms_per_token", "ratio_vs_fewest")))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

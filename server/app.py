@@ -30,6 +30,7 @@ from server.engine.async_engine import AsyncEngine
 from server.engine.engine import EngineConfig
 from server.engine.errors import EngineError, QueueFull
 from server.metrics import Metrics
+from server.openapi import install_openapi
 from server.protocol import APIError, ErrorObject, ErrorResponse
 from server.routes import chat_completions, completions, health, metrics, models, perplexity, ready
 from server.routes.engine_calls import ClientDisconnected
@@ -74,6 +75,7 @@ def create_app(config: ServerConfig, loaded_models: dict[str, LoadedModel]) -> F
     for module in (completions, chat_completions, perplexity, models, health, ready, metrics):
         app.include_router(module.router)
     _add_error_handlers(app)
+    install_openapi(app, list(loaded_models))
     app.add_middleware(Gateway, config=config, metrics=process_metrics)
     return app
 

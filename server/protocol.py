@@ -14,7 +14,7 @@ MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 512
-INT64 = 2**63 - 1
+INT64_BOUND = 2**63  # seeds are int64; a power of two stays exact in tools that read JSON numbers as doubles
 
 StopStrings = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -22,7 +22,10 @@ PromptInput = str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annot
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies: unknown fields refused, and no coercion (``true`` or ``"5"`` is not a token id or a count),
+    so what is accepted is exactly what the OpenAPI schema describes."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(Strict):
@@ -40,7 +43,7 @@ class SamplingFields(Strict):
     n: int = Field(1, ge=1, le=MAX_N)
     stop: StopStrings | Annotated[list[StopStrings], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None
-    seed: int | None = Field(None, ge=-INT64 - 1, le=INT64)
+    seed: int | None = Field(None, ge=-INT64_BOUND, lt=INT64_BOUND)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, description="vLLM extra; 1 is off")
@@ -251,9 +254,36 @@ class APIError(Exception):
         self.error = ErrorObject(message=message, type=type, param=param, code=code)
 
 
-ERROR_RESPONSES: dict[int | str, dict] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in [(400, "invalid request"), (401, "missing or wrong API key"),
-                                (404, "unknown model"), (413, "body too large"), (429, "queue full"),
-                                (503, "not ready or the engine failed")]
-}
+class ModelHealth(BaseModel):
+    """One engine's state as of its last step: what tests and operators read to see nothing is left behind."""
+
+    healthy: bool
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_preemptions: int
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "unhealthy"]
+    models: dict[str, ModelHealth]
+
+
+def _error_responses(*statuses: tuple[int, str]) -> dict[int | str, dict]:
+    return {status: {"model": ErrorResponse, "description": description} for status, description in statuses}
+
+
+# Every route behind the gateway can answer 401 (API key) and 413 (body size); the generation routes also these.
+GATEWAY_RESPONSES = _error_responses((401, "missing or wrong API key"), (413, "body too large"))
+ERROR_RESPONSES = GATEWAY_RESPONSES | _error_responses(
+    (400, "invalid request"), (404, "unknown model"), (429, "queue full (see Retry-After)"),
+    (500, "the model failed while running this request"), (503, "not ready or the engine failed"))
+SSE_DESCRIPTION = ("with stream=true: server-sent events, one `data: {chunk}` per event, an error object as an "
+                   "event if the request fails after the stream began, and `data: [DONE]` last")
+
+
+def sse_responses(chunk: type[BaseModel]) -> dict[int | str, dict]:
+    """The 200 of a streaming endpoint: the JSON body, or an event stream of ``chunk`` objects."""
+    event_stream = {"schema": {"type": "string", "description": f"{SSE_DESCRIPTION}; chunks are {chunk.__name__}"}}
+    return {200: {"content": {"text/event-stream": event_stream}}} | ERROR_RESPONSES

@@ -12,9 +12,9 @@ from fastapi import APIRouter, Request
 
 from server.chat import ChatMessage
 from server.protocol import (
-    ERROR_RESPONSES, APIError, ChatChoice as ChatChoiceBody, ChatChunkChoice, ChatCompletionChunk,
+    APIError, ChatChoice as ChatChoiceBody, ChatChunkChoice, ChatCompletionChunk,
     ChatCompletionRequest, ChatCompletionResponse, ChatDeltaMessage, ChatLogprobs, ChatMessageParam,
-    ChatResponseMessage, PromptTokensDetails, Usage,
+    ChatResponseMessage, PromptTokensDetails, Usage, sse_responses,
 )
 from server.routes.chat_choice import ChatChoice
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
@@ -103,7 +103,8 @@ class ChatRun:
         return chunk
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses=sse_responses(ChatCompletionChunk))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     served = find_model(request, body.model)
     engine = served.engine

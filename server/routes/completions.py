@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 
 from server.protocol import (
-    ERROR_RESPONSES, APIError, CompletionChoice, CompletionRequest, CompletionResponse, PromptTokensDetails, Usage,
+    APIError, CompletionChoice, CompletionRequest, CompletionResponse, PromptTokensDetails, Usage,
+    sse_responses,
 )
 from server.engine.outputs import ChoiceOutput
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
@@ -87,7 +88,8 @@ class CompletionRun:
                                      usage=self.usage())
 
 
-@router.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
+@router.post("/v1/completions", response_model=CompletionResponse,
+             responses=sse_responses(CompletionResponse))
 async def create_completion(body: CompletionRequest, request: Request):
     served = find_model(request, body.model)
     _refuse_unsupported(body)

@@ -11,10 +11,13 @@ import dataclasses
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from server.protocol import HealthResponse
+
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/health", response_model=HealthResponse,
+            responses={503: {"model": HealthResponse, "description": "an engine is not healthy"}})
 async def health(request: Request) -> JSONResponse:
     models = request.app.state.models
     healthy = all(served.engine.healthy for served in models.values())

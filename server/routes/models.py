@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from server.chat import HarmonyChatFormat, TemplateChatFormat
 from server.engine.async_engine import AsyncEngine
-from server.protocol import APIError, ModelCard, ModelList
+from server.protocol import GATEWAY_RESPONSES, APIError, ErrorResponse, ModelCard, ModelList
 
 router = APIRouter()
 
@@ -32,11 +32,12 @@ def find_model(request: Request, name: str) -> ServedModel:
     return served[name]
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=GATEWAY_RESPONSES)
 async def list_models(request: Request) -> ModelList:
     return ModelList(data=[model.card() for model in request.app.state.models.values()])
 
 
-@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard,
+            responses=GATEWAY_RESPONSES | {404: {"model": ErrorResponse, "description": "unknown model"}})
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     return find_model(request, model_id).card()

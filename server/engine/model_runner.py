@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from models.forward_batch import ForwardBatch
 from models.kv_cache import PagedKVCache
+from server.engine import fault_injection
 from server.engine.outputs import TokenLogprob
 from server.engine.sampler import top_logprobs
 from server.engine.scheduler import ScheduledChunk
@@ -34,6 +35,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> StepLogits:
+        fault_injection.check_step(chunks)  # test-only hook; a no-op unless its env var is set
         batch = ForwardBatch.build(
             [c.seq.token_ids[c.seq.num_computed_tokens : c.seq.num_computed_tokens + c.num_tokens] for c in chunks],
             [c.seq.num_computed_tokens for c in chunks],

@@ -1,0 +1,29 @@
+"""Test-only fault injection: make one model step fail on purpose, to prove a failed forward loses nothing else.
+
+Set ``GPTSERVE_FAULT_INJECT_TOKEN_ID=<id>`` in the server's environment and every step whose batch feeds that
+token to the model (in a prompt, or as a token a sequence generated earlier) raises ``InjectedFault`` before
+the forward runs. Read once, at import; unset (as in production) the check is one comparison per step.
+Never set it outside tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+from server.engine.scheduler import ScheduledChunk
+
+ENV_VAR = "GPTSERVE_FAULT_INJECT_TOKEN_ID"
+_TOKEN_ID: int | None = int(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None
+
+
+class InjectedFault(RuntimeError):
+    """Raised in place of a real model failure (CUDA error, out of memory) by the test hook."""
+
+
+def check_step(chunks: list[ScheduledChunk]) -> None:
+    if _TOKEN_ID is None:
+        return
+    for chunk in chunks:
+        start = chunk.seq.num_computed_tokens
+        if _TOKEN_ID in chunk.seq.token_ids[start : start + chunk.num_tokens]:
+            raise InjectedFault(f"injected fault: token {_TOKEN_ID} in this step ({ENV_VAR})")

@@ -1,0 +1,108 @@
+"""``--tensor-parallel-size 2`` on CPU (two gloo ranks): the same greedy tokens and logprobs as one process,
+and a worker rank that dies turns the server to 503 within seconds instead of hanging it."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from models.generation import greedy_generate, prompt_logits
+from models.loader import load_model
+from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
+from server.detokenizer import token_text
+from tests.server_process import ServerProcess
+
+MAX_TOKENS = 8
+TOP = 3
+
+
+def tp_server(model_dir) -> ServerProcess:
+    return ServerProcess(["--model", f"tiny={model_dir}", "--tensor-parallel-size", "2", "--dtype", "float32",
+                          "--kv-cache-tokens", "4096", "--block-size", "8"])
+
+
+def random_prompts(vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(n)] for n in (3, 11, 25)]
+
+
+def check_against_one_process(server: ServerProcess, model_dir, prompts: list[list[int]]) -> None:
+    """One batched request (three sequences prefilled and decoded together) vs the unsharded model."""
+    body = {"model": "tiny", "prompt": prompts, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": TOP,
+            "ignore_eos": True}
+    response = httpx.post(server.v1 + "/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    loaded = load_model(model_dir, dtype="float32", device="cpu")
+    expected = greedy_generate(loaded.model, prompts, MAX_TOKENS)
+    for prompt, tokens, choice in zip(prompts, expected, response.json()["choices"]):
+        logprobs = choice["logprobs"]
+        assert logprobs["tokens"] == [token_text(loaded.tokenizer, t) for t in tokens]
+        reference = torch.log_softmax(prompt_logits(loaded.model, [prompt + tokens])[0].double(), -1)
+        for i, (token, top) in enumerate(zip(tokens, logprobs["top_logprobs"])):
+            row = reference[len(prompt) - 1 + i]
+            assert logprobs["token_logprobs"][i] == pytest.approx(float(row[token]), abs=1e-4)
+            best = row.topk(TOP)
+            assert sorted(top.values()) == pytest.approx(sorted(best.values.tolist()), abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def gpt2_server(tiny_gpt2_dir):
+    with tp_server(tiny_gpt2_dir) as server:
+        yield server
+
+
+def test_gpt2_two_ranks_greedy_tokens_and_logprobs_equal_one_process(gpt2_server, tiny_gpt2_dir):
+    check_against_one_process(gpt2_server, tiny_gpt2_dir, random_prompts(50257, seed=1))
+
+
+def test_gpt_oss_two_ranks_greedy_tokens_and_logprobs_equal_one_process_and_sigterm_stops_every_rank(tmp_path):
+    model_dir = write_tiny_gpt_oss(tmp_path / "gpt-oss", sliding_window=4)
+    with tp_server(model_dir) as server:
+        check_against_one_process(server, model_dir, random_prompts(199_998, seed=2))
+        worker = worker_pid(server)
+    assert exits_within(worker, seconds=5)
+
+
+def exits_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":  # exited, not yet reaped
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def worker_pid(server: ServerProcess) -> int:
+    for line in server.log_text().splitlines():
+        if line.startswith("{") and json.loads(line).get("msg") == "started tensor-parallel rank 1":
+            return json.loads(line)["pid"]
+    raise AssertionError("the server did not log its worker's pid")
+
+
+def test_killed_worker_rank_fails_health_and_requests_with_503_within_10s(gpt2_server):
+    """Defined last: it breaks the module's server (one server start less for the suite)."""
+    server = gpt2_server
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 120, "ignore_eos": True}
+    with ThreadPoolExecutor(4) as pool:
+        in_flight = [pool.submit(httpx.post, server.v1 + "/completions", json=body, timeout=30) for _ in range(4)]
+        time.sleep(0.5)  # the requests are decoding
+        os.kill(worker_pid(server), signal.SIGKILL)
+        killed = time.monotonic()
+        statuses = [future.result().status_code for future in in_flight]
+        assert time.monotonic() - killed < 10
+        assert statuses == [503] * 4
+        assert httpx.get(server.base_url + "/health", timeout=5).status_code == 503
+        assert httpx.post(server.v1 + "/completions", json=body, timeout=5).status_code == 503
+        assert "tensor-parallel rank 1" in server.log_text()

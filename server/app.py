@@ -135,6 +135,7 @@ class Gateway:
         self.config = config
         self.metrics = metrics
         self._api_key = config.api_key.encode() if config.api_key else None
+        self._open_paths = tuple(p for p in OPEN_PATHS if p != "/metrics" or not config.metrics_require_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -168,7 +169,7 @@ class Gateway:
             self._record(scope, request_id, status, time.perf_counter() - started, body)
 
     def _refuse(self, scope: Scope, headers: Headers) -> Response | None:
-        if self._api_key is not None and scope["path"] not in OPEN_PATHS:
+        if self._api_key is not None and scope["path"] not in self._open_paths:
             scheme, _, token = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key):
                 return error_response(401, ErrorObject(

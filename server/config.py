@@ -22,6 +22,7 @@ class ServerConfig:
     max_queue: int = 1024
     tensor_parallel_size: int = 1
     api_key: str | None = None
+    metrics_require_key: bool = False  # /metrics is open to scrapers unless asked
     seed: int | None = None
     log_level: str = "info"
     chat_template: str | None = None  # a file path or the template text itself, for models without harmony

@@ -13,6 +13,7 @@ from server.config import DEFAULT_MAX_BODY_BYTES, ServerConfig
 
 if TYPE_CHECKING:
     from models.loader import LoadedModel
+    from server.model_source import ModelSource
 
 log = logging.getLogger("gptserve")
 
@@ -63,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int, default=None)
     add("--block-size", "tokens per KV cache block", type=_positive_int, default=16)
     add("--max-queue", "requests allowed to wait before new ones get 429", type=_positive_int, default=1024)
-    add("--tensor-parallel-size", "GPUs to shard each model over (only 1 is supported for now)",
-        type=_positive_int, default=1)
+    add("--tensor-parallel-size", "ranks (one GPU each) to shard the model over; this process is rank 0 and "
+        "spawns the others, or joins torchrun's (see docs/distributed.md)", type=_positive_int, default=1)
     add("--api-key", "require 'Authorization: Bearer KEY' on /v1/* routes", default=None)
     add("--metrics-require-key", "with --api-key, /metrics demands the key too (by default scrapers need none)",
         action="store_true")
@@ -83,8 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None = None) -> ServerConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.tensor_parallel_size > 1:
-        parser.error("--tensor-parallel-size > 1 is not yet supported; run one process per GPU for now")
     models = args.model
     if models is None:
         env_models = os.environ.get(_env_name("--model"), "")
@@ -100,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(config.log_level)
     try:
+        if config.tensor_parallel_size > 1 and int(os.environ.get("RANK", "0")) > 0:  # a torchrun worker rank
+            from server.engine.distributed import run_torchrun_rank
+
+            return run_torchrun_rank(model_sources(config)[0].directory, config)
         loaded = load_models(config)
     except (OSError, ValueError) as e:  # CheckpointError, ModelSourceError, TokenizerError, missing files
         log.error("cannot load model: %s", e)
@@ -128,11 +131,12 @@ def load_models(config: ServerConfig) -> dict[str, LoadedModel]:
     import torch
 
     from models.loader import load_model
-    from server.model_source import default_model_source, resolve_model_spec
 
     if config.seed is not None:
         torch.manual_seed(config.seed)
-    sources = [resolve_model_spec(spec) for spec in config.models] or [default_model_source()]
+    sources = model_sources(config)
+    if config.tensor_parallel_size > 1 and len(sources) > 1:
+        raise ValueError("--tensor-parallel-size > 1 serves a single --model")
     names = [source.name for source in sources]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -140,6 +144,17 @@ def load_models(config: ServerConfig) -> dict[str, LoadedModel]:
     loaded = {}
     for source in sources:
         log.info("loading model", extra={"model": source.name, "directory": str(source.directory)})
-        loaded[source.name] = load_model(source.directory, dtype=config.dtype, device=config.device,
-                                         keep_experts_packed=config.keep_experts_packed)
+        if config.tensor_parallel_size > 1:
+            from server.engine.distributed import launch
+
+            loaded[source.name] = launch(source.directory, config)
+        else:
+            loaded[source.name] = load_model(source.directory, dtype=config.dtype, device=config.device,
+                                             keep_experts_packed=config.keep_experts_packed)
     return loaded
+
+
+def model_sources(config: ServerConfig) -> list[ModelSource]:
+    from server.model_source import default_model_source, resolve_model_spec
+
+    return [resolve_model_spec(spec) for spec in config.models] or [default_model_source()]

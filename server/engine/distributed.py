@@ -43,7 +43,7 @@ class WorkerWatchdog:
 
     def __init__(self, processes: dict[int, BaseProcess]) -> None:
         self.processes = processes
-        self._stopping = False
+        self.stopping = False
 
     def start(self, on_death: Callable[[str], None]) -> None:
         threading.Thread(target=self._watch, args=(on_death,), name="tp-watchdog", daemon=True).start()
@@ -51,13 +51,13 @@ class WorkerWatchdog:
     def _watch(self, on_death: Callable[[str], None]) -> None:
         rank_of = {process.sentinel: rank for rank, process in self.processes.items()}
         first = wait(list(rank_of))[0]
-        if not self._stopping:
+        if not self.stopping:
             process = self.processes[rank_of[first]]
             process.join(1.0)
             on_death(f"tensor-parallel rank {rank_of[first]} (pid {process.pid}) exited with code {process.exitcode}")
 
     def stop(self) -> None:
-        self._stopping = True
+        self.stopping = True
         for process in self.processes.values():
             process.join(STOP_WAIT_S)
             if process.is_alive():
@@ -114,7 +114,7 @@ class ShardedModel:
     def stop(self) -> None:
         """Tell every rank to exit (after the engine thread has stopped), then make sure they have."""
         if self.watchdog is not None:
-            self.watchdog._stopping = True
+            self.watchdog.stopping = True
         if self.failure is None:
             self.channel.send_stop()
         if self.watchdog is not None:

@@ -75,23 +75,27 @@ def layer_tensors(config: dict, i: int, g: torch.Generator) -> dict[str, torch.T
     return tensors
 
 
+def embedding_like(vocab: int, hidden: int, g: torch.Generator) -> torch.Tensor:
+    return torch.empty(vocab, hidden, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=g)
+
+
 def write_checkpoint(out: Path, config: dict, seed: int = 0) -> None:
     """One shard per LAYERS_PER_SHARD layers, built and saved one at a time so the writer holds ~2 GB at most."""
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     layers = config["num_hidden_layers"]
     groups = [range(s, min(s + LAYERS_PER_SHARD, layers)) for s in range(0, layers, LAYERS_PER_SHARD)]
+    vocab, hidden = config["vocab_size"], config["hidden_size"]
     weight_map, total = {}, 0
     for k, group in enumerate(groups):
         tensors: dict[str, torch.Tensor] = {}
-        vocab, hidden = config["vocab_size"], config["hidden_size"]
         if k == 0:
-            tensors["model.embed_tokens.weight"] = torch.empty(vocab, hidden, dtype=torch.bfloat16).normal_(0, 0.02, generator=g)
+            tensors["model.embed_tokens.weight"] = embedding_like(vocab, hidden, g)
         for i in group:
             tensors |= layer_tensors(config, i, g)
         if k == len(groups) - 1:
             tensors["model.norm.weight"] = torch.ones(hidden)
-            tensors["lm_head.weight"] = torch.empty(vocab, hidden, dtype=torch.bfloat16).normal_(0, 0.02, generator=g)
+            tensors["lm_head.weight"] = embedding_like(vocab, hidden, g)
         file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         save_file(tensors, out / file, metadata={"format": "pt"})
         weight_map |= {name: file for name in tensors}

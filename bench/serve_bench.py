@@ -40,7 +40,8 @@ TARGETS = {
 
 def scenarios(args: argparse.Namespace, base_url: str) -> dict[str, BenchConfig]:
     base = BenchConfig(base_url=base_url, timeout=args.timeout)
-    prefix = replace(base, prompt_len=args.prefix_len, output_len=16, concurrency=[1], num_requests=args.prefix_requests)
+    prefix = replace(base, prompt_len=args.prefix_len, output_len=16, concurrency=[1],
+                     num_requests=args.prefix_requests)
     return {
         "throughput": replace(base, prompt_len=args.prompt_len, output_len=args.output_len,
                               concurrency=args.concurrency, num_requests=args.num_requests, seed=0),

@@ -18,6 +18,7 @@ from models.attention import paged_attention
 from models.checkpoint import Checkpoint, CheckpointError, config_float, config_int, read_json
 from models.forward_batch import ForwardBatch
 from models.kv_cache import KVCacheSpec, PagedKVCache
+from models.logits_layout import relayout_for_logits
 from models.parallel import SINGLE, TensorParallel
 
 # Tensor-parallel splits, by parameter name within a block: (dimension split over ranks, fused parts in it).
@@ -190,4 +191,5 @@ def load_gpt2(
         ranges = tp.ranges(*[shape[dim] // parts] * parts)
         state[name] = checkpoint.get_slices(prefix + name, dim, ranges, tuple(shape), dtype, device)
     model.load_state_dict(state, assign=True, strict=True)
+    relayout_for_logits(model.wte.weight)
     return model.eval().requires_grad_(False)

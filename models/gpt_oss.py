@@ -19,6 +19,7 @@ from models.forward_batch import ForwardBatch
 from models.gpt_oss_config import GptOssConfig, is_original_gpt_oss_config
 from models.gpt_oss_weights import read_state, stores_mxfp4
 from models.kv_cache import KVCacheSpec, PagedKVCache
+from models.logits_layout import relayout_for_logits
 from models.moe import MoE
 from models.parallel import SINGLE, TensorParallel
 from models.rotary import YarnRotary, apply_rotary
@@ -163,4 +164,6 @@ def load_gpt_oss(
     shapes = {name: tuple(param.shape) for name, param in model.named_parameters()}
     state = read_state(checkpoint, config, original, shapes, dtype, torch.device(device), tp)
     model.load_state_dict(state, assign=True, strict=True)
+    if tp.is_first:  # only rank 0 holds the unembedding
+        relayout_for_logits(model.lm_head.weight)
     return model.eval().requires_grad_(False)

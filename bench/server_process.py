@@ -1,4 +1,7 @@
-"""Run ``python -m server`` on a free loopback port for a benchmark, its log kept next to the results."""
+"""Run ``python -m server`` on a free loopback port until /health answers, and stop it on exit.
+
+The benchmarks keep its log next to their results; tests/server_process.py builds on it for the test suite.
+"""
 
 from __future__ import annotations
 
@@ -23,30 +26,34 @@ def free_port() -> int:
 class BenchServer:
     """A context manager: starts gptserve with ``args``, waits for /health, terminates it on exit."""
 
-    def __init__(self, args: list[str], log_path: Path, startup_timeout: float = 300.0) -> None:
+    def __init__(
+        self, args: list[str], log_path: Path, startup_timeout: float = 300.0, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.log_path = log_path
         self.startup_timeout = startup_timeout
         self._process: subprocess.Popen | None = None
 
     def __enter__(self) -> BenchServer:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         with self.log_path.open("wb") as log:
-            self._process = subprocess.Popen(self.cmd, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self._process = subprocess.Popen(
+                self.cmd, cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"server exited with {self._process.returncode}; see {self.log_path}")
+                raise RuntimeError(f"server exited with {self._process.returncode}: {self.failure_detail()}")
             try:
                 if httpx.get(self.base_url + "/health", timeout=2.0).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.2)
         self.__exit__()
-        raise TimeoutError(f"server not healthy after {self.startup_timeout}s; see {self.log_path}")
+        raise TimeoutError(f"server not healthy after {self.startup_timeout}s: {self.failure_detail()}")
 
     def __exit__(self, *exc_info: object) -> None:
         if self._process is None or self._process.poll() is not None:
@@ -57,3 +64,6 @@ class BenchServer:
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
+
+    def failure_detail(self) -> str:
+        return f"see {self.log_path}"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.server_process import PROJECT_ROOT, ServerProcess
+from bench.server_process import PROJECT_ROOT
+from tests.server_process import ServerProcess
 
 PROMPT_LEN, OUTPUT_LEN, REQUESTS = 16, 8, 6
 

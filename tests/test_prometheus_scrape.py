@@ -20,7 +20,8 @@ import httpx
 import pytest
 
 from models.testing.gpt2_checkpoint import write_tiny_gpt2
-from tests.server_process import ServerProcess, free_port
+from bench.server_process import free_port
+from tests.server_process import ServerProcess
 
 STARTUP_SECONDS = 30.0
 SCRAPE_WAIT_SECONDS = 20.0

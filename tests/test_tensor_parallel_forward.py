@@ -58,7 +58,7 @@ def five_experts_dir(tmp_path_factory) -> Path:
 
 def test_two_ranks_splitting_expert_intermediate_dims_give_the_unsharded_logits(five_experts_dir):
     assert not splits_by_experts(5, TensorParallel(0, WORLD))
-    from tests.server_process import free_port
+    from bench.server_process import free_port
 
     port = free_port()
     worker = mp.get_context("spawn").Process(target=run_rank, args=(1, port, five_experts_dir))

@@ -93,6 +93,9 @@ def parse_config(argv: list[str] | None = None) -> ServerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from server.engine.host_memory import keep_freed_memory_in_heap
+
+    keep_freed_memory_in_heap()  # before any thread exists: every later thread then shares the tuned heap
     config = parse_config(argv)
 
     from server.logging_setup import configure_logging

@@ -3,7 +3,9 @@
 glibc serves big allocations with mmap and returns them to the kernel on free, so every step's activations,
 logits and gathered KV pages are faulted in afresh: on a 2-core machine that alone cost more than the copies
 themselves (a 50 MB gather took 66 ms instead of 8). Raising the mmap and trim thresholds makes freed blocks
-reusable by the next step. Measured in bench/NOTES.md.
+reusable by the next step. The engine steps on its own thread, and glibc gives threads their own arenas
+whose heaps are capped at 64 MB, so a thread's big buffers would still be mmapped: one arena for the whole
+process sends them to the tuned main heap too. Measured in bench/NOTES.md.
 """
 
 from __future__ import annotations
@@ -16,18 +18,25 @@ log = logging.getLogger("gptserve.engine")
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _ONE_GIB = 1 << 30
 
 
 def keep_freed_memory_in_heap() -> bool:
-    """Tune glibc's allocator for this process; a no-op (False) where glibc is not the C library."""
+    """Tune glibc's allocator for this process; a no-op (False) where glibc is not the C library.
+
+    Call it before starting the threads that allocate the big buffers: a thread keeps the arena it first got.
+    """
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    ok = mallopt(_M_MMAP_THRESHOLD, _ONE_GIB) == 1 and mallopt(_M_TRIM_THRESHOLD, 2 * _ONE_GIB - 1) == 1
+    ok = all(
+        mallopt(option, value) == 1
+        for option, value in ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, _ONE_GIB), (_M_TRIM_THRESHOLD, 2 * _ONE_GIB - 1))
+    )
     if not ok:
-        log.warning("could not raise glibc's mmap/trim thresholds; CPU steps will page-fault their buffers")
+        log.warning("could not tune glibc's arenas and mmap/trim thresholds; CPU steps will page-fault their buffers")
     return ok

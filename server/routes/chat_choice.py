@@ -5,9 +5,9 @@ from __future__ import annotations
 from models.tokenizer import Tokenizer
 from server.chat import ChatOutputParser
 from server.detokenizer import StopStringMatcher, token_text
-from server.engine.errors import EngineUnavailable
 from server.engine.outputs import ChoiceOutput, TokenLogprob
-from server.protocol import APIError, ChatTokenLogprob, TopLogprob
+from server.protocol import ChatTokenLogprob, TopLogprob
+from server.routes.engine_calls import raise_if_failed
 
 
 class ChatChoice:
@@ -34,10 +34,7 @@ class ChatChoice:
     def add(self, output: ChoiceOutput) -> None:
         if self.done:
             return
-        if output.finish_reason == "error":
-            raise APIError(500, output.error or "the engine failed this request", type="internal_error")
-        if output.finish_reason == "abort":
-            raise EngineUnavailable("the request was aborted: the server is shutting down")
+        raise_if_failed(output)
         self.num_tokens += len(output.new_token_ids)
         if self.logprobs is not None:
             self.logprobs += [self._logprob(t, s) for t, s in zip(output.new_token_ids, output.logprobs or [])]

@@ -10,8 +10,10 @@ from typing import TypeVar
 from fastapi import Request
 
 from server.engine.async_engine import AsyncEngine
+from server.engine.errors import EngineUnavailable
 from server.engine.outputs import ChoiceOutput
 from server.engine.sampling_params import SamplingParams
+from server.protocol import APIError
 
 T = TypeVar("T")
 
@@ -20,6 +22,14 @@ T = TypeVar("T")
 class PromptJob:
     prompt_ids: list[int]
     params: SamplingParams
+
+
+def raise_if_failed(output: ChoiceOutput) -> None:
+    """A choice the engine ended by failing its step (500) or aborting it at shutdown (503) is an HTTP error."""
+    if output.finish_reason == "error":
+        raise APIError(500, output.error or "the engine failed this request", type="internal_error")
+    if output.finish_reason == "abort":
+        raise EngineUnavailable("the request was aborted: the server is shutting down")
 
 
 class ClientDisconnected(Exception):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from models.tokenizer import Tokenizer
 from server.detokenizer import IncrementalDetokenizer, StopStringMatcher, token_text
-from server.engine.errors import EngineUnavailable
 from server.engine.outputs import ChoiceOutput, TokenLogprob
-from server.protocol import APIError, CompletionLogprobs
+from server.protocol import CompletionLogprobs
+from server.routes.engine_calls import raise_if_failed
 
 
 class TextChoice:
@@ -43,10 +43,7 @@ class TextChoice:
         """Take in one engine output; ignored once this choice is done (a stop string ended it early)."""
         if self.done:
             return
-        if output.finish_reason == "error":
-            raise APIError(500, output.error or "the engine failed this request", type="internal_error")
-        if output.finish_reason == "abort":
-            raise EngineUnavailable("the request was aborted: the server is shutting down")
+        raise_if_failed(output)
         self.num_tokens += len(output.new_token_ids)
         if self.logprobs is not None and output.logprobs:
             offset = self._next_offset()

@@ -52,16 +52,22 @@ def greedy(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
 
 
-def test_greedy_batch_of_40_mixed_lengths_equals_single_sequence_generation(loaded):
-    engine = make_engine(loaded)
-    prompts = [random_prompt(3 + (i * 7) % 90, seed=i) for i in range(40)]
-    max_tokens = [5 + i % 17 for i in range(40)]
+def test_greedy_batch_of_64_mixed_lengths_equals_single_sequence_generation(loaded):
+    engine = make_engine(loaded, max_num_seqs=64, kv_cache_tokens=16384, max_num_batched_tokens=512)
+    prompts = [random_prompt(3 + (i * 7) % 90, seed=i) for i in range(64)]
+    max_tokens = [20 + i % 17 for i in range(64)]  # long enough to outlast the admission of all 64
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, greedy(max_tokens[i]))
-    results = run_all(engine)
+    results: dict[str, list[ChoiceOutput]] = {}
+    most_running = 0
+    while engine.has_work:
+        for request_id, out in engine.step():
+            results.setdefault(request_id, []).append(out)
+        most_running = max(most_running, engine.stats().running)
+    assert most_running == 64  # each request really shared its steps with the 63 others
     for i, prompt in enumerate(prompts):
         [expected] = greedy_generate(loaded.model, [prompt], max_tokens[i])
-        outs = results[f"r{i}"][0]
+        outs = results[f"r{i}"]
         assert tokens_of(outs) == expected
         assert outs[-1].finish_reason == "length"
         assert outs[0].num_prompt_tokens == len(prompt)

@@ -19,6 +19,7 @@ from models.checkpoint import Checkpoint, CheckpointError, config_float, config_
 from models.forward_batch import ForwardBatch
 from models.kv_cache import KVCacheSpec, PagedKVCache
 from models.logits_layout import relayout_for_logits
+from models.onednn_linear import OneDNNLinear
 from models.parallel import SINGLE, TensorParallel
 
 # Tensor-parallel splits, by parameter name within a block: (dimension split over ranks, fused parts in it).
@@ -149,6 +150,17 @@ class GPT2(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(GPT2Block(config, tp) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.lm_head: OneDNNLinear | None = None  # None: logits straight from the tied wte.weight
+
+    def use_onednn(self) -> None:
+        """fp32 CPU: run the projections and the lm_head through oneDNN (models/onednn_linear.py); the lm_head
+        becomes a reordered copy of the tied embedding, which stays as it is for the lookups."""
+        for block in self.h:
+            for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
+                layer = getattr(parent, name)
+                if type(layer) is Conv1D:  # row-parallel layers keep their own forward
+                    setattr(parent, name, OneDNNLinear(layer.weight.T, layer.bias))
+        self.lm_head = OneDNNLinear(self.wte.weight, None)
 
     @property
     def max_context(self) -> int:
@@ -165,6 +177,8 @@ class GPT2(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """The lm_head is the token embedding (tied), as in every GPT-2 export."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
         return F.linear(hidden, self.wte.weight).float()
 
 

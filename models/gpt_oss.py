@@ -20,6 +20,7 @@ from models.gpt_oss_config import GptOssConfig, is_original_gpt_oss_config
 from models.gpt_oss_weights import read_state, stores_mxfp4
 from models.kv_cache import KVCacheSpec, PagedKVCache
 from models.logits_layout import relayout_for_logits
+from models.onednn_linear import OneDNNLinear
 from models.moe import MoE
 from models.parallel import SINGLE, TensorParallel
 from models.rotary import YarnRotary, apply_rotary
@@ -139,6 +140,18 @@ class GptOss(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden).float()
+
+    def use_onednn(self) -> None:
+        """fp32 CPU: run attention's projections, the routers and the lm_head through oneDNN
+        (models/onednn_linear.py). Experts keep their own path (models/moe.py)."""
+        parents = [(layer.attn, name) for layer in self.layers for name in ("qkv", "out")]
+        parents += [(layer.moe, "router") for layer in self.layers]
+        if self.tp.is_first:
+            parents.append((self, "lm_head"))
+        for parent, name in parents:
+            layer = getattr(parent, name)
+            if type(layer) is nn.Linear:  # row-parallel layers keep their own forward
+                setattr(parent, name, OneDNNLinear(layer.weight, layer.bias))
 
 
 def load_gpt_oss(

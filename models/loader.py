@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import CheckpointError, read_json
+from models.onednn_linear import onednn_usable
 from models.parallel import SINGLE, TensorParallel
 from models.tokenizer import Tokenizer, load_tokenizer
 
@@ -93,7 +94,11 @@ def load_weights(
     if family == "gpt2":
         from models.gpt2 import load_gpt2
 
-        return load_gpt2(model_dir, dtype, device, tp)
-    from models.gpt_oss import load_gpt_oss
+        model = load_gpt2(model_dir, dtype, device, tp)
+    else:
+        from models.gpt_oss import load_gpt_oss
 
-    return load_gpt_oss(model_dir, dtype, device, keep_experts_packed=keep_experts_packed, tp=tp)
+        model = load_gpt_oss(model_dir, dtype, device, keep_experts_packed=keep_experts_packed, tp=tp)
+    if onednn_usable(device, dtype):
+        model.use_onednn()
+    return model

@@ -18,14 +18,28 @@ from models.generation import greedy_generate, prompt_logits
 from models.gpt2 import load_gpt2
 from models.kv_cache import PagedKVCache
 from models.loader import load_model
+from models.onednn_linear import OneDNNLinear, onednn_usable
 from models.testing.gpt2_checkpoint import write_tiny_gpt2
 
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def model(tiny_gpt2_dir: Path, device: torch.device):
-    return load_gpt2(tiny_gpt2_dir, torch.float32, device)
+@pytest.fixture(scope="module", params=["plain", "onednn"])
+def model(request: pytest.FixtureRequest, tiny_gpt2_dir: Path, device: torch.device):
+    """Every oracle test runs twice on CPU: torch's own matmuls, and the oneDNN linears the server uses there."""
+    model = load_gpt2(tiny_gpt2_dir, torch.float32, device)
+    if request.param == "onednn":
+        if not onednn_usable(device, torch.float32):
+            pytest.skip("oneDNN linears serve fp32 on CPU only")
+        model.use_onednn()
+    return model
+
+
+def on_same_path(other, model):
+    """``other`` switched to the parametrized ``model``'s linear path, so their logits compare bit for bit."""
+    if isinstance(model.lm_head, OneDNNLinear):
+        other.use_onednn()
+    return other
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +114,7 @@ def test_greedy_generation_is_token_identical_to_transformers(model, oracle, dev
 @pytest.mark.parametrize("variant", [{"prefix": False}, {"lm_head": True}, {"shards": 1, "tokenizer_json": True}])
 def test_export_variants_load_to_identical_logits(tmp_path, model, variant):
     other = load_gpt2(write_tiny_gpt2(tmp_path / "v", **variant), torch.float32, model.wte.weight.device)
+    other = on_same_path(other, model)
     ids = random_ids(20, seed=5)
     assert torch.equal(prompt_logits(other, [ids])[0], prompt_logits(model, [ids])[0])
 
@@ -161,3 +176,10 @@ def test_generate_cli_prints_exactly_the_greedy_continuation(tiny_gpt2_dir, mode
     )
     assert result.stdout == expected
     assert "loaded" in result.stderr
+
+
+def test_float32_cpu_load_serves_through_onednn_and_bfloat16_does_not(tiny_gpt2_dir):
+    served = load_model(tiny_gpt2_dir, dtype="float32", device="cpu").model
+    assert isinstance(served.lm_head, OneDNNLinear) and isinstance(served.h[0].mlp.c_fc, OneDNNLinear)
+    half = load_model(tiny_gpt2_dir, dtype="bfloat16", device="cpu").model
+    assert half.lm_head is None and not isinstance(half.h[0].mlp.c_fc, OneDNNLinear)

@@ -15,6 +15,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from models.checkpoint import CheckpointError
 from models.forward_batch import ForwardBatch
 from models.gpt_oss import GptOss, load_gpt_oss
+from models.onednn_linear import OneDNNLinear
 from models.kv_cache import PagedKVCache
 from models.moe import Experts
 from models.rotary import YarnRotary
@@ -30,9 +31,20 @@ def checkpoint_dir(tmp_path_factory) -> Path:
     return write_tiny_gpt_oss(tmp_path_factory.mktemp("gpt-oss"), layout="hf+original", sliding_window=SLIDING_WINDOW)
 
 
-@pytest.fixture(scope="module")
-def model(checkpoint_dir) -> GptOss:
-    return load_gpt_oss(checkpoint_dir, torch.float32, torch.device("cpu"))
+@pytest.fixture(scope="module", params=["plain", "onednn"])
+def model(request: pytest.FixtureRequest, checkpoint_dir) -> GptOss:
+    """Every oracle test runs twice: torch's own matmuls, and the oneDNN linears the server uses on CPU."""
+    model = load_gpt_oss(checkpoint_dir, torch.float32, torch.device("cpu"))
+    if request.param == "onednn":
+        model.use_onednn()
+    return model
+
+
+def on_same_path(other, model):
+    """``other`` switched to the parametrized ``model``'s linear path, so their logits compare bit for bit."""
+    if isinstance(model.lm_head, OneDNNLinear):
+        other.use_onednn()
+    return other
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +140,14 @@ def test_greedy_generation_matches_transformers_generate(model, oracle):
 
 
 def test_hf_and_original_layouts_give_identical_logits(model, checkpoint_dir):
-    original = load_gpt_oss(checkpoint_dir / "original", torch.float32, torch.device("cpu"))
+    original = on_same_path(load_gpt_oss(checkpoint_dir / "original", torch.float32, torch.device("cpu")), model)
     assert original.config == model.config
     ids = random_tokens(20, seed=7)
     assert torch.equal(full_forward(original, ids), full_forward(model, ids))
 
 
 def test_packed_experts_give_identical_logits(model, checkpoint_dir):
-    packed = load_gpt_oss(checkpoint_dir, torch.float32, torch.device("cpu"), keep_experts_packed=True)
+    packed = on_same_path(load_gpt_oss(checkpoint_dir, torch.float32, torch.device("cpu"), keep_experts_packed=True), model)
     experts = packed.layers[0].moe.experts
     assert experts.packed and experts.gate_up_blocks.dtype == torch.uint8
     ids = random_tokens(20, seed=8)
@@ -146,7 +158,7 @@ def test_float_experts_checkpoint_gives_identical_logits(model, tmp_path):
     float_dir = write_tiny_gpt_oss(tmp_path / "float", float_experts=True, sliding_window=SLIDING_WINDOW)
     index = json.loads((float_dir / "model.safetensors.index.json").read_text())
     assert not any(name.endswith("_blocks") for name in index["weight_map"])
-    unpacked = load_gpt_oss(float_dir, torch.float32, torch.device("cpu"), keep_experts_packed=True)
+    unpacked = on_same_path(load_gpt_oss(float_dir, torch.float32, torch.device("cpu"), keep_experts_packed=True), model)
     assert not unpacked.layers[0].moe.experts.packed  # nothing to keep packed
     ids = random_tokens(20, seed=12)
     assert torch.equal(full_forward(unpacked, ids), full_forward(model, ids))

@@ -18,6 +18,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
+# g++ compiles the C++ CPU kernels (models/csrc) once, below, as torch extensions.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++=4:12.2.0-3 \
+    && rm -rf /var/lib/apt/lists/*
+
 # Layers from the least to the most often changed: torch, then the other dependencies, then our source.
 RUN python -m venv "$VIRTUAL_ENV" \
     && if [ -n "$TORCH_INDEX_URL" ]; then export PIP_INDEX_URL="$TORCH_INDEX_URL"; fi \
@@ -35,9 +40,14 @@ COPY models ./models
 COPY server ./server
 RUN pip install --no-deps .
 
+# Build the CPU kernels into the image (x86-64 builds carry clones for AVX2 CPUs and for any other), owned by
+# the server's user: at start torch only checks they are up to date, which takes a lock file beside them.
+ENV TORCH_EXTENSIONS_DIR=/opt/torch_extensions
 RUN useradd --system --create-home --uid 10001 --user-group gptserve \
     && mkdir -p /models \
-    && chown gptserve:gptserve /models
+    && chown gptserve:gptserve /models \
+    && python -P -c 'from models.cpu_kernels import cpu_kernels_loaded; assert cpu_kernels_loaded()' \
+    && chown -R gptserve:gptserve "$TORCH_EXTENSIONS_DIR"
 VOLUME ["/models"]
 
 # The server binds loopback unless told otherwise; in a container it must listen on every interface.

@@ -4,6 +4,11 @@ Each step writes the batch's new keys/values into their slots, then for every at
 group's keys into a padded [seqs, context] tensor and runs one scaled-dot-product attention over it.
 Learned attention sinks (GPT-OSS) join the softmax as one extra key with zero value whose score is the
 sink logit, supplied through an additive mask, which keeps the whole computation inside SDPA.
+
+On CPU in float32 the decode group skips the gather: C++ kernels (models/csrc/paged_decode_attention.cpp)
+read each key and value row straight from the pool, and only the small [seqs, heads, context] scores go
+through torch's softmax. At 64 sequences of ~200 tokens the gather + SDPA read the cache three times and
+took ~120 ms of a ~270 ms GPT-2-124M step (bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.cpu_kernels import decode_kernels_apply
 from models.forward_batch import AttentionGroup, ForwardBatch
 
 
@@ -35,6 +41,9 @@ def paged_attention(
     num_heads, head_dim = q.shape[1], q.shape[2]
     out = torch.empty_like(q)
     for group in batch.groups:
+        if group.max_query == 1 and decode_kernels_apply(q):
+            out[group.token_index] = decode_attention_from_pool(q[group.token_index], key_cache, value_cache, group, window, sinks)
+            continue
         qg = q.new_zeros(group.num_seqs * group.max_query, num_heads, head_dim)
         qg[group.pad_index] = q[group.token_index]
         qg = qg.view(group.num_seqs, group.max_query, num_heads, head_dim).transpose(1, 2)
@@ -61,3 +70,18 @@ def _gather_blocks(cache: Tensor, group: AttentionGroup) -> Tensor:
     kv_heads, head_dim = cache.shape[1], cache.shape[2]
     blocks = cache.view(-1, group.block_size, kv_heads, head_dim).index_select(0, group.key_blocks.flatten())
     return blocks.view(group.num_seqs, group.num_key_positions, kv_heads, head_dim)
+
+
+def decode_attention_from_pool(
+    q: Tensor, key_cache: Tensor, value_cache: Tensor, group: AttentionGroup, window: int | None, sinks: Tensor | None
+) -> Tensor:
+    """One query per sequence, q [S, H, D] -> [S, H, D], with keys and values read in place from the pool."""
+    ops = torch.ops.gptserve
+    num_seqs, num_heads, head_dim = q.shape
+    args = (group.key_blocks, group.context_lens, group.block_size, window or 0)
+    scores = ops.paged_decode_scores(q.contiguous(), key_cache, *args, head_dim**-0.5)
+    if sinks is None:
+        return ops.paged_decode_values(torch.softmax(scores, dim=-1), value_cache, *args)
+    sink_col = sinks.to(q.dtype).view(1, num_heads, 1).expand(num_seqs, -1, 1)
+    probs = torch.softmax(torch.cat([scores, sink_col], dim=-1), dim=-1)[..., :-1]
+    return ops.paged_decode_values(probs.contiguous(), value_cache, *args)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import CheckpointError, read_json
+from models.cpu_kernels import cpu_kernels_loaded
 from models.onednn_linear import onednn_usable
 from models.parallel import SINGLE, TensorParallel
 from models.tokenizer import Tokenizer, load_tokenizer
@@ -101,4 +102,6 @@ def load_weights(
         model = load_gpt_oss(model_dir, dtype, device, keep_experts_packed=keep_experts_packed, tp=tp)
     if onednn_usable(device, dtype):
         model.use_onednn()
+    if device.type == "cpu" and dtype == torch.float32:
+        cpu_kernels_loaded()  # built (or found built) now rather than during the first request
     return model

@@ -1,0 +1,35 @@
+"""The project's C++ CPU kernels (models/csrc/), compiled on first use by torch's extension builder.
+
+They are built once per machine into torch's extension cache (about 15 s with g++ and ninja) and registered
+as ``torch.ops.gptserve.*``. Where the build fails, the models keep their pure-torch paths and say so once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).parent / "csrc" / "paged_decode_attention.cpp"]
+
+
+@functools.cache
+def cpu_kernels_loaded() -> bool:
+    """Build (or find already built) and load the kernels; False, logged once, where that is impossible."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name="gptserve_cpu_kernels", sources=[str(p) for p in SOURCES], extra_cflags=["-O3"], is_python_module=False)
+    except Exception as error:  # a missing compiler or ninja surfaces as several exception types
+        log.warning("C++ CPU kernels unavailable, decode attention gathers the KV cache instead: %s", error)
+        return False
+    return True
+
+
+def decode_kernels_apply(q: torch.Tensor) -> bool:
+    """The paged decode kernels serve float32 on CPU."""
+    return q.device.type == "cpu" and q.dtype == torch.float32 and cpu_kernels_loaded()

@@ -1,0 +1,155 @@
+// Decode attention read straight from the paged KV pool: one query per sequence, keys and values fetched
+// row by row through the block table, so the cache is read once instead of gathered into a copy first.
+// Two ops, with the softmax (and GPT-OSS's sinks) left to torch in between:
+//   paged_decode_scores(q [S,H,D], keys [slots,KVH,D], blocks [S,B], context_lens [S], block_size, window, scale)
+//       -> scores [S,H,B*block_size]: q.k * scale for each sequence's visible keys, -inf elsewhere
+//   paged_decode_values(probs [S,H,B*block_size], values [slots,KVH,D], blocks, context_lens, block_size, window)
+//       -> out [S,H,D]: the probability-weighted sum of the visible value rows
+// The visible keys of sequence s are positions [lo, ctx) with ctx = context_lens[s] and lo = ctx - window
+// (or 0 when window is 0). Query head h reads KV head h / (H / KVH), as SDPA's enable_gqa does.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace {
+
+#if defined(__x86_64__)
+#define GPTSERVE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define GPTSERVE_CLONES
+#endif
+
+struct Visible {
+  int64_t lo, ctx;
+};
+
+Visible visible_keys(const int64_t* context_lens, int64_t s, int64_t window) {
+  const int64_t ctx = context_lens[s];
+  return {window > 0 ? std::max<int64_t>(0, ctx - window) : 0, ctx};
+}
+
+// Eight independent partial sums: vectorizes without reassociating any one of them.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) part[j] += a[i + j] * b[i + j];
+  float sum = 0;
+  for (; i < n; ++i) sum += a[i] * b[i];
+  for (int j = 0; j < 8; ++j) sum += part[j];
+  return sum;
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& cache, const at::Tensor& blocks,
+                  const at::Tensor& context_lens) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && cache.scalar_type() == at::kFloat, "float32 tensors expected");
+  TORCH_CHECK(x.is_contiguous() && cache.is_contiguous(), "contiguous tensors expected");
+  TORCH_CHECK(blocks.scalar_type() == at::kLong && blocks.is_contiguous() && blocks.dim() == 2, "blocks: int64 [S,B]");
+  TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.is_contiguous(), "context_lens: int64 [S]");
+  TORCH_CHECK(cache.dim() == 3 && x.size(0) == blocks.size(0) && context_lens.numel() == blocks.size(0),
+              "shapes do not agree");
+}
+
+// The kernels index the pool with these numbers unchecked, so they are checked here, once per call.
+void check_bounds(const at::Tensor& cache, const at::Tensor& blocks, const at::Tensor& context_lens,
+                  int64_t block_size) {
+  TORCH_CHECK(block_size > 0 && cache.size(0) % block_size == 0, "the pool is not whole blocks");
+  if (blocks.numel() == 0) return;
+  TORCH_CHECK(blocks.min().item<int64_t>() >= 0 && blocks.max().item<int64_t>() < cache.size(0) / block_size,
+              "a block id is outside the pool");
+  TORCH_CHECK(context_lens.ge(1).all().item<bool>(), "a sequence has no key to attend");
+  TORCH_CHECK(context_lens.le(blocks.size(1) * block_size).all().item<bool>(), "a context is longer than its blocks");
+}
+
+struct Geometry {
+  int64_t H, KVH, D, B, block_size, window;
+  int64_t group() const { return H / KVH; }
+  int64_t L() const { return B * block_size; }
+  int64_t slot(const int64_t* blocks, int64_t s, int64_t t) const {
+    return blocks[s * B + t / block_size] * block_size + t % block_size;
+  }
+};
+
+// One (sequence, KV head) task each; the x86-64 clones are picked at load time by the CPU's features.
+GPTSERVE_CLONES
+void score_task(const float* q, const float* keys, const int64_t* blocks, const int64_t* context_lens,
+                float* scores, const Geometry& g, int64_t s, int64_t kvh, float scale) {
+  const Visible vis = visible_keys(context_lens, s, g.window);
+  for (int64_t t = vis.lo; t < vis.ctx; ++t) {
+    const float* k = keys + (g.slot(blocks, s, t) * g.KVH + kvh) * g.D;
+    for (int64_t h = kvh * g.group(); h < (kvh + 1) * g.group(); ++h)
+      scores[(s * g.H + h) * g.L() + t] = dot(q + (s * g.H + h) * g.D, k, g.D) * scale;
+  }
+}
+
+GPTSERVE_CLONES
+void value_task(const float* probs, const float* values, const int64_t* blocks, const int64_t* context_lens,
+                float* out, const Geometry& g, int64_t s, int64_t kvh, float* acc) {
+  const Visible vis = visible_keys(context_lens, s, g.window);
+  const int64_t first = kvh * g.group(), D = g.D;
+  std::fill(acc, acc + g.group() * D, 0.0f);
+  for (int64_t t = vis.lo; t < vis.ctx; ++t) {
+    const float* v = values + (g.slot(blocks, s, t) * g.KVH + kvh) * D;
+    for (int64_t h = 0; h < g.group(); ++h) {
+      const float p = probs[(s * g.H + first + h) * g.L() + t];
+      float* a = acc + h * D;
+      for (int64_t d = 0; d < D; ++d) a[d] += p * v[d];
+    }
+  }
+  std::copy(acc, acc + g.group() * D, out + (s * g.H + first) * D);
+}
+
+at::Tensor paged_decode_scores(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& blocks,
+                               const at::Tensor& context_lens, int64_t block_size, int64_t window, double scale) {
+  check_inputs(q, keys, blocks, context_lens);
+  const int64_t S = q.size(0), H = q.size(1), D = q.size(2), KVH = keys.size(1), B = blocks.size(1);
+  TORCH_CHECK(keys.size(2) == D && H % KVH == 0, "head shapes do not agree");
+  check_bounds(keys, blocks, context_lens, block_size);
+  at::Tensor scores = at::full({S, H, B * block_size}, -std::numeric_limits<float>::infinity(), q.options());
+  const Geometry g{H, KVH, D, B, block_size, window};
+  const float *q_ptr = q.data_ptr<float>(), *k_ptr = keys.data_ptr<float>();
+  const int64_t *b_ptr = blocks.data_ptr<int64_t>(), *c_ptr = context_lens.data_ptr<int64_t>();
+  float* out = scores.data_ptr<float>();
+  at::parallel_for(0, S * KVH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task)
+      score_task(q_ptr, k_ptr, b_ptr, c_ptr, out, g, task / KVH, task % KVH, static_cast<float>(scale));
+  });
+  return scores;
+}
+
+at::Tensor paged_decode_values(const at::Tensor& probs, const at::Tensor& values, const at::Tensor& blocks,
+                               const at::Tensor& context_lens, int64_t block_size, int64_t window) {
+  check_inputs(probs, values, blocks, context_lens);
+  const int64_t S = probs.size(0), H = probs.size(1), KVH = values.size(1), D = values.size(2), B = blocks.size(1);
+  TORCH_CHECK(probs.size(2) == B * block_size && H % KVH == 0, "probs do not match the blocks");
+  check_bounds(values, blocks, context_lens, block_size);
+  at::Tensor out = at::empty({S, H, D}, probs.options());
+  const Geometry g{H, KVH, D, B, block_size, window};
+  const float *p_ptr = probs.data_ptr<float>(), *v_ptr = values.data_ptr<float>();
+  const int64_t *b_ptr = blocks.data_ptr<int64_t>(), *c_ptr = context_lens.data_ptr<int64_t>();
+  float* o_ptr = out.data_ptr<float>();
+  at::parallel_for(0, S * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(g.group() * D);
+    for (int64_t task = begin; task < end; ++task)
+      value_task(p_ptr, v_ptr, b_ptr, c_ptr, o_ptr, g, task / KVH, task % KVH, acc.data());
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gptserve, m) {
+  m.def("paged_decode_scores(Tensor q, Tensor keys, Tensor blocks, Tensor context_lens, int block_size, int window, float scale) -> Tensor");
+  m.def("paged_decode_values(Tensor probs, Tensor values, Tensor blocks, Tensor context_lens, int block_size, int window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gptserve, CPU, m) {
+  m.impl("paged_decode_scores", paged_decode_scores);
+  m.impl("paged_decode_values", paged_decode_values);
+}

@@ -1,0 +1,73 @@
+"""The C++ paged decode attention against the gather + SDPA path it replaces on CPU."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import models.attention as attention
+from models.cpu_kernels import cpu_kernels_loaded
+from models.forward_batch import ForwardBatch
+
+BLOCK = 16
+
+
+def test_kernels_build_here():
+    """CI has g++ and ninja: the kernel path, not the fallback, is what the model tests exercise on CPU."""
+    assert cpu_kernels_loaded()
+
+
+def decode_batch(context_lens: list[int], num_blocks: int, seed: int) -> ForwardBatch:
+    """One decode token per sequence, each sequence's blocks drawn at random from the pool."""
+    rng = random.Random(seed)
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    tables = [[free.pop() for _ in range(-(-n // BLOCK))] for n in context_lens]
+    return ForwardBatch.build([[1] for _ in context_lens], [n - 1 for n in context_lens], tables, BLOCK)
+
+
+def attend(batch: ForwardBatch, heads: int, kv_heads: int, head_dim: int, window, sinks, use_kernels: bool, monkeypatch):
+    torch.manual_seed(0)
+    slots = 64 * BLOCK
+    cache = (torch.randn(slots, kv_heads, head_dim), torch.randn(slots, kv_heads, head_dim))
+    q = torch.randn(batch.num_tokens, heads, head_dim)
+    k, v = torch.randn(batch.num_tokens, kv_heads, head_dim), torch.randn(batch.num_tokens, kv_heads, head_dim)
+    monkeypatch.setattr(attention, "decode_kernels_apply", lambda _q: use_kernels)
+    return attention.paged_attention(q, k, v, cache, batch, window=window, sinks=sinks)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(12, 12, 64), (8, 2, 64), (4, 1, 12)])
+@pytest.mark.parametrize("window", [None, 5, 40])
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_kernels_match_gather_and_sdpa(monkeypatch, heads, kv_heads, head_dim, window, with_sinks):
+    batch = decode_batch([1, 15, 16, 17, 33, 200], num_blocks=64, seed=heads + head_dim)
+    sinks = torch.randn(heads) if with_sinks else None
+    args = (batch, heads, kv_heads, head_dim, window, sinks)
+    expected = attend(*args, use_kernels=False, monkeypatch=monkeypatch)
+    got = attend(*args, use_kernels=True, monkeypatch=monkeypatch)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_batch_uses_kernels_for_decode_rows_only(monkeypatch):
+    """A prefill chunk beside decode tokens: the chunk keeps SDPA, the decode group uses the kernels."""
+    tables = [[5, 9], [3], [7, 1, 2]]
+    batch = ForwardBatch.build([[1], [4, 5, 6], [2]], [20, 0, 40], tables, BLOCK)
+    expected = attend(batch, 4, 2, 16, None, None, use_kernels=False, monkeypatch=monkeypatch)
+    got = attend(batch, 4, 2, 16, None, None, use_kernels=True, monkeypatch=monkeypatch)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "block,context_len,message",
+    [(0, BLOCK + 1, "longer than its blocks"), (4, 1, "outside the pool"), (-1, 1, "outside the pool"), (0, 0, "no key")],
+)
+def test_out_of_range_geometry_is_refused_not_read(block, context_len, message):
+    assert cpu_kernels_loaded()
+    q, keys = torch.randn(1, 2, 8), torch.randn(4 * BLOCK, 2, 8)
+    args = (torch.tensor([[block]]), torch.tensor([context_len]), BLOCK, 0)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.gptserve.paged_decode_scores(q, keys, *args, 1.0)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.gptserve.paged_decode_values(torch.randn(1, 2, BLOCK), keys, *args)

@@ -3,7 +3,8 @@
 Each request is a streaming /v1/completions call with a prompt of ``--prompt-len`` random token ids and
 exactly ``--output-len`` output tokens (``max_tokens`` + the ``ignore_eos`` / ``min_tokens`` extras).
 Levels run one after another: closed loop at each ``--concurrency`` C (C clients, each sending its next
-request when the last one finished), or open loop at each Poisson ``--request-rate`` R. How output tokens
+request when the last one finished; ``--ramp-up S`` spreads the clients' first requests evenly over S seconds
+instead of sending all C at once), or open loop at each Poisson ``--request-rate`` R. How output tokens
 are counted and what TTFT / TPOT / ITL mean: see ``bench.request``.
 
     python -m bench.loadgen --base-url http://127.0.0.1:8000 --prompt-len 128 --output-len 128 \
@@ -44,6 +45,7 @@ class BenchConfig:
     api_key: str | None = None
     timeout: float = 600.0
     warmup_requests: int = 1
+    ramp_up: float = 0.0
     extra_body: dict = field(default_factory=dict)
 
 
@@ -95,13 +97,15 @@ class Bench:
         start = time.perf_counter()
         deadline = self.deadline(start)
 
-        async def client_loop() -> None:
+        async def client_loop(index: int) -> None:
             nonlocal issued
+            # Independent clients are out of step; a burst of C prompts makes the last wait for all C prefills.
+            await asyncio.sleep(self.config.ramp_up * index / concurrency)
             while (limit is None or issued < limit) and time.perf_counter() < deadline:
                 issued += 1
                 results.append(await self.send())
 
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
         return LevelReport.build(results, time.perf_counter() - start, self.config.output_len, concurrency=concurrency)
 
     async def open_loop(self, rate: float) -> LevelReport:
@@ -179,6 +183,8 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, str | None]:
     p.add_argument("--prompt-len", type=int, default=DEFAULTS.prompt_len, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, default=DEFAULTS.output_len, help="output tokens per request")
     p.add_argument("--concurrency", type=int, nargs="+", default=DEFAULTS.concurrency, help="closed-loop levels")
+    p.add_argument("--ramp-up", type=float, default=0.0,
+                   help="closed loop: seconds over which the C clients' first requests are spread evenly (default 0: all at once)")
     p.add_argument("--request-rate", type=float, nargs="+",
                    help="open-loop Poisson levels in requests/s ('inf': all at once); replaces --concurrency")
     p.add_argument("--num-requests", type=int,

@@ -113,6 +113,16 @@ def test_poisson_level_by_duration_counts_every_output_token(base_url: str, omit
     assert level["completed"] > 0
 
 
+def test_ramp_up_spreads_the_clients_first_requests(base_url: str) -> None:
+    """4 clients over 0.8 s: the last starts 0.6 s in, so the level lasts that long though each request is short."""
+    config = BenchConfig(base_url=base_url, prompt_len=8, output_len=4, concurrency=[4], num_requests=4,
+                         warmup_requests=0, ramp_up=0.8)
+    (level,) = asyncio.run(run_benchmark(config))["levels"]
+    check_level(level, requests=4, prompt_len=8, output_len=4)
+    assert 0.6 <= level["duration_s"] < 0.6 + 4 * 4 * CHUNK_DELAY_S + 0.5
+    assert level["ttft_ms"]["p99"] < 300  # nobody queued behind the others
+
+
 def test_rejected_requests_are_counted_by_status(base_url: str) -> None:
     config = BenchConfig(base_url=base_url, concurrency=[2], num_requests=5, warmup_requests=0,
                          extra_body={"fail": True})

@@ -23,7 +23,15 @@ def cpu_kernels_loaded() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="gptserve_cpu_kernels", sources=[str(p) for p in SOURCES], extra_cflags=["-O3"], is_python_module=False)
+        load(
+            name="gptserve_cpu_kernels",
+            sources=[str(p) for p in SOURCES],
+            # at::parallel_for runs its threads through OpenMP only in code compiled with it; the library
+            # it links is torch's own libgomp.so.1, already loaded, so there is one thread pool.
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
     except Exception as error:  # a missing compiler or ninja surfaces as several exception types
         log.warning("C++ CPU kernels unavailable, decode attention gathers the KV cache instead: %s", error)
         return False

@@ -76,33 +76,55 @@ struct Geometry {
   }
 };
 
-// One (sequence, KV head) task each; the x86-64 clones are picked at load time by the CPU's features.
+// A task is one sequence and a run of its KV heads [kv_begin, kv_end): it walks the sequence's keys in
+// order, reading that run of each cache row contiguously (all of the row when a task has every head, as
+// soon as there are a few sequences per thread), which the hardware prefetcher follows.
+// The x86-64 clones are picked at load time by the CPU's features.
 GPTSERVE_CLONES
 void score_task(const float* q, const float* keys, const int64_t* blocks, const int64_t* context_lens,
-                float* scores, const Geometry& g, int64_t s, int64_t kvh, float scale) {
+                float* scores, const Geometry& g, int64_t s, int64_t kv_begin, int64_t kv_end, float scale) {
   const Visible vis = visible_keys(context_lens, s, g.window);
+  const int64_t D = g.D, L = g.L();
   for (int64_t t = vis.lo; t < vis.ctx; ++t) {
-    const float* k = keys + (g.slot(blocks, s, t) * g.KVH + kvh) * g.D;
-    for (int64_t h = kvh * g.group(); h < (kvh + 1) * g.group(); ++h)
-      scores[(s * g.H + h) * g.L() + t] = dot(q + (s * g.H + h) * g.D, k, g.D) * scale;
+    const float* row = keys + g.slot(blocks, s, t) * g.KVH * D;
+    for (int64_t h = kv_begin * g.group(); h < kv_end * g.group(); ++h)
+      scores[(s * g.H + h) * L + t] = dot(q + (s * g.H + h) * D, row + (h / g.group()) * D, D) * scale;
   }
 }
 
 GPTSERVE_CLONES
 void value_task(const float* probs, const float* values, const int64_t* blocks, const int64_t* context_lens,
-                float* out, const Geometry& g, int64_t s, int64_t kvh, float* acc) {
+                float* out, const Geometry& g, int64_t s, int64_t kv_begin, int64_t kv_end, float* acc) {
   const Visible vis = visible_keys(context_lens, s, g.window);
-  const int64_t first = kvh * g.group(), D = g.D;
-  std::fill(acc, acc + g.group() * D, 0.0f);
+  const int64_t D = g.D, L = g.L(), first = kv_begin * g.group(), last = kv_end * g.group();
+  std::fill(acc, acc + (last - first) * D, 0.0f);
   for (int64_t t = vis.lo; t < vis.ctx; ++t) {
-    const float* v = values + (g.slot(blocks, s, t) * g.KVH + kvh) * D;
-    for (int64_t h = 0; h < g.group(); ++h) {
-      const float p = probs[(s * g.H + first + h) * g.L() + t];
-      float* a = acc + h * D;
+    const float* row = values + g.slot(blocks, s, t) * g.KVH * D;
+    for (int64_t h = first; h < last; ++h) {
+      const float p = probs[(s * g.H + h) * L + t];
+      const float* v = row + (h / g.group()) * D;
+      float* a = acc + (h - first) * D;
       for (int64_t d = 0; d < D; ++d) a[d] += p * v[d];
     }
   }
-  std::copy(acc, acc + g.group() * D, out + (s * g.H + first) * D);
+  std::copy(acc, acc + (last - first) * D, out + (s * g.H + first) * D);
+}
+
+// Split each sequence's KV heads only as far as needed to give every thread work (one sequence decoding
+// still uses every core); more sequences than that, and each task reads whole cache rows.
+int64_t kv_splits(int64_t S, int64_t KVH) {
+  return std::min<int64_t>(KVH, std::max<int64_t>(1, (2 * at::get_num_threads() + S - 1) / S));
+}
+
+template <typename Task>
+void for_each_task(int64_t S, int64_t KVH, const Task& task) {
+  const int64_t splits = kv_splits(S, KVH);
+  at::parallel_for(0, S * splits, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t s = i / splits, part = i % splits;
+      task(s, part * KVH / splits, (part + 1) * KVH / splits);
+    }
+  });
 }
 
 at::Tensor paged_decode_scores(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& blocks,
@@ -116,9 +138,8 @@ at::Tensor paged_decode_scores(const at::Tensor& q, const at::Tensor& keys, cons
   const float *q_ptr = q.data_ptr<float>(), *k_ptr = keys.data_ptr<float>();
   const int64_t *b_ptr = blocks.data_ptr<int64_t>(), *c_ptr = context_lens.data_ptr<int64_t>();
   float* out = scores.data_ptr<float>();
-  at::parallel_for(0, S * KVH, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task)
-      score_task(q_ptr, k_ptr, b_ptr, c_ptr, out, g, task / KVH, task % KVH, static_cast<float>(scale));
+  for_each_task(S, KVH, [&](int64_t s, int64_t kv_begin, int64_t kv_end) {
+    score_task(q_ptr, k_ptr, b_ptr, c_ptr, out, g, s, kv_begin, kv_end, static_cast<float>(scale));
   });
   return scores;
 }
@@ -134,10 +155,9 @@ at::Tensor paged_decode_values(const at::Tensor& probs, const at::Tensor& values
   const float *p_ptr = probs.data_ptr<float>(), *v_ptr = values.data_ptr<float>();
   const int64_t *b_ptr = blocks.data_ptr<int64_t>(), *c_ptr = context_lens.data_ptr<int64_t>();
   float* o_ptr = out.data_ptr<float>();
-  at::parallel_for(0, S * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(g.group() * D);
-    for (int64_t task = begin; task < end; ++task)
-      value_task(p_ptr, v_ptr, b_ptr, c_ptr, o_ptr, g, task / KVH, task % KVH, acc.data());
+  for_each_task(S, KVH, [&](int64_t s, int64_t kv_begin, int64_t kv_end) {
+    std::vector<float> acc((kv_end - kv_begin) * g.group() * D);
+    value_task(p_ptr, v_ptr, b_ptr, c_ptr, o_ptr, g, s, kv_begin, kv_end, acc.data());
   });
   return out;
 }

@@ -30,6 +30,9 @@ SCALE_BIAS = 127
 
 # The 16 E2M1 codes: sign bit, two exponent bits, one mantissa bit.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+_FP4 = torch.tensor(FP4_VALUES, dtype=torch.float32)
+# Byte b -> (value of its low nibble, value of its high nibble), float32 [256, 2].
+BYTE_VALUES = torch.stack((_FP4.repeat(16), _FP4.repeat_interleave(16)), dim=-1)
 
 
 def packed_shapes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -40,10 +43,14 @@ def packed_shapes(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, .
 
 
 def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
-    """blocks [..., G, 16] and scales [..., G] (uint8) -> values [..., G * 32] in ``dtype``."""
+    """blocks [..., G, 16] and scales [..., G] (uint8) -> values [..., G * 32] in ``dtype``.
+
+    One lookup per byte in a 256-entry (low, high) table and one in-place multiply by each group's power of
+    two: a few passes over the output, where a 16-entry table indexed per nibble needs int64 codes and a stack.
+    """
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BYTES_PER_BLOCK:
         raise ValueError(f"MXFP4 blocks {list(blocks.shape)} do not match scales {list(scales.shape)}")
-    table = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2).long()
-    powers = torch.exp2(scales.float() - SCALE_BIAS).unsqueeze(-1)
-    return (table[codes] * powers).flatten(-2).to(dtype)
+    table = BYTE_VALUES.to(blocks.device)
+    values = table.index_select(0, blocks.flatten().int()).view(*scales.shape, VALUES_PER_BLOCK)
+    values.mul_(torch.exp2(scales.float() - SCALE_BIAS).unsqueeze(-1))
+    return values.flatten(-2).to(dtype)

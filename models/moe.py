@@ -101,20 +101,26 @@ class MoE(nn.Module):
             self.experts = Experts(num_experts, hidden, local_intermediate, alpha, limit, packed, tp.is_first)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [T, H] -> the routing-weighted sum of each token's k experts, [T, H]."""
+        """x [T, H] -> the routing-weighted sum of each token's k experts, [T, H].
+
+        This rank's picks are gathered, weighted and summed back once for all its experts, so the only work
+        paid per distinct expert is its run (at small widths the per-expert ops were most of the layer).
+        """
         k = self.experts_per_token
         top_logits, top_experts = torch.topk(self.router(x), k, dim=-1)
         # Softmax over the k selected logits only; in float32, as the norms.
         route_weights = torch.softmax(top_logits.float(), dim=-1).to(x.dtype).flatten()
         picks_by_expert = torch.argsort(top_experts.flatten(), stable=True)  # (token, slot) picks, grouped
         counts = torch.bincount(top_experts.flatten(), minlength=self.router.out_features).tolist()
-        out = torch.zeros_like(x)
+        local_counts = counts[self.expert_range.start : self.expert_range.stop]
+        first = sum(counts[: self.expert_range.start])
+        picks = picks_by_expert[first : first + sum(local_counts)]  # the picks of this rank's experts
+        tokens = picks // k
+        rows = x[tokens]  # each expert's inputs, then its outputs in their place (both [n, H])
         start = 0
-        for expert, count in enumerate(counts):
-            if count and expert in self.expert_range:
-                picks = picks_by_expert[start : start + count]
-                tokens = picks // k
-                y = self.experts.run(expert - self.expert_range.start, x[tokens])
-                out.index_add_(0, tokens, y * route_weights[picks, None])
+        for expert, count in enumerate(local_counts):
+            if count:
+                rows[start : start + count] = self.experts.run(expert, rows[start : start + count])
             start += count
+        out = torch.zeros_like(x).index_add_(0, tokens, rows.mul_(route_weights[picks, None]))
         return self.tp.all_reduce(out)

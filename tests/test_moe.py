@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from models.moe import MoE
 from models.mxfp4 import ROWS_PER_TILE, dequantize_mxfp4, linear_mxfp4
+from models.parallel import TensorParallel
 
 # Neither dimension a multiple of the tile: full tiles and a partial last one in both matrices.
 HIDDEN, INTERMEDIATE = 2 * ROWS_PER_TILE + 64, ROWS_PER_TILE + 128
@@ -47,3 +48,25 @@ def test_packed_moe_equals_the_float_moe_it_dequantizes_to():
     x = torch.randn(40, HIDDEN, generator=g)
     expected = unpacked(x)
     torch.testing.assert_close(packed(x), expected, rtol=1e-5, atol=1e-5 * expected.std())
+
+
+class UnreducedRank(TensorParallel):
+    """One rank of an expert-parallel pair, its partial output returned as is (the test sums the ranks)."""
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_expert_parallel_ranks_sum_to_the_whole_layer():
+    g = torch.Generator().manual_seed(1)
+    whole = MoE(64, 96, 8, 3, alpha=1.702, limit=7.0, packed=False).requires_grad_(False)
+    for param in whole.parameters():
+        param.normal_(0.0, 0.1, generator=g)
+    ranks = [MoE(64, 96, 8, 3, 1.702, 7.0, packed=False, tp=UnreducedRank(r, 2)).requires_grad_(False) for r in (0, 1)]
+    for rank in ranks:
+        assert len(rank.expert_range) == 4
+        rank.router.load_state_dict(whole.router.state_dict())
+        for name, param in rank.experts.named_parameters():
+            param.copy_(getattr(whole.experts, name)[rank.expert_range.start : rank.expert_range.stop])
+    x = torch.randn(10, 64, generator=g)
+    torch.testing.assert_close(ranks[0](x) + ranks[1](x), whole(x))

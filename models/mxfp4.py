@@ -16,8 +16,8 @@ experts; hidden = intermediate = 2880, so 3 * 2880^2 values per expert.
 | whole model in fp32: packed / dequantized | 16.2 / 77.9 | 64.8 / 435.2  |
 | whole model in bf16: packed / dequantized | 12.8 / 39.0 | 60.8 / 217.6  |
 
-Kept packed, an expert runs through ``linear_mxfp4``: its matrices are dequantized ROWS_PER_TILE rows at a time
-(5.6 MiB in fp32), so a forward never holds a whole dequantized expert (95 MiB in fp32).
+Kept packed, an expert runs through ``linear_mxfp4``: its matrices are dequantized ROWS_PER_TILE rows at a
+time (5.6 MiB in fp32), so a forward never holds a whole dequantized expert (95 MiB in fp32).
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from torch import Tensor
 VALUES_PER_BLOCK = 32
 BYTES_PER_BLOCK = 16
 SCALE_BIAS = 127
-# Rows of a weight dequantized per tile in linear_mxfp4: 512 x 2880 fp32 = 5.6 MiB stays in the 32 MiB L3 between
-# being written and being multiplied. Measured per expert run (gate_up + down, 2880 wide, one thread): 256 and
-# 512 rows equal, 2048 rows 10-20% slower, the whole matrix 2.1x slower at 1-16 tokens and 1.3x at 256.
+# Rows of a weight dequantized per tile in linear_mxfp4: 512 x 2880 fp32 = 5.6 MiB stays in the 32 MiB L3
+# between being written and being multiplied. Measured per expert run (gate_up + down, 2880 wide, one
+# thread): 256 and 512 rows equal, 2048 rows 10-20% slower, the whole matrix 2x slower at 1-16 tokens and
+# 1.3x at 256 (bench/NOTES.md, MoE section).
 ROWS_PER_TILE = 512
 
 # The 16 E2M1 codes: sign bit, two exponent bits, one mantissa bit.

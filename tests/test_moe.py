@@ -1,4 +1,5 @@
-"""Packed MXFP4 experts, run a tile of rows at a time, against the same experts dequantized whole to float."""
+"""Packed MXFP4 experts (run a tile of rows at a time) against the float experts they dequantize to, and
+expert-parallel ranks against the whole MoE layer."""
 
 import pytest
 import torch

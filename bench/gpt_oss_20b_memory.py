@@ -7,7 +7,8 @@ reporting peak memory and tokens/s. The writer runs in a child process (``--writ
 peak is the loader's and the forward's alone. DIR is deleted afterwards unless ``--keep``.
 
 Expected weights in memory (models/mxfp4.py's table): experts packed 9.5 GiB, everything else 6.7 GiB in
-float32 (``--dtype auto`` on CPU) or 3.4 GiB in bfloat16; a forward also holds one dequantized expert.
+float32 (``--dtype auto`` on CPU) or 3.4 GiB in bfloat16; a forward also holds one tile of 512 dequantized
+expert rows (5.6 MiB).
 """
 
 from __future__ import annotations

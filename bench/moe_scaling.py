@@ -4,9 +4,9 @@ Two measurements, both with random weights and the same 4 active experts per tok
 
 - one GPT-OSS-shaped MoE layer (hidden = intermediate = 2880, top-4) built from ``models.moe.MoE``: time per
   call and per token at decode-sized (1, 16, 64) and prefill-sized (512) batches. Experts are MXFP4 kept
-  packed (dequantized per use, as ``--keep-experts-packed`` serves; 128 experts take 1.6 GB) or float32
-  (as the default load; 24.9M values = 95 MiB per expert, so 128 would take 12.7 GB: float stops at
-  ``--float-max-experts``).
+  packed (dequantized a tile of rows at a time per use, as ``--keep-experts-packed`` serves; 128 experts take
+  1.6 GB) or float32 (as the default load; 24.9M values = 95 MiB per expert, so 128 would take 12.7 GB: float
+  stops at ``--float-max-experts``).
 - a tiny whole GPT-OSS model (models.testing's shape, 3 layers) written with each expert count and run
   through ``greedy_generate``: time per generated token at batch 1 and 16 (16-token prefill included).
 
@@ -152,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-layer", action="store_true")
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--json-out", type=Path)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's); 1 resists a shared "
+                   "machine, where every parallel op can wait a time slice for a descheduled worker")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}")
     report: dict = {"threads": torch.get_num_threads()}
     if not args.skip_layer:

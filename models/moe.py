@@ -2,7 +2,8 @@
 
 Tokens are grouped by expert and every selected expert runs once, on its own tokens, so the cost grows
 with experts_per_token and never with the number of experts. Expert matrices are stored [out, in] as the
-original checkpoint holds them, either as float tensors or as MXFP4 blocks dequantized only when run.
+original checkpoint holds them, either as float tensors or as MXFP4 blocks dequantized only when run, a tile
+of rows at a time (models.mxfp4.linear_mxfp4).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.mxfp4 import dequantize_mxfp4, packed_shapes
+from models.mxfp4 import linear_mxfp4, packed_shapes
 from models.parallel import SINGLE, TensorParallel
 
 
@@ -63,20 +64,15 @@ class Experts(nn.Module):
         self.gate_up_bias = _frozen((num_experts, 2 * intermediate))
         self.down_bias = _frozen((num_experts, hidden))
 
-    def matrices(self, expert: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Expert ``expert``'s gate_up and down matrices."""
-        if self.packed:
-            return (
-                dequantize_mxfp4(self.gate_up_blocks[expert], self.gate_up_scales[expert], dtype),
-                dequantize_mxfp4(self.down_blocks[expert], self.down_scales[expert], dtype),
-            )
-        return self.gate_up[expert], self.down[expert]
-
     def run(self, expert: int, x: Tensor) -> Tensor:
         """Expert ``expert`` applied to its tokens x [n, H] -> [n, H]."""
-        gate_up, down = self.matrices(expert, x.dtype)
-        h = swiglu(F.linear(x, gate_up, self.gate_up_bias[expert]), self.alpha, self.limit)
-        return F.linear(h, down, self.down_bias[expert] if self.adds_down_bias else None)
+        down_bias = self.down_bias[expert] if self.adds_down_bias else None
+        if self.packed:
+            blocks, scales = self.gate_up_blocks[expert], self.gate_up_scales[expert]
+            h = swiglu(linear_mxfp4(x, blocks, scales, self.gate_up_bias[expert]), self.alpha, self.limit)
+            return linear_mxfp4(h, self.down_blocks[expert], self.down_scales[expert], down_bias)
+        h = swiglu(F.linear(x, self.gate_up[expert], self.gate_up_bias[expert]), self.alpha, self.limit)
+        return F.linear(h, self.down[expert], down_bias)
 
 
 class MoE(nn.Module):
@@ -105,20 +101,26 @@ class MoE(nn.Module):
             self.experts = Experts(num_experts, hidden, local_intermediate, alpha, limit, packed, tp.is_first)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [T, H] -> the routing-weighted sum of each token's k experts, [T, H]."""
+        """x [T, H] -> the routing-weighted sum of each token's k experts, [T, H].
+
+        This rank's picks are gathered, weighted and summed back once for all its experts, so the only work
+        paid per distinct expert is its run (at small widths the per-expert ops were most of the layer).
+        """
         k = self.experts_per_token
         top_logits, top_experts = torch.topk(self.router(x), k, dim=-1)
         # Softmax over the k selected logits only; in float32, as the norms.
         route_weights = torch.softmax(top_logits.float(), dim=-1).to(x.dtype).flatten()
         picks_by_expert = torch.argsort(top_experts.flatten(), stable=True)  # (token, slot) picks, grouped
         counts = torch.bincount(top_experts.flatten(), minlength=self.router.out_features).tolist()
-        out = torch.zeros_like(x)
+        local_counts = counts[self.expert_range.start : self.expert_range.stop]
+        first = sum(counts[: self.expert_range.start])
+        picks = picks_by_expert[first : first + sum(local_counts)]  # the picks of this rank's experts
+        tokens = picks // k
+        rows = x[tokens]  # each expert's inputs, then its outputs in their place (both [n, H])
         start = 0
-        for expert, count in enumerate(counts):
-            if count and expert in self.expert_range:
-                picks = picks_by_expert[start : start + count]
-                tokens = picks // k
-                y = self.experts.run(expert - self.expert_range.start, x[tokens])
-                out.index_add_(0, tokens, y * route_weights[picks, None])
+        for expert, count in enumerate(local_counts):
+            if count:
+                rows[start : start + count] = self.experts.run(expert, rows[start : start + count])
             start += count
+        out = torch.zeros_like(x).index_add_(0, tokens, rows.mul_(route_weights[picks, None]))
         return self.tp.all_reduce(out)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.mxfp4 import dequantize_mxfp4, packed_shapes
+from models.mxfp4 import FP4_VALUES, dequantize_mxfp4, packed_shapes
 
 
 def e2m1(code: int) -> float:
@@ -49,6 +49,23 @@ def test_dequantize_is_exact_in_bfloat16():
     scales = torch.randint(100, 150, (4, 2, 2), generator=g, dtype=torch.uint8)
     as_float = dequantize_mxfp4(blocks, scales, torch.float32)
     assert torch.equal(dequantize_mxfp4(blocks, scales, torch.bfloat16).float(), as_float)
+
+
+def nibble_table_decode(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The previous implementation: int64 nibble codes into a 16-entry table, times 2^(scale - 127)."""
+    table = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2).long()
+    powers = torch.exp2(scales.float() - 127).unsqueeze(-1)
+    return (table[codes] * powers).flatten(-2)
+
+
+def test_large_tensor_is_bit_identical_to_the_nibble_table_decode():
+    """Every byte and every scale, 255 (inf, so NaN for zero codes) included; compared as bit patterns."""
+    g = torch.Generator().manual_seed(2)
+    blocks = torch.randint(0, 256, (2, 300, 90, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(0, 256, (2, 300, 90), generator=g, dtype=torch.uint8)
+    expected = nibble_table_decode(blocks, scales)
+    assert torch.equal(dequantize_mxfp4(blocks, scales, torch.float32).view(torch.int32), expected.view(torch.int32))
 
 
 def test_packed_shapes_group_the_last_dimension_by_32():

@@ -1,0 +1,73 @@
+"""Packed MXFP4 experts (run a tile of rows at a time) against the float experts they dequantize to, and
+expert-parallel ranks against the whole MoE layer."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.moe import MoE
+from models.mxfp4 import ROWS_PER_TILE, dequantize_mxfp4, linear_mxfp4
+from models.parallel import TensorParallel
+
+# Neither dimension a multiple of the tile: full tiles and a partial last one in both matrices.
+HIDDEN, INTERMEDIATE = 2 * ROWS_PER_TILE + 64, ROWS_PER_TILE + 128
+
+
+def random_packed(rows: int, cols: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = torch.randint(0, 256, (rows, cols // 32, 16), generator=g, dtype=torch.uint8)
+    return blocks, torch.randint(119, 124, (rows, cols // 32), generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_mxfp4_equals_linear_on_the_dequantized_matrix(tokens, with_bias):
+    g = torch.Generator().manual_seed(tokens)
+    blocks, scales = random_packed(HIDDEN, INTERMEDIATE, g)
+    x = torch.randn(tokens, INTERMEDIATE, generator=g)
+    bias = torch.randn(HIDDEN, generator=g) if with_bias else None
+    expected = F.linear(x, dequantize_mxfp4(blocks, scales, torch.float32), bias)
+    torch.testing.assert_close(linear_mxfp4(x, blocks, scales, bias), expected, rtol=1e-5, atol=1e-5 * expected.std())
+
+
+def test_packed_moe_equals_the_float_moe_it_dequantizes_to():
+    g = torch.Generator().manual_seed(0)
+    packed = MoE(HIDDEN, INTERMEDIATE, 6, 2, alpha=1.702, limit=7.0, packed=True).requires_grad_(False)
+    unpacked = MoE(HIDDEN, INTERMEDIATE, 6, 2, alpha=1.702, limit=7.0, packed=False).requires_grad_(False)
+    for name, param in packed.named_parameters():
+        if name.endswith("_scales"):
+            param.random_(119, 124, generator=g)
+        elif name.endswith("_blocks"):
+            param.random_(0, 256, generator=g)
+        else:
+            param.normal_(0.0, 0.02, generator=g)
+    experts = packed.experts
+    unpacked.router.load_state_dict(packed.router.state_dict())
+    unpacked.experts.gate_up_bias.copy_(experts.gate_up_bias)
+    unpacked.experts.down_bias.copy_(experts.down_bias)
+    unpacked.experts.gate_up.copy_(dequantize_mxfp4(experts.gate_up_blocks, experts.gate_up_scales, torch.float32))
+    unpacked.experts.down.copy_(dequantize_mxfp4(experts.down_blocks, experts.down_scales, torch.float32))
+    x = torch.randn(40, HIDDEN, generator=g)
+    expected = unpacked(x)
+    torch.testing.assert_close(packed(x), expected, rtol=1e-5, atol=1e-5 * expected.std())
+
+
+class UnreducedRank(TensorParallel):
+    """One rank of an expert-parallel pair, its partial output returned as is (the test sums the ranks)."""
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_expert_parallel_ranks_sum_to_the_whole_layer():
+    g = torch.Generator().manual_seed(1)
+    whole = MoE(64, 96, 8, 3, alpha=1.702, limit=7.0, packed=False).requires_grad_(False)
+    for param in whole.parameters():
+        param.normal_(0.0, 0.1, generator=g)
+    ranks = [MoE(64, 96, 8, 3, 1.702, 7.0, packed=False, tp=UnreducedRank(r, 2)).requires_grad_(False) for r in (0, 1)]
+    for rank in ranks:
+        assert len(rank.expert_range) == 4
+        rank.router.load_state_dict(whole.router.state_dict())
+        for name, param in rank.experts.named_parameters():
+            param.copy_(getattr(whole.experts, name)[rank.expert_range.start : rank.expert_range.stop])
+    x = torch.randn(10, 64, generator=g)
+    torch.testing.assert_close(ranks[0](x) + ranks[1](x), whole(x))

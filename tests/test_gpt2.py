@@ -18,28 +18,17 @@ from models.generation import greedy_generate, prompt_logits
 from models.gpt2 import load_gpt2
 from models.kv_cache import PagedKVCache
 from models.loader import load_model
-from models.onednn_linear import OneDNNLinear, onednn_usable
+from models.onednn_linear import OneDNNLinear
 from models.testing.gpt2_checkpoint import write_tiny_gpt2
+from tests.linear_paths import PATHS, on_path, on_same_path
 
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["plain", "onednn"])
+@pytest.fixture(scope="module", params=PATHS)
 def model(request: pytest.FixtureRequest, tiny_gpt2_dir: Path, device: torch.device):
-    """Every oracle test runs twice on CPU: torch's own matmuls, and the oneDNN linears the server uses there."""
-    model = load_gpt2(tiny_gpt2_dir, torch.float32, device)
-    if request.param == "onednn":
-        if not onednn_usable(device, torch.float32):
-            pytest.skip("oneDNN linears serve fp32 on CPU only")
-        model.use_onednn()
-    return model
-
-
-def on_same_path(other, model):
-    """``other`` switched to the parametrized ``model``'s linear path, so their logits compare bit for bit."""
-    if isinstance(model.lm_head, OneDNNLinear):
-        other.use_onednn()
-    return other
+    """Every oracle test runs on each linear path (tests/linear_paths.py)."""
+    return on_path(load_gpt2(tiny_gpt2_dir, torch.float32, device), request.param, device)
 
 
 @pytest.fixture(scope="module")

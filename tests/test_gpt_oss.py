@@ -15,11 +15,11 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from models.checkpoint import CheckpointError
 from models.forward_batch import ForwardBatch
 from models.gpt_oss import GptOss, load_gpt_oss
-from models.onednn_linear import OneDNNLinear
 from models.kv_cache import PagedKVCache
 from models.moe import Experts
 from models.rotary import YarnRotary
 from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
+from tests.linear_paths import PATHS, on_path, on_same_path
 
 SLIDING_WINDOW = 8
 BLOCK_SIZE = 4
@@ -31,20 +31,11 @@ def checkpoint_dir(tmp_path_factory) -> Path:
     return write_tiny_gpt_oss(tmp_path_factory.mktemp("gpt-oss"), layout="hf+original", sliding_window=SLIDING_WINDOW)
 
 
-@pytest.fixture(scope="module", params=["plain", "onednn"])
+@pytest.fixture(scope="module", params=PATHS)
 def model(request: pytest.FixtureRequest, checkpoint_dir) -> GptOss:
-    """Every oracle test runs twice: torch's own matmuls, and the oneDNN linears the server uses on CPU."""
-    model = load_gpt_oss(checkpoint_dir, torch.float32, torch.device("cpu"))
-    if request.param == "onednn":
-        model.use_onednn()
-    return model
-
-
-def on_same_path(other, model):
-    """``other`` switched to the parametrized ``model``'s linear path, so their logits compare bit for bit."""
-    if isinstance(model.lm_head, OneDNNLinear):
-        other.use_onednn()
-    return other
+    """Every oracle test runs on each linear path (tests/linear_paths.py)."""
+    cpu = torch.device("cpu")
+    return on_path(load_gpt_oss(checkpoint_dir, torch.float32, cpu), request.param, cpu)
 
 
 @pytest.fixture(scope="module")

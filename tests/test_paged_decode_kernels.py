@@ -71,3 +71,14 @@ def test_out_of_range_geometry_is_refused_not_read(block, context_len, message):
         torch.ops.gptserve.paged_decode_scores(q, keys, *args, 1.0)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.gptserve.paged_decode_values(torch.randn(1, 2, BLOCK), keys, *args)
+
+
+def test_a_failed_build_falls_back_with_a_warning(monkeypatch, caplog):
+    import torch.utils.cpp_extension
+
+    def no_compiler(**_kwargs):
+        raise RuntimeError("g++: command not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    assert cpu_kernels_loaded.__wrapped__() is False
+    assert "gathers the KV cache instead" in caplog.text and "g++: command not found" in caplog.text

@@ -34,15 +34,14 @@ Visible visible_keys(const int64_t* context_lens, int64_t s, int64_t window) {
   return {window > 0 ? std::max<int64_t>(0, ctx - window) : 0, ctx};
 }
 
-// 32 independent partial sums (four AVX vectors): vectorizes without reassociating any one of them, and
-// keeps four FMA chains in flight so that the loop runs at load speed rather than FMA latency.
+// Eight lanes of partial sums (one AVX vector): vectorizes without reassociating any one of them. The dots
+// of consecutive heads and keys are independent, so the out-of-order core overlaps their FMA chains.
 inline float dot(const float* a, const float* b, int64_t n) {
-  float part[32] = {};
+  float part[8] = {};
   int64_t i = 0;
-  for (; i + 32 <= n; i += 32)
-    for (int j = 0; j < 32; ++j) part[j] += a[i + j] * b[i + j];
-  for (; i < n; ++i) part[i % 32] += a[i] * b[i];
-  for (int j = 0; j < 8; ++j) part[j] += (part[j + 8] + part[j + 16]) + part[j + 24];
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) part[j] += a[i + j] * b[i + j];
+  for (; i < n; ++i) part[i % 8] += a[i] * b[i];
   return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
 }
 
@@ -56,15 +55,19 @@ void check_inputs(const at::Tensor& x, const at::Tensor& cache, const at::Tensor
               "shapes do not agree");
 }
 
-// The kernels index the pool with these numbers unchecked, so they are checked here, once per call.
+// The kernels index the pool with these numbers unchecked, so they are checked here, once per call, in a
+// plain loop (a few tensor reductions would cost more than the attention of a short context).
 void check_bounds(const at::Tensor& cache, const at::Tensor& blocks, const at::Tensor& context_lens,
                   int64_t block_size) {
   TORCH_CHECK(block_size > 0 && cache.size(0) % block_size == 0, "the pool is not whole blocks");
-  if (blocks.numel() == 0) return;
-  TORCH_CHECK(blocks.min().item<int64_t>() >= 0 && blocks.max().item<int64_t>() < cache.size(0) / block_size,
-              "a block id is outside the pool");
-  TORCH_CHECK(context_lens.ge(1).all().item<bool>(), "a sequence has no key to attend");
-  TORCH_CHECK(context_lens.le(blocks.size(1) * block_size).all().item<bool>(), "a context is longer than its blocks");
+  const int64_t num_blocks = cache.size(0) / block_size, width = blocks.size(1);
+  const int64_t *b = blocks.data_ptr<int64_t>(), *c = context_lens.data_ptr<int64_t>();
+  for (int64_t i = 0; i < blocks.numel(); ++i)
+    TORCH_CHECK(b[i] >= 0 && b[i] < num_blocks, "a block id is outside the pool");
+  for (int64_t s = 0; s < context_lens.numel(); ++s) {
+    TORCH_CHECK(c[s] >= 1, "a sequence has no key to attend");
+    TORCH_CHECK(c[s] <= width * block_size, "a context is longer than its blocks");
+  }
 }
 
 struct Geometry {
@@ -113,7 +116,7 @@ void value_task(const float* probs, const float* values, const int64_t* blocks, 
 // Split each sequence's KV heads only as far as needed to give every thread work (one sequence decoding
 // still uses every core); more sequences than that, and each task reads whole cache rows.
 int64_t kv_splits(int64_t S, int64_t KVH) {
-  return std::min<int64_t>(KVH, std::max<int64_t>(1, (2 * at::get_num_threads() + S - 1) / S));
+  return std::min<int64_t>(KVH, std::max<int64_t>(1, (at::get_num_threads() + S - 1) / S));
 }
 
 template <typename Task>

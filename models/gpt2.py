@@ -162,6 +162,10 @@ class GPT2(nn.Module):
                     setattr(parent, name, OneDNNLinear(layer.weight.T, layer.bias))
         self.lm_head = OneDNNLinear(self.wte.weight, None)
 
+    def relayout_unembedding(self) -> None:
+        """Off the oneDNN path: the tied embedding stored the way MKL's logits matmul reads it fastest."""
+        relayout_for_logits(self.wte.weight)
+
     @property
     def max_context(self) -> int:
         return self.config.n_positions
@@ -205,5 +209,4 @@ def load_gpt2(
         ranges = tp.ranges(*[shape[dim] // parts] * parts)
         state[name] = checkpoint.get_slices(prefix + name, dim, ranges, tuple(shape), dtype, device)
     model.load_state_dict(state, assign=True, strict=True)
-    relayout_for_logits(model.wte.weight)
     return model.eval().requires_grad_(False)

@@ -141,6 +141,11 @@ class GptOss(nn.Module):
     def compute_logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden).float()
 
+    def relayout_unembedding(self) -> None:
+        """Off the oneDNN path: the unembedding stored the way MKL's logits matmul reads it fastest."""
+        if self.tp.is_first:  # only rank 0 holds the unembedding
+            relayout_for_logits(self.lm_head.weight)
+
     def use_onednn(self) -> None:
         """fp32 CPU: run attention's projections, the routers and the lm_head through oneDNN
         (models/onednn_linear.py). Experts keep their own path (models/moe.py)."""
@@ -177,6 +182,4 @@ def load_gpt_oss(
     shapes = {name: tuple(param.shape) for name, param in model.named_parameters()}
     state = read_state(checkpoint, config, original, shapes, dtype, torch.device(device), tp)
     model.load_state_dict(state, assign=True, strict=True)
-    if tp.is_first:  # only rank 0 holds the unembedding
-        relayout_for_logits(model.lm_head.weight)
     return model.eval().requires_grad_(False)

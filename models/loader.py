@@ -101,7 +101,9 @@ def load_weights(
 
         model = load_gpt_oss(model_dir, dtype, device, keep_experts_packed=keep_experts_packed, tp=tp)
     if onednn_usable(device, dtype):
-        model.use_onednn()
+        model.use_onednn()  # reorders the unembedding its own way: a relayout first would only cost a copy
+    else:
+        model.relayout_unembedding()
     if device.type == "cpu" and dtype == torch.float32:
         cpu_kernels_loaded()  # built (or found built) now rather than during the first request
     return model

@@ -170,6 +170,11 @@ class GPT2(nn.Module):
     def max_context(self) -> int:
         return self.config.n_positions
 
+    @property
+    def captures_cuda_graphs(self) -> bool:
+        """A single-rank forward runs no host syncs and no collectives, so a decode step can be replayed."""
+        return self.tp.world_size == 1
+
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec(self.config.n_layer, self.h[0].attn.num_heads, self.config.head_dim)
 

@@ -128,6 +128,11 @@ class GptOss(nn.Module):
     def max_context(self) -> int:
         return self.config.max_position_embeddings
 
+    @property
+    def captures_cuda_graphs(self) -> bool:
+        """The MoE reads each step's expert counts on the host to size its groups: no replayable step."""
+        return False
+
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec(self.config.num_layers, self.config.num_kv_heads // self.tp.world_size, self.config.head_dim)
 

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-body-bytes", "largest request body accepted; larger ones get 413", type=_positive_int,
         default=DEFAULT_MAX_BODY_BYTES)
     add("--log-requests", "include prompts and completions in the request log", action="store_true")
+    add("--enforce-eager", "on CUDA, launch every decode step's kernels one by one instead of replaying "
+        "CUDA graphs captured at start-up (for debugging; slower)", action="store_true")
     return parser
 
 

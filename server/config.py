@@ -29,3 +29,4 @@ class ServerConfig:
     keep_experts_packed: bool = False
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     log_requests: bool = False  # prompts and outputs go to the log only when asked for
+    enforce_eager: bool = False  # no CUDA graphs for decode steps

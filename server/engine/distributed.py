@@ -81,6 +81,11 @@ class ShardedModel:
     def max_context(self) -> int:
         return self.model.max_context
 
+    @property
+    def captures_cuda_graphs(self) -> bool:
+        """The other ranks run each step from the broadcast batch: rank 0 cannot replay it alone."""
+        return False
+
     def kv_cache_spec(self) -> KVCacheSpec:
         return self.model.kv_cache_spec()
 

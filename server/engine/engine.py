@@ -16,6 +16,7 @@ import torch
 from models.kv_cache import PagedKVCache
 from models.loader import LoadedModel
 from server.engine.block_manager import BlockManager
+from server.engine.decode_graphs import DecodeGraphs
 from server.engine.errors import RequestRejected
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import ChoiceOutput
@@ -38,6 +39,7 @@ class EngineConfig:
     max_queue: int = 1024
     enable_prefix_caching: bool = True
     kv_memory_fraction: float = 0.25  # of free memory, when kv_cache_tokens is not given
+    enforce_eager: bool = False  # never replay decode steps from CUDA graphs
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +70,11 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or loaded.max_context, loaded.max_context)
         spec = loaded.model.kv_cache_spec()
         num_blocks = self._pool_blocks(spec.bytes_per_token(loaded.dtype))
-        self.cache = PagedKVCache(spec, num_blocks, config.block_size, dtype=loaded.dtype, device=loaded.device)
+        # one block more than the block manager hands out: scratch space for the padding rows of decode graphs
+        self.cache = PagedKVCache(spec, num_blocks + 1, config.block_size, dtype=loaded.dtype, device=loaded.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(loaded.model, self.cache, loaded.device)
+        self.runner = ModelRunner(loaded.model, self.cache, loaded.device, self._decode_graphs(num_blocks))
         self.sampler = Sampler()
         self.requests: dict[str, list[Sequence]] = {}
         log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, config.block_size, num_blocks * config.block_size)
@@ -86,6 +89,12 @@ class LLMEngine:
         if blocks < 1:
             raise ValueError(f"KV cache of {tokens} tokens holds no block of {self.config.block_size}")
         return blocks
+
+    def _decode_graphs(self, scratch_block: int) -> DecodeGraphs | None:
+        if self.config.enforce_eager or self.loaded.device.type != "cuda" or not self.loaded.model.captures_cuda_graphs:
+            return None
+        max_blocks = -(-self.max_model_len // self.config.block_size)
+        return DecodeGraphs(self.loaded.model, self.cache, self.config.max_num_seqs, max_blocks, scratch_block)
 
     @property
     def capacity_tokens(self) -> int:

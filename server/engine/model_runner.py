@@ -1,7 +1,8 @@
 """Turns a step's scheduled chunks into one model forward, and returns only the logits someone needs.
 
 Next-token logits are computed for sequences whose chunk catches them up (they sample this step); every
-prompt position is scored only for requests that asked for prompt logprobs (echo, perplexity).
+prompt position is scored only for requests that asked for prompt logprobs (echo, perplexity). Steps of
+one-token chunks replay a captured CUDA graph where the engine has them (server/engine/decode_graphs.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from models.forward_batch import ForwardBatch
 from models.kv_cache import PagedKVCache
 from server.engine import fault_injection
+from server.engine.decode_graphs import DecodeGraphs
 from server.engine.outputs import TokenLogprob
 from server.engine.sampler import top_logprobs
 from server.engine.scheduler import ScheduledChunk
@@ -28,14 +30,19 @@ class StepLogits:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, cache: PagedKVCache, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, cache: PagedKVCache, device: torch.device, decode_graphs: DecodeGraphs | None = None
+    ) -> None:
         self.model = model
         self.cache = cache
         self.device = device
+        self.decode_graphs = decode_graphs
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> StepLogits:
         fault_injection.check_step(chunks)  # test-only hook; a no-op unless its env var is set
+        if self.decode_graphs is not None and self.decode_graphs.serves(chunks):
+            return self._run_graph(chunks)
         batch = ForwardBatch.build(
             [c.seq.token_ids[c.seq.num_computed_tokens : c.seq.num_computed_tokens + c.num_tokens] for c in chunks],
             [c.seq.num_computed_tokens for c in chunks],
@@ -58,6 +65,13 @@ class ModelRunner:
                 step.prompt_logprobs[id(chunk.seq)] = self._prompt_logprobs(chunk, hidden[offset : offset + chunk.num_tokens])
             offset += chunk.num_tokens
         return step
+
+    def _run_graph(self, chunks: list[ScheduledChunk]) -> StepLogits:
+        logits = self.decode_graphs.run(chunks)
+        rows = [i for i, c in enumerate(chunks) if c.seq.num_computed_tokens + 1 == c.seq.num_tokens]
+        # indexing copies the rows out of the graph's output buffer, which the next replay overwrites
+        picked = logits[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        return StepLogits([chunks[i].seq for i in rows], picked)
 
     def _prompt_logprobs(self, chunk: ScheduledChunk, hidden: Tensor) -> list[TokenLogprob]:
         """Logprob of each prompt token this chunk predicts that the sequence has not scored yet."""

@@ -1,0 +1,164 @@
+"""Decode steps replayed from captured CUDA graphs: one launch instead of a few hundred.
+
+A GPT-2-124M decode step is ~300 small kernels; launched one at a time from Python they take longer than
+the GPU takes to run them. A step whose chunks are all one token long (decodes, or one-token prefill
+pieces) is padded to a captured batch size and replayed over static input buffers instead.
+
+One graph is captured at start-up per (batch rows, key blocks per row) bucket, each rounded up to a power
+of two (the largest bucket is the limit itself): attention gathers every row's keys from that many blocks,
+so one graph sized for the longest context would read up to 8x more cache than a step needs. Padding rows
+write and read only a scratch block that the block manager never hands out. All graphs share one memory
+pool: replays never overlap, and each graph's output stays allocated.
+
+On CPU nothing is captured: the same padded static forward runs eagerly, so the suite can check the
+padding and bucketing against the plain path without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from models.forward_batch import AttentionGroup, ForwardBatch
+from models.kv_cache import PagedKVCache
+from server.engine.scheduler import ScheduledChunk
+
+log = logging.getLogger("gptserve.engine")
+
+
+def buckets(limit: int) -> list[int]:
+    """1, 2, 4, ... below ``limit``, then ``limit`` itself."""
+    sizes = [1]
+    while sizes[-1] * 2 < limit:
+        sizes.append(sizes[-1] * 2)
+    return sizes + [limit] if limit > 1 else sizes
+
+
+@dataclass(slots=True)
+class _Bucket:
+    rows: int
+    blocks: int
+    inputs: Tensor  # flat int64: token ids [rows], positions [rows], slots [rows], context lens [rows], key blocks [rows * blocks]
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: Tensor | None = None  # [rows, vocab] float32, rewritten by every replay
+
+
+class DecodeGraphs:
+    def __init__(self, model: nn.Module, cache: PagedKVCache, max_rows: int, max_blocks: int, scratch_block: int) -> None:
+        self.model = model
+        self.cache = cache
+        self.scratch_block = scratch_block
+        self.device = cache.keys[0].device
+        self.row_buckets = buckets(max_rows)
+        self.block_buckets = buckets(max_blocks)
+        self.steps = 0  # decode steps served here, for tests and logs
+        captures = self.device.type == "cuda"
+        pool = torch.cuda.graph_pool_handle() if captures else None
+        started = time.monotonic()
+        self._buckets: dict[tuple[int, int], _Bucket] = {}
+        for rows in reversed(self.row_buckets):  # largest first, so smaller graphs reuse its pool memory
+            for blocks in reversed(self.block_buckets):
+                bucket = _Bucket(rows, blocks, self._padding(rows, blocks).to(self.device))
+                if captures:
+                    self._capture(bucket, pool)
+                self._buckets[rows, blocks] = bucket
+        if captures:
+            log.info("captured %d decode CUDA graphs in %.1f s", len(self._buckets), time.monotonic() - started)
+
+    @property
+    def max_rows(self) -> int:
+        return self.row_buckets[-1]
+
+    def serves(self, chunks: list[ScheduledChunk]) -> bool:
+        """One-token chunks only, none scoring its prompt, at most as many as the largest graph holds."""
+        return len(chunks) <= self.max_rows and all(
+            c.num_tokens == 1 and not c.seq.wants_prompt_logprobs for c in chunks
+        )
+
+    def run(self, chunks: list[ScheduledChunk]) -> Tensor:
+        """Logits [len(chunks), vocab] for each chunk's one token, whose K/V also goes into the cache."""
+        block_size = self.cache.block_size
+        needed = max(c.seq.num_computed_tokens // block_size + 1 for c in chunks)
+        rows = next(r for r in self.row_buckets if r >= len(chunks))
+        blocks = next(b for b in self.block_buckets if b >= needed)
+        bucket = self._buckets[rows, blocks]
+        bucket.inputs.copy_(self._inputs(chunks, rows, blocks))
+        self.steps += 1
+        if bucket.graph is None:
+            logits = self._forward(bucket)
+        else:
+            bucket.graph.replay()
+            logits = bucket.logits
+        return logits[: len(chunks)]
+
+    def _inputs(self, chunks: list[ScheduledChunk], rows: int, blocks: int) -> Tensor:
+        block_size, scratch = self.cache.block_size, self.scratch_block
+        ids, positions, slots, context_lens, key_blocks = [], [], [], [], []
+        for chunk in chunks:
+            seq, pos = chunk.seq, chunk.seq.num_computed_tokens
+            ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.append(seq.block_table[pos // block_size] * block_size + pos % block_size)
+            context_lens.append(pos + 1)
+            used = seq.block_table[: pos // block_size + 1]
+            key_blocks += used + [scratch] * (blocks - len(used))
+        pad = rows - len(chunks)
+        ids += [0] * pad
+        positions += [0] * pad
+        slots += [scratch * block_size] * pad
+        context_lens += [1] * pad
+        key_blocks += [scratch] * (blocks * pad)
+        return torch.tensor(ids + positions + slots + context_lens + key_blocks, dtype=torch.long)
+
+    def _padding(self, rows: int, blocks: int) -> Tensor:
+        """Inputs of a batch made only of padding rows: valid to run, touching only the scratch block."""
+        scratch_slot = self.scratch_block * self.cache.block_size
+        parts = [[0] * rows, [0] * rows, [scratch_slot] * rows, [1] * rows, [self.scratch_block] * (rows * blocks)]
+        return torch.tensor([v for part in parts for v in part], dtype=torch.long)
+
+    def _batch(self, bucket: _Bucket) -> ForwardBatch:
+        """A ForwardBatch whose tensors are views of the bucket's static inputs. Built anew for every eager run
+        and for the capture: an AttentionGroup caches its mask, which must be recomputed from the inputs."""
+        rows, blocks, flat = bucket.rows, bucket.blocks, bucket.inputs
+        ids, positions, slots, context_lens = flat[: 4 * rows].view(4, rows)
+        every_row = torch.arange(rows, device=self.device)
+        group = AttentionGroup(
+            token_index=every_row,
+            pad_index=every_row,
+            num_seqs=rows,
+            max_query=1,
+            key_blocks=flat[4 * rows :].view(rows, blocks),
+            query_positions=positions.view(rows, 1),
+            context_lens=context_lens,
+            block_size=self.cache.block_size,
+        )
+        return ForwardBatch(
+            input_ids=ids,
+            positions=positions,
+            slot_mapping=slots,
+            query_lens=[1] * rows,
+            context_lens=[],  # per-step values live in the static inputs; the forward reads only tensors
+            block_tables=[],
+            block_size=self.cache.block_size,
+            groups=[group],
+        )
+
+    @torch.inference_mode()
+    def _forward(self, bucket: _Bucket) -> Tensor:
+        return self.model.compute_logits(self.model(self._batch(bucket), self.cache))
+
+    def _capture(self, bucket: _Bucket, pool) -> None:
+        """Warm up on a side stream (library handles, lazy inits), then record one forward."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward(bucket)
+        torch.cuda.current_stream().wait_stream(side)
+        bucket.graph = torch.cuda.CUDAGraph()
+        # thread_local: engines of other models may be capturing in their own threads at the same time
+        with torch.cuda.graph(bucket.graph, pool=pool, capture_error_mode="thread_local"):
+            bucket.logits = self._forward(bucket)

@@ -68,13 +68,24 @@ class Sampler:
 
     @staticmethod
     def _apply_bias_and_min_tokens(logits: Tensor, seqs: list[Sequence]) -> Tensor:
+        """One scatter for every row's logit_bias and one for every row still short of min_tokens: per-row
+        indexing from host lists costs a host-to-device copy each (64 a step at C=64 on a GPU)."""
+        bias_rows, bias_ids, bias_values, mask_rows, mask_ids = [], [], [], [], []
         for row, seq in enumerate(seqs):
             p = seq.params
-            if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
-                logits[row, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+            bias_rows += [row] * len(p.logit_bias)
+            bias_ids += p.logit_bias.keys()
+            bias_values += p.logit_bias.values()
             if seq.num_output_tokens < p.min_tokens and p.stop_token_ids:
-                logits[row, list(p.stop_token_ids)] = float("-inf")
+                mask_rows += [row] * len(p.stop_token_ids)
+                mask_ids += p.stop_token_ids
+        device = logits.device
+        if bias_rows:
+            index = torch.tensor([bias_rows, bias_ids], dtype=torch.long).to(device)
+            logits.index_put_(tuple(index), torch.tensor(bias_values, dtype=logits.dtype).to(device), accumulate=True)
+        if mask_rows:
+            index = torch.tensor([mask_rows, mask_ids], dtype=torch.long).to(device)
+            logits.index_put_(tuple(index), torch.tensor(float("-inf"), dtype=logits.dtype, device=device))
         return logits
 
     @staticmethod

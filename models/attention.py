@@ -16,9 +16,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.cpu_kernels import decode_kernels_apply
 from models.forward_batch import AttentionGroup, ForwardBatch
+
+# Every backend but cuDNN's: it builds a plan for each new shape (median 66 ms, up to 1.1 s on an H100), and
+# the groups here change shape almost every step, so those plans never pay off (bench/NOTES.md, CUDA).
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def paged_attention(
@@ -59,7 +64,8 @@ def paged_attention(
             bias = bias.expand(-1, num_heads, -1, -1)
             sink_col = sinks.to(q.dtype).view(1, num_heads, 1, 1).expand(group.num_seqs, -1, group.max_query, 1)
             attn_mask = torch.cat([bias, sink_col], dim=-1)
-        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=attn_mask, enable_gqa=True)
+        with sdpa_kernel(SDPA_BACKENDS):
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=attn_mask, enable_gqa=True)
         og = og.transpose(1, 2).reshape(group.num_seqs * group.max_query, num_heads, head_dim)
         out[group.token_index] = og[group.pad_index]
     return out

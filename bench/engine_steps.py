@@ -3,7 +3,8 @@
 Separates what the engine and model cost from what serving adds on top (tokenization, streaming, the event
 loop). Each step's wall time includes its device sync (the sampler reads the tokens back).
 
-    python -m bench.engine_steps [--device cuda --dtype bfloat16] [--enforce-eager] [--concurrency 1 16 64]
+    python -m bench.engine_steps [--device cuda --dtype bfloat16] [--enforce-eager] [--cpu-weight-dtype bfloat16]
+                                 [--concurrency 1 16 64]
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", type=Path, default=Path(".cache/bench/gpt2-124m"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--cpu-weight-dtype", default="float32", help="bfloat16: weights streamed as bf16 on CPU")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--prompt-len", type=int, default=128)
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not (args.checkpoint / "config.json").is_file():
         write_gpt2_checkpoint(args.checkpoint)
-    loaded = load_model(args.checkpoint, dtype=args.dtype, device=args.device)
+    loaded = load_model(args.checkpoint, dtype=args.dtype, device=args.device, cpu_weight_dtype=args.cpu_weight_dtype)
     mode = "graphs" if loaded.device.type == "cuda" and not args.enforce_eager else "eager"
     rows = []
     for c in args.concurrency:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import paged_attention
+from models.bf16_weight_linear import Bf16WeightLinear
 from models.checkpoint import Checkpoint, CheckpointError, config_float, config_int, read_json
 from models.forward_batch import ForwardBatch
 from models.kv_cache import KVCacheSpec, PagedKVCache
@@ -150,17 +151,20 @@ class GPT2(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(GPT2Block(config, tp) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.lm_head: OneDNNLinear | None = None  # None: logits straight from the tied wte.weight
+        self.lm_head: OneDNNLinear | Bf16WeightLinear | None = None  # None: logits straight from the tied wte.weight
 
-    def use_onednn(self) -> None:
+    def use_onednn(self, bf16_weights: bool = False) -> None:
         """fp32 CPU: run the projections and the lm_head through oneDNN (models/onednn_linear.py); the lm_head
-        becomes a reordered copy of the tied embedding, which stays as it is for the lookups."""
+        becomes a reordered copy of the tied embedding, which stays as it is for the lookups. With
+        ``bf16_weights`` (weights already rounded) decode-sized inputs stream bf16 copies instead
+        (models/bf16_weight_linear.py)."""
+        linear = Bf16WeightLinear if bf16_weights else OneDNNLinear
         for block in self.h:
             for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
                 layer = getattr(parent, name)
                 if type(layer) is Conv1D:  # row-parallel layers keep their own forward
-                    setattr(parent, name, OneDNNLinear(layer.weight.T, layer.bias))
-        self.lm_head = OneDNNLinear(self.wte.weight, None)
+                    setattr(parent, name, linear(layer.weight.T, layer.bias))
+        self.lm_head = linear(self.wte.weight, None)
 
     def relayout_unembedding(self) -> None:
         """Off the oneDNN path: the tied embedding stored the way MKL's logits matmul reads it fastest."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import paged_attention
+from models.bf16_weight_linear import Bf16WeightLinear
 from models.checkpoint import Checkpoint, read_json
 from models.forward_batch import ForwardBatch
 from models.gpt_oss_config import GptOssConfig, is_original_gpt_oss_config
@@ -151,9 +152,11 @@ class GptOss(nn.Module):
         if self.tp.is_first:  # only rank 0 holds the unembedding
             relayout_for_logits(self.lm_head.weight)
 
-    def use_onednn(self) -> None:
+    def use_onednn(self, bf16_weights: bool = False) -> None:
         """fp32 CPU: run attention's projections, the routers and the lm_head through oneDNN
-        (models/onednn_linear.py). Experts keep their own path (models/moe.py)."""
+        (models/onednn_linear.py), or with ``bf16_weights`` (weights already rounded) through
+        models/bf16_weight_linear.py. Experts keep their own path (models/moe.py)."""
+        linear = Bf16WeightLinear if bf16_weights else OneDNNLinear
         parents = [(layer.attn, name) for layer in self.layers for name in ("qkv", "out")]
         parents += [(layer.moe, "router") for layer in self.layers]
         if self.tp.is_first:
@@ -161,7 +164,7 @@ class GptOss(nn.Module):
         for parent, name in parents:
             layer = getattr(parent, name)
             if type(layer) is nn.Linear:  # row-parallel layers keep their own forward
-                setattr(parent, name, OneDNNLinear(layer.weight, layer.bias))
+                setattr(parent, name, linear(layer.weight, layer.bias))
 
 
 def load_gpt_oss(

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", "where the model runs", choices=["auto", "cpu", "cuda"], default="auto")
     add("--dtype", "weight and activation dtype (auto: float32 on CPU, bfloat16 on GPU)",
         choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    add("--cpu-weight-dtype", "with --device cpu and --dtype float32: bfloat16 rounds the weights to bf16 and "
+        "streams them at half the bytes in decode steps (activations and sums stay float32; outputs move by the "
+        "rounding); float32 keeps the checkpoint's values", choices=["float32", "bfloat16"], default="float32")
     add("--max-num-seqs", "most sequences decoded together in one step", type=_positive_int, default=64)
     add("--max-num-batched-tokens", "most tokens (prefill + decode) in one step", type=_positive_int, default=512)
     add("--max-model-len", "longest prompt + completion in tokens (default: the model's context length)",
@@ -146,6 +149,8 @@ def load_models(config: ServerConfig) -> dict[str, LoadedModel]:
     sources = model_sources(config)
     if config.tensor_parallel_size > 1 and len(sources) > 1:
         raise ValueError("--tensor-parallel-size > 1 serves a single --model")
+    if config.tensor_parallel_size > 1 and config.cpu_weight_dtype != "float32":
+        raise ValueError("--cpu-weight-dtype bfloat16 is for a single process (not --tensor-parallel-size > 1)")
     names = [source.name for source in sources]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -159,7 +164,8 @@ def load_models(config: ServerConfig) -> dict[str, LoadedModel]:
             loaded[source.name] = launch(source.directory, config)
         else:
             loaded[source.name] = load_model(source.directory, dtype=config.dtype, device=config.device,
-                                             keep_experts_packed=config.keep_experts_packed)
+                                             keep_experts_packed=config.keep_experts_packed,
+                                             cpu_weight_dtype=config.cpu_weight_dtype)
     return loaded
 
 

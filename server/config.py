@@ -14,6 +14,7 @@ class ServerConfig:
     port: int = 8000
     device: str = "auto"
     dtype: str = "auto"
+    cpu_weight_dtype: str = "float32"  # bfloat16: weights rounded to bf16 and streamed as bf16 in decode steps
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None

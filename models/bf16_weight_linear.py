@@ -1,0 +1,47 @@
+"""fp32 CPU linear layers whose weights are rounded to bfloat16 and streamed as bf16 in decode steps.
+
+A decode step of a few rows reads every weight once and does little arithmetic on it: with two cores the
+fp32 weights stream at ~20 GB/s, so GPT-2-124M's 0.5 GB a step caps batch-1 decoding near 40 tok/s. Stored
+as bf16 and widened to fp32 in registers (models/csrc/bf16_linear.cpp), the same step reads half the bytes.
+Inputs of more rows run oneDNN's fp32 inner product on an fp32 copy of the same rounded values, so every
+batch size computes with identical weights; only the order of the fp32 sums differs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from models.cpu_kernels import cpu_kernels_loaded
+from models.onednn_linear import OneDNNLinear
+
+# Inputs of at most this many rows go through the bf16 kernel: twelve GPT-2-124M layers took 6.7 / 7.6 / 22 /
+# 42 ms at 1 / 4 / 16 / 32 rows against oneDNN's 14.1 / 17.2 / 29 / 45, and the same at 64 (bench/NOTES.md).
+KERNEL_MAX_ROWS = 32
+
+
+def round_to_bf16_(module: nn.Module) -> None:
+    """Round every floating-point weight to its nearest bfloat16 value, kept as float32 (buffers such as
+    rotary tables are derived, not loaded, and stay exact)."""
+    for param in module.parameters():
+        if param.is_floating_point():
+            param.data.copy_(param.data.to(torch.bfloat16))
+
+
+class Bf16WeightLinear(nn.Module):
+    """``x @ weight.T + bias`` for ``weight`` [out, in] whose values are already bf16-representable."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.gemm = OneDNNLinear(weight, bias)
+        self.out_features = weight.shape[0]
+        # without the C++ kernels every input takes the oneDNN path: same weights, same results, full bytes
+        packed = torch.ops.gptserve.pack_bf16_weight(weight.detach().contiguous()) if cpu_kernels_loaded() else None
+        self.register_buffer("packed", packed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if self.packed is None or rows.shape[0] > KERNEL_MAX_ROWS:
+            return self.gemm(x)
+        out = torch.ops.gptserve.bf16_linear(rows.contiguous(), self.packed, self.gemm.bias, self.out_features)
+        return out.view(*x.shape[:-1], self.out_features)

@@ -146,13 +146,13 @@ def gib(kib: int) -> float:
 
 
 @torch.inference_mode()
-def load_and_generate(path: Path, dtype: str, prompt_len: int, new_tokens: int) -> dict:
+def load_and_generate(path: Path, dtype: str, prompt_len: int, new_tokens: int, device: str = "cpu") -> dict:
     from models.generation import greedy_generate
     from models.loader import load_model
 
     with PeakMemory() as memory:
         start = time.perf_counter()
-        loaded = load_model(path, dtype=dtype, device="cpu", keep_experts_packed=True)
+        loaded = load_model(path, dtype=dtype, device=device, keep_experts_packed=True)
         load_s = time.perf_counter() - start
         after_load = PeakMemory.now_kib()
         peak_load = dict(memory.peak_kib)
@@ -161,7 +161,9 @@ def load_and_generate(path: Path, dtype: str, prompt_len: int, new_tokens: int) 
         (output,) = greedy_generate(loaded.model, [prompt], new_tokens)
         generate_s = time.perf_counter() - start
     params_gib = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**30
+    gpu = {"cuda_max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30} if loaded.device.type == "cuda" else {}
     return {
+        "device": str(loaded.device), **gpu,
         "dtype": str(loaded.dtype), "load_s": load_s, "parameters_gib": params_gib,
         "rss_after_load_gib": gib(after_load["VmRSS"]), "anon_after_load_gib": gib(after_load["RssAnon"]),
         "peak_rss_load_gib": gib(peak_load["VmRSS"]), "peak_anon_load_gib": gib(peak_load["RssAnon"]),
@@ -176,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpt_oss_20b_memory", description=__doc__.split("\n\n")[0])
     p.add_argument("dir", type=Path, help="where to write the ~13 GB checkpoint (deleted afterwards unless --keep)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="non-expert weights (auto: float32 on CPU)")
+                   help="non-expert weights (auto: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--prompt-len", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=3)
     p.add_argument("--layers", type=int, default=24, help="fewer for a quick trial of the same path")
@@ -200,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checkpoint written in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     try:
         disk_gb = sum(f.stat().st_size for f in args.dir.iterdir()) / 1e9
-        report = {"layers": args.layers, "disk_gb": disk_gb, **load_and_generate(args.dir, args.dtype,
-                                                                                 args.prompt_len, args.new_tokens)}
+        generated = load_and_generate(args.dir, args.dtype, args.prompt_len, args.new_tokens, args.device)
+        report = {"layers": args.layers, "disk_gb": disk_gb, **generated}
     finally:
         if not args.keep:
             shutil.rmtree(args.dir)

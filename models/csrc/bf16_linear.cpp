@@ -96,13 +96,19 @@ __attribute__((target("avx2,fma"))) void group_dot_avx2(const float* x, int64_t 
   }
 }
 
-const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+bool has_avx2_fma() {
+  static const bool yes = [] {
+    __builtin_cpu_init();  // needed before __builtin_cpu_supports when it may run during static initialisation
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+}
 #endif
 
 template <int ROWS>
 void dot_rows(const float* x, int64_t K, const uint16_t* w, float* out, int64_t ldo, int64_t lanes, const float* bias) {
 #if defined(__x86_64__)
-  if (kHasAvx2) return group_dot_avx2<ROWS>(x, K, w, out, ldo, lanes, bias);
+  if (has_avx2_fma()) return group_dot_avx2<ROWS>(x, K, w, out, ldo, lanes, bias);
 #endif
   group_dot<ROWS>(x, K, w, out, ldo, lanes, bias);
 }

@@ -10,6 +10,7 @@ batch size computes with identical weights; only the order of the fp32 sums diff
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.cpu_kernels import cpu_kernels_loaded
@@ -28,6 +29,14 @@ def round_to_bf16_(module: nn.Module) -> None:
             param.data.copy_(param.data.to(torch.bfloat16))
 
 
+def pack_bf16_weight(weight: Tensor) -> Tensor:
+    """[N, K] float -> [ceil(N/8), K, 8] int16 bf16 bits, eight outputs side by side: the kernel's layout,
+    where one 16-byte load feeds eight accumulators (rows past N are zero)."""
+    n, k = weight.shape
+    padded = F.pad(weight.detach(), (0, 0, 0, -n % 8))
+    return padded.to(torch.bfloat16).view(torch.int16).view(-1, 8, k).transpose(1, 2).contiguous()
+
+
 class Bf16WeightLinear(nn.Module):
     """``x @ weight.T + bias`` for ``weight`` [out, in] whose values are already bf16-representable."""
 
@@ -36,7 +45,7 @@ class Bf16WeightLinear(nn.Module):
         self.gemm = OneDNNLinear(weight, bias)
         self.out_features = weight.shape[0]
         # without the C++ kernels every input takes the oneDNN path: same weights, same results, full bytes
-        packed = torch.ops.gptserve.pack_bf16_weight(weight.detach().contiguous()) if cpu_kernels_loaded() else None
+        packed = pack_bf16_weight(weight) if cpu_kernels_loaded() else None
         self.register_buffer("packed", packed)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.bf16_weight_linear import KERNEL_MAX_ROWS, Bf16WeightLinear
+from models.bf16_weight_linear import KERNEL_MAX_ROWS, Bf16WeightLinear, pack_bf16_weight
 from models.cpu_kernels import cpu_kernels_loaded
 from models.generation import greedy_generate, prompt_logits
 from models.loader import load_model
@@ -39,7 +39,7 @@ def test_kernel_matches_fp32_product_on_rounded_weights(rows, out_features, in_f
     x = torch.randn(rows, in_features, generator=gen)
     weight = torch.randn(out_features, in_features, generator=gen)
     bias = torch.randn(out_features, generator=gen)
-    packed = torch.ops.gptserve.pack_bf16_weight(weight)
+    packed = pack_bf16_weight(weight)
     exact = weight.to(torch.bfloat16).float()
     for b in (bias, None):
         got = torch.ops.gptserve.bf16_linear(x, packed, b, out_features)
@@ -51,7 +51,7 @@ def test_kernel_matches_fp32_product_on_rounded_weights(rows, out_features, in_f
 def test_packing_rounds_to_nearest_even_like_torch():
     values = torch.tensor([1.0, 1.00390625, 1.01171875, -2.0078125, 3.0e38, 1e-40, float("inf"), -float("inf")])
     weight = values.repeat(3, 1)
-    packed = torch.ops.gptserve.pack_bf16_weight(weight)  # [1, 8, 8]: lane j holds output row j
+    packed = pack_bf16_weight(weight)  # [1, 8, 8]: lane j holds output row j
     expected = values.to(torch.bfloat16).view(torch.int16)
     assert torch.equal(packed[0, :, 0], expected)
     assert torch.equal(packed[0, :, 3:], torch.zeros(8, 5, dtype=torch.int16))  # padding lanes

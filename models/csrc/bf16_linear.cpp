@@ -1,13 +1,12 @@
 // A linear layer for the few rows of a decode step, on weights stored in bfloat16 and widened to float32 in
 // registers: a decode step streams every weight once, so half the bytes is half the time where memory
 // bandwidth is the bound. Products and sums are float32.
-//   pack_bf16_weight(weight [N,K] float32) -> packed [ceil(N/8), K, 8] int16: the bf16 bits (rounded to
-//       nearest even), eight outputs side by side so that one 16-byte load feeds eight accumulators
 //   bf16_linear(x [M,K] float32, packed, bias [N] float32 or None, N) -> [M,N] float32
+// where packed [ceil(N/8), K, 8] int16 holds the weight's bf16 bits, eight outputs side by side so that one
+// 16-byte load feeds eight accumulators (models/bf16_weight_linear.py packs it).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -27,28 +26,6 @@ inline float widen(uint16_t bits) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
-}
-
-inline uint16_t round_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7f800000u) == 0x7f800000u) return static_cast<uint16_t>(u >> 16);  // inf and nan keep their bits
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-at::Tensor pack_bf16_weight(const at::Tensor& weight) {
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 2 && weight.is_contiguous(),
-              "weight: contiguous float32 [N,K]");
-  const int64_t N = weight.size(0), K = weight.size(1), groups = (N + kLanes - 1) / kLanes;
-  at::Tensor packed = at::zeros({groups, K, kLanes}, weight.options().dtype(at::kShort));
-  const float* w = weight.data_ptr<float>();
-  auto* p = reinterpret_cast<uint16_t*>(packed.data_ptr<int16_t>());
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g)
-      for (int64_t lane = 0; lane < kLanes && g * kLanes + lane < N; ++lane)
-        for (int64_t k = 0; k < K; ++k) p[(g * K + k) * kLanes + lane] = round_to_bf16(w[(g * kLanes + lane) * K + k]);
-  });
-  return packed;
 }
 
 // Rows [0, ROWS) of x against one packed group: out[r][lane] = sum_k x[r,k] * w[k,lane] (+ bias). Two
@@ -154,11 +131,9 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const c10:
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gptserve, m) {
-  m.def("pack_bf16_weight(Tensor weight) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor packed, Tensor? bias, int N) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptserve, CPU, m) {
-  m.impl("pack_bf16_weight", pack_bf16_weight);
   m.impl("bf16_linear", bf16_linear);
 }

@@ -54,7 +54,7 @@ class ModelRunner:
         rows, sampling_seqs, offset = [], [], 0
         for chunk in chunks:
             offset += chunk.num_tokens
-            if chunk.seq.num_computed_tokens + chunk.num_tokens == chunk.seq.num_tokens:
+            if chunk.catches_up:
                 rows.append(offset - 1)
                 sampling_seqs.append(chunk.seq)
         logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
@@ -68,7 +68,7 @@ class ModelRunner:
 
     def _run_graph(self, chunks: list[ScheduledChunk]) -> StepLogits:
         logits = self.decode_graphs.run(chunks)
-        rows = [i for i, c in enumerate(chunks) if c.seq.num_computed_tokens + 1 == c.seq.num_tokens]
+        rows = [i for i, c in enumerate(chunks) if c.catches_up]
         # indexing copies the rows out of the graph's output buffer, which the next replay overwrites
         picked = logits[torch.tensor(rows, dtype=torch.long, device=self.device)]
         return StepLogits([chunks[i].seq for i in rows], picked)

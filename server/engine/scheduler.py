@@ -20,6 +20,11 @@ class ScheduledChunk:
     seq: Sequence
     num_tokens: int  # tokens of seq computed this step, starting at seq.num_computed_tokens
 
+    @property
+    def catches_up(self) -> bool:
+        """The chunk ends at the sequence's last token, so the sequence samples its next one this step."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:

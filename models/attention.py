@@ -9,6 +9,9 @@ On CPU in float32 the decode group skips the gather: C++ kernels (models/csrc/pa
 read each key and value row straight from the pool, and only the small [seqs, heads, context] scores go
 through torch's softmax. At 64 sequences of ~200 tokens the gather + SDPA read the cache three times and
 took ~120 ms of a ~270 ms GPT-2-124M step (bench/NOTES.md).
+
+The pool may be narrower than the model (models/kv_cache.py): keys and values are cast to its dtype when
+written, and widened back when read (the kernels widen bfloat16 rows in registers).
 """
 
 from __future__ import annotations

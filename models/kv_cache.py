@@ -2,6 +2,10 @@
 
 Slot ``b * block_size + o`` is offset ``o`` of block ``b``. Which blocks a sequence owns is the engine's
 business (its block manager); the model only writes the slots a ForwardBatch names and reads its sequences'.
+
+The pool's dtype may be narrower than the model's (``--kv-cache-dtype bfloat16`` under a float32 model):
+keys and values are rounded when written and widened when read, so the cache holds twice the tokens and
+decode attention, which reads the whole cache every step, reads half the bytes.
 """
 
 from __future__ import annotations
@@ -10,6 +14,18 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+KV_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # beside "auto": the model's dtype
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """A --kv-cache-dtype value as the pool's dtype."""
+    if name == "auto":
+        return model_dtype
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown KV cache dtype {name!r}: choose auto, {', '.join(KV_CACHE_DTYPES)}")
+    return KV_CACHE_DTYPES[name]
 
 
 @dataclass(frozen=True, slots=True)

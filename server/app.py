@@ -54,6 +54,7 @@ def create_app(config: ServerConfig, loaded_models: dict[str, LoadedModel]) -> F
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=config.max_model_len, kv_cache_tokens=config.kv_cache_tokens,
             block_size=config.block_size, max_queue=config.max_queue, enforce_eager=config.enforce_eager,
+            kv_cache_dtype=config.kv_cache_dtype,
         )
         created = int(time.time())
         for name, loaded in loaded_models.items():

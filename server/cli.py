@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cpu-weight-dtype", "with --device cpu and --dtype float32: bfloat16 rounds the weights to bf16 and "
         "streams them at half the bytes in decode steps (activations and sums stay float32; outputs move by the "
         "rounding); float32 keeps the checkpoint's values", choices=["float32", "bfloat16"], default="float32")
+    add("--kv-cache-dtype", "dtype of the KV cache (auto: the model's). bfloat16 under a float32 model holds "
+        "twice the tokens and halves what decode attention reads; keys and values are rounded to bf16 when "
+        "stored, so outputs move by that rounding", choices=["auto", "float32", "bfloat16"], default="auto")
     add("--max-num-seqs", "most sequences decoded together in one step", type=_positive_int, default=64)
     add("--max-num-batched-tokens", "most tokens (prefill + decode) in one step", type=_positive_int, default=512)
     add("--max-model-len", "longest prompt + completion in tokens (default: the model's context length)",

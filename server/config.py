@@ -31,3 +31,4 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     log_requests: bool = False  # prompts and outputs go to the log only when asked for
     enforce_eager: bool = False  # no CUDA graphs for decode steps
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; bfloat16 halves the KV cache under a float32 model

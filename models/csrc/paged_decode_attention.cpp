@@ -7,6 +7,9 @@
 //       -> out [S,H,D]: the probability-weighted sum of the visible value rows
 // The visible keys of sequence s are positions [lo, ctx) with ctx = context_lens[s] and lo = ctx - window
 // (or 0 when window is 0). Query head h reads KV head h / (H / KVH), as SDPA's enable_gqa does.
+// q, probs and the results are float32; the pool is float32 or bfloat16 (--kv-cache-dtype), whose rows are
+// widened to float32 as they are read: exact, so a bf16 pool gives what a float32 pool of the same values
+// does, from half the bytes.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -14,6 +17,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -34,20 +39,32 @@ Visible visible_keys(const int64_t* context_lens, int64_t s, int64_t window) {
   return {window > 0 ? std::max<int64_t>(0, ctx - window) : 0, ctx};
 }
 
+// A pool element as float32: bf16 is the high half of a float32's bits.
+inline float widen(float x) { return x; }
+inline float widen(at::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 // Eight lanes of partial sums (one AVX vector): vectorizes without reassociating any one of them. The dots
 // of consecutive heads and keys are independent, so the out-of-order core overlaps their FMA chains.
-inline float dot(const float* a, const float* b, int64_t n) {
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   float part[8] = {};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) part[j] += a[i + j] * b[i + j];
-  for (; i < n; ++i) part[i % 8] += a[i] * b[i];
+    for (int j = 0; j < 8; ++j) part[j] += a[i + j] * widen(b[i + j]);
+  for (; i < n; ++i) part[i % 8] += a[i] * widen(b[i]);
   return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& cache, const at::Tensor& blocks,
                   const at::Tensor& context_lens) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && cache.scalar_type() == at::kFloat, "float32 tensors expected");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "float32 queries / probabilities expected");
+  TORCH_CHECK(cache.scalar_type() == at::kFloat || cache.scalar_type() == at::kBFloat16,
+              "a float32 or bfloat16 KV pool expected");
   TORCH_CHECK(x.is_contiguous() && cache.is_contiguous(), "contiguous tensors expected");
   TORCH_CHECK(blocks.scalar_type() == at::kLong && blocks.is_contiguous() && blocks.dim() == 2, "blocks: int64 [S,B]");
   TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.is_contiguous(), "context_lens: int64 [S]");
@@ -82,41 +99,69 @@ struct Geometry {
 // A task is one sequence and a run of its KV heads [kv_begin, kv_end): it walks the sequence's keys in
 // order, reading that run of each cache row contiguously (all of the row when a task has every head, as
 // soon as there are a few sequences per thread), which the hardware prefetcher follows.
-// The x86-64 clones are picked at load time by the CPU's features.
-GPTSERVE_CLONES
-void score_task(const float* q, const float* keys, const int64_t* blocks, const int64_t* context_lens,
-                float* scores, const Geometry& g, int64_t s, int64_t kv_begin, int64_t kv_end, float scale) {
+// The bodies are inlined into one function per pool type (below), whose x86-64 clones are picked at load time
+// by the CPU's features.
+template <typename T>
+inline __attribute__((always_inline)) void score_body(const float* q, const T* keys, const int64_t* blocks,
+                                                      const int64_t* context_lens, float* scores, const Geometry& g,
+                                                      int64_t s, int64_t kv_begin, int64_t kv_end, float scale) {
   const Visible vis = visible_keys(context_lens, s, g.window);
   const int64_t D = g.D, L = g.L();
   for (int64_t t = vis.lo; t < vis.ctx; ++t) {
-    const float* row = keys + g.slot(blocks, s, t) * g.KVH * D;
+    const T* row = keys + g.slot(blocks, s, t) * g.KVH * D;
     for (int64_t h = kv_begin * g.group(); h < kv_end * g.group(); ++h)
       scores[(s * g.H + h) * L + t] = dot(q + (s * g.H + h) * D, row + (h / g.group()) * D, D) * scale;
   }
 }
 
-GPTSERVE_CLONES
-void value_task(const float* probs, const float* values, const int64_t* blocks, const int64_t* context_lens,
-                float* out, const Geometry& g, int64_t s, int64_t kv_begin, int64_t kv_end, float* acc) {
+template <typename T>
+inline __attribute__((always_inline)) void value_body(const float* probs, const T* values, const int64_t* blocks,
+                                                      const int64_t* context_lens, float* out, const Geometry& g,
+                                                      int64_t s, int64_t kv_begin, int64_t kv_end, float* acc) {
   const Visible vis = visible_keys(context_lens, s, g.window);
   const int64_t D = g.D, L = g.L(), first = kv_begin * g.group(), last = kv_end * g.group();
   std::fill(acc, acc + (last - first) * D, 0.0f);
   for (int64_t t = vis.lo; t < vis.ctx; ++t) {
-    const float* row = values + g.slot(blocks, s, t) * g.KVH * D;
+    const T* row = values + g.slot(blocks, s, t) * g.KVH * D;
     for (int64_t h = first; h < last; ++h) {
       const float p = probs[(s * g.H + h) * L + t];
-      const float* v = row + (h / g.group()) * D;
+      const T* v = row + (h / g.group()) * D;
       float* a = acc + (h - first) * D;
-      for (int64_t d = 0; d < D; ++d) a[d] += p * v[d];
+      for (int64_t d = 0; d < D; ++d) a[d] += p * widen(v[d]);
     }
   }
   std::copy(acc, acc + (last - first) * D, out + (s * g.H + first) * D);
 }
 
+// One overload of each task per pool type, each with its own x86-64 clones.
+#define GPTSERVE_TASKS(T)                                                                                     \
+  GPTSERVE_CLONES void score_task(const float* q, const T* keys, const int64_t* blocks,                       \
+                                  const int64_t* context_lens, float* scores, const Geometry& g, int64_t s,  \
+                                  int64_t kv_begin, int64_t kv_end, float scale) {                           \
+    score_body(q, keys, blocks, context_lens, scores, g, s, kv_begin, kv_end, scale);                         \
+  }                                                                                                           \
+  GPTSERVE_CLONES void value_task(const float* probs, const T* values, const int64_t* blocks,                 \
+                                  const int64_t* context_lens, float* out, const Geometry& g, int64_t s,     \
+                                  int64_t kv_begin, int64_t kv_end, float* acc) {                            \
+    value_body(probs, values, blocks, context_lens, out, g, s, kv_begin, kv_end, acc);                        \
+  }
+GPTSERVE_TASKS(float)
+GPTSERVE_TASKS(at::BFloat16)
+#undef GPTSERVE_TASKS
+
 // Split each sequence's KV heads only as far as needed to give every thread work (one sequence decoding
 // still uses every core); more sequences than that, and each task reads whole cache rows.
 int64_t kv_splits(int64_t S, int64_t KVH) {
   return std::min<int64_t>(KVH, std::max<int64_t>(1, (at::get_num_threads() + S - 1) / S));
+}
+
+// fn(the pool's data as float* or at::BFloat16*): the ops' bodies are written once for both.
+template <typename Fn>
+void with_pool_data(const at::Tensor& pool, const Fn& fn) {
+  if (pool.scalar_type() == at::kBFloat16)
+    fn(pool.data_ptr<at::BFloat16>());
+  else
+    fn(pool.data_ptr<float>());
 }
 
 template <typename Task>
@@ -138,11 +183,13 @@ at::Tensor paged_decode_scores(const at::Tensor& q, const at::Tensor& keys, cons
   check_bounds(keys, blocks, context_lens, block_size);
   at::Tensor scores = at::full({S, H, B * block_size}, -std::numeric_limits<float>::infinity(), q.options());
   const Geometry g{H, KVH, D, B, block_size, window};
-  const float *q_ptr = q.data_ptr<float>(), *k_ptr = keys.data_ptr<float>();
+  const float* q_ptr = q.data_ptr<float>();
   const int64_t *b_ptr = blocks.data_ptr<int64_t>(), *c_ptr = context_lens.data_ptr<int64_t>();
   float* out = scores.data_ptr<float>();
-  for_each_task(S, KVH, [&](int64_t s, int64_t kv_begin, int64_t kv_end) {
-    score_task(q_ptr, k_ptr, b_ptr, c_ptr, out, g, s, kv_begin, kv_end, static_cast<float>(scale));
+  with_pool_data(keys, [&](const auto* k_ptr) {
+    for_each_task(S, KVH, [&](int64_t s, int64_t kv_begin, int64_t kv_end) {
+      score_task(q_ptr, k_ptr, b_ptr, c_ptr, out, g, s, kv_begin, kv_end, static_cast<float>(scale));
+    });
   });
   return scores;
 }
@@ -155,12 +202,14 @@ at::Tensor paged_decode_values(const at::Tensor& probs, const at::Tensor& values
   check_bounds(values, blocks, context_lens, block_size);
   at::Tensor out = at::empty({S, H, D}, probs.options());
   const Geometry g{H, KVH, D, B, block_size, window};
-  const float *p_ptr = probs.data_ptr<float>(), *v_ptr = values.data_ptr<float>();
+  const float* p_ptr = probs.data_ptr<float>();
   const int64_t *b_ptr = blocks.data_ptr<int64_t>(), *c_ptr = context_lens.data_ptr<int64_t>();
   float* o_ptr = out.data_ptr<float>();
-  for_each_task(S, KVH, [&](int64_t s, int64_t kv_begin, int64_t kv_end) {
-    std::vector<float> acc((kv_end - kv_begin) * g.group() * D);
-    value_task(p_ptr, v_ptr, b_ptr, c_ptr, o_ptr, g, s, kv_begin, kv_end, acc.data());
+  with_pool_data(values, [&](const auto* v_ptr) {
+    for_each_task(S, KVH, [&](int64_t s, int64_t kv_begin, int64_t kv_end) {
+      std::vector<float> acc((kv_end - kv_begin) * g.group() * D);
+      value_task(p_ptr, v_ptr, b_ptr, c_ptr, o_ptr, g, s, kv_begin, kv_end, acc.data());
+    });
   });
   return out;
 }

@@ -157,7 +157,8 @@ def launch(model_dir: Path, config: ServerConfig) -> LoadedModel:
 
 
 def shard_spec(model_dir: Path, config: ServerConfig) -> ShardSpec:
-    return ShardSpec(str(model_dir), config.dtype, config.device, config.keep_experts_packed, config.log_level)
+    return ShardSpec(str(model_dir), config.dtype, config.device, config.keep_experts_packed, config.log_level,
+                     config.kv_cache_dtype)
 
 
 def run_torchrun_rank(model_dir: Path, config: ServerConfig) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.kv_cache import PagedKVCache
+from models.kv_cache import PagedKVCache, kv_cache_dtype
 from models.loader import LoadedModel
 from server.engine.block_manager import BlockManager
 from server.engine.decode_graphs import DecodeGraphs
@@ -40,6 +40,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_memory_fraction: float = 0.25  # of free memory, when kv_cache_tokens is not given
     enforce_eager: bool = False  # never replay decode steps from CUDA graphs
+    kv_cache_dtype: str = "auto"  # the pool's dtype: auto (the model's) or a name in models.kv_cache.KV_CACHE_DTYPES
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,15 +70,17 @@ class LLMEngine:
         self.metrics = metrics or StepMetrics(None)
         self.max_model_len = min(config.max_model_len or loaded.max_context, loaded.max_context)
         spec = loaded.model.kv_cache_spec()
-        num_blocks = self._pool_blocks(spec.bytes_per_token(loaded.dtype))
+        cache_dtype = kv_cache_dtype(config.kv_cache_dtype, loaded.dtype)
+        num_blocks = self._pool_blocks(spec.bytes_per_token(cache_dtype))
         # one block more than the block manager hands out: scratch space for the padding rows of decode graphs
-        self.cache = PagedKVCache(spec, num_blocks + 1, config.block_size, dtype=loaded.dtype, device=loaded.device)
+        self.cache = PagedKVCache(spec, num_blocks + 1, config.block_size, dtype=cache_dtype, device=loaded.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(loaded.model, self.cache, loaded.device, self._decode_graphs(num_blocks))
         self.sampler = Sampler()
         self.requests: dict[str, list[Sequence]] = {}
-        log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, config.block_size, num_blocks * config.block_size)
+        log.info("KV cache: %d blocks of %d tokens (%d tokens, %s)", num_blocks, config.block_size,
+                 num_blocks * config.block_size, str(cache_dtype).removeprefix("torch."))
 
     def _pool_blocks(self, bytes_per_token: int) -> int:
         tokens = self.config.kv_cache_tokens

@@ -31,6 +31,7 @@ class ShardSpec:
     device: str  # a --device value; with cuda, rank r uses local GPU LOCAL_RANK (spawned: r)
     keep_experts_packed: bool
     log_level: str
+    kv_cache_dtype: str  # a --kv-cache-dtype value
 
 
 @dataclass(frozen=True, slots=True)

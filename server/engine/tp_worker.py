@@ -18,7 +18,7 @@ from torch import nn
 
 from models.checkpoint import read_json
 from models.forward_batch import ForwardBatch
-from models.kv_cache import PagedKVCache
+from models.kv_cache import PagedKVCache, kv_cache_dtype
 from models.loader import detect_family, load_weights, resolve_dtype
 from server.engine.step_channel import CacheGeometry, StepChannel
 from server.engine.tp_group import JOIN_TIMEOUT, RankContext, ShardSpec, join
@@ -33,8 +33,8 @@ def load_shard(spec: ShardSpec, ctx: RankContext) -> tuple[nn.Module, torch.dtyp
     return load_weights(model_dir, family, dtype, ctx.device, spec.keep_experts_packed, ctx.tp), dtype
 
 
-def serve_steps(model: nn.Module, dtype: torch.dtype, ctx: RankContext) -> None:
-    """Run what rank 0 sends until it says stop."""
+def serve_steps(model: nn.Module, cache_dtype: torch.dtype, ctx: RankContext) -> None:
+    """Run what rank 0 sends until it says stop; ``cache_dtype`` is the KV pool's, as rank 0's."""
     channel = StepChannel(ctx)
     cache: PagedKVCache | None = None
     with torch.inference_mode():
@@ -44,7 +44,8 @@ def serve_steps(model: nn.Module, dtype: torch.dtype, ctx: RankContext) -> None:
                 return
             if isinstance(message, CacheGeometry):
                 cache = None  # free the old pool before allocating the new one
-                cache = PagedKVCache(model.kv_cache_spec(), message.num_blocks, message.block_size, dtype, ctx.device)
+                cache = PagedKVCache(model.kv_cache_spec(), message.num_blocks, message.block_size, cache_dtype,
+                                     ctx.device)
                 channel.setup_done()
             elif isinstance(message, ForwardBatch) and cache is not None:
                 model(message, cache)
@@ -60,7 +61,7 @@ def run_worker(rank: int, world_size: int, spec: ShardSpec, store: dist.Store | 
         model, dtype = load_shard(spec, ctx)
         dist.barrier(group=ctx.control)  # every shard loaded
         log.info("tensor-parallel rank %d ready", rank, extra={"rank": rank, "pid": os.getpid()})
-        serve_steps(model, dtype, ctx)
+        serve_steps(model, kv_cache_dtype(spec.kv_cache_dtype, dtype), ctx)
         dist.destroy_process_group()
     except Exception:
         log.exception("tensor-parallel rank %d failed", rank, extra={"rank": rank, "pid": os.getpid()})

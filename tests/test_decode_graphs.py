@@ -74,8 +74,9 @@ def drain(engine: LLMEngine) -> dict[str, list[int]]:
 
 
 def test_graph_steps_match_eager_steps_logits_tokens_and_cache(loaded):
-    # 14 requests, 16 rows, 13 tokens a step: decodes leave 1-token prefill pieces that do not sample yet,
-    # batches of every size pad to the next bucket, and contexts cross several 8-token blocks
+    # 14 requests, 16 rows, 13 tokens a step: the last prompt is long and, once admitted, gets what the others'
+    # decodes leave of the budget (they finish one a step: 1, 2, ... tokens; the 1-token piece does not sample
+    # yet); batches of every size pad to the next bucket, and contexts cross several 8-token blocks
     config = dict(max_num_seqs=16, max_num_batched_tokens=13, kv_cache_tokens=4096, block_size=8)
     eager = LLMEngine(loaded, EngineConfig(**config, enforce_eager=True))
     assert eager.runner.decode_graphs is None
@@ -83,10 +84,11 @@ def test_graph_steps_match_eager_steps_logits_tokens_and_cache(loaded):
     rng = random.Random(0)
     requests = []
     for i in range(14):
-        prompt = [rng.randrange(50257) for _ in range(1 + (i * 5) % 23)]  # the first prompt is one token
+        length = 1 + (i * 5) % 23 + (30 if i == 13 else 0)  # the first prompt is one token
+        prompt = [rng.randrange(50257) for _ in range(length)]
         # the bias forces each request's tokens, so both engines feed the same inputs whatever rounding
         # differs between padded and unpadded batches (in bfloat16 a near-tie could otherwise flip)
-        params = SamplingParams(max_tokens=25 + i % 9, temperature=0.0, ignore_eos=True,
+        params = SamplingParams(max_tokens=25 + i, temperature=0.0, ignore_eos=True,
                                 logit_bias={rng.randrange(50257): 100.0}, prompt_logprobs=1 if i == 3 else None)
         requests.append((f"r{i}", prompt, params))
     recorders = []

@@ -76,18 +76,51 @@ def test_greedy_batch_of_64_mixed_lengths_equals_single_sequence_generation(load
 
 
 def test_long_prompt_is_prefilled_in_chunks_without_stalling_decodes(loaded):
+    """Only the step that admits the long prompt leaves the decode out; its later chunks share steps with it."""
     engine = make_engine(loaded, max_num_batched_tokens=16)
     engine.add_request("short", random_prompt(4, 1), greedy(20))
     engine.step()  # short is now decoding
     engine.add_request("long", random_prompt(100, 2), greedy(3))
-    steps_with_short_token = 0
-    for _ in range(6):  # the 100-token prompt needs >6 chunks of at most 15 tokens
+    assert engine.step() == []  # long's first chunk alone
+    for _ in range(5):  # the 100-token prompt needs >6 chunks of at most 16 tokens
         outputs = dict(engine.step())
         assert "long" not in outputs or not outputs["long"].new_token_ids
-        steps_with_short_token += "short" in outputs
-    assert steps_with_short_token == 6
+        assert outputs["short"].new_token_ids
     results = run_all(engine)
     assert tokens_of(results["long"][0]) == greedy_generate(loaded.model, [random_prompt(100, 2)], 3)[0]
+
+
+def test_a_waiting_prompt_is_prefilled_before_the_running_sequences_decode(loaded):
+    """A newcomer's first token costs its own prefill, not also the decode rows of everyone running."""
+    engine = make_engine(loaded)
+    for i in range(3):
+        engine.add_request(f"old{i}", random_prompt(5 + i, 30 + i), greedy(10))
+    engine.step()
+    engine.add_request("new", random_prompt(20, 40), greedy(4))
+    first = dict(engine.step())
+    assert list(first) == ["new"] and len(first["new"].new_token_ids) == 1
+    second = dict(engine.step())
+    assert sorted(second) == ["new", "old0", "old1", "old2"]  # everyone decodes again
+    rest = run_all(engine)["new"][0]
+    expected = greedy_generate(loaded.model, [random_prompt(20, 40)], 4)[0]
+    assert tokens_of([first["new"], second["new"], *rest]) == expected
+
+
+def test_decodes_are_not_held_back_by_a_prompt_that_cannot_be_admitted(loaded):
+    """No free sequence slot (or no blocks) for the waiting prompt: the running sequences keep decoding."""
+    engine = make_engine(loaded, max_num_seqs=2)
+    for i in range(3):
+        engine.add_request(f"r{i}", random_prompt(6, 50 + i), greedy(5))
+    engine.step()  # r0 and r1 admitted; r2 waits for a slot
+    for _ in range(4):
+        assert sorted(dict(engine.step())) == ["r0", "r1"]
+    small = make_engine(loaded, kv_cache_tokens=32, block_size=8)  # 4 blocks
+    small.add_request("a", random_prompt(20, 60), greedy(4))  # 3 blocks with its first tokens
+    small.step()
+    small.add_request("b", random_prompt(20, 61), greedy(4))  # 3 more blocks: it has to wait for a
+    for _ in range(3):
+        assert list(dict(small.step())) == ["a"]
+    assert tokens_of(run_all(small)["b"][0]) == greedy_generate(loaded.model, [random_prompt(20, 61)], 4)[0]
 
 
 def test_repeated_prompt_hits_prefix_cache_with_identical_output(loaded):

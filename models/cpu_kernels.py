@@ -14,7 +14,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode_attention.cpp", "bf16_linear.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("paged_decode_attention.cpp", "bf16_linear.cpp", "mxfp4_linear.cpp")]
 
 
 @functools.cache
@@ -33,8 +34,8 @@ def cpu_kernels_loaded() -> bool:
             is_python_module=False,
         )
     except Exception as error:  # a missing compiler or ninja surfaces as several exception types
-        log.warning("C++ CPU kernels unavailable, decode attention gathers the KV cache instead (and bf16 "
-                    "weights stream as fp32): %s", error)
+        log.warning("C++ CPU kernels unavailable, decode attention gathers the KV cache instead (bf16 weights "
+                    "stream as fp32, MXFP4 experts are dequantized a tile at a time): %s", error)
         return False
     return True
 

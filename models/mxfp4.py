@@ -16,8 +16,11 @@ experts; hidden = intermediate = 2880, so 3 * 2880^2 values per expert.
 | whole model in fp32: packed / dequantized | 16.2 / 77.9 | 64.8 / 435.2  |
 | whole model in bf16: packed / dequantized | 12.8 / 39.0 | 60.8 / 217.6  |
 
-Kept packed, an expert runs through ``linear_mxfp4``: its matrices are dequantized ROWS_PER_TILE rows at a
-time (5.6 MiB in fp32), so a forward never holds a whole dequantized expert (95 MiB in fp32).
+Kept packed, an expert runs through ``linear_mxfp4``. On CPU in float32, inputs of up to KERNEL_MAX_ROWS
+rows (an expert's share of a decode step) go through a C++ kernel that decodes each weight row into an
+L1-sized buffer and multiplies it there (models/csrc/mxfp4_linear.cpp): a 5760x2880 matrix at one token
+3.2 ms instead of 33 on one thread. Otherwise the matrices are dequantized ROWS_PER_TILE rows at a time
+(5.6 MiB in fp32) and multiplied by torch, so a forward never holds a whole dequantized expert (95 MiB).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from models.cpu_kernels import cpu_kernels_loaded
 
 VALUES_PER_BLOCK = 32
 BYTES_PER_BLOCK = 16
@@ -34,6 +39,9 @@ SCALE_BIAS = 127
 # thread): 256 and 512 rows equal, 2048 rows 10-20% slower, the whole matrix 2x slower at 1-16 tokens and
 # 1.3x at 256 (bench/NOTES.md, MoE section).
 ROWS_PER_TILE = 512
+# Inputs of at most this many rows take the C++ kernel. 5760x2880 weight, ms at 1 / 8 / 32 / 64 rows, two
+# threads: kernel 1.8 / 5.3 / 17.4 / 35.7, tiles 18.1 / 22.1 / 27.3 / 32.8 (bench/NOTES.md, MoE section).
+KERNEL_MAX_ROWS = 32
 
 # The 16 E2M1 codes: sign bit, two exponent bits, one mantissa bit.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -66,9 +74,14 @@ def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tens
 def linear_mxfp4(x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, W, bias)`` for W [O, I] stored as blocks [O, I/32, 16] and scales [O, I/32].
 
-    W is dequantized ROWS_PER_TILE rows at a time and each tile multiplied while still in cache: the packed
-    bytes are read once and no full float copy of W is written or read back.
+    Few float32 rows on CPU: the C++ kernel, which never writes W out. Otherwise W is dequantized
+    ROWS_PER_TILE rows at a time and each tile multiplied while still in cache: the packed bytes are read
+    once and no full float copy of W is written or read back.
     """
+    rows = x.reshape(-1, x.shape[-1])
+    if x.device.type == "cpu" and x.dtype == torch.float32 and len(rows) <= KERNEL_MAX_ROWS and cpu_kernels_loaded():
+        out = torch.ops.gptserve.mxfp4_linear(rows.contiguous(), blocks.contiguous(), scales.contiguous(), bias)
+        return out.view(*x.shape[:-1], blocks.shape[0])
     out = x.new_empty(*x.shape[:-1], blocks.shape[0])
     for start in range(0, blocks.shape[0], ROWS_PER_TILE):
         rows = slice(start, start + ROWS_PER_TILE)

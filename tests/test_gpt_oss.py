@@ -137,12 +137,14 @@ def test_hf_and_original_layouts_give_identical_logits(model, checkpoint_dir):
     assert torch.equal(full_forward(original, ids), full_forward(model, ids))
 
 
-def test_packed_experts_give_identical_logits(model, checkpoint_dir):
+def test_packed_experts_give_the_float_experts_logits(model, checkpoint_dir):
     packed = on_same_path(load_gpt_oss(checkpoint_dir, torch.float32, torch.device("cpu"), keep_experts_packed=True), model)
     experts = packed.layers[0].moe.experts
     assert experts.packed and experts.gate_up_blocks.dtype == torch.uint8
     ids = random_tokens(20, seed=8)
-    assert torch.equal(full_forward(packed, ids), full_forward(model, ids))
+    # the same weights to the bit; an expert's few tokens go through the MXFP4 kernel, whose sums run in
+    # another order than the float experts' matmul
+    torch.testing.assert_close(full_forward(packed, ids), full_forward(model, ids), rtol=0, atol=1e-4)
 
 
 def test_float_experts_checkpoint_gives_identical_logits(model, tmp_path):

@@ -105,7 +105,8 @@ def test_gpt_oss_with_a_bf16_cache_is_the_model_with_rounded_keys_and_values(che
             return q, bf16(k)
 
         monkeypatch.setattr(modeling_gpt_oss, "apply_rotary_pos_emb", rotary_then_round)
-        hooks = [layer.self_attn.v_proj.register_forward_hook(lambda _m, _i, v: bf16(v)) for layer in oss_oracle.model.layers]
+        layers = oss_oracle.model.layers
+        hooks = [layer.self_attn.v_proj.register_forward_hook(lambda _m, _i, v: bf16(v)) for layer in layers]
         try:
             rounded = oss_oracle(torch.tensor([ids])).logits[0]
         finally:

@@ -9,6 +9,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "cpu_features.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -73,13 +75,6 @@ __attribute__((target("avx2,fma"))) void group_dot_avx2(const float* x, int64_t 
   }
 }
 
-bool has_avx2_fma() {
-  static const bool yes = [] {
-    __builtin_cpu_init();  // needed before __builtin_cpu_supports when it may run during static initialisation
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return yes;
-}
 #endif
 
 template <int ROWS>

@@ -19,7 +19,7 @@ experts; hidden = intermediate = 2880, so 3 * 2880^2 values per expert.
 Kept packed, an expert runs through ``linear_mxfp4``. On CPU in float32, inputs of up to KERNEL_MAX_ROWS
 rows (an expert's share of a decode step) go through a C++ kernel that decodes each weight row into an
 L1-sized buffer and multiplies it there (models/csrc/mxfp4_linear.cpp): a 5760x2880 matrix at one token
-3.2 ms instead of 33 on one thread. Otherwise the matrices are dequantized ROWS_PER_TILE rows at a time
+2.9 ms instead of 33 on one thread. Otherwise the matrices are dequantized ROWS_PER_TILE rows at a time
 (5.6 MiB in fp32) and multiplied by torch, so a forward never holds a whole dequantized expert (95 MiB).
 """
 
@@ -40,7 +40,7 @@ SCALE_BIAS = 127
 # 1.3x at 256 (bench/NOTES.md, MoE section).
 ROWS_PER_TILE = 512
 # Inputs of at most this many rows take the C++ kernel. 5760x2880 weight, ms at 1 / 8 / 32 / 64 rows, two
-# threads: kernel 1.8 / 5.3 / 17.4 / 35.7, tiles 18.1 / 22.1 / 27.3 / 32.8 (bench/NOTES.md, MoE section).
+# threads: kernel 1.4 / 5.3 / 17.4 / 35.7, tiles 18.1 / 22.1 / 27.3 / 32.8 (bench/NOTES.md, MoE section).
 KERNEL_MAX_ROWS = 32
 
 # The 16 E2M1 codes: sign bit, two exponent bits, one mantissa bit.

@@ -159,3 +159,13 @@ def test_linear_mxfp4_takes_the_kernel_for_few_rows_and_tiles_for_many(kernels):
     assert torch.equal(linear_mxfp4(many, blocks, scales, bias), F.linear(many, weight, bias))
     close = dict(rtol=1e-5, atol=1e-3)  # outputs of ~100: fp32 sums in another order
     torch.testing.assert_close(linear_mxfp4(few, blocks, scales, bias), F.linear(few, weight, bias), **close)
+
+
+def test_one_or_two_tokens_give_the_rows_of_a_larger_batch_exactly(kernels):
+    """One and two tokens decode straight into the FMAs; more go through a row buffer: the same sums."""
+    blocks, scales, g = random_packed(50, 2880, seed=7)
+    x = torch.randn(5, 2880, generator=g)
+    op = torch.ops.gptserve.mxfp4_linear
+    batch = op(x, blocks, scales, None)
+    assert torch.equal(op(x[:1], blocks, scales, None), batch[:1])
+    assert torch.equal(op(x[1:3].contiguous(), blocks, scales, None), batch[1:3])

@@ -89,15 +89,45 @@ __attribute__((target("avx2,fma"))) void decode_row_avx2(const uint8_t* blocks, 
   }
 }
 
+// The four accumulators of a dot, summed in a fixed order (the same whichever way the products were made).
+__attribute__((target("avx2,fma"))) inline float sum4(const __m256 acc[4]) {
+  const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, sum);
+  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+}
+
 __attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t n) {
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t i = 0; i < n; i += 32)  // four independent FMA chains
     for (int k = 0; k < 4; ++k)
       acc[k] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * k), _mm256_loadu_ps(b + i + 8 * k), acc[k]);
-  const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-  float lanes[8];
-  _mm256_storeu_ps(lanes, sum);
-  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+  return sum4(acc);
+}
+
+// One or two tokens: each block's decoded vectors go straight into the FMAs, without the round trip through
+// the row buffer (at one token that store and reload cost about as much as the dot). The products and sums
+// are those of decode_row_avx2 + dot_avx2, in the same order.
+template <int M>
+__attribute__((target("avx2,fma"))) void row_dots_avx2(const uint8_t* blocks, const uint8_t* scales, int64_t groups,
+                                                        const float* x, int64_t I, float* out, int64_t ldo) {
+  const auto& scale = scale_values();
+  const __m256 magnitudes = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
+  const __m128i low_bits = _mm_set1_epi8(0x0F);
+  __m256 acc[M][4];
+  for (int m = 0; m < M; ++m)
+    for (int k = 0; k < 4; ++k) acc[m][k] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256 s = _mm256_set1_ps(scale[scales[g]]);
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + g * kBytesPerBlock));
+    const __m128i low = _mm_and_si128(bytes, low_bits), high = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_bits);
+    const __m256 w[4] = {decode8(low, magnitudes, s), decode8(_mm_srli_si128(low, 8), magnitudes, s),
+                         decode8(high, magnitudes, s), decode8(_mm_srli_si128(high, 8), magnitudes, s)};
+    for (int m = 0; m < M; ++m)
+      for (int k = 0; k < 4; ++k)
+        acc[m][k] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(x + m * I + g * kValuesPerBlock + 8 * k), acc[m][k]);
+  }
+  for (int m = 0; m < M; ++m) out[m * ldo] = sum4(acc[m]);
 }
 #endif
 
@@ -133,6 +163,11 @@ at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& blocks, const at:
       const uint8_t *row_blocks = b_ptr + o * groups * kBytesPerBlock, *row_scales = s_ptr + o * groups;
 #if defined(__x86_64__)
       if (avx2) {
+        if (M <= 2) {
+          (M == 1 ? row_dots_avx2<1> : row_dots_avx2<2>)(row_blocks, row_scales, groups, x_ptr, I, o_ptr + o, O);
+          for (int64_t m = 0; m < M; ++m) o_ptr[m * O + o] += bias_ptr ? bias_ptr[o] : 0.0f;
+          continue;
+        }
         decode_row_avx2(row_blocks, row_scales, groups, w.data());
         for (int64_t m = 0; m < M; ++m)
           o_ptr[m * O + o] = dot_avx2(w.data(), x_ptr + m * I, I) + (bias_ptr ? bias_ptr[o] : 0.0f);

@@ -17,10 +17,12 @@ experts; hidden = intermediate = 2880, so 3 * 2880^2 values per expert.
 | whole model in bf16: packed / dequantized | 12.8 / 39.0 | 60.8 / 217.6  |
 
 Kept packed, an expert runs through ``linear_mxfp4``. On CPU in float32, inputs of up to KERNEL_MAX_ROWS
-rows (an expert's share of a decode step) go through a C++ kernel that decodes each weight row into an
-L1-sized buffer and multiplies it there (models/csrc/mxfp4_linear.cpp): a 5760x2880 matrix at one token
-2.9 ms instead of 33 on one thread. Otherwise the matrices are dequantized ROWS_PER_TILE rows at a time
-(5.6 MiB in fp32) and multiplied by torch, so a forward never holds a whole dequantized expert (95 MiB).
+rows (an expert's share of a decode step, or of a short prefill) go through a C++ kernel that decodes each
+32-value block in registers and dots it with up to eight tokens at once (models/csrc/mxfp4_linear.cpp): no
+dequantized weight is written anywhere, so an expert run (gate_up 5760x2880 + down 2880x2880) at one token
+costs 2.1 ms on one thread instead of 46 through tiles. Otherwise the matrices are dequantized ROWS_PER_TILE
+rows at a time (5.6 MiB in fp32) and multiplied by torch, so a forward never holds a whole dequantized
+expert (95 MiB).
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ SCALE_BIAS = 127
 # thread): 256 and 512 rows equal, 2048 rows 10-20% slower, the whole matrix 2x slower at 1-16 tokens and
 # 1.3x at 256 (bench/NOTES.md, MoE section).
 ROWS_PER_TILE = 512
-# Inputs of at most this many rows take the C++ kernel. 5760x2880 weight, ms at 1 / 8 / 32 / 64 rows, two
-# threads: kernel 1.4 / 5.3 / 17.4 / 35.7, tiles 18.1 / 22.1 / 27.3 / 32.8 (bench/NOTES.md, MoE section).
-KERNEL_MAX_ROWS = 32
+# Inputs of at most this many rows take the C++ kernel: it costs ~1.05 ms a token per expert run on one
+# thread (its FMAs), the tiles ~45 ms (their dequantization) plus ~0.65 ms a token (MKL's GEMM). Expert run
+# at 2880 wide, ms, best of 7 (kernel) / 5 (tiles): one thread, 64 / 96 / 128 tokens: kernel 67 / 101 / 137,
+# tiles 86 / 109 / 133; two threads: kernel 35 / 51 / 78, tiles 51 / 60 / 71.
+KERNEL_MAX_ROWS = 96
 
 # The 16 E2M1 codes: sign bit, two exponent bits, one mantissa bit.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)

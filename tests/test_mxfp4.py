@@ -106,8 +106,9 @@ def test_kernel_decodes_every_byte_and_scale_exactly(kernels, vectorized):
 
 
 @pytest.mark.parametrize("vectorized", [True, False], ids=["avx2", "portable"])
-@pytest.mark.parametrize("rows,out_features,in_features", [(1, 37, 32), (3, 40, 64), (5, 72, 96), (9, 16, 2880),
-                                                           (17, 8, 320), (32, 33, 64)])
+@pytest.mark.parametrize("rows,out_features,in_features", [(1, 37, 32), (2, 7, 32), (3, 40, 64), (5, 72, 96),
+                                                           (8, 41, 64), (9, 16, 2880), (16, 9, 128), (17, 8, 320),
+                                                           (32, 33, 64)])
 def test_kernel_matches_the_float_product(kernels, vectorized, rows, out_features, in_features):
     blocks, scales, g = random_packed(out_features, in_features, seed=rows)
     weight = dequantize_mxfp4(blocks, scales, torch.float64)
@@ -119,15 +120,16 @@ def test_kernel_matches_the_float_product(kernels, vectorized, rows, out_feature
         assert ((got.double() - expected).abs() <= 1e-6 * bound + 1e-6).all()
 
 
-def test_kernel_result_does_not_depend_on_the_thread_count(kernels):
+@pytest.mark.parametrize("vectorized", [True, False], ids=["avx2", "portable"])
+def test_kernel_result_does_not_depend_on_the_thread_count(kernels, vectorized):
     blocks, scales, g = random_packed(200, 256, seed=4)
-    x = torch.randn(6, 256, generator=g)
+    x = torch.randn(19, 256, generator=g)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = torch.ops.gptserve.mxfp4_linear(x, blocks, scales, None)
+        one = torch.ops.gptserve.mxfp4_linear(x, blocks, scales, None, vectorized)
         torch.set_num_threads(2)
-        two = torch.ops.gptserve.mxfp4_linear(x, blocks, scales, None)
+        two = torch.ops.gptserve.mxfp4_linear(x, blocks, scales, None, vectorized)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
@@ -136,16 +138,27 @@ def test_kernel_result_does_not_depend_on_the_thread_count(kernels):
 def test_kernel_refuses_inputs_it_cannot_read(kernels):
     blocks, scales, _ = random_packed(8, 64, seed=5)
     op = torch.ops.gptserve.mxfp4_linear
+    x = torch.randn(2, 64)
     with pytest.raises(RuntimeError, match="contiguous float32"):
         op(torch.randn(64, 2).T, blocks, scales, None)
     with pytest.raises(RuntimeError, match="contiguous float32"):
         op(torch.randn(2, 64, dtype=torch.float64), blocks, scales, None)
     with pytest.raises(RuntimeError, match=r"blocks: contiguous uint8 \[O, I/32, 16\] for this x"):
         op(torch.randn(2, 96), blocks, scales, None)
+    with pytest.raises(RuntimeError, match=r"blocks: contiguous uint8"):
+        op(x, blocks.transpose(0, 1).contiguous().transpose(0, 1), scales, None)
+    with pytest.raises(RuntimeError, match=r"blocks: contiguous uint8"):
+        op(x, blocks.view(torch.int8), scales, None)
     with pytest.raises(RuntimeError, match="scales"):
-        op(torch.randn(2, 64), blocks, scales[:, :1], None)
+        op(x, blocks, scales[:, :1], None)
+    with pytest.raises(RuntimeError, match="scales: contiguous uint8"):
+        op(x, blocks, scales.T.contiguous().T, None)
+    with pytest.raises(RuntimeError, match="scales: contiguous uint8"):
+        op(x, blocks, scales.int(), None)
     with pytest.raises(RuntimeError, match="bias"):
-        op(torch.randn(2, 64), blocks, scales, torch.zeros(7))
+        op(x, blocks, scales, torch.zeros(7))
+    with pytest.raises(RuntimeError, match=r"bias: float32 \[O\]"):
+        op(x, blocks, scales, torch.zeros(8, dtype=torch.float64))
 
 
 def test_linear_mxfp4_takes_the_kernel_for_few_rows_and_tiles_for_many(kernels):
@@ -161,11 +174,66 @@ def test_linear_mxfp4_takes_the_kernel_for_few_rows_and_tiles_for_many(kernels):
     torch.testing.assert_close(linear_mxfp4(few, blocks, scales, bias), F.linear(few, weight, bias), **close)
 
 
-def test_one_or_two_tokens_give_the_rows_of_a_larger_batch_exactly(kernels):
-    """One and two tokens decode straight into the FMAs; more go through a row buffer: the same sums."""
+@pytest.mark.parametrize("vectorized", [True, False], ids=["avx2", "portable"])
+def test_a_token_gets_the_same_result_whatever_else_is_in_the_batch(kernels, vectorized):
+    """Every token runs the same operations in the same order, alone or in any slot of a pass of up to 8."""
     blocks, scales, g = random_packed(50, 2880, seed=7)
-    x = torch.randn(5, 2880, generator=g)
+    x = torch.randn(19, 2880, generator=g)
     op = torch.ops.gptserve.mxfp4_linear
-    batch = op(x, blocks, scales, None)
-    assert torch.equal(op(x[:1], blocks, scales, None), batch[:1])
-    assert torch.equal(op(x[1:3].contiguous(), blocks, scales, None), batch[1:3])
+    batch = op(x, blocks, scales, None, vectorized)
+    alone = torch.cat([op(x[i : i + 1], blocks, scales, None, vectorized) for i in range(len(x))])
+    assert torch.equal(alone, batch)
+    assert torch.equal(op(x[5:14].contiguous(), blocks, scales, None, vectorized), batch[5:14])
+
+
+@pytest.mark.parametrize("vectorized", [True, False], ids=["avx2", "portable"])
+def test_kernel_over_the_whole_scale_range(kernels, vectorized):
+    """Scales from 0 (a subnormal power of two) to 150, the edges of the exponent bias among them."""
+    blocks, _, g = random_packed(45, 512, seed=8)
+    edges = torch.tensor([0, 1, 2, 126, 127, 128], dtype=torch.uint8)
+    scales = torch.cat([edges, torch.randint(100, 151, (45 * 16 - len(edges),), generator=g, dtype=torch.uint8)])
+    scales = scales[torch.randperm(len(scales), generator=g)].view(45, 16)
+    weight = dequantize_mxfp4(blocks, scales, torch.float64)
+    x = torch.randn(11, 512, generator=g)
+    got = torch.ops.gptserve.mxfp4_linear(x, blocks, scales, None, vectorized).double()
+    bound = x.double().abs() @ weight.abs().T
+    assert ((got - x.double() @ weight.T).abs() <= 1e-6 * bound + 1e-30).all()
+
+
+@pytest.mark.parametrize("vectorized", [True, False], ids=["avx2", "portable"])
+def test_blocks_that_overflow_when_dequantized_give_the_same_inf_and_nan(kernels, vectorized):
+    """From scale 253 on, 4 x 2^(s-127) overflows float32 (255 is inf itself): the product must carry the
+    same inf (of the same sign) or NaN as the dequantized weights do, not a finite sum."""
+    scales = torch.full((6, 2), 127, dtype=torch.uint8)
+    blocks = torch.full((6, 2, 16), 0x21, dtype=torch.uint8)  # 0.5 and 1.0: finite at every scale but 255
+    scales[:, 1] = torch.tensor([254, 255, 255, 253, 254, 252], dtype=torch.uint8)
+    blocks[0, 1] = 0x77  # 6 x 2^127 = +inf
+    blocks[1, 1] = 0x12  # 1.0 x inf and 0.5 x inf: +inf
+    blocks[2, 1, 3] = 0x02  # a zero code times inf: NaN
+    blocks[3, 1] = 0x22  # 1.0 x 2^126: finite
+    blocks[4, 1, :8], blocks[4, 1, 8:] = 0x77, 0xFF  # +inf and -inf in one block: NaN
+    blocks[5, 1] = 0x77  # 6 x 2^125: the largest finite value
+    x = (torch.rand(3, 64) + 0.5) / 1024  # small enough that the finite rows' float32 sums stay finite
+    expected = x.double() @ dequantize_mxfp4(blocks, scales, torch.float32).double().T
+    got = torch.ops.gptserve.mxfp4_linear(x, blocks, scales, None, vectorized)
+    assert torch.equal(got[:, 0], torch.full((3,), float("inf"))) and torch.equal(got[:, 1], got[:, 0])
+    assert got[:, 2].isnan().all() and got[:, 4].isnan().all()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0, equal_nan=True)
+
+
+def test_portable_and_vectorized_paths_agree(kernels):
+    """The same decode, order of sums and scale folding; only the FMAs' single rounding differs."""
+    blocks, scales, g = random_packed(70, 2880, seed=9)
+    x, bias = torch.randn(10, 2880, generator=g), torch.randn(70, generator=g)
+    op = torch.ops.gptserve.mxfp4_linear
+    torch.testing.assert_close(op(x, blocks, scales, bias, False), op(x, blocks, scales, bias, True),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_linear_mxfp4_reads_weights_that_are_not_contiguous(kernels):
+    """An expert's slice of [E, O, I/32, 16] parameters is contiguous; other views are copied first."""
+    blocks, scales, g = random_packed(24, 96, seed=10)
+    blocks_t, scales_t = blocks.transpose(0, 1).contiguous().transpose(0, 1), scales.T.contiguous().T
+    x = torch.randn(3, 96, generator=g)
+    assert not blocks_t.is_contiguous() and not scales_t.is_contiguous()
+    assert torch.equal(linear_mxfp4(x, blocks_t, scales_t, None), linear_mxfp4(x, blocks, scales, None))

@@ -1,14 +1,17 @@
-// A linear layer on MXFP4 weights for the few tokens an expert gets in a decode step, decoding each weight row
-// into a small float buffer and multiplying it there, so no dequantized matrix is ever written to memory.
-// Dequantizing through torch ops costs ~25-55 ms an expert run (24.9M values through several full passes
-// over memory); reading the 13.2 MB of packed bytes takes under a millisecond.
+// A linear layer on MXFP4 weights for the few tokens an expert gets in a decode step. Each 32-value block is
+// decoded in registers and dotted with up to eight tokens at once, so no dequantized weight is ever written:
+// dequantizing through torch ops costs ~25-55 ms an expert run (24.9M values through several passes over
+// memory), where reading its 13.2 MB of packed bytes takes under a millisecond.
 //   mxfp4_linear(x [M,I] float32, blocks [O,I/32,16] uint8, scales [O,I/32] uint8, bias [O] float32 or None,
 //                vectorized) -> [M,O] float32
 // Byte j of a block holds value 2j in its low nibble and 2j+1 in its high one (E2M1 codes); the block's
-// values are multiplied by 2^(scale - 127). Every product of an E2M1 value and a power of two is exact in
-// float32, so the decoded rows equal models.mxfp4.dequantize_mxfp4's bit for bit; only the order of the
-// float32 sums differs from a matmul. ``vectorized`` False forces the portable path (tests run it on AVX2
-// machines too).
+// values are multiplied by 2^(scale - 127). ``vectorized`` False forces the portable path, so that tests
+// check it on AVX2 machines too.
+//
+// Per block and token the kernel sums the unscaled products, then multiplies that partial dot by the block's
+// power of two (exact, barring under- and overflow) into the token's accumulator: one accumulator per token
+// and no per-value scaling. Every token sees the same operations in the same order whatever M, its position in
+// the batch or the thread count, so a token's result does not depend on what else is in the batch.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -16,10 +19,11 @@
 
 #include "cpu_features.h"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
-#include <vector>
+#include <cstring>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -28,6 +32,14 @@
 namespace {
 
 constexpr int64_t kValuesPerBlock = 32, kBytesPerBlock = 16;
+// Tokens per pass over the weights: one accumulator register each. More tokens take more passes, whose
+// re-reads of the packed rows come from cache (a pass over all of a thread's rows measured the same as
+// passes over 32 rows at a time).
+constexpr int kMaxTokens = 8;
+// From this scale byte on, 4 x 2^(s - 127) >= 2^128: dequantized values overflow to inf (s = 255 is inf
+// itself). Such blocks scale their values before the dot, as dequantize_mxfp4 does, to give the same inf/NaN.
+constexpr int kOverflowingScale = 253;
+
 constexpr float kFp4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                             -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
@@ -41,101 +53,146 @@ const std::array<float, 256>& scale_values() {
   return table;
 }
 
-// Within each 32-value block the decoded row holds the 16 low-nibble values, then the 16 high-nibble ones
-// (values 0,2,..,30 then 1,3,..,31): x is permuted the same way once per call, and no shuffle is needed.
-void decode_row(const uint8_t* blocks, const uint8_t* scales, int64_t groups, float* w) {
+// Where the decodes put each value (see decode_avx2): vector k (0-3) of a block, lane l (0-7) holds value
+// 16 * (k / 2) + 4 * (l % 4) + 2 * (k % 2) + l / 4, i.e. that of nibble l / 4 of byte
+// 8 * (k / 2) + 2 * (l % 4) + k % 2. x is permuted to this order once per call, so no decoded value is shuffled.
+at::Tensor permute_to_lanes(const at::Tensor& x) {
+  const int64_t M = x.size(0), I = x.size(1);
+  return x.view({M, I / kValuesPerBlock, 2, 4, 2, 2}).permute({0, 1, 2, 4, 5, 3}).contiguous().view({M, I});
+}
+
+inline int lane_byte(int k, int l) { return 8 * (k / 2) + 2 * (l % 4) + k % 2; }
+
+struct Problem {
+  const float* x;  // [M, I], permute_to_lanes order
+  const uint8_t* blocks;
+  const uint8_t* scales;
+  const float* bias;  // or nullptr
+  float* out;
+  int64_t I, O, groups;
+};
+
+// The lanes of an accumulator summed in one fixed order, the same on both paths.
+inline float lanes_sum(const float v[8]) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// Rows [row_begin, row_end) against tokens [first, first + tokens), in plain C++.
+void rows_portable(const Problem& p, int64_t first, int tokens, int64_t row_begin, int64_t row_end) {
   const auto& scale = scale_values();
-  for (int64_t g = 0; g < groups; ++g) {
-    const float s = scale[scales[g]];
-    for (int64_t j = 0; j < kBytesPerBlock; ++j) {
-      const uint8_t byte = blocks[g * kBytesPerBlock + j];
-      w[g * kValuesPerBlock + j] = kFp4[byte & 0xF] * s;
-      w[g * kValuesPerBlock + kBytesPerBlock + j] = kFp4[byte >> 4] * s;
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    float acc[kMaxTokens][8] = {};
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const uint8_t* bytes = p.blocks + (o * p.groups + g) * kBytesPerBlock;
+      const int s = p.scales[o * p.groups + g];
+      float w[4][8];
+      for (int k = 0; k < 4; ++k)
+        for (int l = 0; l < 8; ++l) {
+          const float value = kFp4[(bytes[lane_byte(k, l)] >> (4 * (l / 4))) & 0xF];
+          w[k][l] = s < kOverflowingScale ? value : value * scale[s];
+        }
+      const float factor = s < kOverflowingScale ? scale[s] : 1.0f;
+      for (int t = 0; t < tokens; ++t) {
+        const float* xt = p.x + (first + t) * p.I + g * kValuesPerBlock;
+        for (int l = 0; l < 8; ++l) {
+          const float dot = ((w[0][l] * xt[l] + w[1][l] * xt[8 + l]) + w[2][l] * xt[16 + l]) + w[3][l] * xt[24 + l];
+          acc[t][l] += dot * factor;
+        }
+      }
+    }
+    for (int t = 0; t < tokens; ++t)
+      p.out[(first + t) * p.O + o] = lanes_sum(acc[t]) + (p.bias ? p.bias[o] : 0.0f);
+  }
+}
+
+#if defined(__x86_64__)
+// Every E2M1 value is a bfloat16: a float32 whose low 16 bits are zero. These are the two other bytes of each
+// value's float32, for byte shuffles to look up.
+struct Bf16Bytes {
+  alignas(16) uint8_t low[16];
+  alignas(16) uint8_t high[16];
+};
+
+const Bf16Bytes& fp4_bf16_bytes() {
+  static const Bf16Bytes table = [] {
+    Bf16Bytes t{};
+    for (int c = 0; c < 16; ++c) {
+      uint32_t bits;
+      std::memcpy(&bits, &kFp4[c], sizeof bits);
+      t.low[c] = static_cast<uint8_t>(bits >> 16);
+      t.high[c] = static_cast<uint8_t>(bits >> 24);
+    }
+    return t;
+  }();
+  return table;
+}
+
+// One block's 32 values as four vectors of floats, in the lane order of permute_to_lanes. Both 128-bit halves
+// load the same 16 bytes and the upper one is shifted by a nibble, so that two byte shuffles look up the
+// float32 bytes 2 and 3 of all 32 values (low nibbles in the lower half, high ones in the upper half); an
+// interleave pairs them into bfloat16 words, and a shift or a mask places each word in the high half of a
+// 32-bit lane. Ten instructions and no int-to-float conversion: the earlier shift-and-convert decode took 14
+// and made a 5760x2880 matrix at one token 1.33 ms against 1.14 ms (one thread).
+__attribute__((target("avx2,fma"))) inline void decode_avx2(const uint8_t* bytes, __m256i low_table,
+                                                             __m256i high_table, __m256 w[4]) {
+  const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  const __m256i codes = _mm256_and_si256(_mm256_srlv_epi64(both, _mm256_setr_epi64x(0, 0, 4, 4)),
+                                         _mm256_set1_epi8(0x0F));
+  const __m256i low = _mm256_shuffle_epi8(low_table, codes), high = _mm256_shuffle_epi8(high_table, codes);
+  const __m256i words0_7 = _mm256_unpacklo_epi8(low, high), words8_15 = _mm256_unpackhi_epi8(low, high);
+  const __m256i upper = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  w[0] = _mm256_castsi256_ps(_mm256_slli_epi32(words0_7, 16));
+  w[1] = _mm256_castsi256_ps(_mm256_and_si256(words0_7, upper));
+  w[2] = _mm256_castsi256_ps(_mm256_slli_epi32(words8_15, 16));
+  w[3] = _mm256_castsi256_ps(_mm256_and_si256(words8_15, upper));
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 block_dot(const __m256 w[4], const float* x) {
+  __m256 dot = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
+  dot = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x + 8), dot);
+  dot = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x + 16), dot);
+  return _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), dot);
+}
+
+// rows_portable with AVX2, TOKENS fixed so that the accumulators stay in registers.
+template <int TOKENS>
+__attribute__((target("avx2,fma"))) void rows_avx2(const Problem& p, int64_t first, int64_t row_begin,
+                                                    int64_t row_end) {
+  const auto& scale = scale_values();
+  const Bf16Bytes& bytes = fp4_bf16_bytes();
+  const __m256i low_table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes.low)));
+  const __m256i high_table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes.high)));
+  const float* x = p.x + first * p.I;
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    const uint8_t *row_blocks = p.blocks + o * p.groups * kBytesPerBlock, *row_scales = p.scales + o * p.groups;
+    __m256 acc[TOKENS];
+    for (int t = 0; t < TOKENS; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < p.groups; ++g) {
+      __m256 w[4];
+      decode_avx2(row_blocks + g * kBytesPerBlock, low_table, high_table, w);
+      const int s = row_scales[g];
+      const __m256 factor = _mm256_set1_ps(scale[s]);
+      if (s < kOverflowingScale) {
+        for (int t = 0; t < TOKENS; ++t)
+          acc[t] = _mm256_fmadd_ps(block_dot(w, x + t * p.I + g * kValuesPerBlock), factor, acc[t]);
+      } else {
+        for (int k = 0; k < 4; ++k) w[k] = _mm256_mul_ps(w[k], factor);
+        for (int t = 0; t < TOKENS; ++t)
+          acc[t] = _mm256_add_ps(acc[t], block_dot(w, x + t * p.I + g * kValuesPerBlock));
+      }
+    }
+    for (int t = 0; t < TOKENS; ++t) {
+      float lanes[8];
+      _mm256_storeu_ps(lanes, acc[t]);
+      p.out[(first + t) * p.O + o] = lanes_sum(lanes) + (p.bias ? p.bias[o] : 0.0f);
     }
   }
 }
 
-float dot(const float* a, const float* b, int64_t n) {
-  float part[8] = {};
-  for (int64_t i = 0; i < n; i += 8)  // n is a multiple of 32
-    for (int j = 0; j < 8; ++j) part[j] += a[i + j] * b[i + j];
-  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-}
-
-#if defined(__x86_64__)
-// Eight codes -> eight floats: the magnitude from a register table indexed by the low three bits, the sign
-// bit (bit 3) moved to bit 31.
-__attribute__((target("avx2,fma"))) inline __m256 decode8(__m128i codes8, __m256 magnitudes, __m256 s) {
-  const __m256i codes = _mm256_cvtepu8_epi32(codes8);
-  const __m256 value = _mm256_permutevar8x32_ps(magnitudes, codes);
-  const __m256i sign = _mm256_slli_epi32(_mm256_srli_epi32(codes, 3), 31);
-  return _mm256_mul_ps(_mm256_xor_ps(value, _mm256_castsi256_ps(sign)), s);
-}
-
-__attribute__((target("avx2,fma"))) void decode_row_avx2(const uint8_t* blocks, const uint8_t* scales,
-                                                          int64_t groups, float* w) {
-  const auto& scale = scale_values();
-  const __m256 magnitudes = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
-  const __m128i low_bits = _mm_set1_epi8(0x0F);
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m256 s = _mm256_set1_ps(scale[scales[g]]);
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + g * kBytesPerBlock));
-    const __m128i low = _mm_and_si128(bytes, low_bits), high = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_bits);
-    float* out = w + g * kValuesPerBlock;
-    _mm256_storeu_ps(out, decode8(low, magnitudes, s));
-    _mm256_storeu_ps(out + 8, decode8(_mm_srli_si128(low, 8), magnitudes, s));
-    _mm256_storeu_ps(out + 16, decode8(high, magnitudes, s));
-    _mm256_storeu_ps(out + 24, decode8(_mm_srli_si128(high, 8), magnitudes, s));
-  }
-}
-
-// The four accumulators of a dot, summed in a fixed order (the same whichever way the products were made).
-__attribute__((target("avx2,fma"))) inline float sum4(const __m256 acc[4]) {
-  const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-  float lanes[8];
-  _mm256_storeu_ps(lanes, sum);
-  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-}
-
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t n) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t i = 0; i < n; i += 32)  // four independent FMA chains
-    for (int k = 0; k < 4; ++k)
-      acc[k] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * k), _mm256_loadu_ps(b + i + 8 * k), acc[k]);
-  return sum4(acc);
-}
-
-// One or two tokens: each block's decoded vectors go straight into the FMAs, without the round trip through
-// the row buffer (at one token that store and reload cost about as much as the dot). The products and sums
-// are those of decode_row_avx2 + dot_avx2, in the same order.
-template <int M>
-__attribute__((target("avx2,fma"))) void row_dots_avx2(const uint8_t* blocks, const uint8_t* scales, int64_t groups,
-                                                        const float* x, int64_t I, float* out, int64_t ldo) {
-  const auto& scale = scale_values();
-  const __m256 magnitudes = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
-  const __m128i low_bits = _mm_set1_epi8(0x0F);
-  __m256 acc[M][4];
-  for (int m = 0; m < M; ++m)
-    for (int k = 0; k < 4; ++k) acc[m][k] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m256 s = _mm256_set1_ps(scale[scales[g]]);
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + g * kBytesPerBlock));
-    const __m128i low = _mm_and_si128(bytes, low_bits), high = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_bits);
-    const __m256 w[4] = {decode8(low, magnitudes, s), decode8(_mm_srli_si128(low, 8), magnitudes, s),
-                         decode8(high, magnitudes, s), decode8(_mm_srli_si128(high, 8), magnitudes, s)};
-    for (int m = 0; m < M; ++m)
-      for (int k = 0; k < 4; ++k)
-        acc[m][k] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(x + m * I + g * kValuesPerBlock + 8 * k), acc[m][k]);
-  }
-  for (int m = 0; m < M; ++m) out[m * ldo] = sum4(acc[m]);
-}
+using RowsFn = void (*)(const Problem&, int64_t, int64_t, int64_t);
+constexpr RowsFn kRowsAvx2[kMaxTokens] = {rows_avx2<1>, rows_avx2<2>, rows_avx2<3>, rows_avx2<4>,
+                                          rows_avx2<5>, rows_avx2<6>, rows_avx2<7>, rows_avx2<8>};
 #endif
-
-// x [M,I] with each 32-value block reordered as the decoded rows are (even positions, then odd ones).
-at::Tensor permute_blocks(const at::Tensor& x) {
-  const int64_t M = x.size(0), I = x.size(1);
-  return x.view({M, I / kValuesPerBlock, kBytesPerBlock, 2}).transpose(2, 3).contiguous().view({M, I});
-}
 
 at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& blocks, const at::Tensor& scales,
                         const c10::optional<at::Tensor>& bias, bool vectorized) {
@@ -146,37 +203,25 @@ at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& blocks, const at:
   TORCH_CHECK(scales.scalar_type() == at::kByte && scales.is_contiguous() && scales.dim() == 2 &&
                   scales.size(0) == blocks.size(0) && scales.size(1) == blocks.size(1),
               "scales: contiguous uint8 [O, I/32] matching blocks");
-  const int64_t M = x.size(0), I = x.size(1), O = blocks.size(0), groups = blocks.size(1);
+  const int64_t M = x.size(0), O = blocks.size(0);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias)
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == O, "bias: float32 [O]");
-  const at::Tensor xp = permute_blocks(x);
+  const at::Tensor xp = permute_to_lanes(x);
   at::Tensor out = at::empty({M, O}, x.options());
-  const float* x_ptr = xp.data_ptr<float>();
-  const uint8_t *b_ptr = blocks.data_ptr<uint8_t>(), *s_ptr = scales.data_ptr<uint8_t>();
-  const float* bias_ptr = has_bias ? bias->data_ptr<float>() : nullptr;
-  float* o_ptr = out.data_ptr<float>();
+  const Problem p{xp.data_ptr<float>(), blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(),
+                  has_bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), x.size(1), O, blocks.size(1)};
   const bool avx2 = vectorized && has_avx2_fma();
   at::parallel_for(0, O, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> w(I);  // one decoded row, reused by every token while it is in L1
-    for (int64_t o = begin; o < end; ++o) {
-      const uint8_t *row_blocks = b_ptr + o * groups * kBytesPerBlock, *row_scales = s_ptr + o * groups;
+    for (int64_t first = 0; first < M; first += kMaxTokens) {
+      const int tokens = static_cast<int>(std::min<int64_t>(kMaxTokens, M - first));
 #if defined(__x86_64__)
       if (avx2) {
-        if (M <= 2) {
-          (M == 1 ? row_dots_avx2<1> : row_dots_avx2<2>)(row_blocks, row_scales, groups, x_ptr, I, o_ptr + o, O);
-          for (int64_t m = 0; m < M; ++m) o_ptr[m * O + o] += bias_ptr ? bias_ptr[o] : 0.0f;
-          continue;
-        }
-        decode_row_avx2(row_blocks, row_scales, groups, w.data());
-        for (int64_t m = 0; m < M; ++m)
-          o_ptr[m * O + o] = dot_avx2(w.data(), x_ptr + m * I, I) + (bias_ptr ? bias_ptr[o] : 0.0f);
+        kRowsAvx2[tokens - 1](p, first, begin, end);
         continue;
       }
 #endif
-      decode_row(row_blocks, row_scales, groups, w.data());
-      for (int64_t m = 0; m < M; ++m)
-        o_ptr[m * O + o] = dot(w.data(), x_ptr + m * I, I) + (bias_ptr ? bias_ptr[o] : 0.0f);
+      rows_portable(p, first, tokens, begin, end);
     }
   });
   return out;

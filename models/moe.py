@@ -2,17 +2,20 @@
 
 Tokens are grouped by expert and every selected expert runs once, on its own tokens, so the cost grows
 with experts_per_token and never with the number of experts. Expert matrices are stored [out, in] as the
-original checkpoint holds them, either as float tensors or as MXFP4 blocks dequantized only when run, a tile
-of rows at a time (models.mxfp4.linear_mxfp4).
+original checkpoint holds them, either as float tensors or as MXFP4 blocks (models.mxfp4) that are never
+dequantized whole. On CPU all of a layer's expert runs go through one grouped call per matrix (torch's
+grouped GEMM, or the MXFP4 kernel's grouped form), so no Python or parallel region is paid per expert.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.mxfp4 import linear_mxfp4, packed_shapes
+from models.mxfp4 import kernel_takes, linear_mxfp4, packed_shapes
 from models.parallel import SINGLE, TensorParallel
 
 
@@ -28,6 +31,46 @@ def swiglu(x: Tensor, alpha: float, limit: float) -> Tensor:
     gate = gate.clamp(max=limit)
     linear = linear.clamp(min=-limit, max=limit)
     return gate * torch.sigmoid(gate * alpha) * (linear + 1)
+
+
+def each_expert(x: Tensor, counts: list[int], out_features: int, linear: Callable[[Tensor, int], Tensor]) -> Tensor:
+    """``linear(x_e, e)`` for each expert e's rows x_e (counts[e] rows of x [N, I], in order) -> [N, out]."""
+    out = x.new_empty(len(x), out_features)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            out[start : start + count] = linear(x[start : start + count], expert)
+        start += count
+    return out
+
+
+def grouped_linear(x: Tensor, counts: list[int], weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x_e, weight[e], bias[e])`` for each expert's rows x_e.
+
+    On CPU torch's grouped GEMM runs every expert in one call (a per-expert loop paid ~10 us of dispatch per
+    expert and linear); other devices loop (their grouped kernels' layout and dtype limits are not checked here).
+    """
+    if x.device.type == "cpu":
+        offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        out = F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+        if bias is not None:
+            out += bias.repeat_interleave(torch.tensor(counts), dim=0, output_size=len(x))
+        return out
+    return each_expert(x, counts, weight.shape[1],
+                       lambda rows, e: F.linear(rows, weight[e], None if bias is None else bias[e]))
+
+
+def grouped_linear_mxfp4(x: Tensor, counts: list[int], blocks: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    """``linear_mxfp4`` of each expert's rows with its blocks[e], scales[e], bias[e].
+
+    When every expert's share fits the C++ kernel, one call runs them all: per expert, a Python call and a
+    parallel region cost as much as a one-token run at small widths.
+    """
+    if kernel_takes(x, max(counts, default=0)):
+        return torch.ops.gptserve.mxfp4_grouped_linear(x.contiguous(), torch.tensor(counts, dtype=torch.int64),
+                                                       blocks.contiguous(), scales.contiguous(), bias)
+    return each_expert(x, counts, blocks.shape[1], lambda rows, e: linear_mxfp4(
+        rows, blocks[e], scales[e], None if bias is None else bias[e]))
 
 
 def _frozen(shape: tuple[int, ...], dtype: torch.dtype | None = None) -> nn.Parameter:
@@ -64,15 +107,15 @@ class Experts(nn.Module):
         self.gate_up_bias = _frozen((num_experts, 2 * intermediate))
         self.down_bias = _frozen((num_experts, hidden))
 
-    def run(self, expert: int, x: Tensor) -> Tensor:
-        """Expert ``expert`` applied to its tokens x [n, H] -> [n, H]."""
-        down_bias = self.down_bias[expert] if self.adds_down_bias else None
+    def run(self, x: Tensor, counts: list[int]) -> Tensor:
+        """x [N, H], its rows grouped by expert (counts[e] of them for expert e) -> each row's expert output."""
+        down_bias = self.down_bias if self.adds_down_bias else None
         if self.packed:
-            blocks, scales = self.gate_up_blocks[expert], self.gate_up_scales[expert]
-            h = swiglu(linear_mxfp4(x, blocks, scales, self.gate_up_bias[expert]), self.alpha, self.limit)
-            return linear_mxfp4(h, self.down_blocks[expert], self.down_scales[expert], down_bias)
-        h = swiglu(F.linear(x, self.gate_up[expert], self.gate_up_bias[expert]), self.alpha, self.limit)
-        return F.linear(h, self.down[expert], down_bias)
+            h = grouped_linear_mxfp4(x, counts, self.gate_up_blocks, self.gate_up_scales, self.gate_up_bias)
+            return grouped_linear_mxfp4(swiglu(h, self.alpha, self.limit), counts, self.down_blocks,
+                                        self.down_scales, down_bias)
+        h = grouped_linear(x, counts, self.gate_up, self.gate_up_bias)
+        return grouped_linear(swiglu(h, self.alpha, self.limit), counts, self.down, down_bias)
 
 
 class MoE(nn.Module):
@@ -116,11 +159,6 @@ class MoE(nn.Module):
         first = sum(counts[: self.expert_range.start])
         picks = picks_by_expert[first : first + sum(local_counts)]  # the picks of this rank's experts
         tokens = picks // k
-        rows = x[tokens]  # each expert's inputs, then its outputs in their place (both [n, H])
-        start = 0
-        for expert, count in enumerate(local_counts):
-            if count:
-                rows[start : start + count] = self.experts.run(expert, rows[start : start + count])
-            start += count
+        rows = self.experts.run(x[tokens], local_counts)  # each pick's expert output, grouped by expert
         out = torch.zeros_like(x).index_add_(0, tokens, rows.mul_(route_weights[picks, None]))
         return self.tp.all_reduce(out)

@@ -75,6 +75,11 @@ def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tens
     return values.flatten(-2).to(dtype)
 
 
+def kernel_takes(x: Tensor, rows: int) -> bool:
+    """Whether the C++ kernel multiplies ``rows`` rows like x (float32 on CPU, up to KERNEL_MAX_ROWS)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and rows <= KERNEL_MAX_ROWS and cpu_kernels_loaded()
+
+
 def linear_mxfp4(x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, W, bias)`` for W [O, I] stored as blocks [O, I/32, 16] and scales [O, I/32].
 
@@ -83,7 +88,7 @@ def linear_mxfp4(x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None)
     once and no full float copy of W is written or read back.
     """
     rows = x.reshape(-1, x.shape[-1])
-    if x.device.type == "cpu" and x.dtype == torch.float32 and len(rows) <= KERNEL_MAX_ROWS and cpu_kernels_loaded():
+    if kernel_takes(x, len(rows)):
         out = torch.ops.gptserve.mxfp4_linear(rows.contiguous(), blocks.contiguous(), scales.contiguous(), bias)
         return out.view(*x.shape[:-1], blocks.shape[0])
     out = x.new_empty(*x.shape[:-1], blocks.shape[0])
@@ -92,3 +97,4 @@ def linear_mxfp4(x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None)
         weight = dequantize_mxfp4(blocks[rows], scales[rows], x.dtype)
         out[..., rows] = F.linear(x, weight, None if bias is None else bias[rows])
     return out
+

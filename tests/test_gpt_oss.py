@@ -170,14 +170,14 @@ def test_16_bit_load_computes_in_that_dtype_close_to_float32(model, checkpoint_d
 
 
 def test_moe_runs_only_the_experts_the_router_selects(model, monkeypatch):
-    calls: list[tuple[int, int, int]] = []  # (layer, expert, tokens)
+    runs: list[tuple[int, list[int]]] = []  # (layer, tokens per expert)
     selected: list[set[tuple[int, int]]] = []
     layer_of = {id(layer.moe.experts): i for i, layer in enumerate(model.layers)}
     real_run = Experts.run
 
-    def counting_run(self, expert, x):
-        calls.append((layer_of[id(self)], expert, x.shape[0]))
-        return real_run(self, expert, x)
+    def counting_run(self, x, counts):
+        runs.append((layer_of[id(self)], list(counts)))
+        return real_run(self, x, counts)
 
     monkeypatch.setattr(Experts, "run", counting_run)
     k = model.config.experts_per_token
@@ -195,16 +195,16 @@ def test_moe_runs_only_the_experts_the_router_selects(model, monkeypatch):
     finally:
         for hook in hooks:
             hook.remove()
-    routed = set().union(*selected)
-    assert {(layer, expert) for layer, expert, _ in calls} == routed
-    assert len(calls) == len(routed)  # each selected expert runs once per layer, on all its tokens together
-    for i in range(len(model.layers)):
-        assert sum(n for layer, _, n in calls if layer == i) == len(ids) * k
-    assert len(routed) < len(model.layers) * model.config.num_experts  # some experts were never touched
+    assert [layer for layer, _ in runs] == list(range(len(model.layers)))  # one grouped run per layer
+    ran = {(layer, expert) for layer, counts in runs for expert, n in enumerate(counts) if n}
+    assert ran == set().union(*selected)
+    for _, counts in runs:
+        assert sum(counts) == len(ids) * k  # every (token, pick) once, with its expert's other tokens
+    assert len(ran) < len(model.layers) * model.config.num_experts  # some experts were never touched
 
-    calls.clear()
+    runs.clear()
     full_forward(model, ids[:1])
-    assert len(calls) == len(model.layers) * k
+    assert [sum(n > 0 for n in counts) for _, counts in runs] == [k] * len(model.layers)
 
 
 def test_yarn_frequencies_match_transformers_at_gpt_oss_20b_settings():

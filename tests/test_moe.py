@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.moe import MoE
+from models.moe import MoE, grouped_linear, swiglu
 from models.mxfp4 import ROWS_PER_TILE, dequantize_mxfp4, linear_mxfp4
 from models.parallel import TensorParallel
 
@@ -29,7 +29,10 @@ def test_linear_mxfp4_equals_linear_on_the_dequantized_matrix(tokens, with_bias)
     torch.testing.assert_close(linear_mxfp4(x, blocks, scales, bias), expected, rtol=1e-5, atol=1e-5 * expected.std())
 
 
-def test_packed_moe_equals_the_float_moe_it_dequantizes_to():
+# 40 tokens: every expert's share (~13) in one grouped kernel call; 400 (~133 an expert): each expert on its
+# own, through dequantized tiles. Float experts go through torch's grouped GEMM either way.
+@pytest.mark.parametrize("tokens", [40, 400])
+def test_packed_moe_equals_the_float_moe_it_dequantizes_to(tokens):
     g = torch.Generator().manual_seed(0)
     packed = MoE(HIDDEN, INTERMEDIATE, 6, 2, alpha=1.702, limit=7.0, packed=True).requires_grad_(False)
     unpacked = MoE(HIDDEN, INTERMEDIATE, 6, 2, alpha=1.702, limit=7.0, packed=False).requires_grad_(False)
@@ -46,9 +49,37 @@ def test_packed_moe_equals_the_float_moe_it_dequantizes_to():
     unpacked.experts.down_bias.copy_(experts.down_bias)
     unpacked.experts.gate_up.copy_(dequantize_mxfp4(experts.gate_up_blocks, experts.gate_up_scales, torch.float32))
     unpacked.experts.down.copy_(dequantize_mxfp4(experts.down_blocks, experts.down_scales, torch.float32))
-    x = torch.randn(40, HIDDEN, generator=g)
+    x = torch.randn(tokens, HIDDEN, generator=g)
     expected = unpacked(x)
     torch.testing.assert_close(packed(x), expected, rtol=1e-5, atol=1e-5 * expected.std())
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_grouped_linear_equals_a_linear_per_expert(with_bias):
+    g = torch.Generator().manual_seed(2)
+    counts = [0, 5, 1, 0, 9, 0]
+    weight, x = torch.randn(6, 24, 32, generator=g), torch.randn(sum(counts), 32, generator=g)
+    bias = torch.randn(6, 24, generator=g) if with_bias else None
+    starts = [sum(counts[:e]) for e in range(len(counts))]
+    expected = torch.cat([F.linear(x[s : s + n], weight[e], None if bias is None else bias[e])
+                          for e, (s, n) in enumerate(zip(starts, counts))])
+    torch.testing.assert_close(grouped_linear(x, counts, weight, bias), expected)
+
+
+def test_a_moe_layer_equals_running_each_token_through_its_experts():
+    """The grouped runs against the plain definition: per token, its top-k experts' outputs, softmax-weighted."""
+    g = torch.Generator().manual_seed(3)
+    moe = MoE(64, 96, 8, 3, alpha=1.702, limit=7.0, packed=False).requires_grad_(False)
+    for param in moe.parameters():
+        param.normal_(0.0, 0.1, generator=g)
+    x, e = torch.randn(10, 64, generator=g), moe.experts
+    expected = torch.zeros_like(x)
+    for t in range(len(x)):
+        logits, picks = moe.router(x[t]).topk(3)
+        for weight, expert in zip(torch.softmax(logits, -1), picks.tolist()):
+            h = swiglu(F.linear(x[t], e.gate_up[expert], e.gate_up_bias[expert]), 1.702, 7.0)
+            expected[t] += weight * F.linear(h, e.down[expert], e.down_bias[expert])
+    torch.testing.assert_close(moe(x), expected)
 
 
 class UnreducedRank(TensorParallel):

@@ -237,3 +237,39 @@ def test_linear_mxfp4_reads_weights_that_are_not_contiguous(kernels):
     x = torch.randn(3, 96, generator=g)
     assert not blocks_t.is_contiguous() and not scales_t.is_contiguous()
     assert torch.equal(linear_mxfp4(x, blocks_t, scales_t, None), linear_mxfp4(x, blocks, scales, None))
+
+
+@pytest.mark.parametrize("vectorized", [True, False], ids=["avx2", "portable"])
+@pytest.mark.parametrize("counts", [[3, 0, 9, 1, 17], [0, 0, 4, 0, 0], [0, 0, 0, 0, 0]], ids=["mixed", "one", "none"])
+def test_grouped_kernel_equals_each_expert_on_its_own_rows(kernels, vectorized, counts):
+    g = torch.Generator().manual_seed(sum(counts))
+    experts = [random_packed(40, 96, seed=e) for e in range(len(counts))]
+    blocks, scales = torch.stack([b for b, _, _ in experts]), torch.stack([s for _, s, _ in experts])
+    bias, x = torch.randn(len(counts), 40, generator=g), torch.randn(sum(counts), 96, generator=g)
+    got = torch.ops.gptserve.mxfp4_grouped_linear(x, torch.tensor(counts), blocks, scales, bias, vectorized)
+    starts = [sum(counts[:e]) for e in range(len(counts))]
+    expected = [torch.ops.gptserve.mxfp4_linear(x[s : s + n].contiguous(), blocks[e], scales[e], bias[e], vectorized)
+                for e, (s, n) in enumerate(zip(starts, counts))]
+    assert torch.equal(got, torch.cat(expected))
+    no_bias = torch.ops.gptserve.mxfp4_grouped_linear(x, torch.tensor(counts), blocks, scales, None, vectorized)
+    assert torch.equal(no_bias + bias.repeat_interleave(torch.tensor(counts), dim=0), got)
+
+
+def test_grouped_kernel_refuses_inputs_it_cannot_read(kernels):
+    blocks = torch.zeros(3, 8, 2, 16, dtype=torch.uint8)
+    scales = torch.full((3, 8, 2), 127, dtype=torch.uint8)
+    x, counts = torch.randn(5, 64), torch.tensor([2, 0, 3])
+    op = torch.ops.gptserve.mxfp4_grouped_linear
+    with pytest.raises(RuntimeError, match=r"blocks: contiguous uint8 \[E, O, I/32, 16\] for this x"):
+        op(x, counts, blocks[0], scales, None)
+    with pytest.raises(RuntimeError, match=r"scales: contiguous uint8 \[E, O, I/32\] matching blocks"):
+        op(x, counts, blocks, scales[:2], None)
+    with pytest.raises(RuntimeError, match=r"counts: contiguous int64 \[E\]"):
+        op(x, counts.int(), blocks, scales, None)
+    with pytest.raises(RuntimeError, match=r"counts: contiguous int64 \[E\]"):
+        op(x, counts[:2], blocks, scales, None)
+    for wrong in ([2, 0, 2], [2, 0, 4], [6, -1, 0]):
+        with pytest.raises(RuntimeError, match="counts: non-negative, summing to x's rows"):
+            op(x, torch.tensor(wrong), blocks, scales, None)
+    with pytest.raises(RuntimeError, match=r"bias: float32 \[E, O\]"):
+        op(x, counts, blocks, scales, torch.zeros(8))

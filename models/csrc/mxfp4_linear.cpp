@@ -4,6 +4,8 @@
 // memory), where reading its 13.2 MB of packed bytes takes under a millisecond.
 //   mxfp4_linear(x [M,I] float32, blocks [O,I/32,16] uint8, scales [O,I/32] uint8, bias [O] float32 or None,
 //                vectorized) -> [M,O] float32
+//   mxfp4_grouped_linear(x [N,I], counts [E] int64, blocks [E,O,I/32,16], scales [E,O,I/32], bias [E,O] or
+//                        None, vectorized) -> [N,O]: a MoE layer's expert runs at once, x's rows grouped by expert
 // Byte j of a block holds value 2j in its low nibble and 2j+1 in its high one (E2M1 codes); the block's
 // values are multiplied by 2^(scale - 127). ``vectorized`` False forces the portable path, so that tests
 // check it on AVX2 machines too.
@@ -24,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -70,6 +73,7 @@ struct Problem {
   const float* bias;  // or nullptr
   float* out;
   int64_t I, O, groups;
+  int64_t tokens;  // rows of x and out
 };
 
 // The lanes of an accumulator summed in one fixed order, the same on both paths.
@@ -194,36 +198,81 @@ constexpr RowsFn kRowsAvx2[kMaxTokens] = {rows_avx2<1>, rows_avx2<2>, rows_avx2<
                                           rows_avx2<5>, rows_avx2<6>, rows_avx2<7>, rows_avx2<8>};
 #endif
 
-at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& blocks, const at::Tensor& scales,
-                        const c10::optional<at::Tensor>& bias, bool vectorized) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous float32 [M,I]");
-  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 3 && blocks.is_contiguous() &&
-                  blocks.size(2) == kBytesPerBlock && blocks.size(1) * kValuesPerBlock == x.size(1),
-              "blocks: contiguous uint8 [O, I/32, 16] for this x");
-  TORCH_CHECK(scales.scalar_type() == at::kByte && scales.is_contiguous() && scales.dim() == 2 &&
-                  scales.size(0) == blocks.size(0) && scales.size(1) == blocks.size(1),
-              "scales: contiguous uint8 [O, I/32] matching blocks");
-  const int64_t M = x.size(0), O = blocks.size(0);
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias)
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == O, "bias: float32 [O]");
-  const at::Tensor xp = permute_to_lanes(x);
-  at::Tensor out = at::empty({M, O}, x.options());
-  const Problem p{xp.data_ptr<float>(), blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(),
-                  has_bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), x.size(1), O, blocks.size(1)};
+// Every group's rows [begin, end) against all its tokens. One parallel region for all the groups, split by
+// weight rows: each thread takes the same share of every group's rows, so uneven token counts stay balanced.
+void run_groups(const std::vector<Problem>& groups, int64_t O, bool vectorized) {
   const bool avx2 = vectorized && has_avx2_fma();
   at::parallel_for(0, O, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t first = 0; first < M; first += kMaxTokens) {
-      const int tokens = static_cast<int>(std::min<int64_t>(kMaxTokens, M - first));
+    for (const Problem& p : groups)
+      for (int64_t first = 0; first < p.tokens; first += kMaxTokens) {
+        const int tokens = static_cast<int>(std::min<int64_t>(kMaxTokens, p.tokens - first));
 #if defined(__x86_64__)
-      if (avx2) {
-        kRowsAvx2[tokens - 1](p, first, begin, end);
-        continue;
-      }
+        if (avx2) {
+          kRowsAvx2[tokens - 1](p, first, begin, end);
+          continue;
+        }
 #endif
-      rows_portable(p, first, tokens, begin, end);
-    }
+        rows_portable(p, first, tokens, begin, end);
+      }
   });
+}
+
+void check_weights(const at::Tensor& x, const at::Tensor& blocks, const at::Tensor& scales, int64_t weight_dims) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous float32 [M,I]");
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == weight_dims + 1 && blocks.is_contiguous() &&
+                  blocks.size(-1) == kBytesPerBlock && blocks.size(-2) * kValuesPerBlock == x.size(1),
+              "blocks: contiguous uint8 [", weight_dims == 3 ? "E, " : "", "O, I/32, 16] for this x");
+  TORCH_CHECK(scales.scalar_type() == at::kByte && scales.is_contiguous() && scales.dim() == weight_dims &&
+                  scales.sizes() == blocks.sizes().slice(0, weight_dims),
+              "scales: contiguous uint8 [", weight_dims == 3 ? "E, " : "", "O, I/32] matching blocks");
+}
+
+const float* bias_data(const c10::optional<at::Tensor>& bias, at::IntArrayRef shape, const char* shape_name) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->sizes() == shape,
+              "bias: float32 ", shape_name);
+  return bias->data_ptr<float>();
+}
+
+at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& blocks, const at::Tensor& scales,
+                        const c10::optional<at::Tensor>& bias, bool vectorized) {
+  check_weights(x, blocks, scales, 2);
+  const int64_t M = x.size(0), O = blocks.size(0);
+  const float* bias_ptr = bias_data(bias, {O}, "[O]");
+  const at::Tensor xp = permute_to_lanes(x);
+  at::Tensor out = at::empty({M, O}, x.options());
+  run_groups({Problem{xp.data_ptr<float>(), blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), bias_ptr,
+                      out.data_ptr<float>(), x.size(1), O, blocks.size(1), M}},
+             O, vectorized);
+  return out;
+}
+
+// A mixture-of-experts layer's expert runs in one call: x's rows grouped by expert, counts[e] of them for
+// expert e, each multiplied by its expert's weights. Per expert a Python call and a parallel region were most
+// of a run's cost at small widths and several at 2880 (bench/NOTES.md, MoE section).
+at::Tensor mxfp4_grouped_linear(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& blocks,
+                                const at::Tensor& scales, const c10::optional<at::Tensor>& bias, bool vectorized) {
+  check_weights(x, blocks, scales, 3);
+  const int64_t E = blocks.size(0), O = blocks.size(1), groups = blocks.size(2), I = x.size(1);
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous() && counts.dim() == 1 &&
+                  counts.size(0) == E && counts.device().is_cpu(),
+              "counts: contiguous int64 [E] on the CPU");
+  const float* bias_ptr = bias_data(bias, {E, O}, "[E, O]");
+  const int64_t* count = counts.data_ptr<int64_t>();
+  const at::Tensor xp = permute_to_lanes(x);
+  at::Tensor out = at::empty({x.size(0), O}, x.options());
+  std::vector<Problem> problems;
+  int64_t row = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(count[e] >= 0 && row + count[e] <= x.size(0), "counts: non-negative, summing to x's rows");
+    if (count[e])
+      problems.push_back(Problem{xp.data_ptr<float>() + row * I, blocks.data_ptr<uint8_t>() + e * O * groups * kBytesPerBlock,
+                                 scales.data_ptr<uint8_t>() + e * O * groups, bias_ptr ? bias_ptr + e * O : nullptr,
+                                 out.data_ptr<float>() + row * O, I, O, groups, count[e]});
+    row += count[e];
+  }
+  TORCH_CHECK(row == x.size(0), "counts: non-negative, summing to x's rows");
+  run_groups(problems, O, vectorized);
   return out;
 }
 
@@ -231,8 +280,11 @@ at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& blocks, const at:
 
 TORCH_LIBRARY_FRAGMENT(gptserve, m) {
   m.def("mxfp4_linear(Tensor x, Tensor blocks, Tensor scales, Tensor? bias, bool vectorized=True) -> Tensor");
+  m.def("mxfp4_grouped_linear(Tensor x, Tensor counts, Tensor blocks, Tensor scales, Tensor? bias, "
+        "bool vectorized=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptserve, CPU, m) {
   m.impl("mxfp4_linear", mxfp4_linear);
+  m.impl("mxfp4_grouped_linear", mxfp4_grouped_linear);
 }

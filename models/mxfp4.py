@@ -97,4 +97,3 @@ def linear_mxfp4(x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None)
         weight = dequantize_mxfp4(blocks[rows], scales[rows], x.dtype)
         out[..., rows] = F.linear(x, weight, None if bias is None else bias[rows])
     return out
-

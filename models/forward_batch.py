@@ -8,10 +8,25 @@ j % block_size`` of the shared pool.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+Interrupt = Callable[[], bool]  # asked between layers: True gives the rest of the forward up
+
+
+class ForwardInterrupted(Exception):
+    """A forward stopped between layers because its ``interrupt`` said so: nothing it computed is to be used.
+
+    Keys and values already written for the lower layers sit in slots the same tokens will overwrite when the
+    step is run again, so giving a step up leaves the cache as if it had never started."""
+
+
+def check_interrupt(interrupt: Interrupt | None) -> None:
+    if interrupt is not None and interrupt():
+        raise ForwardInterrupted
 
 
 @dataclass(slots=True)

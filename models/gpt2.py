@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from models.attention import paged_attention
 from models.bf16_weight_linear import Bf16WeightLinear
 from models.checkpoint import Checkpoint, CheckpointError, config_float, config_int, read_json
-from models.forward_batch import ForwardBatch
+from models.forward_batch import ForwardBatch, Interrupt, check_interrupt
 from models.kv_cache import KVCacheSpec, PagedKVCache
 from models.logits_layout import relayout_for_logits
 from models.onednn_linear import OneDNNLinear
@@ -179,12 +179,20 @@ class GPT2(nn.Module):
         """A single-rank forward runs no host syncs and no collectives, so a decode step can be replayed."""
         return self.tp.world_size == 1
 
+    @property
+    def interruptible(self) -> bool:
+        """``forward`` stops between layers when its ``interrupt`` says so (the engine gives decode steps up for
+        a newcomer's prompt)."""
+        return True
+
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec(self.config.n_layer, self.h[0].attn.num_heads, self.config.head_dim)
 
-    def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> Tensor:
+    def forward(self, batch: ForwardBatch, cache: PagedKVCache, interrupt: Interrupt | None = None) -> Tensor:
+        """Final hidden states of every token; raises ForwardInterrupted if ``interrupt`` fires between blocks."""
         h = self.wte(batch.input_ids) + self.wpe(batch.positions)
         for index, block in enumerate(self.h):
+            check_interrupt(interrupt)
             h = block(h, batch, cache.layer(index))
         return self.ln_f(h)
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from models.attention import paged_attention
 from models.bf16_weight_linear import Bf16WeightLinear
 from models.checkpoint import Checkpoint, read_json
-from models.forward_batch import ForwardBatch
+from models.forward_batch import ForwardBatch, Interrupt, check_interrupt
 from models.gpt_oss_config import GptOssConfig, is_original_gpt_oss_config
 from models.gpt_oss_weights import read_state, stores_mxfp4
 from models.kv_cache import KVCacheSpec, PagedKVCache
@@ -134,13 +134,21 @@ class GptOss(nn.Module):
         """The MoE reads each step's expert counts on the host to size its groups: no replayable step."""
         return False
 
+    @property
+    def interruptible(self) -> bool:
+        """``forward`` stops between layers when its ``interrupt`` says so (the engine gives decode steps up for
+        a newcomer's prompt)."""
+        return True
+
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec(self.config.num_layers, self.config.num_kv_heads // self.tp.world_size, self.config.head_dim)
 
-    def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> Tensor:
+    def forward(self, batch: ForwardBatch, cache: PagedKVCache, interrupt: Interrupt | None = None) -> Tensor:
+        """Final hidden states of every token; raises ForwardInterrupted if ``interrupt`` fires between layers."""
         x = self.embedding(batch.input_ids)
         cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
         for index, layer in enumerate(self.layers):
+            check_interrupt(interrupt)
             x = layer(x, cos, sin, batch, cache.layer(index))
         return self.norm(x)
 

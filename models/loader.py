@@ -20,8 +20,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class LoadedModel:
-    model: nn.Module  # GPT2 or GptOss: forward(batch, cache), compute_logits, kv_cache_spec, max_context,
-    #                   captures_cuda_graphs
+    model: nn.Module  # GPT2 or GptOss: forward(batch, cache, interrupt), compute_logits, kv_cache_spec,
+    #                   max_context, captures_cuda_graphs, interruptible
     tokenizer: Tokenizer
     family: str  # "gpt2" | "gpt_oss"
     directory: Path

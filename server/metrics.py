@@ -57,6 +57,7 @@ class ModelMetrics:
         self._cache_queries = bind("prefix_cache_queries")
         self._cache_hits = bind("prefix_cache_hits")
         self._preemptions = bind("num_preemptions")
+        self._interrupted = bind("num_steps_interrupted")
         self._prompt_tokens = bind("prompt_tokens")
         self._generation_tokens = bind("generation_tokens")
         self._iteration_tokens = bind("iteration_tokens")
@@ -91,6 +92,10 @@ class ModelMetrics:
 
     def preempted(self) -> None:
         self._preemptions.inc()
+
+    def step_interrupted(self) -> None:
+        """A step of decodes was given up part-way for a newcomer's prompt (its layers so far are lost work)."""
+        self._interrupted.inc()
 
     def first_token(self, seconds: float) -> None:
         """A sequence's first token, `seconds` after arrival. Counted as it comes, so throughput graphs stay live."""
@@ -175,6 +180,8 @@ def _model_families(registry: CollectorRegistry) -> dict[str, Counter | Gauge | 
         "prefix_cache_queries": counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
         "prefix_cache_hits": counter("prefix_cache_hits", "Prompt tokens found in the prefix cache."),
         "num_preemptions": counter("num_preemptions", "Requests preempted to free KV-cache blocks."),
+        "num_steps_interrupted": counter("num_steps_interrupted",
+                                         "Decode steps given up part-way to prefill a newcomer sooner."),
         "prompt_tokens": counter("prompt_tokens", "Prompt tokens of finished requests."),
         "generation_tokens": counter("generation_tokens", "Tokens generated, counted as each is sampled."),
         "request_success": counter("request_success", "Requests finished, by finish reason.", ("finished_reason",)),

@@ -54,10 +54,10 @@ class StepRecorder:
         self._run = engine.runner.run
         engine.runner.run = self._record
 
-    def _record(self, chunks):
+    def _record(self, chunks, interrupt=None):
         graphs = self.engine.runner.decode_graphs
         before = graphs.steps if graphs else 0
-        step = self._run(chunks)
+        step = self._run(chunks, interrupt)
         self.logits.append(step.logits.detach().clone())
         self.steps.append((len(chunks), len(step.sampling_seqs), bool(graphs) and graphs.steps > before))
         return step

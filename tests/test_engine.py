@@ -261,7 +261,7 @@ def test_failed_forward_fails_only_that_step_and_engine_keeps_serving(loaded, mo
     engine.add_request("doomed", random_prompt(20, 13), greedy(5))
     original = engine.runner.run
 
-    def broken(chunks):
+    def broken(chunks, interrupt=None):
         raise RuntimeError("injected fault")
 
     monkeypatch.setattr(engine.runner, "run", broken)

@@ -19,6 +19,7 @@ EXPECTED_FAMILIES = {
     "gptserve:prefix_cache_queries": "counter",
     "gptserve:prefix_cache_hits": "counter",
     "gptserve:num_preemptions": "counter",
+    "gptserve:num_steps_interrupted": "counter",
     "gptserve:prompt_tokens": "counter",
     "gptserve:generation_tokens": "counter",
     "gptserve:request_success": "counter",

@@ -2,7 +2,8 @@
 
 Handlers never touch the engine: they post commands (add, abort, stop a choice) to a thread-safe queue and
 read their choices' outputs from an asyncio queue that the engine thread fills with call_soon_threadsafe.
-The engine thread applies pending commands between steps, so an abort takes effect within one step.
+The engine thread applies pending commands between steps, so an abort takes effect within one step; a new
+request also flags ``_arrived``, which a running step of decodes asks between layers (engine.step).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class AsyncEngine:
         self.max_model_len = self.engine.max_model_len
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._wake = threading.Event()
+        self._arrived = threading.Event()  # a request was posted since the engine thread last took commands
         self._streams: dict[str, asyncio.Queue[ChoiceOutput]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -104,6 +106,7 @@ class AsyncEngine:
         self._streams[request_id] = stream
         self._pending += 1
         self._post(lambda engine: engine.add_request(request_id, prompt_ids, params, n))
+        self._arrived.set()
         unfinished = n
         try:
             while unfinished:
@@ -130,9 +133,10 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stop:
+                self._arrived.clear()
                 outputs = self._apply_commands()
                 if self.engine.has_work:
-                    outputs += self.engine.step()
+                    outputs += self.engine.step(interrupt=self._arrived.is_set)
                 self._stats = self.engine.stats()
                 if outputs:
                     self._loop.call_soon_threadsafe(self._deliver, outputs)

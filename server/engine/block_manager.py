@@ -91,6 +91,13 @@ class BlockManager:
                 self.free_blocks[block] = None
         seq.block_table = []
 
+    def withdraw_unfilled(self, seq: Sequence) -> None:
+        """After a step given up part-way: unpublish the blocks it would have filled, which it left half-written."""
+        filled = seq.num_computed_tokens // self.block_size
+        for block in seq.block_table[filled : seq.num_published_blocks]:
+            self._forget(block)
+        seq.num_published_blocks = min(seq.num_published_blocks, filled)
+
     def forget(self, seq: Sequence) -> None:
         """Unpublish ``seq``'s blocks: after a failed step their contents cannot be trusted."""
         for block in seq.block_table:

@@ -86,6 +86,11 @@ class ShardedModel:
         """The other ranks run each step from the broadcast batch: rank 0 cannot replay it alone."""
         return False
 
+    @property
+    def interruptible(self) -> bool:
+        """Every rank runs each broadcast step to the end: rank 0 cannot give one up alone."""
+        return False
+
     def kv_cache_spec(self) -> KVCacheSpec:
         return self.model.kv_cache_spec()
 

@@ -3,6 +3,11 @@
 It owns the KV pool, the block manager, the scheduler, the model runner and the sampler for one model, and
 is driven by one thread (see async_engine). Outputs are reported per choice; a choice that ends is freed
 at once, so its blocks are available to the very next step.
+
+A step of decodes alone can be given up between layers for a newcomer (``step(interrupt=...)``): in a closed
+loop a client sends its next request right after its last token, just as the next decode step starts, and
+would otherwise wait for that whole step before its prefill. The decodes lose the layers already run, a few
+milliseconds when the newcomer comes early in the step, and run again after its prefill.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.forward_batch import ForwardInterrupted, Interrupt
 from models.kv_cache import PagedKVCache, kv_cache_dtype
 from models.loader import LoadedModel
 from server.engine.block_manager import BlockManager
@@ -155,7 +161,9 @@ class LLMEngine:
         bm = self.block_manager
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.num_used_blocks, bm.num_blocks, self.scheduler.num_preemptions)
 
-    def step(self) -> list[Output]:
+    def step(self, interrupt: Interrupt | None = None) -> list[Output]:
+        """Run one step; ``interrupt`` (asked between layers) may give up a step of decodes alone, which then
+        reports nothing and leaves every sequence as it was (the caller admits the newcomer and steps again)."""
         preemptions = self.scheduler.num_preemptions
         chunks = self.scheduler.schedule()
         self.metrics.preempted(self.scheduler.num_preemptions - preemptions)
@@ -168,8 +176,13 @@ class LLMEngine:
                 chunk.seq.first_scheduled_time = now
                 self.metrics.prefix_cache(chunk.seq)
         try:
-            step = self.runner.run(chunks)
+            step = self.runner.run(chunks, interrupt if self._may_give_up(chunks) else None)
             tokens, logprobs = self.sampler(step.logits, step.sampling_seqs)
+        except ForwardInterrupted:
+            for chunk in chunks:
+                self.block_manager.withdraw_unfilled(chunk.seq)
+            self.metrics.interrupted()
+            return []
         except Exception as exc:  # a failed forward fails only this step's requests; the engine keeps serving
             log.exception("model step failed; failing the %d sequences in it", len(chunks))
             return self._fail(chunks, f"model step failed: {exc}")
@@ -181,6 +194,17 @@ class LLMEngine:
         outputs = [self._advance(seq, token, lp, now) for seq, token, lp in zip(step.sampling_seqs, tokens, logprobs)]
         self.metrics.scheduler_state(self.stats())
         return [o for o in outputs if o is not None]
+
+    def _may_give_up(self, chunks: list[ScheduledChunk]) -> bool:
+        """Only a step of decodes alone, and only while a newcomer could be admitted at once (a free sequence
+        slot and nobody already waiting for blocks), is worth giving up for one."""
+        scheduler = self.scheduler
+        return (
+            self.loaded.model.interruptible
+            and not scheduler.waiting
+            and len(scheduler.running) < scheduler.max_num_seqs
+            and all(chunk.num_tokens == 1 for chunk in chunks)
+        )
 
     def _advance(self, seq: Sequence, token: int, logprob, now: float) -> Output | None:
         """Append the sampled token (unless the choice is done) and report it."""

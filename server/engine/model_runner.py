@@ -3,6 +3,8 @@
 Next-token logits are computed for sequences whose chunk catches them up (they sample this step); every
 prompt position is scored only for requests that asked for prompt logprobs (echo, perplexity). Steps of
 one-token chunks replay a captured CUDA graph where the engine has them (server/engine/decode_graphs.py).
+An eager step given an ``interrupt`` asks it before each layer and before the logits, and stops with
+ForwardInterrupted when it says so (a replayed graph runs to the end).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from models.forward_batch import ForwardBatch
+from models.forward_batch import ForwardBatch, Interrupt, check_interrupt
 from models.kv_cache import PagedKVCache
 from server.engine import fault_injection
 from server.engine.decode_graphs import DecodeGraphs
@@ -39,7 +41,7 @@ class ModelRunner:
         self.decode_graphs = decode_graphs
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk]) -> StepLogits:
+    def run(self, chunks: list[ScheduledChunk], interrupt: Interrupt | None = None) -> StepLogits:
         fault_injection.check_step(chunks)  # test-only hook; a no-op unless its env var is set
         if self.decode_graphs is not None and self.decode_graphs.serves(chunks):
             return self._run_graph(chunks)
@@ -50,7 +52,8 @@ class ModelRunner:
             self.cache.block_size,
             self.device,
         )
-        hidden = self.model(batch, self.cache)
+        hidden = self.model(batch, self.cache, interrupt) if interrupt is not None else self.model(batch, self.cache)
+        check_interrupt(interrupt)
         rows, sampling_seqs, offset = [], [], 0
         for chunk in chunks:
             offset += chunk.num_tokens

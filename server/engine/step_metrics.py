@@ -24,6 +24,10 @@ class StepMetrics:
             for _ in range(count):
                 self.sink.preempted()
 
+    def interrupted(self) -> None:
+        if self.sink:
+            self.sink.step_interrupted()
+
     def prefix_cache(self, seq: Sequence) -> None:
         if self.sink:
             self.sink.prefix_cache(queried_tokens=seq.num_prompt_tokens, hit_tokens=seq.num_cached_tokens)

@@ -79,7 +79,8 @@ def test_long_prompt_is_prefilled_in_chunks_without_stalling_decodes(loaded):
     """Only the step that admits the long prompt leaves the decode out; its later chunks share steps with it."""
     engine = make_engine(loaded, max_num_batched_tokens=16)
     engine.add_request("short", random_prompt(4, 1), greedy(20))
-    engine.step()  # short is now decoding
+    engine.step()
+    engine.step()  # short is now decoding (past its first decode, which is never held back)
     engine.add_request("long", random_prompt(100, 2), greedy(3))
     assert engine.step() == []  # long's first chunk alone
     for _ in range(5):  # the 100-token prompt needs >6 chunks of at most 16 tokens
@@ -96,6 +97,7 @@ def test_a_waiting_prompt_is_prefilled_before_the_running_sequences_decode(loade
     for i in range(3):
         engine.add_request(f"old{i}", random_prompt(5 + i, 30 + i), greedy(10))
     engine.step()
+    engine.step()  # their first decodes (a sequence's first decode is never held back: next test)
     engine.add_request("new", random_prompt(20, 40), greedy(4))
     first = dict(engine.step())
     assert list(first) == ["new"] and len(first["new"].new_token_ids) == 1
@@ -104,6 +106,37 @@ def test_a_waiting_prompt_is_prefilled_before_the_running_sequences_decode(loade
     rest = run_all(engine)["new"][0]
     expected = greedy_generate(loaded.model, [random_prompt(20, 40)], 4)[0]
     assert tokens_of([first["new"], second["new"], *rest]) == expected
+
+
+def test_a_sequence_decodes_right_after_its_prefill_even_while_prompts_wait(loaded):
+    """Prompts prefilled in consecutive steps, with outputs of one length, must not run in step and finish in
+    the same step (their clients would return together, and one of them wait for both prefills)."""
+    engine = make_engine(loaded)
+    engine.add_request("old", random_prompt(6, 70), greedy(10))
+    engine.step()
+    engine.step()
+    tokens: dict[str, list[int]] = {}
+    finished_at: dict[str, int] = {}
+
+    def step(number: int) -> list[str]:
+        outputs = engine.step()
+        for request_id, out in outputs:
+            tokens.setdefault(request_id, []).extend(out.new_token_ids)
+            if out.finish_reason is not None:
+                finished_at[request_id] = number
+        return sorted(request_id for request_id, _ in outputs)
+
+    engine.add_request("a", random_prompt(20, 71), greedy(6))
+    assert step(0) == ["a"]  # old's decode waits for a's prefill
+    engine.add_request("b", random_prompt(20, 72), greedy(6))
+    assert step(1) == ["a", "b"]  # b's prefill, and a's first decode beside it; old waits again
+    number = 2
+    while engine.has_work:
+        step(number)
+        number += 1
+    assert finished_at["a"] == finished_at["b"] - 1
+    for request_id, seed in (("a", 71), ("b", 72)):
+        assert tokens[request_id] == greedy_generate(loaded.model, [random_prompt(20, seed)], 6)[0]
 
 
 def test_decodes_are_not_held_back_by_a_prompt_that_cannot_be_admitted(loaded):

@@ -101,7 +101,7 @@ def test_only_a_decode_step_with_room_for_a_newcomer_is_given_up(loaded):
     assert len(engine.step(always)) == 1 and always.asked == 0  # a prompt chunk: never given up
     assert engine.step(FireOnAsk(0)) == []  # decodes alone, a free slot: given up
     engine.add_request("b", random_prompt(9, seed=2), params(None))
-    assert len(engine.step(always)) == 1 and always.asked == 0  # b's prefill
+    assert len(engine.step(always)) == 2 and always.asked == 0  # b's prefill (and a's first decode beside it)
     assert len(engine.step(always)) == 2 and always.asked == 0  # every slot taken: no newcomer could start
 
     full = make_engine(loaded, kv_cache_tokens=32, block_size=8)  # 4 blocks

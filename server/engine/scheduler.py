@@ -9,7 +9,10 @@ Prompts go first: while a prompt waits and a sequence slot is free, the step run
 decodes wait one step (as SGLang's default and vLLM's scheduler before chunked prefill do). A newcomer's
 first token then costs its own prefill, not its prefill plus every running sequence's decode row beside it;
 on 2 CPU cores the steady C=16 TTFT p99 fell from 2.45x to 2.14x an idle one's, and throughput held at C=16
-and C=64 (bench/NOTES.md). Once nobody waits, the later chunks of a long prompt share their steps with the
+and C=64 (bench/NOTES.md). One decode is never held: a sequence's first after its prefill. Held, it would
+take its second token in the same step as the prompt prefilled beside it, and the two would run in step to
+the end: with outputs of one length (a benchmark's forced lengths) they finish together, their clients
+return together, and one of them waits for both prefills, every time round. Once nobody waits, the later chunks of a long prompt share their steps with the
 decodes again, and when nobody can be admitted (no free slot, or no blocks and no prompt chunk to run)
 decodes run as usual, so they wait at most while the running sequences grow to --max-num-seqs.
 """
@@ -66,7 +69,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if prompts_only and num_tokens == 1:
+            if prompts_only and num_tokens == 1 and seq.num_output_tokens != 1:
                 continue  # a decode (or a prompt's last token): it waits for the admitting step to pass
             if not self._make_room(seq, num_tokens):
                 continue

@@ -55,11 +55,12 @@ def test_packed_moe_equals_the_float_moe_it_dequantizes_to(tokens):
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_grouped_linear_equals_a_linear_per_expert(with_bias):
+@pytest.mark.parametrize("counts", [[0, 5, 1, 0, 9, 0], [0, 5] + [0] * 8 + [9]], ids=["grouped", "sparse"])
+def test_grouped_linear_equals_a_linear_per_expert(with_bias, counts):
     g = torch.Generator().manual_seed(2)
-    counts = [0, 5, 1, 0, 9, 0]
-    weight, x = torch.randn(6, 24, 32, generator=g), torch.randn(sum(counts), 32, generator=g)
-    bias = torch.randn(6, 24, generator=g) if with_bias else None
+    experts = len(counts)
+    weight, x = torch.randn(experts, 24, 32, generator=g), torch.randn(sum(counts), 32, generator=g)
+    bias = torch.randn(experts, 24, generator=g) if with_bias else None
     starts = [sum(counts[:e]) for e in range(len(counts))]
     expected = torch.cat([F.linear(x[s : s + n], weight[e], None if bias is None else bias[e])
                           for e, (s, n) in enumerate(zip(starts, counts))])

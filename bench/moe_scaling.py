@@ -12,6 +12,10 @@ Two measurements, both with random weights and the same 4 active experts per tok
 
 Also reports how many distinct experts a call touches: at batch > 1 that grows with the expert count, and
 so does any cost paid per expert run (dequantization, weight reads, Python dispatch).
+
+Each part builds all its layers or models first and then goes round them in turn (``--rounds``,
+``--model-rounds``), each figure the median of its runs: the ratios compare runs taken moments apart.
+All layers at once hold about 6 GB (packed 8 + 32 + 128 experts, float 8 + 32).
 """
 
 from __future__ import annotations
@@ -52,73 +56,79 @@ def distinct_experts(moe: MoE, x: torch.Tensor) -> int:
 
 
 @torch.inference_mode()
-def time_layer(moe: MoE, tokens: int, min_time: float, max_reps: int) -> dict:
-    """Best seconds per call over fresh random inputs (so routing varies), repeated until ``min_time``.
-    Best, not median: on a shared machine the slow outliers are other people's work."""
-    times, touched = [], []
-    while len(times) < max_reps and (not times or sum(times) < min_time):
-        x = torch.randn(tokens, HIDDEN)
-        touched.append(distinct_experts(moe, x))
-        start = time.perf_counter()
-        moe(x)
-        times.append(time.perf_counter() - start)
-    per_call = min(times)
-    return {"tokens": tokens, "reps": len(times), "distinct_experts": statistics.mean(touched),
-            "ms_per_call": per_call * 1e3, "ms_per_token": per_call * 1e3 / tokens}
+def time_call(moe: MoE, tokens: int) -> tuple[float, int]:
+    """Seconds of one call on fresh random inputs (so routing varies), and the distinct experts they pick."""
+    x = torch.randn(tokens, HIDDEN)
+    touched = distinct_experts(moe, x)
+    start = time.perf_counter()
+    moe(x)
+    return time.perf_counter() - start, touched
 
 
 def layer_rows(args: argparse.Namespace) -> list[dict]:
-    rows = []
+    """Every layer is built first and the calls go round them in turn, ``--rounds`` times; each figure is the
+    median of its calls, so a slow minute of the machine falls on every expert count alike (measured one
+    after the other, a 32-expert layer once read 1.5x the 8-expert one at one token, where both run the same
+    four experts)."""
+    layers = {}
     for weights in args.weights:
         for experts in args.experts:
             if weights == "float" and experts > args.float_max_experts:
                 continue
-            moe = random_moe(experts, packed=weights == "packed")
-            with torch.inference_mode():
-                moe(torch.randn(1, HIDDEN))  # warm-up: first-call allocations
-            for tokens in args.tokens:
-                row = {"weights": weights, "experts": experts, **time_layer(moe, tokens, args.min_time, args.max_reps)}
-                print(f"layer {row}", file=sys.stderr, flush=True)
-                rows.append(row)
-            del moe
+            layers[weights, experts] = random_moe(experts, packed=weights == "packed")
+            time_call(layers[weights, experts], 1)  # warm-up: first-call allocations
+    configs = [(weights, experts, tokens) for (weights, experts) in layers for tokens in args.tokens]
+    calls: dict[tuple[str, int, int], list[tuple[float, int]]] = {config: [] for config in configs}
+    for _ in range(args.rounds):
+        for weights, experts, tokens in configs:
+            calls[weights, experts, tokens].append(time_call(layers[weights, experts], tokens))
+    rows = []
+    for (weights, experts, tokens), runs in calls.items():
+        per_call = statistics.median(seconds for seconds, _ in runs)
+        rows.append({"weights": weights, "experts": experts, "tokens": tokens, "calls": len(runs),
+                     "distinct_experts": statistics.mean(touched for _, touched in runs),
+                     "ms_per_call": per_call * 1e3, "ms_per_token": per_call * 1e3 / tokens})
+        print(f"layer {rows[-1]}", file=sys.stderr, flush=True)
     return rows
 
 
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 @torch.inference_mode()
-def generate_ms_per_token(model: torch.nn.Module, batch: int, new_tokens: int, repeats: int) -> float:
-    """Best whole greedy_generate over generated tokens; the 16-token prefill is included (subtracting a
-    separate prefill timing gave negative numbers on the shared machine)."""
+def generate_seconds(model: torch.nn.Module, batch: int, new_tokens: int) -> float:
+    """One whole greedy_generate; the 16-token prefill is included (subtracting a separate prefill timing gave
+    negative numbers on the shared machine)."""
     from models.generation import greedy_generate
 
     prompts = [[(7 * b + 3 * i) % 50000 for i in range(16)] for b in range(batch)]
-    greedy_generate(model, prompts, 2)  # warm-up
-    return best_time(lambda: greedy_generate(model, prompts, new_tokens), repeats) * 1e3 / (batch * new_tokens)
+    start = time.perf_counter()
+    greedy_generate(model, prompts, new_tokens)
+    return time.perf_counter() - start
 
 
 def model_rows(args: argparse.Namespace) -> list[dict]:
+    """Every model is loaded first and the runs go round them in turn, ``--model-rounds`` times, each figure
+    the median of its runs: measured one after the other, minutes apart, the expert counts' ratios moved by
+    a third with the machine's state (bench/NOTES.md, MoE section, session 6)."""
     from models.loader import load_model
     from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
 
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        models = {}
         for experts in args.experts:
             path = write_tiny_gpt_oss(Path(tmp) / f"e{experts}", num_local_experts=experts)
-            for packed in (True, False):
-                model = load_model(path, device="cpu", keep_experts_packed=packed).model
-                for batch in (1, 16):
-                    ms = generate_ms_per_token(model, batch, args.model_new_tokens, repeats=3)
-                    rows.append({"weights": "packed" if packed else "float", "experts": experts, "batch": batch,
-                                 "ms_per_token": ms})
-                    print(f"tiny model {rows[-1]}", file=sys.stderr, flush=True)
+            for weights in ("packed", "float"):
+                models[weights, experts] = load_model(path, device="cpu", keep_experts_packed=weights == "packed").model
+        configs = [(weights, experts, batch) for (weights, experts) in models for batch in (1, 16)]
+        for weights, experts, batch in configs:
+            generate_seconds(models[weights, experts], batch, 2)  # warm-up
+        times: dict[tuple[str, int, int], list[float]] = {config: [] for config in configs}
+        for _ in range(args.model_rounds):
+            for weights, experts, batch in configs:
+                seconds = generate_seconds(models[weights, experts], batch, args.model_new_tokens)
+                times[weights, experts, batch].append(seconds * 1e3 / (batch * args.model_new_tokens))
+    rows = [{"weights": weights, "experts": experts, "batch": batch, "ms_per_token": statistics.median(ms)}
+            for (weights, experts, batch), ms in times.items()]
+    for row in rows:
+        print(f"tiny model {row}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -146,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 512], help="tokens per MoE layer call")
     p.add_argument("--weights", nargs="+", choices=["packed", "float"], default=["packed", "float"])
     p.add_argument("--float-max-experts", type=int, default=32, help="skip float layers with more experts")
-    p.add_argument("--min-time", type=float, default=2.0, help="seconds of calls per measurement (at least one)")
-    p.add_argument("--max-reps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7, help="calls of each layer and token count, taken in turn")
     p.add_argument("--model-new-tokens", type=int, default=32, help="tokens per sequence in the tiny-model run")
+    p.add_argument("--model-rounds", type=int, default=7, help="runs of each tiny model, taken in turn")
     p.add_argument("--skip-layer", action="store_true")
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--json-out", type=Path)
@@ -162,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_layer:
         report["layer"] = with_ratios(layer_rows(args), ("weights", "tokens"))
         print("MoE layer, hidden = intermediate = 2880, top-4:")
-        print(table(report["layer"], ("weights", "experts", "tokens", "reps", "distinct_experts", "ms_per_call",
+        print(table(report["layer"], ("weights", "experts", "tokens", "calls", "distinct_experts", "ms_per_call",
                                       "ms_per_token", "ratio_vs_fewest")))
     if not args.skip_model:
         report["tiny_model"] = with_ratios(model_rows(args), ("weights", "batch"))

@@ -55,6 +55,16 @@ def distinct_experts(moe: MoE, x: torch.Tensor) -> int:
     return torch.topk(moe.router(x), TOP_K, dim=-1).indices.unique().numel()
 
 
+def in_turn(configs: list[tuple], rounds: int, run) -> dict[tuple, list]:
+    """``run(*config)`` for every config, going round them ``rounds`` times: each config's results, in order.
+    Taken in turn, a slow minute of the machine falls on every config alike."""
+    results: dict[tuple, list] = {config: [] for config in configs}
+    for _ in range(rounds):
+        for config in configs:
+            results[config].append(run(*config))
+    return results
+
+
 @torch.inference_mode()
 def time_call(moe: MoE, tokens: int) -> tuple[float, int]:
     """Seconds of one call on fresh random inputs (so routing varies), and the distinct experts they pick."""
@@ -78,10 +88,7 @@ def layer_rows(args: argparse.Namespace) -> list[dict]:
             layers[weights, experts] = random_moe(experts, packed=weights == "packed")
             time_call(layers[weights, experts], 1)  # warm-up: first-call allocations
     configs = [(weights, experts, tokens) for (weights, experts) in layers for tokens in args.tokens]
-    calls: dict[tuple[str, int, int], list[tuple[float, int]]] = {config: [] for config in configs}
-    for _ in range(args.rounds):
-        for weights, experts, tokens in configs:
-            calls[weights, experts, tokens].append(time_call(layers[weights, experts], tokens))
+    calls = in_turn(configs, args.rounds, lambda weights, experts, tokens: time_call(layers[weights, experts], tokens))
     rows = []
     for (weights, experts, tokens), runs in calls.items():
         per_call = statistics.median(seconds for seconds, _ in runs)
@@ -120,13 +127,12 @@ def model_rows(args: argparse.Namespace) -> list[dict]:
         configs = [(weights, experts, batch) for (weights, experts) in models for batch in (1, 16)]
         for weights, experts, batch in configs:
             generate_seconds(models[weights, experts], batch, 2)  # warm-up
-        times: dict[tuple[str, int, int], list[float]] = {config: [] for config in configs}
-        for _ in range(args.model_rounds):
-            for weights, experts, batch in configs:
-                seconds = generate_seconds(models[weights, experts], batch, args.model_new_tokens)
-                times[weights, experts, batch].append(seconds * 1e3 / (batch * args.model_new_tokens))
-    rows = [{"weights": weights, "experts": experts, "batch": batch, "ms_per_token": statistics.median(ms)}
-            for (weights, experts, batch), ms in times.items()]
+        times = in_turn(configs, args.model_rounds,
+                        lambda weights, experts, batch: generate_seconds(models[weights, experts], batch,
+                                                                         args.model_new_tokens))
+    rows = [{"weights": weights, "experts": experts, "batch": batch,
+             "ms_per_token": statistics.median(seconds) * 1e3 / (batch * args.model_new_tokens)}
+            for (weights, experts, batch), seconds in times.items()]
     for row in rows:
         print(f"tiny model {row}", file=sys.stderr, flush=True)
     return rows

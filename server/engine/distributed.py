@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-from models.forward_batch import ForwardBatch
+from models.forward_batch import ForwardBatch, Interrupt
 from models.kv_cache import KVCacheSpec, PagedKVCache
 from models.loader import LoadedModel, load_model
 from server.config import ServerConfig
@@ -104,7 +104,10 @@ class ShardedModel:
         self._on_failure = on_failure
         self.channel.send_setup(CacheGeometry(cache.num_blocks, cache.block_size))
 
-    def __call__(self, batch: ForwardBatch, cache: PagedKVCache) -> Tensor:
+    def __call__(self, batch: ForwardBatch, cache: PagedKVCache, interrupt: Interrupt | None = None) -> Tensor:
+        """Broadcast the step and run rank 0's shard; ``interrupt`` must be None (``interruptible`` is False)."""
+        if interrupt is not None:
+            raise ValueError("a tensor-parallel step cannot be given up by rank 0 alone")
         if self.failure is not None:
             raise RuntimeError(self.failure)
         try:

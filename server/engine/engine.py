@@ -176,7 +176,7 @@ class LLMEngine:
                 chunk.seq.first_scheduled_time = now
                 self.metrics.prefix_cache(chunk.seq)
         try:
-            step = self.runner.run(chunks, interrupt if self._may_give_up(chunks) else None)
+            step = self.runner.run(chunks, interrupt if interrupt is not None and self._may_give_up(chunks) else None)
             tokens, logprobs = self.sampler(step.logits, step.sampling_seqs)
         except ForwardInterrupted:
             for chunk in chunks:

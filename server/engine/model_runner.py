@@ -52,7 +52,7 @@ class ModelRunner:
             self.cache.block_size,
             self.device,
         )
-        hidden = self.model(batch, self.cache, interrupt) if interrupt is not None else self.model(batch, self.cache)
+        hidden = self.model(batch, self.cache, interrupt)
         check_interrupt(interrupt)
         rows, sampling_seqs, offset = [], [], 0
         for chunk in chunks:

@@ -6,15 +6,16 @@ sequence needs a block and none is free, the newest running sequence is preempte
 it goes back to the front of the queue to be recomputed later (its prefix may still be cached).
 
 Prompts go first: while a prompt waits and a sequence slot is free, the step runs prompt chunks only and the
-decodes wait one step (as SGLang's default and vLLM's scheduler before chunked prefill do). A newcomer's
-first token then costs its own prefill, not its prefill plus every running sequence's decode row beside it;
-on 2 CPU cores the steady C=16 TTFT p99 fell from 2.45x to 2.14x an idle one's, and throughput held at C=16
-and C=64 (bench/NOTES.md). One decode is never held: a sequence's first after its prefill. Held, it would
-take its second token in the same step as the prompt prefilled beside it, and the two would run in step to
-the end: with outputs of one length (a benchmark's forced lengths) they finish together, their clients
-return together, and one of them waits for both prefills, every time round. Once nobody waits, the later chunks of a long prompt share their steps with the
-decodes again, and when nobody can be admitted (no free slot, or no blocks and no prompt chunk to run)
-decodes run as usual, so they wait at most while the running sequences grow to --max-num-seqs.
+decodes wait one step (as SGLang's default and vLLM's scheduler before chunked prefill do). A newcomer's first
+token then costs its own prefill, not its prefill plus every running sequence's decode row beside it; on 2 CPU
+cores the steady C=16 TTFT p99 fell from 2.45x to 2.14x an idle one's, and throughput held at C=16 and C=64
+(bench/NOTES.md). One decode is never held: a sequence's first after its prefill. Held, it would take its
+second token in the same step as the prompt prefilled beside it, and the two would run in step to the end:
+with outputs of one length (a benchmark's forced lengths) they finish together, their clients return together,
+and one of them waits for both prefills, every time round. Once nobody waits, the later chunks of a long
+prompt share their steps with the decodes again, and when nobody can be admitted (no free slot, or no blocks
+and no prompt chunk to run) decodes run as usual, so they wait at most while the running sequences grow to
+--max-num-seqs.
 """
 
 from __future__ import annotations

@@ -93,43 +93,57 @@ def kernels():
         pytest.fail("the C++ CPU kernels did not build (g++ and ninja are test requirements)")
 
 
-@pytest.mark.parametrize("vectorized", [True, False], ids=["avx2", "portable"])
-def test_kernel_decodes_every_byte_and_scale_exactly(kernels, vectorized):
+# Every path the kernel has; each test runs those this CPU can (a CPU without AVX-512 skips that one).
+ISAS = ["avx512", "avx2", "portable"]
+
+
+@pytest.fixture
+def isa(request, kernels):
+    try:
+        torch.ops.gptserve.mxfp4_linear(torch.zeros(1, 32), torch.zeros(1, 1, 16, dtype=torch.uint8),
+                                        torch.zeros(1, 1, dtype=torch.uint8), None, request.param)
+    except RuntimeError as error:
+        pytest.skip(str(error))
+    return request.param
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_kernel_decodes_every_byte_and_scale_exactly(kernels, isa):
     """One-hot inputs read the decoded weights back: every byte value under every scale from 0 (subnormal) to
     252 (above it 6 x 2^(s-127) overflows, and 0 x inf poisons the one-hot sums)."""
     blocks = torch.arange(256, dtype=torch.uint8).repeat(253, 2).view(253, 32, 16)  # 1024 values a row
     scales = torch.arange(253, dtype=torch.uint8).view(253, 1).expand(253, 32).contiguous()
     eye = torch.eye(1024)
-    got = torch.cat([torch.ops.gptserve.mxfp4_linear(eye[i : i + 16], blocks, scales, None, vectorized)
+    got = torch.cat([torch.ops.gptserve.mxfp4_linear(eye[i : i + 16], blocks, scales, None, isa)
                      for i in range(0, 1024, 16)])
     assert torch.equal(got.T, dequantize_mxfp4(blocks, scales, torch.float32))
 
 
-@pytest.mark.parametrize("vectorized", [True, False], ids=["avx2", "portable"])
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("rows,out_features,in_features", [(1, 37, 32), (2, 7, 32), (3, 40, 64), (5, 72, 96),
                                                            (8, 41, 64), (9, 16, 2880), (16, 9, 128), (17, 8, 320),
                                                            (32, 33, 64)])
-def test_kernel_matches_the_float_product(kernels, vectorized, rows, out_features, in_features):
+def test_kernel_matches_the_float_product(kernels, isa, rows, out_features, in_features):
     blocks, scales, g = random_packed(out_features, in_features, seed=rows)
     weight = dequantize_mxfp4(blocks, scales, torch.float64)
     x, bias = torch.randn(rows, in_features, generator=g), torch.randn(out_features, generator=g)
     for b in (bias, None):
-        got = torch.ops.gptserve.mxfp4_linear(x, blocks, scales, b, vectorized)
+        got = torch.ops.gptserve.mxfp4_linear(x, blocks, scales, b, isa)
         expected = x.double() @ weight.T + (0 if b is None else b.double())
         bound = x.double().abs() @ weight.abs().T  # the fp32 rounding of the sums scales with this
         assert ((got.double() - expected).abs() <= 1e-6 * bound + 1e-6).all()
 
 
-@pytest.mark.parametrize("vectorized", [True, False], ids=["avx2", "portable"])
-def test_kernel_result_does_not_depend_on_the_thread_count(kernels, vectorized):
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_kernel_result_does_not_depend_on_the_thread_count(kernels, isa):
     blocks, scales, g = random_packed(200, 256, seed=4)
     x = torch.randn(19, 256, generator=g)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = torch.ops.gptserve.mxfp4_linear(x, blocks, scales, None, vectorized)
+        one = torch.ops.gptserve.mxfp4_linear(x, blocks, scales, None, isa)
         torch.set_num_threads(2)
-        two = torch.ops.gptserve.mxfp4_linear(x, blocks, scales, None, vectorized)
+        two = torch.ops.gptserve.mxfp4_linear(x, blocks, scales, None, isa)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
@@ -174,20 +188,20 @@ def test_linear_mxfp4_takes_the_kernel_for_few_rows_and_tiles_for_many(kernels):
     torch.testing.assert_close(linear_mxfp4(few, blocks, scales, bias), F.linear(few, weight, bias), **close)
 
 
-@pytest.mark.parametrize("vectorized", [True, False], ids=["avx2", "portable"])
-def test_a_token_gets_the_same_result_whatever_else_is_in_the_batch(kernels, vectorized):
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_a_token_gets_the_same_result_whatever_else_is_in_the_batch(kernels, isa):
     """Every token runs the same operations in the same order, alone or in any slot of a pass of up to 8."""
     blocks, scales, g = random_packed(50, 2880, seed=7)
     x = torch.randn(19, 2880, generator=g)
     op = torch.ops.gptserve.mxfp4_linear
-    batch = op(x, blocks, scales, None, vectorized)
-    alone = torch.cat([op(x[i : i + 1], blocks, scales, None, vectorized) for i in range(len(x))])
+    batch = op(x, blocks, scales, None, isa)
+    alone = torch.cat([op(x[i : i + 1], blocks, scales, None, isa) for i in range(len(x))])
     assert torch.equal(alone, batch)
-    assert torch.equal(op(x[5:14].contiguous(), blocks, scales, None, vectorized), batch[5:14])
+    assert torch.equal(op(x[5:14].contiguous(), blocks, scales, None, isa), batch[5:14])
 
 
-@pytest.mark.parametrize("vectorized", [True, False], ids=["avx2", "portable"])
-def test_kernel_over_the_whole_scale_range(kernels, vectorized):
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_kernel_over_the_whole_scale_range(kernels, isa):
     """Scales from 0 (a subnormal power of two) to 150, the edges of the exponent bias among them."""
     blocks, _, g = random_packed(45, 512, seed=8)
     edges = torch.tensor([0, 1, 2, 126, 127, 128], dtype=torch.uint8)
@@ -195,13 +209,13 @@ def test_kernel_over_the_whole_scale_range(kernels, vectorized):
     scales = scales[torch.randperm(len(scales), generator=g)].view(45, 16)
     weight = dequantize_mxfp4(blocks, scales, torch.float64)
     x = torch.randn(11, 512, generator=g)
-    got = torch.ops.gptserve.mxfp4_linear(x, blocks, scales, None, vectorized).double()
+    got = torch.ops.gptserve.mxfp4_linear(x, blocks, scales, None, isa).double()
     bound = x.double().abs() @ weight.abs().T
     assert ((got - x.double() @ weight.T).abs() <= 1e-6 * bound + 1e-30).all()
 
 
-@pytest.mark.parametrize("vectorized", [True, False], ids=["avx2", "portable"])
-def test_blocks_that_overflow_when_dequantized_give_the_same_inf_and_nan(kernels, vectorized):
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_blocks_that_overflow_when_dequantized_give_the_same_inf_and_nan(kernels, isa):
     """From scale 253 on, 4 x 2^(s-127) overflows float32 (255 is inf itself): the product must carry the
     same inf (of the same sign) or NaN as the dequantized weights do, not a finite sum."""
     scales = torch.full((6, 2), 127, dtype=torch.uint8)
@@ -215,19 +229,35 @@ def test_blocks_that_overflow_when_dequantized_give_the_same_inf_and_nan(kernels
     blocks[5, 1] = 0x77  # 6 x 2^125: the largest finite value
     x = (torch.rand(3, 64) + 0.5) / 1024  # small enough that the finite rows' float32 sums stay finite
     expected = x.double() @ dequantize_mxfp4(blocks, scales, torch.float32).double().T
-    got = torch.ops.gptserve.mxfp4_linear(x, blocks, scales, None, vectorized)
+    got = torch.ops.gptserve.mxfp4_linear(x, blocks, scales, None, isa)
     assert torch.equal(got[:, 0], torch.full((3,), float("inf"))) and torch.equal(got[:, 1], got[:, 0])
     assert got[:, 2].isnan().all() and got[:, 4].isnan().all()
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0, equal_nan=True)
 
 
-def test_portable_and_vectorized_paths_agree(kernels):
-    """The same decode, order of sums and scale folding; only the FMAs' single rounding differs."""
+@pytest.mark.parametrize("isa", ["avx512", "avx2"], indirect=True)
+def test_vector_paths_agree_with_the_portable_one(kernels, isa):
+    """The same decode and scale folding; the FMAs' single rounding and (AVX-512) the lanes summed differ."""
     blocks, scales, g = random_packed(70, 2880, seed=9)
     x, bias = torch.randn(10, 2880, generator=g), torch.randn(70, generator=g)
     op = torch.ops.gptserve.mxfp4_linear
-    torch.testing.assert_close(op(x, blocks, scales, bias, False), op(x, blocks, scales, bias, True),
+    torch.testing.assert_close(op(x, blocks, scales, bias, "portable"), op(x, blocks, scales, bias, isa),
                                rtol=1e-5, atol=1e-4)
+
+
+def test_best_is_the_widest_path_this_cpu_runs(kernels):
+    blocks, scales, g = random_packed(33, 320, seed=11)
+    x = torch.randn(3, 320, generator=g)
+    op = torch.ops.gptserve.mxfp4_linear
+    for isa in ISAS:
+        try:
+            widest = op(x, blocks, scales, None, isa)
+            break
+        except RuntimeError:
+            continue
+    assert torch.equal(op(x, blocks, scales, None), widest)
+    with pytest.raises(RuntimeError, match="isa: best, avx512, avx2 or portable"):
+        op(x, blocks, scales, None, "sse")
 
 
 def test_linear_mxfp4_reads_weights_that_are_not_contiguous(kernels):
@@ -239,19 +269,19 @@ def test_linear_mxfp4_reads_weights_that_are_not_contiguous(kernels):
     assert torch.equal(linear_mxfp4(x, blocks_t, scales_t, None), linear_mxfp4(x, blocks, scales, None))
 
 
-@pytest.mark.parametrize("vectorized", [True, False], ids=["avx2", "portable"])
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("counts", [[3, 0, 9, 1, 17], [0, 0, 4, 0, 0], [0, 0, 0, 0, 0]], ids=["mixed", "one", "none"])
-def test_grouped_kernel_equals_each_expert_on_its_own_rows(kernels, vectorized, counts):
+def test_grouped_kernel_equals_each_expert_on_its_own_rows(kernels, isa, counts):
     g = torch.Generator().manual_seed(sum(counts))
     experts = [random_packed(40, 96, seed=e) for e in range(len(counts))]
     blocks, scales = torch.stack([b for b, _, _ in experts]), torch.stack([s for _, s, _ in experts])
     bias, x = torch.randn(len(counts), 40, generator=g), torch.randn(sum(counts), 96, generator=g)
-    got = torch.ops.gptserve.mxfp4_grouped_linear(x, torch.tensor(counts), blocks, scales, bias, vectorized)
+    got = torch.ops.gptserve.mxfp4_grouped_linear(x, torch.tensor(counts), blocks, scales, bias, isa)
     starts = [sum(counts[:e]) for e in range(len(counts))]
-    expected = [torch.ops.gptserve.mxfp4_linear(x[s : s + n].contiguous(), blocks[e], scales[e], bias[e], vectorized)
+    expected = [torch.ops.gptserve.mxfp4_linear(x[s : s + n].contiguous(), blocks[e], scales[e], bias[e], isa)
                 for e, (s, n) in enumerate(zip(starts, counts))]
     assert torch.equal(got, torch.cat(expected))
-    no_bias = torch.ops.gptserve.mxfp4_grouped_linear(x, torch.tensor(counts), blocks, scales, None, vectorized)
+    no_bias = torch.ops.gptserve.mxfp4_grouped_linear(x, torch.tensor(counts), blocks, scales, None, isa)
     assert torch.equal(no_bias + bias.repeat_interleave(torch.tensor(counts), dim=0), got)
 
 

@@ -3,17 +3,18 @@
 // dequantizing through torch ops costs ~25-55 ms an expert run (24.9M values through several passes over
 // memory), where reading its 13.2 MB of packed bytes takes under a millisecond.
 //   mxfp4_linear(x [M,I] float32, blocks [O,I/32,16] uint8, scales [O,I/32] uint8, bias [O] float32 or None,
-//                vectorized) -> [M,O] float32
+//                isa) -> [M,O] float32
 //   mxfp4_grouped_linear(x [N,I], counts [E] int64, blocks [E,O,I/32,16], scales [E,O,I/32], bias [E,O] or
-//                        None, vectorized) -> [N,O]: a MoE layer's expert runs at once, x's rows grouped by expert
+//                        None, isa) -> [N,O]: a MoE layer's expert runs at once, x's rows grouped by expert
 // Byte j of a block holds value 2j in its low nibble and 2j+1 in its high one (E2M1 codes); the block's
-// values are multiplied by 2^(scale - 127). ``vectorized`` False forces the portable path, so that tests
-// check it on AVX2 machines too.
+// values are multiplied by 2^(scale - 127). ``isa`` is "best" (the widest path the CPU runs), or "avx512",
+// "avx2" or "portable" to force one, so that tests check every path the machine can run.
 //
 // Per block and token the kernel sums the unscaled products, then multiplies that partial dot by the block's
 // power of two (exact, barring under- and overflow) into the token's accumulator: one accumulator per token
 // and no per-value scaling. Every token sees the same operations in the same order whatever M, its position in
-// the batch or the thread count, so a token's result does not depend on what else is in the batch.
+// the batch or the thread count, so a token's result does not depend on what else is in the batch. (Between
+// paths it may differ in the last bits: AVX-512 adds sixteen lanes where AVX2 and portable add eight.)
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -23,6 +24,7 @@
 
 #include <algorithm>
 #include <array>
+#include <string>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -42,6 +44,9 @@ constexpr int kMaxTokens = 8;
 // From this scale byte on, 4 x 2^(s - 127) >= 2^128: dequantized values overflow to inf (s = 255 is inf
 // itself). Such blocks scale their values before the dot, as dequantize_mxfp4 does, to give the same inf/NaN.
 constexpr int kOverflowingScale = 253;
+// The vector paths ask for the packed bytes this far ahead, one 64-byte line (four blocks) at a time: with the
+// hardware's prefetch alone a 5760x2880 matrix at two tokens took 15-20% longer (bench/NOTES.md, MoE section).
+constexpr int64_t kPrefetchBytes = 2048, kBlocksPerLine = 4;
 
 constexpr float kFp4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                             -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
@@ -56,18 +61,32 @@ const std::array<float, 256>& scale_values() {
   return table;
 }
 
-// Where the decodes put each value (see decode_avx2): vector k (0-3) of a block, lane l (0-7) holds value
-// 16 * (k / 2) + 4 * (l % 4) + 2 * (k % 2) + l / 4, i.e. that of nibble l / 4 of byte
-// 8 * (k / 2) + 2 * (l % 4) + k % 2. x is permuted to this order once per call, so no decoded value is shuffled.
-at::Tensor permute_to_lanes(const at::Tensor& x) {
-  const int64_t M = x.size(0), I = x.size(1);
-  return x.view({M, I / kValuesPerBlock, 2, 4, 2, 2}).permute({0, 1, 2, 4, 5, 3}).contiguous().view({M, I});
+enum class Isa { kPortable, kAvx2, kAvx512 };
+
+Isa choose_isa(const std::string& requested) {
+  if (requested == "best") return has_avx512f() ? Isa::kAvx512 : has_avx2_fma() ? Isa::kAvx2 : Isa::kPortable;
+  if (requested == "portable") return Isa::kPortable;
+  TORCH_CHECK(requested == "avx2" || requested == "avx512", "isa: best, avx512, avx2 or portable, not ", requested);
+  const bool avx512 = requested == "avx512";
+  TORCH_CHECK(avx512 ? has_avx512f() : has_avx2_fma(), "isa: this CPU does not run ", requested);
+  return avx512 ? Isa::kAvx512 : Isa::kAvx2;
+}
+
+// Where the decodes put each value, so that x is permuted to that order once per call and no decoded value is
+// shuffled. AVX2 and portable (see decode_avx2): vector k (0-3) of a block, lane l (0-7) holds value
+// 16 * (k / 2) + 4 * (l % 4) + 2 * (k % 2) + l / 4, i.e. that of nibble l / 4 of byte 8 * (k / 2) +
+// 2 * (l % 4) + k % 2. AVX-512 (see decode_avx512): lane l of the first vector holds value 2l (the low nibble
+// of byte l), of the second 2l + 1.
+at::Tensor permute_to_lanes(const at::Tensor& x, Isa isa) {
+  const int64_t M = x.size(0), I = x.size(1), groups = I / kValuesPerBlock;
+  if (isa == Isa::kAvx512) return x.view({M, groups, 16, 2}).transpose(2, 3).contiguous().view({M, I});
+  return x.view({M, groups, 2, 4, 2, 2}).permute({0, 1, 2, 4, 5, 3}).contiguous().view({M, I});
 }
 
 inline int lane_byte(int k, int l) { return 8 * (k / 2) + 2 * (l % 4) + k % 2; }
 
 struct Problem {
-  const float* x;  // [M, I], permute_to_lanes order
+  const float* x;  // [M, I], in permute_to_lanes order
   const uint8_t* blocks;
   const uint8_t* scales;
   const float* bias;  // or nullptr
@@ -110,6 +129,22 @@ void rows_portable(const Problem& p, int64_t first, int tokens, int64_t row_begi
 }
 
 #if defined(__x86_64__)
+// A row's blocks [g, end of g's line): asks for the line kPrefetchBytes ahead, once. (A prefetch under an
+// ``if (g % kBlocksPerLine == 0)`` in the block loop was dropped by the compiler, and one every block made
+// one token 40% slower.)
+inline int64_t line_end(const uint8_t* row_blocks, int64_t g, int64_t groups) {
+  _mm_prefetch(reinterpret_cast<const char*>(row_blocks + g * kBytesPerBlock + kPrefetchBytes), _MM_HINT_T0);
+  return std::min(g + kBlocksPerLine, groups);
+}
+
+// Whether row o has a block whose dequantized values can overflow (scale kOverflowingScale or more).
+inline bool row_may_overflow(const Problem& p, int64_t o) {
+  const uint8_t* row_scales = p.scales + o * p.groups;
+  uint8_t largest = 0;
+  for (int64_t g = 0; g < p.groups; ++g) largest = std::max(largest, row_scales[g]);
+  return largest >= kOverflowingScale;
+}
+
 // Every E2M1 value is a bfloat16: a float32 whose low 16 bits are zero. These are the two other bytes of each
 // value's float32, for byte shuffles to look up.
 struct Bf16Bytes {
@@ -158,25 +193,24 @@ __attribute__((target("avx2,fma"))) inline __m256 block_dot(const __m256 w[4], c
   return _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x + 24), dot);
 }
 
-// rows_portable with AVX2, TOKENS fixed so that the accumulators stay in registers.
-template <int TOKENS>
-__attribute__((target("avx2,fma"))) void rows_avx2(const Problem& p, int64_t first, int64_t row_begin,
-                                                    int64_t row_end) {
+// One row of rows_portable with AVX2, TOKENS fixed so that the accumulators stay in registers. Rows with no
+// block that can overflow (all rows of any real checkpoint) skip the test for it: on the AVX-512 path that
+// branch in the block loop cost about 10% at one token.
+template <int TOKENS, bool kMayOverflow>
+__attribute__((target("avx2,fma"))) void row_avx2(const Problem& p, int64_t first, int64_t o, __m256i low_table,
+                                                   __m256i high_table) {
   const auto& scale = scale_values();
-  const Bf16Bytes& bytes = fp4_bf16_bytes();
-  const __m256i low_table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes.low)));
-  const __m256i high_table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes.high)));
   const float* x = p.x + first * p.I;
-  for (int64_t o = row_begin; o < row_end; ++o) {
-    const uint8_t *row_blocks = p.blocks + o * p.groups * kBytesPerBlock, *row_scales = p.scales + o * p.groups;
-    __m256 acc[TOKENS];
-    for (int t = 0; t < TOKENS; ++t) acc[t] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < p.groups; ++g) {
+  const uint8_t *row_blocks = p.blocks + o * p.groups * kBytesPerBlock, *row_scales = p.scales + o * p.groups;
+  __m256 acc[TOKENS];
+  for (int t = 0; t < TOKENS; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t line = 0; line < p.groups; line += kBlocksPerLine)
+    for (int64_t g = line, end = line_end(row_blocks, line, p.groups); g < end; ++g) {
       __m256 w[4];
       decode_avx2(row_blocks + g * kBytesPerBlock, low_table, high_table, w);
       const int s = row_scales[g];
       const __m256 factor = _mm256_set1_ps(scale[s]);
-      if (s < kOverflowingScale) {
+      if (!kMayOverflow || s < kOverflowingScale) {
         for (int t = 0; t < TOKENS; ++t)
           acc[t] = _mm256_fmadd_ps(block_dot(w, x + t * p.I + g * kValuesPerBlock), factor, acc[t]);
       } else {
@@ -185,30 +219,94 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const Problem& p, int64_t fir
           acc[t] = _mm256_add_ps(acc[t], block_dot(w, x + t * p.I + g * kValuesPerBlock));
       }
     }
-    for (int t = 0; t < TOKENS; ++t) {
-      float lanes[8];
-      _mm256_storeu_ps(lanes, acc[t]);
-      p.out[(first + t) * p.O + o] = lanes_sum(lanes) + (p.bias ? p.bias[o] : 0.0f);
-    }
+  for (int t = 0; t < TOKENS; ++t) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc[t]);
+    p.out[(first + t) * p.O + o] = lanes_sum(lanes) + (p.bias ? p.bias[o] : 0.0f);
   }
+}
+
+template <int TOKENS>
+__attribute__((target("avx2,fma"))) void rows_avx2(const Problem& p, int64_t first, int64_t row_begin,
+                                                    int64_t row_end) {
+  const Bf16Bytes& bytes = fp4_bf16_bytes();
+  const __m256i low_table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes.low)));
+  const __m256i high_table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes.high)));
+  for (int64_t o = row_begin; o < row_end; ++o)
+    (row_may_overflow(p, o) ? row_avx2<TOKENS, true> : row_avx2<TOKENS, false>)(p, first, o, low_table, high_table);
+}
+
+// One block's 32 values as two vectors of floats: the 16 bytes widened to one per 32-bit lane, and the E2M1
+// table looked up by each lane's low four bits (vpermps reads no others), once as they are and once shifted
+// by a nibble. Four instructions where decode_avx2 takes ten: a 5760x2880 matrix at one token takes 11-12%
+// less time than on the AVX2 path (one thread; bench/NOTES.md, MoE section).
+__attribute__((target("avx512f"))) inline void decode_avx512(const uint8_t* bytes, __m512 table, __m512 w[2]) {
+  const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  w[0] = _mm512_permutexvar_ps(codes, table);
+  w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table);
+}
+
+__attribute__((target("avx512f"))) inline __m512 block_dot(const __m512 w[2], const float* x) {
+  return _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x + 16), _mm512_mul_ps(w[0], _mm512_loadu_ps(x)));
+}
+
+// row_avx2 with sixteen lanes: the same per-block scale folding, overflow handling and fixed order of sums.
+template <int TOKENS, bool kMayOverflow>
+__attribute__((target("avx512f"))) void row_avx512(const Problem& p, int64_t first, int64_t o, __m512 table) {
+  const auto& scale = scale_values();
+  const float* x = p.x + first * p.I;
+  const uint8_t *row_blocks = p.blocks + o * p.groups * kBytesPerBlock, *row_scales = p.scales + o * p.groups;
+  __m512 acc[TOKENS];
+  for (int t = 0; t < TOKENS; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t line = 0; line < p.groups; line += kBlocksPerLine)
+    for (int64_t g = line, end = line_end(row_blocks, line, p.groups); g < end; ++g) {
+      __m512 w[2];
+      decode_avx512(row_blocks + g * kBytesPerBlock, table, w);
+      const int s = row_scales[g];
+      const __m512 factor = _mm512_set1_ps(scale[s]);
+      if (!kMayOverflow || s < kOverflowingScale) {
+        for (int t = 0; t < TOKENS; ++t)
+          acc[t] = _mm512_fmadd_ps(block_dot(w, x + t * p.I + g * kValuesPerBlock), factor, acc[t]);
+      } else {
+        for (int k = 0; k < 2; ++k) w[k] = _mm512_mul_ps(w[k], factor);
+        for (int t = 0; t < TOKENS; ++t)
+          acc[t] = _mm512_add_ps(acc[t], block_dot(w, x + t * p.I + g * kValuesPerBlock));
+      }
+    }
+  for (int t = 0; t < TOKENS; ++t) {
+    float lanes[16];
+    _mm512_storeu_ps(lanes, acc[t]);
+    float halves[8];
+    for (int l = 0; l < 8; ++l) halves[l] = lanes[l] + lanes[8 + l];
+    p.out[(first + t) * p.O + o] = lanes_sum(halves) + (p.bias ? p.bias[o] : 0.0f);
+  }
+}
+
+template <int TOKENS>
+__attribute__((target("avx512f"))) void rows_avx512(const Problem& p, int64_t first, int64_t row_begin,
+                                                    int64_t row_end) {
+  const __m512 table = _mm512_loadu_ps(kFp4);
+  for (int64_t o = row_begin; o < row_end; ++o)
+    (row_may_overflow(p, o) ? row_avx512<TOKENS, true> : row_avx512<TOKENS, false>)(p, first, o, table);
 }
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t, int64_t);
 constexpr RowsFn kRowsAvx2[kMaxTokens] = {rows_avx2<1>, rows_avx2<2>, rows_avx2<3>, rows_avx2<4>,
                                           rows_avx2<5>, rows_avx2<6>, rows_avx2<7>, rows_avx2<8>};
+constexpr RowsFn kRowsAvx512[kMaxTokens] = {rows_avx512<1>, rows_avx512<2>, rows_avx512<3>, rows_avx512<4>,
+                                            rows_avx512<5>, rows_avx512<6>, rows_avx512<7>, rows_avx512<8>};
 #endif
 
 // Every group's rows [begin, end) against all its tokens. One parallel region for all the groups, split by
 // weight rows: each thread takes the same share of every group's rows, so uneven token counts stay balanced.
-void run_groups(const std::vector<Problem>& groups, int64_t O, bool vectorized) {
-  const bool avx2 = vectorized && has_avx2_fma();
+void run_groups(const std::vector<Problem>& groups, int64_t O, Isa isa) {
   at::parallel_for(0, O, 16, [&](int64_t begin, int64_t end) {
     for (const Problem& p : groups)
       for (int64_t first = 0; first < p.tokens; first += kMaxTokens) {
         const int tokens = static_cast<int>(std::min<int64_t>(kMaxTokens, p.tokens - first));
 #if defined(__x86_64__)
-        if (avx2) {
-          kRowsAvx2[tokens - 1](p, first, begin, end);
+        if (isa != Isa::kPortable) {
+          (isa == Isa::kAvx512 ? kRowsAvx512 : kRowsAvx2)[tokens - 1](p, first, begin, end);
           continue;
         }
 #endif
@@ -235,15 +333,16 @@ const float* bias_data(const c10::optional<at::Tensor>& bias, at::IntArrayRef sh
 }
 
 at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& blocks, const at::Tensor& scales,
-                        const c10::optional<at::Tensor>& bias, bool vectorized) {
+                        const c10::optional<at::Tensor>& bias, const std::string& isa_name) {
   check_weights(x, blocks, scales, 2);
+  const Isa isa = choose_isa(isa_name);
   const int64_t M = x.size(0), O = blocks.size(0);
   const float* bias_ptr = bias_data(bias, {O}, "[O]");
-  const at::Tensor xp = permute_to_lanes(x);
+  const at::Tensor xp = permute_to_lanes(x, isa);
   at::Tensor out = at::empty({M, O}, x.options());
   run_groups({Problem{xp.data_ptr<float>(), blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), bias_ptr,
                       out.data_ptr<float>(), x.size(1), O, blocks.size(1), M}},
-             O, vectorized);
+             O, isa);
   return out;
 }
 
@@ -251,15 +350,17 @@ at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& blocks, const at:
 // expert e, each multiplied by its expert's weights. Per expert a Python call and a parallel region were most
 // of a run's cost at small widths and several at 2880 (bench/NOTES.md, MoE section).
 at::Tensor mxfp4_grouped_linear(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& blocks,
-                                const at::Tensor& scales, const c10::optional<at::Tensor>& bias, bool vectorized) {
+                                const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
+                                const std::string& isa_name) {
   check_weights(x, blocks, scales, 3);
+  const Isa isa = choose_isa(isa_name);
   const int64_t E = blocks.size(0), O = blocks.size(1), groups = blocks.size(2), I = x.size(1);
   TORCH_CHECK(counts.scalar_type() == at::kLong && counts.is_contiguous() && counts.dim() == 1 &&
                   counts.size(0) == E && counts.device().is_cpu(),
               "counts: contiguous int64 [E] on the CPU");
   const float* bias_ptr = bias_data(bias, {E, O}, "[E, O]");
   const int64_t* count = counts.data_ptr<int64_t>();
-  const at::Tensor xp = permute_to_lanes(x);
+  const at::Tensor xp = permute_to_lanes(x, isa);
   at::Tensor out = at::empty({x.size(0), O}, x.options());
   std::vector<Problem> problems;
   int64_t row = 0;
@@ -272,16 +373,16 @@ at::Tensor mxfp4_grouped_linear(const at::Tensor& x, const at::Tensor& counts, c
     row += count[e];
   }
   TORCH_CHECK(row == x.size(0), "counts: non-negative, summing to x's rows");
-  run_groups(problems, O, vectorized);
+  run_groups(problems, O, isa);
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gptserve, m) {
-  m.def("mxfp4_linear(Tensor x, Tensor blocks, Tensor scales, Tensor? bias, bool vectorized=True) -> Tensor");
+  m.def("mxfp4_linear(Tensor x, Tensor blocks, Tensor scales, Tensor? bias, str isa=\"best\") -> Tensor");
   m.def("mxfp4_grouped_linear(Tensor x, Tensor counts, Tensor blocks, Tensor scales, Tensor? bias, "
-        "bool vectorized=True) -> Tensor");
+        "str isa=\"best\") -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptserve, CPU, m) {

@@ -24,10 +24,10 @@
 
 #include <algorithm>
 #include <array>
-#include <string>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__)

@@ -5,7 +5,9 @@ and seeded), stop strings and token-id prompts; about one client in five drops i
 request's answer is computed once up front, alone on the idle server, and every greedy answer under load must
 equal it (perplexity to 1e-4, sampled choices in shape). At the end the server must be idle with no KV block
 held, its RSS must not have grown by more than 5% from the first window to the last, and the only errors
-allowed are 429s (the client waits Retry-After's second and goes on).
+allowed are 429s (the client waits Retry-After's second and goes on). RSS is sampled only after ``--warmup``
+seconds of the same load: a fresh server's RSS climbs through its first tens of seconds of load (allocator
+arenas, first-use paths) and then levels off, which a 60-second run would otherwise read as growth.
 Prints a JSON report; exits 1 if a check failed.
 """
 
@@ -151,7 +153,11 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-async def sample_rss(pid: int, samples: list[tuple[float, int]], stop: asyncio.Event) -> None:
+async def sample_rss(pid: int, samples: list[tuple[float, int]], stop: asyncio.Event, start_at: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), max(0.0, start_at - time.monotonic()))
+    except asyncio.TimeoutError:
+        pass
     while not stop.is_set():
         samples.append((time.monotonic(), rss_bytes(pid)))
         try:
@@ -196,7 +202,8 @@ class SoakReport:
 
 
 async def run_soak(base_url: str, model: str, duration: float, clients: int, pid: int | None = None,
-                   drop_fraction: float = 0.2) -> SoakReport:
+                   drop_fraction: float = 0.2, warmup: float = 30.0) -> SoakReport:
+    """``warmup`` seconds of load, then ``duration`` seconds more over which RSS is sampled."""
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as http:
         jobs = build_jobs(model)
@@ -207,17 +214,17 @@ async def run_soak(base_url: str, model: str, duration: float, clients: int, pid
                 raise RuntimeError(f"{job.kind} failed alone: HTTP {status}: {got}")
             expected.append(got)
         tally, samples, stop = Tally(), [], asyncio.Event()
-        sampler = asyncio.create_task(sample_rss(pid, samples, stop)) if pid else None
         started = time.monotonic()
+        sampler = asyncio.create_task(sample_rss(pid, samples, stop, started + warmup)) if pid else None
         droppers = round(clients * drop_fraction)
-        await asyncio.gather(*(client(i, http, jobs, expected, started + duration, i < droppers, tally)
+        await asyncio.gather(*(client(i, http, jobs, expected, started + warmup + duration, i < droppers, tally)
                                for i in range(clients)))
         elapsed = time.monotonic() - started
         stats = await idle_stats(http, model)
         stop.set()
         if sampler:
             await sampler
-    window = min(60.0, elapsed / 3)
+    window = min(60.0, (elapsed - warmup) / 3)
     first, last, growth = rss_growth(samples, window) if samples else (None, None, None)
     failures = [f"{len(tally.mismatches)} answers differ from the single-request answer"] if tally.mismatches else []
     failures += [f"{len(tally.errors)} errors other than 429"] if tally.errors else []
@@ -233,7 +240,8 @@ async def run_soak(base_url: str, model: str, duration: float, clients: int, pid
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of load after the warm-up")
+    parser.add_argument("--warmup", type=float, default=30.0, help="seconds of load before RSS is sampled")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--url", help="a running server (default: start one with --model)")
     parser.add_argument("--pid", type=int, help="with --url: the server's pid, for the RSS check")
@@ -242,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for the started server")
     args = parser.parse_args(argv)
     if args.url:
-        report = asyncio.run(run_soak(args.url, args.served_name, args.duration, args.clients, args.pid))
+        report = asyncio.run(run_soak(args.url, args.served_name, args.duration, args.clients, args.pid,
+                                      warmup=args.warmup))
     else:
         report = soak_own_server(args)
     print(json.dumps(asdict(report) | {"ok": report.ok}, indent=2))
@@ -264,7 +273,7 @@ def soak_own_server(args: argparse.Namespace) -> SoakReport:
                        *args.server_arg]
         with ServerProcess(server_args) as server:
             return asyncio.run(run_soak(server.base_url, args.served_name, args.duration, args.clients,
-                                        server._process.pid))
+                                        server._process.pid, warmup=args.warmup))
 
 
 if __name__ == "__main__":

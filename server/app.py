@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from models.loader import LoadedModel
 from server.chat import HarmonyChatFormat, TemplateChatFormat, load_chat_template
 from server.config import ServerConfig
+from server.cors import AllowedOrigins
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import EngineConfig
 from server.engine.errors import EngineError, QueueFull
@@ -78,6 +79,8 @@ def create_app(config: ServerConfig, loaded_models: dict[str, LoadedModel]) -> F
     _add_error_handlers(app)
     install_openapi(app, list(loaded_models))
     app.add_middleware(Gateway, config=config, metrics=process_metrics)
+    if config.allowed_origins:  # outside the gateway: a browser's preflight carries no API key
+        app.add_middleware(AllowedOrigins, origins=config.allowed_origins)
     return app
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ log = logging.getLogger("gptserve")
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 TRUE_WORDS = ("1", "true", "yes", "on")
+ORIGIN = re.compile(r"https?://[^/\s]+")  # scheme://host[:port], as a browser sends it in Origin
 
 
 def _env_name(flag: str) -> str:
@@ -30,6 +32,25 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _origins(text: str) -> list[str]:
+    """One origin, or a comma-separated list (how the environment gives several)."""
+    origins = [part.strip() for part in text.split(",") if part.strip()]
+    for origin in origins:
+        if not ORIGIN.fullmatch(origin):
+            raise argparse.ArgumentTypeError(f"{origin!r} is not an exact origin like https://app.example.com:8443")
+    return origins
+
+
+class _AddOrigins(argparse.Action):
+    """Repeatable; on the command line the flag's origins replace the environment's (flags win)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: list[str],
+                 option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest)
+        kept = current if isinstance(current, list) and current is not self.default else []
+        setattr(namespace, self.dest, kept + values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--api-key", "require 'Authorization: Bearer KEY' on /v1/* routes", default=None)
     add("--metrics-require-key", "with --api-key, /metrics demands the key too (by default scrapers need none)",
         action="store_true")
+    add("--allowed-origins", "browser origin allowed to call the API (CORS), repeatable, exact: "
+        "https://app.example.com[:port] (env: comma-separated). Default none: no CORS headers at all",
+        action=_AddOrigins, type=_origins, default=[], metavar="ORIGIN")
     add("--seed", "seed for the global RNGs (per-request seeds come from the request)", type=int, default=None)
     add("--log-level", "log verbosity", choices=LOG_LEVELS, type=str.lower, default="info")
     add("--chat-template", "Jinja chat template (file path or the text) for models without a built-in chat "

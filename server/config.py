@@ -24,6 +24,7 @@ class ServerConfig:
     tensor_parallel_size: int = 1
     api_key: str | None = None
     metrics_require_key: bool = False  # /metrics is open to scrapers unless asked
+    allowed_origins: list[str] = field(default_factory=list)  # CORS: browser origins let in; none: no CORS headers
     seed: int | None = None
     log_level: str = "info"
     chat_template: str | None = None  # a file path or the template text itself, for models without harmony

@@ -1,0 +1,36 @@
+"""CORS for browser clients (``--allowed-origins``): Starlette's middleware, set up for this API.
+
+Preflights from the listed origins (exact matches) are answered with the methods and request headers the API
+uses; a refused preflight gets the contract's error object instead of Starlette's plain text. Without the flag
+the app has no such middleware, so no response carries a CORS header.
+"""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp
+
+from server.protocol import ErrorObject, ErrorResponse
+
+METHODS = ["GET", "POST"]
+REQUEST_HEADERS = ["authorization", "content-type", "x-request-id"]
+EXPOSED_HEADERS = ["x-request-id"]  # so browser code can quote it in a bug report
+
+
+class AllowedOrigins(CORSMiddleware):
+    def __init__(self, app: ASGIApp, origins: list[str]) -> None:
+        super().__init__(app, allow_origins=origins, allow_methods=METHODS, allow_headers=REQUEST_HEADERS,
+                         expose_headers=EXPOSED_HEADERS)
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        reasons = bytes(response.body).decode()
+        error = ErrorObject(message=f"CORS preflight refused: {reasons}", type="invalid_request_error")
+        headers = {name: value for name, value in response.headers.items()
+                   if name not in ("content-length", "content-type")}
+        return JSONResponse(ErrorResponse(error=error).model_dump(), status_code=response.status_code,
+                            headers=headers)

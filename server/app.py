@@ -33,14 +33,16 @@ from server.engine.errors import EngineError, QueueFull
 from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.protocol import APIError, ErrorObject, ErrorResponse
-from server.routes import chat_completions, completions, health, metrics, models, perplexity, ready
+from server.routes import (
+    chat_completions, completions, health, metrics, models, perplexity, ready, tokenize, version,
+)
 from server.routes.engine_calls import ClientDisconnected
 from server.routes.models import ServedModel
 
 log = logging.getLogger("gptserve")
 access_log = logging.getLogger("gptserve.access")
 
-OPEN_PATHS = ("/health", "/ready", "/metrics")  # reachable without the API key, for probes and scrapers
+OPEN_PATHS = ("/health", "/ready", "/metrics", "/version")  # reachable without the API key, for probes and scrapers
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # a client's id is echoed back only if it is sane
 LOGGED_BODY_CHARS = 4096
 
@@ -70,11 +72,11 @@ def create_app(config: ServerConfig, loaded_models: dict[str, LoadedModel]) -> F
         for served in app.state.models.values():
             await served.engine.shutdown()
 
-    app = FastAPI(title="gptserve", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="gptserve", version=version.SERVER_VERSION, lifespan=lifespan,
                   description="OpenAI-compatible serving of GPT-2 and GPT-OSS checkpoints.")
     app.state.models = {}
     app.state.metrics = process_metrics
-    for module in (completions, chat_completions, perplexity, models, health, ready, metrics):
+    for module in (completions, chat_completions, perplexity, models, tokenize, health, ready, metrics, version):
         app.include_router(module.router)
     _add_error_handlers(app)
     install_openapi(app, list(loaded_models))

@@ -110,7 +110,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     engine = served.engine
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    prompt = _render(served, body)
+    prompt = render_prompt(served, body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:
         max_tokens = max(engine.max_model_len - len(prompt), 0)
@@ -131,7 +131,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     return await cancel_on_disconnect(request, run.response())
 
 
-def _render(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
+def render_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
+    """The prompt ids of a chat request (also what /tokenize counts for the same messages)."""
     messages = [_chat_message(m) for m in body.messages]
     try:
         return served.chat_format.render(messages, reasoning_effort=body.reasoning_effort)

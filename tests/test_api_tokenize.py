@@ -1,0 +1,101 @@
+"""/tokenize, /detokenize and /version (vLLM's, at the root): /tokenize counts exactly what the completions and
+chat endpoints bill as ``usage.prompt_tokens``, for GPT-2 (plain template) and GPT-OSS (harmony)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from models.tokenizer import byte_level_bytes, load_tokenizer
+from tests.server_process import ServerProcess
+
+KEY = "tokenize-key"
+PROMPT = "Hello world, <|endoftext|> héllo ✓"
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "name": "ada", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": " there"}]},
+    {"role": "assistant", "content": "Hi."},
+    {"role": "user", "content": "How are <|end|> you?"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt_oss_dir(tmp_path_factory):
+    from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
+
+    return write_tiny_gpt_oss(tmp_path_factory.mktemp("tiny") / "gpt-oss")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gpt2_dir, tiny_gpt_oss_dir):
+    args = ["--model", f"tiny={tiny_gpt2_dir}", "--model", f"oss={tiny_gpt_oss_dir}", "--api-key", KEY]
+    with ServerProcess(args, startup_timeout=300) as running:  # two models, on a busy CI machine too
+        yield running
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
+        yield client
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None) -> None:
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_tokenize_prompt_counts_what_completions_bills(http, tiny_gpt2_dir):
+    tokenized = http.post("/tokenize", json={"model": "tiny", "prompt": PROMPT}).json()
+    completion = http.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 1}).json()
+    assert tokenized["tokens"] == load_tokenizer(tiny_gpt2_dir).encode(PROMPT)
+    assert tokenized["count"] == len(tokenized["tokens"]) == completion["usage"]["prompt_tokens"]
+    assert tokenized["max_model_len"] == http.get("/v1/models/tiny").json()["max_model_len"]
+
+
+@pytest.mark.parametrize("model", ["tiny", "oss"])
+def test_tokenize_messages_counts_what_chat_completions_bills(http, model):
+    request = {"model": model, "messages": MESSAGES, "reasoning_effort": "low"}
+    tokenized = http.post("/tokenize", json=request | {"add_generation_prompt": True}).json()
+    chat = http.post("/v1/chat/completions", json=request | {"max_completion_tokens": 1}).json()
+    assert tokenized["count"] == chat["usage"]["prompt_tokens"]
+    other_effort = http.post("/tokenize", json=request | {"reasoning_effort": "high"}).json()
+    assert (other_effort["tokens"] != tokenized["tokens"]) == (model == "oss")  # harmony states the effort
+
+
+def test_token_strs_are_the_byte_level_pieces_of_the_prompt(http):
+    tokenized = http.post("/tokenize", json={"model": "tiny", "prompt": PROMPT, "return_token_strs": True}).json()
+    assert tokenized["token_strs"][:2] == ["Hello", "Ġworld"]
+    assert b"".join(byte_level_bytes(piece) for piece in tokenized["token_strs"]) == PROMPT.encode()
+    assert http.post("/tokenize", json={"model": "tiny", "prompt": "x"}).json()["token_strs"] is None
+
+
+def test_detokenize_gives_back_the_text(http):
+    for model in ("tiny", "oss"):
+        tokens = http.post("/tokenize", json={"model": model, "prompt": PROMPT}).json()["tokens"]
+        assert http.post("/detokenize", json={"model": model, "tokens": tokens}).json() == {"prompt": PROMPT}
+    assert http.post("/detokenize", json={"model": "tiny", "tokens": []}).json() == {"prompt": ""}
+
+
+def test_bad_tokenizer_requests_are_400_naming_the_field(http):
+    assert_error(http.post("/detokenize", json={"model": "tiny", "tokens": [15496, 50257]}), 400, "tokens")
+    assert_error(http.post("/detokenize", json={"model": "tiny", "tokens": [-1]}), 400, "tokens")
+    assert_error(http.post("/tokenize", json={"model": "tiny"}), 400, "prompt")
+    assert_error(http.post("/tokenize", json={"model": "tiny", "prompt": "x", "messages": MESSAGES}), 400, "prompt")
+    assert_error(http.post("/tokenize", json={"model": "tiny", "prompt": "x", "reasoning_effort": "low"}), 400,
+                 "reasoning_effort")
+    assert_error(http.post("/tokenize", json={"model": "tiny", "messages": MESSAGES, "add_generation_prompt": False}),
+                 400, "add_generation_prompt")
+    assert_error(http.post("/tokenize", json={"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}), 400,
+                 "messages")
+    assert_error(http.post("/tokenize", json={"model": "nope", "prompt": "x"}), 404, "model")
+    assert_error(http.post("/detokenize", json={"model": "nope", "tokens": [1]}), 404, "model")
+    assert http.get("/health").status_code == 200
+
+
+def test_tokenizer_endpoints_need_the_key_and_version_does_not(server, http):
+    for path, body in (("/tokenize", {"model": "tiny", "prompt": "x"}), ("/detokenize", {"model": "tiny", "tokens": [1]})):
+        assert httpx.post(server.base_url + path, json=body).status_code == 401
+        assert http.post(path, json=body).status_code == 200
+    version = httpx.get(server.base_url + "/version")
+    assert version.status_code == 200
+    assert version.json()["version"] == http.get("/openapi.json").json()["info"]["version"] != ""

@@ -6,9 +6,9 @@ any route code runs. Unknown fields are refused (``extra="forbid"``) rather than
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -30,9 +30,23 @@ class Strict(BaseModel):
 
 class StreamOptions(Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="vLLM extra: with include_usage, every chunk carries "
+                                         "the usage so far")
 
 
-class SamplingFields(Strict):
+class NoOpFields(Strict):
+    """Fields OpenAI clients send that change nothing here: accepted so those clients work, never acted on."""
+
+    user: str | None = Field(None, max_length=512)
+    store: bool | None = None
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16)
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    prompt_cache_key: str | None = Field(None, max_length=512, description="prefix caching is automatic")
+    safety_identifier: str | None = Field(None, max_length=512)
+
+
+class SamplingFields(NoOpFields):
     """The sampling and stopping fields the completions and chat endpoints share."""
 
     model: str
@@ -50,7 +64,6 @@ class SamplingFields(Strict):
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         None, max_length=1024, description="token id (as a string) -> bias added to its logit"
     )
-    user: str | None = Field(None, max_length=512)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="vLLM extra: keep generating past the end-of-text token")
@@ -78,6 +91,19 @@ class ChatMessageParam(Strict):
     reasoning_content: str | None = Field(None, description="an earlier assistant turn's reasoning")
 
 
+class ResponseFormat(Strict):
+    """Only plain text is served until constrained decoding exists; the other kinds are named and refused."""
+
+    type: Literal["text"]
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _not_yet(cls, kind: object) -> object:
+        if kind in ("json_object", "json_schema"):
+            raise ValueError(f"{kind!r} is not supported yet (only 'text')")
+        return kind
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=0, description="deprecated alias of max_completion_tokens")
@@ -85,6 +111,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     reasoning_effort: Literal["low", "medium", "high"] | None = None
+    response_format: ResponseFormat | None = None
 
 
 class PerplexityRequest(Strict):

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from server.engine.errors import EngineError
-from server.protocol import APIError, ErrorObject, ErrorResponse
+from server.protocol import (
+    APIError, ChatCompletionChunk, CompletionResponse, ErrorObject, ErrorResponse, StreamOptions, Usage,
+)
 from server.routes.engine_calls import cancel_on_disconnect
 
 log = logging.getLogger("gptserve.http")
 
 DONE = b"data: [DONE]\n\n"
+
+UsageSoFar = Callable[[], Usage]
 
 
 def sse_event(chunk: BaseModel) -> bytes:
@@ -43,21 +47,33 @@ async def _prepend(first: BaseModel, rest: AsyncGenerator[BaseModel, None]) -> A
         await rest.aclose()
 
 
-def sse_response(chunks: AsyncGenerator[BaseModel, None]) -> StreamingResponse:
+def continuous_usage(options: StreamOptions | None, usage: UsageSoFar) -> UsageSoFar | None:
+    """vLLM's ``continuous_usage_stats``: usage on every chunk, and only together with ``include_usage``."""
+    if options is not None and options.include_usage and options.continuous_usage_stats:
+        return usage
+    return None
+
+
+def sse_response(chunks: AsyncGenerator[CompletionResponse | ChatCompletionChunk, None],
+                 usage: UsageSoFar | None = None) -> StreamingResponse:
+    """``usage``, when given, fills every chunk's usage with the counts at the moment it is sent."""
     return StreamingResponse(
-        _frames(chunks),
+        _frames(chunks, usage),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _frames(chunks: AsyncGenerator[BaseModel, None]) -> AsyncIterator[bytes]:
+async def _frames(chunks: AsyncGenerator[CompletionResponse | ChatCompletionChunk, None],
+                  usage: UsageSoFar | None) -> AsyncIterator[bytes]:
     """Once the 200 is sent an error can only be reported in the stream: as an error event, then [DONE].
 
     A client disconnect cancels this generator; closing ``chunks`` then aborts the engine requests.
     """
     try:
         async for chunk in chunks:
+            if usage is not None and chunk.usage is None:
+                chunk.usage = usage()
             yield sse_event(chunk)
     except Exception as e:  # noqa: BLE001 - whatever went wrong, the client gets an error event, not a cut stream
         yield sse_event(ErrorResponse(error=stream_error(e)))

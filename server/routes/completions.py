@@ -18,7 +18,7 @@ from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disco
 from server.routes.models import ServedModel, find_model
 from server.routes.sampling import sampling_params, stop_strings, tokenize_prompts
 from server.routes.text_choice import TextChoice
-from server.streaming import prime, sse_response
+from server.streaming import continuous_usage, prime, sse_response
 
 router = APIRouter()
 
@@ -112,7 +112,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     )
     request.state.usage = run.usage  # read by the request log once the answer is out
     if body.stream:
-        return sse_response(await prime(request, run.chunks()))
+        return sse_response(await prime(request, run.chunks()), continuous_usage(body.stream_options, run.usage))
     return await cancel_on_disconnect(request, run.response())
 
 

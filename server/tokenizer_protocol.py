@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from server.protocol import GATEWAY_RESPONSES, ChatMessageParam, ErrorResponse, Strict
 
-CHAT_ONLY_FIELDS = ("messages", "tools", "reasoning_effort", "add_generation_prompt", "continue_final_message")
+CHAT_ONLY_FIELDS = ("tools", "reasoning_effort", "add_generation_prompt", "continue_final_message")
 
 
 class TokenizeRequest(Strict):

@@ -2,10 +2,15 @@
 
 They are built once per machine into torch's extension cache (about 15 s with g++ and ninja) and registered
 as ``torch.ops.gptserve.*``. Where the build fails, the models keep their pure-torch paths and say so once.
+
+torch guards a build with a lock file that a process killed mid-build leaves behind, and every later start then
+waits on it forever. Builds here are serialised by an flock instead (the kernel drops it when its holder dies);
+whoever holds it may remove torch's lock file, since no other gptserve process can be building.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 from pathlib import Path
@@ -18,21 +23,36 @@ SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("paged_decode_attention.cpp", "bf16_linear.cpp", "mxfp4_linear.cpp")]
 
 
+KERNELS_NAME = "gptserve_cpu_kernels"
+
+
+def build_directory() -> Path:
+    """The folder torch's extension builder uses for the kernels (its own rule: TORCH_EXTENSIONS_DIR or its cache)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(KERNELS_NAME, verbose=False))
+
+
 @functools.cache
 def cpu_kernels_loaded() -> bool:
     """Build (or find already built) and load the kernels; False, logged once, where that is impossible."""
     try:
         from torch.utils.cpp_extension import load
 
-        load(
-            name="gptserve_cpu_kernels",
-            sources=[str(p) for p in SOURCES],
-            # at::parallel_for runs its threads through OpenMP only in code compiled with it; the library
-            # it links is torch's own libgomp.so.1, already loaded, so there is one thread pool.
-            extra_cflags=["-O3", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
+        build_dir = build_directory()
+        with (build_dir / "gptserve.flock").open("w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            (build_dir / "lock").unlink(missing_ok=True)  # torch's own, left by a build that was killed
+            load(
+                name=KERNELS_NAME,
+                sources=[str(p) for p in SOURCES],
+                # at::parallel_for runs its threads through OpenMP only in code compiled with it; the library
+                # it links is torch's own libgomp.so.1, already loaded, so there is one thread pool.
+                extra_cflags=["-O3", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                is_python_module=False,
+            )
     except Exception as error:  # a missing compiler or ninja surfaces as several exception types
         log.warning("C++ CPU kernels unavailable, decode attention gathers the KV cache instead (bf16 weights "
                     "stream as fp32, MXFP4 experts are dequantized a tile at a time): %s", error)

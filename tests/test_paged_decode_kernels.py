@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ from models.cpu_kernels import cpu_kernels_loaded
 from models.forward_batch import ForwardBatch
 
 BLOCK = 16
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_kernels_build_here():
@@ -82,3 +87,15 @@ def test_a_failed_build_falls_back_with_a_warning(monkeypatch, caplog):
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     assert cpu_kernels_loaded.__wrapped__() is False
     assert "gathers the KV cache instead" in caplog.text and "g++: command not found" in caplog.text
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_start(tmp_path):
+    """torch's builder waits forever on a lock file whose owner died; a killed first start must not brick later ones."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    load = "from models.cpu_kernels import cpu_kernels_loaded; print(cpu_kernels_loaded())"
+    build_dir = tmp_path / "gptserve_cpu_kernels"  # torch's layout under TORCH_EXTENSIONS_DIR
+    build_dir.mkdir()
+    (build_dir / "lock").touch()  # what a build killed part-way leaves behind
+    done = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=240,
+                          cwd=PROJECT_ROOT)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]

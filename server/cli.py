@@ -7,9 +7,11 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NoReturn
 
 from server.config import DEFAULT_MAX_BODY_BYTES, ServerConfig
+from server.env_flags import env_name, environment_arguments
 
 if TYPE_CHECKING:
     from models.loader import LoadedModel
@@ -18,11 +20,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("gptserve")
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
-TRUE_WORDS = ("1", "true", "yes", "on")
 
 
-def _env_name(flag: str) -> str:
-    return "GPTSERVE_" + flag.lstrip("-").replace("-", "_").upper()
+class _Parser(argparse.ArgumentParser):
+    """Names the GPTSERVE_* variables that became arguments when it refuses one, so a bad value set in the
+    environment is not blamed on a flag nobody typed."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.environment: list[str] = []
+
+    def error(self, message: str) -> NoReturn:
+        if self.environment:
+            message += f" (arguments also read from the environment: {', '.join(self.environment)})"
+        super().error(message)
 
 
 def _positive_int(text: str) -> int:
@@ -32,21 +43,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
+    """Every flag. ``defaults=False`` makes a probe without defaults or --help, whose namespace holds only the
+    flags actually given: those the environment must not override."""
+    parser = _Parser(
         prog="gptserve",
         description="OpenAI-compatible server for GPT-2 and GPT-OSS checkpoints. Every flag can also be set "
-        "in the environment as GPTSERVE_<FLAG>, e.g. GPTSERVE_MAX_NUM_SEQS=32; flags win over the environment.",
+        "in the environment as GPTSERVE_<FLAG>, e.g. GPTSERVE_MAX_NUM_SEQS=32 or GPTSERVE_LOG_REQUESTS=1; "
+        "flags win over the environment.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        add_help=defaults,
     )
 
     def add(flag: str, help: str, **kwargs) -> None:
-        env = os.environ.get(_env_name(flag))
-        if kwargs.get("action") == "store_true":
-            kwargs["default"] = env is not None and env.lower() in TRUE_WORDS
-        elif env is not None:
-            kwargs["default"] = env  # argparse runs string defaults through ``type`` too
-        parser.add_argument(flag, help=f"{help} [env {_env_name(flag)}]", **kwargs)
+        if not defaults:
+            kwargs["default"] = argparse.SUPPRESS
+        parser.add_argument(flag, help=f"{help} [env {env_name(flag)}]", **kwargs)
 
     add("--model", "checkpoint to serve, repeatable: PATH, NAME=PATH or a HuggingFace hub id "
         "(env: comma-separated). Default: gpt2 from the HF cache/hub, else a tiny random-weight demo model",
@@ -89,15 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: list[str] | None = None) -> ServerConfig:
+def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """The flags in ``argv`` (default: sys.argv), each flag not given read from ``environ`` (default: os.environ)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given, _ = build_parser(defaults=False).parse_known_args(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    models = args.model
-    if models is None:
-        env_models = os.environ.get(_env_name("--model"), "")
-        models = [spec.strip() for spec in env_models.split(",") if spec.strip()]
-    values = {name: value for name, value in vars(args).items() if name != "model"}
-    return ServerConfig(models=models, **values)
+    from_environment, parser.environment = environment_arguments(
+        parser, os.environ if environ is None else environ, set(vars(given))
+    )
+    values = vars(parser.parse_args(from_environment + argv))
+    return ServerConfig(models=values.pop("model") or [], **values)
 
 
 def main(argv: list[str] | None = None) -> int:

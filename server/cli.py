@@ -8,9 +8,11 @@ import os
 import re
 import signal
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NoReturn
 
 from server.config import DEFAULT_MAX_BODY_BYTES, ServerConfig
+from server.env_flags import env_name, environment_arguments
 
 if TYPE_CHECKING:
     from models.loader import LoadedModel
@@ -19,12 +21,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("gptserve")
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
-TRUE_WORDS = ("1", "true", "yes", "on")
 ORIGIN = re.compile(r"https?://[^/\s]+")  # scheme://host[:port], as a browser sends it in Origin
 
 
-def _env_name(flag: str) -> str:
-    return "GPTSERVE_" + flag.lstrip("-").replace("-", "_").upper()
+class _Parser(argparse.ArgumentParser):
+    """Names the GPTSERVE_* variables that became arguments when it refuses one, so a bad value set in the
+    environment is not blamed on a flag nobody typed."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.environment: list[str] = []
+
+    def error(self, message: str) -> NoReturn:
+        if self.environment:
+            message += f" (arguments also read from the environment: {', '.join(self.environment)})"
+        super().error(message)
 
 
 def _positive_int(text: str) -> int:
@@ -43,31 +54,22 @@ def _origins(text: str) -> list[str]:
     return origins
 
 
-class _AddOrigins(argparse.Action):
-    """Repeatable; on the command line the flag's origins replace the environment's (flags win)."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: list[str],
-                 option_string: str | None = None) -> None:
-        current = getattr(namespace, self.dest)
-        kept = current if isinstance(current, list) and current is not self.default else []
-        setattr(namespace, self.dest, kept + values)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
+    """Every flag. ``defaults=False`` makes a probe without defaults or --help, whose namespace holds only the
+    flags actually given: those the environment must not override."""
+    parser = _Parser(
         prog="gptserve",
         description="OpenAI-compatible server for GPT-2 and GPT-OSS checkpoints. Every flag can also be set "
-        "in the environment as GPTSERVE_<FLAG>, e.g. GPTSERVE_MAX_NUM_SEQS=32; flags win over the environment.",
+        "in the environment as GPTSERVE_<FLAG>, e.g. GPTSERVE_MAX_NUM_SEQS=32 or GPTSERVE_LOG_REQUESTS=1; "
+        "flags win over the environment.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        add_help=defaults,
     )
 
     def add(flag: str, help: str, **kwargs) -> None:
-        env = os.environ.get(_env_name(flag))
-        if kwargs.get("action") == "store_true":
-            kwargs["default"] = env is not None and env.lower() in TRUE_WORDS
-        elif env is not None:
-            kwargs["default"] = env  # argparse runs string defaults through ``type`` too
-        parser.add_argument(flag, help=f"{help} [env {_env_name(flag)}]", **kwargs)
+        if not defaults:
+            kwargs["default"] = argparse.SUPPRESS
+        parser.add_argument(flag, help=f"{help} [env {env_name(flag)}]", **kwargs)
 
     add("--model", "checkpoint to serve, repeatable: PATH, NAME=PATH or a HuggingFace hub id "
         "(env: comma-separated). Default: gpt2 from the HF cache/hub, else a tiny random-weight demo model",
@@ -91,14 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int, default=None)
     add("--block-size", "tokens per KV cache block", type=_positive_int, default=16)
     add("--max-queue", "requests allowed to wait before new ones get 429", type=_positive_int, default=1024)
+    add("--allowed-origins", "browser origin allowed to call the API (CORS), repeatable, exact: "
+        "https://app.example.com[:port] (env: comma-separated). Default none: no CORS headers at all",
+        action="extend", type=_origins, default=[], metavar="ORIGIN")
     add("--tensor-parallel-size", "ranks (one GPU each) to shard the model over; this process is rank 0 and "
         "spawns the others, or joins torchrun's (see docs/distributed.md)", type=_positive_int, default=1)
     add("--api-key", "require 'Authorization: Bearer KEY' on /v1/* routes", default=None)
     add("--metrics-require-key", "with --api-key, /metrics demands the key too (by default scrapers need none)",
         action="store_true")
-    add("--allowed-origins", "browser origin allowed to call the API (CORS), repeatable, exact: "
-        "https://app.example.com[:port] (env: comma-separated). Default none: no CORS headers at all",
-        action=_AddOrigins, type=_origins, default=[], metavar="ORIGIN")
     add("--seed", "seed for the global RNGs (per-request seeds come from the request)", type=int, default=None)
     add("--log-level", "log verbosity", choices=LOG_LEVELS, type=str.lower, default="info")
     add("--chat-template", "Jinja chat template (file path or the text) for models without a built-in chat "
@@ -113,15 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: list[str] | None = None) -> ServerConfig:
+def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """The flags in ``argv`` (default: sys.argv), each flag not given read from ``environ`` (default: os.environ)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given, _ = build_parser(defaults=False).parse_known_args(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    models = args.model
-    if models is None:
-        env_models = os.environ.get(_env_name("--model"), "")
-        models = [spec.strip() for spec in env_models.split(",") if spec.strip()]
-    values = {name: value for name, value in vars(args).items() if name != "model"}
-    return ServerConfig(models=models, **values)
+    from_environment, parser.environment = environment_arguments(
+        parser, os.environ if environ is None else environ, set(vars(given))
+    )
+    values = vars(parser.parse_args(from_environment + argv))
+    return ServerConfig(models=values.pop("model") or [], **values)
 
 
 def main(argv: list[str] | None = None) -> int:

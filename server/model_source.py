@@ -54,7 +54,8 @@ def default_model_source() -> ModelSource:
         return ModelSource(DEFAULT_HUB_ID, download_from_hub(DEFAULT_HUB_ID))
     except ModelSourceError as e:
         directory = demo_model_directory()
-        log.warning(
+        # info, not a warning: on a fresh offline machine this is the documented first run, not a fault
+        log.info(
             "no --model given and %s; serving %s, a tiny GPT-2 with RANDOM weights from %s: its text is noise",
             e, DEMO_MODEL_NAME, directory,
         )
@@ -85,21 +86,33 @@ def download_from_hub(repo_id: str) -> Path:
 
 def demo_model_directory() -> Path:
     """Written once under the user's cache dir; a temporary sibling renamed into place keeps it whole."""
-    from models.testing.gpt2_checkpoint import write_tiny_gpt2
+    from models.demo_checkpoint import write_demo_gpt2
 
-    cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptserve"
+    cache_root = _writable_cache_root()
     directory = cache_root / DEMO_MODEL_NAME
     if (directory / "config.json").is_file():
         return directory
-    cache_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=DEMO_MODEL_NAME, dir=cache_root))
-    write_tiny_gpt2(staging / "model", seed=0, n_positions=1024)
+    write_demo_gpt2(staging / "model")
     try:
         (staging / "model").rename(directory)
     except OSError:  # another process won the race; its copy is identical
         pass
     shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _writable_cache_root() -> Path:
+    """$XDG_CACHE_HOME/gptserve or ~/.cache/gptserve, made if missing; where neither can be written (a
+    read-only or missing home in a container), a new private temp dir: the demo is rewritten each start."""
+    try:
+        user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptserve"
+        user_cache.mkdir(parents=True, exist_ok=True)
+        if os.access(user_cache, os.W_OK):
+            return user_cache
+    except (OSError, RuntimeError):  # RuntimeError: Path.home() with no HOME and no passwd entry
+        pass
+    return Path(tempfile.mkdtemp(prefix="gptserve-"))
 
 
 def _default_name(path: Path) -> str:

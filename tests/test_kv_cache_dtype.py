@@ -21,6 +21,7 @@ from models.forward_batch import ForwardBatch
 from models.gpt2 import load_gpt2
 from models.kv_cache import KVCacheSpec, PagedKVCache, kv_cache_dtype
 from models.loader import load_model
+from server.engine import engine as engine_module
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.sampling_params import SamplingParams
 from tests.test_gpt_oss import BLOCK_SIZE as OSS_BLOCK, checkpoint_dir, oracle as oss_oracle  # noqa: F401
@@ -135,17 +136,21 @@ def test_decode_kernels_read_a_bf16_pool_as_its_float32_values(heads, kv_heads, 
     torch.testing.assert_close(out, ops.paged_decode_values(probs, values.float(), *args), rtol=1e-6, atol=1e-6)
 
 
-def test_the_engine_sizes_and_allocates_the_pool_in_the_cache_dtype(tiny_gpt2_dir):
+def test_the_engine_sizes_and_allocates_the_pool_in_the_cache_dtype(tiny_gpt2_dir, monkeypatch):
+    """A fixed memory budget (not the host's free memory, which drifts) buys exactly twice the blocks in bf16."""
     loaded = load_model(tiny_gpt2_dir, dtype="float32", device="cpu")
     spec = loaded.model.kv_cache_spec()
     assert spec.bytes_per_token(torch.bfloat16) * 2 == spec.bytes_per_token(torch.float32)
-    engines = {name: LLMEngine(loaded, EngineConfig(kv_cache_dtype=name, kv_memory_fraction=1e-5, max_num_seqs=512))
+    block_size, fp32_blocks = 16, 40
+    budget = fp32_blocks * block_size * spec.bytes_per_token(torch.float32)
+    monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: budget * 4)
+    engines = {name: LLMEngine(loaded, EngineConfig(kv_cache_dtype=name, kv_memory_fraction=0.25, max_num_seqs=512,
+                                                    block_size=block_size))
                for name in ("auto", "bfloat16")}
     assert engines["auto"].cache.keys[0].dtype == torch.float32
     assert engines["bfloat16"].cache.values[-1].dtype == torch.bfloat16
-    # the same memory budget holds twice the tokens (give or take a block of rounding and free-memory drift)
-    ratio = engines["bfloat16"].capacity_tokens / engines["auto"].capacity_tokens
-    assert 1.9 < ratio < 2.1
+    assert engines["auto"].capacity_tokens == fp32_blocks * block_size
+    assert engines["bfloat16"].capacity_tokens == 2 * fp32_blocks * block_size
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     for engine in engines.values():
         engine.add_request("r", list(range(100, 140)), params)

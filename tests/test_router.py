@@ -28,6 +28,7 @@ ROUTER_DIR = Path(__file__).resolve().parents[1] / "deploy" / "router"
 JS_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules", "/etc/nginx/modules")  # Debian, others
 SHARED_PREFIX = "You are a helpful assistant who answers in one short sentence. " * 5  # about 60 tokens
 MAX_TOKENS = 2
+STARTUP_S = 300.0  # a replica waits for the CPU kernels' build when another process is compiling them
 
 
 def nginx_binary() -> str:
@@ -49,9 +50,9 @@ def render_config(replicas: list[str], port: int) -> str:
     text = text.replace("load_module modules/ngx_http_js_module.so;", f"load_module {js_module()};")
     text = text.replace("js_path /etc/nginx/router/;", f"js_path {ROUTER_DIR}/;")
     text = text.replace("listen 8080;", f"listen 127.0.0.1:{port};")
-    options = re.search(r"server gptserve-0:8000( [^;]*);", text).group(1)
+    options = re.search(r"server gptserve-gpu-0:8000( [^;]*);", text).group(1)
     servers = "".join(f"        server {address}{options};\n" for address in replicas)
-    return re.sub(r"(        server gptserve-\d+:8000[^;]*;\n)+", servers, text)
+    return re.sub(r"(        server gptserve-gpu-\d+:8000[^;]*;\n)+", servers, text)
 
 
 class Router:
@@ -94,7 +95,8 @@ class Router:
 @pytest.fixture(scope="module")
 def replicas(tiny_gpt2_dir) -> Iterator[list[ServerProcess]]:
     args = ["--model", f"tiny={tiny_gpt2_dir}", "--block-size", "8", "--kv-cache-tokens", "2048"]
-    with ServerProcess(args) as first, ServerProcess(args) as second:
+    with ServerProcess(args, startup_timeout=STARTUP_S) as first, \
+            ServerProcess(args, startup_timeout=STARTUP_S) as second:
         yield [first, second]
 
 

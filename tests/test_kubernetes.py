@@ -174,3 +174,32 @@ def test_multinode_pods_validate_and_run_torchrun_over_as_many_gpus_as_the_tenso
               "leaderworkerset.sigs.k8s.io/name": lws["metadata"]["name"]}
     assert selects(one(multinode, "Service")["spec"]["selector"], labels)
 
+
+
+def without_upstream(config: str) -> list[str]:
+    """A router config's lines less comments, blank lines, resolver and upstream block: what both variants share."""
+    lines, inside = [], False
+    for line in config.splitlines():
+        inside = inside or line.strip().startswith("upstream gptserve")
+        if not inside and line.strip() and not line.startswith("#") and not line.strip().startswith("resolver"):
+            lines.append(line)
+        inside = inside and line.strip() != "}"
+    return lines
+
+
+def test_router_on_kubernetes_routes_to_the_ready_gptserve_pods_with_the_compose_routers_config(overlay):
+    router = render("router")
+    for doc in router:
+        validate(doc)
+    pods = pod_template(one(overlay, "Deployment"))["metadata"]["labels"]
+    (replicas,) = [doc for doc in router if doc["kind"] == "Service" and doc["spec"].get("clusterIP") == "None"]
+    assert selects(replicas["spec"]["selector"], pods) and not replicas["spec"].get("publishNotReadyAddresses")
+    config = one(router, "ConfigMap")["data"]
+    source = K8S.parent / "router"
+    assert config["prefix_affinity.js"] == (source / "prefix_affinity.js").read_text()
+    assert without_upstream(config["nginx.conf"]) == without_upstream((source / "nginx.conf").read_text())
+    name = replicas["metadata"]["name"]
+    assert re.search(rf"server {name}\.\w+\.svc\.cluster\.local:8000 resolve ", config["nginx.conf"])
+    (nginx,) = one(router, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert "/etc/nginx/router/nginx.conf" in nginx["command"]
+    assert nginx["volumeMounts"][0]["mountPath"] == "/etc/nginx/router"

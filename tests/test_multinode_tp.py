@@ -17,6 +17,7 @@ from tests.server_process import ServerProcess
 from tests.test_tensor_parallel_api import check_against_one_process, random_prompts
 
 NODE_EXIT_S = 30  # node 1's launcher waits at torchrun's exit barrier until node 0's has gone
+STARTUP_S = 300.0  # two launchers, two ranks loading, on a shared machine
 
 
 def node_command(node_rank: int, master_port: int, server_args: list[str]) -> list[str]:
@@ -31,7 +32,7 @@ class TwoNodes(ServerProcess):
 
     def __init__(self, model_dir: Path) -> None:
         super().__init__(["--model", f"tiny={model_dir}", "--tensor-parallel-size", "2", "--dtype", "float32",
-                          "--kv-cache-tokens", "4096", "--block-size", "8"])
+                          "--kv-cache-tokens", "4096", "--block-size", "8"], startup_timeout=STARTUP_S)
         master_port = free_port()
         server_args = self.cmd[3:]  # everything after ``python -m server``: the same on both nodes
         self.cmd = node_command(0, master_port, server_args)

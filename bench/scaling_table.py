@@ -1,4 +1,5 @@
-"""``python -m bench.scaling_table``: writes docs/scaling.md, gpt-oss-20b and -120b sharded over N = 1, 2, 4, 8 GPUs.
+"""``python -m bench.scaling_table``: writes docs/scaling.md, gpt-oss-20b and -120b sharded over N = 1, 2, 4, 8 GPUs,
+and the capacity plan (bench/capacity_plan.py) that builds on it.
 
 Nothing is measured and nothing is typed in by hand: the configs are the real models' config.json values,
 parsed by our own GptOssConfig, and every figure comes from the modules our loader would build on each rank
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from bench import capacity_plan
 from models.gpt_oss import GptOss, GptOssConfig, RowParallelLinear
 from models.moe import MoE
 from models.parallel import TensorParallel
@@ -36,6 +38,7 @@ MODELS = {
     "gpt-oss-120b": _SHARED | {"num_hidden_layers": 36, "num_local_experts": 128},
 }
 SIZES = (1, 2, 4, 8)
+SERVING_KV_TOKENS = 64 * 4096  # a replica must hold this much KV besides its weights: 64 sequences of 4096
 
 
 def weight_bytes(model: GptOss) -> int:
@@ -92,6 +95,17 @@ def fits(packed: int, dense: int, kv_per_1000: int) -> str:
     return ", ".join(f"{label}: {room * KV_TOKENS / kv_per_1000 / 1e6:.2f}M KV tokens" for label, room in modes)
 
 
+def min_tensor_parallel(raw: dict) -> int:
+    """The fewest GPUs whose rank 0 holds the weights (experts MXFP4) and SERVING_KV_TOKENS of KV."""
+    config = GptOssConfig.from_hf(raw)
+    for n in SIZES:
+        first = rank_model(config, True, 0, n)
+        kv = first.kv_cache_spec().bytes_per_token(torch.bfloat16) * SERVING_KV_TOKENS
+        if weight_bytes(first) + kv < USABLE * GPU_BYTES:
+            return n
+    raise ValueError(f"{SIZES[-1]} GPUs do not hold the model")
+
+
 def render() -> str:
     lines = [
         "# Scaling gpt-oss over GPUs with --tensor-parallel-size",
@@ -117,6 +131,7 @@ def render() -> str:
     ]
     for name, raw in MODELS.items():
         lines += model_section(name, raw)
+    lines += capacity_plan.render({name: min_tensor_parallel(raw) for name, raw in MODELS.items()})
     return "\n".join(lines)
 
 

@@ -149,7 +149,7 @@ def test_prometheus_scrapes_every_gptserve_service_on_the_server_port() -> None:
     (discovery,) = job["dns_sd_configs"]
     services = compose()["services"]
     server_services = {name for name, service in services.items() if service.get("build")}
-    assert set(discovery["names"]) == server_services == {"gptserve", "gptserve-gpu"}
+    assert set(discovery["names"]) == server_services == {"gptserve", "gptserve-gpu-0", "gptserve-gpu-1"}
     assert discovery["port"] == SERVER_PORT and job["metrics_path"] == "/metrics"
 
 
@@ -213,7 +213,7 @@ def test_grafana_mounts_match_the_provisioning_paths() -> None:
 
 # --- Compose ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("env", [{}, {"GPTSERVE_HOST_PORT": "8000-8003", "GPTSERVE_GPUS": "all",
+@pytest.mark.parametrize("env", [{}, {"GPTSERVE_HOST_PORT": "8000-8003", "GPTSERVE_ROUTER_HOST_PORT": "80",
                                       "GPTSERVE_BIND": "0.0.0.0", "GPTSERVE_MODELS_DIR": "/srv/models"}])
 def test_compose_file_matches_the_compose_spec_schema(env: dict[str, str]) -> None:
     checker = jsonschema.FormatChecker()
@@ -243,13 +243,36 @@ def test_compose_gptserve_serves_a_read_only_model_volume_with_a_health_check() 
     assert "profiles" not in service
 
 
-def test_compose_gpu_variant_is_opt_in_and_reserves_nvidia_gpus() -> None:
-    service = compose()["services"]["gptserve-gpu"]
-    assert service["profiles"] == ["gpu"]
-    assert service["environment"]["GPTSERVE_DEVICE"] == "cuda"
-    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
-    assert "TORCH_INDEX_URL" in service["build"]["args"]
+GPU_SERVICES = ("gptserve-gpu-0", "gptserve-gpu-1")
+
+
+def test_compose_gpu_replicas_are_opt_in_and_each_reserves_a_gpu_of_its_own() -> None:
+    services = compose()["services"]
+    reserved, host_ports = [], set()
+    for name in GPU_SERVICES:
+        service = services[name]
+        assert service["profiles"] == ["gpu"]
+        assert service["environment"]["GPTSERVE_DEVICE"] == "cuda"
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and "count" not in device
+        reserved += device["device_ids"]
+        assert "TORCH_INDEX_URL" in service["build"]["args"]
+        (port,) = service["ports"]
+        host_ports.add(port.rsplit(":", 2)[1])
+    assert reserved == ["0", "1"]
+    assert len(host_ports) == len(GPU_SERVICES) and str(SERVER_PORT) not in host_ports
+
+
+def test_compose_router_fronts_exactly_the_gpu_replicas_with_the_routers_own_config() -> None:
+    router = compose()["services"]["router"]
+    assert router["profiles"] == ["gpu"] and set(router["depends_on"]) == set(GPU_SERVICES)
+    assert "./router:/etc/nginx/router:ro" in router["volumes"]
+    assert "/etc/nginx/router/nginx.conf" in router["command"]
+    config = (DEPLOY / "router" / "nginx.conf").read_text()
+    upstreams = re.findall(r"^\s*server ([\w-]+):(\d+)", config, re.MULTILINE)
+    assert upstreams == [(name, str(SERVER_PORT)) for name in GPU_SERVICES]
+    listen = re.search(r"listen (\d+);", config).group(1)
+    assert router["ports"][0].endswith(f":{listen}")
 
 
 def test_compose_optional_settings_pass_through_only_when_set() -> None:

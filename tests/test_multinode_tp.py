@@ -1,0 +1,74 @@
+"""Tensor parallel over two "nodes" under torchrun: ``--nnodes 2 --nproc-per-node 1``, one launcher per
+``--node-rank``, both on 127.0.0.1 over gloo, the same command line on each as docs/distributed.md gives it.
+Node 0's rank serves HTTP with the same greedy tokens and logprobs as one process; SIGTERM to node 0's
+launcher stops both nodes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.server_process import PROJECT_ROOT, free_port
+from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
+from tests.server_process import ServerProcess
+from tests.test_tensor_parallel_api import check_against_one_process, random_prompts
+
+NODE_EXIT_S = 30  # node 1's launcher waits at torchrun's exit barrier until node 0's has gone
+STARTUP_S = 300.0  # two launchers, two ranks loading, on a shared machine
+
+
+def node_command(node_rank: int, master_port: int, server_args: list[str]) -> list[str]:
+    """What a user runs on node ``node_rank``: torchrun (as ``python -m torch.distributed.run``) + the server."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(master_port),
+            "-m", "server", *server_args]
+
+
+class TwoNodes(ServerProcess):
+    """Node 0's launcher is the server under test (its rank 0 serves HTTP); node 1's runs beside it."""
+
+    def __init__(self, model_dir: Path) -> None:
+        super().__init__(["--model", f"tiny={model_dir}", "--tensor-parallel-size", "2", "--dtype", "float32",
+                          "--kv-cache-tokens", "4096", "--block-size", "8"], startup_timeout=STARTUP_S)
+        master_port = free_port()
+        server_args = self.cmd[3:]  # everything after ``python -m server``: the same on both nodes
+        self.cmd = node_command(0, master_port, server_args)
+        self.node1_cmd = node_command(1, master_port, server_args)
+        self.node1: subprocess.Popen | None = None
+
+    def __enter__(self) -> TwoNodes:
+        with self.log_path.with_suffix(".node1.log").open("wb") as log:
+            self.node1 = subprocess.Popen(self.node1_cmd, cwd=PROJECT_ROOT, env=self.env, stdout=log,
+                                          stderr=subprocess.STDOUT)
+        try:
+            super().__enter__()
+        except BaseException:
+            self.node1.kill()
+            self.node1.wait()
+            raise
+        return self
+
+    def node1_log(self) -> str:
+        return self.log_path.with_suffix(".node1.log").read_text(errors="replace")
+
+    def failure_detail(self) -> str:
+        return f"\nnode 0:\n{self.log_text()}\nnode 1:\n{self.node1_log()}"
+
+
+def test_two_nodes_one_rank_each_serve_gpt_oss_like_one_process_and_sigterm_stops_both(tmp_path):
+    model_dir = write_tiny_gpt_oss(tmp_path / "gpt-oss", sliding_window=4)
+    nodes = TwoNodes(model_dir)
+    with nodes:
+        check_against_one_process(nodes, model_dir, random_prompts(199_998, seed=4))
+    # leaving the block sent SIGTERM to node 0's launcher and waited for it
+    assert nodes.node1 is not None
+    try:
+        nodes.node1.wait(timeout=NODE_EXIT_S)
+    except subprocess.TimeoutExpired:
+        nodes.node1.kill()
+        nodes.node1.wait()
+        pytest.fail(f"node 1 still running {NODE_EXIT_S} s after node 0 stopped:{nodes.failure_detail()}")
+    assert "tensor-parallel rank 1 stopped" in nodes.node1_log(), nodes.failure_detail()

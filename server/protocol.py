@@ -2,6 +2,11 @@
 
 Bounds live in the models so the OpenAPI schema states them and a bad value is a 400 naming its field before
 any route code runs. Unknown fields are refused (``extra="forbid"``) rather than silently ignored.
+
+Why not the OpenAI SDK's own types: its response models are a client's lenient readers (``extra="allow"``, no
+bounds) and its request params are TypedDicts, so they could neither refuse a bad request nor state bounds in
+the OpenAPI document; the SDK stays a test dependency, and tests parse our responses with its types
+(tests/test_tool_calls_api.py: nothing left over but the reasoning fields, which it does not know).
 """
 
 from __future__ import annotations

@@ -218,3 +218,16 @@ def test_input_harmony_cannot_render_is_a_400_not_a_crash(http, content, tools):
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "messages"
     assert http.post("/v1/chat/completions", json={"model": "oss", "messages": QUESTION}).status_code == 200
+
+
+def test_the_sdk_types_read_every_field_we_send_but_the_reasoning_ones(client):
+    result = client.chat.completions.create(model="oss", messages=QUESTION, tools=[WEATHER_TOOL])
+    assert not result.model_extra and not result.choices[0].model_extra
+    message = result.choices[0].message
+    assert set(message.model_extra) == {"reasoning", "reasoning_content"}
+    assert not message.tool_calls[0].model_extra and not message.tool_calls[0].function.model_extra
+    for chunk in client.chat.completions.create(model="oss", messages=QUESTION, tools=[WEATHER_TOOL], stream=True):
+        delta = chunk.choices[0].delta
+        assert set(delta.model_extra) <= {"reasoning", "reasoning_content"}
+        assert all(not call.model_extra and not (call.function and call.function.model_extra)
+                   for call in delta.tool_calls or [])

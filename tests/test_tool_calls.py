@@ -169,3 +169,11 @@ def test_a_tokenizer_that_is_not_o200k_harmony_is_refused(tmp_path):
     write_gpt2_tokenizer(tmp_path)
     with pytest.raises(ValueError, match="o200k_harmony"):
         harmony_encoding(load_tokenizer(tmp_path))
+
+
+@pytest.mark.parametrize("instructions", ["Ends in blank lines.\n\n\n", "  spaced  ", "Looks special: <|end|><|call|>"])
+def test_instructions_and_tools_join_exactly_where_their_text_meets(chat, harmony, instructions):
+    expected = reference_prompt(harmony, [user("Hi")], instructions=instructions, tools=[described(WEATHER)])
+    rendered = chat.render([ChatMessage("developer", instructions), ChatMessage("user", "Hi")], tools=[WEATHER],
+                           current_date=DATE)
+    assert rendered == expected

@@ -1,11 +1,13 @@
-"""GPT-OSS chat prompts in OpenAI's harmony format, rendered by openai-harmony itself.
+"""GPT-OSS chat prompts in OpenAI's harmony format, token for token as openai-harmony renders them.
 
-Why openai-harmony at run time: it is the format's own implementation, and the tool namespace (JSON
-schemas turned into TypeScript-like declarations, the system line that sends calls to the commentary
-channel) follows rules only it defines exactly. Its vocabulary comes from the checkpoint (see
-harmony_encoding). Output is parsed by the project's HarmonyOutputParser instead: see its docstring.
+openai-harmony (the format's own implementation, its vocabulary taken from the checkpoint: see
+harmony_encoding) renders the head: the system message and the tool namespace (harmony_head says why not
+the rest). This module frames the conversation's messages itself, as harmony frames them:
+`<|start|>AUTHOR[ to=RECIPIENT][<|channel|>CHANNEL[ CONTENT_TYPE]]<|message|>TEXT<|end|>` (`<|call|>` for an
+assistant message to a recipient), with harmony's rule for dropping analysis messages. Output is parsed by
+the project's HarmonyOutputParser: see its docstring for why.
 
-This module maps a chat-completions conversation onto harmony messages:
+A chat-completions conversation maps onto harmony messages so:
 - system: openai-harmony's SystemContent defaults (identity, knowledge cutoff, valid channels, as vLLM
   sends them) with `Reasoning: <effort>` and the current date;
 - developer: every OpenAI system and developer message's text under `# Instructions`, in order, joined
@@ -14,8 +16,8 @@ This module maps a chat-completions conversation onto harmony messages:
 - an assistant turn: its reasoning on the analysis channel, its text on the final channel (on the
   commentary channel, as a preamble, when the turn also makes tool calls), then one commentary message
   per call to `functions.NAME`, content type `<|constrain|>json`, arguments verbatim, ended by `<|call|>`;
-  openai-harmony drops analysis messages that precede a final answer, so only reasoning since the last
-  answer (an unfinished turn, tool calls in flight) is shown to the model again;
+  as openai-harmony does, analysis messages that precede a final answer are dropped, so only reasoning
+  since the last answer (an unfinished turn, tool calls in flight) is shown to the model again;
 - a `tool` message: from `functions.NAME` to the assistant on the commentary channel, NAME found from
   the assistant call whose id its `tool_call_id` names;
 - `<|start|>assistant`, for the model to continue.
@@ -26,11 +28,13 @@ Text is rendered as ordinary text, so a user who types "<|end|>" cannot close th
 from __future__ import annotations
 
 import datetime
+import functools
 from typing import TYPE_CHECKING
 
 import openai_harmony as oh
 
 from server.chat.harmony_encoding import harmony_encoding
+from server.chat.harmony_head import HarmonyHead
 from server.chat.harmony_parser import HarmonyOutputParser, HarmonySpecialTokens
 from server.chat.messages import ChatMessage, FunctionTool, ToolCall
 
@@ -47,7 +51,9 @@ class HarmonyChatFormat:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.tokens = HarmonySpecialTokens.from_tokenizer(tokenizer)
-        self.encoding = harmony_encoding(tokenizer)
+        self._head = HarmonyHead(tokenizer, self.tokens, harmony_encoding(tokenizer))
+        # A channel and content type are this module's own few words; `encode` places <|constrain|> but is slow.
+        self._encode_kind = functools.lru_cache(maxsize=16)(tokenizer.encode)
         # <|end|> closes analysis messages mid-answer, so it is no stop token; <|call|> ends a tool call.
         self.stop_token_ids = frozenset((self.tokens.return_, self.tokens.call, self.tokens.endoftext))
 
@@ -57,31 +63,33 @@ class HarmonyChatFormat:
         effort = reasoning_effort or DEFAULT_REASONING_EFFORT
         if effort not in REASONING_EFFORTS:
             raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {effort!r}")
-        system = (oh.SystemContent.new().with_reasoning_effort(oh.ReasoningEffort(effort.capitalize()))
-                  .with_conversation_start_date(current_date or datetime.date.today().isoformat()))
-        harmony = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
-        developer = developer_content(messages, tools or [])
-        if developer is not None:
-            harmony.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
-        harmony += conversation_messages(messages)
-        return self.encoding.render_conversation_for_completion(oh.Conversation.from_messages(harmony),
-                                                                oh.Role.ASSISTANT)
+        date = current_date or datetime.date.today().isoformat()
+        instructions = "\n\n".join(m.content for m in messages if m.role in INSTRUCTION_ROLES and m.content)
+        ids = self._head.ids(effort, date, instructions, tools or [])
+        for message in kept(conversation_messages(messages)):
+            ids += self._frame(message)
+        return ids + [self.tokens.start] + self.tokenizer.encode_ordinary("assistant")
 
     def parser(self) -> HarmonyOutputParser:
         return HarmonyOutputParser(self.tokenizer, self.tokens)
 
+    def _frame(self, message: oh.Message) -> list[int]:
+        author = message.author.name or message.author.role.value
+        header = f"{author} to={message.recipient}" if message.recipient else author
+        ids = [self.tokens.start] + self.tokenizer.encode_ordinary(header)
+        if message.channel:
+            kind = f"{message.channel} {message.content_type}" if message.content_type else message.channel
+            ids += [self.tokens.channel] + self._encode_kind(kind)
+        text = "".join(part.text for part in message.content)
+        calls = message.author.role == oh.Role.ASSISTANT and message.recipient
+        return ids + [self.tokens.message] + self.tokenizer.encode_ordinary(text) + [
+            self.tokens.call if calls else self.tokens.end]
 
-def developer_content(messages: list[ChatMessage], tools: list[FunctionTool]) -> oh.DeveloperContent | None:
-    instructions = [m.content for m in messages if m.role in INSTRUCTION_ROLES and m.content]
-    if not instructions and not tools:
-        return None
-    content = oh.DeveloperContent.new()
-    if instructions:
-        content = content.with_instructions("\n\n".join(instructions))
-    if tools:
-        content = content.with_function_tools(
-            [oh.ToolDescription.new(t.name, t.description, parameters=t.parameters) for t in tools])
-    return content
+
+def kept(messages: list[oh.Message]) -> list[oh.Message]:
+    """openai-harmony's rule: analysis messages before the last final-channel message are left out."""
+    last_final = max((i for i, m in enumerate(messages) if m.channel == "final"), default=-1)
+    return [m for i, m in enumerate(messages) if not (i < last_final and m.channel == "analysis")]
 
 
 def conversation_messages(messages: list[ChatMessage]) -> list[oh.Message]:

@@ -24,25 +24,34 @@ def render_chat_prompt(chat_format: HarmonyChatFormat | TemplateChatFormat, mess
                        reasoning_effort: str | None = None) -> list[int]:
     """Prompt ids for the conversation; bad input is a 400 naming the parameter."""
     offered = function_tools(tools or [], tool_choice)
-    chat_messages = [chat_message(i, m) for i, m in enumerate(messages)]
+    return render_messages(chat_format, [chat_message(i, m) for i, m in enumerate(messages)], offered,
+                           reasoning_effort)
+
+
+def render_messages(chat_format: HarmonyChatFormat | TemplateChatFormat, messages: list[ChatMessage],
+                    tools: list[FunctionTool], reasoning_effort: str | None, param: str = "messages") -> list[int]:
     try:
-        return chat_format.render(chat_messages, tools=offered, reasoning_effort=reasoning_effort)
+        return chat_format.render(messages, tools=tools, reasoning_effort=reasoning_effort)
     except (ValueError, jinja2.TemplateError) as e:
-        raise APIError(400, f"messages: cannot render the conversation: {e}", param="messages") from None
+        raise APIError(400, f"{param}: cannot render the conversation: {e}", param=param) from None
 
 
 def function_tools(tools: list[ChatTool], tool_choice: str | NamedToolChoice | None) -> list[FunctionTool]:
-    names = [tool.function.name for tool in tools]
+    offered = [FunctionTool(t.function.name, t.function.description or "", t.function.parameters) for t in tools]
+    named = tool_choice.function.name if isinstance(tool_choice, NamedToolChoice) else None
+    return chosen_tools(offered, tool_choice if named is None else "named", named)
+
+
+def chosen_tools(tools: list[FunctionTool], tool_choice: str | None, named: str | None = None) -> list[FunctionTool]:
+    """The tools the prompt shows, after the checks tool_choice asks for ("named": `named` must be offered)."""
+    names = [tool.name for tool in tools]
     if len(set(names)) != len(names):
         raise APIError(400, "tools: two functions have the same name", param="tools")
     if tool_choice == "required" and not tools:
         raise APIError(400, 'tool_choice "required" needs tools', param="tool_choice")
-    if isinstance(tool_choice, NamedToolChoice) and tool_choice.function.name not in names:
-        raise APIError(400, f"tool_choice names the function {tool_choice.function.name!r}, which is not in tools",
-                       param="tool_choice")
-    if tool_choice == "none":
-        return []
-    return [FunctionTool(t.function.name, t.function.description or "", t.function.parameters) for t in tools]
+    if tool_choice == "named" and named not in names:
+        raise APIError(400, f"tool_choice names the function {named!r}, which is not in tools", param="tool_choice")
+    return [] if tool_choice == "none" else tools
 
 
 def chat_message(index: int, message: ChatMessageParam) -> ChatMessage:

@@ -132,3 +132,19 @@ def test_the_store_evicts_the_least_recently_used_response():
     assert store.get("a") is not None  # "a" is now the most recently used
     store.put("c", StoredResponse({"id": "c"}, []))
     assert store.get("b") is None and store.get("a") is not None and store.get("c") is not None
+
+
+def test_a_streamed_function_call_has_argument_deltas_and_ends_as_a_function_call_item(client, script):
+    script("call")
+    with client.responses.stream(model="oss", input="Weather in Oslo?", tools=[WEATHER]) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [event.type for event in events]
+    added = [e.item for e in events if e.type == "response.output_item.added"]
+    assert [item.type for item in added] == ["reasoning", "function_call"]
+    assert added[1].name == "get_weather" and added[1].arguments == ""
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == ARGUMENTS
+    assert kinds.index("response.function_call_arguments.done") < kinds.index("response.completed")
+    [call] = [item for item in final.output if item.type == "function_call"]
+    assert (call.name, call.arguments, call.status) == ("get_weather", ARGUMENTS, "completed")

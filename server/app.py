@@ -34,10 +34,11 @@ from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.protocol import APIError, ErrorObject, ErrorResponse
 from server.routes import (
-    chat_completions, completions, health, metrics, models, perplexity, ready, tokenize, version,
+    chat_completions, completions, health, metrics, models, perplexity, ready, responses, tokenize, version,
 )
 from server.routes.engine_calls import ClientDisconnected
 from server.routes.models import ServedModel
+from server.routes.response_store import ResponseStore
 
 log = logging.getLogger("gptserve")
 access_log = logging.getLogger("gptserve.access")
@@ -75,8 +76,10 @@ def create_app(config: ServerConfig, loaded_models: dict[str, LoadedModel]) -> F
     app = FastAPI(title="gptserve", version=version.SERVER_VERSION, lifespan=lifespan,
                   description="OpenAI-compatible serving of GPT-2 and GPT-OSS checkpoints.")
     app.state.models = {}
+    app.state.response_store = ResponseStore()
     app.state.metrics = process_metrics
-    for module in (completions, chat_completions, perplexity, models, tokenize, health, ready, metrics, version):
+    for module in (completions, chat_completions, responses, perplexity, models, tokenize, health, ready, metrics,
+                   version):
         app.include_router(module.router)
     _add_error_handlers(app)
     install_openapi(app, list(loaded_models))

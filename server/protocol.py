@@ -2,13 +2,21 @@
 
 Bounds live in the models so the OpenAPI schema states them and a bad value is a 400 naming its field before
 any route code runs. Unknown fields are refused (``extra="forbid"``) rather than silently ignored.
+
+Why not the OpenAI SDK's own types: its response models are a client's lenient readers (``extra="allow"``, no
+bounds) and its request params are TypedDicts, so they could neither refuse a bad request nor state bounds in
+the OpenAPI document; the SDK stays a test dependency, and tests parse our responses with its types
+(tests/test_tool_calls_api.py: nothing left over but the reasoning fields, which it does not know).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, Field, field_validator
+
+from server.protocol_base import Strict, WithoutNulls
+from server.protocol_tools import ChatTool, NamedToolChoice, ToolCall, ToolCallDelta, ToolCallParam
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -19,13 +27,6 @@ INT64_BOUND = 2**63  # seeds are int64; a power of two stays exact in tools that
 StopStrings = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 PromptInput = str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
-
-
-class Strict(BaseModel):
-    """Request bodies: unknown fields refused, and no coercion (``true`` or ``"5"`` is not a token id or a count),
-    so what is accepted is exactly what the OpenAPI schema describes."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(Strict):
@@ -85,10 +86,14 @@ class TextContentPart(Strict):
 
 
 class ChatMessageParam(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = Field(None, max_length=256)
-    reasoning_content: str | None = Field(None, description="an earlier assistant turn's reasoning")
+    reasoning: str | None = Field(None, description="an earlier assistant turn's reasoning")
+    reasoning_content: str | None = Field(None, description="older name of `reasoning`, still accepted")
+    tool_calls: Annotated[list[ToolCallParam], Field(max_length=128)] | None = Field(
+        None, description="an assistant turn's calls")
+    tool_call_id: str | None = Field(None, max_length=256, description="a tool message: the call it answers")
 
 
 class ResponseFormat(Strict):
@@ -106,6 +111,10 @@ class ResponseFormat(Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
+    tools: Annotated[list[ChatTool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default auto with tools; required and named are rendered but not yet forced")
+    parallel_tool_calls: bool | None = Field(None, description="harmony makes one call per turn either way")
     max_tokens: int | None = Field(None, ge=0, description="deprecated alias of max_completion_tokens")
     max_completion_tokens: int | None = Field(None, ge=0, description="null: up to the context length")
     logprobs: bool = False
@@ -176,17 +185,22 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None
 
 
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
-    reasoning_content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = Field(None, description="the same text as `reasoning`, for older clients")
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -198,23 +212,19 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-class ChatDeltaMessage(BaseModel):
-    """A stream delta carries only what changed: unset fields stay out of the JSON."""
-
+class ChatDeltaMessage(WithoutNulls):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = None
     reasoning_content: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _without_nulls(self, handler) -> dict:
-        return {key: value for key, value in handler(self).items() if value is not None}
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -43,11 +43,13 @@ def harmony(tmp_path_factory: pytest.TempPathFactory) -> oh.HarmonyEncoding:
 
 
 def reference_prompt(harmony: oh.HarmonyEncoding, messages: list[oh.Message], effort: str = "Medium",
-                     instructions: str | None = None) -> list[int]:
+                     instructions: str | None = None, tools: list[oh.ToolDescription] | None = None) -> list[int]:
     system = oh.SystemContent.new().with_conversation_start_date(DATE).with_reasoning_effort(oh.ReasoningEffort(effort))
     head = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
-    if instructions is not None:
-        developer = oh.DeveloperContent.new().with_instructions(instructions)
+    if instructions is not None or tools:
+        developer = oh.DeveloperContent.new()
+        developer = developer.with_instructions(instructions) if instructions is not None else developer
+        developer = developer.with_function_tools(tools) if tools else developer
         head.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
     conversation = oh.Conversation.from_messages(head + messages)
     return harmony.render_conversation_for_completion(conversation, oh.Role.ASSISTANT)
@@ -118,8 +120,8 @@ def test_render_defaults_to_medium_effort_and_today(chat):
 def test_render_rejects_unknown_reasoning_effort_and_role(chat):
     with pytest.raises(ValueError, match="reasoning_effort"):
         chat.render([ChatMessage("user", "Hi")], reasoning_effort="extreme")
-    with pytest.raises(ValueError, match="tool"):
-        chat.render([ChatMessage("tool", "{}")])
+    with pytest.raises(ValueError, match="role 'function'"):
+        chat.render([ChatMessage("function", "{}")])
 
 
 def test_render_multi_turn_drops_reasoning_of_answered_turns_as_openai_harmony_does(chat, harmony):
@@ -172,7 +174,7 @@ def test_parser_streams_reasoning_before_the_answer_arrives(chat, harmony):
     assert "".join(d.reasoning for d in deltas[:first_content]) == "Step one, step two."
 
 
-def test_parser_shows_commentary_preambles_as_content_and_drops_tool_calls(chat, harmony):
+def test_parser_shows_commentary_preambles_as_content_and_keeps_tool_calls_out_of_it(chat, harmony):
     messages = [assistant("Let me check.", "commentary"),
                 assistant('{"city": "Oslo"}', "commentary", recipient="functions.get_weather"),
                 assistant("It is sunny.", "final")]

@@ -30,7 +30,8 @@ def server(tiny_gpt2_dir):
 
 def test_openapi_document_describes_every_route_and_its_errors(server):
     document = httpx.get(server.base_url + "/openapi.json", timeout=10).json()
-    assert set(document["paths"]) == {"/v1/completions", "/v1/chat/completions", "/v1/perplexity", "/v1/models",
+    assert set(document["paths"]) == {"/v1/completions", "/v1/chat/completions", "/v1/responses",
+                                      "/v1/responses/{response_id}", "/v1/perplexity", "/v1/models",
                                       "/v1/models/{model_id}", "/health", "/ready", "/metrics", "/tokenize",
                                       "/detokenize", "/version"}
     for path, operations in document["paths"].items():

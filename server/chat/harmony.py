@@ -1,83 +1,133 @@
 """GPT-OSS chat prompts in OpenAI's harmony format, token for token as openai-harmony renders them.
 
-A chat-completions conversation becomes:
-- a system message: model identity, knowledge cutoff, current date, `Reasoning: <effort>` and the
-  valid-channels line (openai-harmony's SystemContent defaults, as vLLM sends them);
-- a developer message with every OpenAI system and developer message's text under `# Instructions`,
-  in order, joined by blank lines (left out when there is none) -- gpt-oss was trained to take
-  instructions from the developer role, the system role being the harmony header above;
-- user messages; assistant messages on the final channel. An assistant turn's reasoning goes on the
-  analysis channel only when no final answer follows it: harmony drops chain of thought once a final
-  answer was given, so only reasoning of an unfinished last turn is shown to the model again;
+openai-harmony (the format's own implementation, its vocabulary taken from the checkpoint: see
+harmony_encoding) renders the head: the system message and the tool namespace (harmony_head says why not
+the rest). This module frames the conversation's messages itself, as harmony frames them:
+`<|start|>AUTHOR[ to=RECIPIENT][<|channel|>CHANNEL[ CONTENT_TYPE]]<|message|>TEXT<|end|>` (`<|call|>` for an
+assistant message to a recipient), with harmony's rule for dropping analysis messages. Output is parsed by
+the project's HarmonyOutputParser: see its docstring for why.
+
+A chat-completions conversation maps onto harmony messages so:
+- system: openai-harmony's SystemContent defaults (identity, knowledge cutoff, valid channels, as vLLM
+  sends them) with `Reasoning: <effort>` and the current date;
+- developer: every OpenAI system and developer message's text under `# Instructions`, in order, joined
+  by blank lines, and the function tools under `# Tools` (left out when there is neither) -- gpt-oss was
+  trained to take instructions from the developer role, the system role being the header above;
+- an assistant turn: its reasoning on the analysis channel, its text on the final channel (on the
+  commentary channel, as a preamble, when the turn also makes tool calls), then one commentary message
+  per call to `functions.NAME`, content type `<|constrain|>json`, arguments verbatim, ended by `<|call|>`;
+  as openai-harmony does, analysis messages that precede a final answer are dropped, so only reasoning
+  since the last answer (an unfinished turn, tool calls in flight) is shown to the model again;
+- a `tool` message: from `functions.NAME` to the assistant on the commentary channel, NAME found from
+  the assistant call whose id its `tool_call_id` names;
 - `<|start|>assistant`, for the model to continue.
-Text is encoded with `encode_ordinary` and structure tokens are placed by id, so a user who types
-"<|end|>" cannot close their message early.
+Built-in tools' calls carry their own recipient as name (`browser.search`, `python`) and go back as such.
+Text is rendered as ordinary text, so a user who types "<|end|>" cannot close their message early.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 from typing import TYPE_CHECKING
 
+import openai_harmony as oh
+
+from server.chat.harmony_encoding import harmony_encoding
+from server.chat.harmony_head import HarmonyHead
 from server.chat.harmony_parser import HarmonyOutputParser, HarmonySpecialTokens
-from server.chat.messages import ChatMessage
+from server.chat.messages import ChatMessage, FunctionTool, ToolCall
 
 if TYPE_CHECKING:
     from models.tokenizer import Tokenizer
 
-MODEL_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
-KNOWLEDGE_CUTOFF = "2024-06"
 REASONING_EFFORTS = ("low", "medium", "high")
 DEFAULT_REASONING_EFFORT = "medium"
-VALID_CHANNELS = "# Valid channels: analysis, commentary, final. Channel must be included for every message."
 INSTRUCTION_ROLES = ("system", "developer")
+CALL_CONTENT_TYPE = "<|constrain|>json"
 
 
 class HarmonyChatFormat:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.tokens = HarmonySpecialTokens.from_tokenizer(tokenizer)
+        self._head = HarmonyHead(tokenizer, self.tokens, harmony_encoding(tokenizer))
+        # A channel and content type are this module's own few words; `encode` places <|constrain|> but is slow.
+        self._encode_kind = functools.lru_cache(maxsize=16)(tokenizer.encode)
         # <|end|> closes analysis messages mid-answer, so it is no stop token; <|call|> ends a tool call.
         self.stop_token_ids = frozenset((self.tokens.return_, self.tokens.call, self.tokens.endoftext))
 
-    def render(self, messages: list[ChatMessage], *, reasoning_effort: str | None = None,
-               current_date: str | None = None) -> list[int]:
+    def render(self, messages: list[ChatMessage], *, tools: list[FunctionTool] | None = None,
+               reasoning_effort: str | None = None, current_date: str | None = None) -> list[int]:
         """Prompt ids ending with `<|start|>assistant`; `current_date` is YYYY-MM-DD, default today."""
         effort = reasoning_effort or DEFAULT_REASONING_EFFORT
         if effort not in REASONING_EFFORTS:
             raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {effort!r}")
         date = current_date or datetime.date.today().isoformat()
-        for message in messages:
-            if message.role not in (*INSTRUCTION_ROLES, "user", "assistant"):
-                raise ValueError(f"unsupported chat message role {message.role!r}")
-
-        ids = self._message("system", None, system_text(effort, date))
-        instructions = [m.content for m in messages if m.role in INSTRUCTION_ROLES and m.content]
-        if instructions:
-            ids += self._message("developer", None, "# Instructions\n\n" + "\n\n".join(instructions))
-        last_answer = max((i for i, m in enumerate(messages) if m.role == "assistant" and m.content), default=-1)
-        for index, message in enumerate(messages):
-            if message.role == "user":
-                ids += self._message("user", None, message.content)
-            elif message.role == "assistant":
-                if message.reasoning and index > last_answer:
-                    ids += self._message("assistant", "analysis", message.reasoning)
-                if message.content:
-                    ids += self._message("assistant", "final", message.content)
+        instructions = "\n\n".join(m.content for m in messages if m.role in INSTRUCTION_ROLES and m.content)
+        ids = self._head.ids(effort, date, instructions, tools or [])
+        for message in kept(conversation_messages(messages)):
+            ids += self._frame(message)
         return ids + [self.tokens.start] + self.tokenizer.encode_ordinary("assistant")
 
     def parser(self) -> HarmonyOutputParser:
         return HarmonyOutputParser(self.tokenizer, self.tokens)
 
-    def _message(self, role: str, channel: str | None, text: str) -> list[int]:
-        """`<|start|>role[<|channel|>channel]<|message|>text<|end|>`, each text piece encoded on its own."""
-        ids = [self.tokens.start] + self.tokenizer.encode_ordinary(role)
-        if channel is not None:
-            ids += [self.tokens.channel] + self.tokenizer.encode_ordinary(channel)
-        ids += [self.tokens.message] + self.tokenizer.encode_ordinary(text) + [self.tokens.end]
-        return ids
+    def _frame(self, message: oh.Message) -> list[int]:
+        author = message.author.name or message.author.role.value
+        header = f"{author} to={message.recipient}" if message.recipient else author
+        ids = [self.tokens.start] + self.tokenizer.encode_ordinary(header)
+        if message.channel:
+            kind = f"{message.channel} {message.content_type}" if message.content_type else message.channel
+            ids += [self.tokens.channel] + self._encode_kind(kind)
+        text = "".join(part.text for part in message.content)
+        calls = message.author.role == oh.Role.ASSISTANT and message.recipient
+        return ids + [self.tokens.message] + self.tokenizer.encode_ordinary(text) + [
+            self.tokens.call if calls else self.tokens.end]
 
 
-def system_text(reasoning_effort: str, current_date: str) -> str:
-    header = f"{MODEL_IDENTITY}\nKnowledge cutoff: {KNOWLEDGE_CUTOFF}\nCurrent date: {current_date}"
-    return f"{header}\n\nReasoning: {reasoning_effort}\n\n{VALID_CHANNELS}"
+def kept(messages: list[oh.Message]) -> list[oh.Message]:
+    """openai-harmony's rule: analysis messages before the last final-channel message are left out."""
+    last_final = max((i for i, m in enumerate(messages) if m.channel == "final"), default=-1)
+    return [m for i, m in enumerate(messages) if not (i < last_final and m.channel == "analysis")]
+
+
+def conversation_messages(messages: list[ChatMessage]) -> list[oh.Message]:
+    calls: dict[str, ToolCall] = {}
+    harmony: list[oh.Message] = []
+    for message in messages:
+        if message.role not in (*INSTRUCTION_ROLES, "user", "assistant", "tool"):
+            raise ValueError(f"unsupported chat message role {message.role!r}")
+        if message.role == "user":
+            harmony.append(oh.Message.from_role_and_content(oh.Role.USER, message.content))
+        elif message.role == "assistant":
+            calls.update((call.id, call) for call in message.tool_calls)
+            harmony += assistant_messages(message)
+        elif message.role == "tool":
+            call = calls.get(message.tool_call_id or "")
+            if call is None:
+                raise ValueError(f"tool message's tool_call_id {message.tool_call_id!r} names no earlier tool call")
+            author = oh.Author.new(oh.Role.TOOL, recipient(call.name))
+            harmony.append(oh.Message.from_author_and_content(author, message.content)
+                           .with_recipient("assistant").with_channel("commentary"))
+    return harmony
+
+
+def assistant_messages(message: ChatMessage) -> list[oh.Message]:
+    def text(content: str, channel: str) -> oh.Message:
+        return oh.Message.from_role_and_content(oh.Role.ASSISTANT, content).with_channel(channel)
+
+    harmony = [text(message.reasoning, "analysis")] if message.reasoning else []
+    if message.content:
+        harmony.append(text(message.content, "commentary" if message.tool_calls else "final"))
+    for call in message.tool_calls:
+        to = recipient(call.name)
+        call_message = text(call.arguments, "commentary").with_recipient(to)
+        harmony.append(call_message.with_content_type(CALL_CONTENT_TYPE) if to.startswith("functions.")
+                       else call_message)
+    return harmony
+
+
+def recipient(tool_name: str) -> str:
+    """Functions live in harmony's `functions` namespace; a built-in tool's name is its recipient already."""
+    return tool_name if tool_name == "python" or "." in tool_name else f"functions.{tool_name}"

@@ -4,11 +4,19 @@ The model continues a prompt that ended with `<|start|>assistant`, so it begins 
 header. A message is `header <|message|> body` ending at `<|end|>`, `<|return|>` or `<|call|>`;
 the header names the channel (`<|channel|>analysis`) and, for a tool call, a recipient (`to=...`).
 Where a message body goes:
+- a message addressed to a recipient (`to=functions.get_weather`, `to=browser.search`, `to=python`)
+  -> a tool call: its arguments are the body, its name the recipient without the `functions.` prefix.
+  Built-in tools' calls (browser, python, which gpt-oss writes even on the analysis channel) are
+  surfaced the same way, never dropped;
 - analysis channel -> reasoning;
-- commentary channel addressed to a recipient -> dropped: it is a tool call's arguments, and this
-  server offers no tools (vLLM hands these to its tool parser, never to content);
 - anything else (final, commentary preambles as in vLLM, unknown or missing channel) -> content.
-A second message to the same place is separated from the first by a newline, as vLLM joins them.
+A second message to the same place is separated from the first by a newline, as vLLM joins them;
+each message to a recipient is a call of its own.
+
+Why not openai-harmony's StreamableParser: it raises on output that is not well-formed harmony (it
+is a validator as much as a parser), while a server must turn whatever a model samples into a
+response, keeping text outside any message as content; tests check that both agree on well-formed
+output.
 
 A tiny random model emits arbitrary tokens, so nothing here raises: text outside any message is
 content, a header that runs past MAX_HEADER_TOKENS or meets a token no header holds was not a
@@ -21,7 +29,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from server.chat.messages import ChatDelta
+from server.chat.messages import ChatDelta, ToolCallDelta
 from server.chat.token_text import TokenTextDecoder
 
 if TYPE_CHECKING:
@@ -65,7 +73,8 @@ class HarmonyOutputParser:
         self._special_names = {token_id: name for name, token_id in tokenizer.special_tokens.items()}
         self._text = TokenTextDecoder(tokenizer)
         self._header: list[int] | None = []  # None: in a body or outside any message
-        self._target: str | None = "content"  # "reasoning", "content", or None to drop the body
+        self._target = "content"  # "reasoning", "content" or "tool"
+        self._calls = 0  # tool calls opened so far
         self._written = {"reasoning": False, "content": False}
         self._new_run = True  # the next text starts a new message (or stretch of loose text)
         self._delta = ChatDelta()
@@ -106,10 +115,13 @@ class HarmonyOutputParser:
     def _open_body(self) -> None:
         header = self._header_text()
         channel = CHANNEL.search(header)
-        if channel and channel.group(1) == "analysis":
+        recipient = RECIPIENT.search(header)
+        if recipient and recipient.group(1) != "assistant":
+            self._target = "tool"
+            self._calls += 1
+            self._delta.tool_calls.append(ToolCallDelta(self._calls - 1, name=tool_name(recipient.group(1))))
+        elif channel and channel.group(1) == "analysis":
             self._target = "reasoning"
-        elif channel and channel.group(1) == "commentary" and RECIPIENT.search(header):
-            self._target = None
         else:
             self._target = "content"
         self._header = None
@@ -134,7 +146,10 @@ class HarmonyOutputParser:
         return b"".join(parts).decode("utf-8", errors="replace")
 
     def _emit(self, text: str) -> None:
-        if not text or self._target is None:
+        if not text:
+            return
+        if self._target == "tool":
+            self._add_arguments(text)
             return
         if self._new_run and self._written[self._target]:
             text = "\n" + text
@@ -144,3 +159,15 @@ class HarmonyOutputParser:
             self._delta.reasoning += text
         else:
             self._delta.content += text
+
+    def _add_arguments(self, text: str) -> None:
+        calls = self._delta.tool_calls
+        if calls and calls[-1].index == self._calls - 1:
+            calls[-1].arguments += text
+        else:
+            calls.append(ToolCallDelta(self._calls - 1, arguments=text))
+
+
+def tool_name(recipient: str) -> str:
+    """`functions.get_weather` -> `get_weather`; a built-in tool keeps its whole recipient."""
+    return recipient.removeprefix("functions.")

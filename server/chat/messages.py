@@ -1,30 +1,60 @@
-"""The records chat formats exchange with the HTTP layer: messages in, text deltas out."""
+"""The records chat formats exchange with the HTTP layer: messages and tools in, deltas out."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+
+@dataclass
+class ToolCall:
+    """A call an assistant turn made: `arguments` is the JSON text exactly as the model wrote it."""
+
+    id: str
+    name: str  # a function's name, or a built-in tool's recipient ("browser.search", "python")
+    arguments: str
+
+
+@dataclass
+class FunctionTool:
+    """One function the client offers: `parameters` is its JSON schema."""
+
+    name: str
+    description: str = ""
+    parameters: dict | None = None
 
 
 @dataclass
 class ChatMessage:
     """One OpenAI chat message, already reduced to text by the HTTP layer."""
 
-    role: str  # "system" | "developer" | "user" | "assistant"
+    role: str  # "system" | "developer" | "user" | "assistant" | "tool"
     content: str
     reasoning: str | None = None  # an assistant turn's earlier reasoning, if the client sent it back
+    tool_calls: list[ToolCall] = field(default_factory=list)  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
+
+
+@dataclass
+class ToolCallDelta:
+    """Part of a generated tool call: the first delta of a call names it, later ones add argument text."""
+
+    index: int  # the call's position among this choice's calls
+    name: str | None = None
+    arguments: str = ""
 
 
 @dataclass
 class ChatDelta:
-    """Text a generated token released, split by where it goes in the response."""
+    """What a generated token released, split by where it goes in the response."""
 
-    reasoning: str = ""  # message.reasoning_content
+    reasoning: str = ""  # message.reasoning
     content: str = ""  # message.content
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
 
 class ChatOutputParser(Protocol):
-    """Turns one choice's generated tokens into text deltas, fed token by token as they stream."""
+    """Turns one choice's generated tokens into deltas, fed token by token as they stream."""
 
     def feed(self, token_id: int) -> ChatDelta: ...
 

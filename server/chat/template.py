@@ -1,7 +1,9 @@
 """Chat prompts for models without harmony (GPT-2): a Jinja template renders the conversation as text.
 
-The template sees `messages` (dicts with `role`, `content`, `reasoning`), `add_generation_prompt`
-(always true), `reasoning_effort` and `current_date`. The default, DEFAULT_CHAT_TEMPLATE, writes a
+The template sees `messages` (dicts with `role`, `content`, `reasoning`, `tool_calls`, `tool_call_id`),
+`tools` (dicts with `name`, `description`, `parameters`), `add_generation_prompt` (always true),
+`reasoning_effort` and `current_date`. Tools are refused unless the template's text mentions `tools`:
+the default one does not, and silently dropping them would let a client believe the model saw them. The default, DEFAULT_CHAT_TEMPLATE, writes a
 plain transcript and leaves the model to continue after "Assistant:":
 
     System: Be brief.
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from server.chat.messages import ChatDelta, ChatMessage
+from server.chat.messages import ChatDelta, ChatMessage, FunctionTool
 from server.chat.token_text import TokenTextDecoder
 
 if TYPE_CHECKING:
@@ -64,6 +66,7 @@ class TemplateChatFormat:
     def __init__(self, tokenizer: Tokenizer, template: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset((tokenizer.eos_token_id,))
+        self.uses_tools = "tools" in (template if template is not None else DEFAULT_CHAT_TEMPLATE)
         environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                     finalize=fence_printed_value)
         try:
@@ -73,9 +76,13 @@ class TemplateChatFormat:
         names = sorted(tokenizer.special_tokens, key=len, reverse=True)
         self._special_in_literal = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
 
-    def render(self, messages: list[ChatMessage], *, reasoning_effort: str | None = None,
-               current_date: str | None = None) -> list[int]:
+    def render(self, messages: list[ChatMessage], *, tools: list[FunctionTool] | None = None,
+               reasoning_effort: str | None = None, current_date: str | None = None) -> list[int]:
+        if tools and not self.uses_tools:
+            raise ValueError("this model's chat template does not use `tools`: tool calling needs a GPT-OSS "
+                             "model or a --chat-template that renders them")
         text = self.template.render(messages=[dataclasses.asdict(m) for m in messages],
+                                    tools=[dataclasses.asdict(t) for t in tools or []],
                                     add_generation_prompt=True, reasoning_effort=reasoning_effort,
                                     current_date=current_date)
         return self._encode(text)

@@ -1,13 +1,29 @@
-"""One chat choice as it grows: the chat format's parser splits reasoning from content; stop strings cut content."""
+"""One chat choice as it grows: the chat format's parser splits reasoning, content and tool calls; stop strings
+cut content. A choice that made a tool call and ended on a stop token (harmony's `<|call|>`) finishes with
+"tool_calls", as OpenAI's do."""
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass, field
+
 from models.tokenizer import Tokenizer
-from server.chat import ChatOutputParser
+from server.chat import ChatDelta, ChatOutputParser
 from server.detokenizer import StopStringMatcher, token_text
 from server.engine.outputs import ChoiceOutput, TokenLogprob
 from server.protocol import ChatTokenLogprob, TopLogprob
+from server.protocol_tools import FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
 from server.routes.engine_calls import raise_if_failed
+
+
+@dataclass
+class StreamDelta:
+    """What a choice added since its last stream chunk."""
+
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    logprobs: list[ChatTokenLogprob] | None = None
 
 
 class ChatChoice:
@@ -18,6 +34,8 @@ class ChatChoice:
         self._top_k = top_logprobs  # None: no logprobs asked for
         self.reasoning = ""
         self.content = ""
+        self.tool_calls: list[ToolCall] = []
+        self._call_deltas: list[ToolCallDelta] = []  # not streamed yet
         self.logprobs: list[ChatTokenLogprob] | None = [] if top_logprobs is not None else None
         self.num_tokens = 0
         self.finish_reason: str | None = None
@@ -48,19 +66,39 @@ class ChatChoice:
                 self.content += self._stop.flush()
         if self.stopped_by_string:
             self.finish_reason = "stop"
+        elif output.finish_reason == "stop" and self.tool_calls:
+            self.finish_reason = "tool_calls"
         elif output.finish_reason is not None:
             self.finish_reason = output.finish_reason
 
-    def take_delta(self) -> tuple[str, str, list[ChatTokenLogprob] | None]:
-        """Reasoning, content and logprobs added since the last call, for the next stream chunk."""
+    def take_delta(self) -> StreamDelta:
+        """What was added since the last call, for the next stream chunk."""
         reasoning_sent, content_sent, logprobs_sent = self._sent
         self._sent = (len(self.reasoning), len(self.content), len(self.logprobs or []))
         new_logprobs = None if self.logprobs is None else self.logprobs[logprobs_sent:]
-        return self.reasoning[reasoning_sent:], self.content[content_sent:], new_logprobs
+        calls, self._call_deltas = self._call_deltas, []
+        return StreamDelta(self.reasoning[reasoning_sent:], self.content[content_sent:], calls, new_logprobs)
 
-    def _take_text(self, delta) -> None:
+    def _take_text(self, delta: ChatDelta) -> None:
         self.reasoning += delta.reasoning
         self.content += self._stop.feed(delta.content)
+        for part in delta.tool_calls:
+            if part.name is not None:
+                call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=part.name, arguments=""))
+                self.tool_calls.append(call)
+                self._call_deltas.append(ToolCallDelta(index=part.index, id=call.id, type="function",
+                                                       function=FunctionCallDelta(name=part.name, arguments="")))
+            if part.arguments:
+                self.tool_calls[part.index].function.arguments += part.arguments
+                self._add_argument_delta(part.index, part.arguments)
+
+    def _add_argument_delta(self, index: int, arguments: str) -> None:
+        """Argument text joins the previous unsent fragment of the same call; the naming delta stays alone."""
+        last = self._call_deltas[-1] if self._call_deltas else None
+        if last is not None and last.index == index and last.id is None:
+            last.function.arguments = (last.function.arguments or "") + arguments
+        else:
+            self._call_deltas.append(ToolCallDelta(index=index, function=FunctionCallDelta(arguments=arguments)))
 
     def _logprob(self, token_id: int, score: TokenLogprob) -> ChatTokenLogprob:
         top = [self._top_logprob(t, value) for t, value in score.top[: self._top_k]]

@@ -1,4 +1,8 @@
-"""POST /v1/chat/completions: messages rendered by the model's chat format, reasoning split from content."""
+"""POST /v1/chat/completions: messages and tools rendered by the model's chat format; the output split into
+reasoning, content and tool calls.
+
+Reasoning goes out as `reasoning` (the name vLLM and OpenAI's gpt-oss guidance use) and, with the same
+text, as `reasoning_content` for older clients; requests may send either back."""
 
 from __future__ import annotations
 
@@ -7,16 +11,15 @@ import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-import jinja2
 from fastapi import APIRouter, Request
 
-from server.chat import ChatMessage
 from server.protocol import (
     APIError, ChatChoice as ChatChoiceBody, ChatChunkChoice, ChatCompletionChunk,
-    ChatCompletionRequest, ChatCompletionResponse, ChatDeltaMessage, ChatLogprobs, ChatMessageParam,
+    ChatCompletionRequest, ChatCompletionResponse, ChatDeltaMessage, ChatLogprobs,
     ChatResponseMessage, PromptTokensDetails, Usage, sse_responses,
 )
 from server.routes.chat_choice import ChatChoice
+from server.routes.chat_prompt import render_chat_prompt
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.models import ServedModel, find_model
 from server.routes.sampling import sampling_params, stop_strings
@@ -63,7 +66,8 @@ class ChatRun:
         choices = [
             ChatChoiceBody(
                 index=i,
-                message=ChatResponseMessage(content=c.content, reasoning_content=c.reasoning or None),
+                message=ChatResponseMessage(content=c.content, reasoning=c.reasoning or None,
+                                            reasoning_content=c.reasoning or None, tool_calls=c.tool_calls or None),
                 logprobs=None if c.logprobs is None else ChatLogprobs(content=c.logprobs),
                 finish_reason=c.finish_reason,
             )
@@ -79,17 +83,14 @@ class ChatRun:
             if not announced[index]:  # OpenAI's first delta of each choice carries only the role
                 announced[index] = True
                 yield self._chunk(index, ChatDeltaMessage(role="assistant", content=""))
-            reasoning, content, logprobs = choice.take_delta()
-            if not (reasoning or content or logprobs or choice.done):
+            new = choice.take_delta()
+            if not (new.reasoning or new.content or new.tool_calls or new.logprobs or choice.done):
                 continue
-            delta = ChatDeltaMessage()
-            if reasoning:
-                delta.reasoning_content = reasoning
-            if content:
-                delta.content = content
+            delta = ChatDeltaMessage(content=new.content or None, reasoning=new.reasoning or None,
+                                     reasoning_content=new.reasoning or None, tool_calls=new.tool_calls or None)
             chunk = self._chunk(index, delta)
-            if logprobs:
-                chunk.choices[0].logprobs = ChatLogprobs(content=logprobs)
+            if new.logprobs:
+                chunk.choices[0].logprobs = ChatLogprobs(content=new.logprobs)
             if choice.done:
                 chunk.choices[0].finish_reason = choice.finish_reason
             yield chunk
@@ -131,17 +132,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     return await cancel_on_disconnect(request, run.response())
 
 
+
 def render_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
-    """The prompt ids of a chat request (also what /tokenize counts for the same messages)."""
-    messages = [_chat_message(m) for m in body.messages]
-    try:
-        return served.chat_format.render(messages, reasoning_effort=body.reasoning_effort)
-    except (ValueError, jinja2.TemplateError) as e:
-        raise APIError(400, f"messages: cannot render the conversation: {e}", param="messages") from None
-
-
-def _chat_message(message: ChatMessageParam) -> ChatMessage:
-    content = message.content
-    if isinstance(content, list):
-        content = "".join(part.text for part in content)
-    return ChatMessage(role=message.role, content=content or "", reasoning=message.reasoning_content)
+    """The prompt ids of a chat request (also what /tokenize counts for the same request)."""
+    return render_chat_prompt(served.chat_format, body.messages, tools=body.tools, tool_choice=body.tool_choice,
+                              reasoning_effort=body.reasoning_effort)

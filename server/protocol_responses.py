@@ -1,0 +1,112 @@
+"""The Responses API's request body, as OpenAI's API reference has it (the subset gptserve serves).
+
+Output items and stream events are built as plain dicts in server/routes/response_output.py and read by the
+OpenAI SDK's own types in the tests; the request is validated strictly, as every request body here is.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from server.protocol_base import Strict
+from server.protocol_tools import FunctionName
+
+
+class TextPart(Strict):
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+    annotations: list[Any] | None = None
+
+
+class MessageItem(Strict):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[TextPart]
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallItem(Strict):
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1, max_length=256)
+    name: FunctionName
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutputItem(Strict):
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1, max_length=256)
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+class ReasoningText(Strict):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+class ReasoningItem(Strict):
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[Any] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
+    encrypted_content: None = None
+    status: str | None = None
+
+
+InputItem = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem,
+                      Field(discriminator="type")]
+
+
+class FunctionToolParam(Strict):
+    type: Literal["function"]
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ReasoningParam(Strict):
+    effort: Literal["low", "medium", "high"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = Field(None, description="accepted; no summaries")
+
+
+class TextFormat(Strict):
+    type: Literal["text", "json_schema", "json_object"]
+    name: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextParam(Strict):
+    format: TextFormat | None = Field(None, description="accepted; output is not yet constrained to it")
+
+
+class NamedFunctionChoice(Strict):
+    type: Literal["function"]
+    name: str
+
+
+class ResponsesRequest(Strict):
+    model: str
+    input: str | Annotated[list[InputItem], Field(min_length=1, max_length=4096)]
+    instructions: str | None = None
+    reasoning: ReasoningParam | None = None
+    max_output_tokens: int | None = Field(None, ge=1, description="null: up to the context length")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    tools: Annotated[list[FunctionToolParam], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextParam | None = None
+    stream: bool = False
+    store: bool = True
+    previous_response_id: str | None = Field(None, max_length=256)
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    user: str | None = Field(None, max_length=512)

@@ -1,0 +1,70 @@
+"""A chat request's messages and tools, rendered to prompt ids by the model's chat format.
+
+`render_chat_prompt` is the one place this happens, so every route that shows or counts a chat prompt
+(chat completions, /tokenize) renders the same ids.
+
+tool_choice: "auto" (the default) and "none" follow OpenAI; with "none" the tools are left out of the
+prompt, so the model is not told of them. "required" and a named function are accepted and the prompt is
+rendered exactly as with "auto", but the model is not yet forced to call (that needs constrained
+decoding); a call it does make is returned as usual. parallel_tool_calls is accepted either way:
+a harmony turn ends at its first `<|call|>`, so a choice holds at most one generated call.
+"""
+
+from __future__ import annotations
+
+import jinja2
+
+from server.chat import ChatMessage, FunctionTool, HarmonyChatFormat, TemplateChatFormat, ToolCall
+from server.protocol import APIError, ChatMessageParam
+from server.protocol_tools import ChatTool, NamedToolChoice
+
+
+def render_chat_prompt(chat_format: HarmonyChatFormat | TemplateChatFormat, messages: list[ChatMessageParam], *,
+                       tools: list[ChatTool] | None = None, tool_choice: str | NamedToolChoice | None = None,
+                       reasoning_effort: str | None = None) -> list[int]:
+    """Prompt ids for the conversation; bad input is a 400 naming the parameter."""
+    offered = function_tools(tools or [], tool_choice)
+    return render_messages(chat_format, [chat_message(i, m) for i, m in enumerate(messages)], offered,
+                           reasoning_effort)
+
+
+def render_messages(chat_format: HarmonyChatFormat | TemplateChatFormat, messages: list[ChatMessage],
+                    tools: list[FunctionTool], reasoning_effort: str | None, param: str = "messages") -> list[int]:
+    try:
+        return chat_format.render(messages, tools=tools, reasoning_effort=reasoning_effort)
+    except (ValueError, jinja2.TemplateError) as e:
+        raise APIError(400, f"{param}: cannot render the conversation: {e}", param=param) from None
+
+
+def function_tools(tools: list[ChatTool], tool_choice: str | NamedToolChoice | None) -> list[FunctionTool]:
+    offered = [FunctionTool(t.function.name, t.function.description or "", t.function.parameters) for t in tools]
+    named = tool_choice.function.name if isinstance(tool_choice, NamedToolChoice) else None
+    return chosen_tools(offered, tool_choice if named is None else "named", named)
+
+
+def chosen_tools(tools: list[FunctionTool], tool_choice: str | None, named: str | None = None) -> list[FunctionTool]:
+    """The tools the prompt shows, after the checks tool_choice asks for ("named": `named` must be offered)."""
+    names = [tool.name for tool in tools]
+    if len(set(names)) != len(names):
+        raise APIError(400, "tools: two functions have the same name", param="tools")
+    if tool_choice == "required" and not tools:
+        raise APIError(400, 'tool_choice "required" needs tools', param="tool_choice")
+    if tool_choice == "named" and named not in names:
+        raise APIError(400, f"tool_choice names the function {named!r}, which is not in tools", param="tool_choice")
+    return [] if tool_choice == "none" else tools
+
+
+def chat_message(index: int, message: ChatMessageParam) -> ChatMessage:
+    content = message.content
+    if isinstance(content, list):
+        content = "".join(part.text for part in content)
+    if message.tool_calls and message.role != "assistant":
+        raise APIError(400, f"messages[{index}].tool_calls: only assistant messages make tool calls",
+                       param="messages")
+    if message.role == "tool" and not message.tool_call_id:
+        raise APIError(400, f"messages[{index}].tool_call_id: a tool message must name the call it answers",
+                       param="messages")
+    calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or []]
+    reasoning = message.reasoning if message.reasoning is not None else message.reasoning_content
+    return ChatMessage(role=message.role, content=content or "", reasoning=reasoning, tool_calls=calls,
+                       tool_call_id=message.tool_call_id)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from server.protocol import GATEWAY_RESPONSES, ChatMessageParam, ErrorResponse, Strict
 
-CHAT_ONLY_FIELDS = ("tools", "reasoning_effort", "add_generation_prompt", "continue_final_message")
+CHAT_ONLY_FIELDS = ("tools", "tool_choice", "reasoning_effort", "add_generation_prompt", "continue_final_message")
 
 
 class TokenizeRequest(Strict):
@@ -23,6 +23,7 @@ class TokenizeRequest(Strict):
     prompt: str | None = None
     messages: Annotated[list[ChatMessageParam], Field(min_length=1)] | None = None
     tools: list[dict[str, Any]] | None = Field(None, description="as chat completions takes them")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="as chat completions takes it (none: no tools)")
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     add_generation_prompt: Literal[True] = Field(True, description="chat prompts always end where the "
                                                  "assistant's reply starts, as the chat endpoint renders them")

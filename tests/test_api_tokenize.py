@@ -99,3 +99,16 @@ def test_tokenizer_endpoints_need_the_key_and_version_does_not(server, http):
     version = httpx.get(server.base_url + "/version")
     assert version.status_code == 200
     assert version.json()["version"] == http.get("/openapi.json").json()["info"]["version"] != ""
+
+
+def test_tokenize_with_tools_counts_what_chat_completions_bills(http):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    request = {"model": "oss", "messages": MESSAGES, "tools": tools}
+    tokenized = http.post("/tokenize", json=request).json()
+    chat = http.post("/v1/chat/completions", json=request | {"max_completion_tokens": 1}).json()
+    without_tools = http.post("/tokenize", json={"model": "oss", "messages": MESSAGES}).json()
+    assert tokenized["count"] == chat["usage"]["prompt_tokens"] > without_tools["count"]
+    none_chosen = http.post("/tokenize", json=request | {"tool_choice": "none"}).json()
+    assert none_chosen["tokens"] == without_tools["tokens"]  # "none" leaves the tools out of the prompt

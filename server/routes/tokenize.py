@@ -50,8 +50,9 @@ def _chat_prompt(served: ServedModel, body: TokenizeRequest) -> list[int]:
     if body.prompt is not None:
         raise APIError(400, "prompt: give a prompt or messages, not both", param="prompt")
     fields = {"model": body.model, "messages": body.messages, "reasoning_effort": body.reasoning_effort}
-    if body.tools is not None:  # checked by the chat request's own field, wherever that accepts tools
-        fields["tools"] = body.tools
+    for field in ("tools", "tool_choice"):  # checked by the chat request's own fields
+        if getattr(body, field) is not None:
+            fields[field] = getattr(body, field)
     try:
         chat_request = ChatCompletionRequest.model_validate(fields)
     except ValidationError as e:

@@ -80,7 +80,8 @@ class LLMEngine:
         num_blocks = self._pool_blocks(spec.bytes_per_token(cache_dtype))
         # one block more than the block manager hands out: scratch space for the padding rows of decode graphs
         self.cache = PagedKVCache(spec, num_blocks + 1, config.block_size, dtype=cache_dtype, device=loaded.device)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        salt = f"{loaded.family}:{loaded.directory.resolve()}:{loaded.dtype}:{cache_dtype}"  # what shapes the KV
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, salt)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(loaded.model, self.cache, loaded.device, self._decode_graphs(num_blocks))
         self.sampler = Sampler()

@@ -40,7 +40,7 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     reported_prompt: bool = False  # prompt-level fields go out with the first output only
-    block_hashes: list[int] = field(default_factory=list)  # chained content hash of each full block so far
+    block_hashes: list[bytes] = field(default_factory=list)  # chained digest of each full block so far
     num_published_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
 
     @property

@@ -307,6 +307,41 @@ def test_failed_forward_fails_only_that_step_and_engine_keeps_serving(loaded, mo
     assert tokens_of(run_all(engine)["after"][0]) == greedy_generate(loaded.model, [prompt], 5)[0]
 
 
+def test_a_row_whose_sampling_raises_fails_only_its_own_request(loaded, monkeypatch):
+    engine = make_engine(loaded)
+    prompts = {f"ok{i}": random_prompt(8 + i, 80 + i) for i in range(3)}
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, greedy(4))
+    engine.add_request("bad", random_prompt(9, 90), SamplingParams(max_tokens=4, temperature=1.0), n=2)
+    real = engine.sampler
+
+    def sampler(logits, seqs):
+        if any(seq.request_id == "bad" for seq in seqs):
+            raise RuntimeError("injected sampling fault")
+        return real(logits, seqs)
+
+    monkeypatch.setattr(engine, "sampler", sampler)
+    results = run_all(engine)
+    assert sorted(results["bad"]) == [0, 1]
+    for outs in results["bad"].values():
+        assert [(o.finish_reason, "injected sampling fault" in o.error) for o in outs] == [("error", True)]
+    for request_id, prompt in prompts.items():
+        assert tokens_of(results[request_id][0]) == greedy_generate(loaded.model, [prompt], 4)[0]
+    assert engine.block_manager.num_used_blocks == 0 and not engine.has_work
+
+
+def test_top_k_beyond_int64_shares_a_step_with_other_requests_and_all_finish(loaded):
+    engine = make_engine(loaded)
+    prompts = {f"ok{i}": random_prompt(8 + i, 100 + i) for i in range(3)}
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, greedy(4))
+    engine.add_request("huge", random_prompt(9, 110), SamplingParams(max_tokens=4, top_k=2**63, seed=1))
+    results = run_all(engine)
+    assert [o.finish_reason for o in results["huge"][0]][-1] == "length"
+    for request_id, prompt in prompts.items():
+        assert tokens_of(results[request_id][0]) == greedy_generate(loaded.model, [prompt], 4)[0]
+
+
 def test_penalties_and_logit_bias_steer_greedy_choice(loaded):
     engine = make_engine(loaded)
     prompt = random_prompt(10, 14)

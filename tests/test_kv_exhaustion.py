@@ -52,3 +52,20 @@ def test_request_that_can_never_fit_is_refused_at_once(server):
     assert "KV cache" in response.json()["error"]["message"]
     assert time.monotonic() - started < 10
     assert server.health()["models"]["tiny"]["kv_blocks_used"] == 0
+
+
+def test_a_request_without_max_tokens_gets_what_the_cache_holds(server):
+    """The cache (96 tokens) is smaller than the context (128): leaving max_tokens out must not mean 'never fits'."""
+    completion = httpx.post(server.v1 + "/completions", json=body("x", max_tokens=None, n=2), timeout=60)
+    assert completion.status_code == 200, completion.text
+    assert all(c["finish_reason"] in ("stop", "length") for c in completion.json()["choices"])
+    assert completion.json()["usage"]["completion_tokens"] == 2 * 47  # 3 blocks of 16 each, less the prompt
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    response = httpx.post(server.v1 + "/chat/completions", json=chat, timeout=60)
+    assert response.status_code == 200, response.text
+
+
+def test_n_choices_that_cannot_fit_together_are_refused_naming_n(server):
+    response = httpx.post(server.v1 + "/completions", json=body("x", n=4), timeout=30)  # 4 x 3 blocks of the 6
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "n"

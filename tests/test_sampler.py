@@ -1,7 +1,9 @@
-"""The sampler's batched logit edits apply each row's own logit_bias and min_tokens mask, and no other row's."""
+"""The sampler's batched logit edits apply each row's own logit_bias and min_tokens mask, and no other row's; every
+schema-valid value (tiny temperature or top_p, top_k beyond int64) samples a token without failing any row."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from server.engine.sampler import Sampler
@@ -40,3 +42,60 @@ def test_rows_without_edits_are_left_alone():
     seqs = [sequence(SamplingParams(max_tokens=4), outputs=1) for _ in range(3)]
     logits = torch.randn(3, 8)
     assert torch.equal(Sampler._apply_bias_and_min_tokens(logits.clone(), seqs), logits)
+
+
+EXTREME_BUT_VALID = {
+    "temperature below float32's smallest normal": SamplingParams(temperature=1e-40),
+    "temperature that rounds to 0 in float32": SamplingParams(temperature=5e-324),
+    "top_p that rounds to 0 in float32": SamplingParams(top_p=1e-46),
+    "top_k beyond int64 with a tiny top_p": SamplingParams(top_k=2**63, top_p=1e-30),
+    "top_k of 10**30 with a tiny temperature": SamplingParams(top_k=10**30, temperature=1e-39),
+}
+
+
+@pytest.mark.parametrize("name", EXTREME_BUT_VALID)
+def test_extreme_but_valid_values_pick_the_top_token(name):
+    logits = torch.randn(2, 50)
+    seqs = [sequence(EXTREME_BUT_VALID[name], outputs=0), sequence(SamplingParams(temperature=0.0), outputs=0)]
+    tokens, _ = Sampler()(logits, seqs)
+    assert tokens == logits.argmax(dim=-1).tolist(), name
+
+
+def test_top_k_beyond_int64_means_off_and_fails_no_row():
+    torch.manual_seed(0)
+    logits = torch.zeros(3, 8)  # uniform: with top_k off every token can come out
+    seqs = [sequence(SamplingParams(top_k=2**63), outputs=0), sequence(SamplingParams(top_k=2**64 + 1), outputs=0),
+            sequence(SamplingParams(temperature=0.0), outputs=0)]
+    seen = set()
+    for _ in range(200):
+        tokens, _ = Sampler()(logits, seqs)
+        seen.update(tokens[:2])
+        assert tokens[2] == 0
+    assert seen == set(range(8))
+
+
+def test_a_repetition_penalty_near_zero_gives_no_nan():
+    logits = torch.tensor([[2.0, 1.0, -1.0, 0.5, 0.2]])
+    seq = Sequence("r", 0, [0, 1], 2, SamplingParams(repetition_penalty=1e-300, temperature=0.5), 0.0)
+    for _ in range(20):
+        [token], _ = Sampler()(logits.clone(), [seq])
+        assert token in (0, 1)  # the seen tokens with positive logits went to +inf, and no row became NaN
+
+
+def test_a_seeded_row_draws_the_same_tokens_whatever_shares_its_batch_given_the_same_logits():
+    """What the sampler guarantees; the model's logits for the row may still differ with the batch (docs/api.md)."""
+    row = torch.randn(1, 64)
+
+    def draws(others: int) -> list[int]:
+        generator = torch.Generator().manual_seed(5)
+        seeded = Sequence("s", 0, [1, 2, 3], 3, SamplingParams(top_p=0.95, seed=5), 0.0, generator)
+        neighbours = [sequence(SamplingParams(top_k=3), outputs=0) for _ in range(others)]
+        return [Sampler()(torch.cat([torch.randn(others, 64), row]), neighbours + [seeded])[0][-1] for _ in range(30)]
+
+    assert draws(0) == draws(7) == draws(31)
+
+
+def test_more_logprobs_than_the_vocabulary_lists_the_whole_vocabulary():
+    seqs = [sequence(SamplingParams(temperature=0.0, logprobs=20), outputs=0)]
+    _, [entry] = Sampler()(torch.randn(1, 8), seqs)
+    assert sorted(token for token, _ in entry.top) == list(range(8))

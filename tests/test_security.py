@@ -68,7 +68,9 @@ def test_metrics_stay_open_without_metrics_require_key():
     ("invalid UTF-8 in a string", b'{"model": "tiny", "prompt": "\xff\xfe caf\xc3"}', 400),
     ("invalid UTF-8 in a key", b'{"model\xc3": "tiny", "prompt": "x"}', 400),
     ("NaN temperature", b'{"model": "tiny", "prompt": "x", "temperature": NaN}', 400),
-    ("n x max_tokens beyond the KV cache", b'{"model": "tiny", "prompt": "x", "max_tokens": 5000}', 400),
+    ("n x max_tokens beyond the KV cache", b'{"model": "tiny", "prompt": "x", "n": 128, "max_tokens": 100}', 400),
+    ("echo amplification", b'{"model": "tiny", "prompt": [' + b"11," * 119 + b'11], "echo": true, "logprobs": 20, '
+     b'"n": 128, "max_tokens": 1}', 400),
     ("chat with a huge message", b'{"model": "tiny", "messages": [{"role": "user", "content": "'
      + b"hi " * 5000 + b'"}]}', 400),
 ])

@@ -91,6 +91,10 @@ class AsyncEngine:
     def validate(self, prompt_len: int, params: SamplingParams, n: int) -> None:
         self.engine.validate(prompt_len, params, n)
 
+    def default_max_tokens(self, prompt_len: int, n: int) -> int:
+        """What max_tokens means when a request leaves it out: as many as the context and the KV cache hold."""
+        return self.engine.admission.default_max_tokens(prompt_len, n)
+
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, n: int = 1
     ) -> AsyncIterator[ChoiceOutput]:

@@ -21,15 +21,15 @@ import torch
 from models.forward_batch import ForwardInterrupted, Interrupt
 from models.kv_cache import PagedKVCache, kv_cache_dtype
 from models.loader import LoadedModel
+from server.engine.admission import Admission
 from server.engine.block_manager import BlockManager
 from server.engine.decode_graphs import DecodeGraphs
-from server.engine.errors import RequestRejected
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import ChoiceOutput
 from server.engine.sampler import Sampler
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledChunk, Scheduler
-from server.engine.sequence import Sequence
+from server.engine.sequence import Sequence, SequenceStatus
 from server.engine.step_metrics import StepMetrics
 
 log = logging.getLogger("gptserve.engine")
@@ -80,13 +80,19 @@ class LLMEngine:
         num_blocks = self._pool_blocks(spec.bytes_per_token(cache_dtype))
         # one block more than the block manager hands out: scratch space for the padding rows of decode graphs
         self.cache = PagedKVCache(spec, num_blocks + 1, config.block_size, dtype=cache_dtype, device=loaded.device)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        salt = f"{loaded.family}:{loaded.directory.resolve()}:{loaded.dtype}:{cache_dtype}"  # what shapes the KV
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, salt)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(loaded.model, self.cache, loaded.device, self._decode_graphs(num_blocks))
         self.sampler = Sampler()
+        self.admission = Admission(self.max_model_len, config.block_size, num_blocks, config.enable_prefix_caching)
         self.requests: dict[str, list[Sequence]] = {}
+        self.held: dict[str, list[Sequence]] = {}  # choices waiting for their first sibling to score the prompt
         log.info("KV cache: %d blocks of %d tokens (%d tokens, %s)", num_blocks, config.block_size,
                  num_blocks * config.block_size, str(cache_dtype).removeprefix("torch."))
+        if num_blocks * config.block_size < self.max_model_len:
+            log.warning("the KV cache holds fewer tokens than the context (%d): a request's prompt + max_tokens "
+                        "must fit the cache, and a request without max_tokens gets what fits", self.max_model_len)
 
     def _pool_blocks(self, bytes_per_token: int) -> int:
         tokens = self.config.kv_cache_tokens
@@ -107,28 +113,15 @@ class LLMEngine:
 
     @property
     def capacity_tokens(self) -> int:
-        return self.block_manager.num_blocks * self.config.block_size
+        return self.admission.capacity_tokens
 
     def validate(self, prompt_len: int, params: SamplingParams, n: int) -> None:
         """Reject up front what could never be served, so it never occupies the queue or the cache."""
-        if prompt_len == 0:
-            raise RequestRejected("the prompt is empty", "prompt")
-        total = prompt_len + params.max_tokens
-        if total > self.max_model_len:
-            raise RequestRejected(
-                f"this model's maximum context length is {self.max_model_len} tokens, but {prompt_len} prompt tokens "
-                f"+ {params.max_tokens} max_tokens = {total} were requested",
-                "max_tokens" if prompt_len <= self.max_model_len else "prompt",
-            )
-        if total > self.capacity_tokens:
-            raise RequestRejected(
-                f"{total} tokens (prompt + max_tokens) can never fit the KV cache of {self.capacity_tokens} tokens",
-                "max_tokens",
-            )
-        if params.max_tokens == 0 and n > 1:
-            raise RequestRejected("n > 1 needs max_tokens > 0", "n")
+        self.admission.validate(prompt_len, params, n)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, n: int = 1) -> None:
+        """With prompt logprobs (echo), only the first choice scores the prompt; the others are held until it
+        has, then take its scores and, from the prefix cache, its KV."""
         now = time.monotonic()
         seqs = []
         for index in range(n):
@@ -136,10 +129,16 @@ class LLMEngine:
             if params.seed is not None:
                 generator = torch.Generator(self.loaded.device).manual_seed((params.seed + index * 0x9E3779B9) % 2**63)
             seq = Sequence(request_id, index, list(prompt_ids), len(prompt_ids), params, now, generator)
-            if params.prompt_logprobs is not None:
-                seq.prompt_logprobs = [None]
-            self.scheduler.add(seq)
             seqs.append(seq)
+            if params.prompt_logprobs is None:
+                self.scheduler.add(seq)
+                continue
+            seq.prompt_logprobs = [None]
+            if index == 0:
+                self.scheduler.add(seq)
+            else:
+                seq.status = SequenceStatus.HELD
+                self.held.setdefault(request_id, []).append(seq)
         self.requests[request_id] = seqs
 
     def abort(self, request_id: str) -> list[Output]:
@@ -177,7 +176,6 @@ class LLMEngine:
                 self.metrics.prefix_cache(chunk.seq)
         try:
             step = self.runner.run(chunks, interrupt if interrupt is not None and self._may_give_up(chunks) else None)
-            tokens, logprobs = self.sampler(step.logits, step.sampling_seqs)
         except ForwardInterrupted:
             for chunk in chunks:
                 self.block_manager.withdraw_unfilled(chunk.seq)
@@ -190,10 +188,39 @@ class LLMEngine:
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             chunk.seq.prompt_logprobs.extend(step.prompt_logprobs.get(id(chunk.seq), []))
+            if self.held and chunk.seq.request_id in self.held and not chunk.seq.wants_prompt_logprobs:
+                self._release_held(chunk.seq)
+        tokens, logprobs, failed = self._sample(step.logits, step.sampling_seqs)
         now = time.monotonic()
         outputs = [self._advance(seq, token, lp, now) for seq, token, lp in zip(step.sampling_seqs, tokens, logprobs)]
         self.metrics.scheduler_state(self.stats())
-        return [o for o in outputs if o is not None]
+        return failed + [o for o in outputs if o is not None]
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list, list[Output]]:
+        """Sample the batch; if that raises, sample row by row and fail only the requests whose row raises
+        (their KV is sound: the forward ran), so one request's parameters never fail its neighbours."""
+        try:
+            return *self.sampler(logits, seqs), []
+        except Exception:
+            log.exception("sampling a batch of %d failed; sampling its rows one by one", len(seqs))
+        tokens, logprobs, failed = [], [], []
+        for row, seq in enumerate(seqs):
+            try:
+                [token], [logprob] = self.sampler(logits[row : row + 1], [seq])
+            except Exception as exc:
+                token, logprob = -1, None  # never appended: the request ends here
+                failed += [(seq.request_id, out) for out in self._end_request(seq.request_id, "error",
+                                                                              f"sampling failed: {exc}")]
+            tokens.append(token)
+            logprobs.append(logprob)
+        return tokens, logprobs, failed
+
+    def _release_held(self, first: Sequence) -> None:
+        """``first`` has scored the prompt: its held siblings copy the scores and go to the front of the queue."""
+        for seq in reversed(self.held.pop(first.request_id)):
+            seq.prompt_logprobs = list(first.prompt_logprobs)
+            seq.status = SequenceStatus.WAITING
+            self.scheduler.waiting.appendleft(seq)
 
     def _may_give_up(self, chunks: list[ScheduledChunk]) -> bool:
         """Only a step of decodes alone, and only while a newcomer could be admitted at once (a free sequence
@@ -246,6 +273,7 @@ class LLMEngine:
         seqs = self.requests.get(seq.request_id, [])
         if all(s.is_finished for s in seqs):
             self.requests.pop(seq.request_id, None)
+            self.held.pop(seq.request_id, None)
 
     def _end_request(self, request_id: str, reason: str, error: str | None = None) -> list[ChoiceOutput]:
         ended = []

@@ -1,8 +1,11 @@
 """Next-token choice for a whole batch at once: penalties, bias, temperature, top-k/top-p/min-p, seeds, logprobs.
 
 Every transform is a tensor operation over the batch; the only per-row Python work is for rows that carry
-their own seed (their noise is drawn from their own generator, so a seed gives the same output whatever
-else shares the batch) or a logit_bias.
+their own seed (their noise is drawn from their own generator, so what else shares the batch never changes
+a seeded row's random draws) or a logit_bias. The logits themselves are not batch-invariant: a batch of
+another shape runs other kernel reductions and moves them by ~1e-5, which can flip a sampled token whose
+draw falls near a boundary, or a greedy one at a near-tie. So a seed reproduces an output only when the
+batch is the same each step too (e.g. the request alone); docs/api.md says so.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from server.engine.sequence import Sequence
 
 
 def top_logprobs(logprobs: Tensor, chosen: Tensor, k: int) -> list[TokenLogprob]:
-    """Logprob of each row's chosen token plus its k most likely alternatives."""
+    """Logprob of each row's chosen token plus its k most likely alternatives (at most the whole vocabulary)."""
+    k = min(k, logprobs.shape[-1])
     chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
     top_values, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], chosen[:, None][:, :0])
     return [
@@ -91,8 +95,12 @@ class Sampler:
     @staticmethod
     def _sample(logits: Tensor, seqs: list[Sequence]) -> Tensor:
         device = logits.device
+        # Every schema-valid value keeps the top token: the row's maximum goes to 0 before dividing, so a
+        # temperature that rounds to 0 in float32 (or an overflowing logit) cannot make the row NaN.
+        finfo = torch.finfo(logits.dtype)
+        logits = logits.clamp(max=finfo.max)
         temperature = torch.tensor([s.params.temperature for s in seqs], device=device).unsqueeze(1)
-        logits = logits / temperature
+        logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature.clamp(min=finfo.tiny)
         top_k = [s.params.top_k for s in seqs]
         top_p = [s.params.top_p for s in seqs]
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
@@ -101,8 +109,8 @@ class Sampler:
         min_p = torch.tensor([s.params.min_p for s in seqs], device=device).unsqueeze(1)
         if (min_p > 0).any():
             probs = torch.where(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0, probs)
-        # Inverse-CDF sampling: one uniform per row (drawn from the row's own generator when it has a seed), so a
-        # seed gives the same token whatever shares the batch, at a fraction of the cost of per-token noise.
+        # Inverse-CDF sampling: one uniform per row (drawn from the row's own generator when it has a seed, so the
+        # batch never changes a seeded row's draws), at a fraction of the cost of per-token noise.
         cdf = probs.cumsum(dim=-1)
         uniform = torch.rand(len(seqs), 1, device=device)
         for row, seq in enumerate(seqs):
@@ -116,10 +124,11 @@ def _top_k_top_p(logits: Tensor, top_k: list[int], top_p: list[float]) -> Tensor
     vocab = logits.shape[-1]
     device = logits.device
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=device).clamp(max=vocab)
+    k = torch.tensor([min(kk, vocab) if kk > 0 else vocab for kk in top_k], device=device)  # any int: no overflow
     ranks = torch.arange(vocab, device=device).unsqueeze(0)
     drop = ranks >= k.unsqueeze(1)
     sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     drop |= mass_before >= torch.tensor(top_p, device=device).unsqueeze(1)
+    drop[:, 0] = False  # a top_p that rounds to 0 in float32 still keeps the top token
     return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))

@@ -16,6 +16,7 @@ from server.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
+    HELD = "held"  # not queued yet: waits for its request's first choice to score the prompt
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -40,7 +41,7 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     reported_prompt: bool = False  # prompt-level fields go out with the first output only
-    block_hashes: list[int] = field(default_factory=list)  # chained content hash of each full block so far
+    block_hashes: list[bytes] = field(default_factory=list)  # chained digest of each full block so far
     num_published_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
 
     @property

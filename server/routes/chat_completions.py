@@ -114,7 +114,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     prompt = render_prompt(served, body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:
-        max_tokens = max(engine.max_model_len - len(prompt), 0)
+        max_tokens = engine.default_max_tokens(len(prompt), body.n)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, engine.tokenizer, max_tokens=max_tokens, logprobs=top_logprobs,
                              model_stop_ids=served.chat_format.stop_token_ids)

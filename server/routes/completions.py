@@ -98,7 +98,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     prompt_logprobs = body.logprobs if body.echo else None
     jobs = []
     for prompt in prompts:
-        max_tokens = body.max_tokens if body.max_tokens is not None else max(engine.max_model_len - len(prompt), 0)
+        max_tokens = body.max_tokens if body.max_tokens is not None else engine.default_max_tokens(len(prompt), body.n)
         params = sampling_params(body, engine.tokenizer, max_tokens=max_tokens, logprobs=body.logprobs,
                                  model_stop_ids=frozenset((engine.tokenizer.eos_token_id,)),
                                  prompt_logprobs=prompt_logprobs)

@@ -1,0 +1,74 @@
+"""What a request may ask for: refused up front if it could never be served, so it never occupies the queue
+or the cache, and what a request that leaves max_tokens out gets.
+
+A request must fit the KV cache with all its n choices at full length at once (the choices share the prompt's
+full blocks through the prefix cache). One that fits only a choice at a time would be served by preempting
+its own choices over and over. Echoed prompt logprobs are bounded too: each choice returns every prompt token
+with its top alternatives, so n x prompt x (logprobs + 1) entries, a response thousands of times its request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.engine.errors import RequestRejected
+from server.engine.sampling_params import SamplingParams
+
+MAX_PROMPT_LOGPROB_ENTRIES = 2**18  # ~8 MB of JSON; a full 128k context scored with one alternative fits
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    prefix_caching: bool
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def validate(self, prompt_len: int, params: SamplingParams, n: int) -> None:
+        if prompt_len == 0:
+            raise RequestRejected("the prompt is empty", "prompt")
+        total = prompt_len + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestRejected(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {prompt_len} prompt tokens "
+                f"+ {params.max_tokens} max_tokens = {total} were requested",
+                "max_tokens" if prompt_len <= self.max_model_len else "prompt",
+            )
+        if params.max_tokens == 0 and n > 1:
+            raise RequestRejected("n > 1 needs max_tokens > 0", "n")
+        if self._blocks_needed(prompt_len, params.max_tokens, n) > self.num_blocks:
+            alone = self._blocks_needed(prompt_len, params.max_tokens, 1) <= self.num_blocks
+            choices = f"{n} choices x " if n > 1 else ""
+            raise RequestRejected(
+                f"{choices}{total} tokens (prompt + max_tokens) can never fit the KV cache of "
+                f"{self.capacity_tokens} tokens at once; lower {'n' if alone else 'max_tokens'}",
+                "n" if alone else "max_tokens",
+            )
+        if params.prompt_logprobs is not None:
+            entries = n * prompt_len * (params.prompt_logprobs + 1)
+            if entries > MAX_PROMPT_LOGPROB_ENTRIES:
+                raise RequestRejected(
+                    f"echo with logprobs returns n ({n}) x prompt tokens ({prompt_len}) x (logprobs + 1) "
+                    f"({params.prompt_logprobs + 1}) = {entries} prompt logprobs, more than the "
+                    f"{MAX_PROMPT_LOGPROB_ENTRIES} allowed; lower n, logprobs or the prompt's length, or drop echo",
+                    "logprobs",
+                )
+
+    def default_max_tokens(self, prompt_len: int, n: int) -> int:
+        """The most tokens each of ``n`` choices can have with the context and the KV cache holding them all at
+        once (0 if not even the prompt fits: validate then says why)."""
+        blocks_per_choice = (self.num_blocks + (n - 1) * self._shared_blocks(prompt_len)) // n
+        return max(min(self.max_model_len, blocks_per_choice * self.block_size) - prompt_len, 0)
+
+    def _shared_blocks(self, prompt_len: int) -> int:
+        """Choices after the first find the prompt's full blocks in the prefix cache (echoed prompt logprobs
+        too: the engine scores the prompt once, with the first choice)."""
+        return (prompt_len - 1) // self.block_size if self.prefix_caching else 0
+
+    def _blocks_needed(self, prompt_len: int, max_tokens: int, n: int) -> int:
+        per_choice = -(-(prompt_len + max_tokens) // self.block_size)
+        return per_choice + (n - 1) * (per_choice - self._shared_blocks(prompt_len))

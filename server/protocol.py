@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -77,6 +77,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = Field(None, description="not supported; must be null")
     best_of: int | None = Field(None, ge=1, le=MAX_N, description="only best_of == n is supported")
+    response_format: ResponseFormat | None = Field(None, description="vLLM extra: constrain every choice's text")
 
 
 class TextContentPart(Strict):
@@ -91,17 +92,24 @@ class ChatMessageParam(Strict):
     reasoning_content: str | None = Field(None, description="an earlier assistant turn's reasoning")
 
 
+class JsonSchemaFormat(Strict):
+    name: str = Field(max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema every output validates against")
+    strict: bool | None = Field(None, description="the schema is always enforced, whatever this says")
+
+
 class ResponseFormat(Strict):
-    """Only plain text is served until constrained decoding exists; the other kinds are named and refused."""
+    """``json_object``: the output is one JSON object; ``json_schema``: one JSON value valid under the schema."""
 
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
-    @field_validator("type", mode="before")
-    @classmethod
-    def _not_yet(cls, kind: object) -> object:
-        if kind in ("json_object", "json_schema"):
-            raise ValueError(f"{kind!r} is not supported yet (only 'text')")
-        return kind
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only there")
+        return self
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -31,6 +31,7 @@ from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledChunk, Scheduler
 from server.engine.sequence import Sequence
 from server.engine.step_metrics import StepMetrics
+from server.engine.structured_output import GrammarCompiler
 
 log = logging.getLogger("gptserve.engine")
 
@@ -85,6 +86,7 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, self.cache, loaded.device, self._decode_graphs(num_blocks))
         self.sampler = Sampler()
         self.requests: dict[str, list[Sequence]] = {}
+        self._grammars: GrammarCompiler | None = None  # built on the first constrained request
         log.info("KV cache: %d blocks of %d tokens (%d tokens, %s)", num_blocks, config.block_size,
                  num_blocks * config.block_size, str(cache_dtype).removeprefix("torch."))
 
@@ -104,6 +106,12 @@ class LLMEngine:
             return None
         max_blocks = -(-self.max_model_len // self.config.block_size)
         return DecodeGraphs(self.loaded.model, self.cache, self.config.max_num_seqs, max_blocks, scratch_block)
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.loaded.tokenizer)
+        return self._grammars
 
     @property
     def capacity_tokens(self) -> int:
@@ -127,6 +135,11 @@ class LLMEngine:
             )
         if params.max_tokens == 0 and n > 1:
             raise RequestRejected("n > 1 needs max_tokens > 0", "n")
+        if params.grammar is not None:
+            if params.ignore_eos or params.min_tokens:  # both would keep a finished grammar from stopping
+                raise RequestRejected("response_format cannot be combined with ignore_eos or min_tokens",
+                                      "ignore_eos" if params.ignore_eos else "min_tokens")
+            self.grammars.compile(params.grammar)  # cached: add_request finds it ready
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, n: int = 1) -> None:
         now = time.monotonic()
@@ -136,6 +149,8 @@ class LLMEngine:
             if params.seed is not None:
                 generator = torch.Generator(self.loaded.device).manual_seed((params.seed + index * 0x9E3779B9) % 2**63)
             seq = Sequence(request_id, index, list(prompt_ids), len(prompt_ids), params, now, generator)
+            if params.grammar is not None:
+                seq.grammar = self.grammars.new_state(params.grammar, params.stop_token_ids)
             if params.prompt_logprobs is not None:
                 seq.prompt_logprobs = [None]
             self.scheduler.add(seq)
@@ -219,6 +234,8 @@ class LLMEngine:
         else:
             seq.token_ids.append(token)
             new_tokens.append(token)
+            if seq.grammar is not None:
+                seq.grammar.accept(token)
             if logprob is not None:
                 new_logprobs.append(logprob)
             if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:

@@ -19,6 +19,7 @@ from server.protocol import (
 from server.routes.chat_choice import ChatChoice
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.models import ServedModel, find_model
+from server.routes.response_format import answer_prefix, grammar_spec
 from server.routes.sampling import sampling_params, stop_strings
 from server.streaming import continuous_usage, prime, sse_response
 
@@ -116,7 +117,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         max_tokens = max(engine.max_model_len - len(prompt), 0)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, engine.tokenizer, max_tokens=max_tokens, logprobs=top_logprobs,
-                             model_stop_ids=served.chat_format.stop_token_ids)
+                             model_stop_ids=served.chat_format.stop_token_ids,
+                             grammar=grammar_spec(body.response_format, answer_prefix(served.chat_format)))
     engine.validate(len(prompt), params, body.n)
     stop = stop_strings(body)
     run = ChatRun(

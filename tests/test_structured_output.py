@@ -7,11 +7,18 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import httpx
 import jsonschema
 import pytest
 
+from models.loader import load_model
+from server.chat import ChatMessage, HarmonyChatFormat
+from server.engine.engine import EngineConfig, LLMEngine
+from server.engine.sampling_params import SamplingParams
+from server.protocol import ResponseFormat
+from server.routes.response_format import answer_prefix, grammar_spec
 from tests.server_process import ServerProcess
 
 SCHEMA = {
@@ -32,14 +39,18 @@ STRING_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 @pytest.fixture(scope="module")
-def http(tmp_path_factory):
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
     from models.testing.gpt2_checkpoint import write_tiny_gpt2
     from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
 
     root = tmp_path_factory.mktemp("tiny")
-    gpt2 = write_tiny_gpt2(root / "gpt2", n_positions=512)  # room for max_tokens
-    oss = write_tiny_gpt_oss(root / "gpt-oss")
-    with ServerProcess(["--model", f"gpt2={gpt2}", "--model", f"oss={oss}"]) as server:
+    return {"gpt2": write_tiny_gpt2(root / "gpt2", n_positions=512),  # room for max_tokens
+            "oss": write_tiny_gpt_oss(root / "gpt-oss")}
+
+
+@pytest.fixture(scope="module")
+def http(checkpoints):
+    with ServerProcess([arg for name, path in checkpoints.items() for arg in ("--model", f"{name}={path}")]) as server:
         with httpx.Client(base_url=server.v1, timeout=120) as client:
             yield client
 
@@ -111,3 +122,22 @@ def test_unservable_constraints_are_400_naming_the_field(http, extra, param):
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
     assert http.post("/chat/completions", json={"model": "gpt2", "messages": MESSAGES, "max_tokens": 2}).status_code == 200
+
+
+def test_gpt_oss_answer_opens_on_the_final_channel_then_follows_the_grammar(checkpoints):
+    loaded = load_model(checkpoints["oss"], dtype="float32", device="cpu")
+    chat_format = HarmonyChatFormat(loaded.tokenizer)
+    header = answer_prefix(chat_format)
+    assert loaded.tokenizer.decode(list(header)) == "<|channel|>final<|message|>"
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_tokens=4096, max_num_seqs=4))
+    grammar = grammar_spec(ResponseFormat.model_validate(JSON_SCHEMA_FORMAT), header)
+    params = SamplingParams(max_tokens=440, temperature=1.0, seed=3, stop_token_ids=chat_format.stop_token_ids,
+                            grammar=grammar)
+    engine.add_request("r", chat_format.render([ChatMessage("user", "Hi")]), params, n=2)
+    outputs: dict[int, list[int]] = {0: [], 1: []}
+    while engine.has_work:
+        for _, out in engine.step():
+            outputs[out.index] += out.new_token_ids
+    for tokens in outputs.values():
+        assert tuple(tokens[: len(header)]) == header
+        assert_compact_json(loaded.tokenizer.decode(tokens[len(header):]), SCHEMA)

@@ -16,7 +16,7 @@ import pytest
 from models.loader import load_model
 from server.chat import ChatMessage, HarmonyChatFormat
 from server.engine.engine import EngineConfig, LLMEngine
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import GrammarSpec, SamplingParams
 from server.protocol import ResponseFormat
 from server.routes.response_format import answer_prefix, grammar_spec
 from tests.server_process import ServerProcess
@@ -141,3 +141,17 @@ def test_gpt_oss_answer_opens_on_the_final_channel_then_follows_the_grammar(chec
     for tokens in outputs.values():
         assert tuple(tokens[: len(header)]) == header
         assert_compact_json(loaded.tokenizer.decode(tokens[len(header):]), SCHEMA)
+
+
+def test_token_outside_the_grammar_fails_that_choice_not_the_engine(checkpoints):
+    loaded = load_model(checkpoints["gpt2"], dtype="float32", device="cpu")
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_tokens=1024, max_num_seqs=4))
+    real_sampler, space = engine.sampler, loaded.tokenizer.encode(" ")[0]  # JSON must open with "{", not " "
+    engine.sampler = lambda logits, seqs: ([space] * len(seqs), [None] * len(seqs))
+    engine.add_request("bad", loaded.tokenizer.encode("Hi"), SamplingParams(max_tokens=8, grammar=GrammarSpec()))
+    (request_id, out), = engine.step()
+    assert (request_id, out.finish_reason) == ("bad", "error") and "grammar" in out.error
+    engine.sampler = real_sampler
+    engine.add_request("next", loaded.tokenizer.encode("Hi"), SamplingParams(max_tokens=4, temperature=0))
+    while engine.has_work:
+        engine.step()

@@ -234,12 +234,12 @@ class LLMEngine:
         else:
             seq.token_ids.append(token)
             new_tokens.append(token)
-            if seq.grammar is not None:
-                seq.grammar.accept(token)
             if logprob is not None:
                 new_logprobs.append(logprob)
             if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = "length"
+            if seq.grammar is not None and not seq.grammar.accept(token):
+                reason = "error"  # only a row its mask left nothing in: fail the choice, never the engine
         if new_tokens:
             self.metrics.token(seq, now)
             seq.first_token_time = seq.first_token_time or now
@@ -254,6 +254,8 @@ class LLMEngine:
         if reason is not None:
             self._finish(seq, reason)
             out.finish_reason = reason
+            if reason == "error":
+                out.error = "the output left its response_format grammar"
         return seq.request_id, out
 
     def _finish(self, seq: Sequence, reason: str) -> None:

@@ -42,11 +42,11 @@ class GrammarState:
     vocab_size: int  # the tokenizer's: logits beyond it (a padded embedding) are never allowed
     forced: list[int] = field(default_factory=list)
 
-    def accept(self, token: int) -> None:
+    def accept(self, token: int) -> bool:
+        """Advance past ``token``; False if the grammar (or the forced token) does not allow it."""
         if self.forced:
-            self.forced.pop(0)
-        elif not self.matcher.accept_token(token):
-            raise RuntimeError(f"token {token} was sampled outside its grammar")
+            return self.forced.pop(0) == token
+        return self.matcher.accept_token(token)
 
 
 class GrammarCompiler:
@@ -88,7 +88,7 @@ class GrammarCompiler:
         return compiled
 
     def new_state(self, spec: GrammarSpec, stop_token_ids: frozenset[int]) -> GrammarState:
-        matcher = xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=sorted(stop_token_ids))
+        matcher = xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=sorted(stop_token_ids) or None)
         return GrammarState(matcher, self.vocab_size, list(spec.forced_prefix))
 
 

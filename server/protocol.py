@@ -320,5 +320,7 @@ SSE_DESCRIPTION = ("with stream=true: server-sent events, one `data: {chunk}` pe
 
 def sse_responses(chunk: type[BaseModel]) -> dict[int | str, dict]:
     """The 200 of a streaming endpoint: the JSON body, or an event stream of ``chunk`` objects."""
-    event_stream = {"schema": {"type": "string", "description": f"{SSE_DESCRIPTION}; chunks are {chunk.__name__}"}}
+    # OpenAPI 3.1 has no itemSchema: the schema is read (by schemathesis, as 3.2 defines it) as that of one event
+    event_stream = {"schema": {"type": "object", "required": ["data"], "properties": {
+        "data": {"type": "string", "description": f"{SSE_DESCRIPTION}; chunks are {chunk.__name__}"}}}}
     return {200: {"content": {"text/event-stream": event_stream}}} | ERROR_RESPONSES

@@ -119,6 +119,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     params = sampling_params(body, engine.tokenizer, max_tokens=max_tokens, logprobs=top_logprobs,
                              model_stop_ids=served.chat_format.stop_token_ids,
                              grammar=grammar_spec(body.response_format, answer_prefix(served.chat_format)))
+    await engine.compile_grammar(params.grammar)
     engine.validate(len(prompt), params, body.n)
     stop = stop_strings(body)
     run = ChatRun(

@@ -98,6 +98,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     prompts = tokenize_prompts(body.prompt, engine.tokenizer)
     prompt_logprobs = body.logprobs if body.echo else None
     grammar = grammar_spec(body.response_format)
+    await engine.compile_grammar(grammar)
     jobs = []
     for prompt in prompts:
         max_tokens = body.max_tokens if body.max_tokens is not None else max(engine.max_model_len - len(prompt), 0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, model_validator
 
 from server.protocol_base import Strict, WithoutNulls
 from server.protocol_tools import ChatTool, NamedToolChoice, ToolCall, ToolCallDelta, ToolCallParam
@@ -78,6 +78,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = Field(None, description="not supported; must be null")
     best_of: int | None = Field(None, ge=1, le=MAX_N, description="only best_of == n is supported")
+    response_format: ResponseFormat | None = Field(None, description="vLLM extra: constrain every choice's text")
 
 
 class TextContentPart(Strict):
@@ -96,17 +97,24 @@ class ChatMessageParam(Strict):
     tool_call_id: str | None = Field(None, max_length=256, description="a tool message: the call it answers")
 
 
+class JsonSchemaFormat(Strict):
+    name: str = Field(max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema every output validates against")
+    strict: bool | None = Field(None, description="the schema is always enforced, whatever this says")
+
+
 class ResponseFormat(Strict):
-    """Only plain text is served until constrained decoding exists; the other kinds are named and refused."""
+    """``json_object``: the output is one JSON object; ``json_schema``: one JSON value valid under the schema."""
 
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
-    @field_validator("type", mode="before")
-    @classmethod
-    def _not_yet(cls, kind: object) -> object:
-        if kind in ("json_object", "json_schema"):
-            raise ValueError(f"{kind!r} is not supported yet (only 'text')")
-        return kind
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only there")
+        return self
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -323,5 +331,7 @@ SSE_DESCRIPTION = ("with stream=true: server-sent events, one `data: {chunk}` pe
 
 def sse_responses(chunk: type[BaseModel]) -> dict[int | str, dict]:
     """The 200 of a streaming endpoint: the JSON body, or an event stream of ``chunk`` objects."""
-    event_stream = {"schema": {"type": "string", "description": f"{SSE_DESCRIPTION}; chunks are {chunk.__name__}"}}
+    # OpenAPI 3.1 has no itemSchema: the schema is read (by schemathesis, as 3.2 defines it) as that of one event
+    event_stream = {"schema": {"type": "object", "required": ["data"], "properties": {
+        "data": {"type": "string", "description": f"{SSE_DESCRIPTION}; chunks are {chunk.__name__}"}}}}
     return {200: {"content": {"text/event-stream": event_stream}}} | ERROR_RESPONSES

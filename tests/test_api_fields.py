@@ -59,15 +59,6 @@ def test_fields_that_would_change_the_output_are_400_naming_them(http, field, va
     assert error["param"] == field and field in error["message"]
 
 
-@pytest.mark.parametrize("kind", ["json_object", "json_schema"])
-def test_structured_response_formats_are_400_not_supported_yet(http, kind):
-    response_format = {"type": kind} | ({"json_schema": {"name": "x", "schema": {}}} if kind == "json_schema" else {})
-    response = http.post("/chat/completions", json=GREEDY | {"messages": MESSAGES, "response_format": response_format})
-    assert response.status_code == 400
-    error = response.json()["error"]
-    assert error["param"] == "response_format" and "not supported yet" in error["message"]
-
-
 def assert_usage_so_far_on_every_chunk(chunks: list[dict], expected_completion_tokens: int) -> None:
     *streamed, last = chunks
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == expected_completion_tokens

@@ -40,6 +40,10 @@ class Admission:
             )
         if params.max_tokens == 0 and n > 1:
             raise RequestRejected("n > 1 needs max_tokens > 0", "n")
+        if params.grammar is not None and (params.ignore_eos or params.min_tokens):
+            # both would keep a finished grammar from stopping
+            raise RequestRejected("response_format cannot be combined with ignore_eos or min_tokens",
+                                  "ignore_eos" if params.ignore_eos else "min_tokens")
         if self._blocks_needed(prompt_len, params.max_tokens, n) > self.num_blocks:
             alone = self._blocks_needed(prompt_len, params.max_tokens, 1) <= self.num_blocks
             choices = f"{n} choices x " if n > 1 else ""

@@ -19,7 +19,7 @@ from server.engine.distributed import ShardedModel
 from server.engine.engine import EngineConfig, EngineStats, LLMEngine, Output
 from server.engine.errors import EngineUnavailable, QueueFull
 from server.engine.outputs import ChoiceOutput
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import GrammarSpec, SamplingParams
 from server.engine.step_metrics import StepMetrics
 
 log = logging.getLogger("gptserve.engine")
@@ -94,6 +94,12 @@ class AsyncEngine:
     def default_max_tokens(self, prompt_len: int, n: int) -> int:
         """What max_tokens means when a request leaves it out: as many as the context and the KV cache hold."""
         return self.engine.admission.default_max_tokens(prompt_len, n)
+
+    async def compile_grammar(self, spec: GrammarSpec | None) -> None:
+        """Compile a request's grammar (or find it cached) off the event loop, so validate finds it ready: the
+        first one also builds the tokenizer's grammar tables, seconds on o200k."""
+        if spec is not None:
+            await asyncio.to_thread(self.engine.grammars.compile, spec)
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, n: int = 1

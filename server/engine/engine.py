@@ -31,6 +31,7 @@ from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledChunk, Scheduler
 from server.engine.sequence import Sequence, SequenceStatus
 from server.engine.step_metrics import StepMetrics
+from server.engine.structured_output import GrammarCompiler
 
 log = logging.getLogger("gptserve.engine")
 
@@ -88,6 +89,7 @@ class LLMEngine:
         self.admission = Admission(self.max_model_len, config.block_size, num_blocks, config.enable_prefix_caching)
         self.requests: dict[str, list[Sequence]] = {}
         self.held: dict[str, list[Sequence]] = {}  # choices waiting for their first sibling to score the prompt
+        self._grammars: GrammarCompiler | None = None  # built on the first constrained request
         log.info("KV cache: %d blocks of %d tokens (%d tokens, %s)", num_blocks, config.block_size,
                  num_blocks * config.block_size, str(cache_dtype).removeprefix("torch."))
         if num_blocks * config.block_size < self.max_model_len:
@@ -112,12 +114,20 @@ class LLMEngine:
         return DecodeGraphs(self.loaded.model, self.cache, self.config.max_num_seqs, max_blocks, scratch_block)
 
     @property
+    def grammars(self) -> GrammarCompiler:
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.loaded.tokenizer)
+        return self._grammars
+
+    @property
     def capacity_tokens(self) -> int:
         return self.admission.capacity_tokens
 
     def validate(self, prompt_len: int, params: SamplingParams, n: int) -> None:
         """Reject up front what could never be served, so it never occupies the queue or the cache."""
         self.admission.validate(prompt_len, params, n)
+        if params.grammar is not None:
+            self.grammars.compile(params.grammar)  # cached: add_request finds it ready
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, n: int = 1) -> None:
         """With prompt logprobs (echo), only the first choice scores the prompt; the others are held until it
@@ -129,6 +139,8 @@ class LLMEngine:
             if params.seed is not None:
                 generator = torch.Generator(self.loaded.device).manual_seed((params.seed + index * 0x9E3779B9) % 2**63)
             seq = Sequence(request_id, index, list(prompt_ids), len(prompt_ids), params, now, generator)
+            if params.grammar is not None:
+                seq.grammar = self.grammars.new_state(params.grammar, params.stop_token_ids)
             seqs.append(seq)
             if params.prompt_logprobs is None:
                 self.scheduler.add(seq)
@@ -250,6 +262,8 @@ class LLMEngine:
                 new_logprobs.append(logprob)
             if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = "length"
+            if seq.grammar is not None and not seq.grammar.accept(token):
+                reason = "error"  # only a row its mask left nothing in: fail the choice, never the engine
         if new_tokens:
             self.metrics.token(seq, now)
             seq.first_token_time = seq.first_token_time or now
@@ -264,6 +278,8 @@ class LLMEngine:
         if reason is not None:
             self._finish(seq, reason)
             out.finish_reason = reason
+            if reason == "error":
+                out.error = "the output left its response_format grammar"
         return seq.request_id, out
 
     def _finish(self, seq: Sequence, reason: str) -> None:

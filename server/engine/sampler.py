@@ -15,6 +15,7 @@ from torch import Tensor
 
 from server.engine.outputs import TokenLogprob
 from server.engine.sequence import Sequence
+from server.engine.structured_output import apply_grammars
 
 
 def top_logprobs(logprobs: Tensor, chosen: Tensor, k: int) -> list[TokenLogprob]:
@@ -34,6 +35,7 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
         logits = self._apply_penalties(logits.clone(), seqs)
         logits = self._apply_bias_and_min_tokens(logits, seqs)
+        apply_grammars(logits, [s.grammar for s in seqs])
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled_rows:

@@ -5,6 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True, slots=True)
+class GrammarSpec:
+    """A constraint on the output, as the engine compiles it: plain data (hashable, the compile cache's key), so
+    the front end does no grammar work and the spec crosses any process boundary as it is."""
+
+    json_schema: str | None = None  # canonical JSON text of the schema; None: any (bounded) JSON object
+    forced_prefix: tuple[int, ...] = ()  # tokens output as they are before the grammar applies (a harmony header)
+
+
 @dataclass(slots=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -22,6 +31,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past stop_token_ids until max_tokens
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's logprob plus the top k
     prompt_logprobs: int | None = None  # same, for every prompt token after the first (echo, perplexity)
+    grammar: GrammarSpec | None = None  # constrained decoding: every choice's output follows it
 
     @property
     def greedy(self) -> bool:

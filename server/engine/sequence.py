@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from server.engine.outputs import TokenLogprob
 from server.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from server.engine.structured_output import GrammarState
 
 
 class SequenceStatus(enum.Enum):
@@ -43,6 +47,7 @@ class Sequence:
     reported_prompt: bool = False  # prompt-level fields go out with the first output only
     block_hashes: list[bytes] = field(default_factory=list)  # chained digest of each full block so far
     num_published_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
+    grammar: GrammarState | None = None  # constrained decoding: advanced with every token this choice outputs
 
     @property
     def num_tokens(self) -> int:

@@ -22,6 +22,7 @@ from server.routes.chat_choice import ChatChoice
 from server.routes.chat_prompt import render_chat_prompt
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.models import ServedModel, find_model
+from server.routes.response_format import answer_prefix, grammar_spec
 from server.routes.sampling import sampling_params, stop_strings
 from server.streaming import continuous_usage, prime, sse_response
 
@@ -117,7 +118,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         max_tokens = engine.default_max_tokens(len(prompt), body.n)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, engine.tokenizer, max_tokens=max_tokens, logprobs=top_logprobs,
-                             model_stop_ids=served.chat_format.stop_token_ids)
+                             model_stop_ids=served.chat_format.stop_token_ids,
+                             grammar=grammar_spec(body.response_format, answer_prefix(served.chat_format)))
+    await engine.compile_grammar(params.grammar)
     engine.validate(len(prompt), params, body.n)
     stop = stop_strings(body)
     run = ChatRun(

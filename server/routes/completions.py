@@ -16,6 +16,7 @@ from server.protocol import (
 from server.engine.outputs import ChoiceOutput
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.models import ServedModel, find_model
+from server.routes.response_format import grammar_spec
 from server.routes.sampling import sampling_params, stop_strings, tokenize_prompts
 from server.routes.text_choice import TextChoice
 from server.streaming import continuous_usage, prime, sse_response
@@ -96,12 +97,14 @@ async def create_completion(body: CompletionRequest, request: Request):
     engine = served.engine
     prompts = tokenize_prompts(body.prompt, engine.tokenizer)
     prompt_logprobs = body.logprobs if body.echo else None
+    grammar = grammar_spec(body.response_format)
+    await engine.compile_grammar(grammar)
     jobs = []
     for prompt in prompts:
         max_tokens = body.max_tokens if body.max_tokens is not None else engine.default_max_tokens(len(prompt), body.n)
         params = sampling_params(body, engine.tokenizer, max_tokens=max_tokens, logprobs=body.logprobs,
                                  model_stop_ids=frozenset((engine.tokenizer.eos_token_id,)),
-                                 prompt_logprobs=prompt_logprobs)
+                                 prompt_logprobs=prompt_logprobs, grammar=grammar)
         engine.validate(len(prompt), params, body.n)
         jobs.append(PromptJob(prompt, params))
     stop = stop_strings(body)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from models.tokenizer import Tokenizer
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import GrammarSpec, SamplingParams
 from server.protocol import APIError, SamplingFields
 
 
@@ -34,7 +34,8 @@ def stop_strings(body: SamplingFields) -> list[str]:
 
 
 def sampling_params(body: SamplingFields, tokenizer: Tokenizer, *, max_tokens: int, model_stop_ids: frozenset[int],
-                    logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+                    logprobs: int | None = None, prompt_logprobs: int | None = None,
+                    grammar: GrammarSpec | None = None) -> SamplingParams:
     """The engine's view of one request; ``max_tokens`` is already resolved (defaults differ per endpoint)."""
     if body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})",
@@ -57,6 +58,7 @@ def sampling_params(body: SamplingFields, tokenizer: Tokenizer, *, max_tokens: i
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        grammar=grammar,
     )
 
 

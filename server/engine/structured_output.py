@@ -1,0 +1,137 @@
+"""Constrained decoding on the engine side: grammars compiled once, a matcher per sequence, one bitmask per batch.
+
+The front end only names the constraint (a ``GrammarSpec`` in SamplingParams); the grammar state lives here, with
+the sampler, so it moves with the engine core. xgrammar does the work (chosen by measured mask cost, see
+bench/NOTES.md). JSON is compact: no free whitespace, since the o200k vocabulary has hundreds of whitespace tokens
+a random-weight model would otherwise run through forever.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import xgrammar as xgr
+from torch import Tensor
+
+from models.tokenizer import Tokenizer
+from server.engine.errors import RequestRejected
+from server.engine.sampling_params import GrammarSpec
+
+# Any JSON object, bounded so that even a random-weight model closes it: at most 3 members whose values are
+# scalars or one level of object/array with at most 3 scalars, strings of at most 8 characters, numbers of at
+# most 9+6 digits. Worst case about 420 tokens (one token per character); typical outputs are far shorter.
+BOUNDED_JSON_OBJECT = r"""
+root ::= "{" (member ("," member){0,2})? "}"
+member ::= string ":" value
+value ::= scalar | "{" (string ":" scalar ("," string ":" scalar){0,2})? "}" | "[" (scalar ("," scalar){0,2})? "]"
+scalar ::= string | number | "true" | "false" | "null"
+string ::= "\"" char{0,8} "\""
+char ::= [^"\\\x00-\x1f] | "\\" ["\\/bfnrt]
+number ::= "-"? ("0" | [1-9] [0-9]{0,8}) ("." [0-9]{1,6})?
+"""
+
+
+@dataclass(slots=True, eq=False)
+class GrammarState:
+    """One sequence's progress: the forced tokens still to come, then its grammar matcher."""
+
+    matcher: xgr.GrammarMatcher
+    vocab_size: int  # the tokenizer's: logits beyond it (a padded embedding) are never allowed
+    forced: list[int] = field(default_factory=list)
+
+    def accept(self, token: int) -> bool:
+        """Advance past ``token``; False if the grammar (or the forced token) does not allow it."""
+        if self.forced:
+            return self.forced.pop(0) == token
+        return self.matcher.accept_token(token)
+
+
+class GrammarCompiler:
+    """Compiled grammars by spec for one tokenizer, least recently used dropped beyond ``capacity``."""
+
+    def __init__(self, tokenizer: Tokenizer, capacity: int = 64) -> None:
+        specials = set(tokenizer.special_tokens.values())
+        encoded = [b"" if i in specials else tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+        # Tokens with no bytes are never allowed: special tokens (stop tokens are allowed per matcher), and any
+        # token holding a control character, which compact JSON has no place for (JSON strings must escape them,
+        # and xgrammar's string rule lets them through raw).
+        encoded = [b"" if any(byte < 0x20 for byte in token) else token for token in encoded]
+        info = xgr.TokenizerInfo(encoded, xgr.VocabType.RAW, vocab_size=tokenizer.vocab_size,
+                                 stop_token_ids=[tokenizer.eos_token_id])
+        self.vocab_size = tokenizer.vocab_size
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        self._cache: OrderedDict[GrammarSpec, xgr.CompiledGrammar] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()  # the front end checks specs while the engine thread compiles them
+
+    def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
+        """The compiled grammar, or RequestRejected naming response_format when the schema cannot be served."""
+        with self._lock:
+            if spec in self._cache:
+                self._cache.move_to_end(spec)
+                return self._cache[spec]
+        try:
+            if spec.json_schema is None:
+                compiled = self._compiler.compile_grammar(BOUNDED_JSON_OBJECT)
+            else:
+                compiled = self._compiler.compile_json_schema(spec.json_schema, any_whitespace=False,
+                                                          separators=(",", ":"), strict_mode=True)
+        except Exception as exc:  # xgrammar reports a bad schema with several exception types
+            raise RequestRejected(f"response_format: cannot compile the JSON schema: {exc}", "response_format") from None
+        with self._lock:
+            self._cache[spec] = compiled
+            while len(self._cache) > self._capacity:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def new_state(self, spec: GrammarSpec, stop_token_ids: frozenset[int]) -> GrammarState:
+        matcher = xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=sorted(stop_token_ids) or None)
+        return GrammarState(matcher, self.vocab_size, list(spec.forced_prefix))
+
+
+_batch_matcher: xgr.BatchGrammarMatcher | None = None
+_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()  # byte value -> its 8 bits, low first
+
+
+def apply_grammars(logits: Tensor, states: list[GrammarState | None]) -> None:
+    """Set to -inf, in place, every logit a row's grammar (or forced token) rules out; rows without one are
+    left alone, and a batch without any costs one pass over ``states``."""
+    rows = [i for i, state in enumerate(states) if state is not None]
+    if not rows:
+        return
+    global _batch_matcher
+    if _batch_matcher is None:
+        _batch_matcher = xgr.BatchGrammarMatcher(max_threads=1)
+    vocab = states[rows[0]].vocab_size
+    bitmask = torch.zeros(len(rows), -(-vocab // 32), dtype=torch.int32)
+    matchers, matcher_rows = [], []
+    for k, row in enumerate(rows):
+        state = states[row]
+        if state.forced:
+            token = state.forced[0]
+            bitmask[k, token // 32] = 1 << (token % 32) if token % 32 < 31 else -(1 << 31)
+        else:
+            matchers.append(state.matcher)
+            matcher_rows.append(k)
+    if matchers:
+        _batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, matcher_rows)
+    mask_logits(logits, rows, bitmask)
+
+
+def mask_logits(logits: Tensor, rows: list[int], bitmask: Tensor) -> None:
+    """logits[rows[k], j] = -inf wherever bit j of bitmask[k] is 0: one lookup and one masked fill, any device."""
+    # little-endian int32 words as bytes, each byte looked up as its 8 bits: bit j of a row is token j
+    words = bitmask.to(logits.device).view(torch.uint8).int()
+    allowed = torch.nn.functional.embedding(words, _BYTE_BITS.to(logits.device, torch.uint8)).flatten(1).bool()
+    missing = logits.shape[1] - allowed.shape[1]  # a padded embedding: its extra ids are never allowed
+    if missing > 0:
+        allowed = torch.cat([allowed, allowed.new_zeros(len(rows), missing)], dim=1)
+    refused = ~allowed[:, : logits.shape[1]]
+    if len(rows) == logits.shape[0]:  # every row constrained: no gather and scatter back
+        logits.masked_fill_(refused, float("-inf"))
+        return
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(refused, float("-inf"))

@@ -1,0 +1,157 @@
+"""response_format forces output that parses and validates, whatever the model: the tiny checkpoints have random
+weights, so every choice here passes only because the grammar allowed nothing else. Both model families, chat
+and completions, streamed and not, n > 1; the JSON is compact and the schema's maxLength, minimum/maximum and
+enum hold."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pytest
+
+from models.loader import load_model
+from server.chat import ChatMessage, HarmonyChatFormat
+from server.engine.engine import EngineConfig, LLMEngine
+from server.engine.sampling_params import GrammarSpec, SamplingParams
+from server.protocol import ResponseFormat
+from server.routes.response_format import answer_prefix, grammar_spec
+from tests.server_process import ServerProcess
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "mood": {"enum": ["happy", "sad", "calm"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 2},
+    },
+    "required": ["name", "age", "mood", "tags"],
+    "additionalProperties": False,
+}
+JSON_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+MESSAGES = [{"role": "user", "content": "Describe someone."}]
+SAMPLED = {"temperature": 1.0, "seed": 7, "max_tokens": 440, "n": 3}  # the bounded json_object fits in 440
+STRING_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    from models.testing.gpt2_checkpoint import write_tiny_gpt2
+    from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {"gpt2": write_tiny_gpt2(root / "gpt2", n_positions=512),  # room for max_tokens
+            "oss": write_tiny_gpt_oss(root / "gpt-oss")}
+
+
+@pytest.fixture(scope="module")
+def http(checkpoints):
+    with ServerProcess([arg for name, path in checkpoints.items() for arg in ("--model", f"{name}={path}")]) as server:
+        with httpx.Client(base_url=server.v1, timeout=120) as client:
+            yield client
+
+
+def assert_compact_json(text: str, schema: dict) -> None:
+    """Parses, validates, and has no whitespace outside its strings."""
+    value = json.loads(text)
+    jsonschema.validate(value, schema)
+    assert not re.search(r"\s", STRING_LITERAL.sub("", text)), text
+
+
+def streamed_texts(http: httpx.Client, path: str, body: dict) -> list[str]:
+    texts = [""] * body["n"]
+    with http.stream("POST", path, json=body | {"stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[len("data: "):])["choices"]:
+                texts[choice["index"]] += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+    return texts
+
+
+@pytest.mark.parametrize("model", ["gpt2", "oss"])
+def test_chat_json_schema_every_choice_validates(http, model):
+    body = {"model": model, "messages": MESSAGES, "response_format": JSON_SCHEMA_FORMAT} | SAMPLED
+    response = http.post("/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    for choice in response.json()["choices"]:
+        assert choice["finish_reason"] == "stop"
+        assert not choice["message"].get("reasoning_content")
+        assert_compact_json(choice["message"]["content"], SCHEMA)
+
+
+@pytest.mark.parametrize("model", ["gpt2", "oss"])
+def test_chat_json_object_streamed_every_choice_parses(http, model):
+    body = {"model": model, "messages": MESSAGES, "response_format": {"type": "json_object"}} | SAMPLED
+    for text in streamed_texts(http, "/chat/completions", body):
+        assert_compact_json(text, {"type": "object"})
+
+
+@pytest.mark.parametrize("model", ["gpt2", "oss"])
+def test_completions_json_schema_streamed_and_not(http, model):
+    body = {"model": model, "prompt": "Once upon a time", "response_format": JSON_SCHEMA_FORMAT} | SAMPLED
+    response = http.post("/completions", json=body)
+    assert response.status_code == 200, response.text
+    for choice in response.json()["choices"]:
+        assert_compact_json(choice["text"], SCHEMA)
+    for text in streamed_texts(http, "/completions", body | {"seed": 8}):
+        assert_compact_json(text, SCHEMA)
+
+
+def test_greedy_choice_is_the_same_json_streamed_or_not(http):
+    body = {"model": "oss", "messages": MESSAGES, "response_format": JSON_SCHEMA_FORMAT,
+            "temperature": 0, "max_tokens": 440, "n": 1}
+    whole = http.post("/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    assert streamed_texts(http, "/chat/completions", body) == [whole]
+    assert_compact_json(whole, SCHEMA)
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos"),
+])
+def test_unservable_constraints_are_400_naming_the_field(http, extra, param):
+    response = http.post("/chat/completions", json={"model": "gpt2", "messages": MESSAGES} | extra)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert http.post("/chat/completions", json={"model": "gpt2", "messages": MESSAGES, "max_tokens": 2}).status_code == 200
+
+
+def test_gpt_oss_answer_opens_on_the_final_channel_then_follows_the_grammar(checkpoints):
+    loaded = load_model(checkpoints["oss"], dtype="float32", device="cpu")
+    chat_format = HarmonyChatFormat(loaded.tokenizer)
+    header = answer_prefix(chat_format)
+    assert loaded.tokenizer.decode(list(header)) == "<|channel|>final<|message|>"
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_tokens=4096, max_num_seqs=4))
+    grammar = grammar_spec(ResponseFormat.model_validate(JSON_SCHEMA_FORMAT), header)
+    params = SamplingParams(max_tokens=440, temperature=1.0, seed=3, stop_token_ids=chat_format.stop_token_ids,
+                            grammar=grammar)
+    engine.add_request("r", chat_format.render([ChatMessage("user", "Hi")]), params, n=2)
+    outputs: dict[int, list[int]] = {0: [], 1: []}
+    while engine.has_work:
+        for _, out in engine.step():
+            outputs[out.index] += out.new_token_ids
+    for tokens in outputs.values():
+        assert tuple(tokens[: len(header)]) == header
+        assert_compact_json(loaded.tokenizer.decode(tokens[len(header):]), SCHEMA)
+
+
+def test_token_outside_the_grammar_fails_that_choice_not_the_engine(checkpoints):
+    loaded = load_model(checkpoints["gpt2"], dtype="float32", device="cpu")
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_tokens=1024, max_num_seqs=4))
+    real_sampler, space = engine.sampler, loaded.tokenizer.encode(" ")[0]  # JSON must open with "{", not " "
+    engine.sampler = lambda logits, seqs: ([space] * len(seqs), [None] * len(seqs))
+    engine.add_request("bad", loaded.tokenizer.encode("Hi"), SamplingParams(max_tokens=8, grammar=GrammarSpec()))
+    (request_id, out), = engine.step()
+    assert (request_id, out.finish_reason) == ("bad", "error") and "grammar" in out.error
+    engine.sampler = real_sampler
+    engine.add_request("next", loaded.tokenizer.encode("Hi"), SamplingParams(max_tokens=4, temperature=0))
+    while engine.has_work:
+        engine.step()

@@ -216,11 +216,12 @@ def _added_token(token_id: int, text: str) -> dict:
     return {"id": token_id, "content": text, **flags, "special": True}
 
 
-def _tiny_tokenizer_json(merges: list[tuple[str, str]]) -> dict:
-    """Byte tokens at their byte values, then one token per merge, then <|endoftext|>."""
+def _tiny_tokenizer_json(merges: list[tuple[str, str]], tokens: list[str] | None = None) -> dict:
+    """Byte tokens at their byte values, then ``tokens`` (default: one per merge, in merge order), then
+    <|endoftext|>."""
     vocab = {byte_level_text(bytes([b])): b for b in range(256)}
-    for left, right in merges:
-        vocab[left + right] = len(vocab)
+    for token in tokens if tokens is not None else [left + right for left, right in merges]:
+        vocab[token] = len(vocab)
     return {
         "version": "1.0",
         "truncation": None,
@@ -242,10 +243,43 @@ def test_tiny_tokenizer_json_matches_transformers(tmp_path: Path) -> None:
         assert load_tokenizer(tmp_path).encode(text) == hf.encode(text, add_special_tokens=False)
 
 
-def _merge_built_from_other_parts(spec: dict) -> None:
-    """transformers never merges a+bc (ab is merged first and ab+c is no merge); tiktoken would build abc."""
-    tampered = _tiny_tokenizer_json([("a", "b"), ("b", "c"), ("a", "bc")])
-    spec.update(tampered)
+def test_tiny_vocab_with_every_split_listed_matches_transformers(tmp_path: Path) -> None:
+    """TikTokenConverter's layout: aaaa is listed as both a+aaa and aa+aa, each at aaaa's rank."""
+    tokens = ["aa", "aaa", "aaaa", "ba", "baa"]
+    merges = [("a", "a"), ("a", "aa"), ("aa", "a"), ("a", "aaa"), ("aa", "aa"), ("aaa", "a"), ("b", "a"),
+              ("b", "aa"), ("ba", "a")]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(_tiny_tokenizer_json(merges, tokens)))
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer(tmp_path)
+    for n in range(1, 12):
+        for text in ["a" * n, "b" + "a" * n, "a" * n + "b" + "a" * n]:
+            assert ours.encode(text) == hf.encode(text, add_special_tokens=False), text
+
+
+# Vocabularies that break one property of models/tokenizer.py's criterion, each with a text on which
+# transformers (merge-list order) and tiktoken (rank order) really disagree: (merges, tokens, text, message).
+DISAGREEING_VOCABULARIES = {
+    # ab+c is no merge: transformers stops at [ab, c], while tiktoken joins them into abc.
+    "split_not_listed": ([("a", "b"), ("b", "c"), ("a", "bc")], ["ab", "bc", "abc"], "abcabc", "no merge joins"),
+    # abc ranks below both halves: tiktoken builds it from a+bc, which transformers never merges.
+    "token_below_its_parts": ([("ab", "c"), ("b", "c"), ("a", "b")], ["abc", "bc", "ab"], "abcabc", "cannot build it"),
+    # bc ranks below ab but is merged after it.
+    "merges_out_of_rank_order": ([("a", "b"), ("b", "c")], ["bc", "ab"], "abc", "merge order"),
+}
+
+
+@pytest.mark.parametrize("case", DISAGREEING_VOCABULARIES, ids=list(DISAGREEING_VOCABULARIES))
+def test_load_tokenizer_refuses_vocabularies_where_rank_order_bpe_differs(tmp_path: Path, case: str) -> None:
+    merges, tokens, text, message = DISAGREEING_VOCABULARIES[case]
+    spec = _tiny_tokenizer_json(merges, tokens)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    ranks = {text.encode("latin-1"): rank for text, rank in spec["model"]["vocab"].items() if rank >= 256}
+    ranks |= {bytes([b]): b for b in range(256)}
+    by_rank = tiktoken.Encoding("tiny", pat_str=r"\S+", mergeable_ranks=ranks, special_tokens={})
+    assert by_rank.encode_ordinary(text) != hf.encode(text, add_special_tokens=False)
+    with pytest.raises(TokenizerError, match=message):
+        load_tokenizer(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -259,12 +293,12 @@ def _merge_built_from_other_parts(spec: dict) -> None:
         (lambda spec: spec["model"].update(type="WordPiece"), "not BPE"),
         (lambda spec: spec["added_tokens"][0].update(lstrip=True), "strips"),
         (lambda spec: spec["added_tokens"].append(_added_token(260, "<|endoftext|>x")), "prefix"),
-        (lambda spec: spec["model"]["vocab"].update({"zz": 300}), "merges"),
+        (lambda spec: spec["model"]["vocab"].update({"zz": 300}), "no merge joins"),
+        (lambda spec: spec["model"]["merges"].append(["ab", "a"]), "does not join two tokens into a token"),
         (lambda spec: spec["model"]["vocab"].pop("a"), "single-byte"),
-        (_merge_built_from_other_parts, "other parts"),
     ],
     ids=["normalizer", "prefix_space", "pre_tokenizer", "decoder", "byte_fallback", "model_type", "lstrip",
-         "special_prefix", "token_without_merge", "missing_byte", "merge_from_other_parts"],
+         "special_prefix", "token_without_merge", "merge_into_no_token", "missing_byte"],
 )
 def test_load_tokenizer_rejects_what_tiktoken_cannot_reproduce(tmp_path: Path, mutate, message: str) -> None:
     spec = _tiny_tokenizer_json([("a", "b"), ("ab", "c")])

@@ -57,6 +57,7 @@ CORPUS = [
     "<|endoftext|  <|endoftext <endoftext|> almost-special strings",
     HARMONY_CHAT,
     "<|reserved_200500|> and <|startoftext|>text<|endoftext|>",
+    "<|reserved_200017|><|endofprompt|> <|reserved_200018|>",
     Path(json.__file__).read_text(encoding="utf-8"),
 ]
 
@@ -158,13 +159,22 @@ def test_gpt2_sizes_and_eos(gpt2) -> None:
     assert (ours.vocab_size, ours.eos_token_id, ours.special_tokens) == (50257, 50256, {"<|endoftext|>": 50256})
 
 
-def test_gpt_oss_sizes_eos_and_harmony_tokens(gpt_oss) -> None:
+def test_gpt_oss_sizes_eos_and_harmony_tokens_as_the_hub_file_has_them(gpt_oss) -> None:
+    """The hub's tokenizer.json stops at 200018; the model's 201088 unembedding rows pad beyond it."""
     ours, hf = gpt_oss
-    assert (ours.vocab_size, ours.eos_token_id, len(hf)) == (201088, 199999, 201088)
+    assert (ours.vocab_size, ours.eos_token_id, len(hf)) == (200019, 199999, 200019)
     named = {"<|startoftext|>": 199998, "<|return|>": 200002, "<|constrain|>": 200003, "<|channel|>": 200005,
-             "<|start|>": 200006, "<|end|>": 200007, "<|message|>": 200008, "<|call|>": 200012}
+             "<|start|>": 200006, "<|end|>": 200007, "<|message|>": 200008, "<|call|>": 200012,
+             "<|endofprompt|>": 200018}
     assert named.items() <= ours.special_tokens.items()
-    assert sorted(ours.special_tokens.values()) == list(range(199998, 201088))
+    assert sorted(ours.special_tokens.values()) == list(range(199998, 200019))
+
+
+def test_gpt_oss_tokenizer_json_is_transformers_converter_layout(gpt_oss_dir: Path) -> None:
+    """Every two-token split of a token is a merge, so there are more merges than tokens, as on the hub."""
+    model = json.loads((gpt_oss_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    assert len(model["merges"]) > len(model["vocab"]) > 199_000
+    assert model["merges"][:2] == [["Ġ", "Ġ"], ["Ġ", "ĠĠĠ"]]  # the split the old loader refused
 
 
 def test_gpt2_matches_openai_gpt2_encoding(gpt2) -> None:
@@ -175,16 +185,20 @@ def test_gpt2_matches_openai_gpt2_encoding(gpt2) -> None:
 
 
 def test_gpt_oss_matches_openai_o200k_harmony_encoding(gpt_oss) -> None:
-    """Proves the tokenizer.json writer right against the source ranks, not just self-consistent."""
+    """Proves the tokenizer.json writer and loader right against the source ranks, not just self-consistent.
+
+    tiktoken's o200k_harmony names ids up to 201087 (200018 twice: <|endofprompt|> and <|reserved_200018|>);
+    the hub's tokenizer.json has those up to 200018, with <|endofprompt|>: the oracle keeps exactly those."""
     ours, _ = gpt_oss
-    official = _official_encoding("o200k_harmony")
+    harmony = _official_encoding("o200k_harmony")
+    specials = {t: harmony.encode_single_token(t) for t in harmony.special_tokens_set}
+    specials = {t: i for t, i in specials.items() if i <= 200018 and t != "<|reserved_200018|>"}
+    official = tiktoken.Encoding("o200k_hub", pat_str=harmony._pat_str,
+                                 mergeable_ranks=harmony._mergeable_ranks, special_tokens=specials)
+    assert ours.special_tokens == specials
     for text in CORPUS:
         assert ours.encode_ordinary(text) == official.encode_ordinary(text)
         assert ours.encode(text) == official.encode(text, allowed_special="all")
-    # o200k_harmony also keeps o200k_base's <|endofprompt|> at 200018, which gpt-oss names <|reserved_200018|>.
-    official_specials = {t: official.encode_single_token(t) for t in official.special_tokens_set}
-    del official_specials["<|endofprompt|>"]
-    assert ours.special_tokens == official_specials
 
 
 def test_gpt2_vocab_merges_and_tokenizer_json_give_identical_ids(gpt2, gpt2_json_dir: Path) -> None:

@@ -82,7 +82,8 @@ class LLMEngine:
         self.cache = PagedKVCache(spec, num_blocks + 1, config.block_size, dtype=cache_dtype, device=loaded.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(loaded.model, self.cache, loaded.device, self._decode_graphs(num_blocks))
+        self.runner = ModelRunner(loaded.model, self.cache, loaded.device, loaded.tokenizer.vocab_size,
+                                  self._decode_graphs(num_blocks))
         self.sampler = Sampler()
         self.requests: dict[str, list[Sequence]] = {}
         log.info("KV cache: %d blocks of %d tokens (%d tokens, %s)", num_blocks, config.block_size,

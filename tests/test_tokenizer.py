@@ -202,12 +202,17 @@ def test_gpt_oss_matches_openai_o200k_harmony_encoding(gpt_oss) -> None:
 
 
 def test_gpt2_vocab_merges_and_tokenizer_json_give_identical_ids(gpt2, gpt2_json_dir: Path) -> None:
+    """The hub's gpt2 tokenizer.json layout: ids equal transformers' on the same file and OpenAI's gpt2."""
     ours, _ = gpt2
     from_json = load_tokenizer(gpt2_json_dir)
     hf_from_json = PreTrainedTokenizerFast(tokenizer_file=str(gpt2_json_dir / "tokenizer.json"))
+    official = _official_encoding("gpt2")
     assert from_json.special_tokens == ours.special_tokens
     for text in CORPUS:
-        assert from_json.encode(text) == ours.encode(text) == hf_from_json.encode(text, add_special_tokens=False)
+        ids = from_json.encode(text)
+        assert ids == ours.encode(text) == hf_from_json.encode(text, add_special_tokens=False)
+        assert ids == official.encode(text, allowed_special="all")
+        assert from_json.decode(ids) == text
 
 
 def test_load_tokenizer_without_files_raises_file_not_found_naming_them(tmp_path: Path) -> None:

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = loaded.tokenizer
     prompt = tokenizer.encode(args.prompt)
     stop = frozenset({tokenizer.eos_token_id})
-    [completion] = greedy_generate(loaded.model, [prompt], args.max_tokens, stop_token_ids=stop)
+    [completion] = greedy_generate(loaded.model, [prompt], args.max_tokens, stop_token_ids=stop,
+                                   vocab_size=tokenizer.vocab_size)
     sys.stdout.write(tokenizer.decode(completion))
     sys.stdout.flush()
     return 0

@@ -42,8 +42,10 @@ def greedy_generate(
     max_new_tokens: int,
     stop_token_ids: frozenset[int] = frozenset(),
     block_size: int = 16,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations (stop tokens excluded) of each prompt, at most ``max_new_tokens`` long."""
+    """Greedy continuations (stop tokens excluded) of each prompt, at most ``max_new_tokens`` long; with
+    ``vocab_size`` (the tokenizer's), ids past it (padding rows of the unembedding) are never chosen."""
     cache, tables = _cache_for(model, [len(p) + max_new_tokens for p in prompts], block_size)
     device = next(model.parameters()).device
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -52,7 +54,7 @@ def greedy_generate(
     while live and max_new_tokens > 0:
         batch = ForwardBatch.build(step_tokens, starts, [tables[i] for i in live], block_size, device)
         hidden = model(batch, cache)[batch.last_token_index]
-        next_ids = model.compute_logits(hidden).argmax(-1).tolist()
+        next_ids = model.compute_logits(hidden)[:, :vocab_size].argmax(-1).tolist()
         still_live = []
         for i, token, tokens, start in zip(live, next_ids, step_tokens, starts):
             if token in stop_token_ids:

@@ -90,6 +90,9 @@ def load_model(
         raise ValueError("bfloat16 CPU weights need --device cpu and --dtype float32")
     model = load_weights(model_dir, family, torch_dtype, torch_device, keep_experts_packed, tp, bf16_weights)
     tokenizer = load_tokenizer(tokenizer_directory(model_dir))
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"the tokenizer defines {tokenizer.vocab_size} token ids but the model's vocabulary "
+                              f"has only {model.config.vocab_size}")
     return LoadedModel(model, tokenizer, family, model_dir, torch_dtype, torch_device)
 
 

@@ -1,14 +1,30 @@
 """Tokenizers built from a checkpoint's own files (HF byte-level BPE) and run by tiktoken.
 
-tiktoken merges by token rank while HF's BPE merges by position in the merges list, so the two agree only when
-every merge produces a token whose id grows with the merge's position and is the one BPE over lower ids would
-build. The loader checks exactly that instead of assuming it, and refuses files tiktoken cannot run exactly.
+HF's BPE merges the adjacent pair that comes first in its merges list; tiktoken merges the adjacent pair whose
+joined bytes are the lowest-ranked token (rank = id). Both take the leftmost such pair on a tie. The loader
+proves the two make the same merge at every step, for every input, from three properties of the files:
+
+1. every byte is a token;
+2. every token T of two or more bytes is built by BPE over lower ranks alone (``byte_pair_split``), ending
+   in two tokens (l, r), and the merges list has the merge (l, r);
+3. every merge (a, b) joins two tokens into a token, and the rank of a+b never decreases down the list.
+
+Why that suffices: if adjacent parts c, d of a tiktoken state join into a token T, the merges made inside
+their span were, in order, the ones BPE over T's bytes alone makes, so (c, d) is T's split (l, r), a listed
+merge by (2). From the same state, the lowest-ranked joinable pair (a, b) is then listed; any listed pair
+that joins into a higher-ranked token comes later in the list by (3), and listed pairs join only into tokens
+(3), so HF picks (a, b) too, at the same leftmost place. Files with one merge per token in rank order (GPT-2's
+merges.txt) and files listing every two-token split of each token in rank order (transformers'
+TikTokenConverter, which writes the hub's tiktoken-derived tokenizer.json files, GPT-OSS's among them) both
+pass. Refused: a token that BPE over lower ranks cannot build (its rank is not a merge order), a token whose
+lower-rank build is not a listed merge (HF would never build it where tiktoken does), merges out of rank order.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import AnyStr
 
 import tiktoken
 
@@ -68,8 +84,9 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
         pattern = GPT2_PATTERN
     else:
         raise FileNotFoundError(f"no tokenizer in {model_dir}: looked for tokenizer.json, or vocab.json + merges.txt")
-    ranks = _mergeable_ranks(vocab, special_tokens)
-    _check_merges(ranks, merges)
+    text_ranks = _text_ranks(vocab, special_tokens)
+    _check_merges(text_ranks, merges)
+    ranks = {byte_level_bytes(text): token_id for text, token_id in text_ranks.items()}
     _check_ids(ranks, special_tokens)
     encoding = tiktoken.Encoding(
         model_dir.name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens
@@ -77,8 +94,8 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
     return Tokenizer(encoding)
 
 
-def byte_pair_split(token: bytes, ranks: dict[bytes, int]) -> list[bytes]:
-    """The parts BPE builds from the token's bytes using only tokens of lower rank (two, for a well-formed vocab)."""
+def byte_pair_split(token: AnyStr, ranks: dict[AnyStr, int]) -> list[AnyStr]:
+    """The parts BPE builds from the token's bytes (or byte-level chars) using only tokens of lower rank."""
     limit = ranks[token]
     parts = [token[i : i + 1] for i in range(len(token))]
     pair_ranks = [ranks.get(left + right, limit) for left, right in zip(parts, parts[1:])]
@@ -177,29 +194,37 @@ def _pattern(pre_tokenizer: dict | None) -> str:
     raise TokenizerError(f"tokenizer.json: pre_tokenizer {kinds} is not a single regex split tiktoken can run")
 
 
-def _mergeable_ranks(vocab: dict[str, int], special_tokens: dict[str, int]) -> dict[bytes, int]:
+def _text_ranks(vocab: dict[str, int], special_tokens: dict[str, int]) -> dict[str, int]:
+    """The BPE tokens, as byte-level text (one char per byte, so joining texts joins bytes), and their ids."""
     for text, token_id in special_tokens.items():
         if vocab.get(text, token_id) != token_id:
             raise TokenizerError(f"special token {text!r} has id {token_id} but the vocabulary says {vocab[text]}")
-    return {byte_level_bytes(text): token_id for text, token_id in vocab.items() if text not in special_tokens}
+    return {text: token_id for text, token_id in vocab.items() if text not in special_tokens}
 
 
-def _check_merges(ranks: dict[bytes, int], merges: list[tuple[str, str]]) -> None:
-    """Each merge must build a new token, with ids growing in merge order, exactly as BPE over ranks would."""
-    missing = [byte for byte in range(256) if bytes([byte]) not in ranks]
+def _check_merges(ranks: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    """Properties 1-3 of the module docstring, on byte-level text; a TokenizerError names the first failure."""
+    missing = [byte for byte, char in enumerate(BYTE_CHARS) if char not in ranks]
     if missing:
         raise TokenizerError(f"the vocabulary lacks single-byte tokens for bytes {missing[:8]}")
+    listed: set[tuple[str, str]] = set()
     previous = -1
     for left, right in merges:
-        parts = [byte_level_bytes(left), byte_level_bytes(right)]
-        token = parts[0] + parts[1]
-        if token not in ranks or ranks[token] <= previous:
-            raise TokenizerError(f"merge {left!r} {right!r}: its token is missing or its id is out of merge order")
-        previous = ranks[token]
-        if byte_pair_split(token, ranks) != parts:
-            raise TokenizerError(f"merge {left!r} {right!r}: BPE over lower ids builds it from other parts")
-    if len(merges) != len(ranks) - 256:
-        raise TokenizerError(f"{len(ranks) - 256} multi-byte tokens but {len(merges)} merges")
+        rank = ranks.get(left + right)
+        if rank is None or left not in ranks or right not in ranks:
+            raise TokenizerError(f"merge {left!r} {right!r}: does not join two tokens into a token")
+        if rank < previous:
+            raise TokenizerError(f"merge {left!r} {right!r}: its token's id {rank} is out of merge order "
+                                 f"(an earlier merge makes id {previous})")
+        previous = rank
+        listed.add((left, right))
+    for token in ranks:
+        if len(token) > 1 and tuple(parts := byte_pair_split(token, ranks)) not in listed:
+            if len(parts) != 2:
+                raise TokenizerError(f"token {token!r}: BPE over lower ids cannot build it (it stops at "
+                                     f"{len(parts)} parts), so the token ids are not a BPE merge order")
+            raise TokenizerError(f"token {token!r}: BPE over lower ids builds it from {parts[0]!r} {parts[1]!r}, "
+                                 "and no merge joins those two")
 
 
 def _check_ids(ranks: dict[bytes, int], special_tokens: dict[str, int]) -> None:

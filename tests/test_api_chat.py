@@ -38,7 +38,8 @@ def oracle_reply(directory, chat_format_of, max_tokens: int, reasoning_effort: s
     loaded = load_model(directory, device="cpu")
     chat_format = chat_format_of(loaded.tokenizer)
     prompt = chat_format.render(AS_CHAT_MESSAGES, reasoning_effort=reasoning_effort)
-    tokens = greedy_generate(loaded.model, [prompt], max_tokens, chat_format.stop_token_ids)[0]
+    tokens = greedy_generate(loaded.model, [prompt], max_tokens, chat_format.stop_token_ids,
+                             vocab_size=loaded.tokenizer.vocab_size)[0]
     parser = chat_format.parser()
     reasoning = content = ""
     for delta in [*(parser.feed(t) for t in tokens), parser.finish()]:

@@ -40,7 +40,9 @@ def test_make_tiny_writes_gpt2_and_both_gpt_oss_layouts(tiny_root):
 def test_generate_cli_reads_either_gpt_oss_layout(tiny_root, layout):
     loaded = load_model(tiny_root / layout, device="cpu")
     prompt = "The harmony format"
-    [tokens] = greedy_generate(loaded.model, [loaded.tokenizer.encode(prompt)], 8, frozenset({loaded.tokenizer.eos_token_id}))
+    tokenizer = loaded.tokenizer
+    [tokens] = greedy_generate(loaded.model, [tokenizer.encode(prompt)], 8, frozenset({tokenizer.eos_token_id}),
+                               vocab_size=tokenizer.vocab_size)
     result = run_module("models.generate", "--model", str(tiny_root / layout), "--max-tokens", "8", "--prompt", prompt,
                         "--device", "cpu")
     assert result.stdout == loaded.tokenizer.decode(tokens)

@@ -17,7 +17,7 @@ from tiktoken_ext import openai_public
 from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
 
 from models.testing.tokenizer_files import write_gpt2_tokenizer, write_gpt_oss_tokenizer
-from models.tokenizer import Tokenizer, TokenizerError, byte_level_text, load_tokenizer
+from models.tokenizer import Tokenizer, load_tokenizer
 
 HARMONY_CHAT = (
     "<|start|>system<|message|>You are ChatGPT.<|end|><|start|>user<|message|>What is 2+2?<|end|>"
@@ -57,6 +57,7 @@ CORPUS = [
     "<|endoftext|  <|endoftext <endoftext|> almost-special strings",
     HARMONY_CHAT,
     "<|reserved_200500|> and <|startoftext|>text<|endoftext|>",
+    "<|reserved_200017|><|endofprompt|> <|reserved_200018|>",
     Path(json.__file__).read_text(encoding="utf-8"),
 ]
 
@@ -158,13 +159,22 @@ def test_gpt2_sizes_and_eos(gpt2) -> None:
     assert (ours.vocab_size, ours.eos_token_id, ours.special_tokens) == (50257, 50256, {"<|endoftext|>": 50256})
 
 
-def test_gpt_oss_sizes_eos_and_harmony_tokens(gpt_oss) -> None:
+def test_gpt_oss_sizes_eos_and_harmony_tokens_as_the_hub_file_has_them(gpt_oss) -> None:
+    """The hub's tokenizer.json stops at 200018; the model's 201088 unembedding rows pad beyond it."""
     ours, hf = gpt_oss
-    assert (ours.vocab_size, ours.eos_token_id, len(hf)) == (201088, 199999, 201088)
+    assert (ours.vocab_size, ours.eos_token_id, len(hf)) == (200019, 199999, 200019)
     named = {"<|startoftext|>": 199998, "<|return|>": 200002, "<|constrain|>": 200003, "<|channel|>": 200005,
-             "<|start|>": 200006, "<|end|>": 200007, "<|message|>": 200008, "<|call|>": 200012}
+             "<|start|>": 200006, "<|end|>": 200007, "<|message|>": 200008, "<|call|>": 200012,
+             "<|endofprompt|>": 200018}
     assert named.items() <= ours.special_tokens.items()
-    assert sorted(ours.special_tokens.values()) == list(range(199998, 201088))
+    assert sorted(ours.special_tokens.values()) == list(range(199998, 200019))
+
+
+def test_gpt_oss_tokenizer_json_is_transformers_converter_layout(gpt_oss_dir: Path) -> None:
+    """Every two-token split of a token is a merge, so there are more merges than tokens, as on the hub."""
+    model = json.loads((gpt_oss_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    assert len(model["merges"]) > len(model["vocab"]) > 199_000
+    assert model["merges"][:2] == [["Ġ", "Ġ"], ["Ġ", "ĠĠĠ"]]  # the split the old loader refused
 
 
 def test_gpt2_matches_openai_gpt2_encoding(gpt2) -> None:
@@ -175,100 +185,31 @@ def test_gpt2_matches_openai_gpt2_encoding(gpt2) -> None:
 
 
 def test_gpt_oss_matches_openai_o200k_harmony_encoding(gpt_oss) -> None:
-    """Proves the tokenizer.json writer right against the source ranks, not just self-consistent."""
+    """Proves the tokenizer.json writer and loader right against the source ranks, not just self-consistent.
+
+    tiktoken's o200k_harmony names ids up to 201087 (200018 twice: <|endofprompt|> and <|reserved_200018|>);
+    the hub's tokenizer.json has those up to 200018, with <|endofprompt|>: the oracle keeps exactly those."""
     ours, _ = gpt_oss
-    official = _official_encoding("o200k_harmony")
+    harmony = _official_encoding("o200k_harmony")
+    specials = {t: harmony.encode_single_token(t) for t in harmony.special_tokens_set}
+    specials = {t: i for t, i in specials.items() if i <= 200018 and t != "<|reserved_200018|>"}
+    official = tiktoken.Encoding("o200k_hub", pat_str=harmony._pat_str,
+                                 mergeable_ranks=harmony._mergeable_ranks, special_tokens=specials)
+    assert ours.special_tokens == specials
     for text in CORPUS:
         assert ours.encode_ordinary(text) == official.encode_ordinary(text)
         assert ours.encode(text) == official.encode(text, allowed_special="all")
-    # o200k_harmony also keeps o200k_base's <|endofprompt|> at 200018, which gpt-oss names <|reserved_200018|>.
-    official_specials = {t: official.encode_single_token(t) for t in official.special_tokens_set}
-    del official_specials["<|endofprompt|>"]
-    assert ours.special_tokens == official_specials
 
 
 def test_gpt2_vocab_merges_and_tokenizer_json_give_identical_ids(gpt2, gpt2_json_dir: Path) -> None:
+    """The hub's gpt2 tokenizer.json layout: ids equal transformers' on the same file and OpenAI's gpt2."""
     ours, _ = gpt2
     from_json = load_tokenizer(gpt2_json_dir)
     hf_from_json = PreTrainedTokenizerFast(tokenizer_file=str(gpt2_json_dir / "tokenizer.json"))
+    official = _official_encoding("gpt2")
     assert from_json.special_tokens == ours.special_tokens
     for text in CORPUS:
-        assert from_json.encode(text) == ours.encode(text) == hf_from_json.encode(text, add_special_tokens=False)
-
-
-def test_load_tokenizer_without_files_raises_file_not_found_naming_them(tmp_path: Path) -> None:
-    (tmp_path / "vocab.json").write_text("{}")  # merges.txt missing
-    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json.*vocab\.json.*merges\.txt"):
-        load_tokenizer(tmp_path)
-
-
-def test_load_tokenizer_rejects_ids_out_of_merge_order(tmp_path: Path) -> None:
-    write_gpt2_tokenizer(tmp_path)
-    vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
-    vocab["Ġt"], vocab["Ġa"] = vocab["Ġa"], vocab["Ġt"]  # the first two merges
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    with pytest.raises(TokenizerError, match="merge order"):
-        load_tokenizer(tmp_path)
-
-
-def _added_token(token_id: int, text: str) -> dict:
-    flags = dict.fromkeys(["single_word", "lstrip", "rstrip", "normalized"], False)
-    return {"id": token_id, "content": text, **flags, "special": True}
-
-
-def _tiny_tokenizer_json(merges: list[tuple[str, str]]) -> dict:
-    """Byte tokens at their byte values, then one token per merge, then <|endoftext|>."""
-    vocab = {byte_level_text(bytes([b])): b for b in range(256)}
-    for left, right in merges:
-        vocab[left + right] = len(vocab)
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [_added_token(len(vocab), "<|endoftext|>")],
-        "normalizer": None,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-        "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "vocab": vocab, "merges": [list(merge) for merge in merges]},
-    }
-
-
-def test_tiny_tokenizer_json_matches_transformers(tmp_path: Path) -> None:
-    spec = _tiny_tokenizer_json([("a", "b"), ("ab", "c"), ("Ġ", "ab")])
-    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
-    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
-    for text in ["abc ab abcab", "cba<|endoftext|> ab"]:
-        assert load_tokenizer(tmp_path).encode(text) == hf.encode(text, add_special_tokens=False)
-
-
-def _merge_built_from_other_parts(spec: dict) -> None:
-    """transformers never merges a+bc (ab is merged first and ab+c is no merge); tiktoken would build abc."""
-    tampered = _tiny_tokenizer_json([("a", "b"), ("b", "c"), ("a", "bc")])
-    spec.update(tampered)
-
-
-@pytest.mark.parametrize(
-    ("mutate", "message"),
-    [
-        (lambda spec: spec.update(normalizer={"type": "NFC"}), "normalizer"),
-        (lambda spec: spec["pre_tokenizer"].update(add_prefix_space=True), "add_prefix_space"),
-        (lambda spec: spec.update(pre_tokenizer={"type": "Whitespace"}), "pre_tokenizer"),
-        (lambda spec: spec.update(decoder=None), "decoder"),
-        (lambda spec: spec["model"].update(byte_fallback=True), "byte_fallback"),
-        (lambda spec: spec["model"].update(type="WordPiece"), "not BPE"),
-        (lambda spec: spec["added_tokens"][0].update(lstrip=True), "strips"),
-        (lambda spec: spec["added_tokens"].append(_added_token(260, "<|endoftext|>x")), "prefix"),
-        (lambda spec: spec["model"]["vocab"].update({"zz": 300}), "merges"),
-        (lambda spec: spec["model"]["vocab"].pop("a"), "single-byte"),
-        (_merge_built_from_other_parts, "other parts"),
-    ],
-    ids=["normalizer", "prefix_space", "pre_tokenizer", "decoder", "byte_fallback", "model_type", "lstrip",
-         "special_prefix", "token_without_merge", "missing_byte", "merge_from_other_parts"],
-)
-def test_load_tokenizer_rejects_what_tiktoken_cannot_reproduce(tmp_path: Path, mutate, message: str) -> None:
-    spec = _tiny_tokenizer_json([("a", "b"), ("ab", "c")])
-    mutate(spec)
-    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(TokenizerError, match=message):
-        load_tokenizer(tmp_path)
+        ids = from_json.encode(text)
+        assert ids == ours.encode(text) == hf_from_json.encode(text, add_special_tokens=False)
+        assert ids == official.encode(text, allowed_special="all")
+        assert from_json.decode(ids) == text

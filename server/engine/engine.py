@@ -84,7 +84,8 @@ class LLMEngine:
         salt = f"{loaded.family}:{loaded.directory.resolve()}:{loaded.dtype}:{cache_dtype}"  # what shapes the KV
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, salt)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(loaded.model, self.cache, loaded.device, self._decode_graphs(num_blocks))
+        self.runner = ModelRunner(loaded.model, self.cache, loaded.device, loaded.tokenizer.vocab_size,
+                                  self._decode_graphs(num_blocks))
         self.sampler = Sampler()
         self.admission = Admission(self.max_model_len, config.block_size, num_blocks, config.enable_prefix_caching)
         self.requests: dict[str, list[Sequence]] = {}

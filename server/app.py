@@ -35,6 +35,7 @@ from server.protocol import APIError, ErrorObject, ErrorResponse
 from server.routes import chat_completions, completions, health, metrics, models, perplexity, ready
 from server.routes.engine_calls import ClientDisconnected
 from server.routes.models import ServedModel
+from server.validation_errors import validation_error_object
 
 log = logging.getLogger("gptserve")
 access_log = logging.getLogger("gptserve.access")
@@ -113,21 +114,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def internal_error(request: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"request_id": request.state.request_id})
         return error_response(500, ErrorObject(message="internal server error", type="internal_error"))
-
-
-def validation_error_object(e: RequestValidationError) -> ErrorObject:
-    """The first problem, named by its field (``param`` is the top-level body field)."""
-    first = e.errors()[0]
-    location = [str(part) for part in first["loc"] if part != "body"]
-    if first["type"] == "json_invalid":
-        return ErrorObject(message=f"the body is not valid JSON: {first.get('msg')}", type="invalid_request_error")
-    if first["type"] == "extra_forbidden":
-        message = f"{'.'.join(location)}: unknown or unsupported parameter"
-    else:
-        # Union branches show up as loc parts like "list[int]": keep the path a client would write.
-        path = ".".join(part for part in location if not re.search(r"[\[\]]|^(str|int|float|bool)$", part))
-        message = f"{path or 'body'}: {first['msg']}"
-    return ErrorObject(message=message, type="invalid_request_error", param=location[0] if location else None)
 
 
 class Gateway:

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--kv-cache-tokens", "KV cache capacity in tokens (default: sized from free memory)",
         type=_positive_int, default=None)
     add("--block-size", "tokens per KV cache block", type=_positive_int, default=16)
-    add("--max-queue", "requests allowed to wait before new ones get 429", type=_positive_int, default=1024)
+    add("--max-queue", "sequences (n per prompt) allowed to wait before new requests get 429",
+        type=_positive_int, default=1024)
     add("--tensor-parallel-size", "ranks (one GPU each) to shard the model over; this process is rank 0 and "
         "spawns the others, or joins torchrun's (see docs/distributed.md)", type=_positive_int, default=1)
     add("--api-key", "require 'Authorization: Bearer KEY' on /v1/* routes", default=None)

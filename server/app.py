@@ -7,6 +7,7 @@ JSON log line per request.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -80,6 +81,13 @@ def create_app(config: ServerConfig, loaded_models: dict[str, LoadedModel]) -> F
     install_openapi(app, list(loaded_models))
     app.add_middleware(Gateway, config=config, metrics=process_metrics)
     return app
+
+
+def abort_in_flight(app: FastAPI) -> None:
+    """SIGTERM's drain deadline: every model's requests still running end now, each with its 503."""
+    log.warning("drain deadline passed: aborting the requests still in flight")
+    for served in app.state.models.values():
+        served.engine.abort_all()
 
 
 def error_response(status: int, error: ErrorObject, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -168,18 +176,25 @@ class Gateway:
         return None
 
     async def _read_body(self, receive: Receive) -> tuple[bytes, Response | None]:
-        """The whole body, up to --max-body-bytes whatever Content-Length claimed (chunked bodies have none)."""
+        """The whole body, up to --max-body-bytes whatever Content-Length claimed (chunked bodies have none),
+        within --body-timeout: uvicorn has no deadline for a body, and a slow one holds its buffer meanwhile."""
         parts, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return b"", Response(status_code=499)
-            parts.append(message.get("body", b""))
-            size += len(parts[-1])
-            if size > self.config.max_body_bytes:
-                return b"", self._too_large()
-            if not message.get("more_body", False):
-                return b"".join(parts), None
+        try:
+            async with asyncio.timeout(self.config.body_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return b"", Response(status_code=499)
+                    parts.append(message.get("body", b""))
+                    size += len(parts[-1])
+                    if size > self.config.max_body_bytes:
+                        return b"", self._too_large()
+                    if not message.get("more_body", False):
+                        return b"".join(parts), None
+        except TimeoutError:
+            return b"", error_response(408, ErrorObject(
+                message=f"the request body did not arrive within --body-timeout ({self.config.body_timeout:g} s)",
+                type="invalid_request_error", code="request_timeout"), headers={"Connection": "close"})
 
     def _too_large(self) -> Response:
         return error_response(413, ErrorObject(

@@ -276,8 +276,10 @@ def _error_responses(*statuses: tuple[int, str]) -> dict[int | str, dict]:
     return {status: {"model": ErrorResponse, "description": description} for status, description in statuses}
 
 
-# Every route behind the gateway can answer 401 (API key) and 413 (body size); the generation routes also these.
-GATEWAY_RESPONSES = _error_responses((401, "missing or wrong API key"), (413, "body too large"))
+# Every route behind the gateway can answer 401 (API key), 408 (body too slow) and 413 (body size); the
+# generation routes also these.
+GATEWAY_RESPONSES = _error_responses((401, "missing or wrong API key"), (408, "body not received in time"),
+                                     (413, "body too large"))
 ERROR_RESPONSES = GATEWAY_RESPONSES | _error_responses(
     (400, "invalid request"), (404, "unknown model"), (429, "queue full (see Retry-After)"),
     (500, "the model failed while running this request"), (503, "not ready or the engine failed"))

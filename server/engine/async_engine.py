@@ -72,6 +72,13 @@ class AsyncEngine:
         if isinstance(self.loaded.model, ShardedModel):
             await asyncio.to_thread(self.loaded.model.stop)
 
+    def abort_all(self) -> None:
+        """The drain deadline passed: stop admitting and end every request in flight as aborted, which the
+        routes answer with 503 (an error event then [DONE] on a stream)."""
+        self._accepting = False
+        for request_id in list(self._streams):
+            self._post(lambda engine, rid=request_id: engine.abort(rid))
+
     @property
     def healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._failure is None

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int, default=1024)
     add("--tensor-parallel-size", "ranks (one GPU each) to shard the model over; this process is rank 0 and "
         "spawns the others, or joins torchrun's (see docs/distributed.md)", type=_positive_int, default=1)
+    add("--tp-step-timeout", "with --tensor-parallel-size > 1: seconds a rank may lag inside one step's "
+        "collectives before the step fails, the engine turns unhealthy and requests get 503", type=_positive_float,
+        default=8.0)
     add("--api-key", "require 'Authorization: Bearer KEY' on /v1/* routes", default=None)
     add("--metrics-require-key", "with --api-key, /metrics demands the key too (by default scrapers need none)",
         action="store_true")

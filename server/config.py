@@ -36,4 +36,5 @@ class ServerConfig:
     header_timeout: float = 10.0  # seconds a request's headers may take to arrive
     body_timeout: float = 30.0  # seconds a request's body may take to arrive, once its headers have
     max_connections: int = 1024  # open connections; a request arriving over this gets 503
+    tp_step_timeout: float = 8.0  # seconds a tensor-parallel rank may lag inside one step before the engine fails
     drain_timeout: float = 30.0  # on SIGTERM, seconds in-flight requests get before they are aborted with 503

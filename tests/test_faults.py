@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 
 import httpx
 import pytest
@@ -201,3 +202,26 @@ def test_past_the_drain_deadline_requests_end_with_503_and_streams_with_an_error
         assert done == "[DONE]"
         assert error["error"]["type"] == "service_unavailable", error
         assert chunks and all(chunk["choices"][0]["finish_reason"] is None for chunk in chunks)
+
+
+def test_hung_tensor_parallel_rank_hits_the_step_timeout_and_the_server_turns_503(tiny_gpt2_dir):
+    """A worker rank that stops answering (alive, asleep inside a step), not one that dies: rank 0's
+    collectives give up after --tp-step-timeout, and /health and every request turn 503."""
+    hang_token, step_timeout = 999, 2.0
+    args = ["--model", f"tiny={tiny_gpt2_dir}", "--tensor-parallel-size", "2", "--dtype", "float32",
+            "--kv-cache-tokens", "2048", "--tp-step-timeout", str(step_timeout)]
+    with ServerProcess(args, env={"GPTSERVE_FAULT_HANG_TOKEN_ID": str(hang_token)}) as server:
+        with httpx.Client(base_url=server.v1, timeout=60) as http:
+            assert http.post("/completions", json=completion(PROMPT)).status_code == 200
+            started = time.monotonic()
+            hung = http.post("/completions", json=completion([*PROMPT, hang_token]))
+            seconds = time.monotonic() - started
+            after = http.post("/completions", json=completion(PROMPT))
+        health = httpx.get(server.base_url + "/health", timeout=10)
+        ready = httpx.get(server.base_url + "/ready", timeout=10)
+        log = server.log_text()
+    assert hung.status_code == 503, hung.text
+    assert step_timeout <= seconds < step_timeout + 10
+    assert after.status_code == 503 and after.json()["error"]["type"] == "service_unavailable"
+    assert health.status_code == 503 and ready.status_code == 503
+    assert "tensor-parallel step failed" in log

@@ -289,5 +289,7 @@ SSE_DESCRIPTION = ("with stream=true: server-sent events, one `data: {chunk}` pe
 
 def sse_responses(chunk: type[BaseModel]) -> dict[int | str, dict]:
     """The 200 of a streaming endpoint: the JSON body, or an event stream of ``chunk`` objects."""
-    event_stream = {"schema": {"type": "string", "description": f"{SSE_DESCRIPTION}; chunks are {chunk.__name__}"}}
+    # OpenAPI 3.1 has the schema of an event stream describe one event: its ``data`` field holds the chunk.
+    data = {"type": "string", "description": f"{SSE_DESCRIPTION}; chunks are {chunk.__name__}"}
+    event_stream = {"schema": {"type": "object", "properties": {"data": data}, "required": ["data"]}}
     return {200: {"content": {"text/event-stream": event_stream}}} | ERROR_RESPONSES

@@ -59,6 +59,8 @@ def _state_limits(document: dict[str, Any], max_model_len: int, vocab_size: int)
             for node in _nodes(properties.get(field), "integer"):
                 node["maximum"] = vocab_size - 1
         for field in ("max_tokens", "max_completion_tokens", "stride"):  # a prompt takes at least one token
+            if field == "max_tokens" and "max_completion_tokens" in properties:
+                continue  # chat's deprecated alias, ignored when max_completion_tokens is given: no bound holds
             for node in _nodes(properties.get(field), "integer"):
                 node["maximum"] = max_model_len - 1
         for node in _nodes(properties.get("max_length"), "integer"):
@@ -67,6 +69,10 @@ def _state_limits(document: dict[str, Any], max_model_len: int, vocab_size: int)
             digits = len(str(vocab_size - 1)) - 1
             for node in _nodes(properties["logit_bias"], "object"):
                 node["propertyNames"] = {"pattern": f"^(0|[1-9][0-9]{{0,{digits - 1}}})$"}
+        if "top_logprobs" in properties and "logprobs" in properties:  # a number only with logprobs: true
+            schemas[name]["dependentSchemas"] = {"top_logprobs": {"anyOf": [
+                {"properties": {"top_logprobs": {"type": "null"}}},
+                {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}]}}
         if "suffix" in properties:  # refused unless null
             properties["suffix"] = {"type": "null", "title": "Suffix", "description": "not supported; must be null"}
 

@@ -7,6 +7,7 @@ JSON log line per request.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -39,6 +40,7 @@ from server.routes import (
 from server.routes.engine_calls import ClientDisconnected
 from server.routes.models import ServedModel
 from server.routes.response_store import ResponseStore
+from server.validation_errors import validation_error_object
 
 log = logging.getLogger("gptserve")
 access_log = logging.getLogger("gptserve.access")
@@ -89,6 +91,13 @@ def create_app(config: ServerConfig, loaded_models: dict[str, LoadedModel]) -> F
     return app
 
 
+def abort_in_flight(app: FastAPI) -> None:
+    """SIGTERM's drain deadline: every model's requests still running end now, each with its 503."""
+    log.warning("drain deadline passed: aborting the requests still in flight")
+    for served in app.state.models.values():
+        served.engine.abort_all()
+
+
 def error_response(status: int, error: ErrorObject, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(ErrorResponse(error=error).model_dump(), status_code=status, headers=headers)
 
@@ -121,21 +130,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def internal_error(request: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"request_id": request.state.request_id})
         return error_response(500, ErrorObject(message="internal server error", type="internal_error"))
-
-
-def validation_error_object(e: RequestValidationError) -> ErrorObject:
-    """The first problem, named by its field (``param`` is the top-level body field)."""
-    first = e.errors()[0]
-    location = [str(part) for part in first["loc"] if part != "body"]
-    if first["type"] == "json_invalid":
-        return ErrorObject(message=f"the body is not valid JSON: {first.get('msg')}", type="invalid_request_error")
-    if first["type"] == "extra_forbidden":
-        message = f"{'.'.join(location)}: unknown or unsupported parameter"
-    else:
-        # Union branches show up as loc parts like "list[int]": keep the path a client would write.
-        path = ".".join(part for part in location if not re.search(r"[\[\]]|^(str|int|float|bool)$", part))
-        message = f"{path or 'body'}: {first['msg']}"
-    return ErrorObject(message=message, type="invalid_request_error", param=location[0] if location else None)
 
 
 class Gateway:
@@ -190,18 +184,25 @@ class Gateway:
         return None
 
     async def _read_body(self, receive: Receive) -> tuple[bytes, Response | None]:
-        """The whole body, up to --max-body-bytes whatever Content-Length claimed (chunked bodies have none)."""
+        """The whole body, up to --max-body-bytes whatever Content-Length claimed (chunked bodies have none),
+        within --body-timeout: uvicorn has no deadline for a body, and a slow one holds its buffer meanwhile."""
         parts, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return b"", Response(status_code=499)
-            parts.append(message.get("body", b""))
-            size += len(parts[-1])
-            if size > self.config.max_body_bytes:
-                return b"", self._too_large()
-            if not message.get("more_body", False):
-                return b"".join(parts), None
+        try:
+            async with asyncio.timeout(self.config.body_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return b"", Response(status_code=499)
+                    parts.append(message.get("body", b""))
+                    size += len(parts[-1])
+                    if size > self.config.max_body_bytes:
+                        return b"", self._too_large()
+                    if not message.get("more_body", False):
+                        return b"".join(parts), None
+        except TimeoutError:
+            return b"", error_response(408, ErrorObject(
+                message=f"the request body did not arrive within --body-timeout ({self.config.body_timeout:g} s)",
+                type="invalid_request_error", code="request_timeout"), headers={"Connection": "close"})
 
     def _too_large(self) -> Response:
         return error_response(413, ErrorObject(

@@ -45,6 +45,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _origins(text: str) -> list[str]:
     """One origin, or a comma-separated list (how the environment gives several)."""
     origins = [part.strip() for part in text.split(",") if part.strip()]
@@ -92,12 +99,16 @@ def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
     add("--kv-cache-tokens", "KV cache capacity in tokens (default: sized from free memory)",
         type=_positive_int, default=None)
     add("--block-size", "tokens per KV cache block", type=_positive_int, default=16)
-    add("--max-queue", "requests allowed to wait before new ones get 429", type=_positive_int, default=1024)
+    add("--max-queue", "sequences (n per prompt) allowed to wait before new requests get 429",
+        type=_positive_int, default=1024)
     add("--allowed-origins", "browser origin allowed to call the API (CORS), repeatable, exact: "
         "https://app.example.com[:port] (env: comma-separated). Default none: no CORS headers at all",
         action="extend", type=_origins, default=[], metavar="ORIGIN")
     add("--tensor-parallel-size", "ranks (one GPU each) to shard the model over; this process is rank 0 and "
         "spawns the others, or joins torchrun's (see docs/distributed.md)", type=_positive_int, default=1)
+    add("--tp-step-timeout", "with --tensor-parallel-size > 1: seconds a rank may lag inside one step's "
+        "collectives before the step fails, the engine turns unhealthy and requests get 503", type=_positive_float,
+        default=8.0)
     add("--api-key", "require 'Authorization: Bearer KEY' on /v1/* routes", default=None)
     add("--metrics-require-key", "with --api-key, /metrics demands the key too (by default scrapers need none)",
         action="store_true")
@@ -109,6 +120,16 @@ def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
         action="store_true")
     add("--max-body-bytes", "largest request body accepted; larger ones get 413", type=_positive_int,
         default=DEFAULT_MAX_BODY_BYTES)
+    add("--keep-alive-timeout", "seconds an idle keep-alive connection stays open", type=_positive_float,
+        default=5.0)
+    add("--header-timeout", "seconds a request's headers may take to arrive before the connection is closed",
+        type=_positive_float, default=10.0)
+    add("--body-timeout", "seconds a request's body may take to arrive (after its headers) before a 408",
+        type=_positive_float, default=30.0)
+    add("--max-connections", "open connections served at once; requests over this get 503", type=_positive_int,
+        default=1024)
+    add("--drain-timeout", "on SIGTERM, seconds in-flight requests get to finish before they are ended with a 503 "
+        "(an error event then [DONE] on a stream)", type=_positive_float, default=30.0)
     add("--log-requests", "include prompts and completions in the request log", action="store_true")
     add("--enforce-eager", "on CUDA, launch every decode step's kernels one by one instead of replaying "
         "CUDA graphs captured at start-up (for debugging; slower)", action="store_true")
@@ -151,15 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gptserve: error: {e}", file=sys.stderr)
         return 2
 
-    import uvicorn
-
-    from server.app import create_app
+    from server.app import abort_in_flight, create_app
+    from server.http_server import serve
 
     app = create_app(config, loaded)
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, _drained)
-    uvicorn.run(app, host=config.host, port=config.port, log_config=None, access_log=False,
-                log_level=config.log_level, timeout_graceful_shutdown=30)
+    serve(app, config, cut=lambda: abort_in_flight(app))
     return 0
 
 

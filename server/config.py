@@ -33,3 +33,9 @@ class ServerConfig:
     log_requests: bool = False  # prompts and outputs go to the log only when asked for
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     kv_cache_dtype: str = "auto"  # auto: the model's dtype; bfloat16 halves the KV cache under a float32 model
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection is kept
+    header_timeout: float = 10.0  # seconds a request's headers may take to arrive
+    body_timeout: float = 30.0  # seconds a request's body may take to arrive, once its headers have
+    max_connections: int = 1024  # open connections; a request arriving over this gets 503
+    tp_step_timeout: float = 8.0  # seconds a tensor-parallel rank may lag inside one step before the engine fails
+    drain_timeout: float = 30.0  # on SIGTERM, seconds in-flight requests get before they are aborted with 503

@@ -25,6 +25,9 @@ from prometheus_client import (
 )
 
 FINISHED_REASONS = ("stop", "length", "abort", "error")
+# The methods HTTP defines; any other token a client sends is counted as "other", so made-up methods (answered,
+# and counted, even without the API key) cannot grow /metrics and the registry without bound.
+HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"))
 # The classic text format, which every Prometheus reads; newer clients announce 1.0.0 for the same bytes.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -151,7 +154,9 @@ class Metrics:
         return self._models[model_name]
 
     def count_http(self, endpoint: str, method: str, status: int) -> None:
-        """`endpoint` is the route template (`/v1/completions`), never a raw path, to keep the series bounded."""
+        """`endpoint` is the route template (`/v1/completions`), never a raw path, and `method` one of
+        HTTP_METHODS or "other", to keep the series bounded."""
+        method = method if method in HTTP_METHODS else "other"
         self._http.labels(endpoint=endpoint, method=method, status=str(status)).inc()
 
     def exposition(self) -> tuple[bytes, str]:

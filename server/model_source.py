@@ -5,6 +5,7 @@ Nothing here loads weights; it only decides where they are, so a bad spec fails 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -63,25 +64,54 @@ def default_model_source() -> ModelSource:
 
 
 def download_from_hub(repo_id: str) -> Path:
-    """The local snapshot of a hub model: the cache first, the network only when the hub is not set offline."""
+    """The local snapshot of a hub model: the cache first, the network only when the hub is not set offline.
+
+    A download cut part-way leaves a snapshot folder with some files in it, which the hub's cache lookup may
+    still return: a snapshot is used only once every file the loader needs is there.
+    """
     from huggingface_hub import snapshot_download
 
     patterns = {"allow_patterns": HUB_ALLOW_PATTERNS, "ignore_patterns": HUB_IGNORE_PATTERNS}
+    missing: list[str] = []
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True, **patterns))
+        cached = Path(snapshot_download(repo_id, local_files_only=True, **patterns))
+        missing = _missing_checkpoint_files(cached)
+        if not missing:
+            return cached
     except Exception:  # noqa: BLE001 - any failure here just means "not cached"
         pass
     if _hub_offline():
-        raise ModelSourceError(
-            f"hub model {repo_id!r} is not in the local HuggingFace cache and HF_HUB_OFFLINE is set"
-        )
+        state = (f"is only partly in the local HuggingFace cache (missing {', '.join(missing)}: an interrupted "
+                 "download? run once online to finish it)") if missing else "is not in the local HuggingFace cache"
+        raise ModelSourceError(f"hub model {repo_id!r} {state} and HF_HUB_OFFLINE is set")
     try:
-        return Path(snapshot_download(repo_id, **patterns))
+        directory = Path(snapshot_download(repo_id, **patterns))
     except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end the same way
         raise ModelSourceError(
             f"hub model {repo_id!r} is not in the local HuggingFace cache and could not be downloaded "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
         ) from None
+    missing = _missing_checkpoint_files(directory)
+    if missing:
+        raise ModelSourceError(f"hub model {repo_id!r}: the downloaded snapshot {directory} lacks "
+                               f"{', '.join(missing)}")
+    return directory
+
+
+def _missing_checkpoint_files(directory: Path) -> list[str]:
+    """What the loader would need and the snapshot lacks: config.json and every safetensors file named (a
+    dangling link, left where the hub's blob never finished, counts as missing)."""
+    if not (directory / "config.json").is_file():
+        return ["config.json"]
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError):
+            return [index.name]
+    else:
+        shards = ["model.safetensors"]
+    return [name for name in shards if not (directory / name).is_file()]
 
 
 def demo_model_directory() -> Path:

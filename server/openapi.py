@@ -1,9 +1,11 @@
 """The served OpenAPI document: FastAPI's, corrected to what this server really answers.
 
-Two things only the running server knows or does differently from FastAPI's defaults: validation errors are
-400 (not FastAPI's 422 with its own body), and ``model`` accepts only the names this process serves (any other
-gets 404). With both stated, a schema-driven fuzzer's valid requests reach the engine, and its checks of status
-codes and bodies against the document are exact.
+What only the running server knows or does differently from FastAPI's defaults: validation errors are 400 (not
+FastAPI's 422 with its own body); ``model`` accepts only the names this process serves (any other gets 404);
+token ids stop at the vocabulary, lengths at the context; and each request body has an example that is served.
+With these stated, most of a schema-driven fuzzer's valid requests reach the engine (tests/test_fuzz_schema.py
+fails when most are refused), and its checks of status codes and bodies against the document are exact. What
+JSON Schema cannot say (prompt + max_tokens within the context, min_tokens <= max_tokens) is still a 400.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ def install_openapi(app: FastAPI, model_names: list[str]) -> None:
                                    routes=app.routes)
             _drop_validation_422(document)
             _pin_model_names(document, model_names)
+            served = list(app.state.models.values())
+            if served:  # the engines start with the app, before any request asks for the document
+                _state_limits(document, min(s.engine.max_model_len for s in served),
+                              min(s.engine.tokenizer.vocab_size for s in served))
+                _add_examples(document, model_names[0])
             app.openapi_schema = document
         return app.openapi_schema
 
@@ -42,3 +49,51 @@ def _pin_model_names(document: dict[str, Any], model_names: list[str]) -> None:
         model = schema.get("properties", {}).get("model")
         if name.endswith("Request") and model is not None and model.get("type") == "string":
             model["enum"] = list(model_names)
+
+
+def _state_limits(document: dict[str, Any], max_model_len: int, vocab_size: int) -> None:
+    schemas = document.get("components", {}).get("schemas", {})
+    for name in ("CompletionRequest", "ChatCompletionRequest", "PerplexityRequest"):
+        properties = schemas.get(name, {}).get("properties", {})
+        for field in ("prompt", "input", "stop_token_ids"):  # every integer inside is a token id
+            for node in _nodes(properties.get(field), "integer"):
+                node["maximum"] = vocab_size - 1
+        for field in ("max_tokens", "max_completion_tokens", "stride"):  # a prompt takes at least one token
+            if field == "max_tokens" and "max_completion_tokens" in properties:
+                continue  # chat's deprecated alias, ignored when max_completion_tokens is given: no bound holds
+            for node in _nodes(properties.get(field), "integer"):
+                node["maximum"] = max_model_len - 1
+        for node in _nodes(properties.get("max_length"), "integer"):
+            node["maximum"] = max_model_len
+        if "logit_bias" in properties:  # keys are token ids; digits one fewer than the vocabulary's stay inside it
+            digits = len(str(vocab_size - 1)) - 1
+            for node in _nodes(properties["logit_bias"], "object"):
+                node["propertyNames"] = {"pattern": f"^(0|[1-9][0-9]{{0,{digits - 1}}})$"}
+        if "top_logprobs" in properties and "logprobs" in properties:  # a number only with logprobs: true
+            schemas[name]["dependentSchemas"] = {"top_logprobs": {"anyOf": [
+                {"properties": {"top_logprobs": {"type": "null"}}},
+                {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}]}}
+        if "suffix" in properties:  # refused unless null
+            properties["suffix"] = {"type": "null", "title": "Suffix", "description": "not supported; must be null"}
+
+
+def _add_examples(document: dict[str, Any], model: str) -> None:
+    schemas = document.get("components", {}).get("schemas", {})
+    examples = {
+        "CompletionRequest": {"model": model, "prompt": "Hello", "max_tokens": 4},
+        "ChatCompletionRequest": {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+        "PerplexityRequest": {"model": model, "input": "The quick brown fox"},
+    }
+    for name, example in examples.items():
+        if name in schemas:
+            schemas[name]["examples"] = [example]
+
+
+def _nodes(schema: Any, kind: str) -> list[dict[str, Any]]:
+    """Every sub-schema of ``kind`` in ``schema`` (through anyOf branches and array items)."""
+    if isinstance(schema, list):
+        return [node for item in schema for node in _nodes(item, kind)]
+    if not isinstance(schema, dict):
+        return []
+    found = [schema] if schema.get("type") == kind else []
+    return found + [node for key in ("anyOf", "oneOf", "items") for node in _nodes(schema.get(key), kind)]

@@ -19,6 +19,7 @@ from server.protocol_base import Strict, WithoutNulls
 from server.protocol_tools import ChatTool, NamedToolChoice, ToolCall, ToolCallDelta, ToolCallParam
 
 MAX_N = 128
+MAX_PROMPTS = 1024  # prompts (or perplexity inputs) in one request: each is tokenized before admission
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 512
@@ -26,7 +27,8 @@ INT64_BOUND = 2**63  # seeds are int64; a power of two stays exact in tools that
 
 StopStrings = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-PromptInput = str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+PromptInput = (str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
+               | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
 
 
 class StreamOptions(Strict):
@@ -320,8 +322,10 @@ def _error_responses(*statuses: tuple[int, str]) -> dict[int | str, dict]:
     return {status: {"model": ErrorResponse, "description": description} for status, description in statuses}
 
 
-# Every route behind the gateway can answer 401 (API key) and 413 (body size); the generation routes also these.
-GATEWAY_RESPONSES = _error_responses((401, "missing or wrong API key"), (413, "body too large"))
+# Every route behind the gateway can answer 401 (API key), 408 (body too slow) and 413 (body size); the
+# generation routes also these.
+GATEWAY_RESPONSES = _error_responses((401, "missing or wrong API key"), (408, "body not received in time"),
+                                     (413, "body too large"))
 ERROR_RESPONSES = GATEWAY_RESPONSES | _error_responses(
     (400, "invalid request"), (404, "unknown model"), (429, "queue full (see Retry-After)"),
     (500, "the model failed while running this request"), (503, "not ready or the engine failed"))
@@ -331,7 +335,7 @@ SSE_DESCRIPTION = ("with stream=true: server-sent events, one `data: {chunk}` pe
 
 def sse_responses(chunk: type[BaseModel]) -> dict[int | str, dict]:
     """The 200 of a streaming endpoint: the JSON body, or an event stream of ``chunk`` objects."""
-    # OpenAPI 3.1 has no itemSchema: the schema is read (by schemathesis, as 3.2 defines it) as that of one event
-    event_stream = {"schema": {"type": "object", "required": ["data"], "properties": {
-        "data": {"type": "string", "description": f"{SSE_DESCRIPTION}; chunks are {chunk.__name__}"}}}}
+    # OpenAPI 3.1 has the schema of an event stream describe one event: its ``data`` field holds the chunk.
+    data = {"type": "string", "description": f"{SSE_DESCRIPTION}; chunks are {chunk.__name__}"}
+    event_stream = {"schema": {"type": "object", "properties": {"data": data}, "required": ["data"]}}
     return {200: {"content": {"text/event-stream": event_stream}}} | ERROR_RESPONSES

@@ -1,4 +1,5 @@
-"""SSE streaming for both endpoints: same text as non-streaming, usage chunk, no leaked stop strings, aborts."""
+"""SSE streaming for both endpoints: same text as non-streaming, usage chunk, no leaked stop strings; a client
+that disconnects (streaming or not) has its sequences aborted and their KV blocks freed."""
 
 from __future__ import annotations
 
@@ -9,15 +10,26 @@ import time
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from models.testing.gpt2_checkpoint import write_tiny_gpt2
 from tests.server_process import ServerProcess
 
 PROMPT = "The quick brown fox"
+LONG_MAX_TOKENS = 4000
 
 
 @pytest.fixture(scope="module")
 def server(tiny_gpt2_dir):
     with ServerProcess(["--model", f"tiny={tiny_gpt2_dir}"]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def long_server(tmp_path_factory):
+    """A context of 4096 tokens, so a request can run far longer than any test waits."""
+    model_dir = write_tiny_gpt2(tmp_path_factory.mktemp("long") / "gpt2", n_positions=4096)
+    with ServerProcess(["--model", f"long={model_dir}"]) as running:
         yield running
 
 
@@ -89,35 +101,68 @@ def test_sse_wire_format_ends_with_done(server):
     assert json.loads(events[0][6:])["object"] == "text_completion"
 
 
-def test_streams_closed_after_first_chunk_free_every_sequence_and_block(server):
-    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 100, "ignore_eos": True, "stream": True}
+async def disconnect_once_running(server: ServerProcess, body: dict, clients: int) -> None:
+    """``clients`` requests; each connection is dropped once the engine runs all of them (after the first
+    event for a stream), so every request was admitted and is mid-generation when its client goes."""
 
-    async def open_and_abandon() -> None:
-        async with httpx.AsyncClient(base_url=server.v1, timeout=60) as http:
-            async with http.stream("POST", "/completions", json=body) as response:
-                async for line in response.aiter_lines():
-                    if line.startswith("data: "):
-                        return
+    async def one(http: httpx.AsyncClient, started: asyncio.Event) -> None:
+        async with http.stream("POST", "/completions", json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    started.set()
+                    await asyncio.Event().wait()  # hold the stream open until cancelled
 
-    async def twenty() -> None:
-        await asyncio.gather(*(open_and_abandon() for _ in range(20)))
+    async def all_running() -> None:
+        while True:
+            stats = (await asyncio.to_thread(server.health))["models"]["long"]
+            if stats["running"] == clients * body["n"]:
+                return
+            await asyncio.sleep(0.02)
 
-    asyncio.run(twenty())
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=server.v1, timeout=60, limits=limits) as http:
+        events = [asyncio.Event() for _ in range(clients)]
+        tasks = [asyncio.create_task(one(http, event)) for event in events]
+        await asyncio.wait_for(all_running(), 30)
+        if body["stream"]:
+            await asyncio.wait_for(asyncio.gather(*(event.wait() for event in events)), 30)
+        for task in tasks:
+            task.cancel()  # closes the connection
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@pytest.mark.parametrize(("stream", "n"), [(True, 1), (True, 3), (False, 1), (False, 3)])
+def test_client_disconnect_aborts_every_sequence_long_before_it_could_finish(long_server, stream, n):
+    """Each sequence could run 4000 tokens; the disconnects must end them as aborts (none reaches its
+    length) and free every KV block within seconds, having generated a small part of what was asked."""
+    clients = 4
+    body = {"model": "long", "prompt": PROMPT, "max_tokens": LONG_MAX_TOKENS, "ignore_eos": True, "n": n,
+            "stream": stream}
+    before = finished_counts(long_server)
+    asyncio.run(disconnect_once_running(long_server, body, clients))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        stats = server.health()["models"]["tiny"]
-        if stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_blocks_used"] == 0:
+        stats = long_server.health()["models"]["long"]
+        if stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == 0:
             break
-        time.sleep(0.1)
-    assert stats["running"] == 0 and stats["waiting"] == 0
-    assert stats["kv_blocks_used"] == 0
-
-
-def test_non_streaming_client_disconnect_aborts_the_request(server):
-    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 110, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.v1 + "/completions", json=body, timeout=0.05)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and server.health()["models"]["tiny"]["kv_blocks_used"]:
         time.sleep(0.05)
-    assert server.health()["models"]["tiny"]["kv_blocks_used"] == 0
+    assert (stats["running"], stats["waiting"], stats["kv_blocks_used"]) == (0, 0, 0)
+    after = finished_counts(long_server)
+    assert after["abort"] - before["abort"] == clients * n
+    assert after["length"] == before["length"], "a sequence ran to max_tokens: it was never aborted"
+    generated = after["generation_tokens"] - before["generation_tokens"]
+    assert generated < 0.1 * clients * n * LONG_MAX_TOKENS
+
+
+def finished_counts(server: ServerProcess) -> dict[str, float]:
+    """Sequences finished per reason, and tokens generated, as /metrics counts them."""
+    text = httpx.get(server.base_url + "/metrics", timeout=10).text
+    counts = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "gptserve:request_success_total" and sample.labels["model_name"] == "long":
+                counts[sample.labels["finished_reason"]] = sample.value
+            elif sample.name == "gptserve:generation_tokens_total" and sample.labels["model_name"] == "long":
+                counts["generation_tokens"] = sample.value
+    return counts

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 
 import httpx
 import pytest
@@ -160,3 +161,67 @@ def test_sigterm_under_load_finishes_every_stream_and_exits_0(tiny_gpt2_dir):
         finishes = [e["choices"][0]["finish_reason"] for e in events[:-1] if "choices" in e and e["choices"]]
         assert finishes[-1] == "length", events[-3:]
         assert sum(len(e["choices"][0]["text"]) > 0 for e in events[:-1]) > 0
+
+
+def test_past_the_drain_deadline_requests_end_with_503_and_streams_with_an_error_then_done(tmp_path):
+    """--drain-timeout 2 and requests that would run far longer: after SIGTERM they are aborted at the
+    deadline, each answered as the contract says, and the process still exits 0."""
+    from models.testing.gpt2_checkpoint import write_tiny_gpt2
+
+    model_dir = write_tiny_gpt2(tmp_path / "long", n_positions=4096)
+    with ServerProcess(["--model", f"tiny={model_dir}", "--drain-timeout", "2"]) as server:
+        body = completion(PROMPT, max_tokens=4000)
+
+        async def stream(http: httpx.AsyncClient) -> list[dict | str]:
+            events = []
+            async with http.stream("POST", "/completions", json=body | {"stream": True}) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        data = line[len("data: "):]
+                        events.append(data if data == "[DONE]" else json.loads(data))
+            return events
+
+        async def run() -> tuple[list[list[dict | str]], httpx.Response, float]:
+            async with httpx.AsyncClient(base_url=server.v1, timeout=60) as http:
+                streams = [asyncio.create_task(stream(http)) for _ in range(2)]
+                whole = asyncio.create_task(http.post("/completions", json=body))
+                await asyncio.wait_for(all_admitted(server, 3), 30)
+                server._process.send_signal(signal.SIGTERM)
+                sent = asyncio.get_running_loop().time()
+                results = await asyncio.wait_for(asyncio.gather(*streams, whole), 30)
+                return results[:2], results[2], asyncio.get_running_loop().time() - sent
+
+        streams, whole, seconds = asyncio.run(run())
+        assert server._process.wait(timeout=30) == 0
+    assert 2 <= seconds < 2 + 8
+    assert whole.status_code == 503, whole.text
+    assert whole.json()["error"]["type"] == "service_unavailable"
+    for events in streams:
+        *chunks, error, done = events
+        assert done == "[DONE]"
+        assert error["error"]["type"] == "service_unavailable", error
+        assert chunks and all(chunk["choices"][0]["finish_reason"] is None for chunk in chunks)
+
+
+def test_hung_tensor_parallel_rank_hits_the_step_timeout_and_the_server_turns_503(tiny_gpt2_dir):
+    """A worker rank that stops answering (alive, asleep inside a step), not one that dies: rank 0's
+    collectives give up after --tp-step-timeout, and /health and every request turn 503."""
+    hang_token, step_timeout = 999, 2.0
+    args = ["--model", f"tiny={tiny_gpt2_dir}", "--tensor-parallel-size", "2", "--dtype", "float32",
+            "--kv-cache-tokens", "2048", "--tp-step-timeout", str(step_timeout)]
+    with ServerProcess(args, env={"GPTSERVE_FAULT_HANG_TOKEN_ID": str(hang_token)}) as server:
+        with httpx.Client(base_url=server.v1, timeout=60) as http:
+            assert http.post("/completions", json=completion(PROMPT)).status_code == 200
+            started = time.monotonic()
+            hung = http.post("/completions", json=completion([*PROMPT, hang_token]))
+            seconds = time.monotonic() - started
+            after = http.post("/completions", json=completion(PROMPT))
+        health = httpx.get(server.base_url + "/health", timeout=10)
+        ready = httpx.get(server.base_url + "/ready", timeout=10)
+        log = server.log_text()
+    assert hung.status_code == 503, hung.text
+    assert step_timeout <= seconds < step_timeout + 10
+    assert after.status_code == 503 and after.json()["error"]["type"] == "service_unavailable"
+    assert health.status_code == 503 and ready.status_code == 503
+    assert "tensor-parallel step failed" in log

@@ -237,6 +237,17 @@ def test_http_requests_are_counted_by_endpoint_method_and_status() -> None:
     assert value(metrics, "gptserve:http_requests_total", endpoint="/health", method="GET", status="200") == 1
 
 
+def test_made_up_http_methods_share_one_series() -> None:
+    """Any client (even one refused with 401) picks the method token: it must not mint a series per request."""
+    metrics = Metrics()
+    for i in range(50):
+        metrics.count_http("unmatched", f"BREW{i}", 401)
+    metrics.count_http("unmatched", "GET", 401)
+    methods = {sample.labels["method"] for sample in scrape(metrics)["gptserve:http_requests"].samples}
+    assert methods == {"other", "GET"}
+    assert value(metrics, "gptserve:http_requests_total", method="other", status="401") == 50
+
+
 def test_exposition_is_prometheus_text_with_process_metrics_and_no_created_series() -> None:
     body, content_type = Metrics().exposition()
     assert content_type.startswith("text/plain; version=0.0.4")

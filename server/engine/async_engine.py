@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from models.loader import LoadedModel
 from server.engine.distributed import ShardedModel
 from server.engine.engine import EngineConfig, EngineStats, LLMEngine, Output
-from server.engine.errors import EngineUnavailable, QueueFull
+from server.engine.errors import EngineUnavailable, QueueFull, RequestRejected
 from server.engine.outputs import ChoiceOutput
 from server.engine.sampling_params import GrammarSpec, SamplingParams
 from server.engine.step_metrics import StepMetrics
@@ -45,7 +45,7 @@ class AsyncEngine:
         self._accepting = False
         self._stop = False
         self._failure: BaseException | None = None
-        self._pending = 0  # requests posted but not yet finished, for --max-queue
+        self._pending = 0  # sequences (n per request) posted but not yet finished, for --max-queue
         self._stats = self.engine.stats()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -71,6 +71,13 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join, 10.0)
         if isinstance(self.loaded.model, ShardedModel):
             await asyncio.to_thread(self.loaded.model.stop)
+
+    def abort_all(self) -> None:
+        """The drain deadline passed: stop admitting and end every request in flight as aborted, which the
+        routes answer with 503 (an error event then [DONE] on a stream)."""
+        self._accepting = False
+        for request_id in list(self._streams):
+            self._post(lambda engine, rid=request_id: engine.abort(rid))
 
     @property
     def healthy(self) -> bool:
@@ -101,6 +108,16 @@ class AsyncEngine:
         if spec is not None:
             await asyncio.to_thread(self.engine.grammars.compile, spec)
 
+    def check_admission(self, num_seqs: int, param: str = "n", what: str = "sequences (prompts x n)") -> None:
+        """Refuse, before anything is built for them, ``num_seqs`` sequences that could never be admitted (400:
+        retrying cannot help) or that do not fit the queue now (429). Every sequence takes a place: n=128 is 128."""
+        capacity = self.config.max_num_seqs + self.config.max_queue
+        if num_seqs > capacity:
+            raise RequestRejected(f"{num_seqs} {what} can never be admitted: model {self.name} holds at most "
+                                  f"{capacity} sequences (--max-num-seqs + --max-queue)", param)
+        if self._pending + num_seqs > capacity:  # every slot and queue place taken
+            raise QueueFull(f"too many requests are waiting for model {self.name}; retry later")
+
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, n: int = 1
     ) -> AsyncIterator[ChoiceOutput]:
@@ -108,13 +125,12 @@ class AsyncEngine:
         self.engine.validate(len(prompt_ids), params, n)
         if not self._accepting or not self.healthy:
             raise EngineUnavailable(f"model {self.name} is not accepting requests")
-        if self._pending >= self.config.max_num_seqs + self.config.max_queue:  # every slot and queue place taken
-            raise QueueFull(f"too many requests are waiting for model {self.name}; retry later")
+        self.check_admission(n)
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id}")
         stream: asyncio.Queue[ChoiceOutput] = asyncio.Queue()
         self._streams[request_id] = stream
-        self._pending += 1
+        self._pending += n
         self._post(lambda engine: engine.add_request(request_id, prompt_ids, params, n))
         self._arrived.set()
         unfinished = n
@@ -128,7 +144,7 @@ class AsyncEngine:
                 yield out
         finally:
             self._streams.pop(request_id, None)
-            self._pending -= 1
+            self._pending -= n
             if unfinished:
                 self._post(lambda engine: engine.abort(request_id))
 

@@ -7,7 +7,7 @@ the models combine them. Only rank 0 computes logits and samples, so no sampler 
 needs to agree across ranks.
 
 Failures never hang the server: a spawned rank that exits is seen at once by the watchdog (its process
-sentinel), and a rank that hangs mid-step fails the step's collectives within STEP_TIMEOUT. Either way the
+sentinel), and a rank that hangs mid-step fails the step's collectives within --tp-step-timeout. Either way the
 engine is failed: /health answers 503, every in-flight and new request gets 503, and the log names the rank.
 """
 
@@ -166,7 +166,7 @@ def launch(model_dir: Path, config: ServerConfig) -> LoadedModel:
 
 def shard_spec(model_dir: Path, config: ServerConfig) -> ShardSpec:
     return ShardSpec(str(model_dir), config.dtype, config.device, config.keep_experts_packed, config.log_level,
-                     config.kv_cache_dtype)
+                     config.kv_cache_dtype, config.tp_step_timeout)
 
 
 def run_torchrun_rank(model_dir: Path, config: ServerConfig) -> int:

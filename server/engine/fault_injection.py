@@ -2,18 +2,23 @@
 
 Set ``GPTSERVE_FAULT_INJECT_TOKEN_ID=<id>`` in the server's environment and every step whose batch feeds that
 token to the model (in a prompt, or as a token a sequence generated earlier) raises ``InjectedFault`` before
-the forward runs. Read once, at import; unset (as in production) the check is one comparison per step.
-Never set it outside tests.
+the forward runs. ``GPTSERVE_FAULT_HANG_TOKEN_ID=<id>`` makes a tensor-parallel worker rank that is sent such a
+step sleep forever instead (a hung rank, not a dead one). Read once, at import; unset (as in production) each
+check is one comparison per step. Never set them outside tests.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 
+from models.forward_batch import ForwardBatch
 from server.engine.scheduler import ScheduledChunk
 
 ENV_VAR = "GPTSERVE_FAULT_INJECT_TOKEN_ID"
+HANG_ENV_VAR = "GPTSERVE_FAULT_HANG_TOKEN_ID"
 _TOKEN_ID: int | None = int(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None
+_HANG_TOKEN_ID: int | None = int(os.environ[HANG_ENV_VAR]) if os.environ.get(HANG_ENV_VAR) else None
 
 
 class InjectedFault(RuntimeError):
@@ -27,3 +32,9 @@ def check_step(chunks: list[ScheduledChunk]) -> None:
         start = chunk.seq.num_computed_tokens
         if _TOKEN_ID in chunk.seq.token_ids[start : start + chunk.num_tokens]:
             raise InjectedFault(f"injected fault: token {_TOKEN_ID} in this step ({ENV_VAR})")
+
+
+def hang_on_poison(batch: ForwardBatch) -> None:
+    """In a worker rank: never return from a step that feeds the hang token (the process stays alive)."""
+    if _HANG_TOKEN_ID is not None and _HANG_TOKEN_ID in batch.input_ids.tolist():
+        threading.Event().wait()

@@ -44,7 +44,7 @@ class StepChannel:
         meta = torch.tensor(batch.query_lens + batch.context_lens + [len(t) for t in tables], dtype=torch.int32)
         entries = torch.tensor([b for t in tables for b in t], dtype=torch.int32)
         payload = torch.cat([meta, batch.input_ids.cpu().int(), entries]).to(self.ctx.device)
-        dist.broadcast(payload, src=0)
+        dist.broadcast(payload, src=0, group=self.ctx.tp.group)
 
     def send_stop(self) -> None:
         self._send_header(STOP, 0, 0, 0)
@@ -63,7 +63,7 @@ class StepChannel:
         if command == SETUP:
             return CacheGeometry(a, b)
         payload = torch.empty(3 * a + b + c, dtype=torch.int32, device=self.ctx.device)
-        dist.broadcast(payload, src=0)
+        dist.broadcast(payload, src=0, group=self.ctx.tp.group)
         return self._batch(payload.tolist(), a, b, block_size)
 
     def setup_done(self) -> None:

@@ -1,9 +1,10 @@
 """Joining the tensor-parallel ranks: the process groups, their timeouts, and what every rank loads.
 
-Two groups over the same ranks. The data group (NCCL on CUDA, gloo on CPU) carries each step's batch and
-the models' all_reduces under a short timeout, so a rank that hangs mid-step fails the step within
-STEP_TIMEOUT instead of blocking the server forever. The control group (always gloo, CPU tensors) carries
-only the small per-step header that idle workers wait on; it must not time out while the server is idle.
+Two groups over the same ranks, besides the default group that only joins them (under JOIN_TIMEOUT, as ranks
+arrive while still loading torch). The data group (NCCL on CUDA, gloo on CPU) carries each step's batch and the
+models' all_reduces under a short timeout, so a rank that hangs mid-step fails the step within
+``--tp-step-timeout`` instead of blocking the server forever. The control group (always gloo, CPU tensors)
+carries only the small per-step header that idle workers wait on; it must not time out while the server is idle.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import torch.distributed as dist
 
 from models.parallel import TensorParallel
 
-STEP_TIMEOUT = timedelta(seconds=8)  # longest wait for a peer inside one step's collectives
 IDLE_TIMEOUT = timedelta(days=3650)  # workers wait for the next step as long as the server runs
 JOIN_TIMEOUT = timedelta(seconds=120)  # every rank must reach the rendezvous within this
 
@@ -32,6 +32,7 @@ class ShardSpec:
     keep_experts_packed: bool
     log_level: str
     kv_cache_dtype: str  # a --kv-cache-dtype value
+    step_timeout_s: float = 8.0  # --tp-step-timeout: longest wait for a peer inside one step's collectives
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,8 @@ def join(rank: int, world_size: int, spec: ShardSpec, local_rank: int, store: di
     device = rank_device(spec, local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     options = {"store": store} if store is not None else {"init_method": "env://"}
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=STEP_TIMEOUT, **options)
+    # The rendezvous waits for ranks still loading torch; only the step collectives get the short timeout.
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=JOIN_TIMEOUT, **options)
+    data = dist.new_group(backend=backend, timeout=timedelta(seconds=spec.step_timeout_s))
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    return RankContext(TensorParallel(rank, world_size), control, device)
+    return RankContext(TensorParallel(rank, world_size, data), control, device)

@@ -20,6 +20,7 @@ from models.checkpoint import read_json
 from models.forward_batch import ForwardBatch
 from models.kv_cache import PagedKVCache, kv_cache_dtype
 from models.loader import detect_family, load_weights, resolve_dtype
+from server.engine.fault_injection import hang_on_poison
 from server.engine.step_channel import CacheGeometry, StepChannel
 from server.engine.tp_group import JOIN_TIMEOUT, RankContext, ShardSpec, join
 
@@ -48,6 +49,7 @@ def serve_steps(model: nn.Module, cache_dtype: torch.dtype, ctx: RankContext) ->
                                      ctx.device)
                 channel.setup_done()
             elif isinstance(message, ForwardBatch) and cache is not None:
+                hang_on_poison(message)
                 model(message, cache)
 
 

@@ -17,7 +17,7 @@ from server.engine.outputs import ChoiceOutput
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.models import ServedModel, find_model
 from server.routes.response_format import grammar_spec
-from server.routes.sampling import sampling_params, stop_strings, tokenize_prompts
+from server.routes.sampling import count_prompts, sampling_params, stop_strings, tokenize_prompts
 from server.routes.text_choice import TextChoice
 from server.streaming import continuous_usage, prime, sse_response
 
@@ -95,6 +95,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     served = find_model(request, body.model)
     _refuse_unsupported(body)
     engine = served.engine
+    engine.check_admission(count_prompts(body.prompt) * body.n)  # before tokenizing or building any choice
     prompts = tokenize_prompts(body.prompt, engine.tokenizer)
     prompt_logprobs = body.logprobs if body.echo else None
     grammar = grammar_spec(body.response_format)

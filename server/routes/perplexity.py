@@ -20,7 +20,7 @@ from server.protocol import (
 )
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.models import find_model
-from server.routes.sampling import tokenize_prompts
+from server.routes.sampling import count_prompts, tokenize_prompts
 
 router = APIRouter()
 
@@ -33,6 +33,12 @@ class Window:
     start: int  # position of the window's first token in the text
     end: int  # one past its last token
     first_scored: int  # positions first_scored..end-1 are scored by this window
+
+
+def count_windows(num_tokens: int, max_length: int, stride: int) -> int:
+    """At least as many windows as plan_windows makes, without making them (stride 1 over a long text is a
+    window per token: refused before any is built)."""
+    return 1 + max(-(-(num_tokens - max_length) // stride), 0)
 
 
 def plan_windows(num_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -60,9 +66,12 @@ async def score_perplexity(body: PerplexityRequest, request: Request) -> Perplex
     stride = body.stride or max(max_length // 2, 1)
     if stride > max_length:
         raise APIError(400, f"stride ({stride}) must not exceed max_length ({max_length})", param="stride")
+    engine.check_admission(count_prompts(body.input), param="input", what="inputs")
     texts = tokenize_prompts(body.input, engine.tokenizer, param="input")
     if body.prepend_bos:
         texts = [[engine.tokenizer.eos_token_id, *ids] for ids in texts]
+    num_windows = sum(count_windows(len(ids), max_length, stride) for ids in texts)
+    engine.check_admission(num_windows, param="stride", what=f"windows (stride {stride}, max_length {max_length})")
     windows = []
     for text_index, ids in enumerate(texts):
         if len(ids) < 2:

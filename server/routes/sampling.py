@@ -7,6 +7,11 @@ from server.engine.sampling_params import GrammarSpec, SamplingParams
 from server.protocol import APIError, SamplingFields
 
 
+def count_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
+    """How many prompts a request carries, known before any is tokenized."""
+    return 1 if isinstance(prompt, str) or isinstance(prompt[0], int) else len(prompt)
+
+
 def tokenize_prompts(prompt: str | list[str] | list[int] | list[list[int]], tokenizer: Tokenizer,
                      param: str = "prompt") -> list[list[int]]:
     """One token list per prompt: text is encoded, token ids are checked against the vocabulary."""

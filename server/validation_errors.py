@@ -1,0 +1,85 @@
+"""A request body's validation failure as one OpenAI-style error, worded the way the client wrote the body.
+
+pydantic reports a field typed as a union once per branch, each under a location like
+``('stop', 'constrained-str')`` or ``('prompt', 'list[list[constrained-int]]', 0, 0)``. Those tags are pydantic's,
+not the client's: the message names the parameter as written (``stop``, ``prompt[0][0]``) and, when no branch got
+past the type check, says which types the parameter takes.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fastapi.exceptions import RequestValidationError
+
+from server.protocol import ErrorObject
+
+_TYPE_WORDS = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "dict": "object"}
+_BRANCH_TAG = re.compile(r"[\[\]]|^(constrained-)?(str|int|float|bool|dict)$|^function-")
+
+
+def validation_error_object(e: RequestValidationError) -> ErrorObject:
+    """The most specific problem, named by its field (``param`` is the top-level body field)."""
+    errors = e.errors()
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return ErrorObject(message=f"the body is not valid JSON: {first.get('msg')}", type="invalid_request_error")
+    location = [part for part in first["loc"] if part != "body"]
+    param = str(location[0]) if location else None
+    same_field = [error for error in errors if _field(error) == _field(first)]
+    best = max(same_field, key=_specificity)
+    path = _path(best["loc"])
+    if best["type"] == "extra_forbidden":
+        message = f"{path}: unknown or unsupported parameter"
+    elif len(same_field) > 1 and _specificity(best) == (1, False):  # no branch of the union took the value
+        expected = " or ".join(dict.fromkeys(_describe(_tag(error)) for error in same_field if _tag(error)))
+        message = f"{path}: must be {expected}"
+    else:
+        message = f"{path or 'body'}: {best['msg']}"
+    return ErrorObject(message=message, type="invalid_request_error", param=param)
+
+
+def _field(error: dict) -> object:
+    location = [part for part in error["loc"] if part != "body"]
+    return location[0] if location else None
+
+
+def _client_parts(loc: tuple) -> list[str | int]:
+    return [part for part in loc if part != "body" and not (isinstance(part, str) and _BRANCH_TAG.search(part))]
+
+
+def _path(loc: tuple) -> str:
+    """``('body', 'prompt', 'list[list[constrained-int]]', 0, 0)`` -> ``prompt[0][0]``."""
+    text = ""
+    for part in _client_parts(loc):
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def _specificity(error: dict) -> tuple[int, bool]:
+    """Deeper is better (the value got further into that branch), then a broken bound over a wrong type."""
+    return len(_client_parts(error["loc"])), not error["type"].endswith("_type")
+
+
+def _tag(error: dict) -> str | None:
+    """The union branch an error came from, if any: the first location part that is a pydantic type tag."""
+    for part in error["loc"]:
+        if isinstance(part, str) and part != "body" and _BRANCH_TAG.search(part):
+            return part
+    return None
+
+
+def _describe(tag: str) -> str:
+    """``list[constrained-str]`` -> ``a list of strings``."""
+    inner = re.fullmatch(r"list\[(.*)\]", tag)
+    if inner:
+        return "a list of " + _plural(_describe(inner.group(1)))
+    word = _TYPE_WORDS.get(tag.removeprefix("constrained-"), tag)
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _plural(described: str) -> str:
+    noun = described.split(" ", 1)[1]  # drop "a"/"an"
+    if noun.startswith("list of "):
+        return "lists of " + noun.removeprefix("list of ")
+    return noun + "s"

@@ -124,9 +124,12 @@ class Experts(nn.Module):
 
     @property
     def runs_static(self) -> bool:
-        """Float experts run through torch's grouped GEMM; packed ones only through the C++ kernel (fp32, CPU)."""
-        return not self.packed or (self.gate_up_blocks.device.type == "cpu"
-                                   and self.gate_up_bias.dtype == torch.float32 and cpu_kernels_loaded())
+        """Float experts run through torch's grouped GEMM (any dtype on CPU; elsewhere it takes bfloat16 only),
+        packed ones through the C++ kernel (float32 on CPU)."""
+        on_cpu = self.gate_up_bias.device.type == "cpu"
+        if self.packed:
+            return on_cpu and self.gate_up_bias.dtype == torch.float32 and cpu_kernels_loaded()
+        return on_cpu or self.gate_up.dtype == torch.bfloat16
 
     def run_static(self, x: Tensor, counts: Tensor, row_experts: Tensor) -> Tensor:
         """``run`` with the group sizes as a tensor (int64 [E]) and each row's expert: nothing read on the host."""

@@ -4,7 +4,7 @@ Each step writes the batch's new keys/values into their slots, then for every at
 group's keys into a padded [seqs, context] tensor and runs one scaled-dot-product attention over it.
 Learned attention sinks (GPT-OSS) join the softmax as one extra key with zero value whose score is the
 sink logit, which keeps the whole computation inside SDPA with only its boolean [seqs, 1, queries, keys]
-mask: no float bias per head (at one 1024-token prompt and 64 heads that bias was 268 MB; bench/NOTES.md).
+mask: no float bias per head (at one 1024-token prompt and 64 heads that bias was 269 MB; bench/NOTES.md).
 
 On CPU in float32 the decode group skips the gather: C++ kernels (models/csrc/paged_decode_attention.cpp)
 read each key and value row straight from the pool, and only the small [seqs, heads, context] scores go
@@ -70,11 +70,12 @@ def paged_attention(
 
 
 def attention_with_sinks(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: Tensor) -> Tensor:
-    """SDPA of q [S, H, Q, D] over k, v [S, KVH, L, D] under a boolean mask [S, 1, Q, L], plus one sink key per head.
+    """SDPA of q [S, H, Q, D] over k, v [S, KVH, L, D] under a boolean mask [S, 1, Q, L], plus a sink per head.
 
     The head dimension grows by a few zero columns (to a multiple of 8, the head sizes fused kernels take).
-    In the first of them each query holds sink / scale, each real key 0, and the extra key 1: that key scores
-    exactly the sink, and its value is zero. So no score changes and no per-head bias is needed.
+    In the first of them each query holds sink / scale, each real key 0, and one extra key 1: that key scores
+    the sink (exactly where the scale is a power of two, as at head dim 64) and its value is zero. The real
+    keys' scores are unchanged, and no per-head bias is built.
     """
     head_dim = q.shape[-1]
     scale = head_dim**-0.5

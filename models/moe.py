@@ -82,7 +82,9 @@ def grouped_linear_mxfp4(x: Tensor, counts: list[int], blocks: Tensor, scales: T
         rows, blocks[e], scales[e], None if bias is None else bias[e]))
 
 
-def grouped_linear_static(x: Tensor, counts: Tensor, row_experts: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def grouped_linear_static(
+    x: Tensor, counts: Tensor, row_experts: Tensor, weight: Tensor, bias: Tensor | None
+) -> Tensor:
     """``grouped_linear`` with the group sizes ``counts`` [E] as a tensor and each row's expert ``row_experts``."""
     out = F.grouped_mm(x, weight.transpose(-2, -1), offs=counts.cumsum(0, dtype=torch.int32))
     return out if bias is None else out + bias[row_experts]

@@ -10,6 +10,9 @@ Two measurements, both with random weights and the same 4 active experts per tok
 - a tiny whole GPT-OSS model (models.testing's shape, 3 layers) written with each expert count and run
   through ``greedy_generate``: time per generated token at batch 1 and 16 (16-token prefill included).
 
+``--routing host static`` times each layer both ways: groups sized on the host (the CPU default) and
+routed on the device with static shapes (``MoE.static_shapes``, what CUDA graphs and torch.compile need).
+
 Also reports how many distinct experts a call touches: at batch > 1 that grows with the expert count, and
 so does any cost paid per expert run (dequantization, weight reads, Python dispatch).
 
@@ -85,14 +88,18 @@ def layer_rows(args: argparse.Namespace) -> list[dict]:
         for experts in args.experts:
             if weights == "float" and experts > args.float_max_experts:
                 continue
-            layers[weights, experts] = random_moe(experts, packed=weights == "packed")
-            time_call(layers[weights, experts], 1)  # warm-up: first-call allocations
-    configs = [(weights, experts, tokens) for (weights, experts) in layers for tokens in args.tokens]
-    calls = in_turn(configs, args.rounds, lambda weights, experts, tokens: time_call(layers[weights, experts], tokens))
+            for routing in args.routing:
+                layer = random_moe(experts, packed=weights == "packed")
+                layer.static_shapes = routing == "static"
+                layers[weights, experts, routing] = layer
+                time_call(layer, 1)  # warm-up: first-call allocations
+    configs = [(*key, tokens) for key in layers for tokens in args.tokens]
+    calls = in_turn(configs, args.rounds,
+                    lambda weights, experts, routing, tokens: time_call(layers[weights, experts, routing], tokens))
     rows = []
-    for (weights, experts, tokens), runs in calls.items():
+    for (weights, experts, routing, tokens), runs in calls.items():
         per_call = statistics.median(seconds for seconds, _ in runs)
-        rows.append({"weights": weights, "experts": experts, "tokens": tokens, "calls": len(runs),
+        rows.append({"weights": weights, "experts": experts, "routing": routing, "tokens": tokens, "calls": len(runs),
                      "distinct_experts": statistics.mean(touched for _, touched in runs),
                      "ms_per_call": per_call * 1e3, "ms_per_token": per_call * 1e3 / tokens})
         print(f"layer {rows[-1]}", file=sys.stderr, flush=True)
@@ -162,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 512], help="tokens per MoE layer call")
     p.add_argument("--weights", nargs="+", choices=["packed", "float"], default=["packed", "float"])
     p.add_argument("--float-max-experts", type=int, default=32, help="skip float layers with more experts")
+    p.add_argument("--routing", nargs="+", choices=["host", "static"], default=["host"],
+                   help="MoE grouping sized on the host (the CPU default) or on the device (MoE.static_shapes)")
     p.add_argument("--rounds", type=int, default=7, help="calls of each layer and token count, taken in turn")
     p.add_argument("--model-new-tokens", type=int, default=32, help="tokens per sequence in the tiny-model run")
     p.add_argument("--model-rounds", type=int, default=7, help="runs of each tiny model, taken in turn")
@@ -176,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch threads: {torch.get_num_threads()}")
     report: dict = {"threads": torch.get_num_threads()}
     if not args.skip_layer:
-        report["layer"] = with_ratios(layer_rows(args), ("weights", "tokens"))
+        report["layer"] = with_ratios(layer_rows(args), ("weights", "routing", "tokens"))
         print("MoE layer, hidden = intermediate = 2880, top-4:")
-        print(table(report["layer"], ("weights", "experts", "tokens", "calls", "distinct_experts", "ms_per_call",
+        print(table(report["layer"], ("weights", "experts", "routing", "tokens", "calls", "distinct_experts", "ms_per_call",
                                       "ms_per_token", "ratio_vs_fewest")))
     if not args.skip_model:
         report["tiny_model"] = with_ratios(model_rows(args), ("weights", "batch"))

@@ -3,7 +3,8 @@
 Each step writes the batch's new keys/values into their slots, then for every attention group gathers the
 group's keys into a padded [seqs, context] tensor and runs one scaled-dot-product attention over it.
 Learned attention sinks (GPT-OSS) join the softmax as one extra key with zero value whose score is the
-sink logit, supplied through an additive mask, which keeps the whole computation inside SDPA.
+sink logit, which keeps the whole computation inside SDPA with only its boolean [seqs, 1, queries, keys]
+mask: no float bias per head (at one 1024-token prompt and 64 heads that bias was 269 MB; bench/NOTES.md).
 
 On CPU in float32 the decode group skips the gather: C++ kernels (models/csrc/paged_decode_attention.cpp)
 read each key and value row straight from the pool, and only the small [seqs, heads, context] scores go
@@ -59,19 +60,35 @@ def paged_attention(
         vg = _gather_blocks(value_cache, group).to(q.dtype).transpose(1, 2)
         mask = group.mask(window)
         if sinks is None:
-            attn_mask: Tensor = mask
+            with sdpa_kernel(SDPA_BACKENDS):
+                og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, enable_gqa=True)
         else:
-            kg = F.pad(kg, (0, 0, 0, 1))
-            vg = F.pad(vg, (0, 0, 0, 1))
-            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-            bias = bias.expand(-1, num_heads, -1, -1)
-            sink_col = sinks.to(q.dtype).view(1, num_heads, 1, 1).expand(group.num_seqs, -1, group.max_query, 1)
-            attn_mask = torch.cat([bias, sink_col], dim=-1)
-        with sdpa_kernel(SDPA_BACKENDS):
-            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=attn_mask, enable_gqa=True)
+            og = attention_with_sinks(qg, kg, vg, mask, sinks)
         og = og.transpose(1, 2).reshape(group.num_seqs * group.max_query, num_heads, head_dim)
         out[group.token_index] = og[group.pad_index]
     return out
+
+
+def attention_with_sinks(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: Tensor) -> Tensor:
+    """SDPA of q [S, H, Q, D] over k, v [S, KVH, L, D] under a boolean mask [S, 1, Q, L], plus a sink per head.
+
+    The head dimension grows by a few zero columns (to a multiple of 8, the head sizes fused kernels take).
+    In the first of them each query holds sink / scale, each real key 0, and one extra key 1: that key scores
+    the sink (exactly where the scale is a power of two, as at head dim 64) and its value is zero. The real
+    keys' scores are unchanged, and no per-head bias is built.
+    """
+    head_dim = q.shape[-1]
+    scale = head_dim**-0.5
+    pad = 8 - head_dim % 8
+    q = F.pad(q, (0, pad))
+    q[..., head_dim] = (sinks.to(q.dtype) / scale).view(1, -1, 1)
+    k = F.pad(k, (0, pad, 0, 1))
+    k[:, :, -1, head_dim] = 1.0
+    v = F.pad(v, (0, pad, 0, 1))
+    mask = F.pad(mask, (0, 1), value=True)
+    with sdpa_kernel(SDPA_BACKENDS):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=scale)
+    return out[..., :head_dim]
 
 
 def _gather_blocks(cache: Tensor, group: AttentionGroup) -> Tensor:

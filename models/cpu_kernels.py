@@ -33,9 +33,13 @@ def build_directory() -> Path:
     return Path(_get_build_directory(KERNELS_NAME, verbose=False))
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # torch.compile takes the answer as is instead of tracing the build
 def cpu_kernels_loaded() -> bool:
     """Build (or find already built) and load the kernels; False, logged once, where that is impossible."""
+    return _build_once()
+
+
+def _build() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
@@ -58,6 +62,31 @@ def cpu_kernels_loaded() -> bool:
                     "stream as fp32, MXFP4 experts are dequantized a tile at a time): %s", error)
         return False
     return True
+
+
+cpu_kernels_loaded.__wrapped__ = _build  # the uncached attempt, as when functools.cache wrapped it directly
+
+
+@functools.cache
+def _build_once() -> bool:
+    if not _build():
+        return False
+    _register_output_shapes()
+    return True
+
+
+def _register_output_shapes() -> None:
+    """The output of the kernels a decode step runs, for torch.compile's tracing on tensors that have no data
+    (tests/test_gpt_oss_compile.py). The other kernels have none yet: nothing compiles them."""
+    fake = torch.library.register_fake
+    fake("gptserve::paged_decode_scores")(
+        lambda q, keys, blocks, context_lens, block_size, window, scale: q.new_empty(
+            q.shape[0], q.shape[1], blocks.shape[1] * block_size))
+    fake("gptserve::paged_decode_values")(
+        lambda probs, values, blocks, context_lens, block_size, window: probs.new_empty(
+            probs.shape[0], probs.shape[1], values.shape[2]))
+    fake("gptserve::mxfp4_grouped_linear")(
+        lambda x, counts, blocks, scales, bias, isa="best": x.new_empty(x.shape[0], blocks.shape[1]))
 
 
 def decode_kernels_apply(q: torch.Tensor) -> bool:

@@ -131,8 +131,17 @@ class GptOss(nn.Module):
 
     @property
     def captures_cuda_graphs(self) -> bool:
-        """The MoE reads each step's expert counts on the host to size its groups: no replayable step."""
-        return False
+        """Only with static routing: otherwise the MoE reads each step's expert counts on the host."""
+        return all(layer.moe.static_shapes for layer in self.layers)
+
+    def use_static_routing(self) -> None:
+        """Route and group the MoE's tokens on the device, every shape fixed by the token count (models/moe.py),
+        so a decode step can be captured or compiled whole. Not the CPU default: the host-sized groups are faster."""
+        if not all(layer.moe.experts.runs_static for layer in self.layers):
+            raise ValueError("static routing needs float experts (bfloat16 off the CPU) or, packed MXFP4 ones, "
+                             "float32 on CPU")
+        for layer in self.layers:
+            layer.moe.static_shapes = True
 
     @property
     def interruptible(self) -> bool:

@@ -5,6 +5,11 @@ with experts_per_token and never with the number of experts. Expert matrices are
 original checkpoint holds them, either as float tensors or as MXFP4 blocks (models.mxfp4) that are never
 dequantized whole. On CPU all of a layer's expert runs go through one grouped call per matrix (torch's
 grouped GEMM, or the MXFP4 kernel's grouped form), so no Python or parallel region is paid per expert.
+
+With ``static_shapes`` set, routing and grouping stay on the device and every shape follows from the token
+count alone (what a CUDA graph replay or ``torch.compile(fullgraph=True)`` needs): the groups' sizes go to
+the grouped call as a tensor instead of being read on the host. It is off by default, since on CPU the host
+sizes pick the cheaper call (a loop over few busy experts beats a grouped call over many idle ones).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.cpu_kernels import cpu_kernels_loaded
 from models.mxfp4 import kernel_takes, linear_mxfp4, packed_shapes
 from models.parallel import SINGLE, TensorParallel
 
@@ -76,6 +82,14 @@ def grouped_linear_mxfp4(x: Tensor, counts: list[int], blocks: Tensor, scales: T
         rows, blocks[e], scales[e], None if bias is None else bias[e]))
 
 
+def grouped_linear_static(
+    x: Tensor, counts: Tensor, row_experts: Tensor, weight: Tensor, bias: Tensor | None
+) -> Tensor:
+    """``grouped_linear`` with the group sizes ``counts`` [E] as a tensor and each row's expert ``row_experts``."""
+    out = F.grouped_mm(x, weight.transpose(-2, -1), offs=counts.cumsum(0, dtype=torch.int32))
+    return out if bias is None else out + bias[row_experts]
+
+
 def _frozen(shape: tuple[int, ...], dtype: torch.dtype | None = None) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
 
@@ -110,6 +124,26 @@ class Experts(nn.Module):
         self.gate_up_bias = _frozen((num_experts, 2 * intermediate))
         self.down_bias = _frozen((num_experts, hidden))
 
+    @property
+    def runs_static(self) -> bool:
+        """Float experts run through torch's grouped GEMM (any dtype on CPU; elsewhere it takes bfloat16 only),
+        packed ones through the C++ kernel (float32 on CPU)."""
+        on_cpu = self.gate_up_bias.device.type == "cpu"
+        if self.packed:
+            return on_cpu and self.gate_up_bias.dtype == torch.float32 and cpu_kernels_loaded()
+        return on_cpu or self.gate_up.dtype == torch.bfloat16
+
+    def run_static(self, x: Tensor, counts: Tensor, row_experts: Tensor) -> Tensor:
+        """``run`` with the group sizes as a tensor (int64 [E]) and each row's expert: nothing read on the host."""
+        down_bias = self.down_bias if self.adds_down_bias else None
+        if self.packed:
+            grouped = torch.ops.gptserve.mxfp4_grouped_linear
+            h = grouped(x.contiguous(), counts, self.gate_up_blocks, self.gate_up_scales, self.gate_up_bias)
+            return grouped(swiglu(h, self.alpha, self.limit).contiguous(), counts, self.down_blocks,
+                           self.down_scales, down_bias)
+        h = grouped_linear_static(x, counts, row_experts, self.gate_up, self.gate_up_bias)
+        return grouped_linear_static(swiglu(h, self.alpha, self.limit), counts, row_experts, self.down, down_bias)
+
     def run(self, x: Tensor, counts: list[int]) -> Tensor:
         """x [N, H], its rows grouped by expert (counts[e] of them for expert e) -> each row's expert output."""
         down_bias = self.down_bias if self.adds_down_bias else None
@@ -136,6 +170,7 @@ class MoE(nn.Module):
         super().__init__()
         self.experts_per_token = experts_per_token
         self.tp = tp
+        self.static_shapes = False  # see the module docstring
         self.router = nn.Linear(hidden, num_experts)  # replicated: every rank routes every token
         if splits_by_experts(num_experts, tp):
             local_experts = num_experts // tp.world_size
@@ -156,6 +191,8 @@ class MoE(nn.Module):
         top_logits, top_experts = torch.topk(self.router(x), k, dim=-1)
         # Softmax over the k selected logits only; in float32, as the norms.
         route_weights = torch.softmax(top_logits.float(), dim=-1).to(x.dtype).flatten()
+        if self.static_shapes:
+            return self.tp.all_reduce(self._forward_static(x, top_experts.flatten(), route_weights))
         picks_by_expert = torch.argsort(top_experts.flatten(), stable=True)  # (token, slot) picks, grouped
         counts = torch.bincount(top_experts.flatten(), minlength=self.router.out_features).tolist()
         local_counts = counts[self.expert_range.start : self.expert_range.stop]
@@ -165,3 +202,19 @@ class MoE(nn.Module):
         rows = self.experts.run(x[tokens], local_counts)  # each pick's expert output, grouped by expert
         out = torch.zeros_like(x).index_add_(0, tokens, rows.mul_(route_weights[picks, None]))
         return self.tp.all_reduce(out)
+
+    def _forward_static(self, x: Tensor, experts: Tensor, route_weights: Tensor) -> Tensor:
+        """``forward``'s grouping with shapes that depend only on the token count: all T * k picks are sorted
+        by expert and run. A pick of another rank's expert is run by this rank's nearest expert and weighted
+        0: some wasted rows under expert parallelism, in exchange for no data-dependent shape."""
+        num_local = len(self.expert_range)
+        local = experts - self.expert_range.start
+        mine = (local >= 0) & (local < num_local)
+        local = local.clamp(0, num_local - 1)
+        picks = torch.argsort(local, stable=True)
+        row_experts = local[picks]
+        counts = torch.zeros(num_local, dtype=torch.int64, device=x.device).index_add_(0, local, torch.ones_like(local))
+        tokens = picks // self.experts_per_token
+        rows = self.experts.run_static(x[tokens], counts, row_experts)
+        weights = torch.where(mine[picks], route_weights[picks], 0.0)
+        return torch.zeros_like(x).index_add_(0, tokens, rows * weights[:, None])

@@ -29,20 +29,25 @@ def test_linear_mxfp4_equals_linear_on_the_dequantized_matrix(tokens, with_bias)
     torch.testing.assert_close(linear_mxfp4(x, blocks, scales, bias), expected, rtol=1e-5, atol=1e-5 * expected.std())
 
 
-# 40 tokens: every expert's share (~13) in one grouped kernel call; 400 (~133 an expert): each expert on its
-# own, through dequantized tiles. Float experts go through torch's grouped GEMM either way.
-@pytest.mark.parametrize("tokens", [40, 400])
-def test_packed_moe_equals_the_float_moe_it_dequantizes_to(tokens):
-    g = torch.Generator().manual_seed(0)
-    packed = MoE(HIDDEN, INTERMEDIATE, 6, 2, alpha=1.702, limit=7.0, packed=True).requires_grad_(False)
-    unpacked = MoE(HIDDEN, INTERMEDIATE, 6, 2, alpha=1.702, limit=7.0, packed=False).requires_grad_(False)
-    for name, param in packed.named_parameters():
+def random_moe(packed: bool, g: torch.Generator, num_experts: int = 6) -> MoE:
+    moe = MoE(HIDDEN, INTERMEDIATE, num_experts, 2, alpha=1.702, limit=7.0, packed=packed).requires_grad_(False)
+    for name, param in moe.named_parameters():
         if name.endswith("_scales"):
             param.random_(119, 124, generator=g)
         elif name.endswith("_blocks"):
             param.random_(0, 256, generator=g)
         else:
             param.normal_(0.0, 0.02, generator=g)
+    return moe
+
+
+# 40 tokens: every expert's share (~13) in one grouped kernel call; 400 (~133 an expert): each expert on its
+# own, through dequantized tiles. Float experts go through torch's grouped GEMM either way.
+@pytest.mark.parametrize("tokens", [40, 400])
+def test_packed_moe_equals_the_float_moe_it_dequantizes_to(tokens):
+    g = torch.Generator().manual_seed(0)
+    packed = random_moe(packed=True, g=g)
+    unpacked = MoE(HIDDEN, INTERMEDIATE, 6, 2, alpha=1.702, limit=7.0, packed=False).requires_grad_(False)
     experts = packed.experts
     unpacked.router.load_state_dict(packed.router.state_dict())
     unpacked.experts.gate_up_bias.copy_(experts.gate_up_bias)
@@ -103,3 +108,31 @@ def test_expert_parallel_ranks_sum_to_the_whole_layer():
             param.copy_(getattr(whole.experts, name)[rank.expert_range.start : rank.expert_range.stop])
     x = torch.randn(10, 64, generator=g)
     torch.testing.assert_close(ranks[0](x) + ranks[1](x), whole(x))
+
+
+# 1 token on 16 experts leaves most groups empty; 40 tokens fill them all
+@pytest.mark.parametrize("packed", [False, True], ids=["float", "packed"])
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_static_shape_routing_gives_the_host_sized_groups_output(packed, tokens):
+    g = torch.Generator().manual_seed(4)
+    moe = random_moe(packed, g, num_experts=16)
+    x = torch.randn(tokens, HIDDEN, generator=g)
+    expected = moe(x)
+    moe.static_shapes = True
+    torch.testing.assert_close(moe(x), expected, rtol=1e-5, atol=1e-5 * expected.std())
+
+
+def test_static_shape_expert_parallel_ranks_sum_to_the_whole_layer():
+    """Each rank runs every pick, another rank's as zero-weighted rows: the sum is still the whole layer."""
+    g = torch.Generator().manual_seed(5)
+    whole = random_moe(False, g, num_experts=8)
+    ranks = [MoE(HIDDEN, INTERMEDIATE, 8, 2, 1.702, 7.0, packed=False, tp=UnreducedRank(r, 2)).requires_grad_(False)
+             for r in (0, 1)]
+    for rank in ranks:
+        rank.static_shapes = True
+        rank.router.load_state_dict(whole.router.state_dict())
+        for name, param in rank.experts.named_parameters():
+            param.copy_(getattr(whole.experts, name)[rank.expert_range.start : rank.expert_range.stop])
+    x = torch.randn(10, HIDDEN, generator=g)
+    expected = whole(x)
+    torch.testing.assert_close(ranks[0](x) + ranks[1](x), expected, rtol=1e-5, atol=1e-5 * expected.std())

@@ -1,14 +1,18 @@
 """Tensor parallel over two "nodes" under torchrun: ``--nnodes 2 --nproc-per-node 1``, one launcher per
 ``--node-rank``, both on 127.0.0.1 over gloo, the same command line on each as docs/distributed.md gives it.
 Node 0's rank serves HTTP with the same greedy tokens and logprobs as one process; SIGTERM to node 0's
-launcher stops both nodes."""
+launcher stops both nodes; node 1's rank hanging inside a step (not dying) turns the server 503."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from bench.server_process import PROJECT_ROOT, free_port
@@ -30,9 +34,10 @@ def node_command(node_rank: int, master_port: int, server_args: list[str]) -> li
 class TwoNodes(ServerProcess):
     """Node 0's launcher is the server under test (its rank 0 serves HTTP); node 1's runs beside it."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         super().__init__(["--model", f"tiny={model_dir}", "--tensor-parallel-size", "2", "--dtype", "float32",
-                          "--kv-cache-tokens", "4096", "--block-size", "8"], startup_timeout=STARTUP_S)
+                          "--kv-cache-tokens", "4096", "--block-size", "8", *extra_args], env=env,
+                         startup_timeout=STARTUP_S)
         master_port = free_port()
         server_args = self.cmd[3:]  # everything after ``python -m server``: the same on both nodes
         self.cmd = node_command(0, master_port, server_args)
@@ -41,15 +46,20 @@ class TwoNodes(ServerProcess):
 
     def __enter__(self) -> TwoNodes:
         with self.log_path.with_suffix(".node1.log").open("wb") as log:
+            # its own process group, so that killing it takes torchrun's worker along
             self.node1 = subprocess.Popen(self.node1_cmd, cwd=PROJECT_ROOT, env=self.env, stdout=log,
-                                          stderr=subprocess.STDOUT)
+                                          stderr=subprocess.STDOUT, start_new_session=True)
         try:
             super().__enter__()
         except BaseException:
-            self.node1.kill()
-            self.node1.wait()
+            self.kill_node1()
             raise
         return self
+
+    def kill_node1(self) -> None:
+        if self.node1 is not None:
+            os.killpg(self.node1.pid, signal.SIGKILL)
+            self.node1.wait()
 
     def node1_log(self) -> str:
         return self.log_path.with_suffix(".node1.log").read_text(errors="replace")
@@ -68,7 +78,29 @@ def test_two_nodes_one_rank_each_serve_gpt_oss_like_one_process_and_sigterm_stop
     try:
         nodes.node1.wait(timeout=NODE_EXIT_S)
     except subprocess.TimeoutExpired:
-        nodes.node1.kill()
-        nodes.node1.wait()
+        nodes.kill_node1()
         pytest.fail(f"node 1 still running {NODE_EXIT_S} s after node 0 stopped:{nodes.failure_detail()}")
     assert "tensor-parallel rank 1 stopped" in nodes.node1_log(), nodes.failure_detail()
+
+
+def test_a_hung_rank_on_the_other_node_hits_the_step_timeout_and_the_server_turns_503(tmp_path):
+    """The fault hook puts node 1's rank to sleep inside the step that holds ``hang_token``: rank 0's collectives
+    give up after --tp-step-timeout, and /health and later requests answer 503."""
+    hang_token, step_timeout = 999, 2.0
+    model_dir = write_tiny_gpt_oss(tmp_path / "gpt-oss", sliding_window=4)
+    nodes = TwoNodes(model_dir, ("--tp-step-timeout", str(step_timeout)),
+                     env={"GPTSERVE_FAULT_HANG_TOKEN_ID": str(hang_token)})
+    try:
+        with nodes, httpx.Client(base_url=nodes.v1, timeout=60) as http:
+            request = {"model": "tiny", "max_tokens": 2, "temperature": 0}
+            assert http.post("/completions", json=request | {"prompt": [1, 2, 3]}).status_code == 200
+            started = time.monotonic()
+            hung = http.post("/completions", json=request | {"prompt": [1, 2, hang_token]})
+            seconds = time.monotonic() - started
+            after = http.post("/completions", json=request | {"prompt": [1, 2, 3]})
+            health = httpx.get(nodes.base_url + "/health", timeout=10)
+    finally:
+        nodes.kill_node1()  # its rank sleeps inside the step: it never leaves by itself
+    assert hung.status_code == 503, f"{hung.text}{nodes.failure_detail()}"
+    assert step_timeout <= seconds < step_timeout + 20
+    assert after.status_code == 503 and health.status_code == 503

@@ -202,10 +202,16 @@ def test_request_that_can_never_fit_is_rejected_up_front(loaded):
 
 def test_n_choices_that_cannot_fit_the_cache_together_are_rejected_naming_n(loaded):
     engine = make_engine(loaded, kv_cache_tokens=256, block_size=8)  # 32 blocks; each choice below needs 13
-    with pytest.raises(RequestRejected, match="8 choices x 101 tokens .* can never fit .* lower n") as refused:
+    with pytest.raises(RequestRejected, match="8 choices running at once x 101 tokens .* can never fit .* lower n") \
+            as refused:
         engine.validate(1, greedy(100), 8)
     assert refused.value.param == "n"
     engine.validate(1, greedy(100), 2)
+    two_slots = make_engine(loaded, kv_cache_tokens=256, block_size=8, max_num_seqs=2)
+    two_slots.validate(1, greedy(100), 8)  # two run at once; the others wait for the blocks they free
+    two_slots.add_request("n8", [1], greedy(100, ignore_eos=True), 8)
+    finished = run_all(two_slots)["n8"]
+    assert len(finished) == 8 and two_slots.scheduler.num_preemptions == 0
     long_prompt = make_engine(loaded, kv_cache_tokens=128, block_size=8)  # the choices share 11 prompt blocks
     long_prompt.validate(90, greedy(10), 2)  # 13 + 2 blocks of the 16 (26 without sharing)
     with pytest.raises(RequestRejected, match="lower n"):

@@ -21,8 +21,9 @@ JSON = {"content-type": "application/json"}
 
 @pytest.fixture(scope="module")
 def server(tiny_gpt2_dir):
+    # a KV cache of 2,048 tokens: 64 choices running at once of 101 tokens each (n x max_tokens below) never fit
     args = ["--model", f"tiny={tiny_gpt2_dir}", "--api-key", KEY, "--metrics-require-key", "--max-body-bytes",
-            "65536"]
+            "65536", "--kv-cache-tokens", "2048"]
     with ServerProcess(args) as running:
         yield running
 

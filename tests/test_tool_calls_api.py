@@ -46,6 +46,12 @@ class ScriptedEngine:
     def validate(self, prompt_len: int, params: SamplingParams, n: int) -> None:
         pass
 
+    def default_max_tokens(self, prompt_len: int, n: int) -> int:
+        return self.max_model_len - prompt_len
+
+    async def compile_grammar(self, spec: object) -> None:
+        pass
+
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        n: int = 1) -> AsyncIterator[ChoiceOutput]:
         self.prompts.append(prompt_ids)

@@ -1,9 +1,9 @@
 """What a request may ask for: refused up front if it could never be served, so it never occupies the queue
 or the cache, and what a request that leaves max_tokens out gets.
 
-A request must fit the KV cache with all its n choices at full length at once (the choices share the prompt's
-full blocks through the prefix cache). One that fits only a choice at a time would be served by preempting
-its own choices over and over. Echoed prompt logprobs are bounded too: each choice returns every prompt token
+A request must fit the KV cache with as many of its n choices at full length as can run at once (at most
+--max-num-seqs; the choices share the prompt's full blocks through the prefix cache). One that fits fewer would
+be served by preempting its own choices over and over. Echoed prompt logprobs are bounded too: each choice returns every prompt token
 with its top alternatives, so n x prompt x (logprobs + 1) entries, a response thousands of times its request.
 """
 
@@ -23,6 +23,7 @@ class Admission:
     block_size: int
     num_blocks: int
     prefix_caching: bool
+    max_num_seqs: int
 
     @property
     def capacity_tokens(self) -> int:
@@ -44,9 +45,10 @@ class Admission:
             # both would keep a finished grammar from stopping
             raise RequestRejected("response_format cannot be combined with ignore_eos or min_tokens",
                                   "ignore_eos" if params.ignore_eos else "min_tokens")
-        if self._blocks_needed(prompt_len, params.max_tokens, n) > self.num_blocks:
+        at_once = min(n, self.max_num_seqs)  # choices beyond --max-num-seqs wait for the blocks others free
+        if self._blocks_needed(prompt_len, params.max_tokens, at_once) > self.num_blocks:
             alone = self._blocks_needed(prompt_len, params.max_tokens, 1) <= self.num_blocks
-            choices = f"{n} choices x " if n > 1 else ""
+            choices = f"{at_once} choices running at once x " if at_once > 1 else ""
             raise RequestRejected(
                 f"{choices}{total} tokens (prompt + max_tokens) can never fit the KV cache of "
                 f"{self.capacity_tokens} tokens at once; lower {'n' if alone else 'max_tokens'}",
@@ -65,6 +67,7 @@ class Admission:
     def default_max_tokens(self, prompt_len: int, n: int) -> int:
         """The most tokens each of ``n`` choices can have with the context and the KV cache holding them all at
         once (0 if not even the prompt fits: validate then says why)."""
+        n = min(n, self.max_num_seqs)
         blocks_per_choice = (self.num_blocks + (n - 1) * self._shared_blocks(prompt_len)) // n
         return max(min(self.max_model_len, blocks_per_choice * self.block_size) - prompt_len, 0)
 

@@ -87,7 +87,8 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, self.cache, loaded.device, loaded.tokenizer.vocab_size,
                                   self._decode_graphs(num_blocks))
         self.sampler = Sampler()
-        self.admission = Admission(self.max_model_len, config.block_size, num_blocks, config.enable_prefix_caching)
+        self.admission = Admission(self.max_model_len, config.block_size, num_blocks, config.enable_prefix_caching,
+                                   config.max_num_seqs)
         self.requests: dict[str, list[Sequence]] = {}
         self.held: dict[str, list[Sequence]] = {}  # choices waiting for their first sibling to score the prompt
         self._grammars: GrammarCompiler | None = None  # built on the first constrained request

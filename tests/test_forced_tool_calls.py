@@ -172,3 +172,40 @@ def test_an_unservable_tool_schema_is_a_400_naming_tools(http):
     response = http.post("/chat/completions", json=body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "tools"
+
+
+def response_items(http: httpx.Client, body: dict) -> list[dict]:
+    response = http.post("/responses", json=body | {"model": "oss", "input": "Weather in Oslo?",
+                                                    "max_output_tokens": 200, "store": False})
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "completed", response.json()
+    return response.json()["output"]
+
+
+@pytest.mark.parametrize("tool_choice", [{"type": "function", "name": "get"}, "required"])
+def test_responses_api_forces_the_call_too(http, tool_choice):
+    tools = [{"type": "function", "name": name, "parameters": schema} for name, schema in SCHEMAS.items()]
+    item, = response_items(http, {"tools": tools, "tool_choice": tool_choice, "temperature": 1.0})
+    assert item["type"] == "function_call" and item["name"] in ({"get"} if isinstance(tool_choice, dict)
+                                                                else set(SCHEMAS)), item
+    assert_compact_json(item["arguments"], SCHEMAS[item["name"]])
+
+
+def test_responses_api_text_format_constrains_the_answer(http, client):
+    text_format = {"type": "json_schema", "name": "weather", "schema": WEATHER, "strict": True}
+    item, = response_items(http, {"text": {"format": text_format}, "temperature": 1.0})
+    assert item["type"] == "message"
+    assert_compact_json(item["content"][0]["text"], WEATHER)
+    streamed = client.responses.create(model="oss", input="Weather?", text={"format": text_format},
+                                       max_output_tokens=200, store=False, stream=True)
+    deltas = "".join(event.delta for event in streamed if event.type == "response.output_text.delta")
+    assert_compact_json(deltas, WEATHER)
+
+
+@pytest.mark.parametrize("text_format", [{"type": "json_schema", "name": "x"},
+                                         {"type": "json_schema", "name": "x", "schema": {"type": "no-such-type"}}])
+def test_responses_api_unservable_text_format_is_a_400_naming_it(http, text_format):
+    body = {"model": "oss", "input": "Hi", "text": {"format": text_format}, "max_output_tokens": 4}
+    response = http.post("/responses", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "text.format"

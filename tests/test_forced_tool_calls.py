@@ -16,9 +16,10 @@ import jsonschema
 import openai
 import openai_harmony as oh
 import pytest
+import torch
 
 from models.loader import load_model
-from server.chat import HarmonyChatFormat
+from server.chat import ChatMessage, FunctionTool, HarmonyChatFormat
 from server.chat.harmony_encoding import harmony_encoding
 from tests.server_process import ServerProcess
 from tests.test_structured_output import assert_compact_json
@@ -209,3 +210,35 @@ def test_responses_api_unservable_text_format_is_a_400_naming_it(http, text_form
     response = http.post("/responses", json=body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "text.format"
+
+
+def test_forced_call_tokens_open_with_the_header_and_only_call_may_end_them(checkpoints):
+    from server.engine.engine import EngineConfig, LLMEngine
+    from server.engine.sampling_params import SamplingParams
+    from server.engine.structured_output import apply_grammars
+    from server.routes.forced_call import forced_call_spec
+
+    loaded = load_model(checkpoints["oss"], dtype="float32", device="cpu")
+    chat_format = HarmonyChatFormat(loaded.tokenizer)
+    tools = [FunctionTool(name, "", schema) for name, schema in SCHEMAS.items()]
+    spec = forced_call_spec(chat_format, tools, "required", None)
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_tokens=4096, max_num_seqs=4))
+    params = SamplingParams(max_tokens=200, seed=3, stop_token_ids=chat_format.stop_token_ids, grammar=spec)
+    engine.add_request("r", chat_format.render([ChatMessage("user", "Hi")]), params, n=3)
+    outputs: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    while engine.has_work:
+        for _, out in engine.step():
+            outputs[out.index] += out.new_token_ids
+            assert out.finish_reason in (None, "stop"), out
+    for tokens in outputs.values():
+        text = loaded.tokenizer.decode(tokens)
+        name = text.removeprefix(" to=functions.").split("<|channel|>")[0]
+        assert name in SCHEMAS and text.startswith(loaded.tokenizer.decode(chat_format.call_header(name))), text
+        header_tail = spec.call_header  # the name's own tokens are the model's pick; the rest is forced
+        start = tokens.index(chat_format.tokens.channel)
+        assert tuple(tokens[start: start + len(header_tail)]) == header_tail
+        state = engine.grammars.new_state(spec, params.stop_token_ids)
+        assert all(state.accept(token) for token in tokens)
+        logits = torch.zeros(1, loaded.tokenizer.vocab_size)
+        apply_grammars(logits, [state])
+        assert logits[0].isfinite().nonzero().flatten().tolist() == [chat_format.tokens.call]

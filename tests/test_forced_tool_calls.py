@@ -242,3 +242,11 @@ def test_forced_call_tokens_open_with_the_header_and_only_call_may_end_them(chec
         logits = torch.zeros(1, loaded.tokenizer.vocab_size)
         apply_grammars(logits, [state])
         assert logits[0].isfinite().nonzero().flatten().tolist() == [chat_format.tokens.call]
+
+
+@pytest.mark.parametrize("tool_choice", [named("get_weather"), "required"])
+def test_max_tokens_too_small_for_the_forced_header_is_a_400_not_header_text(http, tool_choice):
+    body = {"model": "oss", "messages": MESSAGES, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 3}
+    response = http.post("/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "max_tokens"

@@ -18,6 +18,12 @@ class GrammarSpec:
     # token ends the name (the model picks it where a name is complete), the rest are output as they are
     param: str = "response_format"  # the request field a schema that cannot be compiled came from
 
+    @property
+    def forced_tokens(self) -> int:
+        """The fewest tokens an output spends before its grammar proper: the forced prefix and, for a call among
+        several functions, at least one name token and the header's rest."""
+        return len(self.forced_prefix) + (1 + len(self.call_header) if self.calls else 0)
+
 
 @dataclass(frozen=True, slots=True)
 class CallChoice:

@@ -250,3 +250,12 @@ def test_max_tokens_too_small_for_the_forced_header_is_a_400_not_header_text(htt
     response = http.post("/chat/completions", json=body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize("parameters", [{}, None])
+def test_a_tool_without_a_schema_gets_a_bounded_json_object(http, parameters):
+    tool = {"type": "function", "function": {"name": "ping"} | ({} if parameters is None else {"parameters": {}})}
+    body = {"model": "oss", "messages": MESSAGES, "tools": [tool], "tool_choice": named("ping")} | SAMPLED
+    for choice in http.post("/chat/completions", json=body | {"max_tokens": 480, "n": 3}).json()["choices"]:
+        assert choice["finish_reason"] == "tool_calls", choice
+        assert_compact_json(choice["message"]["tool_calls"][0]["function"]["arguments"], {"type": "object"})

@@ -39,5 +39,6 @@ def forced_call_spec(chat_format: HarmonyChatFormat | TemplateChatFormat, tools:
 
 
 def schema_text(tool: FunctionTool) -> str | None:
-    """The arguments' schema as compact JSON text (key order kept); None, any bounded object, when it has none."""
-    return None if tool.parameters is None else json.dumps(tool.parameters, separators=(",", ":"))
+    """The arguments' schema as compact JSON text (key order kept); None, any bounded object, when it has none
+    (an empty schema would allow any JSON value, unbounded, where arguments must be an object)."""
+    return json.dumps(tool.parameters, separators=(",", ":")) if tool.parameters else None

@@ -123,7 +123,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
     tools: Annotated[list[ChatTool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
-        None, description="default auto with tools; required and named are rendered but not yet forced")
+        None, description="default auto with tools; required and named force a call (GPT-OSS only)")
     parallel_tool_calls: bool | None = Field(None, description="harmony makes one call per turn either way")
     max_tokens: int | None = Field(None, ge=0, description="deprecated alias of max_completion_tokens")
     max_completion_tokens: int | None = Field(None, ge=0,

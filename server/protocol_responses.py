@@ -85,7 +85,8 @@ class TextFormat(Strict):
 
 
 class TextParam(Strict):
-    format: TextFormat | None = Field(None, description="accepted; output is not yet constrained to it")
+    format: TextFormat | None = Field(
+        None, description="json_schema and json_object constrain the output, as chat's response_format")
 
 
 class NamedFunctionChoice(Strict):

@@ -26,7 +26,8 @@ class FunctionDefinition(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
     description: str | None = None
     parameters: dict[str, Any] | None = Field(None, description="JSON schema of the arguments")
-    strict: bool | None = Field(None, description="accepted; arguments are not yet constrained to the schema")
+    strict: bool | None = Field(
+        None, description="accepted; a forced call's arguments always follow the schema, other calls are free")
 
 
 class ChatTool(Strict):

@@ -22,7 +22,7 @@ from server.app import create_app
 from server.chat import TemplateChatFormat
 from server.config import ServerConfig
 from server.engine.outputs import ChoiceOutput
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import GrammarSpec, SamplingParams
 from server.routes.models import ServedModel
 from tests.test_chat_harmony import assistant, chat, harmony, tokenizer  # noqa: F401 - fixtures
 
@@ -49,8 +49,8 @@ class ScriptedEngine:
     def default_max_tokens(self, prompt_len: int, n: int) -> int:
         return self.max_model_len - prompt_len
 
-    async def compile_grammar(self, spec: object) -> None:
-        pass
+    async def compile_grammar(self, spec: GrammarSpec | None) -> None:
+        pass  # the script ignores constraints: forced calls are tested on a real engine (test_forced_tool_calls)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        n: int = 1) -> AsyncIterator[ChoiceOutput]:
@@ -184,7 +184,7 @@ def test_tool_choice_none_leaves_the_tools_out_of_the_prompt(client, engines):
     assert without_tools == engines["oss"].prompts[-1]
 
 
-def test_required_and_named_tool_choice_render_as_auto_does(client, engines):
+def test_required_and_named_tool_choice_render_the_prompt_as_auto_does(client, engines):
     prompts = []
     for choice in ["auto", "required", {"type": "function", "function": {"name": "get_weather"}}]:
         client.chat.completions.create(model="oss", messages=QUESTION, tools=[WEATHER_TOOL], tool_choice=choice,

@@ -73,6 +73,17 @@ class HarmonyChatFormat:
     def parser(self) -> HarmonyOutputParser:
         return HarmonyOutputParser(self.tokenizer, self.tokens)
 
+    def call_header(self, tool_name: str) -> list[int]:
+        """The ids after the prompt's `<|start|>assistant` that open a call to the tool, up to `<|message|>`:
+        ` to=functions.NAME<|channel|>commentary <|constrain|>json<|message|>`, framed as past calls are (the
+        way openai-harmony renders them), so a forced call reads like one the model made."""
+        message, = assistant_messages(ChatMessage("assistant", "", tool_calls=[ToolCall("", tool_name, "")]))
+        opening = [self.tokens.start] + self.tokenizer.encode_ordinary("assistant")
+        ids = self._frame(message)
+        if ids[: len(opening)] != opening:
+            raise ValueError(f"the call header for {tool_name!r} does not follow `<|start|>assistant`")
+        return ids[len(opening): -1]  # the empty arguments leave `<|message|>` last, then `<|call|>`
+
     def _frame(self, message: oh.Message) -> list[int]:
         author = message.author.name or message.author.role.value
         header = f"{author} to={message.recipient}" if message.recipient else author

@@ -45,6 +45,11 @@ class Admission:
             # both would keep a finished grammar from stopping
             raise RequestRejected("response_format cannot be combined with ignore_eos or min_tokens",
                                   "ignore_eos" if params.ignore_eos else "min_tokens")
+        forced = params.grammar.forced_tokens if params.grammar is not None else 0
+        if forced and params.max_tokens <= forced:
+            # a header cut short is no answer at all: its text would come out as content
+            raise RequestRejected(f"max_tokens must be more than the {forced} tokens forced before the constrained "
+                                  "output (a harmony header)", "max_tokens")
         at_once = min(n, self.max_num_seqs)  # choices beyond --max-num-seqs wait for the blocks others free
         if self._blocks_needed(prompt_len, params.max_tokens, at_once) > self.num_blocks:
             alone = self._blocks_needed(prompt_len, params.max_tokens, 1) <= self.num_blocks

@@ -281,7 +281,7 @@ class LLMEngine:
             self._finish(seq, reason)
             out.finish_reason = reason
             if reason == "error":
-                out.error = "the output left its response_format grammar"
+                out.error = "the output left its grammar (response_format or a forced tool call)"
         return seq.request_id, out
 
     def _finish(self, seq: Sequence, reason: str) -> None:

@@ -12,6 +12,25 @@ class GrammarSpec:
 
     json_schema: str | None = None  # canonical JSON text of the schema; None: any (bounded) JSON object
     forced_prefix: tuple[int, ...] = ()  # tokens output as they are before the grammar applies (a harmony header)
+    end_token_ids: tuple[int, ...] = ()  # the stop tokens that may end the output; empty: any of the request's
+    calls: tuple[CallChoice, ...] = ()  # a forced call to one of these: its name picked first, then its arguments
+    call_header: tuple[int, ...] = ()  # with calls: forced between the chosen name and its arguments; the first
+    # token ends the name (the model picks it where a name is complete), the rest are output as they are
+    param: str = "response_format"  # the request field a schema that cannot be compiled came from
+
+    @property
+    def forced_tokens(self) -> int:
+        """The fewest tokens an output spends before its grammar proper: the forced prefix and, for a call among
+        several functions, at least one name token and the header's rest."""
+        return len(self.forced_prefix) + (1 + len(self.call_header) if self.calls else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class CallChoice:
+    """One function a forced call may pick: the text that names it and the schema of its arguments."""
+
+    name_text: str  # as it appears in the output, e.g. "functions.get_weather"
+    json_schema: str | None  # None: any (bounded) JSON object
 
 
 @dataclass(slots=True)

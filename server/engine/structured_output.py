@@ -4,10 +4,16 @@ The front end only names the constraint (a ``GrammarSpec`` in SamplingParams); t
 the sampler, so it moves with the engine core. xgrammar does the work (chosen by measured mask cost, see
 bench/NOTES.md). JSON is compact: no free whitespace, since the o200k vocabulary has hundreds of whitespace tokens
 a random-weight model would otherwise run through forever.
+
+A forced tool call among several functions runs in two stages, since special tokens have no bytes in a grammar:
+first a grammar over the functions' names as plain text, ended by the first token of the call header (which the
+mask allows only where a name is complete); then the rest of the header is forced and the chosen function's
+argument grammar applies, ended only by the spec's end tokens (harmony's `<|call|>`).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -18,7 +24,7 @@ from torch import Tensor
 
 from models.tokenizer import Tokenizer
 from server.engine.errors import RequestRejected
-from server.engine.sampling_params import GrammarSpec
+from server.engine.sampling_params import CallChoice, GrammarSpec
 
 # Any JSON object, bounded so that even a random-weight model closes it: at most 3 members whose values are
 # scalars or one level of object/array with at most 3 scalars, strings of at most 8 characters, numbers of at
@@ -35,18 +41,41 @@ number ::= "-"? ("0" | [1-9] [0-9]{0,8}) ("." [0-9]{1,6})?
 
 
 @dataclass(slots=True, eq=False)
+class CallSelection:
+    """The first stage of a forced call among several functions: the name's bytes so far, and what comes next."""
+
+    arguments: dict[str, xgr.CompiledGrammar]  # by name text: each function's argument grammar
+    header_rest: list[int]  # forced once the name is complete
+    end_token_ids: list[int]  # what may end the arguments
+    token_bytes: list[bytes]
+    name: bytearray = field(default_factory=bytearray)
+
+
+@dataclass(slots=True, eq=False)
 class GrammarState:
     """One sequence's progress: the forced tokens still to come, then its grammar matcher."""
 
     matcher: xgr.GrammarMatcher
     vocab_size: int  # the tokenizer's: logits beyond it (a padded embedding) are never allowed
     forced: list[int] = field(default_factory=list)
+    selection: CallSelection | None = None  # still choosing which function a forced call calls
 
     def accept(self, token: int) -> bool:
         """Advance past ``token``; False if the grammar (or the forced token) does not allow it."""
         if self.forced:
             return self.forced.pop(0) == token
-        return self.matcher.accept_token(token)
+        if not self.matcher.accept_token(token):
+            return False
+        selection = self.selection
+        if selection is not None:
+            if self.matcher.is_terminated():  # the header's first token: the name is complete
+                compiled = selection.arguments[selection.name.decode()]
+                self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=selection.end_token_ids or None)
+                self.forced = list(selection.header_rest)
+                self.selection = None
+            else:
+                selection.name += selection.token_bytes[token]
+        return True
 
 
 class GrammarCompiler:
@@ -62,25 +91,31 @@ class GrammarCompiler:
         info = xgr.TokenizerInfo(encoded, xgr.VocabType.RAW, vocab_size=tokenizer.vocab_size,
                                  stop_token_ids=[tokenizer.eos_token_id])
         self.vocab_size = tokenizer.vocab_size
+        self._token_bytes = encoded
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self._cache: OrderedDict[GrammarSpec, xgr.CompiledGrammar] = OrderedDict()
         self._capacity = capacity
         self._lock = threading.Lock()  # the front end checks specs while the engine thread compiles them
 
     def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
-        """The compiled grammar, or RequestRejected naming response_format when the schema cannot be served."""
+        """The compiled grammar (for a forced call: of its names, the arguments' compiled too), or
+        RequestRejected naming ``spec.param`` when a schema cannot be served."""
         with self._lock:
             if spec in self._cache:
                 self._cache.move_to_end(spec)
                 return self._cache[spec]
+        for call in spec.calls:
+            self.compile(argument_spec(spec, call))
         try:
-            if spec.json_schema is None:
+            if spec.calls:
+                compiled = self._compiler.compile_grammar(names_grammar(spec.calls))
+            elif spec.json_schema is None:
                 compiled = self._compiler.compile_grammar(BOUNDED_JSON_OBJECT)
             else:
                 compiled = self._compiler.compile_json_schema(spec.json_schema, any_whitespace=False,
                                                           separators=(",", ":"), strict_mode=True)
         except Exception as exc:  # xgrammar reports a bad schema with several exception types
-            raise RequestRejected(f"response_format: cannot compile the JSON schema: {exc}", "response_format") from None
+            raise RequestRejected(f"{spec.param}: cannot compile the JSON schema: {exc}", spec.param) from None
         with self._lock:
             self._cache[spec] = compiled
             while len(self._cache) > self._capacity:
@@ -88,8 +123,23 @@ class GrammarCompiler:
         return compiled
 
     def new_state(self, spec: GrammarSpec, stop_token_ids: frozenset[int]) -> GrammarState:
-        matcher = xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=sorted(stop_token_ids) or None)
-        return GrammarState(matcher, self.vocab_size, list(spec.forced_prefix))
+        ends = sorted(spec.end_token_ids or stop_token_ids)
+        if not spec.calls:
+            matcher = xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=ends or None)
+            return GrammarState(matcher, self.vocab_size, list(spec.forced_prefix))
+        matcher = xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=[spec.call_header[0]])
+        arguments = {call.name_text: self.compile(argument_spec(spec, call)) for call in spec.calls}
+        selection = CallSelection(arguments, list(spec.call_header[1:]), ends, self._token_bytes)
+        return GrammarState(matcher, self.vocab_size, list(spec.forced_prefix), selection)
+
+
+def argument_spec(spec: GrammarSpec, call: CallChoice) -> GrammarSpec:
+    return GrammarSpec(call.json_schema, param=spec.param)
+
+
+def names_grammar(calls: tuple[CallChoice, ...]) -> str:
+    """Exactly one of the names, as plain text (JSON string literals are valid EBNF ones)."""
+    return "root ::= " + " | ".join(json.dumps(call.name_text) for call in calls)
 
 
 _batch_matcher: xgr.BatchGrammarMatcher | None = None

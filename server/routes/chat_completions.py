@@ -13,14 +13,17 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 
+from server.engine.sampling_params import GrammarSpec
 from server.protocol import (
     APIError, ChatChoice as ChatChoiceBody, ChatChunkChoice, ChatCompletionChunk,
     ChatCompletionRequest, ChatCompletionResponse, ChatDeltaMessage, ChatLogprobs,
     ChatResponseMessage, PromptTokensDetails, Usage, sse_responses,
 )
+from server.protocol_tools import NamedToolChoice
 from server.routes.chat_choice import ChatChoice
-from server.routes.chat_prompt import render_chat_prompt
+from server.routes.chat_prompt import function_tools, render_chat_prompt
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
+from server.routes.forced_call import forced_call_spec
 from server.routes.models import ServedModel, find_model
 from server.routes.response_format import answer_prefix, grammar_spec
 from server.routes.sampling import sampling_params, stop_strings
@@ -112,6 +115,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     engine = served.engine
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    grammar = chat_grammar(served, body)
     prompt = render_prompt(served, body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:
@@ -119,7 +123,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, engine.tokenizer, max_tokens=max_tokens, logprobs=top_logprobs,
                              model_stop_ids=served.chat_format.stop_token_ids,
-                             grammar=grammar_spec(body.response_format, answer_prefix(served.chat_format)))
+                             grammar=grammar)
     await engine.compile_grammar(params.grammar)
     engine.validate(len(prompt), params, body.n)
     stop = stop_strings(body)
@@ -134,6 +138,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return sse_response(await prime(request, run.chunks()), continuous_usage(body.stream_options, run.usage))
     return await cancel_on_disconnect(request, run.response())
 
+
+def chat_grammar(served: ServedModel, body: ChatCompletionRequest) -> GrammarSpec | None:
+    """A forced tool call's constraint, else response_format's: a forced call's output is the call."""
+    named = body.tool_choice.function.name if isinstance(body.tool_choice, NamedToolChoice) else None
+    tools = function_tools(body.tools or [], body.tool_choice)
+    forced = forced_call_spec(served.chat_format, tools, None if named else body.tool_choice, named)
+    return forced or grammar_spec(body.response_format, answer_prefix(served.chat_format))
 
 
 def render_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:

@@ -4,10 +4,10 @@
 (chat completions, /tokenize) renders the same ids.
 
 tool_choice: "auto" (the default) and "none" follow OpenAI; with "none" the tools are left out of the
-prompt, so the model is not told of them. "required" and a named function are accepted and the prompt is
-rendered exactly as with "auto", but the model is not yet forced to call (that needs constrained
-decoding); a call it does make is returned as usual. parallel_tool_calls is accepted either way:
-a harmony turn ends at its first `<|call|>`, so a choice holds at most one generated call.
+prompt, so the model is not told of them. "required" and a named function render the prompt exactly as
+"auto" does; the call is forced by constrained decoding, not by the prompt (see routes.forced_call).
+parallel_tool_calls is accepted either way: a harmony turn ends at its first `<|call|>`, so a choice holds
+at most one generated call.
 """
 
 from __future__ import annotations

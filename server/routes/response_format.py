@@ -6,17 +6,34 @@ import json
 
 from server.chat.harmony import HarmonyChatFormat
 from server.engine.sampling_params import GrammarSpec
-from server.protocol import ResponseFormat
+from server.protocol import APIError, ResponseFormat
+from server.protocol_responses import TextFormat
 
 
 def grammar_spec(response_format: ResponseFormat | None, forced_prefix: tuple[int, ...] = ()) -> GrammarSpec | None:
     """None for plain text; the schema as compact JSON text (key order kept: properties come out in it)."""
-    if response_format is None or response_format.type == "text":
+    if response_format is None:
         return None
-    if response_format.type == "json_object":
-        return GrammarSpec(None, forced_prefix)
-    schema = json.dumps(response_format.json_schema.schema_, separators=(",", ":"))
-    return GrammarSpec(schema, forced_prefix)
+    schema = response_format.json_schema.schema_ if response_format.json_schema is not None else None
+    return format_spec(response_format.type, schema, forced_prefix)
+
+
+def text_format_spec(text_format: TextFormat | None, forced_prefix: tuple[int, ...] = ()) -> GrammarSpec | None:
+    """The Responses API's `text.format`: the same constraint as chat's response_format."""
+    if text_format is None:
+        return None
+    if text_format.type == "json_schema" and text_format.json_schema is None:
+        raise APIError(400, "text.format: type json_schema needs a schema", param="text.format")
+    return format_spec(text_format.type, text_format.json_schema, forced_prefix, param="text.format")
+
+
+def format_spec(kind: str, schema: dict | None, forced_prefix: tuple[int, ...],
+                param: str = "response_format") -> GrammarSpec | None:
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return GrammarSpec(None, forced_prefix, param=param)
+    return GrammarSpec(json.dumps(schema, separators=(",", ":")), forced_prefix, param=param)
 
 
 def answer_prefix(chat_format: object) -> tuple[int, ...]:

@@ -2,8 +2,9 @@
 
 The conversation (a stored previous response's, then `instructions`, then `input`) is rendered by the same
 function chat completions uses; the one generated choice is parsed by the same ChatChoice, and its deltas
-become output items (response_output). `text.format` and a required or named `tool_choice` are accepted and
-not yet enforced, as in chat completions. Stored responses: see response_store.
+become output items (response_output). `text.format` constrains the answer as chat's response_format does, and
+a required or named `tool_choice` forces a call as in chat completions (a forced call wins). Stored
+responses: see response_store.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
 from server.chat import ChatMessage, FunctionTool
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import GrammarSpec, SamplingParams
 from server.protocol import GATEWAY_RESPONSES, APIError, ErrorResponse, sse_responses
 from server.protocol_responses import NamedFunctionChoice, ResponsesRequest
 from server.routes.chat_choice import ChatChoice
 from server.routes.chat_prompt import chosen_tools, render_messages
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
+from server.routes.forced_call import forced_call_spec
 from server.routes.models import ServedModel, find_model
+from server.routes.response_format import answer_prefix, text_format_spec
 from server.routes.response_input import input_messages, output_messages
 from server.routes.response_output import ResponseOutput, new_id
 from server.routes.response_store import ResponseStore, StoredResponse
@@ -43,12 +46,12 @@ def response_store(request: Request) -> ResponseStore:
 
 class ResponseRun:
     def __init__(self, served: ServedModel, body: ResponsesRequest, conversation: list[ChatMessage],
-                 prompt: list[int], max_tokens: int, store: ResponseStore) -> None:
+                 prompt: list[int], max_tokens: int, store: ResponseStore, grammar: GrammarSpec | None) -> None:
         self.served, self.body, self.conversation, self.prompt = served, body, conversation, prompt
         self.store = store
         self.params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None
                                      else body.temperature, top_p=1.0 if body.top_p is None else body.top_p,
-                                     stop_token_ids=served.chat_format.stop_token_ids)
+                                     stop_token_ids=served.chat_format.stop_token_ids, grammar=grammar)
         self.id = new_id("resp")
         self.created = int(time.time())
         self.choice = ChatChoice(served.engine.tokenizer, served.chat_format.parser(), [], None)
@@ -128,7 +131,10 @@ async def create_response(body: ResponsesRequest, request: Request):
                              body.reasoning.effort if body.reasoning else None, param="input")
     engine = served.engine
     max_tokens = body.max_output_tokens or max(engine.max_model_len - len(prompt), 0)
-    run = ResponseRun(served, body, conversation, prompt, max_tokens, store)
+    forced = forced_call_spec(served.chat_format, tools, None if named else body.tool_choice, named)
+    grammar = forced or text_format_spec(body.text.format if body.text else None, answer_prefix(served.chat_format))
+    await engine.compile_grammar(grammar)
+    run = ResponseRun(served, body, conversation, prompt, max_tokens, store, grammar)
     engine.validate(len(prompt), run.params, 1)
     if body.stream:
         return sse_response(await prime(request, run.stream()))

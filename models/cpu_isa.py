@@ -2,9 +2,13 @@
 
 bf16 matmuls are "native" where the CPU multiplies bf16 pairs into fp32 sums in hardware: AMX-BF16 tiles
 (Sapphire Rapids and later) or AVX512-BF16 dot products (Cooper Lake, Zen 4). Elsewhere torch emulates them
-and they run at 1-20 GFLOP/s, far behind fp32. Measured on 2 threads (bench/NOTES.md, "bf16 compute on CPU"):
-AMX runs bf16 at 3-4x fp32; Zen 4's AVX512-BF16 through oneDNN does not beat fp32 at the model's shapes, so
-only AMX makes ``auto`` choose bf16.
+at 1-20 GFLOP/s, far behind fp32, and a bf16 model keeps torch's own matmuls.
+
+``auto`` picks bf16 on AMX, measured at 3-4x fp32's matmul rate (BASELINES.md). On Zen 4's AVX512-BF16, bf16
+also measured faster (bench/NOTES.md, "bf16 compute on CPU": matmuls 1.1-1.2x at 64 rows, ~2x at 1k rows; a
+GPT-2-124M 1k prefill 2-4x, a C=64 decode step 1.4-1.9x), but ``auto`` stays float32 there for now: the test
+suite and ``--cpu-weight-dtype`` / ``--kv-cache-dtype bfloat16`` rely on ``auto`` meaning float32 on CPU
+(the dev machine is a Zen 4), and need pinning first. Widening the rule is one line (bf16_faster_than_fp32).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ class CpuIsa:
 
     @property
     def bf16_faster_than_fp32(self) -> bool:
-        """Only AMX was measured faster than fp32 (bench/NOTES.md); AVX512-BF16 alone was not."""
+        """The rule ``--dtype auto`` follows on CPU: AMX only, for now (see the module's docstring)."""
         return self.amx_bf16
 
     def __str__(self) -> str:

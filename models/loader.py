@@ -86,10 +86,11 @@ def load_model(
         raise CheckpointError(f"missing file: model directory {model_dir} does not exist")
     family = detect_family(read_json(model_dir / "config.json"))
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
     if cpu_weight_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"unknown cpu_weight_dtype {cpu_weight_dtype!r}: choose float32 or bfloat16")
     bf16_weights = cpu_weight_dtype == "bfloat16"
+    # bf16 weights under fp32 compute is a float32 mode: asking for it settles what auto means
+    torch_dtype = torch.float32 if bf16_weights and dtype == "auto" else resolve_dtype(dtype, torch_device)
     if bf16_weights and not (torch_dtype == torch.float32 and onednn_usable(torch_device, torch_dtype)):
         raise ValueError("bfloat16 CPU weights need --device cpu and --dtype float32")
     model = load_weights(model_dir, family, torch_dtype, torch_device, keep_experts_packed, tp, bf16_weights)

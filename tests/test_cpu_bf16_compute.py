@@ -154,3 +154,9 @@ def test_bf16_load_keeps_torch_matmuls_where_bf16_is_emulated(monkeypatch, tiny_
     half = load_model(tiny_gpt2_dir, dtype="bfloat16", device="cpu").model
     assert half.lm_head is None and not isinstance(half.h[0].mlp.c_fc, OneDNNLinear)
     assert half.compute_logits(torch.zeros(1, half.config.n_embd, dtype=torch.bfloat16)).dtype == torch.float32
+
+
+def test_bf16_weights_flag_keeps_auto_at_float32_where_auto_would_be_bf16(monkeypatch, tiny_gpt2_dir):
+    fake_isa(monkeypatch, AMX)
+    loaded = load_model(tiny_gpt2_dir, device="cpu", cpu_weight_dtype="bfloat16")
+    assert loaded.dtype == torch.float32 and isinstance(loaded.model.lm_head, Bf16WeightLinear)

@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 
+from models import attention
 from models.loader import load_model
 from server.engine.decode_graphs import DecodeGraphs, buckets
 from server.engine.engine import EngineConfig, LLMEngine
@@ -20,8 +21,12 @@ from server.engine.sampling_params import SamplingParams
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def loaded(request, tiny_gpt2_dir, device):
-    """bfloat16 on CPU takes the gather + SDPA decode path that CUDA takes; float32 on CPU the C++ kernels."""
-    return load_model(tiny_gpt2_dir, dtype=request.param, device=str(device))
+    """bfloat16 on CPU is held to the gather + SDPA decode path that CUDA takes; float32 on CPU the C++ kernels
+    (which would serve bfloat16 too)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "bfloat16":
+            patch.setattr(attention, "decode_kernels_apply", lambda _q: False)
+        yield load_model(tiny_gpt2_dir, dtype=request.param, device=str(device))
 
 
 def test_buckets_double_up_to_the_limit():

@@ -21,7 +21,7 @@ from models.forward_batch import ForwardBatch
 from models.kv_cache import PagedKVCache
 from models.loader import load_model, resolve_dtype
 from models.onednn_linear import OneDNNLinear, onednn_usable
-from tests.test_gpt_oss import checkpoint_dir, full_forward, oracle, oracle_logits, random_tokens  # noqa: F401
+from tests.test_gpt_oss import checkpoint_dir, oracle, oracle_logits, random_tokens  # noqa: F401
 
 AMX = CpuIsa(amx_bf16=True, avx512_bf16=True, avx512=True, avx2=True)
 ZEN4 = CpuIsa(avx512_bf16=True, avx512=True, avx2=True)
@@ -143,10 +143,12 @@ def test_gpt_oss_bf16_with_mxfp4_experts_stays_as_close_as_transformers_bf16(
     bf16 = type(oracle)(oracle.config)
     bf16.load_state_dict(oracle.state_dict())
     bf16 = bf16.to(torch.bfloat16).eval()
-    for n in (5, 40):
-        ids = random_tokens(n, seed=n)
-        assert_as_close_as_transformers_bf16(full_forward(model, ids), oracle_logits(oracle, ids),
-                                             oracle_logits(bf16, ids))
+    sequences = [random_tokens(n, seed=n) for n in (9, 40)]  # 40: beyond the sliding window
+    decoded = 4
+    for seq, ours in zip(sequences, teacher_forced_logits(model, sequences, decoded)):
+        theirs_fp32, theirs_bf16 = oracle_logits(oracle, seq), oracle_logits(bf16, seq)
+        for part in (slice(None, -decoded), slice(-decoded, None)):  # prefill rows, then decode rows (sinks)
+            assert_as_close_as_transformers_bf16(ours[part], theirs_fp32[part], theirs_bf16[part])
 
 
 def test_bf16_load_keeps_torch_matmuls_where_bf16_is_emulated(monkeypatch, tiny_gpt2_dir):

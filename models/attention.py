@@ -6,7 +6,7 @@ Learned attention sinks (GPT-OSS) join the softmax as one extra key with zero va
 sink logit, which keeps the whole computation inside SDPA with only its boolean [seqs, 1, queries, keys]
 mask: no float bias per head (at one 1024-token prompt and 64 heads that bias was 269 MB; bench/NOTES.md).
 
-On CPU in float32 the decode group skips the gather: C++ kernels (models/csrc/paged_decode_attention.cpp)
+On CPU in float32 (or bfloat16, the queries widened) the decode group skips the gather: C++ kernels (models/csrc/paged_decode_attention.cpp)
 read each key and value row straight from the pool, and only the small [seqs, heads, context] scores go
 through torch's softmax. At 64 sequences of ~200 tokens the gather + SDPA read the cache three times and
 took ~120 ms of a ~270 ms GPT-2-124M step (bench/NOTES.md).
@@ -105,9 +105,9 @@ def decode_attention_from_pool(
     ops = torch.ops.gptserve
     num_seqs, num_heads, head_dim = q.shape
     args = (group.key_blocks, group.context_lens, group.block_size, window or 0)
-    scores = ops.paged_decode_scores(q.contiguous(), key_cache, *args, head_dim**-0.5)
+    scores = ops.paged_decode_scores(q.float().contiguous(), key_cache, *args, head_dim**-0.5)
     if sinks is None:
-        return ops.paged_decode_values(torch.softmax(scores, dim=-1), value_cache, *args)
-    sink_col = sinks.to(q.dtype).view(1, num_heads, 1).expand(num_seqs, -1, 1)
+        return ops.paged_decode_values(torch.softmax(scores, dim=-1), value_cache, *args).to(q.dtype)
+    sink_col = sinks.float().view(1, num_heads, 1).expand(num_seqs, -1, 1)
     probs = torch.softmax(torch.cat([scores, sink_col], dim=-1), dim=-1)[..., :-1]
-    return ops.paged_decode_values(probs.contiguous(), value_cache, *args)
+    return ops.paged_decode_values(probs.contiguous(), value_cache, *args).to(q.dtype)

@@ -5,6 +5,9 @@ fp32 weights stream at ~20 GB/s, so GPT-2-124M's 0.5 GB a step caps batch-1 deco
 as bf16 and widened to fp32 in registers (models/csrc/bf16_linear.cpp), the same step reads half the bytes.
 Inputs of more rows run oneDNN's fp32 inner product on an fp32 copy of the same rounded values, so every
 batch size computes with identical weights; only the order of the fp32 sums differs.
+
+A bf16 model's logits come from this layer too: its bf16 hidden states widened to fp32 and multiplied by the
+bf16 unembedding in fp32, so the sampler reads exact sums, not logits rounded to bf16's 8 bits.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def pack_bf16_weight(weight: Tensor) -> Tensor:
 
 
 class Bf16WeightLinear(nn.Module):
-    """``x @ weight.T + bias`` for ``weight`` [out, in] whose values are already bf16-representable."""
+    """``x @ weight.T + bias`` in fp32 for ``weight`` [out, in] whose values are already bf16-representable
+    (``x`` of any float dtype is widened first)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
@@ -49,8 +53,16 @@ class Bf16WeightLinear(nn.Module):
         self.register_buffer("packed", packed)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = x.float()
         rows = x.reshape(-1, x.shape[-1])
         if self.packed is None or rows.shape[0] > KERNEL_MAX_ROWS:
             return self.gemm(x)
         out = torch.ops.gptserve.bf16_linear(rows.contiguous(), self.packed, self.gemm.bias, self.out_features)
         return out.view(*x.shape[:-1], self.out_features)
+
+
+def logits_linear(weight: Tensor, bf16_weights: bool) -> OneDNNLinear | Bf16WeightLinear:
+    """The CPU unembedding: fp32 logits always, the bf16 layer wherever the weights are bf16 values."""
+    if bf16_weights or weight.dtype == torch.bfloat16:
+        return Bf16WeightLinear(weight.float(), None)
+    return OneDNNLinear(weight, None)

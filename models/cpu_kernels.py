@@ -90,5 +90,5 @@ def _register_output_shapes() -> None:
 
 
 def decode_kernels_apply(q: torch.Tensor) -> bool:
-    """The paged decode kernels serve float32 on CPU."""
-    return q.device.type == "cpu" and q.dtype == torch.float32 and cpu_kernels_loaded()
+    """The paged decode kernels compute in float32 on CPU; a bf16 model's queries are widened for them."""
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and cpu_kernels_loaded()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import paged_attention
-from models.bf16_weight_linear import Bf16WeightLinear
+from models.bf16_weight_linear import Bf16WeightLinear, logits_linear
 from models.checkpoint import Checkpoint, CheckpointError, config_float, config_int, read_json
 from models.forward_batch import ForwardBatch, Interrupt, check_interrupt
 from models.kv_cache import KVCacheSpec, PagedKVCache
@@ -154,17 +154,17 @@ class GPT2(nn.Module):
         self.lm_head: OneDNNLinear | Bf16WeightLinear | None = None  # None: logits straight from the tied wte.weight
 
     def use_onednn(self, bf16_weights: bool = False) -> None:
-        """fp32 CPU: run the projections and the lm_head through oneDNN (models/onednn_linear.py); the lm_head
-        becomes a reordered copy of the tied embedding, which stays as it is for the lookups. With
-        ``bf16_weights`` (weights already rounded) decode-sized inputs stream bf16 copies instead
-        (models/bf16_weight_linear.py)."""
+        """CPU, fp32 or native bf16: run the projections and the lm_head through oneDNN
+        (models/onednn_linear.py); the lm_head becomes a reordered copy of the tied embedding, which stays as it
+        is for the lookups, and computes fp32 logits whatever the model's dtype. With ``bf16_weights`` (weights
+        already rounded) decode-sized inputs stream bf16 copies instead (models/bf16_weight_linear.py)."""
         linear = Bf16WeightLinear if bf16_weights else OneDNNLinear
         for block in self.h:
             for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
                 layer = getattr(parent, name)
                 if type(layer) is Conv1D:  # row-parallel layers keep their own forward
                     setattr(parent, name, linear(layer.weight.T, layer.bias))
-        self.lm_head = linear(self.wte.weight, None)
+        self.lm_head = logits_linear(self.wte.weight, bf16_weights)
 
     def relayout_unembedding(self) -> None:
         """Off the oneDNN path: the tied embedding stored the way MKL's logits matmul reads it fastest."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import paged_attention
-from models.bf16_weight_linear import Bf16WeightLinear
+from models.bf16_weight_linear import Bf16WeightLinear, logits_linear
 from models.checkpoint import Checkpoint, read_json
 from models.forward_batch import ForwardBatch, Interrupt, check_interrupt
 from models.gpt_oss_config import GptOssConfig, is_original_gpt_oss_config
@@ -170,14 +170,14 @@ class GptOss(nn.Module):
             relayout_for_logits(self.lm_head.weight)
 
     def use_onednn(self, bf16_weights: bool = False) -> None:
-        """fp32 CPU: run attention's projections, the routers and the lm_head through oneDNN
+        """CPU, fp32 or native bf16: run attention's projections, the routers and the lm_head through oneDNN
         (models/onednn_linear.py), or with ``bf16_weights`` (weights already rounded) through
         models/bf16_weight_linear.py. Experts keep their own path (models/moe.py)."""
         linear = Bf16WeightLinear if bf16_weights else OneDNNLinear
         parents = [(layer.attn, name) for layer in self.layers for name in ("qkv", "out")]
         parents += [(layer.moe, "router") for layer in self.layers]
-        if self.tp.is_first:
-            parents.append((self, "lm_head"))
+        if self.tp.is_first and type(self.lm_head) is nn.Linear:  # fp32 logits, also in a bf16 model
+            self.lm_head = logits_linear(self.lm_head.weight, bf16_weights)
         for parent, name in parents:
             layer = getattr(parent, name)
             if type(layer) is nn.Linear:  # row-parallel layers keep their own forward

@@ -10,6 +10,7 @@ from torch import nn
 
 from models.bf16_weight_linear import round_to_bf16_
 from models.checkpoint import CheckpointError, read_json
+from models.cpu_isa import cpu_isa
 from models.cpu_kernels import cpu_kernels_loaded
 from models.onednn_linear import onednn_usable
 from models.parallel import SINGLE, TensorParallel
@@ -40,9 +41,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is float32 on CPU (16-bit matmuls are slow without native support) and bfloat16 on GPU."""
+    """``auto`` is bfloat16 on GPU; on CPU bfloat16 only where it was measured faster than float32 (see
+    models/cpu_isa.py), else float32. ``float32`` always keeps the exact path."""
     if dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        if device.type == "cpu":
+            return torch.bfloat16 if cpu_isa().bf16_faster_than_fp32 else torch.float32
+        return torch.bfloat16
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -82,11 +86,12 @@ def load_model(
         raise CheckpointError(f"missing file: model directory {model_dir} does not exist")
     family = detect_family(read_json(model_dir / "config.json"))
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
     if cpu_weight_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"unknown cpu_weight_dtype {cpu_weight_dtype!r}: choose float32 or bfloat16")
     bf16_weights = cpu_weight_dtype == "bfloat16"
-    if bf16_weights and not onednn_usable(torch_device, torch_dtype):
+    # bf16 weights under fp32 compute is a float32 mode: asking for it settles what auto means
+    torch_dtype = torch.float32 if bf16_weights and dtype == "auto" else resolve_dtype(dtype, torch_device)
+    if bf16_weights and not (torch_dtype == torch.float32 and onednn_usable(torch_device, torch_dtype)):
         raise ValueError("bfloat16 CPU weights need --device cpu and --dtype float32")
     model = load_weights(model_dir, family, torch_dtype, torch_device, keep_experts_packed, tp, bf16_weights)
     tokenizer = load_tokenizer(tokenizer_directory(model_dir))
@@ -120,6 +125,6 @@ def load_weights(
         model.use_onednn(bf16_weights)  # reorders the unembedding its own way: a relayout first would only cost a copy
     else:
         model.relayout_unembedding()
-    if device.type == "cpu" and dtype == torch.float32:
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         cpu_kernels_loaded()  # built (or found built) now rather than during the first request
     return model

@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 
+from models import attention
 from models.loader import load_model
 from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
 from server.engine.decode_graphs import DecodeGraphs, buckets
@@ -21,14 +22,19 @@ from server.engine.sampling_params import SamplingParams
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16", "gpt-oss-float32"])
 def loaded(request, tiny_gpt2_dir, device, tmp_path_factory):
-    """bfloat16 on CPU takes the gather + SDPA decode path that CUDA takes; float32 on CPU the C++ kernels.
-    GPT-OSS (sinks, a sliding window, experts) with its MoE routed on the device, as graphs need."""
+    """bfloat16 on CPU is held to the gather + SDPA decode path that CUDA takes; float32 on CPU the C++ kernels
+    (which would serve bfloat16 too). GPT-OSS (sinks, a sliding window, experts) with its MoE routed on the
+    device, as graphs need."""
     if request.param.startswith("gpt-oss"):
         checkpoint = write_tiny_gpt_oss(tmp_path_factory.mktemp("gpt-oss"), sliding_window=8)
         loaded = load_model(checkpoint, dtype="float32", device=str(device))
         loaded.model.use_static_routing()
-        return loaded
-    return load_model(tiny_gpt2_dir, dtype=request.param, device=str(device))
+        yield loaded
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "bfloat16":
+            patch.setattr(attention, "decode_kernels_apply", lambda _q: False)
+        yield load_model(tiny_gpt2_dir, dtype=request.param, device=str(device))
 
 
 def test_buckets_double_up_to_the_limit():

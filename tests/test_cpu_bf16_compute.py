@@ -1,0 +1,164 @@
+"""bf16 compute on CPU (``--dtype bfloat16``) and the ISA rule behind ``--dtype auto`` (models/cpu_isa.py).
+
+Each path is held against transformers on the same weights. bf16 rounds every op's output to 8 significant
+bits, and two correct bf16 implementations round at different points, so they do not agree to fp32
+tolerance; the test instead asks that ours stray from the fp32 oracle no further than transformers' own bf16
+model does (with a margin for the different rounding points), and stay close to that bf16 model.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import models.loader
+import models.onednn_linear
+from models.bf16_weight_linear import Bf16WeightLinear
+from models.cpu_isa import CpuIsa, cpu_isa, cpuinfo_flags
+from models.forward_batch import ForwardBatch
+from models.kv_cache import PagedKVCache
+from models.loader import load_model, resolve_dtype
+from models.onednn_linear import OneDNNLinear, onednn_usable
+from tests.test_gpt_oss import checkpoint_dir, oracle, oracle_logits, random_tokens  # noqa: F401
+
+AMX = CpuIsa(amx_bf16=True, avx512_bf16=True, avx512=True, avx2=True)
+ZEN4 = CpuIsa(avx512_bf16=True, avx512=True, avx2=True)
+AVX512 = CpuIsa(avx512=True, avx2=True)
+AVX2 = CpuIsa(avx2=True)
+CPU = torch.device("cpu")
+# How much further than transformers' bf16 model ours may stray from the fp32 logits (mean abs difference).
+MARGIN = 1.5
+BLOCK = 4
+
+native_bf16 = pytest.mark.skipif(not cpu_isa().native_bf16, reason=f"bf16 oneDNN path needs AMX-BF16 or "
+                                 f"AVX512-BF16; this CPU has {cpu_isa()}")
+
+
+def fake_isa(monkeypatch: pytest.MonkeyPatch, isa: CpuIsa) -> None:
+    for module in (models.loader, models.onednn_linear):
+        monkeypatch.setattr(module, "cpu_isa", lambda: isa)
+
+
+def test_isa_is_read_from_the_kernel_cpu_flags():
+    text = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile amx_bf16\n\nprocessor\t: 1\n"
+    assert CpuIsa.from_flags(cpuinfo_flags(text)) == AMX
+    assert CpuIsa.from_flags({"avx2", "avx512f", "avx512_bf16"}) == ZEN4
+    assert CpuIsa.from_flags({"avx2", "amx_bf16"}) == AVX2  # no tile registers: no AMX
+    assert str(ZEN4) == "AVX512-BF16, AVX-512, AVX2"
+
+
+@pytest.mark.parametrize("isa,expected", [(AMX, torch.bfloat16), (ZEN4, torch.float32), (AVX512, torch.float32),
+                                          (AVX2, torch.float32), (CpuIsa(), torch.float32)])
+def test_auto_dtype_on_cpu_is_bf16_only_where_measured_faster(monkeypatch, isa, expected):
+    fake_isa(monkeypatch, isa)
+    assert resolve_dtype("auto", CPU) == expected
+    assert resolve_dtype("float32", CPU) == torch.float32  # the exact path stays available everywhere
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+@pytest.mark.parametrize("isa,bf16_onednn", [(AMX, True), (ZEN4, True), (AVX512, False), (AVX2, False)])
+def test_bf16_goes_through_onednn_only_where_the_cpu_has_bf16_dot_products(monkeypatch, isa, bf16_onednn):
+    fake_isa(monkeypatch, isa)
+    assert onednn_usable(CPU, torch.bfloat16) == bf16_onednn
+    assert onednn_usable(CPU, torch.float32)
+
+
+def gpt2_oracles(tiny_gpt2_dir):
+    from transformers import GPT2LMHeadModel
+
+    fp32 = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir, attn_implementation="eager", dtype=torch.float32).eval()
+    bf16 = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir, attn_implementation="eager", dtype=torch.bfloat16).eval()
+    return fp32, bf16
+
+
+def assert_as_close_as_transformers_bf16(ours: torch.Tensor, fp32: torch.Tensor, bf16: torch.Tensor) -> None:
+    assert ours.dtype == torch.float32 and torch.isfinite(ours).all()
+    theirs_error = (bf16.float() - fp32).abs().mean().item()
+    assert (ours - fp32).abs().mean().item() <= MARGIN * theirs_error
+    assert (ours - bf16.float()).abs().mean().item() <= 2 * MARGIN * theirs_error
+
+
+def gpt2_path(monkeypatch, path: str) -> None:
+    """``plain``: torch's own bf16 matmuls (a CPU without bf16 dot products); ``onednn``: the native path."""
+    if path == "plain":
+        fake_isa(monkeypatch, AVX2)
+    elif not cpu_isa().native_bf16:
+        pytest.skip(f"bf16 oneDNN path needs AMX-BF16 or AVX512-BF16; this CPU has {cpu_isa()}")
+
+
+@torch.inference_mode()
+def teacher_forced_logits(model, sequences: list[list[int]], decoded: int) -> list[torch.Tensor]:
+    """Logits at every position of each sequence: one batched prefill of all but the last ``decoded`` tokens,
+    then ``decoded`` batched decode steps of one token per sequence (through the paged decode kernels)."""
+    blocks = [-(-len(seq) // BLOCK) for seq in sequences]
+    cache = PagedKVCache(model.kv_cache_spec(), sum(blocks), BLOCK, dtype=torch.bfloat16)
+    tables = [list(range(sum(blocks[:i]), sum(blocks[: i + 1]))) for i in range(len(sequences))]
+    steps = [[seq[:-decoded] for seq in sequences]] + [[[seq[i]] for seq in sequences] for i in range(-decoded, 0)]
+    starts = [0] * len(sequences)
+    rows: list[list[torch.Tensor]] = [[] for _ in sequences]
+    for tokens in steps:
+        batch = ForwardBatch.build(tokens, starts, tables, BLOCK)
+        for i, part in enumerate(model.compute_logits(model(batch, cache)).split([len(t) for t in tokens])):
+            rows[i].append(part)
+        starts = [start + len(t) for start, t in zip(starts, tokens)]
+    return [torch.cat(r) for r in rows]
+
+
+@pytest.mark.parametrize("path", ["plain", "onednn"])
+def test_gpt2_bf16_prefill_and_batched_decode_stay_as_close_as_transformers_bf16(monkeypatch, tiny_gpt2_dir, path):
+    gpt2_path(monkeypatch, path)
+    model = load_model(tiny_gpt2_dir, dtype="bfloat16", device="cpu").model
+    assert model.wte.weight.dtype == torch.bfloat16
+    assert isinstance(model.h[0].mlp.c_fc, OneDNNLinear) == (path == "onednn")
+    fp32, bf16 = gpt2_oracles(tiny_gpt2_dir)
+    rng = random.Random(0)
+    sequences = [[rng.randrange(50257) for _ in range(n)] for n in (12, 37, 60)]
+    decoded = 8
+    for seq, ours in zip(sequences, teacher_forced_logits(model, sequences, decoded)):
+        with torch.no_grad():
+            ids = torch.tensor([seq])
+            theirs_fp32, theirs_bf16 = fp32(ids).logits[0], bf16(ids).logits[0]
+        for part in (slice(None, -decoded), slice(-decoded, None)):  # prefill rows, then decode rows
+            assert_as_close_as_transformers_bf16(ours[part], theirs_fp32[part], theirs_bf16[part])
+
+
+@native_bf16
+def test_bf16_model_logits_are_fp32_sums_over_bf16_values(tiny_gpt2_dir):
+    model = load_model(tiny_gpt2_dir, dtype="bfloat16", device="cpu").model
+    assert isinstance(model.lm_head, Bf16WeightLinear)
+    hidden = torch.randn(3, model.config.n_embd).to(torch.bfloat16)
+    expected = hidden.double() @ model.wte.weight.double().T
+    torch.testing.assert_close(model.compute_logits(hidden).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("path", ["plain", "onednn"])
+def test_gpt_oss_bf16_with_mxfp4_experts_stays_as_close_as_transformers_bf16(
+        monkeypatch, checkpoint_dir, oracle, path, packed):  # noqa: F811
+    gpt2_path(monkeypatch, path)
+    model = load_model(checkpoint_dir, dtype="bfloat16", device="cpu", keep_experts_packed=packed).model
+    assert model.layers[0].moe.experts.packed == packed
+    bf16 = type(oracle)(oracle.config)
+    bf16.load_state_dict(oracle.state_dict())
+    bf16 = bf16.to(torch.bfloat16).eval()
+    sequences = [random_tokens(n, seed=n) for n in (9, 40)]  # 40: beyond the sliding window
+    decoded = 4
+    for seq, ours in zip(sequences, teacher_forced_logits(model, sequences, decoded)):
+        theirs_fp32, theirs_bf16 = oracle_logits(oracle, seq), oracle_logits(bf16, seq)
+        for part in (slice(None, -decoded), slice(-decoded, None)):  # prefill rows, then decode rows (sinks)
+            assert_as_close_as_transformers_bf16(ours[part], theirs_fp32[part], theirs_bf16[part])
+
+
+def test_bf16_load_keeps_torch_matmuls_where_bf16_is_emulated(monkeypatch, tiny_gpt2_dir):
+    fake_isa(monkeypatch, AVX2)
+    half = load_model(tiny_gpt2_dir, dtype="bfloat16", device="cpu").model
+    assert half.lm_head is None and not isinstance(half.h[0].mlp.c_fc, OneDNNLinear)
+    assert half.compute_logits(torch.zeros(1, half.config.n_embd, dtype=torch.bfloat16)).dtype == torch.float32
+
+
+def test_bf16_weights_flag_keeps_auto_at_float32_where_auto_would_be_bf16(monkeypatch, tiny_gpt2_dir):
+    fake_isa(monkeypatch, AMX)
+    loaded = load_model(tiny_gpt2_dir, device="cpu", cpu_weight_dtype="bfloat16")
+    assert loaded.dtype == torch.float32 and isinstance(loaded.model.lm_head, Bf16WeightLinear)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,13 @@ import torch
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--device", default="cpu", help="device for model tests: cpu (default) or cuda")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def float32_servers() -> None:
+    """Servers the tests start compute in float32 unless a test names a dtype: the suite compares them with
+    transformers in float32, and ``--dtype auto`` picks bfloat16 on a CPU with AMX (models/cpu_isa.py)."""
+    os.environ.setdefault("GPTSERVE_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")

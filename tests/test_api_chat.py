@@ -35,7 +35,7 @@ def client(server) -> openai.OpenAI:
 
 def oracle_reply(directory, chat_format_of, max_tokens: int, reasoning_effort: str | None = None):
     """Greedy tokens from the offline generator, parsed by the same chat format the server uses."""
-    loaded = load_model(directory, device="cpu")
+    loaded = load_model(directory, dtype="float32", device="cpu")
     chat_format = chat_format_of(loaded.tokenizer)
     prompt = chat_format.render(AS_CHAT_MESSAGES, reasoning_effort=reasoning_effort)
     tokens = greedy_generate(loaded.model, [prompt], max_tokens, chat_format.stop_token_ids,

@@ -55,5 +55,5 @@ def switch_arguments(parser: argparse.ArgumentParser, action: argparse.Action, n
     if value.lower() in TRUE_WORDS:
         return [action.option_strings[0]]
     if value.lower() in FALSE_WORDS:
-        return action.option_strings[1:2] if isinstance(action, argparse.BooleanOptionalAction) else []
+        return list(action.option_strings[1:2]) if isinstance(action, argparse.BooleanOptionalAction) else []
     parser.error(f"{name}={value!r}: expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")

@@ -95,3 +95,16 @@ def test_kv_memory_fraction_sizes_the_pool_when_kv_cache_tokens_is_absent(loaded
         assert engine.block_manager.num_blocks == int(64 * 2**20 * fraction) // bytes_per_token // 8
     sized = LLMEngine(loaded, EngineConfig(kv_cache_tokens=256, kv_memory_fraction=0.5, block_size=8))
     assert sized.block_manager.num_blocks == 32  # --kv-cache-tokens wins over the fraction
+
+
+def test_tensor_parallel_ranks_get_the_sections_themselves_and_they_survive_pickling():
+    import pickle
+    from pathlib import Path
+
+    from server.engine.distributed import shard_spec
+
+    config = parse_config(["--tensor-parallel-size", "2", "--tp-step-timeout", "3", "--kv-cache-dtype", "bfloat16"], {})
+    spec = shard_spec(Path("/models/m"), config)
+    assert (spec.load, spec.engine, spec.parallel) == (config.load, config.engine, config.parallel)
+    assert spec.engine is config.engine
+    assert pickle.loads(pickle.dumps(spec)) == spec  # spawned ranks receive it pickled

@@ -129,5 +129,6 @@ def test_the_server_flag_loads_bf16_weights_and_is_refused_with_tensor_paralleli
     [loaded] = load_models(config).values()
     assert isinstance(loaded.model.lm_head, Bf16WeightLinear)
     with pytest.raises(ValueError, match="tensor-parallel"):
-        load_models(ServerConfig(models=(str(tiny_gpt2_dir),), load=ModelLoadConfig(device="cpu", cpu_weight_dtype="bfloat16"),
+        load_models(ServerConfig(models=(str(tiny_gpt2_dir),),
+                                 load=ModelLoadConfig(device="cpu", cpu_weight_dtype="bfloat16"),
                                  parallel=ParallelConfig(tensor_parallel_size=2)))

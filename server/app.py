@@ -26,10 +26,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.loader import LoadedModel
 from server.chat import HarmonyChatFormat, TemplateChatFormat, load_chat_template
-from server.config import ServerConfig
+from server.config import HTTPConfig, ServerConfig
 from server.cors import AllowedOrigins
 from server.engine.async_engine import AsyncEngine
-from server.engine.engine import EngineConfig
 from server.engine.errors import EngineError, QueueFull
 from server.metrics import Metrics
 from server.openapi import install_openapi
@@ -56,15 +55,9 @@ def create_app(config: ServerConfig, loaded_models: dict[str, LoadedModel]) -> F
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine_config = EngineConfig(
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=config.max_model_len, kv_cache_tokens=config.kv_cache_tokens,
-            block_size=config.block_size, max_queue=config.max_queue, enforce_eager=config.enforce_eager,
-            kv_cache_dtype=config.kv_cache_dtype,
-        )
         created = int(time.time())
         for name, loaded in loaded_models.items():
-            engine = AsyncEngine(name, loaded, engine_config, process_metrics.for_model(name))
+            engine = AsyncEngine(name, loaded, config.engine, process_metrics.for_model(name))
             engine.start()
             chat_format = (HarmonyChatFormat(loaded.tokenizer) if loaded.family == "gpt_oss"
                            else TemplateChatFormat(loaded.tokenizer, chat_template))
@@ -85,9 +78,9 @@ def create_app(config: ServerConfig, loaded_models: dict[str, LoadedModel]) -> F
         app.include_router(module.router)
     _add_error_handlers(app)
     install_openapi(app, list(loaded_models))
-    app.add_middleware(Gateway, config=config, metrics=process_metrics)
-    if config.allowed_origins:  # outside the gateway: a browser's preflight carries no API key
-        app.add_middleware(AllowedOrigins, origins=config.allowed_origins)
+    app.add_middleware(Gateway, config=config.http, metrics=process_metrics)
+    if config.http.allowed_origins:  # outside the gateway: a browser's preflight carries no API key
+        app.add_middleware(AllowedOrigins, origins=list(config.http.allowed_origins))
     return app
 
 
@@ -133,7 +126,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 class Gateway:
-    def __init__(self, app: ASGIApp, config: ServerConfig, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, config: HTTPConfig, metrics: Metrics) -> None:
         self.app = app
         self.config = config
         self.metrics = metrics

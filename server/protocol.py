@@ -137,7 +137,8 @@ class ChatCompletionRequest(SamplingFields):
 class PerplexityRequest(Strict):
     model: str
     input: PromptInput
-    stride: int | None = Field(None, ge=1, description="default max_length // 2")
+    stride: int | None = Field(None, ge=1, description="distance between window starts, less than max_length; "
+                               "default max_length // 2")
     max_length: int | None = Field(None, ge=2, description="window length; default the model's context")
     prepend_bos: bool = False
     logprobs: bool = False

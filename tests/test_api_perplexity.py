@@ -98,8 +98,8 @@ def test_prepend_bos_scores_the_first_token_too(server, tokenizer, oracle):
     check(result, expected)
 
 
-@pytest.mark.parametrize(("max_length", "stride"), [(16, 8), (16, 5), (10, 10), (32, None)])
-def test_long_input_uses_strided_windows(server, tokenizer, oracle, max_length, stride):
+@pytest.mark.parametrize(("max_length", "stride"), [(16, 8), (16, 5), (10, 9), (2, 1), (32, None)])
+def test_long_input_uses_strided_windows_that_score_every_token_once(server, tokenizer, oracle, max_length, stride):
     text = " ".join([TEXT] * 8)  # longer than the model's 128-token context
     ids = tokenizer.encode(text)
     assert len(ids) > 128
@@ -107,7 +107,9 @@ def test_long_input_uses_strided_windows(server, tokenizer, oracle, max_length, 
     if stride is not None:
         body["stride"] = stride
     expected = oracle_token_logprobs(oracle, ids, max_length, stride or max_length // 2)
-    check(score(server, **body)["data"][0], expected)
+    result = score(server, **body)["data"][0]
+    check(result, expected)
+    assert result["num_tokens"] == len(ids) - 1
 
 
 def test_default_window_is_the_model_context(server, tokenizer, oracle):
@@ -124,8 +126,10 @@ def test_repeated_request_gives_the_same_answer(server):
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"input": "x"}, "input"), ({"input": TEXT, "max_length": 16, "stride": 17}, "stride"),
+    ({"input": TEXT, "max_length": 16, "stride": 16}, "stride"),
     ({"input": TEXT, "max_length": 4096}, "max_length"), ({"input": TEXT, "max_length": 1}, "max_length")])
 def test_unscorable_requests_are_400(server, body, param):
+    """stride == max_length would leave each later window's first token without context, so unscored."""
     response = httpx.post(server.v1 + "/perplexity", json={"model": "tiny", **body}, timeout=60)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == param

@@ -6,7 +6,6 @@ each other and with everyone else's traffic.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import uuid
 from dataclasses import dataclass
@@ -64,8 +63,9 @@ async def score_perplexity(body: PerplexityRequest, request: Request) -> Perplex
         raise APIError(400, f"max_length {max_length} exceeds the model's context length {engine.max_model_len}",
                        param="max_length")
     stride = body.stride or max(max_length // 2, 1)
-    if stride > max_length:
-        raise APIError(400, f"stride ({stride}) must not exceed max_length ({max_length})", param="stride")
+    if stride >= max_length:  # a window has no context for its first token: only an earlier, overlapping one does
+        raise APIError(400, f"stride ({stride}) must be less than max_length ({max_length}): windows must overlap "
+                       "for every token to be scored", param="stride")
     engine.check_admission(count_prompts(body.input), param="input", what="inputs")
     texts = tokenize_prompts(body.input, engine.tokenizer, param="input")
     if body.prepend_bos:

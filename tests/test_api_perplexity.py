@@ -124,8 +124,23 @@ def test_repeated_request_gives_the_same_answer(server):
     assert score(server, input=TEXT, logprobs=True)["data"][0] == first
 
 
+def test_input_with_nothing_to_score_has_zero_tokens_and_null_perplexity(server, tokenizer, oracle):
+    """An empty input, or one token without prepend_bos, has no x_i with i >= 1: the mean over none is undefined."""
+    one = tokenizer.encode("x")
+    assert len(one) == 1
+    data = score(server, input=["", "x", TEXT], logprobs=True)["data"]
+    empty = {"object": "perplexity", "perplexity": None, "nll": None, "num_tokens": 0}
+    assert data[0] == {**empty, "index": 0, "token_logprobs": []}
+    assert data[1] == {**empty, "index": 1, "token_logprobs": [None]}
+    check(data[2], oracle_token_logprobs(oracle, tokenizer.encode(TEXT), 128, 64))
+    assert score(server, input=one)["data"][0] == {**empty, "index": 0, "token_logprobs": None}
+    assert score(server, input="", prepend_bos=True)["data"][0]["num_tokens"] == 0
+    with_bos = score(server, input="x", prepend_bos=True, logprobs=True)["data"][0]
+    check(with_bos, oracle_token_logprobs(oracle, [EOS, *one], 128, 64)[1:])
+
+
 @pytest.mark.parametrize(("body", "param"), [
-    ({"input": "x"}, "input"), ({"input": TEXT, "max_length": 16, "stride": 17}, "stride"),
+    ({"input": TEXT, "max_length": 16, "stride": 17}, "stride"),
     ({"input": TEXT, "max_length": 16, "stride": 16}, "stride"),
     ({"input": TEXT, "max_length": 4096}, "max_length"), ({"input": TEXT, "max_length": 1}, "max_length")])
 def test_unscorable_requests_are_400(server, body, param):

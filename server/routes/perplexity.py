@@ -73,10 +73,7 @@ async def score_perplexity(body: PerplexityRequest, request: Request) -> Perplex
     num_windows = sum(count_windows(len(ids), max_length, stride) for ids in texts)
     engine.check_admission(num_windows, param="stride", what=f"windows (stride {stride}, max_length {max_length})")
     windows = []
-    for text_index, ids in enumerate(texts):
-        if len(ids) < 2:
-            raise APIError(400, f"input {text_index} has {len(ids)} token(s); scoring needs 2 (or prepend_bos)",
-                           param="input")
+    for text_index, ids in enumerate(texts):  # a text of fewer than 2 tokens has none: nothing to score
         windows += [Window(text_index, *w) for w in plan_windows(len(ids), max_length, stride)]
     jobs = [PromptJob(texts[w.text_index][w.start : w.end], SCORE_ONLY) for w in windows]
     for job in jobs:
@@ -107,7 +104,8 @@ async def score_perplexity(body: PerplexityRequest, request: Request) -> Perplex
 
 
 def _result(index: int, scores: list[float | None], with_logprobs: bool) -> PerplexityResult:
+    """The mean over no scored token is undefined: null, not a number the input does not determine."""
     scored = [s for s in scores if s is not None]
-    nll = -math.fsum(scored) / len(scored)
-    return PerplexityResult(index=index, perplexity=math.exp(nll), nll=nll, num_tokens=len(scored),
-                            token_logprobs=scores if with_logprobs else None)
+    nll = -math.fsum(scored) / len(scored) if scored else None
+    return PerplexityResult(index=index, perplexity=None if nll is None else math.exp(nll), nll=nll,
+                            num_tokens=len(scored), token_logprobs=scores if with_logprobs else None)

@@ -11,7 +11,13 @@ from pydantic import BaseModel
 
 from server.engine.errors import EngineError
 from server.protocol import (
-    APIError, ChatCompletionChunk, CompletionResponse, ErrorObject, ErrorResponse, StreamOptions, Usage,
+    APIError,
+    ChatCompletionChunk,
+    CompletionResponse,
+    ErrorObject,
+    ErrorResponse,
+    StreamOptions,
+    Usage,
 )
 from server.routes.engine_calls import cancel_on_disconnect
 

@@ -42,13 +42,16 @@ def buckets(limit: int) -> list[int]:
 class _Bucket:
     rows: int
     blocks: int
-    inputs: Tensor  # flat int64: token ids [rows], positions [rows], slots [rows], context lens [rows], key blocks [rows * blocks]
+    # flat int64: token ids [rows], positions [rows], slots [rows], context lens [rows], key blocks [rows * blocks]
+    inputs: Tensor
     graph: torch.cuda.CUDAGraph | None = None
     logits: Tensor | None = None  # [rows, vocab] float32, rewritten by every replay
 
 
 class DecodeGraphs:
-    def __init__(self, model: nn.Module, cache: PagedKVCache, max_rows: int, max_blocks: int, scratch_block: int) -> None:
+    def __init__(
+        self, model: nn.Module, cache: PagedKVCache, max_rows: int, max_blocks: int, scratch_block: int
+    ) -> None:
         self.model = model
         self.cache = cache
         self.scratch_block = scratch_block

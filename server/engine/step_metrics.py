@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 class StepMetrics:
-    def __init__(self, sink: "ModelMetrics | None") -> None:
+    def __init__(self, sink: ModelMetrics | None) -> None:
         self.sink = sink
 
     def preempted(self, count: int) -> None:
@@ -60,6 +60,6 @@ class StepMetrics:
             decode=last - first,
         )
 
-    def scheduler_state(self, stats: "EngineStats") -> None:
+    def scheduler_state(self, stats: EngineStats) -> None:
         if self.sink:
             self.sink.scheduler_state(stats.running, stats.waiting, stats.kv_blocks_used, stats.kv_blocks_total)

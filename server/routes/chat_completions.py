@@ -15,9 +15,18 @@ from fastapi import APIRouter, Request
 
 from server.engine.sampling_params import GrammarSpec
 from server.protocol import (
-    APIError, ChatChoice as ChatChoiceBody, ChatChunkChoice, ChatCompletionChunk,
-    ChatCompletionRequest, ChatCompletionResponse, ChatDeltaMessage, ChatLogprobs,
-    ChatResponseMessage, PromptTokensDetails, Usage, sse_responses,
+    APIError,
+    ChatChoice as ChatChoiceBody,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDeltaMessage,
+    ChatLogprobs,
+    ChatResponseMessage,
+    PromptTokensDetails,
+    Usage,
+    sse_responses,
 )
 from server.protocol_tools import NamedToolChoice
 from server.routes.chat_choice import ChatChoice

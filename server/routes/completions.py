@@ -9,11 +9,16 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 
+from server.engine.outputs import ChoiceOutput
 from server.protocol import (
-    APIError, CompletionChoice, CompletionRequest, CompletionResponse, PromptTokensDetails, Usage,
+    APIError,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    PromptTokensDetails,
+    Usage,
     sse_responses,
 )
-from server.engine.outputs import ChoiceOutput
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.models import ServedModel, find_model
 from server.routes.response_format import grammar_spec

@@ -104,7 +104,8 @@ class ResponseRun:
             "previous_response_id": body.previous_response_id,
             "reasoning": {"effort": body.reasoning.effort if body.reasoning else None, "summary": None},
             "store": body.store, "temperature": body.temperature, "top_p": body.top_p,
-            "text": body.text.model_dump(by_alias=True, exclude_none=True) if body.text else {"format": {"type": "text"}},
+            "text": (body.text.model_dump(by_alias=True, exclude_none=True) if body.text
+                     else {"format": {"type": "text"}}),
             "tool_choice": (body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedFunctionChoice)
                             else body.tool_choice or "auto"),
             "tools": [tool.model_dump() for tool in body.tools or []], "usage": usage,

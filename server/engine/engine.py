@@ -24,6 +24,7 @@ from models.loader import LoadedModel
 from server.engine.admission import Admission
 from server.engine.block_manager import BlockManager
 from server.engine.decode_graphs import DecodeGraphs
+from server.engine.engine_stats import EngineStats
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import ChoiceOutput
 from server.engine.sampler import Sampler
@@ -48,15 +49,6 @@ class EngineConfig:
     kv_memory_fraction: float = 0.25  # of free memory, when kv_cache_tokens is not given
     enforce_eager: bool = False  # never replay decode steps from CUDA graphs
     kv_cache_dtype: str = "auto"  # the pool's dtype: auto (the model's) or a name in models.kv_cache.KV_CACHE_DTYPES
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    running: int
-    waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    num_preemptions: int
 
 
 Output = tuple[str, ChoiceOutput]  # (request id, what happened to one of its choices)

@@ -85,9 +85,8 @@ class CompletionRun:
             text, logprobs = choice.take_delta()
             if not text and not (logprobs and logprobs.tokens) and not choice.done:
                 continue
-            fields = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
-            chunk = CompletionResponse(id=self.id, created=self.created, model=self.served.name,
-                                       choices=[CompletionChoice(**fields)])
+            delta = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=choice.finish_reason)
+            chunk = CompletionResponse(id=self.id, created=self.created, model=self.served.name, choices=[delta])
             yield chunk
         if self.body.stream_options is not None and self.body.stream_options.include_usage:
             yield CompletionResponse(id=self.id, created=self.created, model=self.served.name, choices=[],

@@ -7,13 +7,14 @@ decode one token per live sequence, so this exercises exactly the forward the en
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from models.causal_lm import CausalLM
 from models.forward_batch import ForwardBatch
 from models.kv_cache import PagedKVCache
 
 
-def _cache_for(model: nn.Module, lengths: list[int], block_size: int) -> tuple[PagedKVCache, list[list[int]]]:
+def _cache_for(model: CausalLM, lengths: list[int], block_size: int) -> tuple[PagedKVCache, list[list[int]]]:
     blocks_per_seq = [-(-n // block_size) for n in lengths]
     device = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
@@ -26,7 +27,7 @@ def _cache_for(model: nn.Module, lengths: list[int], block_size: int) -> tuple[P
 
 
 @torch.inference_mode()
-def prompt_logits(model: nn.Module, prompts: list[list[int]], block_size: int = 16) -> list[Tensor]:
+def prompt_logits(model: CausalLM, prompts: list[list[int]], block_size: int = 16) -> list[Tensor]:
     """Next-token logits [len(prompt), vocab] at every position of each prompt, from one batched prefill."""
     cache, tables = _cache_for(model, [len(p) for p in prompts], block_size)
     device = next(model.parameters()).device
@@ -37,7 +38,7 @@ def prompt_logits(model: nn.Module, prompts: list[list[int]], block_size: int = 
 
 @torch.inference_mode()
 def greedy_generate(
-    model: nn.Module,
+    model: CausalLM,
     prompts: list[list[int]],
     max_new_tokens: int,
     stop_token_ids: frozenset[int] = frozenset(),

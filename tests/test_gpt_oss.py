@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GptOssConfig as HFGptOssConfig
-from transformers import GptOssForCausalLM
+from transformers import GptOssConfig as HFGptOssConfig, GptOssForCausalLM
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -138,7 +137,8 @@ def test_hf_and_original_layouts_give_identical_logits(model, checkpoint_dir):
 
 
 def test_packed_experts_give_the_float_experts_logits(model, checkpoint_dir):
-    packed = on_same_path(load_gpt_oss(checkpoint_dir, torch.float32, torch.device("cpu"), keep_experts_packed=True), model)
+    loaded = load_gpt_oss(checkpoint_dir, torch.float32, torch.device("cpu"), keep_experts_packed=True)
+    packed = on_same_path(loaded, model)
     experts = packed.layers[0].moe.experts
     assert experts.packed and experts.gate_up_blocks.dtype == torch.uint8
     ids = random_tokens(20, seed=8)
@@ -151,7 +151,8 @@ def test_float_experts_checkpoint_gives_identical_logits(model, tmp_path):
     float_dir = write_tiny_gpt_oss(tmp_path / "float", float_experts=True, sliding_window=SLIDING_WINDOW)
     index = json.loads((float_dir / "model.safetensors.index.json").read_text())
     assert not any(name.endswith("_blocks") for name in index["weight_map"])
-    unpacked = on_same_path(load_gpt_oss(float_dir, torch.float32, torch.device("cpu"), keep_experts_packed=True), model)
+    loaded = load_gpt_oss(float_dir, torch.float32, torch.device("cpu"), keep_experts_packed=True)
+    unpacked = on_same_path(loaded, model)
     assert not unpacked.layers[0].moe.experts.packed  # nothing to keep packed
     ids = random_tokens(20, seed=12)
     assert torch.equal(full_forward(unpacked, ids), full_forward(model, ids))

@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from models.causal_lm import CausalLM
 from models.forward_batch import AttentionGroup, ForwardBatch
 from models.kv_cache import PagedKVCache
 from server.engine.scheduler import ScheduledChunk
@@ -42,13 +43,16 @@ def buckets(limit: int) -> list[int]:
 class _Bucket:
     rows: int
     blocks: int
-    inputs: Tensor  # flat int64: token ids [rows], positions [rows], slots [rows], context lens [rows], key blocks [rows * blocks]
+    # flat int64: token ids [rows], positions [rows], slots [rows], context lens [rows], key blocks [rows * blocks]
+    inputs: Tensor
     graph: torch.cuda.CUDAGraph | None = None
     logits: Tensor | None = None  # [rows, vocab] float32, rewritten by every replay
 
 
 class DecodeGraphs:
-    def __init__(self, model: nn.Module, cache: PagedKVCache, max_rows: int, max_blocks: int, scratch_block: int) -> None:
+    def __init__(
+        self, model: CausalLM, cache: PagedKVCache, max_rows: int, max_blocks: int, scratch_block: int
+    ) -> None:
         self.model = model
         self.cache = cache
         self.scratch_block = scratch_block
@@ -88,11 +92,11 @@ class DecodeGraphs:
         bucket = self._buckets[rows, blocks]
         bucket.inputs.copy_(self._inputs(chunks, rows, blocks))
         self.steps += 1
-        if bucket.graph is None:
-            logits = self._forward(bucket)
-        else:
+        if bucket.graph is not None and bucket.logits is not None:  # captured: both are set together
             bucket.graph.replay()
             logits = bucket.logits
+        else:
+            logits = self._forward(bucket)
         return logits[: len(chunks)]
 
     def _inputs(self, chunks: list[ScheduledChunk], rows: int, blocks: int) -> Tensor:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +24,7 @@ from server.config import EngineConfig
 from server.engine.admission import Admission
 from server.engine.block_manager import BlockManager
 from server.engine.decode_graphs import DecodeGraphs
+from server.engine.engine_stats import EngineStats
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import ChoiceOutput
 from server.engine.sampler import Sampler
@@ -35,16 +35,6 @@ from server.engine.step_metrics import StepMetrics
 from server.engine.structured_output import GrammarCompiler
 
 log = logging.getLogger("gptserve.engine")
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    running: int
-    waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    num_preemptions: int
-
 
 Output = tuple[str, ChoiceOutput]  # (request id, what happened to one of its choices)
 

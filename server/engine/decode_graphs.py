@@ -21,10 +21,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from models.forward_batch import AttentionGroup, ForwardBatch
 from models.kv_cache import PagedKVCache
+from models.servable import ServableModel
 from server.engine.scheduler import ScheduledChunk
 
 log = logging.getLogger("gptserve.engine")
@@ -48,7 +49,7 @@ class _Bucket:
 
 
 class DecodeGraphs:
-    def __init__(self, model: nn.Module, cache: PagedKVCache, max_rows: int, max_blocks: int, scratch_block: int) -> None:
+    def __init__(self, model: ServableModel, cache: PagedKVCache, max_rows: int, max_blocks: int, scratch_block: int) -> None:
         self.model = model
         self.cache = cache
         self.scratch_block = scratch_block

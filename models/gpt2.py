@@ -24,9 +24,9 @@ from models.onednn_linear import OneDNNLinear
 from models.parallel import SINGLE, TensorParallel, row_parallel_linear
 from models.servable import Capabilities, ServableModel
 
-# Tensor-parallel splits, by parameter name within a block: (dimension of the checkpoint's [in, out] tensor
-# split over ranks, fused parts in it). c_attn and c_fc are column-parallel (q, k, v each split by heads); the
-# c_proj weights are row-parallel. The weights of these (Conv1D) layers are stored transposed.
+# Tensor-parallel splits, by parameter name within a block: (dimension of the checkpoint's tensor split over
+# ranks, fused parts in it). c_attn and c_fc are column-parallel (q, k, v each split by heads); the c_proj
+# weights are row-parallel.
 BLOCK_SPLITS = {
     "attn.c_attn.weight": (1, 3),
     "attn.c_attn.bias": (0, 3),
@@ -36,6 +36,7 @@ BLOCK_SPLITS = {
     "mlp.c_proj.weight": (0, 1),
 }
 
+# Stored [in, out] (Conv1D): read as stored, then viewed transposed as the nn.Linear's [out, in] weight.
 CONV1D_WEIGHTS = {"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"}
 
 

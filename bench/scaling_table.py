@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from bench import capacity_plan
-from models.gpt_oss import GptOss, GptOssConfig, RowParallelLinear
+from models.gpt_oss import GptOss, GptOssConfig
 from models.moe import MoE
-from models.parallel import TensorParallel
+from models.parallel import RowParallelLinear, TensorParallel
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "scaling.md"
 GIB = 2**30

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from models.causal_lm import CausalLM
 from models.forward_batch import AttentionGroup, ForwardBatch
 from models.kv_cache import PagedKVCache
+from models.servable import ServableModel
 from server.engine.scheduler import ScheduledChunk
 
 log = logging.getLogger("gptserve.engine")
@@ -51,7 +51,7 @@ class _Bucket:
 
 class DecodeGraphs:
     def __init__(
-        self, model: CausalLM, cache: PagedKVCache, max_rows: int, max_blocks: int, scratch_block: int
+        self, model: ServableModel, cache: PagedKVCache, max_rows: int, max_blocks: int, scratch_block: int
     ) -> None:
         self.model = model
         self.cache = cache

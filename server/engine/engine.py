@@ -87,7 +87,7 @@ class LLMEngine:
         return blocks
 
     def _decode_graphs(self, scratch_block: int) -> DecodeGraphs | None:
-        if self.config.enforce_eager or self.loaded.device.type != "cuda" or not self.loaded.model.captures_cuda_graphs:
+        if self.config.enforce_eager or self.loaded.device.type != "cuda" or not self.loaded.model.capabilities.captures_cuda_graphs:
             return None
         max_blocks = -(-self.max_model_len // self.config.block_size)
         return DecodeGraphs(self.loaded.model, self.cache, self.config.max_num_seqs, max_blocks, scratch_block)
@@ -218,7 +218,7 @@ class LLMEngine:
         slot and nobody already waiting for blocks), is worth giving up for one."""
         scheduler = self.scheduler
         return (
-            self.loaded.model.interruptible
+            self.loaded.model.capabilities.interruptible
             and not scheduler.waiting
             and len(scheduler.running) < scheduler.max_num_seqs
             and all(chunk.num_tokens == 1 for chunk in chunks)

@@ -16,10 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from models.forward_batch import ForwardBatch, Interrupt, check_interrupt
 from models.kv_cache import PagedKVCache
+from models.servable import ServableModel
 from server.engine import fault_injection
 from server.engine.decode_graphs import DecodeGraphs
 from server.engine.outputs import TokenLogprob
@@ -38,7 +39,7 @@ class StepLogits:
 class ModelRunner:
     def __init__(
         self,
-        model: nn.Module,
+        model: ServableModel,
         cache: PagedKVCache,
         device: torch.device,
         vocab_size: int,

@@ -55,7 +55,7 @@ class ModelRunner:
     def run(self, chunks: list[ScheduledChunk], interrupt: Interrupt | None = None) -> StepLogits:
         fault_injection.check_step(chunks)  # test-only hook; a no-op unless its env var is set
         if self.decode_graphs is not None and self.decode_graphs.serves(chunks):
-            return self._run_graph(chunks)
+            return self._run_graph(self.decode_graphs, chunks)
         batch = ForwardBatch.build(
             [c.seq.token_ids[c.seq.num_computed_tokens : c.seq.num_computed_tokens + c.num_tokens] for c in chunks],
             [c.seq.num_computed_tokens for c in chunks],
@@ -76,12 +76,13 @@ class ModelRunner:
         offset = 0
         for chunk in chunks:
             if chunk.seq.wants_prompt_logprobs:
-                step.prompt_logprobs[id(chunk.seq)] = self._prompt_logprobs(chunk, hidden[offset : offset + chunk.num_tokens])
+                rows_of_chunk = hidden[offset : offset + chunk.num_tokens]
+                step.prompt_logprobs[id(chunk.seq)] = self._prompt_logprobs(chunk, rows_of_chunk)
             offset += chunk.num_tokens
         return step
 
-    def _run_graph(self, chunks: list[ScheduledChunk]) -> StepLogits:
-        logits = self.decode_graphs.run(chunks)
+    def _run_graph(self, graphs: DecodeGraphs, chunks: list[ScheduledChunk]) -> StepLogits:
+        logits = graphs.run(chunks)
         rows = [i for i, c in enumerate(chunks) if c.catches_up]
         # indexing copies the rows out of the graph's output buffer, which the next replay overwrites
         picked = logits[torch.tensor(rows, dtype=torch.long, device=self.device), : self.vocab_size]

@@ -19,11 +19,12 @@ table per group, all of one length. The first group attends in full (GPT-2's onl
 -1), so a decoding sequence holds at most ceil(window / block_size) + 1 of them; a prefill chunk of n tokens
 holds up to ceil((window - 1 + n) / block_size) + 1, since its first query still sees the window before it.
 
-Prefix caching covers every group. A sliding block is published with the full group's block at its index as
-its parent: whoever holds the one holds the other, and releases the sliding block first, so the parent rule
-above holds across groups. A hit of k blocks counts only while each sliding group still has, cached, the
-blocks the first token left to compute can see; otherwise it is cut to the longest k for which they do.
-Released sliding blocks stay findable, as any free block does, until handed out again.
+Prefix caching covers every group (with it off for the sliding groups, no GPT-OSS hit could be used: the first
+token left to compute needs its window's sliding KV). A sliding block is published with the full group's block
+at its index as its parent: whoever holds the sliding block holds that one too, and releases the sliding block
+first, so the parent rule above holds across groups. A hit of k blocks counts only while each sliding group
+still has, cached, the blocks the first token left to compute can see; otherwise it is cut to the longest k
+for which they do. Released sliding blocks stay findable, as any free block does, until handed out again.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ class GPT2Attention(nn.Module):
 
     def forward(self, x: Tensor, batch: ForwardBatch, cache: tuple[Tensor, Tensor]) -> Tensor:
         q, k, v = self.c_attn(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
-        out = paged_attention(q, k, v, cache, batch)
+        out = paged_attention(q, k, v, cache, batch.view(0))  # one KV group: every layer attends in full
         return self.c_proj(out.reshape(x.shape[0], -1))
 
 

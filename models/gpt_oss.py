@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from models.attention import paged_attention
 from models.checkpoint import Checkpoint, read_json
-from models.forward_batch import ForwardBatch, Interrupt, check_interrupt
+from models.forward_batch import ForwardBatch, Interrupt, KVView, check_interrupt
 from models.gpt_oss_config import GptOssConfig, is_original_gpt_oss_config
 from models.gpt_oss_weights import read_state, stores_mxfp4
 from models.kv_cache import KVCacheSpec, PagedKVCache
@@ -53,12 +53,10 @@ class GptOssAttention(nn.Module):
         self.out = row_parallel_linear(num_heads * config.head_dim, config.hidden_size, tp)
         self.sinks = nn.Parameter(torch.empty(num_heads))
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch, cache: tuple[Tensor, Tensor]
-    ) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVView, cache: tuple[Tensor, Tensor]) -> Tensor:
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in self.qkv(x).split(self.split, dim=-1))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = paged_attention(q, k, v, cache, batch, window=self.window, sinks=self.sinks)
+        out = paged_attention(q, k, v, cache, kv, window=self.window, sinks=self.sinks)
         return self.out(out.flatten(-2))
 
 
@@ -80,10 +78,8 @@ class GptOssBlock(nn.Module):
             tp,
         )
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch, cache: tuple[Tensor, Tensor]
-    ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, batch, cache)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVView, cache: tuple[Tensor, Tensor]) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv, cache)
         return x + self.moe(self.mlp_norm(x))
 
 
@@ -139,15 +135,21 @@ class GptOss(nn.Module, ServableModel):
             moe.static_shapes = True
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        return KVCacheSpec(self.config.num_layers, self.config.num_kv_heads // self.tp.world_size, self.config.head_dim)
+        """With the sliding layers' windows, so a grouped pool can free their blocks behind the window; not when
+        split over ranks: a tensor-parallel step sends its ranks one block table per sequence (step_channel)."""
+        c = self.config
+        windows = tuple(c.sliding_window if s else None for s in c.sliding_layers) if self.tp.world_size == 1 else ()
+        return KVCacheSpec(c.num_layers, c.num_kv_heads // self.tp.world_size, c.head_dim, windows)
 
     def forward(self, batch: ForwardBatch, cache: PagedKVCache, interrupt: Interrupt | None = None) -> Tensor:
         """Final hidden states of every token; raises ForwardInterrupted if ``interrupt`` fires between layers."""
+        if len(batch.views) != cache.num_groups:
+            raise ValueError(f"the batch has block tables for {len(batch.views)} KV groups, the pool {cache.num_groups}")
         x = self.embedding(batch.input_ids)
         cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
         for index, layer in enumerate(self.layers):
             check_interrupt(interrupt)
-            x = layer(x, cos, sin, batch, cache.layer(index))
+            x = layer(x, cos, sin, batch.view(cache.group_of(index)), cache.layer(index))
         return self.norm(x)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:

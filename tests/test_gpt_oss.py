@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import GptOssConfig as HFGptOssConfig, GptOssForCausalLM
-from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from models.checkpoint import CheckpointError
@@ -18,6 +17,7 @@ from models.kv_cache import PagedKVCache
 from models.moe import Experts
 from models.rotary import YarnRotary
 from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
+from tests.gpt_oss_oracle import transformers_gpt_oss
 from tests.linear_paths import PATHS, on_path, on_same_path
 
 SLIDING_WINDOW = 8
@@ -39,22 +39,7 @@ def model(request: pytest.FixtureRequest, checkpoint_dir) -> GptOss:
 
 @pytest.fixture(scope="module")
 def oracle(checkpoint_dir) -> GptOssForCausalLM:
-    """transformers' model on the same weights; experts dequantized by transformers' own MXFP4 code."""
-    config = json.loads((checkpoint_dir / "config.json").read_text())
-    del config["quantization_config"]
-    hf_config = HFGptOssConfig(**config)
-    hf_config._attn_implementation = "eager"
-    state = {}
-    for shard in checkpoint_dir.glob("*.safetensors"):
-        state |= load_file(shard)
-    for blocks_name in [name for name in state if name.endswith("_blocks")]:
-        base = blocks_name.removesuffix("_blocks")
-        blocks, scales = state.pop(blocks_name), state.pop(base + "_scales")
-        state[base] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
-    oracle = GptOssForCausalLM(hf_config)
-    oracle.load_state_dict({name: t.float() for name, t in state.items()}, strict=True)
-    oracle.generation_config.eos_token_id = None
-    return oracle.eval()
+    return transformers_gpt_oss(checkpoint_dir)
 
 
 def random_tokens(n: int, seed: int) -> list[int]:

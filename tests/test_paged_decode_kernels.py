@@ -42,7 +42,7 @@ def attend(
     q = torch.randn(batch.num_tokens, heads, head_dim)
     k, v = torch.randn(batch.num_tokens, kv_heads, head_dim), torch.randn(batch.num_tokens, kv_heads, head_dim)
     monkeypatch.setattr(attention, "decode_kernels_apply", lambda _q: use_kernels)
-    return attention.paged_attention(q, k, v, cache, batch, window=window, sinks=sinks)
+    return attention.paged_attention(q, k, v, cache, batch.view(0), window=window, sinks=sinks)
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(12, 12, 64), (8, 2, 64), (4, 1, 12)])

@@ -59,9 +59,10 @@ class ModelRunner:
         batch = ForwardBatch.build(
             [c.seq.token_ids[c.seq.num_computed_tokens : c.seq.num_computed_tokens + c.num_tokens] for c in chunks],
             [c.seq.num_computed_tokens for c in chunks],
-            [c.seq.block_table for c in chunks],
+            [c.seq.block_tables[0] for c in chunks],
             self.cache.block_size,
             self.device,
+            [[c.seq.block_tables[g] for c in chunks] for g in range(1, self.cache.num_groups)],
         )
         hidden = self.model(batch, self.cache, interrupt)
         check_interrupt(interrupt)

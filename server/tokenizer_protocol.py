@@ -7,29 +7,49 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Discriminator, Field, Tag
 
 from server.protocol import GATEWAY_RESPONSES, ChatMessageParam, ErrorResponse, Strict
+from server.protocol_tools import ChatTool, NamedToolChoice
 
-CHAT_ONLY_FIELDS = ("tools", "tool_choice", "reasoning_effort", "add_generation_prompt", "continue_final_message")
 
-
-class TokenizeRequest(Strict):
-    """Either a ``prompt``, encoded as /v1/completions encodes it, or ``messages`` (with ``tools`` and
-    ``reasoning_effort``), rendered as /v1/chat/completions renders them: ``count`` is that request's
-    ``usage.prompt_tokens``."""
+class TokenizeCompletionRequest(Strict):
+    """A ``prompt``, encoded as /v1/completions encodes it."""
 
     model: str
-    prompt: str | None = None
-    messages: Annotated[list[ChatMessageParam], Field(min_length=1)] | None = None
-    tools: list[dict[str, Any]] | None = Field(None, description="as chat completions takes them")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="as chat completions takes it (none: no tools)")
+    prompt: str
+    add_special_tokens: bool = Field(True, description="accepted; these tokenizers add no special tokens")
+    return_token_strs: bool = Field(False, description="also return each token as its byte-level string")
+
+
+class TokenizeChatRequest(Strict):
+    """``messages`` (with ``tools`` and ``reasoning_effort``), rendered as /v1/chat/completions renders them:
+    ``count`` is that request's ``usage.prompt_tokens``."""
+
+    model: str
+    messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
+    tools: Annotated[list[ChatTool], Field(max_length=128)] | None = Field(None, description="as chat completions")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="as chat completions takes it (none: no tools)")
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     add_generation_prompt: Literal[True] = Field(True, description="chat prompts always end where the "
                                                  "assistant's reply starts, as the chat endpoint renders them")
     continue_final_message: Literal[False] = False
     add_special_tokens: bool = Field(True, description="accepted; these tokenizers add no special tokens")
     return_token_strs: bool = Field(False, description="also return each token as its byte-level string")
+
+
+def _form(body: Any) -> str:
+    """A body with ``messages`` is a chat; any other is a prompt, so a missing prompt is named as such."""
+    return "chat-form" if isinstance(body, dict) and "messages" in body else "completion-form"
+
+
+# Two shapes, as vLLM has them, so the schema says what a valid body is: a prompt or messages, never both,
+# and chat-only fields only with messages.
+TokenizeRequest = Annotated[
+    Annotated[TokenizeCompletionRequest, Tag("completion-form")] | Annotated[TokenizeChatRequest, Tag("chat-form")],
+    Discriminator(_form),
+]
 
 
 class TokenizeResponse(BaseModel):

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from server.protocol import ErrorObject
 
 _TYPE_WORDS = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "dict": "object"}
-_BRANCH_TAG = re.compile(r"[\[\]]|^(constrained-)?(str|int|float|bool|dict)$|^function-")
+_BRANCH_TAG = re.compile(r"[\[\]]|^(constrained-)?(str|int|float|bool|dict)$|^function-|-form$")
 
 
 def validation_error_object(e: RequestValidationError) -> ErrorObject:
@@ -24,7 +24,7 @@ def validation_error_object(e: RequestValidationError) -> ErrorObject:
     first = errors[0]
     if first["type"] == "json_invalid":
         return ErrorObject(message=f"the body is not valid JSON: {first.get('msg')}", type="invalid_request_error")
-    location = [part for part in first["loc"] if part != "body"]
+    location = _client_parts(first["loc"])  # a body-level union's branch tag comes first: skip it too
     param = str(location[0]) if location else None
     same_field = [error for error in errors if _field(error) == _field(first)]
     best = max(same_field, key=_specificity)
@@ -41,7 +41,7 @@ def validation_error_object(e: RequestValidationError) -> ErrorObject:
 
 
 def _field(error: dict) -> object:
-    location = [part for part in error["loc"] if part != "body"]
+    location = _client_parts(error["loc"])
     return location[0] if location else None
 
 

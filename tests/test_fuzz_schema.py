@@ -33,7 +33,10 @@ include-path-regex = "^/v1/responses/"
 warnings = false
 """
 # And, summed over the phases, most of their valid requests served.
-MOSTLY_SERVED = ("POST /v1/completions", "POST /v1/chat/completions", "POST /v1/perplexity")
+# /tokenize is not held to it yet: its coverage phase sends tool messages without tool_call_id, which only a
+# message schema split by role could rule out (its fuzzing phase is mostly served since its body is a union).
+MOSTLY_SERVED = ("POST /v1/completions", "POST /v1/chat/completions", "POST /v1/perplexity", "POST /v1/responses",
+                 "POST /detokenize")
 
 
 @pytest.fixture(scope="module")

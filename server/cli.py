@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             from server.engine.distributed import run_torchrun_rank
 
             return run_torchrun_rank(model_sources(config)[0].directory, config)
-        loaded = load_models(config)
+        from server.engine.core_startup import start_cores
+
+        cores = start_cores(config, checked_sources(config))  # each model's weights load in its own core process
     except (OSError, ValueError) as e:  # CheckpointError, ModelSourceError, TokenizerError, missing files
         log.error("cannot load model: %s", e)
         print(f"gptserve: error: {e}", file=sys.stderr)
@@ -177,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     from server.app import abort_in_flight, create_app
     from server.http_server import serve
 
-    app = create_app(config, loaded)
+    app = create_app(config, cores)
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, _drained)
     serve(app, config, cut=lambda: abort_in_flight(app))
-    return 0
+    return app.state.exit_status  # 1 when an engine core died
 
 
 def _drained(signum: int, frame: object) -> None:
@@ -190,13 +192,14 @@ def _drained(signum: int, frame: object) -> None:
 
 
 def load_models(config: ServerConfig) -> dict[str, LoadedModel]:
-    """Resolve every spec first (cheap, fails fast), then load the weights one model at a time."""
-    import torch
+    """Every model loaded in this process, one at a time (the server loads each in its engine core instead)."""
+    from server.engine.core_process import load_served_model
 
-    from models.loader import load_model
+    return {source.name: load_served_model(source.directory, config) for source in checked_sources(config)}
 
-    if config.seed is not None:
-        torch.manual_seed(config.seed)
+
+def checked_sources(config: ServerConfig) -> list[ModelSource]:
+    """Resolve every spec first (cheap, fails fast) and refuse combinations no model could be served with."""
     sources = model_sources(config)
     if config.tensor_parallel_size > 1 and len(sources) > 1:
         raise ValueError("--tensor-parallel-size > 1 serves a single --model")
@@ -206,18 +209,7 @@ def load_models(config: ServerConfig) -> dict[str, LoadedModel]:
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"--model: served names must be unique, {duplicates} given twice (use NAME=PATH)")
-    loaded = {}
-    for source in sources:
-        log.info("loading model", extra={"model": source.name, "directory": str(source.directory)})
-        if config.tensor_parallel_size > 1:
-            from server.engine.distributed import launch
-
-            loaded[source.name] = launch(source.directory, config)
-        else:
-            loaded[source.name] = load_model(source.directory, dtype=config.dtype, device=config.device,
-                                             keep_experts_packed=config.keep_experts_packed,
-                                             cpu_weight_dtype=config.cpu_weight_dtype)
-    return loaded
+    return sources
 
 
 def model_sources(config: ServerConfig) -> list[ModelSource]:

@@ -1,7 +1,7 @@
 """The synchronous engine core: one ``step()`` schedules, runs the model, samples and reports.
 
 It owns the KV pool, the block manager, the scheduler, the model runner and the sampler for one model, and
-is driven by one thread (see async_engine). Outputs are reported per choice; a choice that ends is freed
+is driven by one thread (the engine-core process's loop, core_process; or async_engine in-process). Outputs are reported per choice; a choice that ends is freed
 at once, so its blocks are available to the very next step.
 
 A step of decodes alone can be given up between layers for a newcomer (``step(interrupt=...)``): in a closed
@@ -25,7 +25,7 @@ from server.engine.admission import Admission
 from server.engine.block_manager import BlockManager
 from server.engine.decode_graphs import DecodeGraphs
 from server.engine.model_runner import ModelRunner
-from server.engine.outputs import ChoiceOutput
+from server.engine.outputs import ChoiceOutput, EngineStats
 from server.engine.sampler import Sampler
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledChunk, Scheduler
@@ -48,15 +48,6 @@ class EngineConfig:
     kv_memory_fraction: float = 0.25  # of free memory, when kv_cache_tokens is not given
     enforce_eager: bool = False  # never replay decode steps from CUDA graphs
     kv_cache_dtype: str = "auto"  # the pool's dtype: auto (the model's) or a name in models.kv_cache.KV_CACHE_DTYPES
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    running: int
-    waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    num_preemptions: int
 
 
 Output = tuple[str, ChoiceOutput]  # (request id, what happened to one of its choices)

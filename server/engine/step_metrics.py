@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from server.engine.outputs import EngineStats
 from server.engine.sequence import Sequence
 
 if TYPE_CHECKING:
-    from server.engine.engine import EngineStats
     from server.metrics import ModelMetrics
 
 
 class StepMetrics:
-    def __init__(self, sink: "ModelMetrics | None") -> None:
+    def __init__(self, sink: ModelMetrics | None) -> None:
         self.sink = sink
 
     def preempted(self, count: int) -> None:
@@ -60,6 +60,6 @@ class StepMetrics:
             decode=last - first,
         )
 
-    def scheduler_state(self, stats: "EngineStats") -> None:
+    def scheduler_state(self, stats: EngineStats) -> None:
         if self.sink:
             self.sink.scheduler_state(stats.running, stats.waiting, stats.kv_blocks_used, stats.kv_blocks_total)

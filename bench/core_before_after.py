@@ -8,6 +8,9 @@ runs). Prints one line per run and the mean per level.
 
     git worktree add /work/wt/core-before c4d3b9c
     python -m bench.core_before_after --before /work/wt/core-before --concurrency 1 64 --rounds 2
+
+``--startups N`` instead times N server starts of each checkout, alternated (what every test server costs):
+spawn to the first /health 200, then SIGTERM.
 """
 
 from __future__ import annotations
@@ -29,6 +32,18 @@ def start(root: Path, checkpoint: Path, log: Path) -> tuple[BenchServer, float]:
     return server, time.monotonic() - started
 
 
+def time_startups(before: Path, checkpoint: Path, count: int) -> None:
+    seconds: dict[str, list[float]] = {"before": [], "after": []}
+    for _ in range(count):
+        for name, root in (("before", before), ("after", PROJECT_ROOT)):
+            server, took = start(root, checkpoint, Path(f"core_before_after.{name}.log"))
+            server.__exit__(None, None, None)
+            seconds[name].append(took)
+            print(f"{name}: start-up {took:.2f} s", flush=True)
+    for name, values in seconds.items():
+        print(f"{name}: median start-up {sorted(values)[len(values) // 2]:.2f} s over {[round(v, 2) for v in values]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", type=Path, required=True, help="root of the checkout to compare against")
@@ -36,10 +51,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--startups", type=int, default=0, help="only time this many starts of each server")
     args = parser.parse_args()
     checkpoint = args.checkpoint.resolve()
     if not (checkpoint / "config.json").is_file():
         write_gpt2_checkpoint(checkpoint)
+    if args.startups:
+        time_startups(args.before.resolve(), checkpoint, args.startups)
+        return
     servers: dict[str, BenchServer] = {}
     try:
         for name, root in (("before", args.before.resolve()), ("after", PROJECT_ROOT)):

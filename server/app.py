@@ -72,10 +72,10 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
             engine = EngineCoreClient(core, config.max_queue, process_metrics.for_model(name),
                                       on_death=lambda: _core_died(app))
             engine.start()
-            chat_format = (HarmonyChatFormat(core.tokenizer) if core.family == "gpt_oss"
-                           else TemplateChatFormat(core.tokenizer, chat_template))
+            chat_format = (HarmonyChatFormat(engine.tokenizer) if engine.family == "gpt_oss"
+                           else TemplateChatFormat(engine.tokenizer, chat_template))
             app.state.models[name] = ServedModel(name, engine, chat_format, created)
-            log.info("serving model", extra={"model": name, "family": core.family,
+            log.info("serving model", extra={"model": name, "family": engine.family,
                                               "max_model_len": engine.max_model_len})
         yield
         for served in app.state.models.values():

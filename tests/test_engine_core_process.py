@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from bench.server_process import PROJECT_ROOT
 from tests.server_process import ServerProcess, exits_within
 
 BODY = {"model": "tiny", "prompt": "Hello", "max_tokens": 100, "ignore_eos": True}
@@ -64,3 +67,14 @@ def test_sigint_to_the_process_group_lets_the_front_end_drain_the_core_then_exit
         assert response.json()["usage"]["completion_tokens"] == BODY["max_tokens"]
         assert server._process.wait(timeout=30) == 0
         assert exits_within(core, seconds=5)
+
+
+def test_checkpoint_the_core_cannot_load_makes_gptserve_exit_2_with_the_reason(tiny_gpt2_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "vocab.json", "merges.txt"):  # everything but the weights
+        (broken / name).write_bytes((tiny_gpt2_dir / name).read_bytes())
+    result = subprocess.run([sys.executable, "-m", "server", "--device", "cpu", "--model", f"broken={broken}"],
+                            check=False, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "gptserve: error: " in result.stderr and "model.safetensors" in result.stderr

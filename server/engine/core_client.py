@@ -22,6 +22,7 @@ from multiprocessing.connection import wait
 import zmq
 import zmq.asyncio
 
+from models.tokenizer import Tokenizer
 from server.engine import core_messages as wire
 from server.engine.core_startup import StartedCore
 from server.engine.errors import (
@@ -42,10 +43,10 @@ STOP_WAIT_S = 30.0  # how long a core told to shut down gets (its tensor-paralle
 class EngineCoreClient:
     def __init__(self, core: StartedCore, max_queue: int, metrics=None,
                  on_death: Callable[[], None] | None = None) -> None:
-        assert core.ready is not None
+        assert core.ready is not None and core.tokenizer is not None
         self.core = core
         self.name = core.name
-        self.tokenizer = core.tokenizer
+        self.tokenizer: Tokenizer = core.tokenizer
         self.family = core.family
         self.admission = core.ready.admission
         self.max_model_len = self.admission.max_model_len

@@ -54,6 +54,8 @@ class Ready(msgspec.Struct, tag=True, array_like=True):
 
     admission: Admission
     stats: EngineStats
+    family: str  # "gpt2" | "gpt_oss": which chat format the front end speaks
+    tokenizer_dir: str  # where the front end loads the same tokenizer from
 
 
 class LoadFailed(msgspec.Struct, tag=True, array_like=True):

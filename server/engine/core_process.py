@@ -23,6 +23,7 @@ from pathlib import Path
 
 import zmq
 
+from models.loader import LoadedModel, load_model, tokenizer_directory
 from server.config import ServerConfig
 from server.engine import core_messages as wire
 from server.engine.engine import EngineConfig, LLMEngine, Output
@@ -45,14 +46,12 @@ def engine_config(config: ServerConfig) -> EngineConfig:
     )
 
 
-def load_served_model(directory: Path, config: ServerConfig):  # -> models.loader.LoadedModel
+def load_served_model(directory: Path, config: ServerConfig) -> LoadedModel:
     """One model's weights, here or (tensor parallel) sharded over ranks this process starts or joins."""
     if config.tensor_parallel_size > 1:
         from server.engine.distributed import launch
 
         return launch(directory, config)
-    from models.loader import load_model
-
     return load_model(directory, dtype=config.dtype, device=config.device,
                       keep_experts_packed=config.keep_experts_packed, cpu_weight_dtype=config.cpu_weight_dtype)
 
@@ -84,7 +83,9 @@ class EngineCore:
     def run(self) -> None:
         model = self.engine.loaded.model
         _if_model_has(model, "attach", self.engine.cache, self.fail)  # tensor parallel: the ranks allocate KV too
-        self.channel.send(wire.Ready(self.engine.admission, self._sent_stats))
+        loaded = self.engine.loaded
+        self.channel.send(wire.Ready(self.engine.admission, self._sent_stats, loaded.family,
+                                     str(tokenizer_directory(loaded.directory))))
         try:
             while not self.stopping:
                 outputs = self._apply_commands()

@@ -1,5 +1,5 @@
-"""Starting the engine cores: one spawned process per served model, each loading its own weights, while the
-front end loads only what it needs itself (the tokenizer and the model's family from config.json).
+"""Starting the engine cores: one spawned process per served model, each loading its own weights. The front
+end loads only the tokenizer, from where the core's Ready says, and never imports torch.
 
 ``start_cores`` returns once every core has reported Ready; a core that cannot load its checkpoint makes it raise
 ``CoreLoadError`` (a ValueError, so the CLI exits 2 with the core's message, as when the front end loaded it).
@@ -17,12 +17,9 @@ from pathlib import Path
 
 import zmq
 
-from models.checkpoint import read_json
-from models.loader import detect_family, tokenizer_directory
 from models.tokenizer import Tokenizer, load_tokenizer
 from server.config import ServerConfig
 from server.engine import core_messages as wire
-from server.engine.core_process import run_core
 
 log = logging.getLogger("gptserve")
 
@@ -43,9 +40,13 @@ class StartedCore:
     commands: zmq.Socket  # PUSH: front end -> core
     outputs: zmq.Socket  # PULL: core -> front end
     socket_dir: Path
-    tokenizer: Tokenizer
-    family: str
     ready: wire.Ready | None = None
+    tokenizer: Tokenizer | None = None
+
+    @property
+    def family(self) -> str:
+        assert self.ready is not None
+        return self.ready.family
 
     def kill(self) -> None:
         """Give up on it at once (start-up failed elsewhere): no Shutdown, no drain."""
@@ -60,18 +61,26 @@ class StartedCore:
 
 
 def start_cores(config: ServerConfig, sources: list) -> dict[str, StartedCore]:
-    """Spawn every model's core, load the tokenizers meanwhile, then wait for every core's Ready."""
+    """Spawn every model's core (they load at once, side by side), then take each one's Ready and its tokenizer."""
     started: dict[str, StartedCore] = {}
     try:
         for source in sources:
             started[source.name] = _spawn(source.name, source.directory, config)
         for core in started.values():
             core.ready = _wait_ready(core)
+            core.tokenizer = load_tokenizer(Path(core.ready.tokenizer_dir))
     except BaseException:
         for core in started.values():
             core.kill()
         raise
     return started
+
+
+def _run_core(*args: object) -> None:
+    """The spawned process's target: torch and the engine are imported there, never in the front end."""
+    from server.engine.core_process import run_core
+
+    run_core(*args)  # type: ignore[arg-type]
 
 
 def _spawn(name: str, directory: Path, config: ServerConfig) -> StartedCore:
@@ -82,21 +91,12 @@ def _spawn(name: str, directory: Path, config: ServerConfig) -> StartedCore:
     commands.bind(f"ipc://{socket_dir}/commands")
     outputs.bind(f"ipc://{socket_dir}/outputs")
     process = multiprocessing.get_context("spawn").Process(
-        target=run_core, name=f"gptserve-core-{name}",
+        target=_run_core, name=f"gptserve-core-{name}",
         args=(name, directory, config, f"ipc://{socket_dir}/commands", f"ipc://{socket_dir}/outputs"),
     )
     process.start()  # not a daemon: it starts tensor-parallel ranks of its own
     log.info("started engine core", extra={"model": name, "pid": process.pid})
-    try:
-        family = detect_family(read_json(directory / "config.json"))
-        tokenizer = load_tokenizer(tokenizer_directory(directory))
-    except BaseException:
-        process.kill()
-        process.join()
-        context.destroy(linger=0)
-        shutil.rmtree(socket_dir, ignore_errors=True)
-        raise
-    return StartedCore(name, process, context, commands, outputs, socket_dir, tokenizer, family)
+    return StartedCore(name, process, context, commands, outputs, socket_dir)
 
 
 def _wait_ready(core: StartedCore) -> wire.Ready:

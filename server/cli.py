@@ -179,10 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     from server.app import abort_in_flight, create_app
     from server.http_server import serve
 
-    app = create_app(config, cores)
-    for stop_signal in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop_signal, _drained)
-    serve(app, config, cut=lambda: abort_in_flight(app))
+    try:
+        app = create_app(config, cores)
+        for stop_signal in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop_signal, _drained)
+        serve(app, config, cut=lambda: abort_in_flight(app))
+    finally:  # uvicorn could not bind, or the app never started: no core may outlive us
+        for core in cores.values():
+            core.kill()
     return app.state.exit_status  # 1 when an engine core died
 
 

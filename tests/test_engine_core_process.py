@@ -78,3 +78,15 @@ def test_checkpoint_the_core_cannot_load_makes_gptserve_exit_2_with_the_reason(t
                             check=False, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "gptserve: error: " in result.stderr and "model.safetensors" in result.stderr
+
+
+def test_server_whose_app_fails_to_build_exits_without_leaving_its_core_behind(tiny_gpt2_dir, tmp_path):
+    """The core is not a daemon (it starts tensor-parallel ranks): a start-up failure after the cores started
+    (here a --chat-template file that does not exist) must still end them, or the exit would wait on them."""
+    result = subprocess.run([sys.executable, "-m", "server", "--device", "cpu", "--model", f"tiny={tiny_gpt2_dir}",
+                             "--chat-template", str(tmp_path / "missing.jinja")],
+                            check=False, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--chat-template: no such file" in result.stderr
+    core = next(json.loads(line)["pid"] for line in result.stderr.splitlines()
+                if line.startswith("{") and json.loads(line).get("msg") == "started engine core")
+    assert exits_within(core, seconds=5)

@@ -49,14 +49,15 @@ class StartedCore:
         return self.ready.family
 
     def kill(self) -> None:
-        """Give up on it at once (start-up failed elsewhere): no Shutdown, no drain."""
+        """Give up on it at once (start-up failed elsewhere), if it still runs: no Shutdown, no drain."""
         if self.process.is_alive():
             self.process.kill()
         self.process.join()
         self.close()
 
     def close(self) -> None:
-        self.context.destroy(linger=0)
+        if not self.context.closed:
+            self.context.destroy(linger=0)
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 

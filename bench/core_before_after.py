@@ -26,7 +26,10 @@ from bench.server_process import PROJECT_ROOT, BenchServer
 
 
 def start(root: Path, checkpoint: Path, log: Path) -> tuple[BenchServer, float]:
-    server = BenchServer(["--device", "cpu", "--dtype", "float32", "--model", f"gpt2={checkpoint}"], log, cwd=root)
+    # torch names a kernel build by its sources' paths too: two checkouts sharing one folder rebuild in turn
+    env = {"TORCH_EXTENSIONS_DIR": str(root / ".cache" / "torch_extensions")}
+    server = BenchServer(["--device", "cpu", "--dtype", "float32", "--model", f"gpt2={checkpoint}"], log, env=env,
+                         cwd=root)
     started = time.monotonic()
     server.__enter__()
     return server, time.monotonic() - started

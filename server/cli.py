@@ -168,26 +168,33 @@ def main(argv: list[str] | None = None) -> int:
             from server.engine.distributed import run_torchrun_rank
 
             return run_torchrun_rank(model_sources(config)[0].directory, config)
-        from server.engine.core_startup import start_cores
+        from server.engine.core_startup import spawn_cores, wait_for_cores
 
-        cores = start_cores(config, checked_sources(config))  # each model's weights load in its own core process
-    except (OSError, ValueError) as e:  # CheckpointError, ModelSourceError, TokenizerError, missing files
-        log.error("cannot load model: %s", e)
-        print(f"gptserve: error: {e}", file=sys.stderr)
-        return 2
+        cores = spawn_cores(config, checked_sources(config))  # each model's weights load in its own core process
+    except (OSError, ValueError) as e:  # ModelSourceError, a bad combination of flags
+        return _cannot_load(e)
+    try:  # the app's imports run while the cores load
+        from server.app import abort_in_flight, create_app
+        from server.http_server import serve
 
-    from server.app import abort_in_flight, create_app
-    from server.http_server import serve
-
-    try:
+        try:
+            wait_for_cores(cores)
+        except (OSError, ValueError) as e:  # CheckpointError, TokenizerError, missing files, as a core saw them
+            return _cannot_load(e)
         app = create_app(config, cores)
         for stop_signal in (signal.SIGTERM, signal.SIGINT):
             signal.signal(stop_signal, _drained)
         serve(app, config, cut=lambda: abort_in_flight(app))
-    finally:  # uvicorn could not bind, or the app never started: no core may outlive us
+    finally:  # the app failed to start, or never did: no core may outlive us
         for core in cores.values():
             core.kill()
     return app.state.exit_status  # 1 when an engine core died
+
+
+def _cannot_load(e: Exception) -> int:
+    log.error("cannot load model: %s", e)
+    print(f"gptserve: error: {e}", file=sys.stderr)
+    return 2
 
 
 def _drained(signum: int, frame: object) -> None:

@@ -62,19 +62,35 @@ class StartedCore:
 
 
 def start_cores(config: ServerConfig, sources: list) -> dict[str, StartedCore]:
-    """Spawn every model's core (they load at once, side by side), then take each one's Ready and its tokenizer."""
+    """Spawn every model's core and wait until each is ready."""
+    cores = spawn_cores(config, sources)
+    wait_for_cores(cores)
+    return cores
+
+
+def spawn_cores(config: ServerConfig, sources: list) -> dict[str, StartedCore]:
+    """Start every model's core; they load side by side while the caller does its own start-up."""
     started: dict[str, StartedCore] = {}
     try:
         for source in sources:
             started[source.name] = _spawn(source.name, source.directory, config)
-        for core in started.values():
-            core.ready = _wait_ready(core)
-            core.tokenizer = load_tokenizer(Path(core.ready.tokenizer_dir))
     except BaseException:
         for core in started.values():
             core.kill()
         raise
     return started
+
+
+def wait_for_cores(cores: dict[str, StartedCore]) -> None:
+    """Take each core's Ready and load its tokenizer; if any core fails, every core is killed."""
+    try:
+        for core in cores.values():
+            core.ready = _wait_ready(core)
+            core.tokenizer = load_tokenizer(Path(core.ready.tokenizer_dir))
+    except BaseException:
+        for core in cores.values():
+            core.kill()
+        raise
 
 
 def _run_core(*args: object) -> None:

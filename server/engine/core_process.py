@@ -79,6 +79,8 @@ class EngineCore:
         self._compiler = ThreadPoolExecutor(1, thread_name_prefix="grammar")  # seconds on o200k: off the loop
         self._compiles: dict[int, Future] = {}
         self._sent_stats = engine.stats()
+        self._taken: list[wire.ToCore] = []  # commands received during a step, applied after it
+        self._arrived = False  # one of them is a new request
 
     def run(self) -> None:
         model = self.engine.loaded.model
@@ -90,10 +92,10 @@ class EngineCore:
             while not self.stopping:
                 outputs = self._apply_commands()
                 if self.engine.has_work and not self.stopping:
-                    outputs += self.engine.step(interrupt=self._command_waiting)
+                    outputs += self.engine.step(interrupt=self._request_arrived)
                 self._report(outputs)
                 self._answer_compiles()
-                if not self.engine.has_work and not self.stopping:
+                if not self.engine.has_work and not self.stopping and not self._taken:
                     self.commands.poll(COMPILE_POLL_MS if self._compiles else None)
         except BaseException as exc:  # the engine is broken: every request gets 503, the server restarts
             log.exception("the engine core loop failed")
@@ -106,13 +108,24 @@ class EngineCore:
         """From any thread (a tensor-parallel watchdog): /health turns 503 and every request gets 503 now."""
         self.channel.send(wire.CoreFailed(reason))
 
-    def _command_waiting(self) -> bool:
-        return bool(self.commands.poll(0))
+    def _request_arrived(self) -> bool:
+        """Asked between a decode step's layers: only a new request is worth giving the step up for (an abort or
+        a stop waits for the step's end), so the commands are taken off the socket here and kept in order."""
+        while self.commands.poll(0):
+            message = self._receive()
+            self._taken.append(message)
+            self._arrived = self._arrived or isinstance(message, wire.AddRequest)
+        return self._arrived
+
+    def _receive(self) -> wire.ToCore:
+        return wire.to_core.decode(self.commands.recv(copy=False).buffer)
 
     def _apply_commands(self) -> list[Output]:
         outputs: list[Output] = []
+        taken, self._taken, self._arrived = self._taken, [], False
         while self.commands.poll(0):
-            message = wire.to_core.decode(self.commands.recv(copy=False).buffer)
+            taken.append(self._receive())
+        for message in taken:
             if isinstance(message, wire.AddRequest):
                 outputs += self._add(message)
             elif isinstance(message, wire.Abort):

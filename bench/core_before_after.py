@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def time_startups(before: Path, checkpoint: Path, count: int) -> None:
     seconds: dict[str, list[float]] = {"before": [], "after": []}
     for _ in range(count):
         for name, root in (("before", before), ("after", PROJECT_ROOT)):
-            server, took = start(root, checkpoint, Path(f"core_before_after.{name}.log"))
+            server, took = start(root, checkpoint, Path(tempfile.gettempdir()) / f"core_before_after.{name}.log")
             server.__exit__(None, None, None)
             seconds[name].append(took)
             print(f"{name}: start-up {took:.2f} s", flush=True)
@@ -65,7 +66,7 @@ def main() -> None:
     servers: dict[str, BenchServer] = {}
     try:
         for name, root in (("before", args.before.resolve()), ("after", PROJECT_ROOT)):
-            servers[name], seconds = start(root, checkpoint, Path(f"core_before_after.{name}.log"))
+            servers[name], seconds = start(root, checkpoint, Path(tempfile.gettempdir()) / f"core_before_after.{name}.log")
             print(f"{name}: {root}, start-up (spawn to /health 200) {seconds:.1f} s", flush=True)
         results: dict[tuple[str, int], list[float]] = {}
         seed = 100

@@ -67,5 +67,10 @@ class BenchServer:
             self._process.kill()
             self._process.wait()
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "not started"
+        return self._process.pid
+
     def failure_detail(self) -> str:
         return f"see {self.log_path}"

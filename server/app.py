@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.chat import HarmonyChatFormat, TemplateChatFormat, load_chat_template
-from server.config import ServerConfig
+from server.config import HTTPConfig, ServerConfig
 from server.cors import AllowedOrigins
 from server.engine.core_client import EngineCoreClient
 from server.engine.core_startup import StartedCore
@@ -69,7 +69,7 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         created = int(time.time())
         for name, core in cores.items():
-            engine = EngineCoreClient(core, config.max_queue, process_metrics.for_model(name),
+            engine = EngineCoreClient(core, config.engine.max_queue, process_metrics.for_model(name),
                                       on_death=lambda: _core_died(app))
             engine.start()
             chat_format = (HarmonyChatFormat(engine.tokenizer) if engine.family == "gpt_oss"
@@ -92,9 +92,9 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
         app.include_router(module.router)
     _add_error_handlers(app)
     install_openapi(app, list(cores))
-    app.add_middleware(Gateway, config=config, metrics=process_metrics)
-    if config.allowed_origins:  # outside the gateway: a browser's preflight carries no API key
-        app.add_middleware(AllowedOrigins, origins=config.allowed_origins)
+    app.add_middleware(Gateway, config=config.http, metrics=process_metrics)
+    if config.http.allowed_origins:  # outside the gateway: a browser's preflight carries no API key
+        app.add_middleware(AllowedOrigins, origins=list(config.http.allowed_origins))
     return app
 
 
@@ -149,7 +149,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 class Gateway:
-    def __init__(self, app: ASGIApp, config: ServerConfig, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, config: HTTPConfig, metrics: Metrics) -> None:
         self.app = app
         self.config = config
         self.metrics = metrics

@@ -9,9 +9,10 @@ import re
 import signal
 import sys
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import TYPE_CHECKING, NoReturn
 
-from server.config import DEFAULT_MAX_BODY_BYTES, ServerConfig
+from server.config import DEFAULT_MAX_BODY_BYTES, SECTIONS, ServerConfig
 from server.env_flags import env_name, environment_arguments
 
 if TYPE_CHECKING:
@@ -61,9 +62,17 @@ def _origins(text: str) -> list[str]:
     return origins
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
-    """Every flag. ``defaults=False`` makes a probe without defaults or --help, whose namespace holds only the
-    flags actually given: those the environment must not override."""
+    """Every flag, in --help groups. ``defaults=False`` makes a probe without defaults or --help, whose namespace
+    holds only the flags actually given: those the environment must not override. Each flag's dest is the name
+    of its field in one section of ServerConfig (see parse_config)."""
     parser = _Parser(
         prog="gptserve",
         description="OpenAI-compatible server for GPT-2 and GPT-OSS checkpoints. Every flag can also be set "
@@ -72,17 +81,16 @@ def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         add_help=defaults,
     )
+    group = parser.add_argument_group("model", "what is served and how its weights are loaded")
 
     def add(flag: str, help: str, **kwargs) -> None:
         if not defaults:
             kwargs["default"] = argparse.SUPPRESS
-        parser.add_argument(flag, help=f"{help} [env {env_name(flag)}]", **kwargs)
+        group.add_argument(flag, help=f"{help} [env {env_name(flag)}]", **kwargs)
 
     add("--model", "checkpoint to serve, repeatable: PATH, NAME=PATH or a HuggingFace hub id "
         "(env: comma-separated). Default: gpt2 from the HF cache/hub, else a tiny random-weight demo model",
         action="append", default=None)
-    add("--host", "address to listen on", default="127.0.0.1")
-    add("--port", "port to listen on", type=int, default=8000)
     add("--device", "where the model runs", choices=["auto", "cpu", "cuda"], default="auto")
     add("--dtype", "weight and activation dtype. auto: bfloat16 on GPU; on CPU bfloat16 on AMX-BF16, else float32 "
         "(exact to the checkpoint). bfloat16 on CPU: bf16 matmuls with fp32 sums where the CPU has AMX-BF16 or "
@@ -91,35 +99,50 @@ def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
     add("--cpu-weight-dtype", "with --device cpu and --dtype float32: bfloat16 rounds the weights to bf16 and "
         "streams them at half the bytes in decode steps (activations and sums stay float32; outputs move by the "
         "rounding); float32 keeps the checkpoint's values", choices=["float32", "bfloat16"], default="float32")
-    add("--kv-cache-dtype", "dtype of the KV cache (auto: the model's). bfloat16 under a float32 model holds "
-        "twice the tokens and halves what decode attention reads; keys and values are rounded to bf16 when "
-        "stored, so outputs move by that rounding", choices=["auto", "float32", "bfloat16"], default="auto")
+    add("--keep-experts-packed", "keep GPT-OSS MoE experts in MXFP4 and dequantize per step (less memory)",
+        action="store_true")
+    add("--chat-template", "Jinja chat template (file path or the text) for models without a built-in chat "
+        "format (GPT-2)", default=None)
+    add("--seed", "seed for the global RNGs (per-request seeds come from the request)", type=int, default=None)
+
+    group = parser.add_argument_group("engine", "scheduling and the KV cache")
     add("--max-num-seqs", "most sequences decoded together in one step", type=_positive_int, default=64)
     add("--max-num-batched-tokens", "most tokens (prefill + decode) in one step", type=_positive_int, default=512)
     add("--max-model-len", "longest prompt + completion in tokens (default: the model's context length)",
         type=_positive_int, default=None)
-    add("--kv-cache-tokens", "KV cache capacity in tokens (default: sized from free memory)",
-        type=_positive_int, default=None)
-    add("--block-size", "tokens per KV cache block", type=_positive_int, default=16)
     add("--max-queue", "sequences (n per prompt) allowed to wait before new requests get 429",
         type=_positive_int, default=1024)
-    add("--allowed-origins", "browser origin allowed to call the API (CORS), repeatable, exact: "
-        "https://app.example.com[:port] (env: comma-separated). Default none: no CORS headers at all",
-        action="extend", type=_origins, default=[], metavar="ORIGIN")
+    add("--kv-cache-tokens", "KV cache capacity in tokens (default: sized by --kv-memory-fraction)",
+        type=_positive_int, default=None)
+    add("--kv-memory-fraction", "fraction in (0, 1] of the device's free memory at start-up given to the KV cache, "
+        "when --kv-cache-tokens is not given (never more than --max-num-seqs x --max-model-len tokens)",
+        type=_fraction, default=0.25)
+    add("--block-size", "tokens per KV cache block", type=_positive_int, default=16)
+    add("--kv-cache-dtype", "dtype of the KV cache (auto: the model's). bfloat16 under a float32 model holds "
+        "twice the tokens and halves what decode attention reads; keys and values are rounded to bf16 when "
+        "stored, so outputs move by that rounding", choices=["auto", "float32", "bfloat16"], default="auto")
+    add("--enable-prefix-caching", "reuse the KV blocks of prompt prefixes already computed; "
+        "--no-enable-prefix-caching (env: 0) recomputes every prompt", action=argparse.BooleanOptionalAction,
+        default=True)
+    add("--enforce-eager", "on CUDA, launch every decode step's kernels one by one instead of replaying "
+        "CUDA graphs captured at start-up (for debugging; slower)", action="store_true")
+
+    group = parser.add_argument_group("parallel", "tensor parallelism (docs/distributed.md)")
     add("--tensor-parallel-size", "ranks (one GPU each) to shard the model over; this process is rank 0 and "
         "spawns the others, or joins torchrun's (see docs/distributed.md)", type=_positive_int, default=1)
     add("--tp-step-timeout", "with --tensor-parallel-size > 1: seconds a rank may lag inside one step's "
         "collectives before the step fails, the engine turns unhealthy and requests get 503", type=_positive_float,
         default=8.0)
+
+    group = parser.add_argument_group("HTTP and security", "the listener, its limits, and who may call it")
+    add("--host", "address to listen on", default="127.0.0.1")
+    add("--port", "port to listen on", type=int, default=8000)
     add("--api-key", "require 'Authorization: Bearer KEY' on /v1/* routes", default=None)
     add("--metrics-require-key", "with --api-key, /metrics demands the key too (by default scrapers need none)",
         action="store_true")
-    add("--seed", "seed for the global RNGs (per-request seeds come from the request)", type=int, default=None)
-    add("--log-level", "log verbosity", choices=LOG_LEVELS, type=str.lower, default="info")
-    add("--chat-template", "Jinja chat template (file path or the text) for models without a built-in chat "
-        "format (GPT-2)", default=None)
-    add("--keep-experts-packed", "keep GPT-OSS MoE experts in MXFP4 and dequantize per step (less memory)",
-        action="store_true")
+    add("--allowed-origins", "browser origin allowed to call the API (CORS), repeatable, exact: "
+        "https://app.example.com[:port] (env: comma-separated). Default none: no CORS headers at all",
+        action="extend", type=_origins, default=[], metavar="ORIGIN")
     add("--max-body-bytes", "largest request body accepted; larger ones get 413", type=_positive_int,
         default=DEFAULT_MAX_BODY_BYTES)
     add("--keep-alive-timeout", "seconds an idle keep-alive connection stays open", type=_positive_float,
@@ -132,9 +155,10 @@ def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
         default=1024)
     add("--drain-timeout", "on SIGTERM, seconds in-flight requests get to finish before they are ended with a 503 "
         "(an error event then [DONE] on a stream)", type=_positive_float, default=30.0)
+
+    group = parser.add_argument_group("logging")
+    add("--log-level", "log verbosity", choices=LOG_LEVELS, type=str.lower, default="info")
     add("--log-requests", "include prompts and completions in the request log", action="store_true")
-    add("--enforce-eager", "on CUDA, launch every decode step's kernels one by one instead of replaying "
-        "CUDA graphs captured at start-up (for debugging; slower)", action="store_true")
     return parser
 
 
@@ -147,7 +171,10 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
         parser, os.environ if environ is None else environ, set(vars(given))
     )
     values = vars(parser.parse_args(from_environment + argv))
-    return ServerConfig(models=values.pop("model") or [], **values)
+    values["allowed_origins"] = tuple(values["allowed_origins"])
+    sections = {name: section(**{f.name: values.pop(f.name) for f in fields(section)})
+                for name, section in SECTIONS.items()}
+    return ServerConfig(models=tuple(values.pop("model") or ()), **sections, **values)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(config.log_level)
     try:
-        if config.tensor_parallel_size > 1 and int(os.environ.get("RANK", "0")) > 0:  # a torchrun worker rank
+        if config.parallel.tensor_parallel_size > 1 and int(os.environ.get("RANK", "0")) > 0:  # a torchrun worker rank
             from server.engine.distributed import run_torchrun_rank
 
             return run_torchrun_rank(model_sources(config)[0].directory, config)
@@ -212,9 +239,9 @@ def load_models(config: ServerConfig) -> dict[str, LoadedModel]:
 def checked_sources(config: ServerConfig) -> list[ModelSource]:
     """Resolve every spec first (cheap, fails fast) and refuse combinations no model could be served with."""
     sources = model_sources(config)
-    if config.tensor_parallel_size > 1 and len(sources) > 1:
+    if config.parallel.tensor_parallel_size > 1 and len(sources) > 1:
         raise ValueError("--tensor-parallel-size > 1 serves a single --model")
-    if config.tensor_parallel_size > 1 and config.cpu_weight_dtype != "float32":
+    if config.parallel.tensor_parallel_size > 1 and config.load.cpu_weight_dtype != "float32":
         raise ValueError("--cpu-weight-dtype bfloat16 is for a single process (not --tensor-parallel-size > 1)")
     names = [source.name for source in sources]
     duplicates = sorted({name for name in names if names.count(name) > 1})

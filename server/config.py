@@ -1,4 +1,9 @@
-"""Everything the daemon is started with, as one plain record built by the CLI and read by the app."""
+"""Everything the daemon is started with: one tree, built once by the CLI and handed down in sections.
+
+Each setting lives in exactly one section; a reader takes the section it needs (the engine ``config.engine``,
+the HTTP gateway ``config.http``, the tensor-parallel ranks ``config.load``/``config.engine``/``config.parallel``)
+rather than a copy of its fields. Every section is frozen and picklable: spawned ranks receive them as they are.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +12,66 @@ from dataclasses import dataclass, field
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
-@dataclass(slots=True)
-class ServerConfig:
-    models: list[str] = field(default_factory=list)  # --model specs; empty: the default gpt2
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "auto"
+@dataclass(frozen=True, slots=True)
+class ModelLoadConfig:
+    """How the weights are read and placed."""
+
     dtype: str = "auto"
+    device: str = "auto"
     cpu_weight_dtype: str = "float32"  # bfloat16: weights rounded to bf16 and streamed as bf16 in decode steps
+    keep_experts_packed: bool = False  # GPT-OSS experts stay MXFP4, dequantized per step
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """One engine's scheduling limits and KV cache."""
+
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    max_model_len: int | None = None
-    kv_cache_tokens: int | None = None
+    max_num_batched_tokens: int = 512  # per-step token budget: a long prompt is prefilled in chunks of this
+    max_model_len: int | None = None  # default: the model's context length
+    kv_cache_tokens: int | None = None  # default: sized from free memory
     block_size: int = 16
     max_queue: int = 1024
+    enable_prefix_caching: bool = True
+    kv_memory_fraction: float = 0.25  # of free memory at start-up, when kv_cache_tokens is not given
+    enforce_eager: bool = False  # never replay decode steps from CUDA graphs
+    kv_cache_dtype: str = "auto"  # the pool's dtype: auto (the model's) or a name in models.kv_cache.KV_CACHE_DTYPES
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelConfig:
     tensor_parallel_size: int = 1
+    tp_step_timeout: float = 8.0  # seconds a tensor-parallel rank may lag inside one step before the engine fails
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPConfig:
+    """The listener, its limits, and who may call it."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
     api_key: str | None = None
     metrics_require_key: bool = False  # /metrics is open to scrapers unless asked
-    allowed_origins: list[str] = field(default_factory=list)  # CORS: browser origins let in; none: no CORS headers
-    seed: int | None = None
-    log_level: str = "info"
-    chat_template: str | None = None  # a file path or the template text itself, for models without harmony
-    keep_experts_packed: bool = False
+    allowed_origins: tuple[str, ...] = ()  # CORS: browser origins let in; none: no CORS headers
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    log_requests: bool = False  # prompts and outputs go to the log only when asked for
-    enforce_eager: bool = False  # no CUDA graphs for decode steps
-    kv_cache_dtype: str = "auto"  # auto: the model's dtype; bfloat16 halves the KV cache under a float32 model
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection is kept
     header_timeout: float = 10.0  # seconds a request's headers may take to arrive
     body_timeout: float = 30.0  # seconds a request's body may take to arrive, once its headers have
     max_connections: int = 1024  # open connections; a request arriving over this gets 503
-    tp_step_timeout: float = 8.0  # seconds a tensor-parallel rank may lag inside one step before the engine fails
     drain_timeout: float = 30.0  # on SIGTERM, seconds in-flight requests get before they are aborted with 503
+    log_requests: bool = False  # prompts and outputs go to the log only when asked for
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    models: tuple[str, ...] = ()  # --model specs; empty: the default gpt2
+    load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    http: HTTPConfig = field(default_factory=HTTPConfig)
+    seed: int | None = None
+    log_level: str = "info"
+    chat_template: str | None = None  # a file path or the template text itself, for models without harmony
+
+
+SECTIONS = {"load": ModelLoadConfig, "engine": EngineConfig, "parallel": ParallelConfig, "http": HTTPConfig}

@@ -41,8 +41,8 @@ def environment_arguments(
         if action.dest in given or not value:
             continue
         names.append(name)
-        if action.nargs == 0:  # a switch such as --log-requests
-            arguments += switch_arguments(parser, flag, name, value)
+        if action.nargs == 0:  # a switch such as --log-requests or --enable-prefix-caching
+            arguments += switch_arguments(parser, action, name, value)
         elif isinstance(action, argparse._AppendAction):
             arguments += [f"{flag}={item.strip()}" for item in value.split(",") if item.strip()]
         else:
@@ -50,9 +50,10 @@ def environment_arguments(
     return arguments, names
 
 
-def switch_arguments(parser: argparse.ArgumentParser, flag: str, name: str, value: str) -> list[str]:
+def switch_arguments(parser: argparse.ArgumentParser, action: argparse.Action, name: str, value: str) -> list[str]:
+    """A false word turns off a switch that is on by default through its ``--no-`` form."""
     if value.lower() in TRUE_WORDS:
-        return [flag]
+        return [action.option_strings[0]]
     if value.lower() in FALSE_WORDS:
-        return []
+        return list(action.option_strings[1:2]) if isinstance(action, argparse.BooleanOptionalAction) else []
     parser.error(f"{name}={value!r}: expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")

@@ -90,8 +90,9 @@ class DrainingServer(uvicorn.Server):
 def serve(app: object, config: ServerConfig, cut: Callable[[], None]) -> None:
     """Run until SIGTERM/SIGINT; ``cut`` aborts whatever is still in flight at the drain deadline."""
     uvicorn_config = uvicorn.Config(
-        app, host=config.host, port=config.port, log_config=None, access_log=False, log_level=config.log_level,
-        http=guarded_protocol(config.header_timeout), timeout_keep_alive=config.keep_alive_timeout,
-        limit_concurrency=config.max_connections, timeout_graceful_shutdown=config.drain_timeout + CUT_GRACE_S,
+        app, host=config.http.host, port=config.http.port, log_config=None, access_log=False,
+        log_level=config.log_level, http=guarded_protocol(config.http.header_timeout),
+        timeout_keep_alive=config.http.keep_alive_timeout, limit_concurrency=config.http.max_connections,
+        timeout_graceful_shutdown=config.http.drain_timeout + CUT_GRACE_S,
     )
-    DrainingServer(uvicorn_config, config.drain_timeout, cut).run()
+    DrainingServer(uvicorn_config, config.http.drain_timeout, cut).run()

@@ -5,7 +5,8 @@ FastAPI's 422 with its own body); ``model`` accepts only the names this process 
 token ids stop at the vocabulary, lengths at the context; and each request body has an example that is served.
 With these stated, most of a schema-driven fuzzer's valid requests reach the engine (tests/test_fuzz_schema.py
 fails when most are refused), and its checks of status codes and bodies against the document are exact. What
-JSON Schema cannot say (prompt + max_tokens within the context, min_tokens <= max_tokens) is still a 400.
+JSON Schema cannot say (prompt + max_tokens within the context, min_tokens <= max_tokens, a perplexity stride
+below max_length) is still a 400.
 """
 
 from __future__ import annotations

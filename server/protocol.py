@@ -137,7 +137,8 @@ class ChatCompletionRequest(SamplingFields):
 class PerplexityRequest(Strict):
     model: str
     input: PromptInput
-    stride: int | None = Field(None, ge=1, description="default max_length // 2")
+    stride: int | None = Field(None, ge=1, description="distance between window starts, less than max_length; "
+                               "default max_length // 2")
     max_length: int | None = Field(None, ge=2, description="window length; default the model's context")
     prepend_bos: bool = False
     logprobs: bool = False
@@ -250,8 +251,9 @@ class ChatCompletionChunk(BaseModel):
 class PerplexityResult(BaseModel):
     object: Literal["perplexity"] = "perplexity"
     index: int
-    perplexity: float
-    nll: float = Field(description="mean negative log-likelihood per scored token, in nats")
+    perplexity: float | None = Field(description="exp(nll); null when no token was scored")
+    nll: float | None = Field(description="mean negative log-likelihood per scored token, in nats; null when no "
+                              "token was scored (an empty input, or one token without prepend_bos)")
     num_tokens: int = Field(description="tokens scored")
     token_logprobs: list[float | None] | None = Field(None, description="only with logprobs=true")
 

@@ -98,8 +98,8 @@ def test_prepend_bos_scores_the_first_token_too(server, tokenizer, oracle):
     check(result, expected)
 
 
-@pytest.mark.parametrize(("max_length", "stride"), [(16, 8), (16, 5), (10, 10), (32, None)])
-def test_long_input_uses_strided_windows(server, tokenizer, oracle, max_length, stride):
+@pytest.mark.parametrize(("max_length", "stride"), [(16, 8), (16, 5), (10, 9), (2, 1), (32, None)])
+def test_long_input_uses_strided_windows_that_score_every_token_once(server, tokenizer, oracle, max_length, stride):
     text = " ".join([TEXT] * 8)  # longer than the model's 128-token context
     ids = tokenizer.encode(text)
     assert len(ids) > 128
@@ -107,7 +107,9 @@ def test_long_input_uses_strided_windows(server, tokenizer, oracle, max_length, 
     if stride is not None:
         body["stride"] = stride
     expected = oracle_token_logprobs(oracle, ids, max_length, stride or max_length // 2)
-    check(score(server, **body)["data"][0], expected)
+    result = score(server, **body)["data"][0]
+    check(result, expected)
+    assert result["num_tokens"] == len(ids) - 1
 
 
 def test_default_window_is_the_model_context(server, tokenizer, oracle):
@@ -122,10 +124,27 @@ def test_repeated_request_gives_the_same_answer(server):
     assert score(server, input=TEXT, logprobs=True)["data"][0] == first
 
 
+def test_input_with_nothing_to_score_has_zero_tokens_and_null_perplexity(server, tokenizer, oracle):
+    """An empty input, or one token without prepend_bos, has no x_i with i >= 1: the mean over none is undefined."""
+    one = tokenizer.encode("x")
+    assert len(one) == 1
+    data = score(server, input=["", "x", TEXT], logprobs=True)["data"]
+    empty = {"object": "perplexity", "perplexity": None, "nll": None, "num_tokens": 0}
+    assert data[0] == {**empty, "index": 0, "token_logprobs": []}
+    assert data[1] == {**empty, "index": 1, "token_logprobs": [None]}
+    check(data[2], oracle_token_logprobs(oracle, tokenizer.encode(TEXT), 128, 64))
+    assert score(server, input=one)["data"][0] == {**empty, "index": 0, "token_logprobs": None}
+    assert score(server, input="", prepend_bos=True)["data"][0]["num_tokens"] == 0
+    with_bos = score(server, input="x", prepend_bos=True, logprobs=True)["data"][0]
+    check(with_bos, oracle_token_logprobs(oracle, [EOS, *one], 128, 64)[1:])
+
+
 @pytest.mark.parametrize(("body", "param"), [
-    ({"input": "x"}, "input"), ({"input": TEXT, "max_length": 16, "stride": 17}, "stride"),
+    ({"input": TEXT, "max_length": 16, "stride": 17}, "stride"),
+    ({"input": TEXT, "max_length": 16, "stride": 16}, "stride"),
     ({"input": TEXT, "max_length": 4096}, "max_length"), ({"input": TEXT, "max_length": 1}, "max_length")])
 def test_unscorable_requests_are_400(server, body, param):
+    """stride == max_length would leave each later window's first token without context, so unscored."""
     response = httpx.post(server.v1 + "/perplexity", json={"model": "tiny", **body}, timeout=60)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == param

@@ -122,12 +122,13 @@ def test_bf16_weights_are_refused_where_they_do_not_apply(tiny_gpt2_dir):
 
 def test_the_server_flag_loads_bf16_weights_and_is_refused_with_tensor_parallelism(tiny_gpt2_dir):
     from server.cli import load_models, parse_config
-    from server.config import ServerConfig
+    from server.config import ModelLoadConfig, ParallelConfig, ServerConfig
 
-    assert parse_config([]).cpu_weight_dtype == "float32"
+    assert parse_config([]).load.cpu_weight_dtype == "float32"
     config = parse_config(["--model", f"tiny={tiny_gpt2_dir}", "--device", "cpu", "--cpu-weight-dtype", "bfloat16"])
     [loaded] = load_models(config).values()
     assert isinstance(loaded.model.lm_head, Bf16WeightLinear)
     with pytest.raises(ValueError, match="tensor-parallel"):
-        load_models(ServerConfig(models=[str(tiny_gpt2_dir)], device="cpu", cpu_weight_dtype="bfloat16",
-                                 tensor_parallel_size=2))
+        load_models(ServerConfig(models=(str(tiny_gpt2_dir),),
+                                 load=ModelLoadConfig(device="cpu", cpu_weight_dtype="bfloat16"),
+                                 parallel=ParallelConfig(tensor_parallel_size=2)))

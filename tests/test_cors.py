@@ -10,20 +10,20 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.cli import parse_config
-from server.config import ServerConfig
+from server.config import HTTPConfig, ServerConfig
 
 ALLOWED = "https://app.example.com"
 OTHER = "https://elsewhere.example.com"
 PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
 
 
-def client_for(**config) -> TestClient:
-    return TestClient(create_app(ServerConfig(api_key="key", **config), {}))
+def client_for(**http) -> TestClient:
+    return TestClient(create_app(ServerConfig(http=HTTPConfig(api_key="key", **http)), {}))
 
 
 @pytest.fixture(scope="module")
 def browser() -> TestClient:
-    return client_for(allowed_origins=[ALLOWED, "http://localhost:3000"])
+    return client_for(allowed_origins=(ALLOWED, "http://localhost:3000"))
 
 
 def cors_headers(response) -> dict[str, str]:
@@ -66,12 +66,12 @@ def test_answers_to_an_allowed_origin_carry_it_even_when_the_key_is_missing(brow
 
 
 def test_allowed_origins_flag_repeats_and_the_environment_takes_a_comma_list(monkeypatch):
-    assert parse_config([]).allowed_origins == []
+    assert parse_config([]).http.allowed_origins == ()
     flags = ["--allowed-origins", ALLOWED, "--allowed-origins", "http://localhost:3000"]
-    assert parse_config(flags).allowed_origins == [ALLOWED, "http://localhost:3000"]
+    assert parse_config(flags).http.allowed_origins == (ALLOWED, "http://localhost:3000")
     monkeypatch.setenv("GPTSERVE_ALLOWED_ORIGINS", f"{ALLOWED}, {OTHER}")
-    assert parse_config([]).allowed_origins == [ALLOWED, OTHER]
-    assert parse_config(["--allowed-origins", OTHER]).allowed_origins == [OTHER]  # the flag wins
+    assert parse_config([]).http.allowed_origins == (ALLOWED, OTHER)
+    assert parse_config(["--allowed-origins", OTHER]).http.allowed_origins == (OTHER,)  # the flag wins
 
 
 @pytest.mark.parametrize("origin", ["*", "app.example.com", ALLOWED + "/", ALLOWED + "/path"])

@@ -137,5 +137,5 @@ def test_the_scratch_block_is_never_handed_out(loaded):
 def test_enforce_eager_flag_reaches_the_engine_config():
     from server.cli import parse_config
 
-    assert parse_config([]).enforce_eager is False
-    assert parse_config(["--enforce-eager"]).enforce_eager is True
+    assert parse_config([]).engine.enforce_eager is False
+    assert parse_config(["--enforce-eager"]).engine.enforce_eager is True

@@ -31,8 +31,8 @@ def accepts(flag: str, value: str) -> bool:
 def sample_arguments(action: argparse.Action) -> tuple[list[str], str]:
     """Arguments setting ``action`` to something other than its default, and the same as a variable's value."""
     flag = action.option_strings[0]
-    if action.nargs == 0:
-        return [flag], "1"
+    if action.nargs == 0:  # a switch: its form that is not the default, and the word that means it
+        return ([action.option_strings[1]], "0") if action.default is True else ([flag], "1")
     if isinstance(action, argparse._AppendAction):
         first, second = next(pair for pair in CANDIDATE_PAIRS if accepts(flag, pair[0]))
         return [flag, first, flag, second], f"{first},{second}"
@@ -63,9 +63,10 @@ def test_the_variable_has_the_flags_effect(action):
 def test_the_flag_wins_over_its_variable(action):
     argv, value = sample_arguments(action)
     variable = env_name(action.option_strings[0])
-    if action.nargs == 0:
-        assert parse_config([], {variable: "0"}) == parse_config([], {})
-        assert parse_config(argv, {variable: "0"}) == parse_config(argv, {})
+    if action.nargs == 0:  # the variable says the opposite of the flag, which is the default
+        opposite = "1" if value == "0" else "0"
+        assert parse_config([], {variable: opposite}) == parse_config([], {})
+        assert parse_config(argv, {variable: opposite}) == parse_config(argv, {})
         return
     if isinstance(action, argparse._AppendAction):
         assert parse_config(argv, {variable: "c=/models/c"}) == parse_config(argv, {})
@@ -97,7 +98,7 @@ def test_empty_variables_count_as_unset():
 
 
 def test_a_value_that_starts_with_a_dash_stays_a_value():
-    assert parse_config([], {"GPTSERVE_API_KEY": "--port"}).api_key == "--port"
+    assert parse_config([], {"GPTSERVE_API_KEY": "--port"}).http.api_key == "--port"
 
 
 @pytest.fixture(scope="module")

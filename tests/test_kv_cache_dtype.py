@@ -174,6 +174,6 @@ def test_kv_cache_dtype_names():
         kv_cache_dtype("fp8", torch.float32)
     from server.cli import parse_config
 
-    assert parse_config([]).kv_cache_dtype == "auto"
-    assert parse_config(["--kv-cache-dtype", "bfloat16"]).kv_cache_dtype == "bfloat16"
+    assert parse_config([]).engine.kv_cache_dtype == "auto"
+    assert parse_config(["--kv-cache-dtype", "bfloat16"]).engine.kv_cache_dtype == "bfloat16"
     assert KVCacheSpec(2, 3, 4).bytes_per_token(torch.bfloat16) == 2 * 2 * 3 * 4 * 2

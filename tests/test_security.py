@@ -51,8 +51,8 @@ def test_every_route_but_the_probes_demands_the_key(server):
 
 
 def test_metrics_stay_open_without_metrics_require_key():
-    assert parse_config(["--api-key", KEY]).metrics_require_key is False
-    assert parse_config(["--api-key", KEY, "--metrics-require-key"]).metrics_require_key is True
+    assert parse_config(["--api-key", KEY]).http.metrics_require_key is False
+    assert parse_config(["--api-key", KEY, "--metrics-require-key"]).http.metrics_require_key is True
 
 
 @pytest.mark.parametrize(("name", "body", "status"), [
@@ -85,7 +85,7 @@ def test_hostile_bodies_get_4xx_without_allocating_kv(server, name, body, status
 
 
 def test_server_listens_on_loopback_by_default():
-    assert parse_config([]).host == "127.0.0.1"
+    assert parse_config([]).http.host == "127.0.0.1"
 
 
 def test_prompts_and_outputs_stay_out_of_the_log(server):

@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import zmq
@@ -26,7 +27,7 @@ import zmq
 from models.loader import LoadedModel, load_model, tokenizer_directory
 from server.config import ServerConfig
 from server.engine import core_messages as wire
-from server.engine.engine import EngineConfig, LLMEngine, Output
+from server.engine.engine import LLMEngine, Output
 from server.engine.errors import EngineError, RequestRejected
 from server.engine.metric_events import MetricRecorder
 from server.engine.outputs import ChoiceOutput
@@ -38,22 +39,13 @@ PARENT_POLL_S = 0.5
 COMPILE_POLL_MS = 10  # while a grammar compiles off the loop, how often an idle loop looks for its result
 
 
-def engine_config(config: ServerConfig) -> EngineConfig:
-    return EngineConfig(
-        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-        max_model_len=config.max_model_len, kv_cache_tokens=config.kv_cache_tokens, block_size=config.block_size,
-        max_queue=config.max_queue, enforce_eager=config.enforce_eager, kv_cache_dtype=config.kv_cache_dtype,
-    )
-
-
 def load_served_model(directory: Path, config: ServerConfig) -> LoadedModel:
     """One model's weights, here or (tensor parallel) sharded over ranks this process starts or joins."""
-    if config.tensor_parallel_size > 1:
+    if config.parallel.tensor_parallel_size > 1:
         from server.engine.distributed import launch
 
         return launch(directory, config)
-    return load_model(directory, dtype=config.dtype, device=config.device,
-                      keep_experts_packed=config.keep_experts_packed, cpu_weight_dtype=config.cpu_weight_dtype)
+    return load_model(directory, **asdict(config.load))
 
 
 class Channel:
@@ -210,7 +202,7 @@ def _build_engine(directory: Path, config: ServerConfig) -> tuple[LLMEngine, Met
         torch.manual_seed(config.seed)
     recorder = MetricRecorder()
     loaded = load_served_model(directory, config)
-    return LLMEngine(loaded, engine_config(config), StepMetrics(recorder)), recorder  # type: ignore[arg-type]
+    return LLMEngine(loaded, config.engine, StepMetrics(recorder)), recorder  # type: ignore[arg-type]
 
 
 def _close(context: zmq.Context) -> None:

@@ -138,7 +138,7 @@ class ShardedModel:
 
 def launch(model_dir: Path, config: ServerConfig) -> LoadedModel:
     """Start (or, under torchrun, join) the ranks, load rank 0's shard here, and wait for every shard."""
-    world_size = config.tensor_parallel_size
+    world_size = config.parallel.tensor_parallel_size
     spec = shard_spec(model_dir, config)
     watchdog = None
     if launched_by_torchrun():
@@ -156,8 +156,8 @@ def launch(model_dir: Path, config: ServerConfig) -> LoadedModel:
             log.info("started tensor-parallel rank %d", rank, extra={"rank": rank, "pid": processes[rank].pid})
         watchdog = WorkerWatchdog(processes)
         ctx = join(0, world_size, spec, 0, store)
-    device = str(ctx.device) if config.device != "cpu" else "cpu"
-    loaded = load_model(model_dir, config.dtype, device, config.keep_experts_packed, tp=ctx.tp)
+    device = str(ctx.device) if config.load.device != "cpu" else "cpu"
+    loaded = load_model(model_dir, config.load.dtype, device, config.load.keep_experts_packed, tp=ctx.tp)
     dist.barrier(group=ctx.control)  # every shard loaded
     loaded.model = ShardedModel(loaded.model, StepChannel(ctx), watchdog)
     log.info("tensor parallel over %d ranks", world_size, extra={"backend": dist.get_backend()})
@@ -165,14 +165,14 @@ def launch(model_dir: Path, config: ServerConfig) -> LoadedModel:
 
 
 def shard_spec(model_dir: Path, config: ServerConfig) -> ShardSpec:
-    return ShardSpec(str(model_dir), config.dtype, config.device, config.keep_experts_packed, config.log_level,
-                     config.kv_cache_dtype, config.tp_step_timeout)
+    return ShardSpec(str(model_dir), config.load, config.engine, config.parallel, config.log_level)
 
 
 def run_torchrun_rank(model_dir: Path, config: ServerConfig) -> int:
     """A rank > 0 started by torchrun runs the same command line as rank 0 and becomes a worker."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if world_size != config.tensor_parallel_size:
-        raise ValueError(f"torchrun started {world_size} ranks, --tensor-parallel-size is {config.tensor_parallel_size}")
+    if world_size != config.parallel.tensor_parallel_size:
+        raise ValueError(
+            f"torchrun started {world_size} ranks, --tensor-parallel-size is {config.parallel.tensor_parallel_size}")
     run_worker(rank, world_size, shard_spec(model_dir, config), None, int(os.environ.get("LOCAL_RANK", 0)))
     return 0

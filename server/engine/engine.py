@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
 from models.forward_batch import ForwardInterrupted, Interrupt
 from models.kv_cache import PagedKVCache, kv_cache_dtype
 from models.loader import LoadedModel
+from server.config import EngineConfig
 from server.engine.admission import Admission
 from server.engine.block_manager import BlockManager
 from server.engine.decode_graphs import DecodeGraphs
@@ -34,20 +34,6 @@ from server.engine.step_metrics import StepMetrics
 from server.engine.structured_output import GrammarCompiler
 
 log = logging.getLogger("gptserve.engine")
-
-
-@dataclass
-class EngineConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512  # per-step token budget: a long prompt is prefilled in chunks of this
-    max_model_len: int | None = None  # default: the model's context length
-    kv_cache_tokens: int | None = None  # default: sized from free memory
-    block_size: int = 16
-    max_queue: int = 1024
-    enable_prefix_caching: bool = True
-    kv_memory_fraction: float = 0.25  # of free memory, when kv_cache_tokens is not given
-    enforce_eager: bool = False  # never replay decode steps from CUDA graphs
-    kv_cache_dtype: str = "auto"  # the pool's dtype: auto (the model's) or a name in models.kv_cache.KV_CACHE_DTYPES
 
 
 Output = tuple[str, ChoiceOutput]  # (request id, what happened to one of its choices)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from models.parallel import TensorParallel
+from server.config import EngineConfig, ModelLoadConfig, ParallelConfig
 
 IDLE_TIMEOUT = timedelta(days=3650)  # workers wait for the next step as long as the server runs
 JOIN_TIMEOUT = timedelta(seconds=120)  # every rank must reach the rendezvous within this
@@ -27,12 +28,10 @@ class ShardSpec:
     """What each rank needs to load its shard, given to every rank when it starts."""
 
     model_dir: str
-    dtype: str  # a --dtype value
-    device: str  # a --device value; with cuda, rank r uses local GPU LOCAL_RANK (spawned: r)
-    keep_experts_packed: bool
+    load: ModelLoadConfig  # with device cuda, rank r uses local GPU LOCAL_RANK (spawned: r)
+    engine: EngineConfig  # its kv_cache_dtype: the dtype of each rank's share of the KV cache
+    parallel: ParallelConfig  # its tp_step_timeout: longest wait for a peer inside one step's collectives
     log_level: str
-    kv_cache_dtype: str  # a --kv-cache-dtype value
-    step_timeout_s: float = 8.0  # --tp-step-timeout: longest wait for a peer inside one step's collectives
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +46,7 @@ def launched_by_torchrun() -> bool:
 
 
 def rank_device(spec: ShardSpec, local_rank: int) -> torch.device:
-    if spec.device == "cpu" or (spec.device == "auto" and not torch.cuda.is_available()):
+    if spec.load.device == "cpu" or (spec.load.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
@@ -60,6 +59,6 @@ def join(rank: int, world_size: int, spec: ShardSpec, local_rank: int, store: di
     options = {"store": store} if store is not None else {"init_method": "env://"}
     # The rendezvous waits for ranks still loading torch; only the step collectives get the short timeout.
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=JOIN_TIMEOUT, **options)
-    data = dist.new_group(backend=backend, timeout=timedelta(seconds=spec.step_timeout_s))
+    data = dist.new_group(backend=backend, timeout=timedelta(seconds=spec.parallel.tp_step_timeout))
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     return RankContext(TensorParallel(rank, world_size, data), control, device)

@@ -29,9 +29,9 @@ log = logging.getLogger("gptserve.tp")
 
 def load_shard(spec: ShardSpec, ctx: RankContext) -> tuple[nn.Module, torch.dtype]:
     model_dir = Path(spec.model_dir)
-    dtype = resolve_dtype(spec.dtype, ctx.device)
+    dtype = resolve_dtype(spec.load.dtype, ctx.device)
     family = detect_family(read_json(model_dir / "config.json"))
-    return load_weights(model_dir, family, dtype, ctx.device, spec.keep_experts_packed, ctx.tp), dtype
+    return load_weights(model_dir, family, dtype, ctx.device, spec.load.keep_experts_packed, ctx.tp), dtype
 
 
 def serve_steps(model: nn.Module, cache_dtype: torch.dtype, ctx: RankContext) -> None:
@@ -63,7 +63,7 @@ def run_worker(rank: int, world_size: int, spec: ShardSpec, store: dist.Store | 
         model, dtype = load_shard(spec, ctx)
         dist.barrier(group=ctx.control)  # every shard loaded
         log.info("tensor-parallel rank %d ready", rank, extra={"rank": rank, "pid": os.getpid()})
-        serve_steps(model, kv_cache_dtype(spec.kv_cache_dtype, dtype), ctx)
+        serve_steps(model, kv_cache_dtype(spec.engine.kv_cache_dtype, dtype), ctx)
         dist.destroy_process_group()
     except Exception:
         log.exception("tensor-parallel rank %d failed", rank, extra={"rank": rank, "pid": os.getpid()})

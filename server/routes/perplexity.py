@@ -6,7 +6,6 @@ each other and with everyone else's traffic.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import uuid
 from dataclasses import dataclass
@@ -64,8 +63,9 @@ async def score_perplexity(body: PerplexityRequest, request: Request) -> Perplex
         raise APIError(400, f"max_length {max_length} exceeds the model's context length {engine.max_model_len}",
                        param="max_length")
     stride = body.stride or max(max_length // 2, 1)
-    if stride > max_length:
-        raise APIError(400, f"stride ({stride}) must not exceed max_length ({max_length})", param="stride")
+    if stride >= max_length:  # a window has no context for its first token: only an earlier, overlapping one does
+        raise APIError(400, f"stride ({stride}) must be less than max_length ({max_length}): windows must overlap "
+                       "for every token to be scored", param="stride")
     engine.check_admission(count_prompts(body.input), param="input", what="inputs")
     texts = tokenize_prompts(body.input, engine.tokenizer, param="input")
     if body.prepend_bos:
@@ -73,10 +73,7 @@ async def score_perplexity(body: PerplexityRequest, request: Request) -> Perplex
     num_windows = sum(count_windows(len(ids), max_length, stride) for ids in texts)
     engine.check_admission(num_windows, param="stride", what=f"windows (stride {stride}, max_length {max_length})")
     windows = []
-    for text_index, ids in enumerate(texts):
-        if len(ids) < 2:
-            raise APIError(400, f"input {text_index} has {len(ids)} token(s); scoring needs 2 (or prepend_bos)",
-                           param="input")
+    for text_index, ids in enumerate(texts):  # a text of fewer than 2 tokens has none: nothing to score
         windows += [Window(text_index, *w) for w in plan_windows(len(ids), max_length, stride)]
     jobs = [PromptJob(texts[w.text_index][w.start : w.end], SCORE_ONLY) for w in windows]
     for job in jobs:
@@ -107,7 +104,8 @@ async def score_perplexity(body: PerplexityRequest, request: Request) -> Perplex
 
 
 def _result(index: int, scores: list[float | None], with_logprobs: bool) -> PerplexityResult:
+    """The mean over no scored token is undefined: null, not a number the input does not determine."""
     scored = [s for s in scores if s is not None]
-    nll = -math.fsum(scored) / len(scored)
-    return PerplexityResult(index=index, perplexity=math.exp(nll), nll=nll, num_tokens=len(scored),
-                            token_logprobs=scores if with_logprobs else None)
+    nll = -math.fsum(scored) / len(scored) if scored else None
+    return PerplexityResult(index=index, perplexity=None if nll is None else math.exp(nll), nll=nll,
+                            num_tokens=len(scored), token_logprobs=scores if with_logprobs else None)

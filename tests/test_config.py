@@ -1,0 +1,115 @@
+"""One configuration tree: every engine setting is a flag (and a GPTSERVE_ variable), checked at parse time,
+grouped in --help, and handed to the engine as the very section the CLI built (pickled once, to the engine-core
+process)."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.loader import load_model
+from server.cli import build_parser, checked_sources, parse_config
+from server.config import EngineConfig
+from server.engine import engine as engine_module
+from server.engine.core_startup import start_cores
+from server.engine.engine import LLMEngine
+from server.engine.sampling_params import SamplingParams
+
+GROUPS = {
+    "model": ["--model", "--device", "--dtype", "--keep-experts-packed", "--chat-template"],
+    "engine": ["--max-num-seqs", "--kv-cache-tokens", "--kv-memory-fraction", "--enable-prefix-caching"],
+    "parallel": ["--tensor-parallel-size", "--tp-step-timeout"],
+    "HTTP and security": ["--host", "--port", "--api-key", "--allowed-origins", "--max-body-bytes"],
+    "logging": ["--log-level", "--log-requests"],
+}
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_gpt2_dir):
+    return load_model(tiny_gpt2_dir, dtype="float32", device="cpu")
+
+
+def test_help_groups_every_flag_under_its_heading():
+    parser = build_parser()
+    groups = {group.title: [a.option_strings[0] for a in group._group_actions] for group in parser._action_groups}
+    for title, flags in GROUPS.items():
+        assert set(flags) <= set(groups[title]), title
+    assert groups["options"] == ["-h"]  # no flag left ungrouped
+    text = parser.format_help()
+    assert all(f"\n{title}:" in text for title in GROUPS)
+    words = " ".join(text.split())
+    assert "--no-enable-prefix-caching" in words and "of the device's free memory at start-up" in words
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.25", "nan", "half"])
+def test_a_kv_memory_fraction_outside_0_to_1_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--kv-memory-fraction", value], {})
+    assert exit_info.value.code == 2
+    assert "--kv-memory-fraction" in capsys.readouterr().err
+
+
+def test_a_bad_fraction_in_the_environment_is_refused_and_named(capsys):
+    with pytest.raises(SystemExit):
+        parse_config([], {"GPTSERVE_KV_MEMORY_FRACTION": "2"})
+    assert "GPTSERVE_KV_MEMORY_FRACTION" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,environ", [
+    (["--no-enable-prefix-caching", "--kv-memory-fraction", "0.5"], {}),
+    ([], {"GPTSERVE_ENABLE_PREFIX_CACHING": "0", "GPTSERVE_KV_MEMORY_FRACTION": "0.5"}),
+], ids=["flags", "environment"])
+def test_engine_settings_reach_the_engine_core_unchanged(argv, environ, tiny_gpt2_dir):
+    config = parse_config(["--kv-cache-tokens", "256", "--device", "cpu", "--model", f"tiny={tiny_gpt2_dir}", *argv],
+                          environ)
+    assert config.engine == EngineConfig(kv_cache_tokens=256, enable_prefix_caching=False, kv_memory_fraction=0.5)
+    cores = start_cores(config, checked_sources(config))  # the core process receives the tree as it is
+    try:
+        ready = cores["tiny"].ready
+        assert ready is not None
+        assert ready.admission.prefix_caching is False
+        assert ready.admission.num_blocks == 256 // config.engine.block_size
+    finally:
+        for core in cores.values():
+            core.kill()
+
+
+def cached_tokens_on_repeat(loaded, config: EngineConfig) -> int:
+    """Prompt tokens the prefix cache serves when a 40-token prompt is sent a second time."""
+    engine = LLMEngine(loaded, config)
+    prompt = list(range(100, 140))
+    cached = []
+    for request_id in ("first", "again"):
+        engine.add_request(request_id, prompt, SamplingParams(max_tokens=1, temperature=0.0))
+        while engine.has_work:
+            cached += [out.num_cached_tokens for rid, out in engine.step() if rid == "again" and out.finish_reason]
+    return cached[0]
+
+
+def test_without_prefix_caching_a_repeated_prompt_is_computed_again(loaded):
+    assert cached_tokens_on_repeat(loaded, EngineConfig(kv_cache_tokens=256, block_size=8)) == 32
+    no_cache = EngineConfig(kv_cache_tokens=256, block_size=8, enable_prefix_caching=False)
+    assert cached_tokens_on_repeat(loaded, no_cache) == 0
+
+
+def test_kv_memory_fraction_sizes_the_pool_when_kv_cache_tokens_is_absent(loaded, monkeypatch):
+    monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: 64 * 2**20)
+    bytes_per_token = loaded.model.kv_cache_spec().bytes_per_token(loaded.dtype)
+    for fraction in (0.25, 0.5):
+        config = EngineConfig(kv_memory_fraction=fraction, max_num_seqs=4096, block_size=8)
+        engine = LLMEngine(loaded, config)
+        assert engine.block_manager.num_blocks == int(64 * 2**20 * fraction) // bytes_per_token // 8
+    sized = LLMEngine(loaded, EngineConfig(kv_cache_tokens=256, kv_memory_fraction=0.5, block_size=8))
+    assert sized.block_manager.num_blocks == 32  # --kv-cache-tokens wins over the fraction
+
+
+def test_tensor_parallel_ranks_get_the_sections_themselves_and_they_survive_pickling():
+    import pickle
+    from pathlib import Path
+
+    from server.engine.distributed import shard_spec
+
+    config = parse_config(["--tensor-parallel-size", "2", "--tp-step-timeout", "3", "--kv-cache-dtype", "bfloat16"], {})
+    spec = shard_spec(Path("/models/m"), config)
+    assert (spec.load, spec.engine, spec.parallel) == (config.load, config.engine, config.parallel)
+    assert spec.engine is config.engine
+    assert pickle.loads(pickle.dumps(spec)) == spec  # spawned ranks receive it pickled

@@ -56,7 +56,6 @@ class EngineCoreClient:
         self._stats = core.ready.stats
         self._streams: dict[str, asyncio.Queue[ChoiceOutput]] = {}
         self._compiles: dict[int, asyncio.Future[wire.GrammarCompiled]] = {}
-        self._compiled: set[GrammarSpec] = set()
         self._tickets = itertools.count()
         self._pending = 0  # sequences (n per request) posted but not yet finished, for --max-queue
         self._accepting = False
@@ -129,9 +128,9 @@ class EngineCoreClient:
         return self.admission.default_max_tokens(prompt_len, n)
 
     async def compile_grammar(self, spec: GrammarSpec | None) -> None:
-        """Have the core compile a request's grammar (or find it cached) before the request is admitted: a
-        schema that cannot be compiled is a 400 here."""
-        if spec is None or spec in self._compiled:
+        """Have the core compile a request's grammar (or find it in its cache, one round trip) before the request
+        is admitted: a schema that cannot be compiled is a 400 here."""
+        if spec is None:
             return
         self._raise_if_unavailable()
         ticket = next(self._tickets)
@@ -141,11 +140,9 @@ class EngineCoreClient:
             answer = await future
         finally:
             self._compiles.pop(ticket, None)
-        if answer.error is None:
-            self._compiled.add(spec)
-        elif answer.param is not None:
+        if answer.error is not None and answer.param is not None:
             raise RequestRejected(answer.error, answer.param)
-        else:
+        if answer.error is not None:
             raise EngineError(answer.error)
 
     def check_admission(self, num_seqs: int, param: str = "n", what: str = "sequences (prompts x n)") -> None:

@@ -31,6 +31,7 @@ from server.engine.engine import LLMEngine, Output
 from server.engine.errors import EngineError, RequestRejected
 from server.engine.metric_events import MetricRecorder
 from server.engine.outputs import ChoiceOutput
+from server.engine.sampling_params import GrammarSpec
 from server.engine.step_metrics import StepMetrics
 
 log = logging.getLogger("gptserve.core")
@@ -75,9 +76,8 @@ class EngineCore:
         self._arrived = False  # one of them is a new request
 
     def run(self) -> None:
-        model = self.engine.loaded.model
-        _if_model_has(model, "attach", self.engine.cache, self.fail)  # tensor parallel: the ranks allocate KV too
         loaded = self.engine.loaded
+        _if_model_has(loaded.model, "attach", self.engine.cache, self.fail)  # tensor parallel: ranks allocate KV
         self.channel.send(wire.Ready(self.engine.admission, self._sent_stats, loaded.family,
                                      str(tokenizer_directory(loaded.directory))))
         try:
@@ -94,7 +94,7 @@ class EngineCore:
             self.fail(f"engine failed: {exc}")
             raise
         finally:
-            _if_model_has(model, "stop")
+            _if_model_has(loaded.model, "stop")
 
     def fail(self, reason: str) -> None:
         """From any thread (a tensor-parallel watchdog): /health turns 503 and every request gets 503 now."""
@@ -125,10 +125,14 @@ class EngineCore:
             elif isinstance(message, wire.StopChoice):
                 outputs += self.engine.stop_choice(message.request_id, message.index)
             elif isinstance(message, wire.CompileGrammar):
-                self._compiles[message.ticket] = self._compiler.submit(self.engine.grammars.compile, message.spec)
+                self._compiles[message.ticket] = self._compiler.submit(self._compile, message.spec)
             elif isinstance(message, wire.Shutdown):
                 self.stopping = True
         return outputs
+
+    def _compile(self, spec: GrammarSpec) -> object:
+        """On the compile thread, with the first call building the tokenizer's grammar tables (seconds on o200k)."""
+        return self.engine.grammars.compile(spec)
 
     def _add(self, message: wire.AddRequest) -> list[Output]:
         try:

@@ -66,7 +66,8 @@ def main() -> None:
     servers: dict[str, BenchServer] = {}
     try:
         for name, root in (("before", args.before.resolve()), ("after", PROJECT_ROOT)):
-            servers[name], seconds = start(root, checkpoint, Path(tempfile.gettempdir()) / f"core_before_after.{name}.log")
+            log = Path(tempfile.gettempdir()) / f"core_before_after.{name}.log"
+            servers[name], seconds = start(root, checkpoint, log)
             print(f"{name}: {root}, start-up (spawn to /health 200) {seconds:.1f} s", flush=True)
         results: dict[tuple[str, int], list[float]] = {}
         seed = 100

@@ -18,7 +18,8 @@ import time
 import zmq
 
 from server.engine import core_messages as wire
-from server.engine.outputs import ChoiceOutput, EngineStats, TokenLogprob
+from server.engine.engine_stats import EngineStats
+from server.engine.outputs import ChoiceOutput, TokenLogprob
 
 
 def step_message(batch: int, logprobs: int) -> wire.StepOutputs:

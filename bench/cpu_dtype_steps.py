@@ -59,8 +59,9 @@ def main() -> None:
             decode[dtype].append(decode_step_ms(loaded, args.concurrency, 128, 8, True, "auto"))
     print(f"ISA: {cpu_isa()}; ms, best / median of {args.rounds}")
     for dtype in models:
-        print(f"{dtype:9s} prefill {args.prompt_len}: {min(prefill[dtype]):7.0f} / {statistics.median(prefill[dtype]):7.0f}"
-              f"   decode step C={args.concurrency}: {min(decode[dtype]):6.0f} / {statistics.median(decode[dtype]):6.0f}")
+        p, d = prefill[dtype], decode[dtype]
+        print(f"{dtype:9s} prefill {args.prompt_len}: {min(p):7.0f} / {statistics.median(p):7.0f}"
+              f"   decode step C={args.concurrency}: {min(d):6.0f} / {statistics.median(d):6.0f}")
 
 
 if __name__ == "__main__":

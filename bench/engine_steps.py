@@ -34,7 +34,8 @@ def decode_step_ms(loaded, concurrency: int, prompt_len: int, steps: int, enforc
     params = SamplingParams(max_tokens=steps + 32, temperature=0.0, ignore_eos=True)
     for i in range(concurrency):
         engine.add_request(f"r{i}", [rng.randrange(50000) for _ in range(prompt_len)], params)
-    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
+    running = engine.scheduler.running
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in running):
         engine.step()
     for _ in range(3):
         engine.step()

@@ -27,8 +27,9 @@ from bench.gpt_oss_20b_memory import CONFIG_20B, write_checkpoint
 from bench.loadgen import BenchConfig, run_benchmark
 from bench.server_process import BenchServer, free_port
 
+# The KV pool matches llama.cpp's (-np 4 -c 4096 below), so neither server's peak memory counts a bigger cache.
 GPTSERVE_ARGS = ("--keep-experts-packed --cpu-weight-dtype bfloat16 --kv-cache-dtype bfloat16 "
-                 "--max-num-batched-tokens 2048")
+                 "--max-num-batched-tokens 2048 --max-num-seqs 4 --kv-cache-tokens 4096")
 O200K_TEXT_IDS = 199998  # prompts draw ids below the harmony specials
 
 

@@ -173,7 +173,8 @@ def measure(engine_cls: Callable, tok: Tokenizer, schema: dict | None, batch: in
                 engine.accept(matcher, token)
             else:
                 matchers[row] = engine.matcher(compiled)
-    return {"setup_s": setup, "compile_s": compile_s, "fill_ms": 1e3 * fill_s / steps, "apply_ms": 1e3 * apply_s / steps}
+    return {"setup_s": setup, "compile_s": compile_s,
+            "fill_ms": 1e3 * fill_s / steps, "apply_ms": 1e3 * apply_s / steps}
 
 
 def main() -> None:

@@ -184,7 +184,8 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, str | None]:
     p.add_argument("--output-len", type=int, default=DEFAULTS.output_len, help="output tokens per request")
     p.add_argument("--concurrency", type=int, nargs="+", default=DEFAULTS.concurrency, help="closed-loop levels")
     p.add_argument("--ramp-up", type=float, default=0.0,
-                   help="closed loop: seconds over which the C clients' first requests are spread evenly (default 0: all at once)")
+                   help="closed loop: seconds over which the C clients' first requests are spread evenly "
+                        "(default 0: all at once)")
     p.add_argument("--request-rate", type=float, nargs="+",
                    help="open-loop Poisson levels in requests/s ('inf': all at once); replaces --concurrency")
     p.add_argument("--num-requests", type=int,

@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_layer:
         report["layer"] = with_ratios(layer_rows(args), ("weights", "routing", "tokens"))
         print("MoE layer, hidden = intermediate = 2880, top-4:")
-        print(table(report["layer"], ("weights", "experts", "routing", "tokens", "calls", "distinct_experts", "ms_per_call",
-                                      "ms_per_token", "ratio_vs_fewest")))
+        print(table(report["layer"], ("weights", "experts", "routing", "tokens", "calls", "distinct_experts",
+                                      "ms_per_call", "ms_per_token", "ratio_vs_fewest")))
     if not args.skip_model:
         report["tiny_model"] = with_ratios(model_rows(args), ("weights", "batch"))
         print("tiny GPT-OSS (hidden 64, 3 layers, vocab 201088), greedy decode:")

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from bench import capacity_plan
-from models.gpt_oss import GptOss, GptOssConfig, RowParallelLinear
+from models.gpt_oss import GptOss, GptOssConfig
 from models.moe import MoE
-from models.parallel import TensorParallel
+from models.parallel import RowParallelLinear, TensorParallel
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "scaling.md"
 GIB = 2**30
@@ -80,7 +80,8 @@ def model_section(name: str, raw: dict) -> list[str]:
         comm = reduces * config.hidden_size * ACTIVATION_BYTES
         lines.append(
             f"| {n} | {config.num_experts // n} | {packed / GIB:.1f} | {dense / GIB:.1f} | {kv / 2**20:.1f} "
-            f"| {comm / 1024:.1f} ({reduces} x {config.hidden_size} x {ACTIVATION_BYTES} B) | {fits(packed, dense, kv)} |"
+            f"| {comm / 1024:.1f} ({reduces} x {config.hidden_size} x {ACTIVATION_BYTES} B) "
+            f"| {fits(packed, dense, kv)} |"
         )
     unembedding = weight_bytes(rank_model(config, True, 0, 2)) - weight_bytes(rank_model(config, True, 1, 2))
     return lines + ["", f"Ranks other than 0 hold {unembedding / GIB:.2f} GiB less: the unembedding.", ""]

@@ -156,13 +156,13 @@ def rss_bytes(pid: int) -> int:
 async def sample_rss(pid: int, samples: list[tuple[float, int]], stop: asyncio.Event, start_at: float) -> None:
     try:
         await asyncio.wait_for(stop.wait(), max(0.0, start_at - time.monotonic()))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     while not stop.is_set():
         samples.append((time.monotonic(), rss_bytes(pid)))
         try:
             await asyncio.wait_for(stop.wait(), 1.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 
@@ -233,7 +233,10 @@ async def run_soak(base_url: str, model: str, duration: float, clients: int, pid
     failures += [f"RSS grew {growth:.1%}"] if growth is not None and growth > MAX_RSS_GROWTH else []
     failures += ["no stream was dropped midway"] if droppers and not tally.disconnected else []
     failures += [f"no completed {kind}" for kind in {j.kind for j in jobs} if not tally.by_kind.get(kind)]
-    mb = (lambda b: None if b is None else round(b / 2**20, 1))
+
+    def mb(b: float | None) -> float | None:
+        return None if b is None else round(b / 2**20, 1)
+
     return SoakReport(round(elapsed, 1), clients, tally, len({j.kind for j in jobs}), stats, mb(first), mb(last),
                       None if growth is None else round(growth, 4), failures)
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.cpu_kernels import decode_kernels_apply
-from models.forward_batch import AttentionGroup, ForwardBatch
+from models.forward_batch import AttentionGroup, KVView
 
 # Every backend but cuDNN's: it builds a plan for each new shape (median 66 ms, up to 1.1 s on an H100), and
 # the groups here change shape almost every step, so those plans never pay off (bench/NOTES.md, CUDA).
@@ -35,21 +35,22 @@ def paged_attention(
     k: Tensor,
     v: Tensor,
     cache: tuple[Tensor, Tensor],
-    batch: ForwardBatch,
+    kv: KVView,
     window: int | None = None,
     sinks: Tensor | None = None,
 ) -> Tensor:
-    """q [T, H, D], k and v [T, KVH, D] for the batch's tokens -> attention output [T, H, D].
+    """q [T, H, D], k and v [T, KVH, D] for the batch's tokens -> attention output [T, H, D], over ``kv``, the
+    batch's view of this layer's KV group.
 
     ``window`` limits each query to the last ``window`` positions (itself included).
     ``sinks`` [H] are per-head logits that take part in the softmax normalisation.
     """
     key_cache, value_cache = cache
-    key_cache.index_copy_(0, batch.slot_mapping, k.to(key_cache.dtype))
-    value_cache.index_copy_(0, batch.slot_mapping, v.to(value_cache.dtype))
+    key_cache.index_copy_(0, kv.slot_mapping, k.to(key_cache.dtype))
+    value_cache.index_copy_(0, kv.slot_mapping, v.to(value_cache.dtype))
     num_heads, head_dim = q.shape[1], q.shape[2]
     out = torch.empty_like(q)
-    for group in batch.groups:
+    for group in kv.groups:
         if group.max_query == 1 and decode_kernels_apply(q):
             out[group.token_index] = decode_attention_from_pool(q[group.token_index], key_cache, value_cache, group, window, sinks)
             continue

@@ -60,9 +60,3 @@ class Bf16WeightLinear(nn.Module):
         out = torch.ops.gptserve.bf16_linear(rows.contiguous(), self.packed, self.gemm.bias, self.out_features)
         return out.view(*x.shape[:-1], self.out_features)
 
-
-def logits_linear(weight: Tensor, bf16_weights: bool) -> OneDNNLinear | Bf16WeightLinear:
-    """The CPU unembedding: fp32 logits always, the bf16 layer wherever the weights are bf16 values."""
-    if bf16_weights or weight.dtype == torch.bfloat16:
-        return Bf16WeightLinear(weight.float(), None)
-    return OneDNNLinear(weight, None)

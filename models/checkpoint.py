@@ -103,7 +103,8 @@ class Checkpoint:
 
     def _check_shape(self, name: str, shape: tuple[int, ...] | None) -> None:
         if shape is not None and self.shape(name) != tuple(shape):
-            raise CheckpointError(f"tensor {name} has shape {list(self.shape(name))}, expected {list(shape)} from config.json")
+            raise CheckpointError(
+                f"tensor {name} has shape {list(self.shape(name))}, expected {list(shape)} from config.json")
 
     def _handle(self, name: str):
         if name not in self._file_of:

@@ -47,7 +47,7 @@ class CpuIsa:
         return ", ".join(names) or "none of AMX-BF16, AVX512-BF16, AVX-512, AVX2"
 
     @classmethod
-    def from_flags(cls, flags: set[str]) -> "CpuIsa":
+    def from_flags(cls, flags: set[str]) -> CpuIsa:
         """From the kernel's names in /proc/cpuinfo; AMX needs its tile registers as well as the bf16 unit."""
         return cls(
             amx_bf16={"amx_bf16", "amx_tile"} <= flags,
@@ -57,7 +57,7 @@ class CpuIsa:
         )
 
     @classmethod
-    def from_torch(cls) -> "CpuIsa":
+    def from_torch(cls) -> CpuIsa:
         """Where /proc/cpuinfo is missing: torch's own dispatch level (which does not report the bf16 units)."""
         capability = torch.backends.cpu.get_cpu_capability()
         return cls(avx512=capability.startswith("AVX512"), avx2=capability.startswith(("AVX2", "AVX512")))

@@ -4,11 +4,16 @@ The engine mixes prefill chunks and single decode tokens from different sequence
 one sequence are contiguous and in position order. Their keys and values are written to, and read from, a
 paged cache: sequence i's j-th token lives in slot ``block_tables[i, j // block_size] * block_size +
 j % block_size`` of the shared pool.
+
+A grouped pool (models/kv_cache.py) gives each KV group its own block tables, so the batch has one view per
+group: the slots its tokens write and the attention groups that read them. A sliding-window group's table
+holds -1 for blocks already freed behind the window; attention never reads them (they are masked out, and
+the decode kernels read only the window), so gathers read a live block of the same sequence in their place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -64,15 +69,22 @@ class AttentionGroup:
 
 
 @dataclass(slots=True)
+class KVView:
+    """One KV group's side of a batch."""
+
+    block_tables: list[list[int]]  # per sequence: its cache blocks in order (-1: freed behind the window)
+    slot_mapping: Tensor  # [T] int64, cache slot that receives each token's K/V
+    groups: list[AttentionGroup]
+
+
+@dataclass(slots=True)
 class ForwardBatch:
     input_ids: Tensor  # [T] int64
     positions: Tensor  # [T] int64, position of each token within its sequence
-    slot_mapping: Tensor  # [T] int64, cache slot that receives each token's K/V
     query_lens: list[int]  # per sequence: tokens it has in this batch
     context_lens: list[int]  # per sequence: tokens in the cache once this batch is written (cached + new)
-    block_tables: list[list[int]]  # per sequence: its cache blocks in order
     block_size: int
-    groups: list[AttentionGroup] = field(default_factory=list)
+    views: list[KVView] = field(default_factory=list)  # one per KV group of the pool
 
     @classmethod
     def build(
@@ -82,28 +94,24 @@ class ForwardBatch:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device | str = "cpu",
+        group_tables: Sequence[list[list[int]]] = (),
     ) -> "ForwardBatch":
-        """Batch sequence i's ``token_ids[i]``, which sit at positions ``start_positions[i]`` onwards."""
+        """Batch sequence i's ``token_ids[i]``, which sit at positions ``start_positions[i]`` onwards, with
+        ``block_tables`` for the first KV group and ``group_tables`` for any further ones."""
         query_lens = [len(t) for t in token_ids]
-        context_lens = [s + n for s, n in zip(start_positions, query_lens)]
-        positions = [p for s, n in zip(start_positions, query_lens) for p in range(s, s + n)]
-        slots = [
-            table[p // block_size] * block_size + p % block_size
-            for table, s, n in zip(block_tables, start_positions, query_lens)
-            for p in range(s, s + n)
-        ]
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         batch = cls(
             input_ids=as_tensor([t for ids in token_ids for t in ids]),
-            positions=as_tensor(positions),
-            slot_mapping=as_tensor(slots),
+            positions=as_tensor([p for s, n in zip(start_positions, query_lens) for p in range(s, s + n)]),
             query_lens=query_lens,
-            context_lens=context_lens,
-            block_tables=block_tables,
+            context_lens=[s + n for s, n in zip(start_positions, query_lens)],
             block_size=block_size,
         )
-        batch.groups = batch._plan_groups(device)
+        batch.views = [batch._view(tables, device) for tables in [block_tables, *group_tables]]
         return batch
+
+    def view(self, kv_group: int) -> KVView:
+        return self.views[kv_group]
 
     @property
     def num_tokens(self) -> int:
@@ -115,15 +123,23 @@ class ForwardBatch:
         ends = torch.tensor(self.query_lens, device=self.input_ids.device).cumsum(0)
         return ends - 1
 
-    def _plan_groups(self, device: torch.device | str) -> list[AttentionGroup]:
+    def _view(self, block_tables: list[list[int]], device: torch.device | str) -> KVView:
+        bs = self.block_size
+        slots = [
+            table[p // bs] * bs + p % bs
+            for table, ctx, n in zip(block_tables, self.context_lens, self.query_lens)
+            for p in range(ctx - n, ctx)
+        ]
         starts = [0]
         for n in self.query_lens:
             starts.append(starts[-1] + n)
         decode = [i for i, n in enumerate(self.query_lens) if n == 1]
         prefill = [[i] for i, n in enumerate(self.query_lens) if n > 1]
-        return [self._group(members, starts, device) for members in ([decode] if decode else []) + prefill]
+        groups = [self._group(members, starts, block_tables, device) for members in ([decode] if decode else []) + prefill]
+        return KVView(block_tables, torch.tensor(slots, dtype=torch.long, device=device), groups)
 
-    def _group(self, members: list[int], starts: list[int], device: torch.device | str) -> AttentionGroup:
+    def _group(self, members: list[int], starts: list[int], block_tables: list[list[int]],
+               device: torch.device | str) -> AttentionGroup:
         max_query = max(self.query_lens[i] for i in members)
         bs = self.block_size
         max_blocks = -(-max(self.context_lens[i] for i in members) // bs)
@@ -132,8 +148,9 @@ class ForwardBatch:
             n, ctx = self.query_lens[i], self.context_lens[i]
             token_index.append(torch.arange(starts[i], starts[i] + n))
             pad_index.append(torch.arange(n) + row * max_query)
-            used = self.block_tables[i][: -(-ctx // bs)]
-            key_blocks.append(used + [used[0]] * (max_blocks - len(used)))  # padding is masked out
+            used = block_tables[i][: -(-ctx // bs)]
+            live = used[-1]  # stands in for padding and freed blocks: both are masked out
+            key_blocks.append([b if b >= 0 else live for b in used] + [live] * (max_blocks - len(used)))
             qpos = torch.zeros(max_query, dtype=torch.long)
             qpos[:n] = torch.arange(ctx - n, ctx)
             query_positions.append(qpos)

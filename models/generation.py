@@ -11,12 +11,12 @@ from torch import Tensor, nn
 
 from models.forward_batch import ForwardBatch
 from models.kv_cache import PagedKVCache
+from models.servable import ServableModel
 
 
-def _cache_for(model: nn.Module, lengths: list[int], block_size: int) -> tuple[PagedKVCache, list[list[int]]]:
+def _cache_for(model: ServableModel, lengths: list[int], block_size: int) -> tuple[PagedKVCache, list[list[int]]]:
     blocks_per_seq = [-(-n // block_size) for n in lengths]
-    device = next(model.parameters()).device
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    device, dtype = _placement(model)
     cache = PagedKVCache(model.kv_cache_spec(), sum(blocks_per_seq), block_size, dtype=dtype, device=device)
     tables, start = [], 0
     for n in blocks_per_seq:
@@ -25,11 +25,17 @@ def _cache_for(model: nn.Module, lengths: list[int], block_size: int) -> tuple[P
     return cache, tables
 
 
+def _placement(model: ServableModel) -> tuple[torch.device, torch.dtype]:
+    """Where the weights live and their floating dtype: a model of one process is an nn.Module."""
+    assert isinstance(model, nn.Module), "offline generation runs a single-process model"
+    return next(model.parameters()).device, next(p for p in model.parameters() if p.is_floating_point()).dtype
+
+
 @torch.inference_mode()
-def prompt_logits(model: nn.Module, prompts: list[list[int]], block_size: int = 16) -> list[Tensor]:
+def prompt_logits(model: ServableModel, prompts: list[list[int]], block_size: int = 16) -> list[Tensor]:
     """Next-token logits [len(prompt), vocab] at every position of each prompt, from one batched prefill."""
     cache, tables = _cache_for(model, [len(p) for p in prompts], block_size)
-    device = next(model.parameters()).device
+    device = _placement(model)[0]
     batch = ForwardBatch.build(prompts, [0] * len(prompts), tables, block_size, device)
     logits = model.compute_logits(model(batch, cache))
     return list(logits.split([len(p) for p in prompts]))
@@ -37,7 +43,7 @@ def prompt_logits(model: nn.Module, prompts: list[list[int]], block_size: int = 
 
 @torch.inference_mode()
 def greedy_generate(
-    model: nn.Module,
+    model: ServableModel,
     prompts: list[list[int]],
     max_new_tokens: int,
     stop_token_ids: frozenset[int] = frozenset(),
@@ -47,7 +53,7 @@ def greedy_generate(
     """Greedy continuations (stop tokens excluded) of each prompt, at most ``max_new_tokens`` long; with
     ``vocab_size`` (the tokenizer's), ids past it (padding rows of the unembedding) are never chosen."""
     cache, tables = _cache_for(model, [len(p) + max_new_tokens for p in prompts], block_size)
-    device = next(model.parameters()).device
+    device = _placement(model)[0]
     outputs: list[list[int]] = [[] for _ in prompts]
     live = list(range(len(prompts)))
     step_tokens, starts = [list(p) for p in prompts], [0] * len(prompts)

@@ -1,7 +1,8 @@
 """GPT-2: learned positions, pre-LayerNorm blocks, causal multi-head attention, tanh-GELU MLP, tied lm_head.
 
-Module names mirror the HuggingFace export (``h.N.attn.c_attn`` ...), and projections keep its Conv1D
-layout (weight stored [in, out], applied as ``x @ W + b``), so checkpoint tensors load without transposes.
+Module names mirror the HuggingFace export (``h.N.attn.c_attn`` ...). Its Conv1D projections hold their
+weights [in, out]; here they are ``nn.Linear`` layers whose [out, in] weight is a transposed view of the
+checkpoint's tensor (no copy), so ``F.linear`` multiplies by the stored matrix as Conv1D's ``x @ W + b`` did.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import paged_attention
-from models.bf16_weight_linear import Bf16WeightLinear, logits_linear
+from models.bf16_weight_linear import Bf16WeightLinear
 from models.checkpoint import Checkpoint, CheckpointError, config_float, config_int, read_json
 from models.forward_batch import ForwardBatch, Interrupt, check_interrupt
 from models.kv_cache import KVCacheSpec, PagedKVCache
-from models.logits_layout import relayout_for_logits
 from models.onednn_linear import OneDNNLinear
-from models.parallel import SINGLE, TensorParallel
+from models.parallel import SINGLE, TensorParallel, row_parallel_linear
+from models.servable import Capabilities, ServableModel
 
-# Tensor-parallel splits, by parameter name within a block: (dimension split over ranks, fused parts in it).
-# c_attn and c_fc are column-parallel (q, k, v each split by heads); the c_proj weights are row-parallel.
+# Tensor-parallel splits, by parameter name within a block: (dimension of the checkpoint's tensor split over
+# ranks, fused parts in it). c_attn and c_fc are column-parallel (q, k, v each split by heads); the c_proj
+# weights are row-parallel.
 BLOCK_SPLITS = {
     "attn.c_attn.weight": (1, 3),
     "attn.c_attn.bias": (0, 3),
@@ -33,6 +35,9 @@ BLOCK_SPLITS = {
     "mlp.c_fc.bias": (0, 1),
     "mlp.c_proj.weight": (0, 1),
 }
+
+# Stored [in, out] (Conv1D): read as stored, then viewed transposed as the nn.Linear's [out, in] weight.
+CONV1D_WEIGHTS = {"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,44 +80,17 @@ class GPT2Config:
         return self.n_embd // self.n_head
 
 
-class Conv1D(nn.Module):
-    """A linear layer with its weight stored [in, out], as GPT-2 checkpoints hold it."""
-
-    def __init__(self, n_in: int, n_out: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_in, n_out))
-        self.bias = nn.Parameter(torch.empty(n_out))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.addmm(self.bias, x, self.weight)
-
-
-class RowParallelConv1D(Conv1D):
-    """A Conv1D whose input features are split over the ranks: partial products are summed, then the bias added."""
-
-    def __init__(self, n_in: int, n_out: int, tp: TensorParallel) -> None:
-        super().__init__(n_in, n_out)
-        self.tp = tp
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.tp.all_reduce(x @ self.weight) + self.bias
-
-
-def output_projection(n_in: int, n_out: int, tp: TensorParallel) -> Conv1D:
-    return Conv1D(n_in, n_out) if tp.world_size == 1 else RowParallelConv1D(n_in, n_out, tp)
-
-
 class GPT2Attention(nn.Module):
     def __init__(self, config: GPT2Config, tp: TensorParallel) -> None:
         super().__init__()
         self.num_heads = tp.local(config.n_head, "n_head")
         self.head_dim = config.head_dim
-        self.c_attn = Conv1D(config.n_embd, 3 * self.num_heads * self.head_dim)
-        self.c_proj = output_projection(self.num_heads * self.head_dim, config.n_embd, tp)
+        self.c_attn = nn.Linear(config.n_embd, 3 * self.num_heads * self.head_dim)
+        self.c_proj = row_parallel_linear(self.num_heads * self.head_dim, config.n_embd, tp)
 
     def forward(self, x: Tensor, batch: ForwardBatch, cache: tuple[Tensor, Tensor]) -> Tensor:
         q, k, v = self.c_attn(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
-        out = paged_attention(q, k, v, cache, batch)
+        out = paged_attention(q, k, v, cache, batch.view(0))  # one KV group: every layer attends in full
         return self.c_proj(out.reshape(x.shape[0], -1))
 
 
@@ -120,8 +98,8 @@ class GPT2MLP(nn.Module):
     def __init__(self, config: GPT2Config, tp: TensorParallel) -> None:
         super().__init__()
         n_inner = tp.local(config.n_inner, "n_inner")
-        self.c_fc = Conv1D(config.n_embd, n_inner)
-        self.c_proj = output_projection(n_inner, config.n_embd, tp)
+        self.c_fc = nn.Linear(config.n_embd, n_inner)
+        self.c_proj = row_parallel_linear(n_inner, config.n_embd, tp)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
@@ -140,7 +118,7 @@ class GPT2Block(nn.Module):
         return h + self.mlp(self.ln_2(h))
 
 
-class GPT2(nn.Module):
+class GPT2(nn.Module, ServableModel):
     """With a TensorParallel of N ranks: this rank's 1/N of the heads and MLP columns; embeddings replicated."""
 
     def __init__(self, config: GPT2Config, tp: TensorParallel = SINGLE) -> None:
@@ -153,40 +131,23 @@ class GPT2(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.lm_head: OneDNNLinear | Bf16WeightLinear | None = None  # None: logits straight from the tied wte.weight
 
-    def use_onednn(self, bf16_weights: bool = False) -> None:
-        """CPU, fp32 or native bf16: run the projections and the lm_head through oneDNN
-        (models/onednn_linear.py); the lm_head becomes a reordered copy of the tied embedding, which stays as it
-        is for the lookups, and computes fp32 logits whatever the model's dtype. With ``bf16_weights`` (weights
-        already rounded) decode-sized inputs stream bf16 copies instead (models/bf16_weight_linear.py)."""
-        linear = Bf16WeightLinear if bf16_weights else OneDNNLinear
-        for block in self.h:
-            for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")):
-                layer = getattr(parent, name)
-                if type(layer) is Conv1D:  # row-parallel layers keep their own forward
-                    setattr(parent, name, linear(layer.weight.T, layer.bias))
-        self.lm_head = logits_linear(self.wte.weight, bf16_weights)
-
-    def relayout_unembedding(self) -> None:
-        """Off the oneDNN path: the tied embedding stored the way MKL's logits matmul reads it fastest."""
-        relayout_for_logits(self.wte.weight)
+    @property
+    def unembedding(self) -> Tensor:
+        """The matrix the logits multiply by: the token embedding (tied), as in every GPT-2 export."""
+        return self.wte.weight
 
     @property
     def max_context(self) -> int:
         return self.config.n_positions
 
     @property
-    def captures_cuda_graphs(self) -> bool:
-        """A single-rank forward runs no host syncs and no collectives, so a decode step can be replayed."""
-        return self.tp.world_size == 1
-
-    @property
-    def interruptible(self) -> bool:
-        """``forward`` stops between layers when its ``interrupt`` says so (the engine gives decode steps up for
-        a newcomer's prompt)."""
-        return True
+    def capabilities(self) -> Capabilities:
+        """A single-rank forward runs no host syncs and no collectives; every forward stops between layers when
+        its ``interrupt`` says so."""
+        return Capabilities(captures_cuda_graphs=self.tp.world_size == 1, interruptible=True)
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        return KVCacheSpec(self.config.n_layer, self.h[0].attn.num_heads, self.config.head_dim)
+        return KVCacheSpec(self.config.n_layer, self.config.n_head // self.tp.world_size, self.config.head_dim)
 
     def forward(self, batch: ForwardBatch, cache: PagedKVCache, interrupt: Interrupt | None = None) -> Tensor:
         """Final hidden states of every token; raises ForwardInterrupted if ``interrupt`` fires between blocks."""
@@ -197,7 +158,6 @@ class GPT2(nn.Module):
         return self.ln_f(h)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        """The lm_head is the token embedding (tied), as in every GPT-2 export."""
         if self.lm_head is not None:
             return self.lm_head(hidden)
         return F.linear(hidden, self.wte.weight).float()
@@ -216,14 +176,17 @@ def load_gpt2(
         model = GPT2(config, tp)
     state = {}
     for name, param in model.named_parameters():
-        split = BLOCK_SPLITS.get(re.sub(r"^h\.\d+\.", "", name)) if tp.world_size > 1 else None
+        block_name = re.sub(r"^h\.\d+\.", "", name)
+        transposed = block_name in CONV1D_WEIGHTS
+        shape = list(param.shape)[::-1] if transposed else list(param.shape)  # as the checkpoint stores it
+        split = BLOCK_SPLITS.get(block_name) if tp.world_size > 1 else None
         if split is None:
-            state[name] = checkpoint.get(prefix + name, shape=tuple(param.shape), dtype=dtype, device=device)
-            continue
-        dim, parts = split
-        shape = list(param.shape)
-        shape[dim] *= tp.world_size
-        ranges = tp.ranges(*[shape[dim] // parts] * parts)
-        state[name] = checkpoint.get_slices(prefix + name, dim, ranges, tuple(shape), dtype, device)
+            tensor = checkpoint.get(prefix + name, shape=tuple(shape), dtype=dtype, device=device)
+        else:
+            dim, parts = split
+            shape[dim] *= tp.world_size
+            ranges = tp.ranges(*[shape[dim] // parts] * parts)
+            tensor = checkpoint.get_slices(prefix + name, dim, ranges, tuple(shape), dtype, device)
+        state[name] = tensor.T if transposed else tensor
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval().requires_grad_(False)

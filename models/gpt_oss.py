@@ -8,23 +8,21 @@ openai/gpt-oss's torch reference: norms in float32 with float32 scales, everythi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import paged_attention
-from models.bf16_weight_linear import Bf16WeightLinear, logits_linear
 from models.checkpoint import Checkpoint, read_json
-from models.forward_batch import ForwardBatch, Interrupt, check_interrupt
+from models.forward_batch import ForwardBatch, Interrupt, KVView, check_interrupt
 from models.gpt_oss_config import GptOssConfig, is_original_gpt_oss_config
 from models.gpt_oss_weights import read_state, stores_mxfp4
 from models.kv_cache import KVCacheSpec, PagedKVCache
-from models.logits_layout import relayout_for_logits
-from models.onednn_linear import OneDNNLinear
 from models.moe import MoE
-from models.parallel import SINGLE, TensorParallel
+from models.parallel import SINGLE, TensorParallel, row_parallel_linear
 from models.rotary import YarnRotary, apply_rotary
+from models.servable import Capabilities, ServableModel
 
 __all__ = ["GptOss", "GptOssConfig", "is_original_gpt_oss_config", "load_gpt_oss"]
 
@@ -41,17 +39,6 @@ class RMSNorm(nn.Module):
         return (self.weight * t).to(x.dtype)
 
 
-class RowParallelLinear(nn.Linear):
-    """A Linear whose input features are split over the ranks: partial products are summed, then the bias added."""
-
-    def __init__(self, in_features: int, out_features: int, tp: TensorParallel) -> None:
-        super().__init__(in_features, out_features)
-        self.tp = tp
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight)) + self.bias
-
-
 class GptOssAttention(nn.Module):
     """With N ranks: this rank's 1/N of the query heads, of the KV heads (GQA groups stay whole) and sinks."""
 
@@ -63,17 +50,13 @@ class GptOssAttention(nn.Module):
         num_kv_heads = tp.local(config.num_kv_heads, "num_key_value_heads")
         self.split = [num_heads * config.head_dim] + 2 * [num_kv_heads * config.head_dim]
         self.qkv = nn.Linear(config.hidden_size, sum(self.split))
-        out_features = num_heads * config.head_dim
-        self.out = (nn.Linear(out_features, config.hidden_size) if tp.world_size == 1
-                    else RowParallelLinear(out_features, config.hidden_size, tp))
+        self.out = row_parallel_linear(num_heads * config.head_dim, config.hidden_size, tp)
         self.sinks = nn.Parameter(torch.empty(num_heads))
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch, cache: tuple[Tensor, Tensor]
-    ) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVView, cache: tuple[Tensor, Tensor]) -> Tensor:
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in self.qkv(x).split(self.split, dim=-1))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = paged_attention(q, k, v, cache, batch, window=self.window, sinks=self.sinks)
+        out = paged_attention(q, k, v, cache, kv, window=self.window, sinks=self.sinks)
         return self.out(out.flatten(-2))
 
 
@@ -95,14 +78,12 @@ class GptOssBlock(nn.Module):
             tp,
         )
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch, cache: tuple[Tensor, Tensor]
-    ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, batch, cache)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVView, cache: tuple[Tensor, Tensor]) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv, cache)
         return x + self.moe(self.mlp_norm(x))
 
 
-class GptOss(nn.Module):
+class GptOss(nn.Module, ServableModel):
     """With a TensorParallel of N ranks: attention split by heads, MoE by experts (see models/moe.py), the
     embedding replicated, and the unembedding only on rank 0, the one rank that computes logits."""
 
@@ -130,58 +111,54 @@ class GptOss(nn.Module):
         return self.config.max_position_embeddings
 
     @property
-    def captures_cuda_graphs(self) -> bool:
-        """Only with static routing: otherwise the MoE reads each step's expert counts on the host."""
-        return all(layer.moe.static_shapes for layer in self.layers)
+    def capabilities(self) -> Capabilities:
+        """Decode steps are captured only with static routing: otherwise the MoE reads each step's expert counts
+        on the host. Every forward stops between layers when its ``interrupt`` says so."""
+        moes = self.moes
+        return Capabilities(
+            captures_cuda_graphs=all(moe.static_shapes for moe in moes),
+            interruptible=True,
+            packed_experts=moes[0].experts.packed,
+        )
+
+    @property
+    def moes(self) -> list[MoE]:
+        return [cast(GptOssBlock, layer).moe for layer in self.layers]
 
     def use_static_routing(self) -> None:
         """Route and group the MoE's tokens on the device, every shape fixed by the token count (models/moe.py),
         so a decode step can be captured or compiled whole. Not the CPU default: the host-sized groups are faster."""
-        if not all(layer.moe.experts.runs_static for layer in self.layers):
+        if not all(moe.experts.runs_static for moe in self.moes):
             raise ValueError("static routing needs float experts (bfloat16 off the CPU) or, packed MXFP4 ones, "
                              "float32 on CPU")
-        for layer in self.layers:
-            layer.moe.static_shapes = True
-
-    @property
-    def interruptible(self) -> bool:
-        """``forward`` stops between layers when its ``interrupt`` says so (the engine gives decode steps up for
-        a newcomer's prompt)."""
-        return True
+        for moe in self.moes:
+            moe.static_shapes = True
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        return KVCacheSpec(self.config.num_layers, self.config.num_kv_heads // self.tp.world_size, self.config.head_dim)
+        """With the sliding layers' windows, so a grouped pool can free their blocks behind the window; not when
+        split over ranks: a tensor-parallel step sends its ranks one block table per sequence (step_channel)."""
+        c = self.config
+        windows = tuple(c.sliding_window if s else None for s in c.sliding_layers) if self.tp.world_size == 1 else ()
+        return KVCacheSpec(c.num_layers, c.num_kv_heads // self.tp.world_size, c.head_dim, windows)
 
     def forward(self, batch: ForwardBatch, cache: PagedKVCache, interrupt: Interrupt | None = None) -> Tensor:
         """Final hidden states of every token; raises ForwardInterrupted if ``interrupt`` fires between layers."""
+        if len(batch.views) != cache.num_groups:
+            raise ValueError(f"the batch has block tables for {len(batch.views)} KV groups, the pool {cache.num_groups}")
         x = self.embedding(batch.input_ids)
         cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
         for index, layer in enumerate(self.layers):
             check_interrupt(interrupt)
-            x = layer(x, cos, sin, batch, cache.layer(index))
+            x = layer(x, cos, sin, batch.view(cache.group_of(index)), cache.layer(index))
         return self.norm(x)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden).float()
 
-    def relayout_unembedding(self) -> None:
-        """Off the oneDNN path: the unembedding stored the way MKL's logits matmul reads it fastest."""
-        if self.tp.is_first:  # only rank 0 holds the unembedding
-            relayout_for_logits(self.lm_head.weight)
-
-    def use_onednn(self, bf16_weights: bool = False) -> None:
-        """CPU, fp32 or native bf16: run attention's projections, the routers and the lm_head through oneDNN
-        (models/onednn_linear.py), or with ``bf16_weights`` (weights already rounded) through
-        models/bf16_weight_linear.py. Experts keep their own path (models/moe.py)."""
-        linear = Bf16WeightLinear if bf16_weights else OneDNNLinear
-        parents = [(layer.attn, name) for layer in self.layers for name in ("qkv", "out")]
-        parents += [(layer.moe, "router") for layer in self.layers]
-        if self.tp.is_first and type(self.lm_head) is nn.Linear:  # fp32 logits, also in a bf16 model
-            self.lm_head = logits_linear(self.lm_head.weight, bf16_weights)
-        for parent, name in parents:
-            layer = getattr(parent, name)
-            if type(layer) is nn.Linear:  # row-parallel layers keep their own forward
-                setattr(parent, name, linear(layer.weight, layer.bias))
+    @property
+    def unembedding(self) -> Tensor | None:
+        """The matrix the logits multiply by; None on the ranks that compute no logits (all but rank 0)."""
+        return self.lm_head.weight if self.tp.is_first else None
 
 
 def load_gpt_oss(

@@ -44,7 +44,7 @@ class GptOssConfig:
     max_position_embeddings: int
 
     @classmethod
-    def from_hf(cls, config: dict) -> "GptOssConfig":
+    def from_hf(cls, config: dict) -> GptOssConfig:
         rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("yarn", "default"):
@@ -80,7 +80,7 @@ class GptOssConfig:
         )
 
     @classmethod
-    def from_original(cls, config: dict) -> "GptOssConfig":
+    def from_original(cls, config: dict) -> GptOssConfig:
         num_layers = config_int(config, "num_hidden_layers", high=1024)
         num_experts = config_int(config, "num_experts")
         factor = config_float(config, "rope_scaling_factor", 1.0, 1e6)
@@ -104,7 +104,7 @@ class GptOssConfig:
         )
 
     @classmethod
-    def _checked(cls, config: dict, **values) -> "GptOssConfig":
+    def _checked(cls, config: dict, **values) -> GptOssConfig:
         """Adds and checks the keys both layouts name alike."""
         hidden = config_int(config, "hidden_size")
         num_heads = config_int(config, "num_attention_heads", high=hidden)

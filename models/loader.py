@@ -4,25 +4,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from models.bf16_weight_linear import round_to_bf16_
 from models.checkpoint import CheckpointError, read_json
 from models.cpu_isa import cpu_isa
 from models.cpu_kernels import cpu_kernels_loaded
+from models.linear_selection import select_linears
 from models.onednn_linear import onednn_usable
 from models.parallel import SINGLE, TensorParallel
+from models.servable import ServableModel
 from models.tokenizer import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from models.gpt2 import GPT2
+    from models.gpt_oss import GptOss
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class LoadedModel:
-    model: nn.Module  # GPT2 or GptOss: forward(batch, cache, interrupt), compute_logits, kv_cache_spec,
-    #                   max_context, captures_cuda_graphs, interruptible
+    model: ServableModel
     tokenizer: Tokenizer
     family: str  # "gpt2" | "gpt_oss"
     directory: Path
@@ -109,8 +114,9 @@ def load_weights(
     keep_experts_packed: bool = False,
     tp: TensorParallel = SINGLE,
     bf16_weights: bool = False,
-) -> nn.Module:
+) -> GPT2 | GptOss:
     """The model alone (a tensor-parallel worker rank needs no tokenizer): this rank's shard of it."""
+    model: GPT2 | GptOss
     if family == "gpt2":
         from models.gpt2 import load_gpt2
 
@@ -121,10 +127,7 @@ def load_weights(
         model = load_gpt_oss(model_dir, dtype, device, keep_experts_packed=keep_experts_packed, tp=tp)
     if bf16_weights:
         round_to_bf16_(model)
-    if onednn_usable(device, dtype):
-        model.use_onednn(bf16_weights)  # reorders the unembedding its own way: a relayout first would only cost a copy
-    else:
-        model.relayout_unembedding()
+    select_linears(model, model.unembedding, device, dtype, bf16_weights)
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         cpu_kernels_loaded()  # built (or found built) now rather than during the first request
     return model

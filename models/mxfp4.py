@@ -93,7 +93,7 @@ def linear_mxfp4(x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None)
         return out.view(*x.shape[:-1], blocks.shape[0])
     out = x.new_empty(*x.shape[:-1], blocks.shape[0])
     for start in range(0, blocks.shape[0], ROWS_PER_TILE):
-        rows = slice(start, start + ROWS_PER_TILE)
-        weight = dequantize_mxfp4(blocks[rows], scales[rows], x.dtype)
-        out[..., rows] = F.linear(x, weight, None if bias is None else bias[rows])
+        tile = slice(start, start + ROWS_PER_TILE)
+        weight = dequantize_mxfp4(blocks[tile], scales[tile], x.dtype)
+        out[..., tile] = F.linear(x, weight, None if bias is None else bias[tile])
     return out

@@ -3,7 +3,8 @@
 A model built with ``SINGLE`` (world size 1) is the ordinary single-process model: nothing is split and
 ``all_reduce`` returns its argument, so that path pays nothing. With N ranks, every rank holds a contiguous
 1/N slice of each split dimension (heads, MLP columns, experts) and the partial results of row-parallel
-layers are summed with ``all_reduce``.
+layers are summed with ``all_reduce``. A column-parallel layer needs no class of its own: it is a plain
+``nn.Linear`` over this rank's slice of the output features (the loaders read only that slice).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.distributed as dist
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from models.checkpoint import CheckpointError
 
@@ -52,3 +54,22 @@ class TensorParallel:
 
 
 SINGLE = TensorParallel()
+
+
+class RowParallelLinear(nn.Linear):
+    """A Linear whose input features are split over the ranks: partial products are summed, then the bias added."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel) -> None:
+        super().__init__(in_features, out_features)
+        self.tp = tp
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.tp.all_reduce(F.linear(x, self.weight)) + self.bias
+
+
+def row_parallel_linear(in_features: int, out_features: int, tp: TensorParallel) -> nn.Linear:
+    """The layer that brings a split dimension back to the whole hidden size (attention's output projection,
+    the MLP's down projection): plain on one rank, so that path runs no collective."""
+    if tp.world_size == 1:
+        return nn.Linear(in_features, out_features)
+    return RowParallelLinear(in_features, out_features, tp)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import h11
 import uvicorn
@@ -32,7 +33,8 @@ class GuardedH11Protocol(H11Protocol):
 
     header_timeout = 10.0  # replaced per server by ``guarded_protocol``
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+    # uvicorn's H11Protocol itself narrows asyncio's BaseTransport to Transport; this override follows it.
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_deadline: asyncio.TimerHandle | None = None
         self._arm_header_deadline()
@@ -87,12 +89,14 @@ class DrainingServer(uvicorn.Server):
             deadline.cancel()
 
 
-def serve(app: object, config: ServerConfig, cut: Callable[[], None]) -> None:
-    """Run until SIGTERM/SIGINT; ``cut`` aborts whatever is still in flight at the drain deadline."""
+def serve(app: Callable[..., Any], config: ServerConfig, cut: Callable[[], None]) -> None:
+    """Run the ASGI ``app`` until SIGTERM/SIGINT; ``cut`` aborts whatever is still in flight at the drain deadline."""
+    # uvicorn annotates both timeouts as int but hands them to call_later and wait_for, which take fractions.
     uvicorn_config = uvicorn.Config(
         app, host=config.http.host, port=config.http.port, log_config=None, access_log=False,
         log_level=config.log_level, http=guarded_protocol(config.http.header_timeout),
-        timeout_keep_alive=config.http.keep_alive_timeout, limit_concurrency=config.http.max_connections,
-        timeout_graceful_shutdown=config.http.drain_timeout + CUT_GRACE_S,
+        limit_concurrency=config.http.max_connections,
+        timeout_keep_alive=config.http.keep_alive_timeout,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=config.http.drain_timeout + CUT_GRACE_S,  # type: ignore[arg-type]
     )
     DrainingServer(uvicorn_config, config.http.drain_timeout, cut).run()

@@ -50,8 +50,8 @@ class ModelMetrics:
     """One served model's series. Called from the engine thread: every method is a few locked increments."""
 
     def __init__(self, families: dict[str, Counter | Gauge | Histogram], model_name: str) -> None:
-        def bind(name: str) -> Any:  # the family's child for this model: a Gauge, Counter or Histogram
-            return families[name].labels(model_name=model_name)
+        def bind(name: str, **labels: str) -> Any:  # the family's child for this model: a Gauge, Counter or Histogram
+            return families[name].labels(model_name=model_name, **labels)
 
         self._running = bind("num_requests_running")
         self._waiting = bind("num_requests_waiting")
@@ -74,8 +74,7 @@ class ModelMetrics:
         self._request_prompt = bind("request_prompt_tokens")
         self._request_generation = bind("request_generation_tokens")
         # Every reason is bound up front so an idle server already reports each one as 0.
-        self._finished = {reason: families["request_success"].labels(model_name=model_name, finished_reason=reason)
-                          for reason in FINISHED_REASONS}
+        self._finished = {reason: bind("request_success", finished_reason=reason) for reason in FINISHED_REASONS}
 
     def scheduler_state(self, running: int, waiting: int, kv_blocks_used: int, kv_blocks_total: int) -> None:
         """After each schedule: queue lengths and the KV blocks held by live requests (cached free blocks excluded)."""

@@ -71,10 +71,10 @@ def download_from_hub(repo_id: str) -> Path:
     """
     from huggingface_hub import snapshot_download
 
-    patterns = {"allow_patterns": HUB_ALLOW_PATTERNS, "ignore_patterns": HUB_IGNORE_PATTERNS}
     missing: list[str] = []
     try:
-        cached = Path(snapshot_download(repo_id, local_files_only=True, **patterns))
+        cached = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=HUB_ALLOW_PATTERNS,
+                                        ignore_patterns=HUB_IGNORE_PATTERNS))
         missing = _missing_checkpoint_files(cached)
         if not missing:
             return cached
@@ -85,7 +85,8 @@ def download_from_hub(repo_id: str) -> Path:
                  "download? run once online to finish it)") if missing else "is not in the local HuggingFace cache"
         raise ModelSourceError(f"hub model {repo_id!r} {state} and HF_HUB_OFFLINE is set")
     try:
-        directory = Path(snapshot_download(repo_id, **patterns))
+        directory = Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS,
+                                           ignore_patterns=HUB_IGNORE_PATTERNS))
     except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end the same way
         raise ModelSourceError(
             f"hub model {repo_id!r} is not in the local HuggingFace cache and could not be downloaded "

@@ -32,7 +32,7 @@ def install_openapi(app: FastAPI, model_names: list[str]) -> None:
             app.openapi_schema = document
         return app.openapi_schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise the schema
 
 
 def _drop_validation_422(document: dict[str, Any]) -> None:

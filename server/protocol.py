@@ -55,7 +55,8 @@ class SamplingFields(NoOpFields):
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, lt=INT64_BOUND, description="vLLM extra; 0, -1 or above the vocabulary is off")
+    top_k: int | None = Field(None, ge=-1, lt=INT64_BOUND,
+                              description="vLLM extra; 0, -1 or above the vocabulary is off")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="vLLM extra")
     n: int = Field(1, ge=1, le=MAX_N)
     stop: StopStrings | Annotated[list[StopStrings], Field(max_length=MAX_STOP_STRINGS)] | None = None

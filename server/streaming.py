@@ -11,7 +11,13 @@ from pydantic import BaseModel
 
 from server.engine.errors import EngineError
 from server.protocol import (
-    APIError, ChatCompletionChunk, CompletionResponse, ErrorObject, ErrorResponse, StreamOptions, Usage,
+    APIError,
+    ChatCompletionChunk,
+    CompletionResponse,
+    ErrorObject,
+    ErrorResponse,
+    StreamOptions,
+    Usage,
 )
 from server.routes.engine_calls import cancel_on_disconnect
 
@@ -54,9 +60,9 @@ def continuous_usage(options: StreamOptions | None, usage: UsageSoFar) -> UsageS
     return None
 
 
-def sse_response(chunks: AsyncGenerator[CompletionResponse | ChatCompletionChunk, None],
-                 usage: UsageSoFar | None = None) -> StreamingResponse:
-    """``usage``, when given, fills every chunk's usage with the counts at the moment it is sent."""
+def sse_response(chunks: AsyncGenerator[BaseModel, None], usage: UsageSoFar | None = None) -> StreamingResponse:
+    """``usage``, when given, fills every completion or chat chunk's usage with the counts at the moment it is
+    sent."""
     return StreamingResponse(
         _frames(chunks, usage),
         media_type="text/event-stream",
@@ -64,15 +70,15 @@ def sse_response(chunks: AsyncGenerator[CompletionResponse | ChatCompletionChunk
     )
 
 
-async def _frames(chunks: AsyncGenerator[CompletionResponse | ChatCompletionChunk, None],
-                  usage: UsageSoFar | None) -> AsyncIterator[bytes]:
+async def _frames(chunks: AsyncGenerator[BaseModel, None], usage: UsageSoFar | None) -> AsyncIterator[bytes]:
     """Once the 200 is sent an error can only be reported in the stream: as an error event, then [DONE].
 
     A client disconnect cancels this generator; closing ``chunks`` then aborts the engine requests.
     """
     try:
         async for chunk in chunks:
-            if usage is not None and chunk.usage is None:
+            if (usage is not None and isinstance(chunk, CompletionResponse | ChatCompletionChunk)
+                    and chunk.usage is None):
                 chunk.usage = usage()
             yield sse_event(chunk)
     except Exception as e:  # noqa: BLE001 - whatever went wrong, the client gets an error event, not a cut stream

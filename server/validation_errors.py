@@ -32,7 +32,8 @@ def validation_error_object(e: RequestValidationError) -> ErrorObject:
     if best["type"] == "extra_forbidden":
         message = f"{path}: unknown or unsupported parameter"
     elif len(same_field) > 1 and _specificity(best) == (1, False):  # no branch of the union took the value
-        expected = " or ".join(dict.fromkeys(_describe(_tag(error)) for error in same_field if _tag(error)))
+        tags = [tag for tag in map(_tag, same_field) if tag]
+        expected = " or ".join(dict.fromkeys(_describe(tag) for tag in tags))
         message = f"{path}: must be {expected}"
     else:
         message = f"{path or 'body'}: {best['msg']}"

@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import pytest
 import torch
-from torch import nn
 
+from models.gpt2 import GPT2
+from models.gpt_oss import GptOss
+from models.linear_selection import use_onednn
 from models.onednn_linear import OneDNNLinear, onednn_usable
 
+Model = TypeVar("Model", GPT2, GptOss)
 PATHS = ["plain", "onednn"]  # torch's own matmuls; the oneDNN linears the server uses for fp32 on CPU
 
 
-def on_path(model: nn.Module, path: str, device: torch.device) -> nn.Module:
+def on_path(model: Model, path: str, device: torch.device) -> Model:
     if path == "onednn":
         if not onednn_usable(device, torch.float32):
             pytest.skip("oneDNN linears serve fp32 on CPU only")
-        model.use_onednn()
+        use_onednn(model, model.unembedding)
     return model
 
 
-def on_same_path(other: nn.Module, model: nn.Module) -> nn.Module:
+def on_same_path(other: Model, model: GPT2 | GptOss) -> Model:
     """``other`` switched to ``model``'s linear path, so that their logits compare bit for bit."""
     if isinstance(model.lm_head, OneDNNLinear):
-        other.use_onednn()
+        use_onednn(other, other.unembedding)
     return other

@@ -5,8 +5,8 @@ from __future__ import annotations
 import openai
 import pytest
 
-from models.loader import load_model
 from models.generation import greedy_generate
+from models.loader import load_model
 from server.chat import ChatMessage, HarmonyChatFormat, TemplateChatFormat
 from tests.server_process import ServerProcess
 

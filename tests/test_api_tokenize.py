@@ -93,7 +93,8 @@ def test_bad_tokenizer_requests_are_400_naming_the_field(http):
 
 
 def test_tokenizer_endpoints_need_the_key_and_version_does_not(server, http):
-    for path, body in (("/tokenize", {"model": "tiny", "prompt": "x"}), ("/detokenize", {"model": "tiny", "tokens": [1]})):
+    calls = (("/tokenize", {"model": "tiny", "prompt": "x"}), ("/detokenize", {"model": "tiny", "tokens": [1]}))
+    for path, body in calls:
         assert httpx.post(server.base_url + path, json=body).status_code == 401
         assert http.post(path, json=body).status_code == 200
     version = httpx.get(server.base_url + "/version")

@@ -49,8 +49,8 @@ def test_only_a_new_request_interrupts_a_decode_step_and_commands_keep_their_ord
 
 
 def test_metric_calls_made_in_the_core_reach_the_front_ends_registry_as_made():
+    from server.engine.engine_stats import EngineStats
     from server.engine.metric_events import replay
-    from server.engine.outputs import EngineStats
     from server.metrics import Metrics
 
     recorder = MetricRecorder()

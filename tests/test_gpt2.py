@@ -35,7 +35,8 @@ def model(request: pytest.FixtureRequest, tiny_gpt2_dir: Path, device: torch.dev
 def oracle(tiny_gpt2_dir: Path, device: torch.device):
     from transformers import GPT2LMHeadModel
 
-    return GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir, attn_implementation="eager", dtype=torch.float32).to(device).eval()
+    hf = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir, attn_implementation="eager", dtype=torch.float32)
+    return hf.to(device).eval()
 
 
 def random_ids(n: int, seed: int) -> list[int]:
@@ -117,7 +118,8 @@ def test_bfloat16_load_stays_close_to_float32(tiny_gpt2_dir, model, device):
 
 
 def test_missing_weights_file_is_named(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 8, "n_head": 2, "n_layer": 1, "n_positions": 8, "vocab_size": 50257}))
+    config = {"model_type": "gpt2", "n_embd": 8, "n_head": 2, "n_layer": 1, "n_positions": 8, "vocab_size": 50257}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_gpt2(tmp_path, torch.float32, "cpu")
 

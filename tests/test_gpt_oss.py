@@ -7,9 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GptOssConfig as HFGptOssConfig
-from transformers import GptOssForCausalLM
-from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+from transformers import GptOssConfig as HFGptOssConfig, GptOssForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from models.checkpoint import CheckpointError
@@ -19,6 +17,7 @@ from models.kv_cache import PagedKVCache
 from models.moe import Experts
 from models.rotary import YarnRotary
 from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
+from tests.gpt_oss_oracle import transformers_gpt_oss
 from tests.linear_paths import PATHS, on_path, on_same_path
 
 SLIDING_WINDOW = 8
@@ -40,22 +39,7 @@ def model(request: pytest.FixtureRequest, checkpoint_dir) -> GptOss:
 
 @pytest.fixture(scope="module")
 def oracle(checkpoint_dir) -> GptOssForCausalLM:
-    """transformers' model on the same weights; experts dequantized by transformers' own MXFP4 code."""
-    config = json.loads((checkpoint_dir / "config.json").read_text())
-    del config["quantization_config"]
-    hf_config = HFGptOssConfig(**config)
-    hf_config._attn_implementation = "eager"
-    state = {}
-    for shard in checkpoint_dir.glob("*.safetensors"):
-        state |= load_file(shard)
-    for blocks_name in [name for name in state if name.endswith("_blocks")]:
-        base = blocks_name.removesuffix("_blocks")
-        blocks, scales = state.pop(blocks_name), state.pop(base + "_scales")
-        state[base] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
-    oracle = GptOssForCausalLM(hf_config)
-    oracle.load_state_dict({name: t.float() for name, t in state.items()}, strict=True)
-    oracle.generation_config.eos_token_id = None
-    return oracle.eval()
+    return transformers_gpt_oss(checkpoint_dir)
 
 
 def random_tokens(n: int, seed: int) -> list[int]:
@@ -138,7 +122,8 @@ def test_hf_and_original_layouts_give_identical_logits(model, checkpoint_dir):
 
 
 def test_packed_experts_give_the_float_experts_logits(model, checkpoint_dir):
-    packed = on_same_path(load_gpt_oss(checkpoint_dir, torch.float32, torch.device("cpu"), keep_experts_packed=True), model)
+    loaded = load_gpt_oss(checkpoint_dir, torch.float32, torch.device("cpu"), keep_experts_packed=True)
+    packed = on_same_path(loaded, model)
     experts = packed.layers[0].moe.experts
     assert experts.packed and experts.gate_up_blocks.dtype == torch.uint8
     ids = random_tokens(20, seed=8)
@@ -151,7 +136,8 @@ def test_float_experts_checkpoint_gives_identical_logits(model, tmp_path):
     float_dir = write_tiny_gpt_oss(tmp_path / "float", float_experts=True, sliding_window=SLIDING_WINDOW)
     index = json.loads((float_dir / "model.safetensors.index.json").read_text())
     assert not any(name.endswith("_blocks") for name in index["weight_map"])
-    unpacked = on_same_path(load_gpt_oss(float_dir, torch.float32, torch.device("cpu"), keep_experts_packed=True), model)
+    loaded = load_gpt_oss(float_dir, torch.float32, torch.device("cpu"), keep_experts_packed=True)
+    unpacked = on_same_path(loaded, model)
     assert not unpacked.layers[0].moe.experts.packed  # nothing to keep packed
     ids = random_tokens(20, seed=12)
     assert torch.equal(full_forward(unpacked, ids), full_forward(model, ids))

@@ -42,7 +42,7 @@ def decode_chunks(contexts: list[int], seed: int) -> list[SimpleNamespace]:
     chunks = []
     for i, context in enumerate(contexts):
         tokens = torch.randint(0, 201088, (context + 1,), generator=g).tolist()
-        seq = SimpleNamespace(token_ids=tokens, num_computed_tokens=context, block_table=[3 * i, 3 * i + 1, 3 * i + 2])
+        seq = SimpleNamespace(token_ids=tokens, num_computed_tokens=context, block_tables=[[3 * i, 3 * i + 1, 3 * i + 2]])
         chunks.append(SimpleNamespace(seq=seq, num_tokens=1))
     return chunks
 
@@ -65,10 +65,10 @@ def test_decode_step_compiles_whole_and_steps_of_one_bucket_reuse_its_graph(mode
 
 def test_graphs_are_captured_only_once_routing_is_static(checkpoint_dir):
     model = load_gpt_oss(checkpoint_dir, torch.float32, "cpu")
-    assert not model.captures_cuda_graphs, "the host-sized MoE reads expert counts every layer"
+    assert not model.capabilities.captures_cuda_graphs, "the host-sized MoE reads expert counts every layer"
     model.use_static_routing()
-    assert model.captures_cuda_graphs
+    assert model.capabilities.captures_cuda_graphs
     packed_bf16 = load_gpt_oss(checkpoint_dir, torch.bfloat16, "cpu", keep_experts_packed=True)
     with pytest.raises(ValueError, match="packed MXFP4 ones, float32 on CPU"):
         packed_bf16.use_static_routing()
-    assert not packed_bf16.captures_cuda_graphs
+    assert not packed_bf16.capabilities.captures_cuda_graphs

@@ -24,8 +24,7 @@ from models.loader import load_model
 from server.engine import engine as engine_module
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.sampling_params import SamplingParams
-from tests.test_gpt_oss import BLOCK_SIZE as OSS_BLOCK, checkpoint_dir, oracle as oss_oracle  # noqa: F401
-from tests.test_gpt_oss import random_tokens
+from tests.test_gpt_oss import BLOCK_SIZE as OSS_BLOCK, checkpoint_dir, oracle as oss_oracle, random_tokens  # noqa: F401
 
 ATOL = 1e-3  # against the rounded oracle; the rounding itself moves logits by 0.04 (GPT-2) to 1.4 (GPT-OSS) here
 

@@ -1,4 +1,5 @@
-"""The /metrics exposition: vLLM's names, types, labels and buckets under `gptserve:`, read back as Prometheus reads it."""
+"""The /metrics exposition: vLLM's names, types, labels and buckets under `gptserve:`, read back as Prometheus
+reads it."""
 
 from __future__ import annotations
 

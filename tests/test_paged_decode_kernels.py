@@ -33,14 +33,16 @@ def decode_batch(context_lens: list[int], num_blocks: int, seed: int) -> Forward
     return ForwardBatch.build([[1] for _ in context_lens], [n - 1 for n in context_lens], tables, BLOCK)
 
 
-def attend(batch: ForwardBatch, heads: int, kv_heads: int, head_dim: int, window, sinks, use_kernels: bool, monkeypatch):
+def attend(
+    batch: ForwardBatch, heads: int, kv_heads: int, head_dim: int, window, sinks, use_kernels: bool, monkeypatch
+):
     torch.manual_seed(0)
     slots = 64 * BLOCK
     cache = (torch.randn(slots, kv_heads, head_dim), torch.randn(slots, kv_heads, head_dim))
     q = torch.randn(batch.num_tokens, heads, head_dim)
     k, v = torch.randn(batch.num_tokens, kv_heads, head_dim), torch.randn(batch.num_tokens, kv_heads, head_dim)
     monkeypatch.setattr(attention, "decode_kernels_apply", lambda _q: use_kernels)
-    return attention.paged_attention(q, k, v, cache, batch, window=window, sinks=sinks)
+    return attention.paged_attention(q, k, v, cache, batch.view(0), window=window, sinks=sinks)
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(12, 12, 64), (8, 2, 64), (4, 1, 12)])
@@ -66,7 +68,8 @@ def test_mixed_batch_uses_kernels_for_decode_rows_only(monkeypatch):
 
 @pytest.mark.parametrize(
     "block,context_len,message",
-    [(0, BLOCK + 1, "longer than its blocks"), (4, 1, "outside the pool"), (-1, 1, "outside the pool"), (0, 0, "no key")],
+    [(0, BLOCK + 1, "longer than its blocks"), (4, 1, "outside the pool"), (-1, 1, "outside the pool"),
+     (0, 0, "no key")],
 )
 def test_out_of_range_geometry_is_refused_not_read(block, context_len, message):
     assert cpu_kernels_loaded()

@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from models.testing.gpt2_checkpoint import write_tiny_gpt2
 from bench.server_process import free_port
+from models.testing.gpt2_checkpoint import write_tiny_gpt2
 from tests.server_process import ServerProcess
 
 STARTUP_SECONDS = 30.0

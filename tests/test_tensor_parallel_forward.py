@@ -20,7 +20,7 @@ from models.gpt_oss import GptOss, GptOssConfig, load_gpt_oss
 from models.kv_cache import PagedKVCache
 from models.moe import splits_by_experts
 from models.parallel import TensorParallel
-from models.testing.gpt_oss_checkpoint import hf_config_json, write_tiny_gpt_oss, TINY_CONFIG
+from models.testing.gpt_oss_checkpoint import TINY_CONFIG, hf_config_json, write_tiny_gpt_oss
 
 WORLD = 2
 PROMPTS = [[5, 9, 200, 17, 3, 88, 1000, 4], [42, 7, 7], [123456, 77, 3, 9, 11]]
@@ -77,7 +77,8 @@ def test_two_ranks_splitting_expert_intermediate_dims_give_the_unsharded_logits(
 
 def test_kv_heads_that_ranks_cannot_divide_are_rejected_with_the_reason():
     config = GptOssConfig.from_hf(hf_config_json(TINY_CONFIG))  # 2 KV heads
-    with torch.device("meta"), pytest.raises(CheckpointError, match="num_key_value_heads=2 .* --tensor-parallel-size 4"):
+    refused = pytest.raises(CheckpointError, match="num_key_value_heads=2 .* --tensor-parallel-size 4")
+    with torch.device("meta"), refused:
         GptOss(config, tp=TensorParallel(0, 4))
 
 

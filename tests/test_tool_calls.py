@@ -9,11 +9,19 @@ import pytest
 
 from models.testing.tokenizer_files import write_gpt2_tokenizer
 from models.tokenizer import load_tokenizer
-from server.chat import ChatMessage, FunctionTool, ToolCall, ToolCallDelta
-from server.chat import harmony_encoding as harmony_encoding_module
+from server.chat import ChatMessage, FunctionTool, ToolCall, ToolCallDelta, harmony_encoding as harmony_encoding_module
 from server.chat.harmony_encoding import ENCODINGS_BASE, harmony_encoding
 from tests.test_chat_harmony import (  # noqa: F401 - fixtures
-    DATE, assistant, chat, completion_tokens, harmony, joined, parse, reference_prompt, tokenizer, user,
+    DATE,
+    assistant,
+    chat,
+    completion_tokens,
+    harmony,
+    joined,
+    parse,
+    reference_prompt,
+    tokenizer,
+    user,
 )
 
 WEATHER_SCHEMA = {
@@ -59,7 +67,8 @@ def test_tools_without_instructions_still_get_a_developer_message(chat, harmony)
 def test_history_with_a_call_and_its_result_matches_openai_harmony(chat, harmony):
     messages = [
         ChatMessage("user", "Weather in Oslo?"),
-        ChatMessage("assistant", "", reasoning="Need the weather tool.", tool_calls=[ToolCall("c1", "get_weather", ARGUMENTS)]),
+        ChatMessage("assistant", "", reasoning="Need the weather tool.",
+                    tool_calls=[ToolCall("c1", "get_weather", ARGUMENTS)]),
         ChatMessage("tool", '{"temperature": 3}', tool_call_id="c1"),
     ]
     reference = [user("Weather in Oslo?"), assistant("Need the weather tool.", "analysis"),

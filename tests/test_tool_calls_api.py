@@ -94,7 +94,8 @@ def http(chat, engines) -> TestClient:
     app = create_app(ServerConfig(), {})
     with TestClient(app) as running:
         app.state.models["oss"] = ServedModel("oss", engines["oss"], chat, 0)
-        app.state.models["gpt2"] = ServedModel("gpt2", engines["gpt2"], TemplateChatFormat(engines["gpt2"].tokenizer), 0)
+        template = TemplateChatFormat(engines["gpt2"].tokenizer)
+        app.state.models["gpt2"] = ServedModel("gpt2", engines["gpt2"], template, 0)
         yield running
 
 

@@ -23,7 +23,7 @@ def write_safetensors(out_dir: Path, tensors: dict[str, torch.Tensor], shards: i
         save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
         return
     names = list(tensors)
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for k in range(shards):
         file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
         part = {n: tensors[n] for n in names[k::shards]}

@@ -3,8 +3,8 @@
 The template sees `messages` (dicts with `role`, `content`, `reasoning`, `tool_calls`, `tool_call_id`),
 `tools` (dicts with `name`, `description`, `parameters`), `add_generation_prompt` (always true),
 `reasoning_effort` and `current_date`. Tools are refused unless the template's text mentions `tools`:
-the default one does not, and silently dropping them would let a client believe the model saw them. The default, DEFAULT_CHAT_TEMPLATE, writes a
-plain transcript and leaves the model to continue after "Assistant:":
+the default one does not, and silently dropping them would let a client believe the model saw them. The default,
+DEFAULT_CHAT_TEMPLATE, writes a plain transcript and leaves the model to continue after "Assistant:":
 
     System: Be brief.
     User: Hello!

@@ -3,7 +3,8 @@ or the cache, and what a request that leaves max_tokens out gets.
 
 A request must fit the KV cache with as many of its n choices at full length as can run at once (at most
 --max-num-seqs; the choices share the prompt's full blocks through the prefix cache). One that fits fewer would
-be served by preempting its own choices over and over. Echoed prompt logprobs are bounded too: each choice returns every prompt token
+be served by preempting its own choices over and over. A sliding-window KV group (GPT-OSS) needs at most the
+blocks its window and one prefill chunk span, however long the sequence (server/engine/block_manager.py). Echoed prompt logprobs are bounded too: each choice returns every prompt token
 with its top alternatives, so n x prompt x (logprobs + 1) entries, a response thousands of times its request.
 """
 
@@ -17,6 +18,13 @@ from server.engine.sampling_params import SamplingParams
 MAX_PROMPT_LOGPROB_ENTRIES = 2**18  # ~8 MB of JSON; a full 128k context scored with one alternative fits
 
 
+def sliding_blocks(tokens: int, block_size: int, windows: tuple[int | None, ...], max_chunk: int) -> int:
+    """The most blocks the sliding-window KV groups (``windows`` after the first, as the block manager's) hold for
+    one sequence of ``tokens``: each its window and one prefill chunk of up to ``max_chunk`` tokens."""
+    full = -(-tokens // block_size)
+    return sum(min(full, -(-(w - 1 + max_chunk) // block_size) + 1) for w in windows[1:] if w is not None)
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     max_model_len: int
@@ -24,6 +32,8 @@ class Admission:
     num_blocks: int
     prefix_caching: bool
     max_num_seqs: int
+    windows: tuple[int | None, ...] = (None,)  # per KV group (server/engine/block_manager.py)
+    max_num_batched_tokens: int = 0  # the longest prefill chunk; only sliding groups' needs depend on it
 
     @property
     def capacity_tokens(self) -> int:
@@ -74,13 +84,19 @@ class Admission:
         once (0 if not even the prompt fits: validate then says why)."""
         n = min(n, self.max_num_seqs)
         blocks_per_choice = (self.num_blocks + (n - 1) * self._shared_blocks(prompt_len)) // n
-        return max(min(self.max_model_len, blocks_per_choice * self.block_size) - prompt_len, 0)
+        full_blocks = blocks_per_choice - self._sliding_blocks(self.max_model_len)
+        return max(min(self.max_model_len, full_blocks * self.block_size) - prompt_len, 0)
 
     def _shared_blocks(self, prompt_len: int) -> int:
         """Choices after the first find the prompt's full blocks in the prefix cache (echoed prompt logprobs
         too: the engine scores the prompt once, with the first choice)."""
         return (prompt_len - 1) // self.block_size if self.prefix_caching else 0
 
+    def _sliding_blocks(self, tokens: int) -> int:
+        return sliding_blocks(tokens, self.block_size, self.windows, self.max_num_batched_tokens)
+
     def _blocks_needed(self, prompt_len: int, max_tokens: int, n: int) -> int:
-        per_choice = -(-(prompt_len + max_tokens) // self.block_size)
+        """Sliding groups' blocks are not counted as shared: the choices' windows part as soon as they decode."""
+        total = prompt_len + max_tokens
+        per_choice = -(-total // self.block_size) + self._sliding_blocks(total)
         return per_choice + (n - 1) * (per_choice - self._shared_blocks(prompt_len))

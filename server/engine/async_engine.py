@@ -15,7 +15,6 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from models.loader import LoadedModel
-from server.engine.distributed import ShardedModel
 from server.engine.engine import EngineConfig, EngineStats, LLMEngine, Output
 from server.engine.errors import EngineUnavailable, QueueFull, RequestRejected
 from server.engine.outputs import ChoiceOutput
@@ -51,8 +50,7 @@ class AsyncEngine:
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if isinstance(self.loaded.model, ShardedModel):  # tensor parallel: the other ranks allocate their KV too
-            self.loaded.model.attach(self.engine.cache, self.fail)
+        self.loaded.model.attach(self.engine.cache, self.fail)  # tensor parallel: the other ranks allocate their KV too
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
         self._thread.start()
@@ -69,8 +67,7 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10.0)
-        if isinstance(self.loaded.model, ShardedModel):
-            await asyncio.to_thread(self.loaded.model.stop)
+        await asyncio.to_thread(self.loaded.model.stop)
 
     def abort_all(self) -> None:
         """The drain deadline passed: stop admitting and end every request in flight as aborted, which the

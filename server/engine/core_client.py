@@ -16,7 +16,7 @@ import asyncio
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from multiprocessing.connection import wait
 
 import zmq
@@ -25,14 +25,10 @@ import zmq.asyncio
 from models.tokenizer import Tokenizer
 from server.engine import core_messages as wire
 from server.engine.core_startup import StartedCore
-from server.engine.errors import (
-    EngineError,
-    EngineUnavailable,
-    QueueFull,
-    RequestRejected,
-)
+from server.engine.engine_stats import EngineStats
+from server.engine.errors import EngineError, EngineUnavailable, QueueFull, RequestRejected
 from server.engine.metric_events import replay
-from server.engine.outputs import ChoiceOutput, EngineStats
+from server.engine.outputs import ChoiceOutput
 from server.engine.sampling_params import GrammarSpec, SamplingParams
 
 log = logging.getLogger("gptserve.engine")
@@ -156,7 +152,7 @@ class EngineCoreClient:
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, n: int = 1
-    ) -> AsyncIterator[ChoiceOutput]:
+    ) -> AsyncGenerator[ChoiceOutput, None]:
         """Each choice's outputs as they come; closing the generator early aborts the request in the core."""
         self.validate(len(prompt_ids), params, n)
         self._raise_if_unavailable()

@@ -11,7 +11,8 @@ from __future__ import annotations
 import msgspec
 
 from server.engine.admission import Admission
-from server.engine.outputs import ChoiceOutput, EngineStats
+from server.engine.engine_stats import EngineStats
+from server.engine.outputs import ChoiceOutput
 from server.engine.sampling_params import GrammarSpec, SamplingParams
 
 MetricEvent = tuple[str, tuple[int | float | str, ...]]  # a ModelMetrics method's name and its arguments

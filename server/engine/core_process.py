@@ -77,7 +77,7 @@ class EngineCore:
 
     def run(self) -> None:
         loaded = self.engine.loaded
-        _if_model_has(loaded.model, "attach", self.engine.cache, self.fail)  # tensor parallel: ranks allocate KV
+        loaded.model.attach(self.engine.cache, self.fail)  # tensor parallel: the other ranks allocate their KV too
         self.channel.send(wire.Ready(self.engine.admission, self._sent_stats, loaded.family,
                                      str(tokenizer_directory(loaded.directory))))
         try:
@@ -94,7 +94,7 @@ class EngineCore:
             self.fail(f"engine failed: {exc}")
             raise
         finally:
-            _if_model_has(loaded.model, "stop")
+            loaded.model.stop()
 
     def fail(self, reason: str) -> None:
         """From any thread (a tensor-parallel watchdog): /health turns 503 and every request gets 503 now."""
@@ -161,11 +161,6 @@ class EngineCore:
                 self.channel.send(wire.GrammarCompiled(ticket, f"compiling the grammar failed: {exc}"))
             else:
                 self.channel.send(wire.GrammarCompiled(ticket))
-
-
-def _if_model_has(model: object, method: str, *args: object) -> None:
-    """Until every model has attach/stop (no-ops outside tensor parallelism), only ShardedModel's are called."""
-    getattr(model, method, lambda *_: None)(*args)
 
 
 def run_core(name: str, directory: Path, config: ServerConfig, commands_address: str, outputs_address: str) -> None:

@@ -7,7 +7,8 @@ pieces) is padded to a captured batch size and replayed over static input buffer
 One graph is captured at start-up per (batch rows, key blocks per row) bucket, each rounded up to a power
 of two (the largest bucket is the limit itself): attention gathers every row's keys from that many blocks,
 so one graph sized for the longest context would read up to 8x more cache than a step needs. Padding rows
-write and read only a scratch block that the block manager never hands out. All graphs share one memory
+write and read only a scratch block that the block manager never hands out. Each KV group of the pool (models/
+kv_cache.py) has its own slots and key blocks among the inputs. All graphs share one memory
 pool: replays never overlap, and each graph's output stays allocated.
 
 On CPU nothing is captured: the same padded static forward runs eagerly, so the suite can check the
@@ -21,10 +22,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from models.forward_batch import AttentionGroup, ForwardBatch
+from models.forward_batch import AttentionGroup, ForwardBatch, KVView
 from models.kv_cache import PagedKVCache
+from models.servable import ServableModel
 from server.engine.scheduler import ScheduledChunk
 
 log = logging.getLogger("gptserve.engine")
@@ -42,13 +44,16 @@ def buckets(limit: int) -> list[int]:
 class _Bucket:
     rows: int
     blocks: int
-    inputs: Tensor  # flat int64: token ids [rows], positions [rows], slots [rows], context lens [rows], key blocks [rows * blocks]
+    # flat int64: token ids, positions, context lens [rows]; per KV group slots [rows], key blocks [rows * blocks]
+    inputs: Tensor
     graph: torch.cuda.CUDAGraph | None = None
     logits: Tensor | None = None  # [rows, vocab] float32, rewritten by every replay
 
 
 class DecodeGraphs:
-    def __init__(self, model: nn.Module, cache: PagedKVCache, max_rows: int, max_blocks: int, scratch_block: int) -> None:
+    def __init__(
+        self, model: ServableModel, cache: PagedKVCache, max_rows: int, max_blocks: int, scratch_block: int
+    ) -> None:
         self.model = model
         self.cache = cache
         self.scratch_block = scratch_block
@@ -88,63 +93,62 @@ class DecodeGraphs:
         bucket = self._buckets[rows, blocks]
         bucket.inputs.copy_(self._inputs(chunks, rows, blocks))
         self.steps += 1
-        if bucket.graph is None:
-            logits = self._forward(bucket)
-        else:
+        if bucket.graph is not None and bucket.logits is not None:  # captured: both are set together
             bucket.graph.replay()
             logits = bucket.logits
+        else:
+            logits = self._forward(bucket)
         return logits[: len(chunks)]
 
     def _inputs(self, chunks: list[ScheduledChunk], rows: int, blocks: int) -> Tensor:
-        block_size, scratch = self.cache.block_size, self.scratch_block
-        ids, positions, slots, context_lens, key_blocks = [], [], [], [], []
-        for chunk in chunks:
-            seq, pos = chunk.seq, chunk.seq.num_computed_tokens
-            ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            slots.append(seq.block_table[pos // block_size] * block_size + pos % block_size)
-            context_lens.append(pos + 1)
-            used = seq.block_table[: pos // block_size + 1]
-            key_blocks += used + [scratch] * (blocks - len(used))
-        pad = rows - len(chunks)
-        ids += [0] * pad
-        positions += [0] * pad
-        slots += [scratch * block_size] * pad
-        context_lens += [1] * pad
-        key_blocks += [scratch] * (blocks * pad)
-        return torch.tensor(ids + positions + slots + context_lens + key_blocks, dtype=torch.long)
+        block_size, scratch, pad = self.cache.block_size, self.scratch_block, rows - len(chunks)
+        positions = [c.seq.num_computed_tokens for c in chunks]
+        values = [c.seq.token_ids[p] for c, p in zip(chunks, positions)] + [0] * pad
+        values += positions + [0] * pad
+        values += [p + 1 for p in positions] + [1] * pad
+        for group in range(self.cache.num_groups):
+            tables = [c.seq.block_tables[group] for c in chunks]
+            values += [t[p // block_size] * block_size + p % block_size for t, p in zip(tables, positions)]
+            values += [scratch * block_size] * pad
+            for table, pos in zip(tables, positions):
+                used = [b if b >= 0 else scratch for b in table[: pos // block_size + 1]]  # -1: freed, masked out
+                values += used + [scratch] * (blocks - len(used))
+            values += [scratch] * (blocks * pad)
+        return torch.tensor(values, dtype=torch.long)
 
     def _padding(self, rows: int, blocks: int) -> Tensor:
         """Inputs of a batch made only of padding rows: valid to run, touching only the scratch block."""
         scratch_slot = self.scratch_block * self.cache.block_size
-        parts = [[0] * rows, [0] * rows, [scratch_slot] * rows, [1] * rows, [self.scratch_block] * (rows * blocks)]
-        return torch.tensor([v for part in parts for v in part], dtype=torch.long)
+        group = [scratch_slot] * rows + [self.scratch_block] * (rows * blocks)
+        return torch.tensor([0] * rows + [0] * rows + [1] * rows + group * self.cache.num_groups, dtype=torch.long)
 
     def _batch(self, bucket: _Bucket) -> ForwardBatch:
         """A ForwardBatch whose tensors are views of the bucket's static inputs. Built anew for every eager run
         and for the capture: an AttentionGroup caches its mask, which must be recomputed from the inputs."""
         rows, blocks, flat = bucket.rows, bucket.blocks, bucket.inputs
-        ids, positions, slots, context_lens = flat[: 4 * rows].view(4, rows)
+        ids, positions, context_lens = flat[: 3 * rows].view(3, rows)
         every_row = torch.arange(rows, device=self.device)
-        group = AttentionGroup(
-            token_index=every_row,
-            pad_index=every_row,
-            num_seqs=rows,
-            max_query=1,
-            key_blocks=flat[4 * rows :].view(rows, blocks),
-            query_positions=positions.view(rows, 1),
-            context_lens=context_lens,
-            block_size=self.cache.block_size,
-        )
+        views = []
+        for group in range(self.cache.num_groups):
+            start = 3 * rows + group * rows * (blocks + 1)
+            attention = AttentionGroup(
+                token_index=every_row,
+                pad_index=every_row,
+                num_seqs=rows,
+                max_query=1,
+                key_blocks=flat[start + rows : start + rows * (blocks + 1)].view(rows, blocks),
+                query_positions=positions.view(rows, 1),
+                context_lens=context_lens,
+                block_size=self.cache.block_size,
+            )
+            views.append(KVView([], flat[start : start + rows], [attention]))  # tables: only tensors are read
         return ForwardBatch(
             input_ids=ids,
             positions=positions,
-            slot_mapping=slots,
             query_lens=[1] * rows,
             context_lens=[],  # per-step values live in the static inputs; the forward reads only tensors
-            block_tables=[],
             block_size=self.cache.block_size,
-            groups=[group],
+            views=views,
         )
 
     @torch.inference_mode()

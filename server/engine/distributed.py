@@ -17,17 +17,19 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import Tensor, nn
+from torch import Tensor
 
 from models.forward_batch import ForwardBatch, Interrupt
 from models.kv_cache import KVCacheSpec, PagedKVCache
 from models.loader import LoadedModel, load_model
+from models.servable import Capabilities, ServableModel
 from server.config import ServerConfig
 from server.engine.step_channel import CacheGeometry, StepChannel
 from server.engine.tp_group import JOIN_TIMEOUT, ShardSpec, join, launched_by_torchrun
@@ -65,10 +67,10 @@ class WorkerWatchdog:
                 process.join()
 
 
-class ShardedModel:
-    """Rank 0's shard behind the interface the engine runs (forward, compute_logits, kv_cache_spec)."""
+class ShardedModel(ServableModel):
+    """Rank 0's shard behind the contract the engine runs (models/servable.py)."""
 
-    def __init__(self, model: nn.Module, channel: StepChannel, watchdog: WorkerWatchdog | None) -> None:
+    def __init__(self, model: ServableModel, channel: StepChannel, watchdog: WorkerWatchdog | None) -> None:
         self.model = model
         self.channel = channel
         self.watchdog = watchdog
@@ -82,14 +84,10 @@ class ShardedModel:
         return self.model.max_context
 
     @property
-    def captures_cuda_graphs(self) -> bool:
-        """The other ranks run each step from the broadcast batch: rank 0 cannot replay it alone."""
-        return False
-
-    @property
-    def interruptible(self) -> bool:
-        """Every rank runs each broadcast step to the end: rank 0 cannot give one up alone."""
-        return False
+    def capabilities(self) -> Capabilities:
+        """The other ranks run each broadcast step from the batch, to the end: rank 0 can neither replay one
+        alone nor give one up."""
+        return replace(self.model.capabilities, captures_cuda_graphs=False, interruptible=False)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return self.model.kv_cache_spec()

@@ -1,8 +1,8 @@
 """The synchronous engine core: one ``step()`` schedules, runs the model, samples and reports.
 
 It owns the KV pool, the block manager, the scheduler, the model runner and the sampler for one model, and
-is driven by one thread (the engine-core process's loop, core_process; or async_engine in-process). Outputs are reported per choice; a choice that ends is freed
-at once, so its blocks are available to the very next step.
+is driven by one thread (the engine-core process's loop, core_process; in one process, async_engine). Outputs
+are reported per choice; a choice that ends is freed at once, so its blocks are available to the very next step.
 
 A step of decodes alone can be given up between layers for a newcomer (``step(interrupt=...)``): in a closed
 loop a client sends its next request right after its last token, just as the next decode step starts, and
@@ -21,11 +21,12 @@ from models.forward_batch import ForwardInterrupted, Interrupt
 from models.kv_cache import PagedKVCache, kv_cache_dtype
 from models.loader import LoadedModel
 from server.config import EngineConfig
-from server.engine.admission import Admission
+from server.engine.admission import Admission, sliding_blocks
 from server.engine.block_manager import BlockManager
 from server.engine.decode_graphs import DecodeGraphs
+from server.engine.engine_stats import EngineStats
 from server.engine.model_runner import ModelRunner
-from server.engine.outputs import ChoiceOutput, EngineStats
+from server.engine.outputs import ChoiceOutput
 from server.engine.sampler import Sampler
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledChunk, Scheduler
@@ -34,7 +35,6 @@ from server.engine.step_metrics import StepMetrics
 from server.engine.structured_output import GrammarCompiler
 
 log = logging.getLogger("gptserve.engine")
-
 
 Output = tuple[str, ChoiceOutput]  # (request id, what happened to one of its choices)
 
@@ -55,39 +55,46 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or loaded.max_context, loaded.max_context)
         spec = loaded.model.kv_cache_spec()
         cache_dtype = kv_cache_dtype(config.kv_cache_dtype, loaded.dtype)
-        num_blocks = self._pool_blocks(spec.bytes_per_token(cache_dtype))
+        windows = spec.group_windows  # one KV group per attention window (models/kv_cache.py)
+        grouped = len(windows) > 1
+        num_blocks = self._pool_blocks(spec.bytes_per_token(cache_dtype, grouped), windows)
         # one block more than the block manager hands out: scratch space for the padding rows of decode graphs
-        self.cache = PagedKVCache(spec, num_blocks + 1, config.block_size, dtype=cache_dtype, device=loaded.device)
+        self.cache = PagedKVCache(spec, num_blocks + 1, config.block_size, dtype=cache_dtype, device=loaded.device,
+                                  grouped=grouped)
         salt = f"{loaded.family}:{loaded.directory.resolve()}:{loaded.dtype}:{cache_dtype}"  # what shapes the KV
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, salt)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, salt,
+                                          windows=windows)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(loaded.model, self.cache, loaded.device, loaded.tokenizer.vocab_size,
                                   self._decode_graphs(num_blocks))
         self.sampler = Sampler()
         self.admission = Admission(self.max_model_len, config.block_size, num_blocks, config.enable_prefix_caching,
-                                   config.max_num_seqs)
+                                   config.max_num_seqs, windows, config.max_num_batched_tokens)
         self.requests: dict[str, list[Sequence]] = {}
         self.held: dict[str, list[Sequence]] = {}  # choices waiting for their first sibling to score the prompt
         self._grammars: GrammarCompiler | None = None  # built on the first constrained request
-        log.info("KV cache: %d blocks of %d tokens (%d tokens, %s)", num_blocks, config.block_size,
-                 num_blocks * config.block_size, str(cache_dtype).removeprefix("torch."))
+        log.info("KV cache: %d blocks of %d tokens (%d tokens, %s; KV groups by window: %s)", num_blocks,
+                 config.block_size, num_blocks * config.block_size, str(cache_dtype).removeprefix("torch."), windows)
         if num_blocks * config.block_size < self.max_model_len:
             log.warning("the KV cache holds fewer tokens than the context (%d): a request's prompt + max_tokens "
                         "must fit the cache, and a request without max_tokens gets what fits", self.max_model_len)
 
-    def _pool_blocks(self, bytes_per_token: int) -> int:
-        tokens = self.config.kv_cache_tokens
+    def _pool_blocks(self, bytes_per_token: int, windows: tuple[int | None, ...]) -> int:
+        """Blocks of the pool: ``bytes_per_token`` is a grouped pool's per token of one group (models/kv_cache.py)."""
+        tokens, bs = self.config.kv_cache_tokens, self.config.block_size
         if tokens is None:
             budget = int(free_memory_bytes(self.loaded.device) * self.config.kv_memory_fraction)
-            useful = self.config.max_num_seqs * self.max_model_len  # more than this can never be used at once
+            sliding = sliding_blocks(self.max_model_len, bs, windows, self.config.max_num_batched_tokens)
+            useful = self.config.max_num_seqs * (self.max_model_len + sliding * bs)  # never used at once
             tokens = min(budget // bytes_per_token, useful)
-        blocks = tokens // self.config.block_size
+        blocks = tokens // bs
         if blocks < 1:
             raise ValueError(f"KV cache of {tokens} tokens holds no block of {self.config.block_size}")
         return blocks
 
     def _decode_graphs(self, scratch_block: int) -> DecodeGraphs | None:
-        if self.config.enforce_eager or self.loaded.device.type != "cuda" or not self.loaded.model.captures_cuda_graphs:
+        capable = self.loaded.model.capabilities.captures_cuda_graphs
+        if self.config.enforce_eager or self.loaded.device.type != "cuda" or not capable:
             return None
         max_blocks = -(-self.max_model_len // self.config.block_size)
         return DecodeGraphs(self.loaded.model, self.cache, self.config.max_num_seqs, max_blocks, scratch_block)
@@ -149,7 +156,8 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.num_used_blocks, bm.num_blocks, self.scheduler.num_preemptions)
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.num_used_blocks, bm.num_blocks,
+                           self.scheduler.num_preemptions)
 
     def step(self, interrupt: Interrupt | None = None) -> list[Output]:
         """Run one step; ``interrupt`` (asked between layers) may give up a step of decodes alone, which then
@@ -218,7 +226,7 @@ class LLMEngine:
         slot and nobody already waiting for blocks), is worth giving up for one."""
         scheduler = self.scheduler
         return (
-            self.loaded.model.interruptible
+            self.loaded.model.capabilities.interruptible
             and not scheduler.waiting
             and len(scheduler.running) < scheduler.max_num_seqs
             and all(chunk.num_tokens == 1 for chunk in chunks)

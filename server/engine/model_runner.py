@@ -16,10 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from models.forward_batch import ForwardBatch, Interrupt, check_interrupt
 from models.kv_cache import PagedKVCache
+from models.servable import ServableModel
 from server.engine import fault_injection
 from server.engine.decode_graphs import DecodeGraphs
 from server.engine.outputs import TokenLogprob
@@ -38,7 +39,7 @@ class StepLogits:
 class ModelRunner:
     def __init__(
         self,
-        model: nn.Module,
+        model: ServableModel,
         cache: PagedKVCache,
         device: torch.device,
         vocab_size: int,
@@ -54,13 +55,14 @@ class ModelRunner:
     def run(self, chunks: list[ScheduledChunk], interrupt: Interrupt | None = None) -> StepLogits:
         fault_injection.check_step(chunks)  # test-only hook; a no-op unless its env var is set
         if self.decode_graphs is not None and self.decode_graphs.serves(chunks):
-            return self._run_graph(chunks)
+            return self._run_graph(self.decode_graphs, chunks)
         batch = ForwardBatch.build(
             [c.seq.token_ids[c.seq.num_computed_tokens : c.seq.num_computed_tokens + c.num_tokens] for c in chunks],
             [c.seq.num_computed_tokens for c in chunks],
-            [c.seq.block_table for c in chunks],
+            [c.seq.block_tables[0] for c in chunks],
             self.cache.block_size,
             self.device,
+            [[c.seq.block_tables[g] for c in chunks] for g in range(1, self.cache.num_groups)],
         )
         hidden = self.model(batch, self.cache, interrupt)
         check_interrupt(interrupt)
@@ -75,12 +77,13 @@ class ModelRunner:
         offset = 0
         for chunk in chunks:
             if chunk.seq.wants_prompt_logprobs:
-                step.prompt_logprobs[id(chunk.seq)] = self._prompt_logprobs(chunk, hidden[offset : offset + chunk.num_tokens])
+                rows_of_chunk = hidden[offset : offset + chunk.num_tokens]
+                step.prompt_logprobs[id(chunk.seq)] = self._prompt_logprobs(chunk, rows_of_chunk)
             offset += chunk.num_tokens
         return step
 
-    def _run_graph(self, chunks: list[ScheduledChunk]) -> StepLogits:
-        logits = self.decode_graphs.run(chunks)
+    def _run_graph(self, graphs: DecodeGraphs, chunks: list[ScheduledChunk]) -> StepLogits:
+        logits = graphs.run(chunks)
         rows = [i for i, c in enumerate(chunks) if c.catches_up]
         # indexing copies the rows out of the graph's output buffer, which the next replay overwrites
         picked = logits[torch.tensor(rows, dtype=torch.long, device=self.device), : self.vocab_size]

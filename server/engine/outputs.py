@@ -1,5 +1,4 @@
-"""What the engine hands back to the front end: for each choice, one record per step that produced something,
-and the scheduler's load after each step (the gauges /health and /metrics show)."""
+"""What the engine hands back to the front end for each choice, one record per step that produced something."""
 
 from __future__ import annotations
 
@@ -23,12 +22,3 @@ class ChoiceOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # what went wrong, with finish_reason "error"
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    running: int
-    waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    num_preemptions: int

@@ -44,11 +44,11 @@ class Sampler:
         token_list = tokens.tolist()
         logprob_list: list[TokenLogprob | None] = [None] * len(seqs)
         if raw_logprobs is not None:
-            wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-            k = max(seqs[i].params.logprobs for i in wanted)
-            index = torch.tensor(wanted, device=logits.device)
-            for i, entry in zip(wanted, top_logprobs(raw_logprobs[index], tokens[index], k)):
-                entry.top = entry.top[: seqs[i].params.logprobs]
+            wanted = {i: s.params.logprobs for i, s in enumerate(seqs) if s.params.logprobs is not None}
+            index = torch.tensor(list(wanted), device=logits.device)
+            entries = top_logprobs(raw_logprobs[index], tokens[index], max(wanted.values()))
+            for (i, k), entry in zip(wanted.items(), entries):
+                entry.top = entry.top[:k]
                 logprob_list[i] = entry
         return token_list, logprob_list
 
@@ -76,7 +76,11 @@ class Sampler:
     def _apply_bias_and_min_tokens(logits: Tensor, seqs: list[Sequence]) -> Tensor:
         """One scatter for every row's logit_bias and one for every row still short of min_tokens: per-row
         indexing from host lists costs a host-to-device copy each (64 a step at C=64 on a GPU)."""
-        bias_rows, bias_ids, bias_values, mask_rows, mask_ids = [], [], [], [], []
+        bias_rows: list[int] = []
+        bias_ids: list[int] = []
+        bias_values: list[float] = []
+        mask_rows: list[int] = []
+        mask_ids: list[int] = []
         for row, seq in enumerate(seqs):
             p = seq.params
             bias_rows += [row] * len(p.logit_bias)

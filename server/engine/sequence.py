@@ -37,7 +37,7 @@ class Sequence:
     generator: torch.Generator | None = None  # per-choice RNG when the request has a seed
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
-    block_table: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)  # per KV group; -1: freed behind its window
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first scheduled
     finish_reason: str | None = None
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
@@ -46,12 +46,17 @@ class Sequence:
     last_token_time: float | None = None
     reported_prompt: bool = False  # prompt-level fields go out with the first output only
     block_hashes: list[bytes] = field(default_factory=list)  # chained digest of each full block so far
-    num_published_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
+    num_published_blocks: int = 0  # leading blocks of the block tables already offered to the prefix cache
     grammar: GrammarState | None = None  # constrained decoding: advanced with every token this choice outputs
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def block_table(self) -> list[int]:
+        """The first KV group's blocks: full attention, so every block of the sequence, none freed."""
+        return self.block_tables[0] if self.block_tables else []
 
     @property
     def num_output_tokens(self) -> int:

@@ -39,7 +39,8 @@ class StepChannel:
 
     def send_step(self, batch: ForwardBatch) -> None:
         bs = batch.block_size
-        tables = [table[: -(-ctx // bs)] for table, ctx in zip(batch.block_tables, batch.context_lens)]  # used blocks
+        # the used blocks of the one KV group a split model's pool has (GptOss.kv_cache_spec)
+        tables = [table[: -(-ctx // bs)] for table, ctx in zip(batch.view(0).block_tables, batch.context_lens)]
         self._send_header(STEP, len(batch.query_lens), batch.num_tokens, sum(len(t) for t in tables))
         meta = torch.tensor(batch.query_lens + batch.context_lens + [len(t) for t in tables], dtype=torch.int32)
         entries = torch.tensor([b for t in tables for b in t], dtype=torch.int32)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from server.engine.outputs import EngineStats
+from server.engine.engine_stats import EngineStats
 from server.engine.sequence import Sequence
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class StepMetrics:
         """Called before the sequence's timestamps move: the first token gives TTFT, later ones ITL."""
         if not self.sink:
             return
-        if seq.first_token_time is None:
+        if seq.last_token_time is None:  # the engine sets it together with first_token_time
             self.sink.first_token(now - seq.arrival_time)
         else:
             self.sink.inter_token(now - seq.last_token_time)

@@ -149,17 +149,17 @@ _BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()  #
 def apply_grammars(logits: Tensor, states: list[GrammarState | None]) -> None:
     """Set to -inf, in place, every logit a row's grammar (or forced token) rules out; rows without one are
     left alone, and a batch without any costs one pass over ``states``."""
-    rows = [i for i, state in enumerate(states) if state is not None]
-    if not rows:
+    live = [(i, state) for i, state in enumerate(states) if state is not None]
+    if not live:
         return
+    rows = [i for i, _ in live]
     global _batch_matcher
     if _batch_matcher is None:
         _batch_matcher = xgr.BatchGrammarMatcher(max_threads=1)
-    vocab = states[rows[0]].vocab_size
+    vocab = live[0][1].vocab_size
     bitmask = torch.zeros(len(rows), -(-vocab // 32), dtype=torch.int32)
     matchers, matcher_rows = [], []
-    for k, row in enumerate(rows):
-        state = states[row]
+    for k, (_, state) in enumerate(live):
         if state.forced:
             token = state.forced[0]
             bitmask[k, token // 32] = 1 << (token % 32) if token % 32 < 31 else -(1 << 31)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from models.checkpoint import read_json
 from models.forward_batch import ForwardBatch
 from models.kv_cache import PagedKVCache, kv_cache_dtype
 from models.loader import detect_family, load_weights, resolve_dtype
+from models.servable import ServableModel
 from server.engine.fault_injection import hang_on_poison
 from server.engine.step_channel import CacheGeometry, StepChannel
 from server.engine.tp_group import JOIN_TIMEOUT, RankContext, ShardSpec, join
@@ -27,14 +27,14 @@ from server.engine.tp_group import JOIN_TIMEOUT, RankContext, ShardSpec, join
 log = logging.getLogger("gptserve.tp")
 
 
-def load_shard(spec: ShardSpec, ctx: RankContext) -> tuple[nn.Module, torch.dtype]:
+def load_shard(spec: ShardSpec, ctx: RankContext) -> tuple[ServableModel, torch.dtype]:
     model_dir = Path(spec.model_dir)
     dtype = resolve_dtype(spec.load.dtype, ctx.device)
     family = detect_family(read_json(model_dir / "config.json"))
     return load_weights(model_dir, family, dtype, ctx.device, spec.load.keep_experts_packed, ctx.tp), dtype
 
 
-def serve_steps(model: nn.Module, cache_dtype: torch.dtype, ctx: RankContext) -> None:
+def serve_steps(model: ServableModel, cache_dtype: torch.dtype, ctx: RankContext) -> None:
     """Run what rank 0 sends until it says stop; ``cache_dtype`` is the KV pool's, as rank 0's."""
     channel = StepChannel(ctx)
     cache: PagedKVCache | None = None

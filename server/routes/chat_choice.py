@@ -11,7 +11,7 @@ from models.tokenizer import Tokenizer
 from server.chat import ChatDelta, ChatOutputParser
 from server.detokenizer import StopStringMatcher, token_text
 from server.engine.outputs import ChoiceOutput, TokenLogprob
-from server.protocol import ChatTokenLogprob, TopLogprob
+from server.protocol import ChatTokenLogprob, FinishReason, TopLogprob
 from server.protocol_tools import FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
 from server.routes.engine_calls import raise_if_failed
 
@@ -38,7 +38,7 @@ class ChatChoice:
         self._call_deltas: list[ToolCallDelta] = []  # not streamed yet
         self.logprobs: list[ChatTokenLogprob] | None = [] if top_logprobs is not None else None
         self.num_tokens = 0
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self._sent = (0, 0, 0)  # reasoning chars, content chars, logprob entries already streamed
 
     @property
@@ -52,7 +52,7 @@ class ChatChoice:
     def add(self, output: ChoiceOutput) -> None:
         if self.done:
             return
-        raise_if_failed(output)
+        finish_reason = raise_if_failed(output)
         self.num_tokens += len(output.new_token_ids)
         if self.logprobs is not None:
             self.logprobs += [self._logprob(t, s) for t, s in zip(output.new_token_ids, output.logprobs or [])]
@@ -60,16 +60,16 @@ class ChatChoice:
             self._take_text(self._parser.feed(token_id))
             if self.stopped_by_string:
                 break
-        if output.finish_reason is not None and not self.stopped_by_string:
+        if finish_reason is not None and not self.stopped_by_string:
             self._take_text(self._parser.finish())
             if not self.stopped_by_string:
                 self.content += self._stop.flush()
         if self.stopped_by_string:
             self.finish_reason = "stop"
-        elif output.finish_reason == "stop" and self.tool_calls:
+        elif finish_reason == "stop" and self.tool_calls:
             self.finish_reason = "tool_calls"
-        elif output.finish_reason is not None:
-            self.finish_reason = output.finish_reason
+        elif finish_reason is not None:
+            self.finish_reason = finish_reason
 
     def take_delta(self) -> StreamDelta:
         """What was added since the last call, for the next stream chunk."""

@@ -15,9 +15,18 @@ from fastapi import APIRouter, Request
 
 from server.engine.sampling_params import GrammarSpec
 from server.protocol import (
-    APIError, ChatChoice as ChatChoiceBody, ChatChunkChoice, ChatCompletionChunk,
-    ChatCompletionRequest, ChatCompletionResponse, ChatDeltaMessage, ChatLogprobs,
-    ChatResponseMessage, PromptTokensDetails, Usage, sse_responses,
+    APIError,
+    ChatChoice as ChatChoiceBody,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDeltaMessage,
+    ChatLogprobs,
+    ChatResponseMessage,
+    PromptTokensDetails,
+    Usage,
+    sse_responses,
 )
 from server.protocol_tools import NamedToolChoice
 from server.routes.chat_choice import ChatChoice
@@ -141,9 +150,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 
 def chat_grammar(served: ServedModel, body: ChatCompletionRequest) -> GrammarSpec | None:
     """A forced tool call's constraint, else response_format's: a forced call's output is the call."""
-    named = body.tool_choice.function.name if isinstance(body.tool_choice, NamedToolChoice) else None
-    tools = function_tools(body.tools or [], body.tool_choice)
-    forced = forced_call_spec(served.chat_format, tools, None if named else body.tool_choice, named)
+    choice = body.tool_choice
+    tools = function_tools(body.tools or [], choice)
+    if isinstance(choice, NamedToolChoice):
+        forced = forced_call_spec(served.chat_format, tools, None, choice.function.name)
+    else:
+        forced = forced_call_spec(served.chat_format, tools, choice, None)
     return forced or grammar_spec(body.response_format, answer_prefix(served.chat_format))
 
 

@@ -38,8 +38,9 @@ def render_messages(chat_format: HarmonyChatFormat | TemplateChatFormat, message
 
 def function_tools(tools: list[ChatTool], tool_choice: str | NamedToolChoice | None) -> list[FunctionTool]:
     offered = [FunctionTool(t.function.name, t.function.description or "", t.function.parameters) for t in tools]
-    named = tool_choice.function.name if isinstance(tool_choice, NamedToolChoice) else None
-    return chosen_tools(offered, tool_choice if named is None else "named", named)
+    if isinstance(tool_choice, NamedToolChoice):
+        return chosen_tools(offered, "named", tool_choice.function.name)
+    return chosen_tools(offered, tool_choice)
 
 
 def chosen_tools(tools: list[FunctionTool], tool_choice: str | None, named: str | None = None) -> list[FunctionTool]:

@@ -9,11 +9,16 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 
+from server.engine.outputs import ChoiceOutput
 from server.protocol import (
-    APIError, CompletionChoice, CompletionRequest, CompletionResponse, PromptTokensDetails, Usage,
+    APIError,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    PromptTokensDetails,
+    Usage,
     sse_responses,
 )
-from server.engine.outputs import ChoiceOutput
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.models import ServedModel, find_model
 from server.routes.response_format import grammar_spec
@@ -80,9 +85,8 @@ class CompletionRun:
             text, logprobs = choice.take_delta()
             if not text and not (logprobs and logprobs.tokens) and not choice.done:
                 continue
-            fields = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
-            chunk = CompletionResponse(id=self.id, created=self.created, model=self.served.name,
-                                       choices=[CompletionChoice(**fields)])
+            delta = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=choice.finish_reason)
+            chunk = CompletionResponse(id=self.id, created=self.created, model=self.served.name, choices=[delta])
             yield chunk
         if self.body.stream_options is not None and self.body.stream_options.include_usage:
             yield CompletionResponse(id=self.id, created=self.created, model=self.served.name, choices=[],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from fastapi import Request
 
@@ -24,12 +24,21 @@ class PromptJob:
     params: SamplingParams
 
 
-def raise_if_failed(output: ChoiceOutput) -> None:
-    """A choice the engine ended by failing its step (500) or aborting it at shutdown (503) is an HTTP error."""
-    if output.finish_reason == "error":
-        raise APIError(500, output.error or "the engine failed this request", type="internal_error")
-    if output.finish_reason == "abort":
-        raise EngineUnavailable("the request was aborted: the server is shutting down")
+def raise_if_failed(output: ChoiceOutput) -> Literal["stop", "length"] | None:
+    """A choice the engine ended by failing its step (500) or aborting it at shutdown (503) is an HTTP error;
+    any other output's finish reason is returned, as a client may see it (None: not finished)."""
+    match output.finish_reason:
+        case None:
+            return None
+        case "stop":
+            return "stop"
+        case "length":
+            return "length"
+        case "error":
+            raise APIError(500, output.error or "the engine failed this request", type="internal_error")
+        case "abort":
+            raise EngineUnavailable("the request was aborted: the server is shutting down")
+    raise ValueError(f"unknown finish reason {output.finish_reason!r}")
 
 
 class ClientDisconnected(Exception):

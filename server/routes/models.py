@@ -8,13 +8,7 @@ from fastapi import APIRouter, Request
 
 from server.chat import HarmonyChatFormat, TemplateChatFormat
 from server.engine.core_client import EngineCoreClient
-from server.protocol import (
-    GATEWAY_RESPONSES,
-    APIError,
-    ErrorResponse,
-    ModelCard,
-    ModelList,
-)
+from server.protocol import GATEWAY_RESPONSES, APIError, ErrorResponse, ModelCard, ModelList
 
 router = APIRouter()
 

@@ -15,7 +15,12 @@ from fastapi import APIRouter, Request
 from server.engine.errors import EngineUnavailable
 from server.engine.sampling_params import SamplingParams
 from server.protocol import (
-    ERROR_RESPONSES, APIError, PerplexityRequest, PerplexityResponse, PerplexityResult, PerplexityUsage,
+    ERROR_RESPONSES,
+    APIError,
+    PerplexityRequest,
+    PerplexityResponse,
+    PerplexityResult,
+    PerplexityUsage,
 )
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.models import find_model
@@ -91,8 +96,8 @@ async def score_perplexity(body: PerplexityRequest, request: Request) -> Perplex
                 window = windows[window_index]
                 if output.prompt_logprobs is not None:
                     for position in range(window.first_scored, window.end):
-                        token_logprobs[window.text_index][position] = (
-                            output.prompt_logprobs[position - window.start].logprob)
+                        scored = output.prompt_logprobs[position - window.start]
+                        token_logprobs[window.text_index][position] = None if scored is None else scored.logprob
 
     await cancel_on_disconnect(request, score())
     skip = 1 if body.prepend_bos else 0  # the added token is not the client's: report the input's own tokens

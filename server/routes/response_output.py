@@ -37,7 +37,7 @@ class ResponseOutput:
                 events += self._start({"id": new_id("fc"), "type": "function_call", "call_id": call.id,
                                        "name": call.function.name, "arguments": "", "status": "in_progress"})
             if call.function.arguments:
-                self._open["arguments"] += call.function.arguments
+                self._current()["arguments"] += call.function.arguments
                 events.append(self._event("response.function_call_arguments.delta", delta=call.function.arguments))
         return events
 
@@ -65,14 +65,14 @@ class ResponseOutput:
                 events += self._start({"id": new_id("msg"), "type": "message", "role": "assistant",
                                        "status": "in_progress", "content": []})
                 part = {"type": "output_text", "text": "", "annotations": []}
-                self._open["content"].append(part)
+                self._current()["content"].append(part)
                 events.append(self._event("response.content_part.added", content_index=0, part=dict(part)))
             else:
                 events += self._start({"id": new_id("rs"), "type": "reasoning", "summary": [],
                                        "content": [{"type": "reasoning_text", "text": ""}], "status": "in_progress"})
-        self._open["content"][0]["text"] += text
+        self._current()["content"][0]["text"] += text
         name = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
-        extra = {"logprobs": []} if kind == "message" else {}
+        extra: dict[str, list] = {"logprobs": []} if kind == "message" else {}
         return events + [self._event(name, content_index=0, delta=text, **extra)]
 
     def _start(self, item: dict) -> list[Event]:
@@ -81,6 +81,12 @@ class ResponseOutput:
         self._open = item
         return events + [{"type": "response.output_item.added", "output_index": len(self.items) - 1,
                           "item": copy.deepcopy(item)}]
+
+    def _current(self) -> dict:
+        """The item being written: a delta that extends an item always comes after the one that opened it."""
+        if self._open is None:
+            raise RuntimeError("no output item is open")
+        return self._open
 
     def _event(self, kind: str, **fields) -> Event:
         """An event about the last item, the one being written or just closed."""

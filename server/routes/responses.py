@@ -83,7 +83,7 @@ class ResponseRun:
 
     async def stream(self) -> AsyncGenerator[ResponseBody, None]:
         async for event in self.events():
-            yield ResponseBody(**event, sequence_number=self.sequence)
+            yield ResponseBody.model_validate(event | {"sequence_number": self.sequence})
             self.sequence += 1
 
     def snapshot(self, status: str) -> dict[str, Any]:
@@ -104,7 +104,8 @@ class ResponseRun:
             "previous_response_id": body.previous_response_id,
             "reasoning": {"effort": body.reasoning.effort if body.reasoning else None, "summary": None},
             "store": body.store, "temperature": body.temperature, "top_p": body.top_p,
-            "text": body.text.model_dump(by_alias=True, exclude_none=True) if body.text else {"format": {"type": "text"}},
+            "text": (body.text.model_dump(by_alias=True, exclude_none=True) if body.text
+                     else {"format": {"type": "text"}}),
             "tool_choice": (body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedFunctionChoice)
                             else body.tool_choice or "auto"),
             "tools": [tool.model_dump() for tool in body.tools or []], "usage": usage,
@@ -124,14 +125,16 @@ async def create_response(body: ResponsesRequest, request: Request):
         conversation = list(previous.conversation)
     conversation += input_messages(body.input)
     head = [ChatMessage("developer", body.instructions)] if body.instructions else []
-    named = body.tool_choice.name if isinstance(body.tool_choice, NamedFunctionChoice) else None
+    choice = body.tool_choice
+    named = choice.name if isinstance(choice, NamedFunctionChoice) else None
+    mode = None if isinstance(choice, NamedFunctionChoice) else choice  # "none", "auto" or "required"
     tools = chosen_tools([FunctionTool(t.name, t.description or "", t.parameters) for t in body.tools or []],
-                         "named" if named else body.tool_choice, named)
+                         "named" if named else mode, named)
     prompt = render_messages(served.chat_format, head + conversation, tools,
                              body.reasoning.effort if body.reasoning else None, param="input")
     engine = served.engine
     max_tokens = body.max_output_tokens or max(engine.max_model_len - len(prompt), 0)
-    forced = forced_call_spec(served.chat_format, tools, None if named else body.tool_choice, named)
+    forced = forced_call_spec(served.chat_format, tools, None if named else mode, named)
     grammar = forced or text_format_spec(body.text.format if body.text else None, answer_prefix(served.chat_format))
     await engine.compile_grammar(grammar)
     run = ResponseRun(served, body, conversation, prompt, max_tokens, store, grammar)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from models.tokenizer import Tokenizer
 from server.detokenizer import IncrementalDetokenizer, StopStringMatcher, token_text
 from server.engine.outputs import ChoiceOutput, TokenLogprob
@@ -18,7 +20,7 @@ class TextChoice:
         self.text = ""
         self.logprobs = CompletionLogprobs() if logprobs is not None else None
         self.num_tokens = 0
-        self.finish_reason: str | None = None
+        self.finish_reason: Literal["stop", "length"] | None = None
         self._sent_chars = 0
         self._sent_logprobs = 0
 
@@ -37,27 +39,27 @@ class TextChoice:
             scores = prompt_logprobs or [None] * len(prompt_ids)
             offset = 0
             for token_id, score in zip(prompt_ids, scores):
-                offset = self._add_logprob(token_id, score, offset)
+                offset = self._add_logprob(self.logprobs, token_id, score, offset)
 
     def add(self, output: ChoiceOutput) -> None:
         """Take in one engine output; ignored once this choice is done (a stop string ended it early)."""
         if self.done:
             return
-        raise_if_failed(output)
+        finish_reason = raise_if_failed(output)
         self.num_tokens += len(output.new_token_ids)
         if self.logprobs is not None and output.logprobs:
-            offset = self._next_offset()
+            offset = self._next_offset(self.logprobs)
             for token_id, score in zip(output.new_token_ids, output.logprobs):
-                offset = self._add_logprob(token_id, score, offset)
+                offset = self._add_logprob(self.logprobs, token_id, score, offset)
         text = self._stop.feed(self._detokenizer.feed(output.new_token_ids))
-        if output.finish_reason is not None and not self.stopped_by_string:
+        if finish_reason is not None and not self.stopped_by_string:
             text += self._stop.feed(self._detokenizer.finish())
             text += "" if self.stopped_by_string else self._stop.flush()
         self.text += text
         if self.stopped_by_string:
             self.finish_reason = "stop"
-        elif output.finish_reason is not None:
-            self.finish_reason = output.finish_reason
+        elif finish_reason is not None:
+            self.finish_reason = finish_reason
 
     def take_delta(self) -> tuple[str, CompletionLogprobs | None]:
         """Text and logprobs added since the last call, for the next stream chunk."""
@@ -70,13 +72,11 @@ class TextChoice:
         return text, CompletionLogprobs(tokens=lp.tokens[start:], token_logprobs=lp.token_logprobs[start:],
                                         top_logprobs=lp.top_logprobs[start:], text_offset=lp.text_offset[start:])
 
-    def _next_offset(self) -> int:
-        lp = self.logprobs
+    def _next_offset(self, lp: CompletionLogprobs) -> int:
         return lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else len(self.text)
 
-    def _add_logprob(self, token_id: int, score: TokenLogprob | None, offset: int) -> int:
+    def _add_logprob(self, lp: CompletionLogprobs, token_id: int, score: TokenLogprob | None, offset: int) -> int:
         token = token_text(self._tokenizer, token_id)
-        lp = self.logprobs
         lp.tokens.append(token)
         lp.text_offset.append(offset)
         if score is None:

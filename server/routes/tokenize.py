@@ -12,7 +12,11 @@ from server.routes.chat_completions import render_prompt
 from server.routes.models import ServedModel, find_model
 from server.routes.sampling import check_token_ids, tokenize_prompts
 from server.tokenizer_protocol import (
-    CHAT_ONLY_FIELDS, TOKENIZER_RESPONSES, DetokenizeRequest, DetokenizeResponse, TokenizeRequest,
+    CHAT_ONLY_FIELDS,
+    TOKENIZER_RESPONSES,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
     TokenizeResponse,
 )
 

@@ -1,0 +1,48 @@
+"""Which implementation the linear layers of a loaded model run: one choice, made once at load for every family.
+
+On CPU in fp32 (or bf16 where the CPU multiplies it natively) every plain ``nn.Linear`` becomes oneDNN's
+(models/onednn_linear.py), or with bf16 weights the bf16-streaming layer (models/bf16_weight_linear.py), and
+the logits layer one that computes fp32 logits whatever the model's dtype. Elsewhere the layers stay torch's,
+and only the unembedding is stored the way torch's logits matmul reads it fastest (models/logits_layout.py).
+Row-parallel layers keep their own forward: their partial products must be summed over the ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from models.bf16_weight_linear import Bf16WeightLinear
+from models.logits_layout import relayout_for_logits
+from models.onednn_linear import OneDNNLinear, onednn_usable
+
+
+def logits_linear(weight: Tensor, bf16_weights: bool) -> OneDNNLinear | Bf16WeightLinear:
+    """The CPU unembedding: fp32 logits always, the bf16 layer wherever the weights are bf16 values."""
+    if bf16_weights or weight.dtype == torch.bfloat16:
+        return Bf16WeightLinear(weight.float(), None)
+    return OneDNNLinear(weight, None)
+
+
+def use_onednn(model: nn.Module, unembedding: Tensor | None, bf16_weights: bool = False) -> None:
+    """Once, at load: ``model.lm_head`` becomes the CPU logits layer over ``unembedding`` [vocab, H] (None: a
+    rank that computes no logits), and every plain ``nn.Linear`` below ``model`` a oneDNN one. With
+    ``bf16_weights`` (weights already rounded) decode-sized inputs stream bf16 copies instead."""
+    if unembedding is not None:  # a reordered copy: a tied embedding stays as it is for the lookups
+        model.lm_head = logits_linear(unembedding, bf16_weights)
+    linear = Bf16WeightLinear if bf16_weights else OneDNNLinear
+    for parent in list(model.modules()):
+        for name, layer in list(parent.named_children()):
+            if type(layer) is nn.Linear:  # not a subclass: row-parallel layers keep their own forward
+                setattr(parent, name, linear(layer.weight, layer.bias))
+
+
+def select_linears(
+    model: nn.Module, unembedding: Tensor | None, device: torch.device, dtype: torch.dtype, bf16_weights: bool
+) -> None:
+    """oneDNN's layers where they are usable; elsewhere the unembedding relaid out for torch's matmul (oneDNN
+    reorders it its own way, so a relayout first would only cost a copy)."""
+    if onednn_usable(device, dtype):
+        use_onednn(model, unembedding, bf16_weights)
+    elif unembedding is not None:
+        relayout_for_logits(unembedding)

@@ -27,7 +27,8 @@ class BenchServer:
     """A context manager: starts gptserve with ``args``, waits for /health, terminates it on exit."""
 
     def __init__(
-        self, args: list[str], log_path: Path, startup_timeout: float = 300.0, env: dict[str, str] | None = None
+        self, args: list[str], log_path: Path, startup_timeout: float = 300.0, env: dict[str, str] | None = None,
+        cwd: Path = PROJECT_ROOT,
     ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -35,12 +36,13 @@ class BenchServer:
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.log_path = log_path
         self.startup_timeout = startup_timeout
+        self.cwd = cwd  # another checkout's root runs that checkout's server (bench.core_before_after)
         self._process: subprocess.Popen | None = None
 
     def __enter__(self) -> BenchServer:
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
-                self.cmd, cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+                self.cmd, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:

@@ -1,4 +1,5 @@
-"""The FastAPI application: engines started and stopped with the app, one gateway in front of every route.
+"""The FastAPI application: clients of the engine cores started and stopped with the app, one gateway in front
+of every route. An engine core that dies stops the server with exit status 1 (see ``CORE_DEATH_EXIT_S``).
 
 The gateway (a plain ASGI middleware, so streamed bodies pass through untouched) gives every response an
 ``x-request-id``, checks the API key, bounds the body size, counts the request in /metrics and writes one
@@ -9,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import re
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,17 +25,26 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from models.loader import LoadedModel
 from server.chat import HarmonyChatFormat, TemplateChatFormat, load_chat_template
 from server.config import HTTPConfig, ServerConfig
 from server.cors import AllowedOrigins
-from server.engine.async_engine import AsyncEngine
+from server.engine.core_client import EngineCoreClient
+from server.engine.core_startup import StartedCore
 from server.engine.errors import EngineError, QueueFull
 from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.protocol import APIError, ErrorObject, ErrorResponse
 from server.routes import (
-    chat_completions, completions, health, metrics, models, perplexity, ready, responses, tokenize, version,
+    chat_completions,
+    completions,
+    health,
+    metrics,
+    models,
+    perplexity,
+    ready,
+    responses,
+    tokenize,
+    version,
 )
 from server.routes.engine_calls import ClientDisconnected
 from server.routes.models import ServedModel
@@ -47,22 +57,25 @@ access_log = logging.getLogger("gptserve.access")
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/version")  # reachable without the API key, for probes and scrapers
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # a client's id is echoed back only if it is sane
 LOGGED_BODY_CHARS = 4096
+CORE_DEATH_EXIT_S = 2.0  # after an engine core died: its 503s are written and probes see /health 503, then exit
 
 
-def create_app(config: ServerConfig, loaded_models: dict[str, LoadedModel]) -> FastAPI:
+def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
+    """``cores``: every model's engine core, started and ready (server.engine.core_startup)."""
     chat_template = load_chat_template(config.chat_template) if config.chat_template else None
     process_metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         created = int(time.time())
-        for name, loaded in loaded_models.items():
-            engine = AsyncEngine(name, loaded, config.engine, process_metrics.for_model(name))
+        for name, core in cores.items():
+            engine = EngineCoreClient(core, config.engine.max_queue, process_metrics.for_model(name),
+                                      on_death=lambda: _core_died(app))
             engine.start()
-            chat_format = (HarmonyChatFormat(loaded.tokenizer) if loaded.family == "gpt_oss"
-                           else TemplateChatFormat(loaded.tokenizer, chat_template))
+            chat_format = (HarmonyChatFormat(engine.tokenizer) if engine.family == "gpt_oss"
+                           else TemplateChatFormat(engine.tokenizer, chat_template))
             app.state.models[name] = ServedModel(name, engine, chat_format, created)
-            log.info("serving model", extra={"model": name, "family": loaded.family,
+            log.info("serving model", extra={"model": name, "family": engine.family,
                                               "max_model_len": engine.max_model_len})
         yield
         for served in app.state.models.values():
@@ -71,13 +84,14 @@ def create_app(config: ServerConfig, loaded_models: dict[str, LoadedModel]) -> F
     app = FastAPI(title="gptserve", version=version.SERVER_VERSION, lifespan=lifespan,
                   description="OpenAI-compatible serving of GPT-2 and GPT-OSS checkpoints.")
     app.state.models = {}
+    app.state.exit_status = 0
     app.state.response_store = ResponseStore()
     app.state.metrics = process_metrics
     for module in (completions, chat_completions, responses, perplexity, models, tokenize, health, ready, metrics,
                    version):
         app.include_router(module.router)
     _add_error_handlers(app)
-    install_openapi(app, list(loaded_models))
+    install_openapi(app, list(cores))
     app.add_middleware(Gateway, config=config.http, metrics=process_metrics)
     if config.http.allowed_origins:  # outside the gateway: a browser's preflight carries no API key
         app.add_middleware(AllowedOrigins, origins=list(config.http.allowed_origins))
@@ -89,6 +103,15 @@ def abort_in_flight(app: FastAPI) -> None:
     log.warning("drain deadline passed: aborting the requests still in flight")
     for served in app.state.models.values():
         served.engine.abort_all()
+
+
+def _core_died(app: FastAPI) -> None:
+    """An engine core is gone: its model cannot serve again in this process. Stop the server (a drain for the
+    other models' requests) with exit status 1, so that Docker or Kubernetes restarts it."""
+    if app.state.exit_status == 0:
+        app.state.exit_status = 1
+        log.error("an engine core died: the server stops in %.0f s with exit status 1", CORE_DEATH_EXIT_S)
+        asyncio.get_running_loop().call_later(CORE_DEATH_EXIT_S, signal.raise_signal, signal.SIGTERM)
 
 
 def error_response(status: int, error: ErrorObject, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -9,7 +9,7 @@ import re
 import signal
 import sys
 from collections.abc import Mapping
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import TYPE_CHECKING, NoReturn
 
 from server.config import DEFAULT_MAX_BODY_BYTES, SECTIONS, ServerConfig
@@ -195,20 +195,33 @@ def main(argv: list[str] | None = None) -> int:
             from server.engine.distributed import run_torchrun_rank
 
             return run_torchrun_rank(model_sources(config)[0].directory, config)
-        loaded = load_models(config)
-    except (OSError, ValueError) as e:  # CheckpointError, ModelSourceError, TokenizerError, missing files
-        log.error("cannot load model: %s", e)
-        print(f"gptserve: error: {e}", file=sys.stderr)
-        return 2
+        from server.engine.core_startup import spawn_cores, wait_for_cores
 
-    from server.app import abort_in_flight, create_app
-    from server.http_server import serve
+        cores = spawn_cores(config, checked_sources(config))  # each model's weights load in its own core process
+    except (OSError, ValueError) as e:  # ModelSourceError, a bad combination of flags
+        return _cannot_load(e)
+    try:  # the app's imports run while the cores load
+        from server.app import abort_in_flight, create_app
+        from server.http_server import serve
 
-    app = create_app(config, loaded)
-    for stop_signal in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop_signal, _drained)
-    serve(app, config, cut=lambda: abort_in_flight(app))
-    return 0
+        try:
+            wait_for_cores(cores)
+        except (OSError, ValueError) as e:  # CheckpointError, TokenizerError, missing files, as a core saw them
+            return _cannot_load(e)
+        app = create_app(config, cores)
+        for stop_signal in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop_signal, _drained)
+        serve(app, config, cut=lambda: abort_in_flight(app))
+    finally:  # the app failed to start, or never did: no core may outlive us
+        for core in cores.values():
+            core.kill()
+    return app.state.exit_status  # 1 when an engine core died
+
+
+def _cannot_load(e: Exception) -> int:
+    log.error("cannot load model: %s", e)
+    print(f"gptserve: error: {e}", file=sys.stderr)
+    return 2
 
 
 def _drained(signum: int, frame: object) -> None:
@@ -217,13 +230,14 @@ def _drained(signum: int, frame: object) -> None:
 
 
 def load_models(config: ServerConfig) -> dict[str, LoadedModel]:
-    """Resolve every spec first (cheap, fails fast), then load the weights one model at a time."""
-    import torch
+    """Every model loaded in this process, one at a time (the server loads each in its engine core instead)."""
+    from server.engine.core_process import load_served_model
 
-    from models.loader import load_model
+    return {source.name: load_served_model(source.directory, config) for source in checked_sources(config)}
 
-    if config.seed is not None:
-        torch.manual_seed(config.seed)
+
+def checked_sources(config: ServerConfig) -> list[ModelSource]:
+    """Resolve every spec first (cheap, fails fast) and refuse combinations no model could be served with."""
     sources = model_sources(config)
     if config.parallel.tensor_parallel_size > 1 and len(sources) > 1:
         raise ValueError("--tensor-parallel-size > 1 serves a single --model")
@@ -233,16 +247,7 @@ def load_models(config: ServerConfig) -> dict[str, LoadedModel]:
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"--model: served names must be unique, {duplicates} given twice (use NAME=PATH)")
-    loaded = {}
-    for source in sources:
-        log.info("loading model", extra={"model": source.name, "directory": str(source.directory)})
-        if config.parallel.tensor_parallel_size > 1:
-            from server.engine.distributed import launch
-
-            loaded[source.name] = launch(source.directory, config)
-        else:
-            loaded[source.name] = load_model(source.directory, **asdict(config.load))
-    return loaded
+    return sources
 
 
 def model_sources(config: ServerConfig) -> list[ModelSource]:

@@ -11,6 +11,7 @@ Usage in a test module (module-scoped: one server per test file):
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -38,3 +39,17 @@ class ServerProcess(BenchServer):
 
     def health(self) -> dict:
         return httpx.get(self.base_url + "/health", timeout=10.0).json()
+
+
+def exits_within(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` (a server's child: a rank, an engine core) is gone or a zombie within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":  # exited, not yet reaped
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False

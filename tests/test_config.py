@@ -1,16 +1,16 @@
 """One configuration tree: every engine setting is a flag (and a GPTSERVE_ variable), checked at parse time,
-grouped in --help, and handed to the engine as the very section the CLI built."""
+grouped in --help, and handed to the engine as the very section the CLI built (pickled once, to the engine-core
+process)."""
 
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
 from models.loader import load_model
-from server.app import create_app
-from server.cli import build_parser, parse_config
+from server.cli import build_parser, checked_sources, parse_config
 from server.config import EngineConfig
 from server.engine import engine as engine_module
+from server.engine.core_startup import start_cores
 from server.engine.engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
 
@@ -58,14 +58,19 @@ def test_a_bad_fraction_in_the_environment_is_refused_and_named(capsys):
     (["--no-enable-prefix-caching", "--kv-memory-fraction", "0.5"], {}),
     ([], {"GPTSERVE_ENABLE_PREFIX_CACHING": "0", "GPTSERVE_KV_MEMORY_FRACTION": "0.5"}),
 ], ids=["flags", "environment"])
-def test_engine_settings_reach_the_engine_unchanged(argv, environ, loaded):
-    config = parse_config(["--kv-cache-tokens", "256", *argv], environ)
+def test_engine_settings_reach_the_engine_core_unchanged(argv, environ, tiny_gpt2_dir):
+    config = parse_config(["--kv-cache-tokens", "256", "--device", "cpu", "--model", f"tiny={tiny_gpt2_dir}", *argv],
+                          environ)
     assert config.engine == EngineConfig(kv_cache_tokens=256, enable_prefix_caching=False, kv_memory_fraction=0.5)
-    app = create_app(config, {"tiny": loaded})
-    with TestClient(app):
-        engine = app.state.models["tiny"].engine.engine
-        assert engine.config is config.engine
-        assert engine.block_manager.enable_prefix_caching is False
+    cores = start_cores(config, checked_sources(config))  # the core process receives the tree as it is
+    try:
+        ready = cores["tiny"].ready
+        assert ready is not None
+        assert ready.admission.prefix_caching is False
+        assert ready.admission.num_blocks == 256 // config.engine.block_size
+    finally:
+        for core in cores.values():
+            core.kill()
 
 
 def cached_tokens_on_repeat(loaded, config: EngineConfig) -> int:

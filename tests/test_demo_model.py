@@ -74,11 +74,15 @@ class TestOnly(MetaPathFinder):
 
 sys.meta_path.insert(0, TestOnly())
 from server.app import create_app
-from server.cli import load_models, parse_config
+from server.cli import checked_sources, load_models, parse_config
+from server.engine.core_startup import start_cores
 
 config = parse_config(["--device", "cpu"])
-loaded = load_models(config)
-create_app(config, loaded)
+loaded = load_models(config)  # what an engine core imports to load it, here where imports are watched
+cores = start_cores(config, checked_sources(config))
+create_app(config, cores)
+for core in cores.values():
+    core.kill()
 print(*loaded)
 """
 

@@ -21,7 +21,7 @@ from server.detokenizer import token_text
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.outputs import TokenLogprob
 from server.engine.sampling_params import SamplingParams
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, exits_within
 
 MAX_TOKENS = 8
 TOP = 3
@@ -73,19 +73,6 @@ def test_gpt_oss_two_ranks_greedy_tokens_and_logprobs_equal_one_process_and_sigt
         check_against_one_process(server, model_dir, random_prompts(199_998, seed=2))
         worker = worker_pid(server)
     assert exits_within(worker, seconds=5)
-
-
-def exits_within(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(")")[-1].split()[0] == "Z":  # exited, not yet reaped
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def worker_pid(server: ServerProcess) -> int:

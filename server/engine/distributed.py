@@ -1,10 +1,10 @@
-"""The front end as tensor-parallel rank 0: it starts the other ranks, sends them every step, and watches them.
+"""The engine core as tensor-parallel rank 0: it starts the other ranks, sends them every step, and watches them.
 
-The HTTP server, the scheduler, the block manager and the sampler live only here. Rank 0 also holds a shard:
-``ShardedModel`` stands in for the model the engine runs, and before each forward broadcasts the step's
-batch (see step_channel), so every rank runs the same forward on its own shard and the all_reduces inside
-the models combine them. Only rank 0 computes logits and samples, so no sampler state (seeds, generators)
-needs to agree across ranks.
+The scheduler, the block manager and the sampler live only here (the engine-core process, core_process).
+Rank 0 also holds a shard: ``ShardedModel`` stands in for the model the engine runs, and before each forward
+broadcasts the step's batch (see step_channel), so every rank runs the same forward on its own shard and the
+all_reduces inside the models combine them. Only rank 0 computes logits and samples, so no sampler state
+(seeds, generators) needs to agree across ranks.
 
 Failures never hang the server: a spawned rank that exits is seen at once by the watchdog (its process
 sentinel), and a rank that hangs mid-step fails the step's collectives within --tp-step-timeout. Either way the

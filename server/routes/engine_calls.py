@@ -9,7 +9,7 @@ from typing import Literal, TypeVar
 
 from fastapi import Request
 
-from server.engine.async_engine import AsyncEngine
+from server.engine.core_client import EngineCoreClient
 from server.engine.errors import EngineUnavailable
 from server.engine.outputs import ChoiceOutput
 from server.engine.sampling_params import SamplingParams
@@ -53,7 +53,7 @@ class MergedOutputs:
     the engine reports nothing more for a choice ended by ``stop_choice``.
     """
 
-    def __init__(self, engine: AsyncEngine, request_id: str, jobs: list[PromptJob], n: int) -> None:
+    def __init__(self, engine: EngineCoreClient, request_id: str, jobs: list[PromptJob], n: int) -> None:
         self.engine = engine
         self._request_ids = [f"{request_id}-{i}" for i in range(len(jobs))]
         self._jobs = jobs

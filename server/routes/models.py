@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 
 from server.chat import HarmonyChatFormat, TemplateChatFormat
-from server.engine.async_engine import AsyncEngine
+from server.engine.core_client import EngineCoreClient
 from server.protocol import GATEWAY_RESPONSES, APIError, ErrorResponse, ModelCard, ModelList
 
 router = APIRouter()
@@ -16,7 +16,7 @@ router = APIRouter()
 @dataclass(slots=True)
 class ServedModel:
     name: str
-    engine: AsyncEngine
+    engine: EngineCoreClient
     chat_format: HarmonyChatFormat | TemplateChatFormat
     created: int  # unix time the server started serving it
 

@@ -1,0 +1,217 @@
+"""The engine core's process, one per served model: it loads the weights, owns the LLMEngine (scheduler, block
+manager, model runner, sampler and grammar state) and steps it, fed by the front end over ZeroMQ.
+
+The loop: take every command waiting (add, abort, stop a choice, compile a grammar, shut down), run one step if
+there is work, send its outputs with the metric calls it made and the scheduler's load, and block on the socket
+when idle. A command arriving during a step of decodes may interrupt it between layers (engine.step).
+
+The process ignores SIGINT and SIGTERM: a terminal's Ctrl-C reaches the whole process group, and the front end
+must drain its requests first; it sends Shutdown when done. If the front end dies instead, the core exits
+within a second (it watches its parent), so no core outlives its server.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import zmq
+
+from models.loader import LoadedModel, load_model, tokenizer_directory
+from server.config import ServerConfig
+from server.engine import core_messages as wire
+from server.engine.engine import LLMEngine, Output
+from server.engine.errors import EngineError, RequestRejected
+from server.engine.metric_events import MetricRecorder
+from server.engine.outputs import ChoiceOutput
+from server.engine.sampling_params import GrammarSpec
+from server.engine.step_metrics import StepMetrics
+
+log = logging.getLogger("gptserve.core")
+
+PARENT_POLL_S = 0.5
+COMPILE_POLL_MS = 10  # while a grammar compiles off the loop, how often an idle loop looks for its result
+
+
+def load_served_model(directory: Path, config: ServerConfig) -> LoadedModel:
+    """One model's weights, here or (tensor parallel) sharded over ranks this process starts or joins."""
+    if config.parallel.tensor_parallel_size > 1:
+        from server.engine.distributed import launch
+
+        return launch(directory, config)
+    return load_model(directory, **asdict(config.load))
+
+
+class Channel:
+    """The socket to the front end, sendable from the loop and from a failure callback's thread."""
+
+    def __init__(self, socket: zmq.Socket) -> None:
+        self.socket = socket
+        self.lock = threading.Lock()
+
+    def send(self, message: wire.FromCore) -> None:
+        data = wire.encoder.encode(message)
+        with self.lock:
+            self.socket.send(data, copy=False)
+
+
+class EngineCore:
+    def __init__(self, engine: LLMEngine, recorder: MetricRecorder, commands: zmq.Socket, channel: Channel) -> None:
+        self.engine = engine
+        self.recorder = recorder
+        self.commands = commands
+        self.channel = channel
+        self.stopping = False
+        self._compiler = ThreadPoolExecutor(1, thread_name_prefix="grammar")  # seconds on o200k: off the loop
+        self._compiles: dict[int, Future] = {}
+        self._sent_stats = engine.stats()
+        self._taken: list[wire.ToCore] = []  # commands received during a step, applied after it
+        self._arrived = False  # one of them is a new request
+
+    def run(self) -> None:
+        loaded = self.engine.loaded
+        loaded.model.attach(self.engine.cache, self.fail)  # tensor parallel: the other ranks allocate their KV too
+        self.channel.send(wire.Ready(self.engine.admission, self._sent_stats, loaded.family,
+                                     str(tokenizer_directory(loaded.directory))))
+        try:
+            while not self.stopping:
+                outputs = self._apply_commands()
+                if self.engine.has_work and not self.stopping:
+                    outputs += self.engine.step(interrupt=self._request_arrived)
+                self._report(outputs)
+                self._answer_compiles()
+                if not self.engine.has_work and not self.stopping and not self._taken:
+                    self.commands.poll(COMPILE_POLL_MS if self._compiles else None)
+        except BaseException as exc:  # the engine is broken: every request gets 503, the server restarts
+            log.exception("the engine core loop failed")
+            self.fail(f"engine failed: {exc}")
+            raise
+        finally:
+            loaded.model.stop()
+
+    def fail(self, reason: str) -> None:
+        """From any thread (a tensor-parallel watchdog): /health turns 503 and every request gets 503 now."""
+        self.channel.send(wire.CoreFailed(reason))
+
+    def _request_arrived(self) -> bool:
+        """Asked between a decode step's layers: only a new request is worth giving the step up for (an abort or
+        a stop waits for the step's end), so the commands are taken off the socket here and kept in order."""
+        while self.commands.poll(0):
+            message = self._receive()
+            self._taken.append(message)
+            self._arrived = self._arrived or isinstance(message, wire.AddRequest)
+        return self._arrived
+
+    def _receive(self) -> wire.ToCore:
+        return wire.to_core.decode(self.commands.recv(copy=False).buffer)
+
+    def _apply_commands(self) -> list[Output]:
+        outputs: list[Output] = []
+        taken, self._taken, self._arrived = self._taken, [], False
+        while self.commands.poll(0):
+            taken.append(self._receive())
+        for message in taken:
+            if isinstance(message, wire.AddRequest):
+                outputs += self._add(message)
+            elif isinstance(message, wire.Abort):
+                outputs += self.engine.abort(message.request_id)
+            elif isinstance(message, wire.StopChoice):
+                outputs += self.engine.stop_choice(message.request_id, message.index)
+            elif isinstance(message, wire.CompileGrammar):
+                self._compiles[message.ticket] = self._compiler.submit(self._compile, message.spec)
+            elif isinstance(message, wire.Shutdown):
+                self.stopping = True
+        return outputs
+
+    def _compile(self, spec: GrammarSpec) -> object:
+        """On the compile thread, with the first call building the tokenizer's grammar tables (seconds on o200k)."""
+        return self.engine.grammars.compile(spec)
+
+    def _add(self, message: wire.AddRequest) -> list[Output]:
+        try:
+            self.engine.add_request(message.request_id, message.prompt_ids, message.params, message.n)
+        except EngineError as exc:  # its grammar cannot be compiled after all: the request fails, nothing else
+            return [(message.request_id, ChoiceOutput(i, [], finish_reason="error", error=exc.message))
+                    for i in range(message.n)]
+        return []
+
+    def _report(self, outputs: list[Output]) -> None:
+        events = self.recorder.take()
+        stats = self.engine.stats()
+        if outputs or events or stats != self._sent_stats:
+            self._sent_stats = stats
+            self.channel.send(wire.StepOutputs(outputs, events, stats))
+
+    def _answer_compiles(self) -> None:
+        for ticket, future in list(self._compiles.items()):
+            if not future.done():
+                continue
+            del self._compiles[ticket]
+            exc = future.exception()
+            if isinstance(exc, RequestRejected):
+                self.channel.send(wire.GrammarCompiled(ticket, exc.message, exc.param))
+            elif exc is not None:
+                self.channel.send(wire.GrammarCompiled(ticket, f"compiling the grammar failed: {exc}"))
+            else:
+                self.channel.send(wire.GrammarCompiled(ticket))
+
+
+def run_core(name: str, directory: Path, config: ServerConfig, commands_address: str, outputs_address: str) -> None:
+    """The process's entry point (multiprocessing spawn): load, report Ready (or why not), then step until told."""
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_IGN)
+    from server.logging_setup import configure_logging
+
+    configure_logging(config.log_level)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+    context = zmq.Context()
+    commands, outputs = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    outputs.setsockopt(zmq.SNDHWM, 0)  # never drop or block on outputs: the front end reads them all
+    commands.connect(commands_address)
+    outputs.connect(outputs_address)
+    channel = Channel(outputs)
+    log.info("loading model", extra={"model": name, "directory": str(directory)})
+    try:
+        engine, recorder = _build_engine(directory, config)
+    except (OSError, ValueError) as exc:  # CheckpointError, TokenizerError, missing files, bad flags
+        channel.send(wire.LoadFailed(str(exc), bad_input=True))
+        _close(context)
+        raise SystemExit(2) from None
+    except BaseException as exc:
+        log.exception("the engine core for %s failed to start", name)
+        channel.send(wire.LoadFailed(f"{type(exc).__name__}: {exc}", bad_input=False))
+        _close(context)
+        raise SystemExit(1) from None
+    log.info("engine core ready", extra={"model": name, "pid": os.getpid()})
+    EngineCore(engine, recorder, commands, channel).run()
+    _close(context)
+
+
+def _build_engine(directory: Path, config: ServerConfig) -> tuple[LLMEngine, MetricRecorder]:
+    if config.seed is not None:
+        import torch
+
+        torch.manual_seed(config.seed)
+    recorder = MetricRecorder()
+    loaded = load_served_model(directory, config)
+    return LLMEngine(loaded, config.engine, StepMetrics(recorder)), recorder  # type: ignore[arg-type]
+
+
+def _close(context: zmq.Context) -> None:
+    context.destroy(linger=1000)  # what was sent still reaches the front end
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    log.error("the front end (pid %d) is gone: the engine core exits", parent_pid)
+    for child in multiprocessing.active_children():  # spawned tensor-parallel ranks
+        child.kill()
+    os._exit(1)

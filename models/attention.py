@@ -6,7 +6,8 @@ Learned attention sinks (GPT-OSS) join the softmax as one extra key with zero va
 sink logit, which keeps the whole computation inside SDPA with only its boolean [seqs, 1, queries, keys]
 mask: no float bias per head (at one 1024-token prompt and 64 heads that bias was 269 MB; bench/NOTES.md).
 
-On CPU in float32 (or bfloat16, the queries widened) the decode group skips the gather: C++ kernels (models/csrc/paged_decode_attention.cpp)
+On CPU in float32 (or bfloat16, the queries widened) the decode group skips the gather: C++ kernels
+(models/csrc/paged_decode_attention.cpp)
 read each key and value row straight from the pool, and only the small [seqs, heads, context] scores go
 through torch's softmax. At 64 sequences of ~200 tokens the gather + SDPA read the cache three times and
 took ~120 ms of a ~270 ms GPT-2-124M step (bench/NOTES.md).
@@ -52,7 +53,8 @@ def paged_attention(
     out = torch.empty_like(q)
     for group in kv.groups:
         if group.max_query == 1 and decode_kernels_apply(q):
-            out[group.token_index] = decode_attention_from_pool(q[group.token_index], key_cache, value_cache, group, window, sinks)
+            out[group.token_index] = decode_attention_from_pool(
+                q[group.token_index], key_cache, value_cache, group, window, sinks)
             continue
         qg = q.new_zeros(group.num_seqs * group.max_query, num_heads, head_dim)
         qg[group.pad_index] = q[group.token_index]

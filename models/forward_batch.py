@@ -95,7 +95,7 @@ class ForwardBatch:
         block_size: int,
         device: torch.device | str = "cpu",
         group_tables: Sequence[list[list[int]]] = (),
-    ) -> "ForwardBatch":
+    ) -> ForwardBatch:
         """Batch sequence i's ``token_ids[i]``, which sit at positions ``start_positions[i]`` onwards, with
         ``block_tables`` for the first KV group and ``group_tables`` for any further ones."""
         query_lens = [len(t) for t in token_ids]
@@ -135,7 +135,8 @@ class ForwardBatch:
             starts.append(starts[-1] + n)
         decode = [i for i, n in enumerate(self.query_lens) if n == 1]
         prefill = [[i] for i, n in enumerate(self.query_lens) if n > 1]
-        groups = [self._group(members, starts, block_tables, device) for members in ([decode] if decode else []) + prefill]
+        runs = ([decode] if decode else []) + prefill
+        groups = [self._group(members, starts, block_tables, device) for members in runs]
         return KVView(block_tables, torch.tensor(slots, dtype=torch.long, device=device), groups)
 
     def _group(self, members: list[int], starts: list[int], block_tables: list[list[int]],

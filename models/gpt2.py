@@ -52,13 +52,14 @@ class GPT2Config:
     eos_token_id: int
 
     @classmethod
-    def from_json(cls, config: dict) -> "GPT2Config":
+    def from_json(cls, config: dict) -> GPT2Config:
         for unsupported in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
             if config.get(unsupported):
                 raise CheckpointError(f"config.json: {unsupported}=true is not supported")
         activation = config.get("activation_function", "gelu_new")
         if activation not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise CheckpointError(f"config.json: activation_function={activation!r} is not supported (expected gelu_new)")
+            raise CheckpointError(
+                f"config.json: activation_function={activation!r} is not supported (expected gelu_new)")
         n_embd = config_int(config, "n_embd")
         n_head = config_int(config, "n_head", high=n_embd)
         if n_embd % n_head:

@@ -144,7 +144,8 @@ class GptOss(nn.Module, ServableModel):
     def forward(self, batch: ForwardBatch, cache: PagedKVCache, interrupt: Interrupt | None = None) -> Tensor:
         """Final hidden states of every token; raises ForwardInterrupted if ``interrupt`` fires between layers."""
         if len(batch.views) != cache.num_groups:
-            raise ValueError(f"the batch has block tables for {len(batch.views)} KV groups, the pool {cache.num_groups}")
+            raise ValueError(
+                f"the batch has block tables for {len(batch.views)} KV groups, the pool {cache.num_groups}")
         x = self.embedding(batch.input_ids)
         cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
         for index, layer in enumerate(self.layers):

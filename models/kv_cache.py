@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-
 KV_CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # beside "auto": the model's dtype
 
 

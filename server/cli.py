@@ -69,7 +69,7 @@ def _fraction(text: str) -> float:
     return value
 
 
-def build_parser(*, defaults: bool = True) -> argparse.ArgumentParser:
+def build_parser(*, defaults: bool = True) -> _Parser:
     """Every flag, in --help groups. ``defaults=False`` makes a probe without defaults or --help, whose namespace
     holds only the flags actually given: those the environment must not override. Each flag's dest is the name
     of its field in one section of ServerConfig (see parse_config)."""

@@ -42,7 +42,8 @@ def decode_chunks(contexts: list[int], seed: int) -> list[SimpleNamespace]:
     chunks = []
     for i, context in enumerate(contexts):
         tokens = torch.randint(0, 201088, (context + 1,), generator=g).tolist()
-        seq = SimpleNamespace(token_ids=tokens, num_computed_tokens=context, block_tables=[[3 * i, 3 * i + 1, 3 * i + 2]])
+        tables = [[3 * i, 3 * i + 1, 3 * i + 2]]
+        seq = SimpleNamespace(token_ids=tokens, num_computed_tokens=context, block_tables=tables)
         chunks.append(SimpleNamespace(seq=seq, num_tokens=1))
     return chunks
 

@@ -4,8 +4,9 @@ or the cache, and what a request that leaves max_tokens out gets.
 A request must fit the KV cache with as many of its n choices at full length as can run at once (at most
 --max-num-seqs; the choices share the prompt's full blocks through the prefix cache). One that fits fewer would
 be served by preempting its own choices over and over. A sliding-window KV group (GPT-OSS) needs at most the
-blocks its window and one prefill chunk span, however long the sequence (server/engine/block_manager.py). Echoed prompt logprobs are bounded too: each choice returns every prompt token
-with its top alternatives, so n x prompt x (logprobs + 1) entries, a response thousands of times its request.
+blocks its window and one prefill chunk span, however long the sequence (server/engine/block_manager.py).
+Echoed prompt logprobs are bounded too: each choice returns every prompt token with its top alternatives, so
+n x prompt x (logprobs + 1) entries, a response thousands of times its request.
 """
 
 from __future__ import annotations

@@ -52,11 +52,12 @@ class WorkerWatchdog:
 
     def _watch(self, on_death: Callable[[str], None]) -> None:
         rank_of = {process.sentinel: rank for rank, process in self.processes.items()}
-        first = wait(list(rank_of))[0]
+        ready = wait(list(rank_of))
+        rank = next(rank for sentinel, rank in rank_of.items() if sentinel in ready)
         if not self.stopping:
-            process = self.processes[rank_of[first]]
+            process = self.processes[rank]
             process.join(1.0)
-            on_death(f"tensor-parallel rank {rank_of[first]} (pid {process.pid}) exited with code {process.exitcode}")
+            on_death(f"tensor-parallel rank {rank} (pid {process.pid}) exited with code {process.exitcode}")
 
     def stop(self) -> None:
         self.stopping = True
@@ -141,12 +142,13 @@ def launch(model_dir: Path, config: ServerConfig) -> LoadedModel:
     watchdog = None
     if launched_by_torchrun():
         if int(os.environ["WORLD_SIZE"]) != world_size:
-            raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} ranks, --tensor-parallel-size is {world_size}")
+            raise ValueError(
+                f"torchrun started {os.environ['WORLD_SIZE']} ranks, --tensor-parallel-size is {world_size}")
         ctx = join(0, world_size, spec, int(os.environ.get("LOCAL_RANK", 0)), store=None)
     else:
         store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=JOIN_TIMEOUT, wait_for_workers=False)
         spawn = mp.get_context("spawn")
-        processes = {}
+        processes: dict[int, BaseProcess] = {}
         for rank in range(1, world_size):
             args = (rank, world_size, spec, "127.0.0.1", store.port)
             processes[rank] = spawn.Process(target=spawned_worker, args=args, name=f"gptserve-tp{rank}", daemon=True)

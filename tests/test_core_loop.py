@@ -7,26 +7,19 @@ import zmq
 
 from models.loader import load_model
 from server.engine import core_messages as wire
-from server.engine.core_process import Channel, EngineCore
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.metric_events import MetricRecorder
 from server.engine.sampling_params import SamplingParams
-from server.engine.step_metrics import StepMetrics
+from tests.inproc_core import InprocCore
 
 
 @pytest.fixture
 def core(tiny_gpt2_dir):
-    context = zmq.Context()
-    to_core, commands = context.socket(zmq.PUSH), context.socket(zmq.PULL)
-    commands.bind("inproc://commands")
-    to_core.connect("inproc://commands")
-    outputs = context.socket(zmq.PUSH)
-    outputs.bind("inproc://outputs")
-    recorder = MetricRecorder()
     engine = LLMEngine(load_model(tiny_gpt2_dir, dtype="float32", device="cpu"),
-                       EngineConfig(kv_cache_tokens=1024, block_size=8), StepMetrics(recorder))  # type: ignore[arg-type]
-    yield EngineCore(engine, recorder, commands, Channel(outputs)), to_core
-    context.destroy(linger=0)
+                       EngineConfig(kv_cache_tokens=1024, block_size=8))
+    inproc = InprocCore(engine)
+    yield inproc.core, inproc.to_core
+    inproc.close()
 
 
 def send(socket: zmq.Socket, message: wire.ToCore) -> None:

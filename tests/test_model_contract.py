@@ -3,7 +3,6 @@ capabilities each declares, and the lifecycle the engine drives without asking w
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
@@ -19,10 +18,11 @@ from models.kv_cache import KVCacheSpec, PagedKVCache
 from models.loader import LoadedModel, load_model
 from models.servable import Capabilities, ServableModel
 from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
-from server.engine.async_engine import AsyncEngine
+from server.engine import core_messages as wire
 from server.engine.distributed import ShardedModel
-from server.engine.engine import EngineConfig
+from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.step_channel import CacheGeometry, StepChannel
+from tests.inproc_core import InprocCore
 
 CPU = torch.device("cpu")
 
@@ -105,16 +105,15 @@ def test_the_sharded_executor_has_every_rank_allocate_its_kv_when_attached(tiny_
     assert channel.sent == [CacheGeometry(num_blocks=3, block_size=4)]
 
 
-def test_the_engine_attaches_whatever_model_it_runs_at_start_and_stops_it_at_shutdown(tiny_gpt2_dir):
+def test_the_engine_core_attaches_whatever_model_it_runs_at_start_and_stops_it_at_shutdown(tiny_gpt2_dir):
     loaded = load_model(tiny_gpt2_dir, "float32", "cpu")
     model = RecordingModel(loaded.model)
     recorded: LoadedModel = dataclasses.replace(loaded, model=model)
-
-    async def lifecycle() -> None:
-        engine = AsyncEngine("tiny", recorded, EngineConfig(kv_cache_tokens=64, block_size=8))
-        engine.start()
-        assert model.calls == ["attach"]
-        await engine.shutdown(timeout=1.0)
-
-    asyncio.run(lifecycle())
+    inproc = InprocCore(LLMEngine(recorded, EngineConfig(kv_cache_tokens=64, block_size=8)))
+    try:
+        inproc.send(wire.Shutdown())
+        inproc.core.run()  # attaches, reports Ready, takes the Shutdown, stops
+        assert isinstance(inproc.receive(), wire.Ready)
+    finally:
+        inproc.close()
     assert model.calls == ["attach", "stop"]

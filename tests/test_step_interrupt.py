@@ -7,7 +7,6 @@ never started, and the step run again must produce the tokens an engine that was
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import pytest
@@ -18,10 +17,13 @@ from models.gpt_oss import load_gpt_oss
 from models.kv_cache import PagedKVCache
 from models.loader import load_model
 from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
-from server.engine.async_engine import AsyncEngine
+from server.engine import core_messages as wire
 from server.engine.engine import EngineConfig, LLMEngine
+from server.engine.metric_events import MetricRecorder, replay
 from server.engine.sampling_params import SamplingParams
+from server.engine.step_metrics import StepMetrics
 from server.metrics import Metrics
+from tests.inproc_core import InprocCore
 from tests.test_engine import make_engine, random_prompt, run_all, tokens_of
 from tests.test_metrics import value
 
@@ -137,7 +139,8 @@ def test_forward_stops_before_the_layer_where_the_interrupt_fires(family, tiny_g
 
 
 def test_a_request_posted_during_a_decode_step_interrupts_it_and_both_get_their_own_tokens(loaded):
-    """Through AsyncEngine: the engine thread is held inside a decode step until the second request is posted."""
+    """Through the engine core's loop (in a thread here): held inside a decode step until the second request is
+    on its command socket, which the step's interrupt finds between layers."""
     prompt_a, prompt_b = random_prompt(6, seed=20), random_prompt(9, seed=21)
     solo = make_engine(loaded)
     solo.add_request("a", prompt_a, params(None))
@@ -146,32 +149,39 @@ def test_a_request_posted_during_a_decode_step_interrupts_it_and_both_get_their_
 
     metrics = Metrics()
     config = EngineConfig(kv_cache_tokens=4096, max_num_batched_tokens=64, block_size=8)
+    recorder = MetricRecorder()
+    inproc = InprocCore(LLMEngine(loaded, config, StepMetrics(recorder)), recorder)  # type: ignore[arg-type]
+    in_decode, posted = threading.Event(), threading.Event()
+    run = inproc.core.engine.runner.run
 
-    async def scenario() -> dict[str, list[int]]:
-        engine = AsyncEngine("tiny", loaded, config, metrics.for_model("tiny"))
-        in_decode, posted = threading.Event(), threading.Event()
-        run = engine.engine.runner.run
+    def held_run(chunks, interrupt=None):
+        if interrupt is not None and not posted.is_set():  # a decode step that may be given up
+            in_decode.set()
+            assert posted.wait(10)
+        return run(chunks, interrupt)
 
-        def held_run(chunks, interrupt=None):
-            if interrupt is not None and not posted.is_set():  # a decode step that may be given up
-                in_decode.set()
-                assert posted.wait(10)
-            return run(chunks, interrupt)
-
-        engine.engine.runner.run = held_run
-        engine.start()
-
-        async def collect(rid, prompt, p) -> list[int]:
-            return [t async for out in engine.generate(rid, prompt, p) for t in out.new_token_ids]
-
-        first = asyncio.create_task(collect("a", prompt_a, params(None)))
-        assert await asyncio.to_thread(in_decode.wait, 10)
-        second = asyncio.create_task(collect("b", prompt_b, params(13)))
-        await asyncio.sleep(0)  # generate() posts b before its first await
+    inproc.core.engine.runner.run = held_run  # type: ignore[method-assign]
+    loop = threading.Thread(target=inproc.core.run)
+    loop.start()
+    tokens: dict[str, list[int]] = {"a": [], "b": []}
+    try:
+        inproc.send(wire.AddRequest("a", prompt_a, params(None), 1))
+        assert in_decode.wait(10)
+        inproc.send(wire.AddRequest("b", prompt_b, params(13), 1))
         posted.set()
-        result = {"a": await first, "b": await second}
-        await engine.shutdown()
-        return result
-
-    assert asyncio.run(scenario()) == expected
+        unfinished = {"a", "b"}
+        while unfinished:
+            message = inproc.receive()
+            if isinstance(message, wire.StepOutputs):
+                replay(message.events, metrics.for_model("tiny"))
+                for rid, out in message.outputs:
+                    tokens[rid] += out.new_token_ids
+                    if out.finish_reason is not None:
+                        unfinished.discard(rid)
+        inproc.send(wire.Shutdown())
+        loop.join(10)
+    finally:
+        posted.set()
+        inproc.close()
+    assert tokens == expected
     assert value(metrics, "gptserve:num_steps_interrupted_total") == 1

@@ -1,7 +1,7 @@
 """The front end's side of the boundary: one client per engine-core process, used by the request handlers.
 
-``generate`` yields each choice's outputs, closing it early aborts the request in the core (its KV blocks are freed there); ``validate`` and
-``check_admission`` refuse requests up front from the numbers the core reported when ready (the same Admission
+``generate`` yields each choice's outputs, closing it early aborts the request in the core (its KV blocks are
+freed there); ``validate`` and ``check_admission`` refuse requests up front from the numbers the core reported when ready (the same Admission
 arithmetic); ``compile_grammar`` asks the core, which holds the grammar state. A reader task turns the core's
 messages into outputs on each request's queue and replays the core's metric calls into /metrics.
 

@@ -1,8 +1,8 @@
 """The synchronous engine core: one ``step()`` schedules, runs the model, samples and reports.
 
 It owns the KV pool, the block manager, the scheduler, the model runner and the sampler for one model, and
-is driven by one thread (the engine-core process's loop, core_process). Outputs
-are reported per choice; a choice that ends is freed at once, so its blocks are available to the very next step.
+is driven by one thread (the engine-core process's loop, core_process). Outputs are reported per choice; a
+choice that ends is freed at once, so its blocks are available to the very next step.
 
 A step of decodes alone can be given up between layers for a newcomer (``step(interrupt=...)``): in a closed
 loop a client sends its next request right after its last token, just as the next decode step starts, and

@@ -1,9 +1,10 @@
 """The front end's side of the boundary: one client per engine-core process, used by the request handlers.
 
 ``generate`` yields each choice's outputs, closing it early aborts the request in the core (its KV blocks are
-freed there); ``validate`` and ``check_admission`` refuse requests up front from the numbers the core reported when ready (the same Admission
-arithmetic); ``compile_grammar`` asks the core, which holds the grammar state. A reader task turns the core's
-messages into outputs on each request's queue and replays the core's metric calls into /metrics.
+freed there); ``validate`` and ``check_admission`` refuse requests up front from the numbers the core reported
+when ready (the same Admission arithmetic); ``compile_grammar`` asks the core, which holds the grammar state. A
+reader task turns the core's messages into outputs on each request's queue and replays the core's metric calls
+into /metrics.
 
 If the core process dies, every request gets 503 at once, /health turns 503, and ``on_death`` is called (the
 app then stops the server with a non-zero status, so an orchestrator restarts it).

@@ -14,18 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shlex
-import subprocess
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
-
-import httpx
 
 from bench import llama_cpp
 from bench.gpt_oss_20b_memory import CONFIG_20B, write_checkpoint
 from bench.loadgen import BenchConfig, run_benchmark
-from bench.server_process import BenchServer, free_port
+from bench.server_process import BenchServer
 
 # The KV pool matches llama.cpp's (-np 4 -c 4096 below), so neither server's peak memory counts a bigger cache.
 GPTSERVE_ARGS = ("--keep-experts-packed --cpu-weight-dtype bfloat16 --kv-cache-dtype bfloat16 "
@@ -72,33 +68,13 @@ class PeakTreeRss:
         self._thread.join()
 
 
-class LlamaServer:
+class LlamaServer(BenchServer):
+    """llama.cpp's server, started, waited for (its /health is 200 once loaded) and stopped as gptserve is."""
+
     def __init__(self, gguf: Path, threads: int, log_path: Path) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.command = [str(llama_cpp.server_binary()), "-m", str(gguf), "--host", "127.0.0.1", "--port",
-                        str(self.port), "-t", str(threads), "-np", "4", "-c", str(4 * 1024)]
-        self.log_path = log_path
-        self.process: subprocess.Popen | None = None
-
-    def __enter__(self) -> LlamaServer:
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.__exit__()
-        raise RuntimeError(f"llama-server did not come up: see {self.log_path}")
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(30)
+        super().__init__([], log_path, startup_timeout=600)
+        self.cmd = [str(llama_cpp.server_binary()), "-m", str(gguf), "--host", "127.0.0.1", "--port",
+                    str(self.port), "-t", str(threads), "-np", "4", "-c", str(4 * 1024)]
 
 
 def measure(server, pid: int, args: argparse.Namespace) -> dict:
@@ -149,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         with ours as server:
             rows.append(("gptserve", measure(server, server.pid, args)))
         with LlamaServer(gguf, args.threads, args.dir / f"llama-{round_index}.log") as server:
-            rows.append(("llama.cpp", measure(server, server.process.pid, args)))
+            rows.append(("llama.cpp", measure(server, server.pid, args)))
         print(table(rows, args.concurrency), flush=True)
     return 0
 

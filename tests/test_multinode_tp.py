@@ -5,6 +5,7 @@ launcher stops both nodes; node 1's rank hanging inside a step (not dying) turns
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -31,6 +32,23 @@ def node_command(node_rank: int, master_port: int, server_args: list[str]) -> li
             "-m", "server", *server_args]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, read from /proc (children first reached, then theirs)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after the command name: state, ppid
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, stack = [], [pid]
+    while stack:
+        below = children.get(stack.pop(), [])
+        found += below
+        stack += below
+    return found
+
+
 class TwoNodes(ServerProcess):
     """Node 0's launcher is the server under test (its rank 0 serves HTTP); node 1's runs beside it."""
 
@@ -46,7 +64,6 @@ class TwoNodes(ServerProcess):
 
     def __enter__(self) -> TwoNodes:
         with self.log_path.with_suffix(".node1.log").open("wb") as log:
-            # its own process group, so that killing it takes torchrun's worker along
             self.node1 = subprocess.Popen(self.node1_cmd, cwd=PROJECT_ROOT, env=self.env, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -57,8 +74,12 @@ class TwoNodes(ServerProcess):
         return self
 
     def kill_node1(self) -> None:
+        """torchrun starts its worker in a session of its own: killing the launcher's group would leave a rank
+        hung in a step running forever, so every descendant is killed by pid."""
         if self.node1 is not None:
-            os.killpg(self.node1.pid, signal.SIGKILL)
+            for pid in [self.node1.pid, *descendants(self.node1.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.node1.wait()
 
     def node1_log(self) -> str:

@@ -181,10 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     from server.engine.host_memory import keep_freed_memory_in_heap
 
     keep_freed_memory_in_heap()  # before any thread exists: every later thread then shares the tuned heap
-    # OpenMP workers that sleep between parallel regions, instead of spinning, leave the cores to the HTTP
-    # thread and to the engine's Python between ops: C=64 193.8 -> 211.3 out tok/s on 2 cores (bench/NOTES.md).
-    # libgomp reads it once, when torch first loads it, which is below.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP workers spin a short while (libgomp's count, ~1 ms here) after each parallel region before they
+    # sleep: a step's ~75 regions then run back to back, and an idle core sleeps within a millisecond. Only the
+    # engine cores load OpenMP (the front end never imports torch) and inherit this: served GPT-2-124M with bf16
+    # weights, 2 cores, C=1 57-59 out tok/s sleeping at once (PASSIVE) against 77-80 (bench/NOTES.md).
+    os.environ.setdefault("GOMP_SPINCOUNT", "100000")
     config = parse_config(argv)
 
     from server.logging_setup import configure_logging

@@ -52,11 +52,15 @@ class Bf16WeightLinear(nn.Module):
         packed = pack_bf16_weight(weight) if cpu_kernels_loaded() else None
         self.register_buffer("packed", packed)
 
+    @property
+    def bias(self) -> Tensor | None:
+        return self.gemm.bias
+
     def forward(self, x: Tensor) -> Tensor:
         x = x.float()
         rows = x.reshape(-1, x.shape[-1])
         if self.packed is None or rows.shape[0] > KERNEL_MAX_ROWS:
             return self.gemm(x)
-        out = torch.ops.gptserve.bf16_linear(rows.contiguous(), self.packed, self.gemm.bias, self.out_features)
+        out = torch.ops.gptserve.bf16_linear(rows.contiguous(), self.packed, self.bias, self.out_features)
         return out.view(*x.shape[:-1], self.out_features)
 

@@ -105,12 +105,8 @@ def decode_attention_from_pool(
     q: Tensor, key_cache: Tensor, value_cache: Tensor, group: AttentionGroup, window: int | None, sinks: Tensor | None
 ) -> Tensor:
     """One query per sequence, q [S, H, D] -> [S, H, D], with keys and values read in place from the pool."""
-    ops = torch.ops.gptserve
-    num_seqs, num_heads, head_dim = q.shape
-    args = (group.key_blocks, group.context_lens, group.block_size, window or 0)
-    scores = ops.paged_decode_scores(q.float().contiguous(), key_cache, *args, head_dim**-0.5)
-    if sinks is None:
-        return ops.paged_decode_values(torch.softmax(scores, dim=-1), value_cache, *args).to(q.dtype)
-    sink_col = sinks.float().view(1, num_heads, 1).expand(num_seqs, -1, 1)
-    probs = torch.softmax(torch.cat([scores, sink_col], dim=-1), dim=-1)[..., :-1]
-    return ops.paged_decode_values(probs.contiguous(), value_cache, *args).to(q.dtype)
+    sink_logits = None if sinks is None else sinks.float().contiguous()
+    out = torch.ops.gptserve.paged_decode_attention(
+        q.float().contiguous(), key_cache, value_cache, group.key_blocks, group.context_lens, group.block_size,
+        window or 0, q.shape[-1] ** -0.5, sink_logits)
+    return out.to(q.dtype)

@@ -20,7 +20,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("paged_decode_attention.cpp", "bf16_linear.cpp", "mxfp4_linear.cpp")]
+           for name in ("paged_decode_attention.cpp", "bf16_linear.cpp", "mxfp4_linear.cpp", "gpt2_decode_block.cpp")]
 
 
 KERNELS_NAME = "gptserve_cpu_kernels"
@@ -79,12 +79,8 @@ def _register_output_shapes() -> None:
     """The output of the kernels a decode step runs, for torch.compile's tracing on tensors that have no data
     (tests/test_gpt_oss_compile.py). The other kernels have none yet: nothing compiles them."""
     fake = torch.library.register_fake
-    fake("gptserve::paged_decode_scores")(
-        lambda q, keys, blocks, context_lens, block_size, window, scale: q.new_empty(
-            q.shape[0], q.shape[1], blocks.shape[1] * block_size))
-    fake("gptserve::paged_decode_values")(
-        lambda probs, values, blocks, context_lens, block_size, window: probs.new_empty(
-            probs.shape[0], probs.shape[1], values.shape[2]))
+    fake("gptserve::paged_decode_attention")(
+        lambda q, keys, values, blocks, context_lens, block_size, window, scale, sinks: torch.empty_like(q))
     fake("gptserve::mxfp4_grouped_linear")(
         lambda x, counts, blocks, scales, bias, isa="best": x.new_empty(x.shape[0], blocks.shape[1]))
 

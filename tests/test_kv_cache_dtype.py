@@ -126,13 +126,11 @@ def test_decode_kernels_read_a_bf16_pool_as_its_float32_values(heads, kv_heads, 
     tables = torch.randperm(20, generator=gen)[:12].view(4, 3).contiguous()
     context_lens = torch.tensor(lens)
     q = torch.randn(4, heads, head_dim, generator=gen)
-    ops = torch.ops.gptserve
-    args = (tables, context_lens, block, window)
-    scores = ops.paged_decode_scores(q, keys, *args, 0.125)
-    torch.testing.assert_close(scores, ops.paged_decode_scores(q, keys.float(), *args, 0.125), rtol=1e-6, atol=1e-6)
-    probs = torch.softmax(scores, dim=-1)
-    out = ops.paged_decode_values(probs, values, *args)
-    torch.testing.assert_close(out, ops.paged_decode_values(probs, values.float(), *args), rtol=1e-6, atol=1e-6)
+    attend = torch.ops.gptserve.paged_decode_attention
+    for sinks in (None, torch.randn(heads, generator=gen)):
+        args = (tables, context_lens, block, window, 0.125, sinks)
+        out = attend(q, keys, values, *args)
+        torch.testing.assert_close(out, attend(q, keys.float(), values.float(), *args), rtol=1e-6, atol=1e-6)
 
 
 def test_the_engine_sizes_and_allocates_the_pool_in_the_cache_dtype(tiny_gpt2_dir, monkeypatch):

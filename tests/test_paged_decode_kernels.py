@@ -74,11 +74,9 @@ def test_mixed_batch_uses_kernels_for_decode_rows_only(monkeypatch):
 def test_out_of_range_geometry_is_refused_not_read(block, context_len, message):
     assert cpu_kernels_loaded()
     q, keys = torch.randn(1, 2, 8), torch.randn(4 * BLOCK, 2, 8)
-    args = (torch.tensor([[block]]), torch.tensor([context_len]), BLOCK, 0)
+    args = (torch.tensor([[block]]), torch.tensor([context_len]), BLOCK, 0, 1.0, None)
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.gptserve.paged_decode_scores(q, keys, *args, 1.0)
-    with pytest.raises(RuntimeError, match=message):
-        torch.ops.gptserve.paged_decode_values(torch.randn(1, 2, BLOCK), keys, *args)
+        torch.ops.gptserve.paged_decode_attention(q, keys, keys.clone(), *args)
 
 
 def test_a_failed_build_falls_back_with_a_warning(monkeypatch, caplog):

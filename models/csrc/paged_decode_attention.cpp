@@ -1,22 +1,24 @@
 // Decode attention read straight from the paged KV pool: one query per sequence, keys and values fetched
 // row by row through the block table, so the cache is read once instead of gathered into a copy first.
-// Two ops, with the softmax (and GPT-OSS's sinks) left to torch in between:
-//   paged_decode_scores(q [S,H,D], keys [slots,KVH,D], blocks [S,B], context_lens [S], block_size, window, scale)
-//       -> scores [S,H,B*block_size]: q.k * scale for each sequence's visible keys, -inf elsewhere
-//   paged_decode_values(probs [S,H,B*block_size], values [slots,KVH,D], blocks, context_lens, block_size, window)
-//       -> out [S,H,D]: the probability-weighted sum of the visible value rows
+//   paged_decode_attention(q [S,H,D], keys [slots,KVH,D], values [slots,KVH,D], blocks [S,B], context_lens [S],
+//                          block_size, window, scale, sinks [H] or None) -> out [S,H,D]
+// Each task scores its heads' visible keys (q.k * scale), takes the softmax over them (with GPT-OSS's sink
+// logit in the normalisation when given) and sums the value rows by those probabilities: one parallel region
+// per call, no [S,H,context] scores tensor for torch to fill, soften and read back.
 // The visible keys of sequence s are positions [lo, ctx) with ctx = context_lens[s] and lo = ctx - window
 // (or 0 when window is 0). Query head h reads KV head h / (H / KVH), as SDPA's enable_gqa does.
-// q, probs and the results are float32; the pool is float32 or bfloat16 (--kv-cache-dtype), whose rows are
-// widened to float32 as they are read: exact, so a bf16 pool gives what a float32 pool of the same values
-// does, from half the bytes.
+// q and the result are float32; the pool is float32 or bfloat16 (--kv-cache-dtype), whose rows are widened
+// to float32 as they are read: exact, so a bf16 pool gives what a float32 pool of the same values does, from
+// half the bytes.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <torch/library.h>
 
+#include "paged_decode_attention.h"
+
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -60,18 +62,6 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& cache, const at::Tensor& blocks,
-                  const at::Tensor& context_lens) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "float32 queries / probabilities expected");
-  TORCH_CHECK(cache.scalar_type() == at::kFloat || cache.scalar_type() == at::kBFloat16,
-              "a float32 or bfloat16 KV pool expected");
-  TORCH_CHECK(x.is_contiguous() && cache.is_contiguous(), "contiguous tensors expected");
-  TORCH_CHECK(blocks.scalar_type() == at::kLong && blocks.is_contiguous() && blocks.dim() == 2, "blocks: int64 [S,B]");
-  TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.is_contiguous(), "context_lens: int64 [S]");
-  TORCH_CHECK(cache.dim() == 3 && x.size(0) == blocks.size(0) && context_lens.numel() == blocks.size(0),
-              "shapes do not agree");
-}
-
 // The kernels index the pool with these numbers unchecked, so they are checked here, once per call, in a
 // plain loop (a few tensor reductions would cost more than the attention of a short context).
 void check_bounds(const at::Tensor& cache, const at::Tensor& blocks, const at::Tensor& context_lens,
@@ -90,7 +80,6 @@ void check_bounds(const at::Tensor& cache, const at::Tensor& blocks, const at::T
 struct Geometry {
   int64_t H, KVH, D, B, block_size, window;
   int64_t group() const { return H / KVH; }
-  int64_t L() const { return B * block_size; }
   int64_t slot(const int64_t* blocks, int64_t s, int64_t t) const {
     return blocks[s * B + t / block_size] * block_size + t % block_size;
   }
@@ -98,33 +87,39 @@ struct Geometry {
 
 // A task is one sequence and a run of its KV heads [kv_begin, kv_end): it walks the sequence's keys in
 // order, reading that run of each cache row contiguously (all of the row when a task has every head, as
-// soon as there are a few sequences per thread), which the hardware prefetcher follows.
-// The bodies are inlined into one function per pool type (below), whose x86-64 clones are picked at load time
+// soon as there are a few sequences per thread), which the hardware prefetcher follows; then the value rows
+// the same way. scratch holds the task's scores, [heads of the task][visible keys], then its sums [heads][D].
+// The body is inlined into one function per pool type (below), whose x86-64 clones are picked at load time
 // by the CPU's features.
 template <typename T>
-inline __attribute__((always_inline)) void score_body(const float* q, const T* keys, const int64_t* blocks,
-                                                      const int64_t* context_lens, float* scores, const Geometry& g,
-                                                      int64_t s, int64_t kv_begin, int64_t kv_end, float scale) {
+inline __attribute__((always_inline)) void attend_body(const float* q, int64_t q_row_stride, const T* keys,
+                                                       const T* values, const int64_t* blocks,
+                                                       const int64_t* context_lens, const float* sinks, float* out,
+                                                       const Geometry& g, int64_t s, int64_t kv_begin,
+                                                       int64_t kv_end, float scale, float* scratch) {
   const Visible vis = visible_keys(context_lens, s, g.window);
-  const int64_t D = g.D, L = g.L();
+  const int64_t D = g.D, span = vis.ctx - vis.lo, first = kv_begin * g.group(), last = kv_end * g.group();
+  float* scores = scratch;
+  float* acc = scratch + (last - first) * span;
+  const float* q_seq = q + s * q_row_stride;
   for (int64_t t = vis.lo; t < vis.ctx; ++t) {
     const T* row = keys + g.slot(blocks, s, t) * g.KVH * D;
-    for (int64_t h = kv_begin * g.group(); h < kv_end * g.group(); ++h)
-      scores[(s * g.H + h) * L + t] = dot(q + (s * g.H + h) * D, row + (h / g.group()) * D, D) * scale;
+    for (int64_t h = first; h < last; ++h)
+      scores[(h - first) * span + (t - vis.lo)] = dot(q_seq + h * D, row + (h / g.group()) * D, D) * scale;
   }
-}
-
-template <typename T>
-inline __attribute__((always_inline)) void value_body(const float* probs, const T* values, const int64_t* blocks,
-                                                      const int64_t* context_lens, float* out, const Geometry& g,
-                                                      int64_t s, int64_t kv_begin, int64_t kv_end, float* acc) {
-  const Visible vis = visible_keys(context_lens, s, g.window);
-  const int64_t D = g.D, L = g.L(), first = kv_begin * g.group(), last = kv_end * g.group();
+  for (int64_t h = first; h < last; ++h) {  // softmax over the visible keys, and the sink where there is one
+    float* p = scores + (h - first) * span;
+    float top = sinks ? sinks[h] : -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < span; ++i) top = std::max(top, p[i]);
+    float total = sinks ? std::exp(sinks[h] - top) : 0.0f;
+    for (int64_t i = 0; i < span; ++i) total += (p[i] = std::exp(p[i] - top));
+    for (int64_t i = 0; i < span; ++i) p[i] /= total;
+  }
   std::fill(acc, acc + (last - first) * D, 0.0f);
   for (int64_t t = vis.lo; t < vis.ctx; ++t) {
     const T* row = values + g.slot(blocks, s, t) * g.KVH * D;
     for (int64_t h = first; h < last; ++h) {
-      const float p = probs[(s * g.H + h) * L + t];
+      const float p = scores[(h - first) * span + (t - vis.lo)];
       const T* v = row + (h / g.group()) * D;
       float* a = acc + (h - first) * D;
       for (int64_t d = 0; d < D; ++d) a[d] += p * widen(v[d]);
@@ -133,21 +128,18 @@ inline __attribute__((always_inline)) void value_body(const float* probs, const 
   std::copy(acc, acc + (last - first) * D, out + (s * g.H + first) * D);
 }
 
-// One overload of each task per pool type, each with its own x86-64 clones.
-#define GPTSERVE_TASKS(T)                                                                                     \
-  GPTSERVE_CLONES void score_task(const float* q, const T* keys, const int64_t* blocks,                       \
-                                  const int64_t* context_lens, float* scores, const Geometry& g, int64_t s,  \
-                                  int64_t kv_begin, int64_t kv_end, float scale) {                           \
-    score_body(q, keys, blocks, context_lens, scores, g, s, kv_begin, kv_end, scale);                         \
-  }                                                                                                           \
-  GPTSERVE_CLONES void value_task(const float* probs, const T* values, const int64_t* blocks,                 \
-                                  const int64_t* context_lens, float* out, const Geometry& g, int64_t s,     \
-                                  int64_t kv_begin, int64_t kv_end, float* acc) {                            \
-    value_body(probs, values, blocks, context_lens, out, g, s, kv_begin, kv_end, acc);                        \
+// One overload of the task per pool type, each with its own x86-64 clones.
+#define GPTSERVE_TASK(T)                                                                                       \
+  GPTSERVE_CLONES void attend_task(const float* q, int64_t q_row_stride, const T* keys, const T* values,       \
+                                   const int64_t* blocks, const int64_t* context_lens, const float* sinks,     \
+                                   float* out, const Geometry& g, int64_t s, int64_t kv_begin, int64_t kv_end, \
+                                   float scale, float* scratch) {                                              \
+    attend_body(q, q_row_stride, keys, values, blocks, context_lens, sinks, out, g, s, kv_begin, kv_end, scale, \
+                scratch);                                                                                      \
   }
-GPTSERVE_TASKS(float)
-GPTSERVE_TASKS(at::BFloat16)
-#undef GPTSERVE_TASKS
+GPTSERVE_TASK(float)
+GPTSERVE_TASK(at::BFloat16)
+#undef GPTSERVE_TASK
 
 // Split each sequence's KV heads only as far as needed to give every thread work (one sequence decoding
 // still uses every core); more sequences than that, and each task reads whole cache rows.
@@ -155,73 +147,80 @@ int64_t kv_splits(int64_t S, int64_t KVH) {
   return std::min<int64_t>(KVH, std::max<int64_t>(1, (at::get_num_threads() + S - 1) / S));
 }
 
-// fn(the pool's data as float* or at::BFloat16*): the ops' bodies are written once for both.
+// fn(keys, values) with the pool's data as float* or at::BFloat16*: the body is written once for both.
 template <typename Fn>
-void with_pool_data(const at::Tensor& pool, const Fn& fn) {
-  if (pool.scalar_type() == at::kBFloat16)
-    fn(pool.data_ptr<at::BFloat16>());
+void with_pool_data(const at::Tensor& keys, const at::Tensor& values, const Fn& fn) {
+  if (keys.scalar_type() == at::kBFloat16)
+    fn(keys.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>());
   else
-    fn(pool.data_ptr<float>());
+    fn(keys.data_ptr<float>(), values.data_ptr<float>());
 }
 
-template <typename Task>
-void for_each_task(int64_t S, int64_t KVH, const Task& task) {
-  const int64_t splits = kv_splits(S, KVH);
-  at::parallel_for(0, S * splits, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t s = i / splits, part = i % splits;
-      task(s, part * KVH / splits, (part + 1) * KVH / splits);
-    }
-  });
-}
+}  // namespace
 
-at::Tensor paged_decode_scores(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& blocks,
-                               const at::Tensor& context_lens, int64_t block_size, int64_t window, double scale) {
-  check_inputs(q, keys, blocks, context_lens);
-  const int64_t S = q.size(0), H = q.size(1), D = q.size(2), KVH = keys.size(1), B = blocks.size(1);
-  TORCH_CHECK(keys.size(2) == D && H % KVH == 0, "head shapes do not agree");
+namespace gptserve {
+
+void paged_decode_attention_into(const float* q, int64_t q_row_stride, const at::Tensor& keys,
+                                 const at::Tensor& values, const at::Tensor& blocks, const at::Tensor& context_lens,
+                                 int64_t num_heads, int64_t block_size, int64_t window, float scale,
+                                 const float* sinks, float* out) {
+  TORCH_CHECK(keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16,
+              "a float32 or bfloat16 KV pool expected");
+  TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.dim() == 3 && keys.sizes() == values.sizes() &&
+                  keys.scalar_type() == values.scalar_type(),
+              "keys and values: contiguous pools of one shape and dtype");
+  TORCH_CHECK(blocks.scalar_type() == at::kLong && blocks.is_contiguous() && blocks.dim() == 2, "blocks: int64 [S,B]");
+  TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.is_contiguous() &&
+                  context_lens.numel() == blocks.size(0),
+              "context_lens: int64 [S]");
+  const int64_t S = blocks.size(0), KVH = keys.size(1), D = keys.size(2);
+  TORCH_CHECK(num_heads % KVH == 0, "query heads are not a multiple of the KV heads");
   check_bounds(keys, blocks, context_lens, block_size);
-  at::Tensor scores = at::full({S, H, B * block_size}, -std::numeric_limits<float>::infinity(), q.options());
-  const Geometry g{H, KVH, D, B, block_size, window};
-  const float* q_ptr = q.data_ptr<float>();
+  const Geometry g{num_heads, KVH, D, blocks.size(1), block_size, window};
   const int64_t *b_ptr = blocks.data_ptr<int64_t>(), *c_ptr = context_lens.data_ptr<int64_t>();
-  float* out = scores.data_ptr<float>();
-  with_pool_data(keys, [&](const auto* k_ptr) {
-    for_each_task(S, KVH, [&](int64_t s, int64_t kv_begin, int64_t kv_end) {
-      score_task(q_ptr, k_ptr, b_ptr, c_ptr, out, g, s, kv_begin, kv_end, static_cast<float>(scale));
+  const int64_t splits = kv_splits(S, KVH);
+  with_pool_data(keys, values, [&](const auto* k_ptr, const auto* v_ptr) {
+    at::parallel_for(0, S * splits, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t s = i / splits, part = i % splits;
+        const int64_t kv_begin = part * KVH / splits, kv_end = (part + 1) * KVH / splits;
+        const Visible vis = visible_keys(c_ptr, s, window);
+        scratch.resize((kv_end - kv_begin) * g.group() * (vis.ctx - vis.lo + D));
+        attend_task(q, q_row_stride, k_ptr, v_ptr, b_ptr, c_ptr, sinks, out, g, s, kv_begin, kv_end, scale,
+                    scratch.data());
+      }
     });
   });
-  return scores;
 }
 
-at::Tensor paged_decode_values(const at::Tensor& probs, const at::Tensor& values, const at::Tensor& blocks,
-                               const at::Tensor& context_lens, int64_t block_size, int64_t window) {
-  check_inputs(probs, values, blocks, context_lens);
-  const int64_t S = probs.size(0), H = probs.size(1), KVH = values.size(1), D = values.size(2), B = blocks.size(1);
-  TORCH_CHECK(probs.size(2) == B * block_size && H % KVH == 0, "probs do not match the blocks");
-  check_bounds(values, blocks, context_lens, block_size);
-  at::Tensor out = at::empty({S, H, D}, probs.options());
-  const Geometry g{H, KVH, D, B, block_size, window};
-  const float* p_ptr = probs.data_ptr<float>();
-  const int64_t *b_ptr = blocks.data_ptr<int64_t>(), *c_ptr = context_lens.data_ptr<int64_t>();
-  float* o_ptr = out.data_ptr<float>();
-  with_pool_data(values, [&](const auto* v_ptr) {
-    for_each_task(S, KVH, [&](int64_t s, int64_t kv_begin, int64_t kv_end) {
-      std::vector<float> acc((kv_end - kv_begin) * g.group() * D);
-      value_task(p_ptr, v_ptr, b_ptr, c_ptr, o_ptr, g, s, kv_begin, kv_end, acc.data());
-    });
-  });
+}  // namespace gptserve
+
+namespace {
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                                  const at::Tensor& blocks, const at::Tensor& context_lens, int64_t block_size,
+                                  int64_t window, double scale, const c10::optional<at::Tensor>& sinks) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 3, "q: contiguous float32 [S,H,D]");
+  TORCH_CHECK(q.size(0) == blocks.size(0) && q.size(2) == keys.size(2), "q does not match the blocks or the pool");
+  const bool has_sinks = sinks.has_value() && sinks->defined();
+  if (has_sinks)
+    TORCH_CHECK(sinks->scalar_type() == at::kFloat && sinks->is_contiguous() && sinks->numel() == q.size(1),
+                "sinks: float32 [H]");
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  gptserve::paged_decode_attention_into(q.data_ptr<float>(), q.size(1) * q.size(2), keys, values, blocks,
+                                        context_lens, q.size(1), block_size, window, static_cast<float>(scale),
+                                        has_sinks ? sinks->data_ptr<float>() : nullptr, out.data_ptr<float>());
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(gptserve, m) {
-  m.def("paged_decode_scores(Tensor q, Tensor keys, Tensor blocks, Tensor context_lens, int block_size, int window, float scale) -> Tensor");
-  m.def("paged_decode_values(Tensor probs, Tensor values, Tensor blocks, Tensor context_lens, int block_size, int window) -> Tensor");
+  m.def("paged_decode_attention(Tensor q, Tensor keys, Tensor values, Tensor blocks, Tensor context_lens, "
+        "int block_size, int window, float scale, Tensor? sinks) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptserve, CPU, m) {
-  m.impl("paged_decode_scores", paged_decode_scores);
-  m.impl("paged_decode_values", paged_decode_values);
+  m.impl("paged_decode_attention", paged_decode_attention);
 }

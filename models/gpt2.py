@@ -19,6 +19,7 @@ from models.attention import paged_attention
 from models.bf16_weight_linear import Bf16WeightLinear
 from models.checkpoint import Checkpoint, CheckpointError, config_float, config_int, read_json
 from models.forward_batch import ForwardBatch, Interrupt, check_interrupt
+from models.gpt2_decode_block import fused_block_weights, fused_decode_applies, fused_decode_block
 from models.kv_cache import KVCacheSpec, PagedKVCache
 from models.onednn_linear import OneDNNLinear
 from models.parallel import SINGLE, TensorParallel, row_parallel_linear
@@ -113,8 +114,19 @@ class GPT2Block(nn.Module):
         self.attn = GPT2Attention(config, tp)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = GPT2MLP(config, tp)
+        self._fused_weights: list[Tensor] | None | bool = False  # False: not looked at yet
+
+    def fused_weights(self) -> list[Tensor] | None:
+        """The fused decode kernel's weights, looked up at the first forward: the linears are chosen at load,
+        after construction (models/linear_selection.py)."""
+        if self._fused_weights is False:
+            self._fused_weights = fused_block_weights(self.ln_1, self.attn, self.ln_2, self.mlp)
+        return self._fused_weights or None
 
     def forward(self, h: Tensor, batch: ForwardBatch, cache: tuple[Tensor, Tensor]) -> Tensor:
+        weights = self.fused_weights()
+        if weights is not None and fused_decode_applies(h, batch.view(0)):
+            return fused_decode_block(h, weights, cache, batch.view(0), self.attn.num_heads, self.ln_1.eps)
         h = h + self.attn(self.ln_1(h), batch, cache)
         return h + self.mlp(self.ln_2(h))
 

@@ -1,0 +1,47 @@
+"""GPT-2 decode steps on CPU with bf16-streamed weights: one C++ call per block (models/csrc/gpt2_decode_block.cpp).
+
+A batch-1 decode step of GPT-2-124M streams ~250 MB of bf16 weights, ~8.5 ms on two cores at memory speed.
+Run as torch modules, each block adds some twenty small ops (LayerNorms, the KV write, attention's pieces,
+GELU, residual adds), each an interpreter round trip, a dispatch and an allocation: ~3 ms a step, a quarter of
+it. The fused block does the same fp32 arithmetic on the same bf16 weight values in one call, so a decode
+step's time is the weights' streaming time plus little else. Prefill and larger batches keep the modules.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from models.bf16_weight_linear import KERNEL_MAX_ROWS, Bf16WeightLinear
+from models.forward_batch import KVView
+
+
+def fused_block_weights(ln_1: nn.Module, attn: nn.Module, ln_2: nn.Module, mlp: nn.Module) -> list[Tensor] | None:
+    """The kernel's weight list for one block, or None where its linears are not all bf16-streamed ones (fp32
+    weights, a GPU, tensor parallel's row-parallel layers, kernels that failed to build)."""
+    linears = (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
+    if not all(type(layer) is Bf16WeightLinear and layer.packed is not None for layer in linears):
+        return None
+    weights = [ln_1.weight, ln_1.bias]
+    for index, layer in enumerate(linears):
+        if index == 2:
+            weights += [ln_2.weight, ln_2.bias]
+        weights += [layer.packed, layer.bias]
+    return weights if all(w is not None and w.dtype in (torch.float32, torch.int16) for w in weights) else None
+
+
+def fused_decode_applies(h: Tensor, kv: KVView) -> bool:
+    """A step of single decode tokens only, few enough for the bf16 kernel, in fp32 hidden states."""
+    if h.dtype != torch.float32 or len(kv.groups) != 1:
+        return False
+    group = kv.groups[0]
+    return group.max_query == 1 and group.num_seqs == h.shape[0] <= KERNEL_MAX_ROWS
+
+
+def fused_decode_block(
+    h: Tensor, weights: list[Tensor], cache: tuple[Tensor, Tensor], kv: KVView, num_heads: int, eps: float
+) -> Tensor:
+    group = kv.groups[0]
+    return torch.ops.gptserve.gpt2_decode_block(
+        h.contiguous(), weights, cache[0], cache[1], kv.slot_mapping, group.key_blocks, group.context_lens,
+        group.block_size, num_heads, eps)

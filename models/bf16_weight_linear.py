@@ -44,6 +44,8 @@ class Bf16WeightLinear(nn.Module):
     """``x @ weight.T + bias`` in fp32 for ``weight`` [out, in] whose values are already bf16-representable
     (``x`` of any float dtype is widened first)."""
 
+    packed: Tensor | None
+
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self.gemm = OneDNNLinear(weight, bias)

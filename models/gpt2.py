@@ -114,14 +114,16 @@ class GPT2Block(nn.Module):
         self.attn = GPT2Attention(config, tp)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = GPT2MLP(config, tp)
-        self._fused_weights: list[Tensor] | None | bool = False  # False: not looked at yet
+        self._fused_weights: list[Tensor] | None = None
+        self._fused_looked_up = False
 
     def fused_weights(self) -> list[Tensor] | None:
         """The fused decode kernel's weights, looked up at the first forward: the linears are chosen at load,
         after construction (models/linear_selection.py)."""
-        if self._fused_weights is False:
+        if not self._fused_looked_up:
             self._fused_weights = fused_block_weights(self.ln_1, self.attn, self.ln_2, self.mlp)
-        return self._fused_weights or None
+            self._fused_looked_up = True
+        return self._fused_weights
 
     def forward(self, h: Tensor, batch: ForwardBatch, cache: tuple[Tensor, Tensor]) -> Tensor:
         weights = self.fused_weights()

@@ -16,18 +16,17 @@ from models.bf16_weight_linear import KERNEL_MAX_ROWS, Bf16WeightLinear
 from models.forward_batch import KVView
 
 
-def fused_block_weights(ln_1: nn.Module, attn: nn.Module, ln_2: nn.Module, mlp: nn.Module) -> list[Tensor] | None:
+def fused_block_weights(ln_1: nn.LayerNorm, attn: nn.Module, ln_2: nn.LayerNorm, mlp: nn.Module) -> list[Tensor] | None:
     """The kernel's weight list for one block, or None where its linears are not all bf16-streamed ones (fp32
     weights, a GPU, tensor parallel's row-parallel layers, kernels that failed to build)."""
-    linears = (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
-    if not all(type(layer) is Bf16WeightLinear and layer.packed is not None for layer in linears):
+    linears = [layer for layer in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
+               if type(layer) is Bf16WeightLinear and layer.packed is not None and layer.bias is not None]
+    if len(linears) != 4 or ln_1.bias is None or ln_2.bias is None:
         return None
-    weights = [ln_1.weight, ln_1.bias]
-    for index, layer in enumerate(linears):
-        if index == 2:
-            weights += [ln_2.weight, ln_2.bias]
-        weights += [layer.packed, layer.bias]
-    return weights if all(w is not None and w.dtype in (torch.float32, torch.int16) for w in weights) else None
+    qkv, proj, fc, fc_proj = linears
+    weights = [ln_1.weight, ln_1.bias, qkv.packed, qkv.bias, proj.packed, proj.bias,
+               ln_2.weight, ln_2.bias, fc.packed, fc.bias, fc_proj.packed, fc_proj.bias]
+    return [w for w in weights if w is not None]
 
 
 def fused_decode_applies(h: Tensor, kv: KVView) -> bool:

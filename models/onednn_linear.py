@@ -27,6 +27,8 @@ def onednn_usable(device: torch.device, dtype: torch.dtype) -> bool:
 class OneDNNLinear(nn.Module):
     """``x @ weight.T + bias`` for ``weight`` [out, in]; holds only the reordered copy of the weight."""
 
+    bias: Tensor | None
+
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape

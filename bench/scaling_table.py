@@ -75,7 +75,7 @@ def model_section(name: str, raw: dict) -> list[str]:
     for n in SIZES:
         first = rank_model(config, True, 0, n)
         packed, dense = weight_bytes(first), weight_bytes(rank_model(config, False, 0, n))
-        kv = first.kv_cache_spec().bytes_per_token(torch.bfloat16) * KV_TOKENS
+        kv = kv_bytes_per_token(first) * KV_TOKENS
         reduces = all_reduces_per_forward(first) if n > 1 else 0
         comm = reduces * config.hidden_size * ACTIVATION_BYTES
         lines.append(
@@ -85,6 +85,12 @@ def model_section(name: str, raw: dict) -> list[str]:
         )
     unembedding = weight_bytes(rank_model(config, True, 0, 2)) - weight_bytes(rank_model(config, True, 1, 2))
     return lines + ["", f"Ranks other than 0 hold {unembedding / GIB:.2f} GiB less: the unembedding.", ""]
+
+
+def kv_bytes_per_token(model) -> int:
+    """A long sequence's KV per token in the grouped pool the engine builds for windowed layers (bf16)."""
+    spec = model.kv_cache_spec()
+    return spec.bytes_per_token(torch.bfloat16, grouped=len(spec.group_windows) > 1)
 
 
 def fits(packed: int, dense: int, kv_per_1000: int) -> str:
@@ -101,7 +107,7 @@ def min_tensor_parallel(raw: dict) -> int:
     config = GptOssConfig.from_hf(raw)
     for n in SIZES:
         first = rank_model(config, True, 0, n)
-        kv = first.kv_cache_spec().bytes_per_token(torch.bfloat16) * SERVING_KV_TOKENS
+        kv = kv_bytes_per_token(first) * SERVING_KV_TOKENS
         if weight_bytes(first) + kv < USABLE * GPU_BYTES:
             return n
     raise ValueError(f"{SIZES[-1]} GPUs do not hold the model")
@@ -117,8 +123,9 @@ def render() -> str:
         "How a rank's share is counted (see docs/distributed.md for the design):",
         "",
         "- Attention is split by heads: q/k/v and sinks column-parallel, the output projection row-parallel. The "
-        "KV cache holds this rank's KV heads only, in bf16, for every layer (our paged pool gives the sliding-window "
-        "layers full-length pages too).",
+        "KV cache holds this rank's KV heads only, in bf16; the sliding-window layers keep only their window's "
+        "blocks, so past the window a token costs the full-attention layers' KV (counted here; the window's "
+        "blocks per sequence are not).",
         "- The MoE is expert-parallel: each GPU holds num_experts / N whole experts and the replicated router.",
         "- The embedding is replicated on every GPU; the unembedding only on rank 0, which computes the logits, so "
         "rank 0 is the largest.",
@@ -126,7 +133,8 @@ def render() -> str:
         "or dequantized to bf16 (the default load).",
         "- Communication per decode step is the payload of the all_reduces, per token in the batch: two per layer "
         "(attention output, MoE output) of hidden x 2 bytes. A ring all_reduce sends 2(N-1)/N times the payload "
-        "per GPU. The step's metadata broadcast from rank 0 adds (3 S + T + B) x 4 bytes per step, not per layer.",
+        "per GPU. The step's metadata broadcast from rank 0 adds (2 S + G S + T + B) x 4 bytes per step (G KV "
+        "groups), not per layer.",
         f"- Fits: weights below {USABLE:.0%} of {GPU_BYTES // 10**9} GB; the cell gives the KV tokens the rest holds.",
         "",
     ]

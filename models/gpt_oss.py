@@ -135,10 +135,10 @@ class GptOss(nn.Module, ServableModel):
             moe.static_shapes = True
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        """With the sliding layers' windows, so a grouped pool can free their blocks behind the window; not when
-        split over ranks: a tensor-parallel step sends its ranks one block table per sequence (step_channel)."""
+        """With the sliding layers' windows, so a grouped pool can free their blocks behind the window (split
+        over ranks too: a tensor-parallel step sends every group's tables, server/engine/step_channel.py)."""
         c = self.config
-        windows = tuple(c.sliding_window if s else None for s in c.sliding_layers) if self.tp.world_size == 1 else ()
+        windows = tuple(c.sliding_window if s else None for s in c.sliding_layers)
         return KVCacheSpec(c.num_layers, c.num_kv_heads // self.tp.world_size, c.head_dim, windows)
 
     def forward(self, batch: ForwardBatch, cache: PagedKVCache, interrupt: Interrupt | None = None) -> Tensor:

@@ -16,10 +16,11 @@ def test_scaling_document_is_the_scripts_output():
 
 
 def test_scaling_document_agrees_with_the_published_sizes_at_one_gpu():
-    # gpt-oss-20b: 12.8 GiB with MXFP4 experts (models/mxfp4.py's table); KV: 2 x 24 layers x 8 heads x 64 x 2 B.
+    # gpt-oss-20b: 12.8 GiB with MXFP4 experts (models/mxfp4.py's table); KV per token past the window: K and V
+    # of the 12 full-attention layers (the 12 sliding ones keep only their window) x 8 heads x 64 x 2 B.
     row = next(line for line in render().splitlines() if line.startswith("| 1 | 32 |"))
     assert "| 12.8 | 39.0 |" in row
-    assert f"| {2 * 24 * 8 * 64 * 2 * 1000 / 2**20:.1f} |" in row
+    assert f"| {2 * 12 * 8 * 64 * 2 * 1000 / 2**20:.1f} |" in row
 
 
 def test_capacity_plan_takes_each_replicas_rate_from_the_bench_notes():

@@ -101,7 +101,7 @@ class ShardedModel(ServableModel):
         if self.failure is not None:
             raise RuntimeError(self.failure)
         self._on_failure = on_failure
-        self.channel.send_setup(CacheGeometry(cache.num_blocks, cache.block_size))
+        self.channel.send_setup(CacheGeometry(cache.num_blocks, cache.block_size, cache.grouped))
 
     def __call__(self, batch: ForwardBatch, cache: PagedKVCache, interrupt: Interrupt | None = None) -> Tensor:
         """Broadcast the step and run rank 0's shard; ``interrupt`` must be None (``interruptible`` is False)."""

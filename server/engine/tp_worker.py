@@ -40,13 +40,13 @@ def serve_steps(model: ServableModel, cache_dtype: torch.dtype, ctx: RankContext
     cache: PagedKVCache | None = None
     with torch.inference_mode():
         while True:
-            message = channel.receive(cache.block_size if cache else 0)
+            message = channel.receive(cache.block_size if cache else 0, cache.num_groups if cache else 1)
             if message is None:
                 return
             if isinstance(message, CacheGeometry):
                 cache = None  # free the old pool before allocating the new one
                 cache = PagedKVCache(model.kv_cache_spec(), message.num_blocks, message.block_size, cache_dtype,
-                                     ctx.device)
+                                     ctx.device, message.grouped)
                 channel.setup_done()
             elif isinstance(message, ForwardBatch) and cache is not None:
                 hang_on_poison(message)

@@ -96,6 +96,8 @@ at::Tensor gpt2_decode_block(const at::Tensor& h, at::TensorList weights, const 
                   value_cache.scalar_type() == key_cache.scalar_type() && key_cache.is_contiguous() &&
                   value_cache.is_contiguous(),
               "the KV pool does not match the block");
+  TORCH_CHECK(key_cache.scalar_type() == at::kFloat || key_cache.scalar_type() == at::kBFloat16,
+              "a float32 or bfloat16 KV pool expected");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == M, "slots: int64 [M]");
   TORCH_CHECK(blocks.dim() == 2 && blocks.size(0) == M, "one decode token per sequence expected");
   const int64_t* slot = slots.data_ptr<int64_t>();

@@ -6,11 +6,11 @@ Learned attention sinks (GPT-OSS) join the softmax as one extra key with zero va
 sink logit, which keeps the whole computation inside SDPA with only its boolean [seqs, 1, queries, keys]
 mask: no float bias per head (at one 1024-token prompt and 64 heads that bias was 269 MB; bench/NOTES.md).
 
-On CPU in float32 (or bfloat16, the queries widened) the decode group skips the gather: C++ kernels
-(models/csrc/paged_decode_attention.cpp)
-read each key and value row straight from the pool, and only the small [seqs, heads, context] scores go
-through torch's softmax. At 64 sequences of ~200 tokens the gather + SDPA read the cache three times and
-took ~120 ms of a ~270 ms GPT-2-124M step (bench/NOTES.md).
+On CPU in float32 (or bfloat16, the queries widened) the decode group skips the gather: one C++ op
+(models/csrc/paged_decode_attention.cpp) reads each key and value row straight from the pool and takes the
+softmax in between. At 64 sequences of ~200 tokens the gather + SDPA read the cache three times and took
+~120 ms of a ~270 ms GPT-2-124M step (bench/NOTES.md). A sliding-window layer's prefill gathers only the
+blocks its queries can see.
 
 The pool may be narrower than the model (models/kv_cache.py): keys and values are cast to its dtype when
 written, and widened back when read (the kernels widen bfloat16 rows in registers).
@@ -56,6 +56,8 @@ def paged_attention(
             out[group.token_index] = decode_attention_from_pool(
                 q[group.token_index], key_cache, value_cache, group, window, sinks)
             continue
+        if window is not None:
+            group = group.within(window)
         qg = q.new_zeros(group.num_seqs * group.max_query, num_heads, head_dim)
         qg[group.pad_index] = q[group.token_index]
         qg = qg.view(group.num_seqs, group.max_query, num_heads, head_dim).transpose(1, 2)

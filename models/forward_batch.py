@@ -50,16 +50,30 @@ class AttentionGroup:
     query_positions: Tensor  # [n_seqs, max_query] position of each padded query (0 for padding)
     context_lens: Tensor  # [n_seqs]
     block_size: int
+    first_query_position: int = 0  # the lowest position of any query in the group
+    key_start: int = 0  # position of the first key ``key_blocks`` holds (a multiple of block_size)
     _masks: dict[int | None, Tensor] = field(default_factory=dict)
+    _within: dict[int, AttentionGroup] = field(default_factory=dict)
 
     @property
     def num_key_positions(self) -> int:
         return self.key_blocks.shape[1] * self.block_size
 
+    def within(self, window: int) -> AttentionGroup:
+        """This group without the leading key blocks that no query sees through ``window``: a sliding layer's
+        prefill chunk gathers about window + chunk keys, not the whole context. Made once per group and window."""
+        if window not in self._within:
+            skip = max(0, self.first_query_position - window + 1) // self.block_size
+            self._within[window] = AttentionGroup(
+                self.token_index, self.pad_index, self.num_seqs, self.max_query, self.key_blocks[:, skip:],
+                self.query_positions, self.context_lens, self.block_size, self.first_query_position,
+                self.key_start + skip * self.block_size)
+        return self._within[window]
+
     def mask(self, window: int | None) -> Tensor:
-        """[n_seqs, 1, max_query, max_context] True where a query may attend a key (causal, optional window)."""
+        """[n_seqs, 1, max_query, keys held] True where a query may attend a key (causal, optional window)."""
         if window not in self._masks:
-            key_pos = torch.arange(self.num_key_positions, device=self.key_blocks.device)
+            key_pos = self.key_start + torch.arange(self.num_key_positions, device=self.key_blocks.device)
             q = self.query_positions.unsqueeze(-1)
             allowed = key_pos <= q
             if window is not None:
@@ -164,4 +178,5 @@ class ForwardBatch:
             query_positions=torch.stack(query_positions).to(device),
             context_lens=torch.tensor([self.context_lens[i] for i in members], device=device),
             block_size=bs,
+            first_query_position=min(self.context_lens[i] - self.query_lens[i] for i in members),
         )

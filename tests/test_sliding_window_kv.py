@@ -4,6 +4,7 @@ the served tokens stay exactly transformers'."""
 import pytest
 import torch
 
+import models.attention as attention
 from models.loader import load_model
 from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
 from server.engine.block_manager import FREED, BlockManager
@@ -89,6 +90,20 @@ def test_long_sequence_keeps_only_the_window_and_matches_transformers(loaded, or
     ours, _ = serve(engine, {"long": prompt}, max_tokens=45)  # 72 tokens: nine windows
     assert ours["long"] == greedy_of_transformers(oracle, prompt, 45)
     assert engine.block_manager.num_used_blocks == 0 and engine.stats().kv_blocks_used == 0
+
+
+def test_a_sliding_layers_prefill_chunk_gathers_only_the_blocks_its_window_sees(loaded, oracle, monkeypatch):
+    gathered: list[tuple[int, int]] = []  # (first key position, blocks) of every gather
+    real = attention._gather_blocks
+    monkeypatch.setattr(attention, "_gather_blocks", lambda cache, group: gathered.append(
+        (group.key_start, group.key_blocks.shape[1])) or real(cache, group))
+    engine = engine_for(loaded)
+    prompt = random_tokens(27, seed=5)  # chunks of 6: the later ones start past the window
+    ours, _ = serve(engine, {"long": prompt}, max_tokens=3)
+    assert ours["long"] == greedy_of_transformers(oracle, prompt, 3)
+    trimmed = [blocks for start, blocks in gathered if start > 0]
+    assert trimmed and max(trimmed) <= CHUNK_BOUND
+    assert max(blocks for _, blocks in gathered) == -(-27 // BLOCK)  # the full layer still reads it all
 
 
 def test_prefix_hit_on_a_long_shared_prefix_is_exact(loaded, oracle):

@@ -99,6 +99,20 @@ def test_sigint_to_the_process_group_lets_the_front_end_drain_the_core_then_exit
         assert exits_within(core, seconds=5)
 
 
+def test_model_folder_without_a_tokenizer_is_served_with_the_one_the_core_names(tmp_path):
+    """The front end loads the tokenizer from the model's folder while the core loads; GPT-OSS's ``original/``
+    folder has none (the repository keeps it in the parent), so the folder the core's Ready names is used."""
+    from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
+    from models.tokenizer import load_tokenizer
+
+    model_dir = write_tiny_gpt_oss(tmp_path / "gpt-oss", layout="hf+original")
+    with ServerProcess(["--model", f"tiny={model_dir / 'original'}", "--dtype", "float32"]) as server:
+        response = httpx.post(server.base_url + "/tokenize", json={"model": "tiny", "prompt": "The harmony format"},
+                              timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["tokens"] == load_tokenizer(model_dir).encode("The harmony format")
+
+
 def test_checkpoint_the_core_cannot_load_makes_gptserve_exit_2_with_the_reason(tiny_gpt2_dir, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()

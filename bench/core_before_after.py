@@ -10,15 +10,18 @@ runs). Prints one line per run and the mean per level.
     python -m bench.core_before_after --before /work/wt/core-before --concurrency 1 64 --rounds 2
 
 ``--startups N`` instead times N server starts of each checkout, alternated (what every test server costs):
-spawn to the first /health 200, then SIGTERM.
+spawn to the first /health 200, then SIGTERM; and from the log, how long the front end took from its core's
+Ready to serving (the app's start-up, and in older checkouts the tokenizer's load).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 from bench.loadgen import BenchConfig, run_benchmark
@@ -43,9 +46,19 @@ def time_startups(before: Path, checkpoint: Path, count: int) -> None:
             server, took = start(root, checkpoint, Path(tempfile.gettempdir()) / f"core_before_after.{name}.log")
             server.__exit__(None, None, None)
             seconds[name].append(took)
-            print(f"{name}: start-up {took:.2f} s", flush=True)
+            text = server.log_path.read_text()
+            after_ready = _stamp(text, "Application startup complete.") - _stamp(text, "engine core ready")
+            print(f"{name}: start-up {took:.2f} s, core Ready -> serving {after_ready:.2f} s", flush=True)
     for name, values in seconds.items():
         print(f"{name}: median start-up {sorted(values)[len(values) // 2]:.2f} s over {[round(v, 2) for v in values]}")
+
+
+def _stamp(log: str, message: str) -> float:
+    """When the JSON log line ``message`` was written (the first one: a start-up has one core)."""
+    for line in log.splitlines():
+        if line.startswith("{") and json.loads(line).get("msg") == message:
+            return datetime.fromisoformat(json.loads(line)["ts"].rstrip("Z")).timestamp()
+    raise ValueError(f"no log line {message!r}")
 
 
 def main() -> None:

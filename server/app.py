@@ -1,5 +1,6 @@
 """The FastAPI application: clients of the engine cores started and stopped with the app, one gateway in front
-of every route. An engine core that dies stops the server with exit status 1 (see ``CORE_DEATH_EXIT_S``).
+of every route. An engine core that fails (its process died, or its engine failed and it exits) stops the
+server with exit status 1 (see ``CORE_FAILED_EXIT_S``).
 
 The gateway (a plain ASGI middleware, so streamed bodies pass through untouched) gives every response an
 ``x-request-id``, checks the API key, bounds the body size, counts the request in /metrics and writes one
@@ -57,7 +58,7 @@ access_log = logging.getLogger("gptserve.access")
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/version")  # reachable without the API key, for probes and scrapers
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # a client's id is echoed back only if it is sane
 LOGGED_BODY_CHARS = 4096
-CORE_DEATH_EXIT_S = 2.0  # after an engine core died: its 503s are written and probes see /health 503, then exit
+CORE_FAILED_EXIT_S = 2.0  # after an engine core failed: its 503s are written and probes see /health 503, then exit
 
 
 def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
@@ -70,7 +71,7 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
         created = int(time.time())
         for name, core in cores.items():
             engine = EngineCoreClient(core, config.engine.max_queue, process_metrics.for_model(name),
-                                      on_death=lambda: _core_died(app))
+                                      on_failure=lambda: _core_failed(app))
             engine.start()
             chat_format = (HarmonyChatFormat(engine.tokenizer) if engine.family == "gpt_oss"
                            else TemplateChatFormat(engine.tokenizer, chat_template))
@@ -105,13 +106,13 @@ def abort_in_flight(app: FastAPI) -> None:
         served.engine.abort_all()
 
 
-def _core_died(app: FastAPI) -> None:
-    """An engine core is gone: its model cannot serve again in this process. Stop the server (a drain for the
-    other models' requests) with exit status 1, so that Docker or Kubernetes restarts it."""
+def _core_failed(app: FastAPI) -> None:
+    """An engine core failed or died: its model cannot serve again in this process. Stop the server (a drain for
+    the other models' requests) with exit status 1, so that Docker or Kubernetes restarts it."""
     if app.state.exit_status == 0:
         app.state.exit_status = 1
-        log.error("an engine core died: the server stops in %.0f s with exit status 1", CORE_DEATH_EXIT_S)
-        asyncio.get_running_loop().call_later(CORE_DEATH_EXIT_S, signal.raise_signal, signal.SIGTERM)
+        log.error("an engine core failed: the server stops in %.0f s with exit status 1", CORE_FAILED_EXIT_S)
+        asyncio.get_running_loop().call_later(CORE_FAILED_EXIT_S, signal.raise_signal, signal.SIGTERM)
 
 
 def error_response(status: int, error: ErrorObject, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # the app failed to start, or never did: no core may outlive us
         for core in cores.values():
             core.kill()
-    return app.state.exit_status  # 1 when an engine core died
+    return app.state.exit_status  # 1 when an engine core failed
 
 
 def _cannot_load(e: Exception) -> int:

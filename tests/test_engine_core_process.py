@@ -1,5 +1,6 @@
-"""The engine core runs in its own process: a core that dies fails its model's requests with 503 at once, turns
-/health 503 and stops the server with a non-zero status; a core never outlives its front end; the terminal's
+"""The engine core runs in its own process: a core that dies, or whose engine fails while it lives, fails its
+model's requests with 503 at once, turns /health 503 and stops the server with a non-zero status; a core never
+outlives its front end; the terminal's
 Ctrl-C (SIGINT to the whole process group) does not kill a core before the front end has drained."""
 
 from __future__ import annotations
@@ -45,6 +46,35 @@ def test_killed_engine_core_fails_requests_and_health_with_503_and_the_server_ex
         assert "engine core process for model tiny" in server.log_text()
 
 
+def test_engine_core_whose_loop_fails_answers_503_and_the_server_exits_1_as_for_a_dead_core(tmp_path):
+    """The core's process lives but its engine loop raises (the fault hook's crash token escapes the step): the
+    same path as a dead core, and the core process exits too."""
+    from models.testing.gpt2_checkpoint import write_tiny_gpt2
+
+    model_dir = write_tiny_gpt2(tmp_path / "long", n_positions=4096)
+    crash = 999
+    long = BODY | {"max_tokens": 2000, "logit_bias": {str(crash): -100}}  # never generates the crash token
+    with ServerProcess(["--model", f"tiny={model_dir}"], env={"GPTSERVE_FAULT_CRASH_TOKEN_ID": str(crash)}) as server:
+        core = core_pid(server)
+        with ThreadPoolExecutor(3) as pool:
+            in_flight = [pool.submit(httpx.post, server.v1 + "/completions", json=long, timeout=30) for _ in range(2)]
+            while server.health()["models"]["tiny"]["running"] < 2:
+                time.sleep(0.02)
+            failed = time.monotonic()
+            in_flight.append(pool.submit(httpx.post, server.v1 + "/completions", json=BODY | {"prompt": [crash]},
+                                         timeout=30))
+            responses = [future.result() for future in in_flight]
+        health = httpx.get(server.base_url + "/health", timeout=5)
+        assert time.monotonic() - failed < 5
+        assert [r.status_code for r in responses] == [503] * 3, responses[0].text
+        assert all(r.json()["error"]["type"] == "service_unavailable" for r in responses)
+        assert "injected crash" in responses[0].json()["error"]["message"]
+        assert health.status_code == 503
+        assert server._process.wait(timeout=30) == 1
+        assert exits_within(core, seconds=5)
+        assert "injected crash" in server.log_text()
+
+
 def test_engine_core_exits_when_the_front_end_is_killed(tiny_gpt2_dir):
     with ServerProcess(["--model", f"tiny={tiny_gpt2_dir}"]) as server:
         core = core_pid(server)
@@ -67,6 +97,20 @@ def test_sigint_to_the_process_group_lets_the_front_end_drain_the_core_then_exit
         assert response.json()["usage"]["completion_tokens"] == BODY["max_tokens"]
         assert server._process.wait(timeout=30) == 0
         assert exits_within(core, seconds=5)
+
+
+def test_model_folder_without_a_tokenizer_is_served_with_the_one_the_core_names(tmp_path):
+    """The front end loads the tokenizer from the model's folder while the core loads; GPT-OSS's ``original/``
+    folder has none (the repository keeps it in the parent), so the folder the core's Ready names is used."""
+    from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
+    from models.tokenizer import load_tokenizer
+
+    model_dir = write_tiny_gpt_oss(tmp_path / "gpt-oss", layout="hf+original")
+    with ServerProcess(["--model", f"tiny={model_dir / 'original'}", "--dtype", "float32"]) as server:
+        response = httpx.post(server.base_url + "/tokenize", json={"model": "tiny", "prompt": "The harmony format"},
+                              timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["tokens"] == load_tokenizer(model_dir).encode("The harmony format")
 
 
 def test_checkpoint_the_core_cannot_load_makes_gptserve_exit_2_with_the_reason(tiny_gpt2_dir, tmp_path):

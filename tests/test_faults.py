@@ -16,7 +16,9 @@ import time
 import httpx
 import pytest
 
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, exits_within
+from tests.test_engine_core_process import core_pid
+from tests.test_tensor_parallel_api import worker_pid
 
 PROMPT = [464, 2068, 7586, 21831]  # "The quick brown fox"
 POISON_AT = 3  # the poison is the 4th generated token: three go out before the failing step
@@ -204,13 +206,15 @@ def test_past_the_drain_deadline_requests_end_with_503_and_streams_with_an_error
         assert chunks and all(chunk["choices"][0]["finish_reason"] is None for chunk in chunks)
 
 
-def test_hung_tensor_parallel_rank_hits_the_step_timeout_and_the_server_turns_503(tiny_gpt2_dir):
+def test_hung_tensor_parallel_rank_hits_the_step_timeout_then_503s_and_the_server_exits_1(tiny_gpt2_dir):
     """A worker rank that stops answering (alive, asleep inside a step), not one that dies: rank 0's
-    collectives give up after --tp-step-timeout, and /health and every request turn 503."""
+    collectives give up after --tp-step-timeout, /health and every request turn 503, and the server, its
+    engine core and the hung rank all exit (the server with status 1, for a restart)."""
     hang_token, step_timeout = 999, 2.0
     args = ["--model", f"tiny={tiny_gpt2_dir}", "--tensor-parallel-size", "2", "--dtype", "float32",
             "--kv-cache-tokens", "2048", "--tp-step-timeout", str(step_timeout)]
     with ServerProcess(args, env={"GPTSERVE_FAULT_HANG_TOKEN_ID": str(hang_token)}) as server:
+        core, rank = core_pid(server), worker_pid(server)
         with httpx.Client(base_url=server.v1, timeout=60) as http:
             assert http.post("/completions", json=completion(PROMPT)).status_code == 200
             started = time.monotonic()
@@ -219,7 +223,10 @@ def test_hung_tensor_parallel_rank_hits_the_step_timeout_and_the_server_turns_50
             after = http.post("/completions", json=completion(PROMPT))
         health = httpx.get(server.base_url + "/health", timeout=10)
         ready = httpx.get(server.base_url + "/ready", timeout=10)
+        status = server._process.wait(timeout=30)
         log = server.log_text()
+    assert status == 1
+    assert exits_within(core, seconds=5) and exits_within(rank, seconds=5)
     assert hung.status_code == 503, hung.text
     assert step_timeout <= seconds < step_timeout + 10
     assert after.status_code == 503 and after.json()["error"]["type"] == "service_unavailable"

@@ -1,7 +1,7 @@
 """Tensor parallel over two "nodes" under torchrun: ``--nnodes 2 --nproc-per-node 1``, one launcher per
 ``--node-rank``, both on 127.0.0.1 over gloo, the same command line on each as docs/distributed.md gives it.
 Node 0's rank serves HTTP with the same greedy tokens and logprobs as one process; SIGTERM to node 0's
-launcher stops both nodes; node 1's rank hanging inside a step (not dying) turns the server 503."""
+launcher stops both nodes; node 1's rank hanging inside a step (not dying) turns the server 503, then stops it."""
 
 from __future__ import annotations
 
@@ -104,9 +104,10 @@ def test_two_nodes_one_rank_each_serve_gpt_oss_like_one_process_and_sigterm_stop
     assert "tensor-parallel rank 1 stopped" in nodes.node1_log(), nodes.failure_detail()
 
 
-def test_a_hung_rank_on_the_other_node_hits_the_step_timeout_and_the_server_turns_503(tmp_path):
+def test_a_hung_rank_on_the_other_node_hits_the_step_timeout_then_503s_and_node_0_exits_non_zero(tmp_path):
     """The fault hook puts node 1's rank to sleep inside the step that holds ``hang_token``: rank 0's collectives
-    give up after --tp-step-timeout, and /health and later requests answer 503."""
+    give up after --tp-step-timeout, /health and later requests answer 503, and node 0's server (so its
+    launcher) exits non-zero, for a restart."""
     hang_token, step_timeout = 999, 2.0
     model_dir = write_tiny_gpt_oss(tmp_path / "gpt-oss", sliding_window=4)
     nodes = TwoNodes(model_dir, ("--tp-step-timeout", str(step_timeout)),
@@ -120,8 +121,10 @@ def test_a_hung_rank_on_the_other_node_hits_the_step_timeout_and_the_server_turn
             seconds = time.monotonic() - started
             after = http.post("/completions", json=request | {"prompt": [1, 2, 3]})
             health = httpx.get(nodes.base_url + "/health", timeout=10)
+            status = nodes._process.wait(timeout=NODE_EXIT_S)
     finally:
         nodes.kill_node1()  # its rank sleeps inside the step: it never leaves by itself
     assert hung.status_code == 503, f"{hung.text}{nodes.failure_detail()}"
     assert step_timeout <= seconds < step_timeout + 20
     assert after.status_code == 503 and health.status_code == 503
+    assert status != 0

@@ -1,5 +1,6 @@
 """``--tensor-parallel-size 2`` on CPU (two gloo ranks): the same greedy tokens and logprobs as one process,
-and a worker rank that dies turns the server to 503 within seconds instead of hanging it."""
+and a worker rank that dies turns the server to 503 within seconds, then stops it with status 1, instead of
+hanging it."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.outputs import TokenLogprob
 from server.engine.sampling_params import SamplingParams
 from tests.server_process import ServerProcess, exits_within
+from tests.test_engine_core_process import core_pid
 
 MAX_TOKENS = 8
 TOP = 3
@@ -107,9 +109,11 @@ def test_two_ranks_with_a_bf16_kv_cache_equal_one_engine_with_one(tiny_gpt2_dir)
         assert got == pytest.approx([lp.logprob for lp in expected[str(i)]], abs=1e-3)
 
 
-def test_killed_worker_rank_fails_health_and_requests_with_503_within_10s(gpt2_server):
-    """Defined last: it breaks the module's server (one server start less for the suite)."""
+def test_killed_worker_rank_fails_requests_and_health_with_503_then_the_server_exits_1(gpt2_server):
+    """Defined last: it stops the module's server (one server start less for the suite). The engine core is
+    alive but its engine failed: the same path as a dead core, and the core exits too."""
     server = gpt2_server
+    core = core_pid(server)
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 120, "ignore_eos": True}
     with ThreadPoolExecutor(4) as pool:
         in_flight = [pool.submit(httpx.post, server.v1 + "/completions", json=body, timeout=30) for _ in range(4)]
@@ -117,8 +121,9 @@ def test_killed_worker_rank_fails_health_and_requests_with_503_within_10s(gpt2_s
         os.kill(worker_pid(server), signal.SIGKILL)
         killed = time.monotonic()
         statuses = [future.result().status_code for future in in_flight]
-        assert time.monotonic() - killed < 10
-        assert statuses == [503] * 4
-        assert httpx.get(server.base_url + "/health", timeout=5).status_code == 503
-        assert httpx.post(server.v1 + "/completions", json=body, timeout=5).status_code == 503
-        assert "tensor-parallel rank 1" in server.log_text()
+    assert time.monotonic() - killed < 10
+    assert statuses == [503] * 4
+    assert httpx.get(server.base_url + "/health", timeout=5).status_code == 503
+    assert server._process.wait(timeout=30) == 1
+    assert exits_within(core, seconds=5)
+    assert "tensor-parallel rank 1" in server.log_text()

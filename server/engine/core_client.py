@@ -6,8 +6,10 @@ when ready (the same Admission arithmetic); ``compile_grammar`` asks the core, w
 reader task turns the core's messages into outputs on each request's queue and replays the core's metric calls
 into /metrics.
 
-If the core process dies, every request gets 503 at once, /health turns 503, and ``on_death`` is called (the
-app then stops the server with a non-zero status, so an orchestrator restarts it).
+If the core fails, whether its process dies or it reports that its engine failed (CoreFailed: its loop raised,
+a tensor-parallel rank died or hung; the core then exits by itself), every request gets 503 at once, /health
+turns 503, and ``on_failure`` is called (the app then stops the server with a non-zero status, so an
+orchestrator restarts it).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ STOP_WAIT_S = 30.0  # how long a core told to shut down gets (its tensor-paralle
 
 class EngineCoreClient:
     def __init__(self, core: StartedCore, max_queue: int, metrics=None,
-                 on_death: Callable[[], None] | None = None) -> None:
+                 on_failure: Callable[[], None] | None = None) -> None:
         assert core.ready is not None and core.tokenizer is not None
         self.core = core
         self.name = core.name
@@ -48,7 +50,7 @@ class EngineCoreClient:
         self.max_model_len = self.admission.max_model_len
         self.max_queue = max_queue
         self.metrics = metrics
-        self.on_death = on_death
+        self.on_failure = on_failure
         self._stats = core.ready.stats
         self._streams: dict[str, asyncio.Queue[ChoiceOutput]] = {}
         self._compiles: dict[int, asyncio.Future[wire.GrammarCompiled]] = {}
@@ -101,15 +103,19 @@ class EngineCoreClient:
         return self._loop is not None and self._failure is None and self.core.process.is_alive()
 
     def fail(self, reason: str) -> None:
-        """On the event loop: /health turns 503 and every in-flight and new request gets 503 now."""
-        if self._failure is None:
-            log.error("engine for %s failed: %s", self.name, reason)
-            self._failure = reason
-            for stream in self._streams.values():
-                stream.put_nowait(ChoiceOutput(-1, [], finish_reason="error", error=reason))
-            for future in self._compiles.values():
-                if not future.done():
-                    future.set_exception(EngineUnavailable(reason))
+        """On the event loop, once: /health turns 503, every in-flight and new request gets 503 now, and
+        ``on_failure`` stops the server (this model cannot serve again in this process)."""
+        if self._failure is not None:
+            return
+        log.error("engine for %s failed: %s", self.name, reason)
+        self._failure = reason
+        for stream in self._streams.values():
+            stream.put_nowait(ChoiceOutput(-1, [], finish_reason="error", error=reason))
+        for future in self._compiles.values():
+            if not future.done():
+                future.set_exception(EngineUnavailable(reason))
+        if self.on_failure is not None:
+            self.on_failure()
 
     def stats(self) -> EngineStats:
         """As of the core's last report."""
@@ -187,8 +193,12 @@ class EngineCoreClient:
             raise EngineUnavailable(f"model {self.name} is not accepting requests")
 
     def _send(self, message: wire.ToCore) -> None:
-        if self.core.process.is_alive():
-            self.core.commands.send(wire.encoder.encode(message), copy=False)
+        """Never blocks: a PUSH socket blocks when no core is connected, and a core that exits (or is exiting after
+        a failure) has closed its end; what it would have been told no longer matters."""
+        try:
+            self.core.commands.send(wire.encoder.encode(message), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            pass
 
     async def _read(self) -> None:
         while True:
@@ -212,7 +222,8 @@ class EngineCoreClient:
                 stream.put_nowait(out)
 
     def _watch(self) -> None:
-        """A thread waiting on the core's process sentinel: a core that exits unasked fails its model at once."""
+        """A thread waiting on the core's process sentinel: a core that exits unasked fails its model at once
+        (if it has not said why already, with CoreFailed)."""
         process = self.core.process
         wait([process.sentinel])
         if not self._stopping and self._loop is not None:
@@ -224,5 +235,3 @@ class EngineCoreClient:
             return
         self.fail(f"the engine core process for model {self.name} (pid {self.core.process.pid}) exited with "
                   f"code {exitcode}")
-        if self.on_death is not None:
-            self.on_death()

@@ -8,10 +8,15 @@ when idle. A command arriving during a step of decodes may interrupt it between 
 The process ignores SIGINT and SIGTERM: a terminal's Ctrl-C reaches the whole process group, and the front end
 must drain its requests first; it sends Shutdown when done. If the front end dies instead, the core exits
 within a second (it watches its parent), so no core outlives its server.
+
+If the engine fails (the loop raises, or a tensor-parallel watchdog calls ``EngineCore.fail``), the core sends
+CoreFailed, stops its ranks and exits 1 within ``FAIL_EXIT_S``, even when its loop is stuck inside a step: the
+front end treats that as it treats a core that died (503s, then the server exits non-zero).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
 import os
@@ -35,8 +40,10 @@ from server.engine.sampling_params import GrammarSpec
 from server.engine.step_metrics import StepMetrics
 
 log = logging.getLogger("gptserve.core")
+_pairs = itertools.count()
 
 PARENT_POLL_S = 0.5
+FAIL_EXIT_S = 1.5  # after a failure, the longest the core lives on (a step stuck in a collective, a compile)
 COMPILE_POLL_MS = 10  # while a grammar compiles off the loop, how often an idle loop looks for its result
 
 
@@ -63,7 +70,10 @@ class Channel:
 
 
 class EngineCore:
-    def __init__(self, engine: LLMEngine, recorder: MetricRecorder, commands: zmq.Socket, channel: Channel) -> None:
+    def __init__(self, engine: LLMEngine, recorder: MetricRecorder, commands: zmq.Socket, channel: Channel,
+                 exit_deadline_s: float | None = None) -> None:
+        """``exit_deadline_s``: after a failure, end the process this long after if it has not ended by then
+        (None in a test that drives the loop in its own process)."""
         self.engine = engine
         self.recorder = recorder
         self.commands = commands
@@ -74,31 +84,51 @@ class EngineCore:
         self._sent_stats = engine.stats()
         self._taken: list[wire.ToCore] = []  # commands received during a step, applied after it
         self._arrived = False  # one of them is a new request
+        self.failure: str | None = None
+        self._exit_deadline_s = exit_deadline_s
+        self._failing = threading.Lock()
+        self._wake_in, self._wake_out = _socket_pair(commands.context)  # fail() wakes an idle loop
+        self._idle = zmq.Poller()
+        self._idle.register(commands, zmq.POLLIN)
+        self._idle.register(self._wake_in, zmq.POLLIN)
 
     def run(self) -> None:
+        """Step until Shutdown or a failure (then ``failure`` says why and the process must exit 1)."""
         loaded = self.engine.loaded
         loaded.model.attach(self.engine.cache, self.fail)  # tensor parallel: the other ranks allocate their KV too
         self.channel.send(wire.Ready(self.engine.admission, self._sent_stats, loaded.family,
                                      str(tokenizer_directory(loaded.directory))))
         try:
-            while not self.stopping:
+            while not self.stopping and self.failure is None:
                 outputs = self._apply_commands()
                 if self.engine.has_work and not self.stopping:
                     outputs += self.engine.step(interrupt=self._request_arrived)
                 self._report(outputs)
                 self._answer_compiles()
-                if not self.engine.has_work and not self.stopping and not self._taken:
-                    self.commands.poll(COMPILE_POLL_MS if self._compiles else None)
+                if not self.engine.has_work and not self.stopping and not self._taken and self.failure is None:
+                    self._idle.poll(COMPILE_POLL_MS if self._compiles else None)
         except BaseException as exc:  # the engine is broken: every request gets 503, the server restarts
             log.exception("the engine core loop failed")
             self.fail(f"engine failed: {exc}")
-            raise
         finally:
             loaded.model.stop()
 
     def fail(self, reason: str) -> None:
-        """From any thread (a tensor-parallel watchdog): /health turns 503 and every request gets 503 now."""
-        self.channel.send(wire.CoreFailed(reason))
+        """From any thread (the loop, a tensor-parallel watchdog): the engine cannot serve again. The front end
+        answers 503 and stops the server; the loop ends, and the process is ended after ``exit_deadline_s`` if
+        the loop is stuck (a step waiting on a collective)."""
+        with self._failing:
+            if self.failure is not None:
+                return
+            self.failure = reason
+            log.error("the engine core fails: %s", reason)
+            self.channel.send(wire.CoreFailed(reason))
+            self._wake_out.send(b"")
+        if self._exit_deadline_s is not None:
+            why = f"the failed engine core is still running after {self._exit_deadline_s} s"
+            deadline = threading.Timer(self._exit_deadline_s, _exit_now, args=(why,))
+            deadline.daemon = True
+            deadline.start()
 
     def _request_arrived(self) -> bool:
         """Asked between a decode step's layers: only a new request is worth giving the step up for (an abort or
@@ -190,8 +220,11 @@ def run_core(name: str, directory: Path, config: ServerConfig, commands_address:
         _close(context)
         raise SystemExit(1) from None
     log.info("engine core ready", extra={"model": name, "pid": os.getpid()})
-    EngineCore(engine, recorder, commands, channel).run()
+    core = EngineCore(engine, recorder, commands, channel, exit_deadline_s=FAIL_EXIT_S)
+    core.run()
     _close(context)
+    if core.failure is not None:  # at once: a failed tensor-parallel group can hang the interpreter's teardown
+        _exit_now("its engine failed")
 
 
 def _build_engine(directory: Path, config: ServerConfig) -> tuple[LLMEngine, MetricRecorder]:
@@ -208,10 +241,24 @@ def _close(context: zmq.Context) -> None:
     context.destroy(linger=1000)  # what was sent still reaches the front end
 
 
+def _socket_pair(context: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
+    """Two connected inproc sockets: what is sent on the second arrives on the first."""
+    address = f"inproc://core-wake-{id(context)}-{next(_pairs)}"
+    receiving, sending = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    receiving.bind(address)
+    sending.connect(address)
+    return receiving, sending
+
+
 def _exit_with_parent(parent_pid: int) -> None:
     while os.getppid() == parent_pid:
         time.sleep(PARENT_POLL_S)
-    log.error("the front end (pid %d) is gone: the engine core exits", parent_pid)
-    for child in multiprocessing.active_children():  # spawned tensor-parallel ranks
+    _exit_now(f"the front end (pid {parent_pid}) is gone")
+
+
+def _exit_now(why: str) -> None:
+    """From any thread: kill the tensor-parallel ranks this process spawned, then exit 1 at once."""
+    log.error("%s: the engine core exits", why)
+    for child in multiprocessing.active_children():
         child.kill()
     os._exit(1)

@@ -1,5 +1,6 @@
 """Starting the engine cores: one spawned process per served model, each loading its own weights. The front
-end loads only the tokenizer, from where the core's Ready says, and never imports torch.
+end loads only the tokenizer, from where the core's Ready says, and never imports torch. It loads it from the
+model's folder while the cores load (seconds for o200k), and uses that one if Ready names the same folder.
 
 ``start_cores`` returns once every core has reported Ready; a core that cannot load its checkpoint makes it raise
 ``CoreLoadError`` (a ValueError, so the CLI exits 2 with the core's message, as when the front end loaded it).
@@ -35,6 +36,7 @@ class StartedCore:
     """A core process that reported Ready, with the sockets to it and the front end's share of its model."""
 
     name: str
+    directory: Path  # the model's folder, where its tokenizer usually is
     process: BaseProcess
     context: zmq.Context
     commands: zmq.Socket  # PUSH: front end -> core
@@ -84,13 +86,25 @@ def spawn_cores(config: ServerConfig, sources: list) -> dict[str, StartedCore]:
 def wait_for_cores(cores: dict[str, StartedCore]) -> None:
     """Take each core's Ready and load its tokenizer; if any core fails, every core is killed."""
     try:
+        early = {name: _tokenizer_in(core.directory) for name, core in cores.items()}  # while the cores load
         for core in cores.values():
             core.ready = _wait_ready(core)
-            core.tokenizer = load_tokenizer(Path(core.ready.tokenizer_dir))
+            named = Path(core.ready.tokenizer_dir)
+            preloaded = early[core.name]
+            core.tokenizer = preloaded if preloaded is not None and named == core.directory else load_tokenizer(named)
     except BaseException:
         for core in cores.values():
             core.kill()
         raise
+
+
+def _tokenizer_in(directory: Path) -> Tokenizer | None:
+    """The tokenizer in a model's folder, or None if it has none (a GPT-OSS ``original/`` folder keeps it in the
+    parent) or it cannot be read: then the folder that Ready names is loaded, and its error is the one reported."""
+    try:
+        return load_tokenizer(directory)
+    except (OSError, ValueError):
+        return None
 
 
 def _run_core(*args: object) -> None:
@@ -113,7 +127,7 @@ def _spawn(name: str, directory: Path, config: ServerConfig) -> StartedCore:
     )
     process.start()  # not a daemon: it starts tensor-parallel ranks of its own
     log.info("started engine core", extra={"model": name, "pid": process.pid})
-    return StartedCore(name, process, context, commands, outputs, socket_dir)
+    return StartedCore(name, directory, process, context, commands, outputs, socket_dir)
 
 
 def _wait_ready(core: StartedCore) -> wire.Ready:

@@ -59,10 +59,10 @@ class WorkerWatchdog:
             process.join(1.0)
             on_death(f"tensor-parallel rank {rank} (pid {process.pid}) exited with code {process.exitcode}")
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = STOP_WAIT_S) -> None:
         self.stopping = True
         for process in self.processes.values():
-            process.join(STOP_WAIT_S)
+            process.join(wait_s)
             if process.is_alive():
                 process.kill()
                 process.join()
@@ -124,13 +124,14 @@ class ShardedModel(ServableModel):
                 self._on_failure(reason)
 
     def stop(self) -> None:
-        """Tell every rank to exit (after the engine thread has stopped), then make sure they have."""
+        """Tell every rank to exit (after the engine thread has stopped), then make sure they have; after a
+        failure the ranks cannot be told (they are out of step, or hung), so they are killed at once."""
         if self.watchdog is not None:
             self.watchdog.stopping = True
         if self.failure is None:
             self.channel.send_stop()
         if self.watchdog is not None:
-            self.watchdog.stop()
+            self.watchdog.stop(STOP_WAIT_S if self.failure is None else 0.0)
         if self.failure is None:
             dist.destroy_process_group()
 

@@ -9,7 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Discriminator, Field, Tag
 
-from server.protocol import GATEWAY_RESPONSES, ChatMessageParam, ErrorResponse, Strict
+from server.protocol import GATEWAY_RESPONSES, ErrorResponse, Strict
+from server.protocol_messages import ChatMessageParam
 from server.protocol_tools import ChatTool, NamedToolChoice
 
 

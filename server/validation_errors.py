@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from server.protocol import ErrorObject
 
 _TYPE_WORDS = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "dict": "object"}
-_BRANCH_TAG = re.compile(r"[\[\]]|^(constrained-)?(str|int|float|bool|dict)$|^function-|-form$")
+_BRANCH_TAG = re.compile(r"[\[\]]|^(constrained-)?(str|int|float|bool|dict)$|^function-|-(form|message|part)$")
 
 
 def validation_error_object(e: RequestValidationError) -> ErrorObject:
@@ -30,7 +30,7 @@ def validation_error_object(e: RequestValidationError) -> ErrorObject:
     best = max(same_field, key=_specificity)
     path = _path(best["loc"])
     if best["type"] == "extra_forbidden":
-        message = f"{path}: unknown or unsupported parameter"
+        message = f"{path}: unknown or unsupported parameter{_in_role(best['loc'])}"
     elif len(same_field) > 1 and _specificity(best) == (1, False):  # no branch of the union took the value
         tags = [tag for tag in map(_tag, same_field) if tag]
         expected = " or ".join(dict.fromkeys(_describe(tag) for tag in tags))
@@ -55,6 +55,12 @@ def _path(loc: tuple) -> str:
     for part in _client_parts(loc):
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
     return text
+
+
+def _in_role(loc: tuple) -> str:
+    """`` in a user message`` when the field sits in a chat message: each role takes its own fields."""
+    roles = [part.removesuffix("-message") for part in loc if isinstance(part, str) and part.endswith("-message")]
+    return f" in a {roles[-1]} message" if roles else ""
 
 
 def _specificity(error: dict) -> tuple[int, bool]:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, GetJsonSchemaHandler, Tag, model_validator
+from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError
 
 from server.protocol_base import Strict
@@ -102,6 +103,18 @@ def _role_tag(message: Any) -> str | None:
     return _tag(message, "role", "message")
 
 
+class _RoleDiscriminated:
+    """States in the schema, as OpenAI's own OpenAPI document does, that ``role`` picks the message's shape
+    (pydantic writes no ``discriminator`` keyword for a union it tells apart with a function)."""
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        mapping = {handler.resolve_ref_schema(branch)["properties"]["role"]["const"]: branch["$ref"]
+                   for branch in schema["oneOf"]}
+        schema["discriminator"] = {"propertyName": "role", "mapping": mapping}
+        return schema
+
+
 ChatMessageParam = Annotated[
     Annotated[SystemMessage, Tag("system-message")] | Annotated[DeveloperMessage, Tag("developer-message")]
     | Annotated[UserMessage, Tag("user-message")] | Annotated[AssistantMessage, Tag("assistant-message")]
@@ -109,4 +122,5 @@ ChatMessageParam = Annotated[
     Discriminator(_role_tag, custom_error_type="message_role",
                   custom_error_message="a message is an object whose role is 'system', 'developer', 'user', "
                                        "'assistant' or 'tool'"),
+    _RoleDiscriminated(),
 ]

@@ -59,7 +59,7 @@ def test_only_an_assistant_message_makes_tool_calls(role):
     request = body(BY_ROLE[role] | {"tool_calls": [CALL]})
     assert not schema_allows(request)
     message, param = refusal(request)
-    assert message == f"messages[1].tool_calls: unknown or unsupported parameter in a {role} message"
+    assert message == f"messages[1].tool_calls: unknown or unsupported parameter for role '{role}'"
     assert param == "messages"
 
 
@@ -69,7 +69,7 @@ def test_only_an_assistant_message_makes_tool_calls(role):
 def test_a_field_of_another_role_is_refused_by_name(role, field, value):
     request = body(BY_ROLE[role] | {field: value})
     assert not schema_allows(request)
-    assert refusal(request)[0] == f"messages[1].{field}: unknown or unsupported parameter in a {role} message"
+    assert refusal(request)[0] == f"messages[1].{field}: unknown or unsupported parameter for role '{role}'"
 
 
 @pytest.mark.parametrize("role", ["system", "developer", "user", "tool", "assistant"])

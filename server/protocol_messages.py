@@ -1,9 +1,10 @@
 """Chat messages in a request, typed by role as OpenAI's API reference types them.
 
-Each role is its own model, and the message is a union discriminated by ``role``, so the OpenAPI schema states
-what a role may carry: only an assistant makes tool calls, a tool message names the call it answers. The union's
-tags end in ``-message`` (content parts' in ``-part``) so a validation error names the field as the client wrote
-it (server.validation_errors drops the tags). Content is optional for every role, as it was before the split.
+Each role is its own model (OpenAI's deprecated ``function`` role too), and the message is a union discriminated
+by ``role``, so the OpenAPI schema states what a role may carry: only an assistant makes tool calls, a tool
+message names the call it answers. The union's tags end in ``-message`` (content parts' in ``-part``) so a
+validation error names the field as the client wrote it (server.validation_errors drops the tags). Content is
+optional for every role but ``function``, as it was before the split.
 
 Content parts this server cannot read (images, audio, files) are left out of the schema, which states what is
 served; a request with one is a 400 naming the part.
@@ -18,7 +19,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError
 
 from server.protocol_base import Strict
-from server.protocol_tools import ToolCallParam
+from server.protocol_tools import FunctionName, ToolCallParam
 
 UNREADABLE_PARTS = ("image_url", "input_audio", "file")
 
@@ -99,6 +100,14 @@ class ToolMessage(Strict):
     name: Name | None = Field(None, description="accepted, as vLLM accepts it; the call's id names the function")
 
 
+class FunctionMessage(Strict):
+    """OpenAI's deprecated form of a tool message, still accepted: the result of the function ``name``."""
+
+    role: Literal["function"]
+    content: str | None
+    name: FunctionName
+
+
 def _role_tag(message: Any) -> str | None:
     return _tag(message, "role", "message")
 
@@ -118,9 +127,9 @@ class _RoleDiscriminated:
 ChatMessageParam = Annotated[
     Annotated[SystemMessage, Tag("system-message")] | Annotated[DeveloperMessage, Tag("developer-message")]
     | Annotated[UserMessage, Tag("user-message")] | Annotated[AssistantMessage, Tag("assistant-message")]
-    | Annotated[ToolMessage, Tag("tool-message")],
+    | Annotated[ToolMessage, Tag("tool-message")] | Annotated[FunctionMessage, Tag("function-message")],
     Discriminator(_role_tag, custom_error_type="message_role",
                   custom_error_message="a message is an object whose role is 'system', 'developer', 'user', "
-                                       "'assistant' or 'tool'"),
+                                       "'assistant', 'tool' or 'function'"),
     _RoleDiscriminated(),
 ]

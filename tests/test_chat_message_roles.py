@@ -22,7 +22,8 @@ BY_ROLE = {"system": {"role": "system", "content": "Be brief."},
            "developer": {"role": "developer", "content": "Answer in French."},
            "user": QUESTION,
            "assistant": {"role": "assistant", "content": "Let me look.", "tool_calls": [CALL]},
-           "tool": {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}}
+           "tool": {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+           "function": {"role": "function", "content": "sunny", "name": "get_weather"}}
 
 
 def body(*messages: dict) -> dict:
@@ -54,7 +55,7 @@ def test_a_tool_message_must_name_the_call_it_answers():
     assert refusal(without_id) == ("messages[2].tool_call_id: Field required", "messages")
 
 
-@pytest.mark.parametrize("role", ["system", "developer", "user", "tool"])
+@pytest.mark.parametrize("role", ["system", "developer", "user", "tool", "function"])
 def test_only_an_assistant_message_makes_tool_calls(role):
     request = body(BY_ROLE[role] | {"tool_calls": [CALL]})
     assert not schema_allows(request)
@@ -65,7 +66,7 @@ def test_only_an_assistant_message_makes_tool_calls(role):
 
 @pytest.mark.parametrize(("role", "field", "value"), [
     ("user", "tool_call_id", "call_1"), ("system", "reasoning", "hm"), ("user", "refusal", "no"),
-    ("tool", "reasoning_content", "hm"), ("developer", "tool_call_id", "call_1")])
+    ("tool", "reasoning_content", "hm"), ("developer", "tool_call_id", "call_1"), ("function", "tool_call_id", "c")])
 def test_a_field_of_another_role_is_refused_by_name(role, field, value):
     request = body(BY_ROLE[role] | {field: value})
     assert not schema_allows(request)
@@ -78,7 +79,7 @@ def test_message_content_may_be_left_out_as_before(role):
     assert schema_allows(body(message))
 
 
-@pytest.mark.parametrize("role", ["function", "moderator", None])
+@pytest.mark.parametrize("role", ["moderator", "User", None])
 def test_an_unknown_or_missing_role_names_the_roles_there_are(role):
     request = body({"role": role, "content": "x"} if role else {"content": "x"})
     assert not schema_allows(request)
@@ -113,6 +114,18 @@ def test_an_assistant_refusal_is_shown_to_the_model_as_the_turns_text():
     assert chat_message(parts) == ChatMessage("assistant", "I can't help with that.")
     field = AssistantMessage.model_validate({"role": "assistant", "refusal": "No."})
     assert chat_message(field) == ChatMessage("assistant", "No.")
+
+
+def test_a_function_message_must_name_its_function_and_give_its_content():
+    assert not schema_allows(body({"role": "function", "content": "sunny"}))
+    assert refusal(body({"role": "function", "content": "sunny"}))[0] == "messages[1].name: Field required"
+    assert not schema_allows(body({"role": "function", "name": "get_weather"}))
+    assert schema_allows(body({"role": "function", "name": "get_weather", "content": None}))
+
+
+def test_a_function_message_is_the_named_functions_result():
+    message = ChatCompletionRequest.model_validate(body(BY_ROLE["function"])).messages[1]
+    assert chat_message(message) == ChatMessage("tool", "sunny", name="get_weather")
 
 
 def test_an_assistant_turn_keeps_its_reasoning_and_calls():

@@ -68,7 +68,7 @@ def test_openapi_document_describes_every_route_and_its_errors(server):
     messages = schemas["ChatCompletionRequest"]["properties"]["messages"]["items"]
     assert messages["discriminator"] == {"propertyName": "role", "mapping": {
         role: f"#/components/schemas/{role.capitalize()}Message"
-        for role in ("system", "developer", "user", "assistant", "tool")}}
+        for role in ("system", "developer", "user", "assistant", "tool", "function")}}
     assert "tool_call_id" in schemas["ToolMessage"]["required"]
 
 

@@ -16,7 +16,7 @@ import jinja2
 
 from server.chat import ChatMessage, FunctionTool, HarmonyChatFormat, TemplateChatFormat, ToolCall
 from server.protocol import APIError
-from server.protocol_messages import AssistantMessage, ChatMessageParam, TextContentPart, ToolMessage
+from server.protocol_messages import AssistantMessage, ChatMessageParam, FunctionMessage, TextContentPart, ToolMessage
 from server.protocol_tools import ChatTool, NamedToolChoice
 
 
@@ -62,6 +62,8 @@ def chat_message(message: ChatMessageParam) -> ChatMessage:
         calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or []]
         reasoning = message.reasoning if message.reasoning is not None else message.reasoning_content
         return ChatMessage("assistant", assistant_text(message), reasoning=reasoning, tool_calls=calls)
+    if isinstance(message, FunctionMessage):
+        return ChatMessage("tool", message.content or "", name=message.name)
     content = message.content
     text = "".join(part.text for part in content) if isinstance(content, list) else content or ""
     if isinstance(message, ToolMessage):

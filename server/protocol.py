@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from server.protocol_base import Strict, WithoutNulls
-from server.protocol_tools import ChatTool, NamedToolChoice, ToolCall, ToolCallDelta, ToolCallParam
+from server.protocol_messages import ChatMessageParam
+from server.protocol_tools import ChatTool, NamedToolChoice, ToolCall, ToolCallDelta
 
 MAX_N = 128
 MAX_PROMPTS = 1024  # prompts (or perplexity inputs) in one request: each is tokenized before admission
@@ -82,22 +83,6 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = Field(None, description="not supported; must be null")
     best_of: int | None = Field(None, ge=1, le=MAX_N, description="only best_of == n is supported")
     response_format: ResponseFormat | None = Field(None, description="vLLM extra: constrain every choice's text")
-
-
-class TextContentPart(Strict):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessageParam(Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = Field(None, max_length=256)
-    reasoning: str | None = Field(None, description="an earlier assistant turn's reasoning")
-    reasoning_content: str | None = Field(None, description="older name of `reasoning`, still accepted")
-    tool_calls: Annotated[list[ToolCallParam], Field(max_length=128)] | None = Field(
-        None, description="an assistant turn's calls")
-    tool_call_id: str | None = Field(None, max_length=256, description="a tool message: the call it answers")
 
 
 class JsonSchemaFormat(Strict):

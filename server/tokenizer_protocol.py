@@ -9,7 +9,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Discriminator, Field, Tag
 
-from server.protocol import GATEWAY_RESPONSES, ChatMessageParam, ErrorResponse, Strict
+from server.protocol import GATEWAY_RESPONSES, ErrorResponse, Strict
+from server.protocol_base import OnlyFalse, OnlyTrue
+from server.protocol_messages import ChatMessageParam
 from server.protocol_tools import ChatTool, NamedToolChoice
 
 
@@ -32,9 +34,9 @@ class TokenizeChatRequest(Strict):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="as chat completions takes it (none: no tools)")
     reasoning_effort: Literal["low", "medium", "high"] | None = None
-    add_generation_prompt: Literal[True] = Field(True, description="chat prompts always end where the "
+    add_generation_prompt: OnlyTrue = Field(True, description="chat prompts always end where the "
                                                  "assistant's reply starts, as the chat endpoint renders them")
-    continue_final_message: Literal[False] = False
+    continue_final_message: OnlyFalse = False
     add_special_tokens: bool = Field(True, description="accepted; these tokenizers add no special tokens")
     return_token_strs: bool = Field(False, description="also return each token as its byte-level string")
 

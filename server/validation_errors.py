@@ -15,7 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from server.protocol import ErrorObject
 
 _TYPE_WORDS = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "dict": "object"}
-_BRANCH_TAG = re.compile(r"[\[\]]|^(constrained-)?(str|int|float|bool|dict)$|^function-|-form$")
+# Type names, our own tags (``chat-form``, ``user-message``, ``text-part``), and model names: no field is CamelCase.
+_BRANCH_TAG = re.compile(r"[\[\]]|^(constrained-)?(str|int|float|bool|dict)$|^function-|-(form|message|part)$"
+                         r"|^[A-Z][A-Za-z0-9]*$")
 
 
 def validation_error_object(e: RequestValidationError) -> ErrorObject:
@@ -30,10 +32,9 @@ def validation_error_object(e: RequestValidationError) -> ErrorObject:
     best = max(same_field, key=_specificity)
     path = _path(best["loc"])
     if best["type"] == "extra_forbidden":
-        message = f"{path}: unknown or unsupported parameter"
-    elif len(same_field) > 1 and _specificity(best) == (1, False):  # no branch of the union took the value
-        tags = [tag for tag in map(_tag, same_field) if tag]
-        expected = " or ".join(dict.fromkeys(_describe(tag) for tag in tags))
+        message = f"{path}: unknown or unsupported parameter{_in_role(best['loc'])}"
+    elif len(branches := _branches(same_field, best)) > 1:  # no branch of the union took the value
+        expected = " or ".join(dict.fromkeys(_describe(error["loc"][-1]) for error in branches))
         message = f"{path}: must be {expected}"
     else:
         message = f"{path or 'body'}: {best['msg']}"
@@ -46,7 +47,7 @@ def _field(error: dict) -> object:
 
 
 def _client_parts(loc: tuple) -> list[str | int]:
-    return [part for part in loc if part != "body" and not (isinstance(part, str) and _BRANCH_TAG.search(part))]
+    return [part for part in loc if part != "body" and not _is_tag(part)]
 
 
 def _path(loc: tuple) -> str:
@@ -57,17 +58,27 @@ def _path(loc: tuple) -> str:
     return text
 
 
+def _in_role(loc: tuple) -> str:
+    """`` for role 'user'`` when the field sits in a chat message: each role takes its own fields."""
+    roles = [part.removesuffix("-message") for part in loc if isinstance(part, str) and part.endswith("-message")]
+    return f" for role {roles[-1]!r}" if roles else ""
+
+
 def _specificity(error: dict) -> tuple[int, bool]:
     """Deeper is better (the value got further into that branch), then a broken bound over a wrong type."""
     return len(_client_parts(error["loc"])), not error["type"].endswith("_type")
 
 
-def _tag(error: dict) -> str | None:
-    """The union branch an error came from, if any: the first location part that is a pydantic type tag."""
-    for part in error["loc"]:
-        if isinstance(part, str) and part != "body" and _BRANCH_TAG.search(part):
-            return part
-    return None
+def _branches(errors: list[dict], best: dict) -> list[dict]:
+    """The type errors of a union's branches at ``best``'s place, when ``best`` is one: each location ends in
+    its branch's tag (``('stop', 'constrained-str')``, ``('messages', 0, 'user-message', 'content', 'str')``)."""
+    if _specificity(best)[1] or not _is_tag(best["loc"][-1]):
+        return []
+    return [error for error in errors if _path(error["loc"]) == _path(best["loc"]) and _is_tag(error["loc"][-1])]
+
+
+def _is_tag(part: object) -> bool:
+    return isinstance(part, str) and part != "body" and bool(_BRANCH_TAG.search(part))
 
 
 def _describe(tag: str) -> str:
@@ -75,7 +86,8 @@ def _describe(tag: str) -> str:
     inner = re.fullmatch(r"list\[(.*)\]", tag)
     if inner:
         return "a list of " + _plural(_describe(inner.group(1)))
-    word = _TYPE_WORDS.get(tag.removeprefix("constrained-"), tag)
+    model = tag[:1].isupper() or tag.startswith("tagged-union[")  # a model, or models told apart by a tag
+    word = _TYPE_WORDS.get(tag.removeprefix("constrained-"), "object" if model else tag)
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 

@@ -92,6 +92,13 @@ def test_bad_tokenizer_requests_are_400_naming_the_field(http):
     assert http.get("/health").status_code == 200
 
 
+@pytest.mark.parametrize(("field", "value"), [("continue_final_message", 0), ("add_generation_prompt", 1)])
+def test_a_number_is_not_taken_for_the_one_boolean_a_flag_allows(http, field, value):
+    """Found by the fuzzer: pydantic's Literal[False] took 0, though the schema says a boolean."""
+    body = {"model": "tiny", "messages": MESSAGES, field: value}
+    assert_error(http.post("/tokenize", json=body), 400, field)
+
+
 def test_tokenizer_endpoints_need_the_key_and_version_does_not(server, http):
     calls = (("/tokenize", {"model": "tiny", "prompt": "x"}), ("/detokenize", {"model": "tiny", "tokens": [1]}))
     for path, body in calls:

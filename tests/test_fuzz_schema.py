@@ -32,11 +32,11 @@ fail-on = ["validation_mismatch", "missing_test_data"]
 include-path-regex = "^/v1/responses/"
 warnings = false
 """
-# And, summed over the phases, most of their valid requests served.
-# /tokenize is not held to it yet: its coverage phase sends tool messages without tool_call_id, which only a
-# message schema split by role could rule out (its fuzzing phase is mostly served since its body is a union).
-MOSTLY_SERVED = ("POST /v1/completions", "POST /v1/chat/completions", "POST /v1/perplexity", "POST /v1/responses",
-                 "POST /detokenize")
+# And, summed over the phases, more than this fraction of their valid requests served. Chat and /tokenize are
+# held to what typing chat messages by role achieved at SEED, less a margin (served before -> after: chat 170 of
+# 245 -> 247 of 285, /tokenize 23 of 91 -> 123 of 139); the rest to most.
+MIN_SERVED = {"POST /v1/completions": 0.5, "POST /v1/chat/completions": 0.8, "POST /v1/perplexity": 0.5,
+              "POST /v1/responses": 0.5, "POST /detokenize": 0.5, "POST /tokenize": 0.8}
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,12 @@ def test_openapi_document_describes_every_route_and_its_errors(server):
     assert request["properties"]["model"]["enum"] == ["tiny"]
     assert request["additionalProperties"] is False
     assert request["properties"]["n"]["maximum"] == 128
+    schemas = document["components"]["schemas"]
+    messages = schemas["ChatCompletionRequest"]["properties"]["messages"]["items"]
+    assert messages["discriminator"] == {"propertyName": "role", "mapping": {
+        role: f"#/components/schemas/{role.capitalize()}Message"
+        for role in ("system", "developer", "user", "assistant", "tool", "function")}}
+    assert "tool_call_id" in schemas["ToolMessage"]["required"]
 
 
 def test_schemathesis_finds_no_server_error_nor_schema_mismatch(server, tmp_path):
@@ -82,10 +88,11 @@ def test_schemathesis_finds_no_server_error_nor_schema_mismatch(server, tmp_path
     assert " passed" in result.stdout and "generated" in result.stdout
     [report] = (tmp_path / "report").glob("*.json")
     rates = json.loads(report.read_text())["valid_rates"]
-    for operation in MOSTLY_SERVED:
+    for operation, fraction in MIN_SERVED.items():
         accepted = sum(phase["accepted"] for phase in rates[operation].values())
         rejected = sum(phase["rejected"] for phase in rates[operation].values())
-        assert accepted > rejected, f"{operation}: {rejected} of {accepted + rejected} schema-valid requests refused"
+        assert accepted > fraction * (accepted + rejected), \
+            f"{operation}: {rejected} of {accepted + rejected} schema-valid requests refused"
 
 
 def test_after_fuzzing_nothing_is_left_in_the_engine(server):

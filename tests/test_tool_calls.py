@@ -110,6 +110,13 @@ def test_reasoning_before_a_final_answer_is_dropped_as_openai_harmony_drops_it(c
     assert "Report it." not in chat.tokenizer.decode(rendered)
 
 
+def test_a_legacy_function_result_comes_from_the_function_it_names(chat, harmony):
+    messages = [ChatMessage("user", "Weather?"), ChatMessage("tool", "rain", name="get_weather")]
+    reference = [user("Weather?"), result_message("get_weather", "rain")]
+    rendered = chat.render(messages, tools=[WEATHER], current_date=DATE)
+    assert rendered == reference_prompt(harmony, reference, tools=[described(WEATHER)])
+
+
 def test_a_tool_result_for_an_unknown_call_id_is_refused(chat):
     messages = [ChatMessage("user", "Hi"), ChatMessage("tool", "x", tool_call_id="nope")]
     with pytest.raises(ValueError, match="'nope'"):

@@ -6,14 +6,21 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from server.protocol import CompletionRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.validation_errors import validation_error_object
 
 
 def error_for(**fields: object) -> tuple[str, str | None]:
-    body = {"model": "tiny", "prompt": "x"} | fields
+    return error_in(CompletionRequest, {"model": "tiny", "prompt": "x"} | fields)
+
+
+def chat_error_for(**fields: object) -> tuple[str, str | None]:
+    return error_in(ChatCompletionRequest, {"model": "tiny", "messages": [{"role": "user", "content": "x"}]} | fields)
+
+
+def error_in(request: type[CompletionRequest | ChatCompletionRequest], body: dict) -> tuple[str, str | None]:
     with pytest.raises(ValidationError) as raised:
-        CompletionRequest.model_validate(body)
+        request.model_validate(body)
     errors = [error | {"loc": ("body", *error["loc"])} for error in raised.value.errors()]
     error = validation_error_object(RequestValidationError(errors))
     return error.message, error.param
@@ -39,3 +46,13 @@ def test_no_message_carries_a_pydantic_type_tag():
     for fields in ({"stop": 5}, {"stop": [5]}, {"prompt": [[True]]}, {"prompt": [1.5]}, {"logit_bias": {"1": "x"}}):
         message, _ = error_for(**fields)
         assert "constrained" not in message and "list[" not in message, message
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content: must be a string or a list of objects"),
+    ({"messages": [{"role": "assistant", "content": 5}]},
+     "messages[0].content: must be a string or a list of objects"),
+    ({"tool_choice": {"type": "x", "function": {"name": "f"}}}, "tool_choice.type: Input should be 'function'"),
+])
+def test_a_union_inside_the_body_is_named_as_written_too(fields, message):
+    assert chat_error_for(**fields) == (message, next(iter(fields)))

@@ -19,7 +19,7 @@ A chat-completions conversation maps onto harmony messages so:
   as openai-harmony does, analysis messages that precede a final answer are dropped, so only reasoning
   since the last answer (an unfinished turn, tool calls in flight) is shown to the model again;
 - a `tool` message: from `functions.NAME` to the assistant on the commentary channel, NAME found from
-  the assistant call whose id its `tool_call_id` names;
+  the assistant call whose id its `tool_call_id` names (a deprecated `function` message names it itself);
 - `<|start|>assistant`, for the model to continue.
 Built-in tools' calls carry their own recipient as name (`browser.search`, `python`) and go back as such.
 Text is rendered as ordinary text, so a user who types "<|end|>" cannot close their message early.
@@ -115,13 +115,20 @@ def conversation_messages(messages: list[ChatMessage]) -> list[oh.Message]:
             calls.update((call.id, call) for call in message.tool_calls)
             harmony += assistant_messages(message)
         elif message.role == "tool":
-            call = calls.get(message.tool_call_id or "")
-            if call is None:
-                raise ValueError(f"tool message's tool_call_id {message.tool_call_id!r} names no earlier tool call")
-            author = oh.Author.new(oh.Role.TOOL, recipient(call.name))
+            author = oh.Author.new(oh.Role.TOOL, recipient(result_source(message, calls)))
             harmony.append(oh.Message.from_author_and_content(author, message.content)
                            .with_recipient("assistant").with_channel("commentary"))
     return harmony
+
+
+def result_source(message: ChatMessage, calls: dict[str, ToolCall]) -> str:
+    """The tool a result comes from: the earlier call its id names, or the function a legacy message names."""
+    if message.tool_call_id is None and message.name:
+        return message.name
+    call = calls.get(message.tool_call_id or "")
+    if call is None:
+        raise ValueError(f"tool message's tool_call_id {message.tool_call_id!r} names no earlier tool call")
+    return call.name
 
 
 def assistant_messages(message: ChatMessage) -> list[oh.Message]:

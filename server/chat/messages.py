@@ -33,6 +33,7 @@ class ChatMessage:
     reasoning: str | None = None  # an assistant turn's earlier reasoning, if the client sent it back
     tool_calls: list[ToolCall] = field(default_factory=list)  # an assistant turn's calls
     tool_call_id: str | None = None  # a tool result: the call it answers
+    name: str | None = None  # a tool result named by its function instead (OpenAI's deprecated function message)
 
 
 @dataclass

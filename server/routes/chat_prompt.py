@@ -15,7 +15,8 @@ from __future__ import annotations
 import jinja2
 
 from server.chat import ChatMessage, FunctionTool, HarmonyChatFormat, TemplateChatFormat, ToolCall
-from server.protocol import APIError, ChatMessageParam
+from server.protocol import APIError
+from server.protocol_messages import AssistantMessage, ChatMessageParam, FunctionMessage, TextContentPart, ToolMessage
 from server.protocol_tools import ChatTool, NamedToolChoice
 
 
@@ -24,7 +25,7 @@ def render_chat_prompt(chat_format: HarmonyChatFormat | TemplateChatFormat, mess
                        reasoning_effort: str | None = None) -> list[int]:
     """Prompt ids for the conversation; bad input is a 400 naming the parameter."""
     offered = function_tools(tools or [], tool_choice)
-    return render_messages(chat_format, [chat_message(i, m) for i, m in enumerate(messages)], offered,
+    return render_messages(chat_format, [chat_message(m) for m in messages], offered,
                            reasoning_effort)
 
 
@@ -55,17 +56,24 @@ def chosen_tools(tools: list[FunctionTool], tool_choice: str | None, named: str 
     return [] if tool_choice == "none" else tools
 
 
-def chat_message(index: int, message: ChatMessageParam) -> ChatMessage:
+def chat_message(message: ChatMessageParam) -> ChatMessage:
+    """The message as chat formats take it; its role's rules were checked when the body was parsed."""
+    if isinstance(message, AssistantMessage):
+        calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or []]
+        reasoning = message.reasoning if message.reasoning is not None else message.reasoning_content
+        return ChatMessage("assistant", assistant_text(message), reasoning=reasoning, tool_calls=calls)
+    if isinstance(message, FunctionMessage):
+        return ChatMessage("tool", message.content or "", name=message.name)
+    content = message.content
+    text = "".join(part.text for part in content) if isinstance(content, list) else content or ""
+    if isinstance(message, ToolMessage):
+        return ChatMessage("tool", text, tool_call_id=message.tool_call_id)
+    return ChatMessage(message.role, text)
+
+
+def assistant_text(message: AssistantMessage) -> str:
+    """What the turn said: its text, a refusal part's words in place, or its `refusal` when it has no text."""
     content = message.content
     if isinstance(content, list):
-        content = "".join(part.text for part in content)
-    if message.tool_calls and message.role != "assistant":
-        raise APIError(400, f"messages[{index}].tool_calls: only assistant messages make tool calls",
-                       param="messages")
-    if message.role == "tool" and not message.tool_call_id:
-        raise APIError(400, f"messages[{index}].tool_call_id: a tool message must name the call it answers",
-                       param="messages")
-    calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or []]
-    reasoning = message.reasoning if message.reasoning is not None else message.reasoning_content
-    return ChatMessage(role=message.role, content=content or "", reasoning=reasoning, tool_calls=calls,
-                       tool_call_id=message.tool_call_id)
+        content = "".join(part.text if isinstance(part, TextContentPart) else part.refusal for part in content)
+    return content or message.refusal or ""

@@ -19,7 +19,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError
 
 from server.protocol_base import Strict
-from server.protocol_tools import FunctionName, ToolCallParam
+from server.protocol_tools import FunctionCallParam, FunctionName, ToolCallParam
 
 UNREADABLE_PARTS = ("image_url", "input_audio", "file")
 
@@ -91,6 +91,11 @@ class AssistantMessage(Strict):
     reasoning_content: str | None = Field(None, description="older name of `reasoning`, still accepted")
     tool_calls: Annotated[list[ToolCallParam], Field(max_length=128)] | None = Field(
         None, description="the calls the turn made")
+    function_call: FunctionCallParam | None = Field(
+        None, description="deprecated form of one tool call, taken as a call of that function")
+    # What the OpenAI SDK sends back when a client appends a response's message to the conversation:
+    audio: None = Field(None, description="accepted as null: this server makes no audio")
+    annotations: list[dict[str, Any]] | None = Field(None, description="accepted and ignored (an answer's citations)")
 
 
 class ToolMessage(Strict):

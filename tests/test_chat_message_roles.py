@@ -133,3 +133,20 @@ def test_an_assistant_turn_keeps_its_reasoning_and_calls():
                                             "tool_calls": [CALL]})
     assert chat_message(turn) == ChatMessage("assistant", "", reasoning="Look it up.",
                                              tool_calls=[ToolCall("call_1", "get_weather", "{}")])
+
+
+def test_an_assistant_message_echoed_by_the_openai_sdk_is_served():
+    """``messages.append(response.choices[0].message)``: the SDK sends the message back with every field it
+    parsed, nulls and an empty annotations list included; and the deprecated ``function_call`` is a call."""
+    from openai._utils import maybe_transform
+    from openai.types.chat import ChatCompletionMessage, completion_create_params
+
+    answer = ChatCompletionMessage.model_validate({
+        "role": "assistant", "content": None, "refusal": None, "annotations": [], "audio": None,
+        "function_call": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}, "tool_calls": None})
+    sent = maybe_transform({"model": "tiny", "messages": [QUESTION, answer, BY_ROLE["function"]]},
+                           completion_create_params.CompletionCreateParamsNonStreaming)
+    assert sent["messages"][1]["annotations"] == [] and "audio" in sent["messages"][1]
+    assert schema_allows(sent)
+    request = ChatCompletionRequest.model_validate(sent)
+    assert chat_message(request.messages[1]).tool_calls == [ToolCall("", "get_weather", '{"city": "Oslo"}')]

@@ -60,6 +60,8 @@ def chat_message(message: ChatMessageParam) -> ChatMessage:
     """The message as chat formats take it; its role's rules were checked when the body was parsed."""
     if isinstance(message, AssistantMessage):
         calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or []]
+        if message.function_call is not None:  # answered by a function message, which names the function itself
+            calls.append(ToolCall("", message.function_call.name, message.function_call.arguments))
         reasoning = message.reasoning if message.reasoning is not None else message.reasoning_content
         return ChatMessage("assistant", assistant_text(message), reasoning=reasoning, tool_calls=calls)
     if isinstance(message, FunctionMessage):

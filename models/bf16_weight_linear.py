@@ -26,14 +26,6 @@ KERNEL_MAX_ROWS = 128
 PACK_CHUNK_ROWS = 1 << 15  # packing converts this many rows at a time: no full-size temporary copy
 
 
-def round_to_bf16_(module: nn.Module) -> None:
-    """Round every floating-point weight to its nearest bfloat16 value, kept as float32 (buffers such as
-    rotary tables are derived, not loaded, and stay exact)."""
-    for param in module.parameters():
-        if param.is_floating_point():
-            param.data.copy_(param.data.to(torch.bfloat16))
-
-
 def pack_bf16_weight(weight: Tensor) -> Tensor:
     """[N, K] float -> [ceil(N/8), K, 8] int16 bf16 bits, eight outputs side by side: the kernel's layout,
     where one 16-byte load feeds eight accumulators (rows past N are zero)."""

@@ -197,3 +197,22 @@ def test_the_server_flag_loads_bf16_weights_and_is_refused_with_tensor_paralleli
         load_models(ServerConfig(models=(str(tiny_gpt2_dir),),
                                  load=ModelLoadConfig(device="cpu", cpu_weight_dtype="bfloat16"),
                                  parallel=ParallelConfig(tensor_parallel_size=2)))
+
+
+def test_bf16_weights_are_read_from_the_checkpoint_in_bf16(tiny_gpt2_dir, checkpoint_dir, monkeypatch):  # noqa: F811
+    """No fp32 copy of a matrix exists even while loading: the peak memory of a load is the bf16 model's."""
+    from models.checkpoint import Checkpoint
+
+    read = Checkpoint.get
+    matrices: list[torch.dtype] = []
+
+    def recording(self, name, shape=None, dtype=None, device=None):
+        tensor = read(self, name, shape, dtype, device)
+        if tensor.dim() == 2:
+            matrices.append(tensor.dtype)
+        return tensor
+
+    monkeypatch.setattr(Checkpoint, "get", recording)
+    for directory in (tiny_gpt2_dir, checkpoint_dir):
+        load_model(directory, dtype="float32", device="cpu", cpu_weight_dtype="bfloat16")
+    assert matrices and set(matrices) == {torch.bfloat16}

@@ -3,8 +3,8 @@
 A decode step of a few rows reads every weight once and does little arithmetic on it: with two cores the
 fp32 weights stream at ~20 GB/s, so GPT-2-124M's 0.5 GB a step caps batch-1 decoding near 40 tok/s. Stored
 as bf16 and widened to fp32 in registers (models/csrc/bf16_linear.cpp), the same step reads half the bytes.
-Every input size runs on that one bf16 copy: up to ``KERNEL_MAX_ROWS`` rows through the kernel's dots,
-more (prefill, perplexity) through a GEMM on fp32 tiles widened from it a few hundred columns at a time.
+Every input size runs on that one bf16 copy: through the kernel's dots, or, for inputs of many rows
+(prefill, perplexity) on a CPU without AVX-512, through a GEMM on fp32 tiles widened from it.
 Products are exact and sums fp32 on either path; only the order of the sums differs.
 
 A bf16 model's logits come from this layer too: its bf16 hidden states widened to fp32 and multiplied by the
@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.cpu_isa import cpu_isa
 from models.cpu_kernels import cpu_kernels_loaded
 
-# Inputs of at most this many rows go through the dot kernel, more through the widened tiles: on the
-# AVX-512 Zen 4 the kernel was ahead of the tiles at 16-128 rows and level with them at 512 (bench/NOTES.md).
+# Without AVX-512, inputs of more than this many rows go through the widened tiles, where BLAS's GEMM beats
+# the AVX2 dots. With it the dots take every size: ahead of the tiles up to 128 rows, level at 512, and one
+# parallel region a call where the tiles need several (bench/NOTES.md).
 KERNEL_MAX_ROWS = 128
 PACK_CHUNK_ROWS = 1 << 15  # packing converts this many rows at a time: no full-size temporary copy
 
@@ -62,7 +64,7 @@ class Bf16WeightLinear(nn.Module):
             assert self.plain is not None
             out = torch.cat([F.linear(rows, w.float()) for w in self.plain.split(PACK_CHUNK_ROWS)], dim=1)
             out = out if self.bias is None else out + self.bias
-        elif rows.shape[0] <= KERNEL_MAX_ROWS:
+        elif rows.shape[0] <= KERNEL_MAX_ROWS or cpu_isa().avx512:
             out = torch.ops.gptserve.bf16_linear(rows, self.packed, self.bias, self.out_features)
         else:
             out = torch.ops.gptserve.bf16_linear_tiles(rows, self.packed, self.bias, self.out_features)

@@ -57,7 +57,8 @@ def multiply(path: tuple[str, str], x, packed, bias, n):
 
 @pytest.mark.parametrize("path", kernel_paths())
 @pytest.mark.parametrize("rows,out_features,in_features",
-                         [(1, 100, 64), (3, 77, 65), (4, 2304, 768), (9, 16, 3072), (13, 104, 96), (70, 300, 33)])
+                         [(1, 100, 64), (3, 77, 65), (4, 2304, 768), (9, 16, 3072), (13, 104, 96), (70, 300, 33),
+                          (5, 1500, 3000)])  # the last: two widened tiles, the second partial
 def test_kernel_matches_fp32_product_on_rounded_weights(path, rows, out_features, in_features):
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, in_features, generator=gen)
@@ -87,7 +88,7 @@ def test_layer_gives_the_same_rows_for_many_rows_and_few():
     layer = Bf16WeightLinear(weight, torch.randn(1000, generator=gen))
     exact = weight.to(torch.bfloat16).float() @ torch.eye(48)  # an fp32 matmul over the rounded weights
     x = torch.randn(KERNEL_MAX_ROWS + 3, 48, generator=gen)
-    big = layer(x)  # the tiles
+    big = layer(x)  # many rows: the tiles, or on AVX-512 the dots
     small = torch.cat([layer(x[i : i + 5]) for i in range(0, len(x), 5)])  # the dots, five rows at a time
     torch.testing.assert_close(small, big, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(big, x @ exact.T + layer.bias, rtol=1e-5, atol=1e-5)
@@ -159,7 +160,7 @@ def test_gpt2_prompt_logits_and_greedy_decoding_match_the_rounded_oracle(gpt2, g
     long_prompt = [rng.randrange(50257) for _ in range(120)]
     with torch.no_grad():
         long_expected = gpt2_oracle(torch.tensor([long_prompt])).logits[0]
-    ours, long_ours = prompt_logits(gpt2, [prompts[1], long_prompt])  # 160 rows in one forward: the tiles
+    ours, long_ours = prompt_logits(gpt2, [prompts[1], long_prompt])  # 160 rows: tiles where no AVX-512
     assert (ours - expected).abs().max().item() <= ATOL
     assert (long_ours - long_expected).abs().max().item() <= ATOL
     generated = greedy_generate(gpt2, prompts, max_new_tokens=24)  # decode steps of 2 rows: the bf16 kernel
@@ -174,7 +175,7 @@ def test_gpt_oss_logits_match_the_rounded_oracle(checkpoint_dir, oracle):  # noq
     assert isinstance(model.layers[0].attn.qkv, Bf16WeightLinear)
     rounded(oracle)
     ids = random_tokens(KERNEL_MAX_ROWS + 8, seed=3)
-    for n in (len(ids), 5):  # the tiles, then every projection through the kernel's dots
+    for n in (len(ids), 5):  # many rows (the tiles where no AVX-512), then few (the dots)
         torch.testing.assert_close(full_forward(model, ids[:n]), oracle_logits(oracle, ids[:n]), rtol=0, atol=ATOL)
 
 

@@ -31,7 +31,7 @@
 namespace {
 
 constexpr int64_t kLanes = 8;  // outputs per packed group: one AVX2 vector of floats
-constexpr int64_t kTileColumns = 256;  // bf16_linear_tiles' widened tile: [K, 256] float32
+constexpr int64_t kTileFloats = int64_t{1} << 22;  // bf16_linear_tiles' widened tile: at most 16 MiB
 constexpr int kRowsAvx512 = 12;  // rows a pass of the AVX-512 kernel: 24 accumulators of its 32 registers
 
 inline float widen(uint16_t bits) {
@@ -271,8 +271,9 @@ at::Tensor bf16_linear_tiles(const at::Tensor& x, const at::Tensor& packed, cons
   const int64_t M = x.size(0), K = x.size(1), groups = packed.size(0);
   at::Tensor out = at::empty({M, N}, x.options());
   const auto* w_ptr = reinterpret_cast<const uint16_t*>(packed.data_ptr<int16_t>());
-  // a [K, 256] tile (768 KiB at K = 768) is read by the GEMM from cache, not memory
-  const int64_t per_tile = kTileColumns / kLanes;
+  // Tiles as large as the scratch allows: a GPT-2 layer's whole weight is one tile, so a call runs one
+  // widening region and one GEMM (each parallel region costs a wait for the slowest thread)
+  const int64_t per_tile = std::min(groups, std::max<int64_t>(1, kTileFloats / (K * kLanes)));
   at::Tensor tile = at::empty({K, per_tile * kLanes}, x.options());
   // Tile after tile: both threads widen it (each its groups), then BLAS multiplies it on both. The GEMM runs
   // here, not in the workers: they do not carry the caller's inference mode, which ATen ops check.

@@ -146,13 +146,15 @@ def gib(kib: int) -> float:
 
 
 @torch.inference_mode()
-def load_and_generate(path: Path, dtype: str, prompt_len: int, new_tokens: int, device: str = "cpu") -> dict:
+def load_and_generate(path: Path, dtype: str, prompt_len: int, new_tokens: int, device: str = "cpu",
+                      cpu_weight_dtype: str = "float32") -> dict:
     from models.generation import greedy_generate
     from models.loader import load_model
 
     with PeakMemory() as memory:
         start = time.perf_counter()
-        loaded = load_model(path, dtype=dtype, device=device, keep_experts_packed=True)
+        loaded = load_model(path, dtype=dtype, device=device, keep_experts_packed=True,
+                            cpu_weight_dtype=cpu_weight_dtype)
         load_s = time.perf_counter() - start
         after_load = PeakMemory.now_kib()
         peak_load = dict(memory.peak_kib)
@@ -180,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="non-expert weights (auto: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--cpu-weight-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: the non-expert weights held (and streamed) as bf16 under fp32 compute")
     p.add_argument("--prompt-len", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=3)
     p.add_argument("--layers", type=int, default=24, help="fewer for a quick trial of the same path")
@@ -203,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checkpoint written in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     try:
         disk_gb = sum(f.stat().st_size for f in args.dir.iterdir()) / 1e9
-        generated = load_and_generate(args.dir, args.dtype, args.prompt_len, args.new_tokens, args.device)
+        generated = load_and_generate(args.dir, args.dtype, args.prompt_len, args.new_tokens, args.device,
+                                      args.cpu_weight_dtype)
         report = {"layers": args.layers, "disk_gb": disk_gb, **generated}
     finally:
         if not args.keep:

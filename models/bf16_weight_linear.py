@@ -1,13 +1,15 @@
-"""fp32 CPU linear layers whose weights are rounded to bfloat16 and streamed as bf16 in decode steps.
+"""fp32 CPU linear layers whose weights are rounded to bfloat16 and held only as bf16.
 
 A decode step of a few rows reads every weight once and does little arithmetic on it: with two cores the
 fp32 weights stream at ~20 GB/s, so GPT-2-124M's 0.5 GB a step caps batch-1 decoding near 40 tok/s. Stored
 as bf16 and widened to fp32 in registers (models/csrc/bf16_linear.cpp), the same step reads half the bytes.
-Inputs of more rows run oneDNN's fp32 inner product on an fp32 copy of the same rounded values, so every
-batch size computes with identical weights; only the order of the fp32 sums differs.
+Every input size runs on that one bf16 copy: through the kernel's dots, or, for inputs of many rows
+(prefill, perplexity) on a CPU without AVX-512, through a GEMM on fp32 tiles widened from it.
+Products are exact and sums fp32 on either path; only the order of the sums differs.
 
 A bf16 model's logits come from this layer too: its bf16 hidden states widened to fp32 and multiplied by the
-bf16 unembedding in fp32, so the sampler reads exact sums, not logits rounded to bf16's 8 bits.
+bf16 unembedding in fp32, so the sampler reads exact sums, not logits rounded to bf16's 8 bits. Embeddings
+are looked up in bf16 as well (``Bf16Embedding``), a tied one in the unembedding's own packed rows.
 """
 
 from __future__ import annotations
@@ -16,53 +18,86 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.cpu_isa import cpu_isa
 from models.cpu_kernels import cpu_kernels_loaded
-from models.onednn_linear import OneDNNLinear
 
-# Inputs of at most this many rows go through the bf16 kernel: twelve GPT-2-124M layers took 6.7 / 7.6 / 22 /
-# 42 ms at 1 / 4 / 16 / 32 rows against oneDNN's 14.1 / 17.2 / 29 / 45, and the same at 64 (bench/NOTES.md).
-KERNEL_MAX_ROWS = 32
-
-
-def round_to_bf16_(module: nn.Module) -> None:
-    """Round every floating-point weight to its nearest bfloat16 value, kept as float32 (buffers such as
-    rotary tables are derived, not loaded, and stay exact)."""
-    for param in module.parameters():
-        if param.is_floating_point():
-            param.data.copy_(param.data.to(torch.bfloat16))
+# Without AVX-512, inputs of more than this many rows go through the widened tiles, where BLAS's GEMM beats
+# the AVX2 dots. With it the dots take every size: ahead of the tiles up to 128 rows, level at 512, and one
+# parallel region a call where the tiles need several (bench/NOTES.md).
+KERNEL_MAX_ROWS = 128
+PACK_CHUNK_ROWS = 1 << 15  # packing converts this many rows at a time: no full-size temporary copy
 
 
 def pack_bf16_weight(weight: Tensor) -> Tensor:
     """[N, K] float -> [ceil(N/8), K, 8] int16 bf16 bits, eight outputs side by side: the kernel's layout,
     where one 16-byte load feeds eight accumulators (rows past N are zero)."""
     n, k = weight.shape
-    padded = F.pad(weight.detach(), (0, 0, 0, -n % 8))
-    return padded.to(torch.bfloat16).view(torch.int16).view(-1, 8, k).transpose(1, 2).contiguous()
+    packed = torch.zeros(-(-n // 8), k, 8, dtype=torch.int16)
+    for start in range(0, n, PACK_CHUNK_ROWS):
+        chunk = weight.detach()[start : start + PACK_CHUNK_ROWS].to(torch.bfloat16)
+        chunk = F.pad(chunk, (0, 0, 0, -len(chunk) % 8)).view(torch.int16)
+        packed[start // 8 : start // 8 + len(chunk) // 8] = chunk.view(-1, 8, k).transpose(1, 2)
+    return packed
 
 
 class Bf16WeightLinear(nn.Module):
     """``x @ weight.T + bias`` in fp32 for ``weight`` [out, in] whose values are already bf16-representable
-    (``x`` of any float dtype is widened first)."""
+    (``x`` of any float dtype is widened first). Holds the weight once: ``packed`` for the C++ kernels, or,
+    where they did not build, the plain bf16 matrix (``plain``), widened a chunk of rows at a time."""
+
+    packed: Tensor | None
+    plain: Tensor | None
+    bias: Tensor | None
 
     packed: Tensor | None
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
-        self.gemm = OneDNNLinear(weight, bias)
-        self.out_features = weight.shape[0]
-        # without the C++ kernels every input takes the oneDNN path: same weights, same results, full bytes
-        packed = pack_bf16_weight(weight) if cpu_kernels_loaded() else None
-        self.register_buffer("packed", packed)
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.gemm.bias
+        self.out_features, self.in_features = weight.shape
+        kernels = cpu_kernels_loaded()
+        self.register_buffer("packed", pack_bf16_weight(weight) if kernels else None)
+        self.register_buffer("plain", None if kernels else weight.detach().to(torch.bfloat16))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.float()
-        rows = x.reshape(-1, x.shape[-1])
-        if self.packed is None or rows.shape[0] > KERNEL_MAX_ROWS:
-            return self.gemm(x)
-        out = torch.ops.gptserve.bf16_linear(rows.contiguous(), self.packed, self.bias, self.out_features)
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        if self.packed is None:
+            assert self.plain is not None
+            out = torch.cat([F.linear(rows, w.float()) for w in self.plain.split(PACK_CHUNK_ROWS)], dim=1)
+            out = out if self.bias is None else out + self.bias
+        elif rows.shape[0] <= KERNEL_MAX_ROWS or cpu_isa().avx512:
+            out = torch.ops.gptserve.bf16_linear(rows, self.packed, self.bias, self.out_features)
+        else:
+            out = torch.ops.gptserve.bf16_linear_tiles(rows, self.packed, self.bias, self.out_features)
         return out.view(*x.shape[:-1], self.out_features)
 
+    def weight_rows(self, ids: Tensor) -> Tensor:
+        """Rows ``ids`` of the weight, in fp32: the lookups of an embedding tied to this matrix."""
+        if self.packed is None:
+            assert self.plain is not None
+            return F.embedding(ids, self.plain).float()
+        # row n is lane n % 8 of group n // 8: [len(ids), in_features] bf16 bits
+        bits = self.packed[ids // 8, :, ids % 8]
+        return bits.view(torch.bfloat16).float()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Bf16Embedding(nn.Module):
+    """An embedding whose table is bf16 values, looked up in fp32: from its own bf16 table, or, tied to the
+    unembedding, from that layer's packed rows (``tied_to``), so the matrix is held once."""
+
+    weight: Tensor | None
+
+    def __init__(self, weight: Tensor | None = None, tied_to: Bf16WeightLinear | None = None) -> None:
+        super().__init__()
+        self.register_buffer("weight", None if weight is None else weight.detach().to(torch.bfloat16))
+        self._tied = [tied_to] if tied_to is not None else []  # a list: not a second owner in the module tree
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if self._tied:
+            return self._tied[0].weight_rows(ids.reshape(-1)).view(*ids.shape, -1)
+        assert self.weight is not None
+        return F.embedding(ids, self.weight).float()

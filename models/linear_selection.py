@@ -2,9 +2,11 @@
 
 On CPU in fp32 (or bf16 where the CPU multiplies it natively) every plain ``nn.Linear`` becomes oneDNN's
 (models/onednn_linear.py), or with bf16 weights the bf16-streaming layer (models/bf16_weight_linear.py), and
-the logits layer one that computes fp32 logits whatever the model's dtype. Elsewhere the layers stay torch's,
-and only the unembedding is stored the way torch's logits matmul reads it fastest (models/logits_layout.py).
-Row-parallel layers keep their own forward: their partial products must be summed over the ranks.
+the logits layer one that computes fp32 logits whatever the model's dtype. With bf16 weights the embeddings are
+looked up in bf16 too, a tied one in the unembedding's packed rows: no weight is held twice. Elsewhere the
+layers stay torch's, and only the unembedding is stored the way torch's logits matmul reads it fastest
+(models/logits_layout.py). Row-parallel layers keep their own forward: their partial products must be summed
+over the ranks.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.bf16_weight_linear import Bf16WeightLinear
+from models.bf16_weight_linear import Bf16Embedding, Bf16WeightLinear
 from models.logits_layout import relayout_for_logits
 from models.onednn_linear import OneDNNLinear, onednn_usable
 
@@ -20,16 +22,33 @@ from models.onednn_linear import OneDNNLinear, onednn_usable
 def logits_linear(weight: Tensor, bf16_weights: bool) -> OneDNNLinear | Bf16WeightLinear:
     """The CPU unembedding: fp32 logits always, the bf16 layer wherever the weights are bf16 values."""
     if bf16_weights or weight.dtype == torch.bfloat16:
-        return Bf16WeightLinear(weight.float(), None)
+        return Bf16WeightLinear(weight, None)
     return OneDNNLinear(weight, None)
+
+
+def use_bf16_embeddings(model: nn.Module, unembedding: Tensor | None) -> None:
+    """Every ``nn.Embedding`` below ``model`` becomes a bf16 one: the one tied to ``unembedding`` reads the
+    logits layer's packed rows, the others keep their own table in bf16 (their values are bf16 already)."""
+    lm_head = getattr(model, "lm_head", None)
+    for parent in list(model.modules()):
+        for name, layer in list(parent.named_children()):
+            if type(layer) is not nn.Embedding:
+                continue
+            tied = unembedding is not None and layer.weight.data_ptr() == unembedding.data_ptr()
+            if tied and isinstance(lm_head, Bf16WeightLinear):
+                setattr(parent, name, Bf16Embedding(tied_to=lm_head))
+            else:
+                setattr(parent, name, Bf16Embedding(layer.weight))
 
 
 def use_onednn(model: nn.Module, unembedding: Tensor | None, bf16_weights: bool = False) -> None:
     """Once, at load: ``model.lm_head`` becomes the CPU logits layer over ``unembedding`` [vocab, H] (None: a
     rank that computes no logits), and every plain ``nn.Linear`` below ``model`` a oneDNN one. With
-    ``bf16_weights`` (weights already rounded) decode-sized inputs stream bf16 copies instead."""
+    ``bf16_weights`` (weights already rounded) the linears and embeddings hold their weights once, in bf16."""
     if unembedding is not None:  # a reordered copy: a tied embedding stays as it is for the lookups
         model.lm_head = logits_linear(unembedding, bf16_weights)
+    if bf16_weights:
+        use_bf16_embeddings(model, unembedding)
     linear = Bf16WeightLinear if bf16_weights else OneDNNLinear
     for parent in list(model.modules()):
         for name, layer in list(parent.named_children()):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from models.bf16_weight_linear import round_to_bf16_
+from models.bf16_weight_linear import Bf16Embedding, Bf16WeightLinear
 from models.checkpoint import CheckpointError, read_json
 from models.cpu_isa import cpu_isa
 from models.cpu_kernels import cpu_kernels_loaded
@@ -76,6 +76,17 @@ def tokenizer_directory(model_dir: Path) -> Path:
     return model_dir
 
 
+def round_the_rest_(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every parameter outside the bf16 layers (norms, biases, sinks, experts' biases) rounded to bf16 like
+    the matrices and kept in ``dtype``, which the model computes in (buffers such as rotary tables are
+    derived, not loaded, and stay exact)."""
+    for module in model.modules():
+        if not isinstance(module, (Bf16WeightLinear, Bf16Embedding)):
+            for param in module.parameters(recurse=False):
+                if param.is_floating_point():
+                    param.data = param.data.to(torch.bfloat16).to(dtype)
+
+
 def load_model(
     path: str | Path,
     dtype: str = "auto",
@@ -115,19 +126,24 @@ def load_weights(
     tp: TensorParallel = SINGLE,
     bf16_weights: bool = False,
 ) -> GPT2 | GptOss:
-    """The model alone (a tensor-parallel worker rank needs no tokenizer): this rank's shard of it."""
+    """The model alone (a tensor-parallel worker rank needs no tokenizer): this rank's shard of it.
+
+    With ``bf16_weights`` the checkpoint is read in bf16 (rounded to nearest where it is stored wider), so
+    that no fp32 copy of a matrix exists even during the load; what the bf16 layers do not take is rounded
+    the same way and then widened."""
     model: GPT2 | GptOss
+    read_dtype = torch.bfloat16 if bf16_weights else dtype
     if family == "gpt2":
         from models.gpt2 import load_gpt2
 
-        model = load_gpt2(model_dir, dtype, device, tp)
+        model = load_gpt2(model_dir, read_dtype, device, tp)
     else:
         from models.gpt_oss import load_gpt_oss
 
-        model = load_gpt_oss(model_dir, dtype, device, keep_experts_packed=keep_experts_packed, tp=tp)
-    if bf16_weights:
-        round_to_bf16_(model)
+        model = load_gpt_oss(model_dir, read_dtype, device, keep_experts_packed=keep_experts_packed, tp=tp)
     select_linears(model, model.unembedding, device, dtype, bf16_weights)
+    if bf16_weights:
+        round_the_rest_(model, dtype)
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         cpu_kernels_loaded()  # built (or found built) now rather than during the first request
     return model

@@ -49,8 +49,6 @@ class Bf16WeightLinear(nn.Module):
     plain: Tensor | None
     bias: Tensor | None
 
-    packed: Tensor | None
-
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape

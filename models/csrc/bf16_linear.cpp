@@ -14,6 +14,7 @@
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
+#include "bf16_linear.h"
 #include "cpu_features.h"
 
 #include <algorithm>
@@ -295,6 +296,15 @@ at::Tensor bf16_linear_tiles(const at::Tensor& x, const at::Tensor& packed, cons
 }
 
 }  // namespace
+
+namespace gptserve {
+
+at::Tensor bf16_linear_best(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+                            int64_t N) {
+  return bf16_linear(x, packed, bias, N, "best");
+}
+
+}  // namespace gptserve
 
 TORCH_LIBRARY_FRAGMENT(gptserve, m) {
   m.def("bf16_linear(Tensor x, Tensor packed, Tensor? bias, int N, str isa=\"best\") -> Tensor");

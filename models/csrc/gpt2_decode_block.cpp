@@ -11,11 +11,11 @@
 // and, from Python, an interpreter round trip, which cost a batch-1 step a quarter of its time.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "bf16_linear.h"
 #include "paged_decode_attention.h"
 
 #include <cmath>
@@ -24,13 +24,8 @@
 
 namespace {
 
-// The bf16 weight kernel (bf16_linear.cpp) through the dispatcher: ~1 us, and that file stays on its own.
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("gptserve::bf16_linear", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                                               int64_t)>();
-  return op.call(x, packed, bias, bias.numel());
+  return gptserve::bf16_linear_best(x, packed, bias, bias.numel());
 }
 
 // LayerNorm of each row: mean and variance in fp32 over the row, then (x - mean) / sqrt(var + eps) * w + b.

@@ -102,7 +102,7 @@ def test_the_sharded_executor_has_every_rank_allocate_its_kv_when_attached(tiny_
     channel = RecordingChannel()
     sharded = ShardedModel(load_gpt2(tiny_gpt2_dir, torch.float32, CPU), channel, None)
     sharded.attach(PagedKVCache(sharded.kv_cache_spec(), 3, 4), on_failure=pytest.fail)
-    assert channel.sent == [CacheGeometry(num_blocks=3, block_size=4)]
+    assert channel.sent == [CacheGeometry(num_blocks=3, block_size=4, grouped=False)]
 
 
 def test_the_engine_core_attaches_whatever_model_it_runs_at_start_and_stops_it_at_shutdown(tiny_gpt2_dir):

@@ -194,18 +194,6 @@ void groups_avx512(const float* x, int64_t M, int64_t K, const uint16_t* w, int6
 }
 #endif
 
-enum class Isa { kPortable, kAvx2, kAvx512 };
-
-// "best": the widest path this CPU runs; the others are asked for by name (tests), and refused where absent.
-Isa choose_isa(const std::string& requested) {
-  if (requested == "best") return has_avx512f() ? Isa::kAvx512 : has_avx2_fma() ? Isa::kAvx2 : Isa::kPortable;
-  if (requested == "portable") return Isa::kPortable;
-  TORCH_CHECK(requested == "avx2" || requested == "avx512", "isa: best, avx512, avx2 or portable, not ", requested);
-  const bool avx512 = requested == "avx512";
-  TORCH_CHECK(avx512 ? has_avx512f() : has_avx2_fma(), "isa: this CPU does not run ", requested);
-  return avx512 ? Isa::kAvx512 : Isa::kAvx2;
-}
-
 void check_inputs(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t N) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous float32 [M,K]");
   TORCH_CHECK(packed.scalar_type() == at::kShort && packed.dim() == 3 && packed.is_contiguous() &&

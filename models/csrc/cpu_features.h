@@ -2,6 +2,10 @@
 // or AVX-512 paths only where the machine (and its OS, which must save the wider registers) has them.
 #pragma once
 
+#include <c10/util/Exception.h>
+
+#include <string>
+
 #if defined(__x86_64__)
 inline bool has_avx2_fma() {
   static const bool yes = [] {
@@ -22,3 +26,16 @@ inline bool has_avx512f() {
 inline bool has_avx2_fma() { return false; }
 inline bool has_avx512f() { return false; }
 #endif
+
+enum class Isa { kPortable, kAvx2, kAvx512 };
+
+// The kernels' isa argument: "best" is the widest path this CPU runs; the others are asked for by name (tests),
+// and refused where the CPU lacks them.
+inline Isa choose_isa(const std::string& requested) {
+  if (requested == "best") return has_avx512f() ? Isa::kAvx512 : has_avx2_fma() ? Isa::kAvx2 : Isa::kPortable;
+  if (requested == "portable") return Isa::kPortable;
+  TORCH_CHECK(requested == "avx2" || requested == "avx512", "isa: best, avx512, avx2 or portable, not ", requested);
+  const bool avx512 = requested == "avx512";
+  TORCH_CHECK(avx512 ? has_avx512f() : has_avx2_fma(), "isa: this CPU does not run ", requested);
+  return avx512 ? Isa::kAvx512 : Isa::kAvx2;
+}

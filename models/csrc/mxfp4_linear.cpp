@@ -61,17 +61,6 @@ const std::array<float, 256>& scale_values() {
   return table;
 }
 
-enum class Isa { kPortable, kAvx2, kAvx512 };
-
-Isa choose_isa(const std::string& requested) {
-  if (requested == "best") return has_avx512f() ? Isa::kAvx512 : has_avx2_fma() ? Isa::kAvx2 : Isa::kPortable;
-  if (requested == "portable") return Isa::kPortable;
-  TORCH_CHECK(requested == "avx2" || requested == "avx512", "isa: best, avx512, avx2 or portable, not ", requested);
-  const bool avx512 = requested == "avx512";
-  TORCH_CHECK(avx512 ? has_avx512f() : has_avx2_fma(), "isa: this CPU does not run ", requested);
-  return avx512 ? Isa::kAvx512 : Isa::kAvx2;
-}
-
 // Where the decodes put each value, so that x is permuted to that order once per call and no decoded value is
 // shuffled. AVX2 and portable (see decode_avx2): vector k (0-3) of a block, lane l (0-7) holds value
 // 16 * (k / 2) + 4 * (l % 4) + 2 * (k % 2) + l / 4, i.e. that of nibble l / 4 of byte 8 * (k / 2) +

@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     slots = max(args.concurrency)
     rows = []
     for round_index in range(args.rounds):
-        ours = BenchServer(["--model", f"gpt2={args.checkpoint}", *shlex.split(args.server_args)],
-                           logs / f"gptserve-{round_index}.log")
+        # the KV pool matches llama.cpp's context (-c below), so neither peak RSS counts a bigger cache
+        ours = BenchServer(["--model", f"gpt2={args.checkpoint}", *shlex.split(args.server_args),
+                            "--kv-cache-tokens", str(slots * 1024)], logs / f"gptserve-{round_index}.log")
         with ours as server:
             rows.append(("gptserve", measure(server, args, GPT2_TEXT_IDS)))
         with LlamaServer(gguf, args.threads, logs / f"llama-{round_index}.log", parallel=slots,

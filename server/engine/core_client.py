@@ -64,8 +64,8 @@ class EngineCoreClient:
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._outputs_fd = self.core.outputs.getsockopt(zmq.FD)
-        self._loop.add_reader(self._outputs_fd, self._read)
+        fd = self._outputs_fd = int(self.core.outputs.getsockopt(zmq.FD))
+        self._loop.add_reader(fd, self._read)
         self._loop.call_soon(self._read)  # what arrived before the reader was added raised no edge
         threading.Thread(target=self._watch, name=f"core-watch-{self.name}", daemon=True).start()
         self._accepting = True

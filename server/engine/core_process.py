@@ -22,9 +22,9 @@ import multiprocessing
 import os
 import signal
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import zmq
@@ -42,7 +42,6 @@ from server.engine.step_metrics import StepMetrics
 log = logging.getLogger("gptserve.core")
 _pairs = itertools.count()
 
-PARENT_POLL_S = 0.5
 FAIL_EXIT_S = 1.5  # after a failure, the longest the core lives on (a step stuck in a collective, a compile)
 COMPILE_POLL_MS = 10  # while a grammar compiles off the loop, how often an idle loop looks for its result
 
@@ -200,7 +199,7 @@ def run_core(name: str, directory: Path, config: ServerConfig, commands_address:
     from server.logging_setup import configure_logging
 
     configure_logging(config.log_level)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+    threading.Thread(target=_exit_with_parent, name="parent-watch", daemon=True).start()
     context = zmq.Context()
     commands, outputs = context.socket(zmq.PULL), context.socket(zmq.PUSH)
     outputs.setsockopt(zmq.SNDHWM, 0)  # never drop or block on outputs: the front end reads them all
@@ -250,10 +249,13 @@ def _socket_pair(context: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
     return receiving, sending
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(PARENT_POLL_S)
-    _exit_now(f"the front end (pid {parent_pid}) is gone")
+def _exit_with_parent() -> None:
+    """Blocks on the spawning front end's sentinel (a pipe it holds open), so a front end killed outright takes
+    its core with it, and the thread never wakes the CPU before then."""
+    parent = multiprocessing.parent_process()
+    assert parent is not None, "the engine core runs in a process spawned by the front end"
+    wait([parent.sentinel])
+    _exit_now(f"the front end (pid {parent.pid}) is gone")
 
 
 def _exit_now(why: str) -> None:

@@ -80,7 +80,7 @@ def _register_output_shapes() -> None:
     (tests/test_gpt_oss_compile.py). The other kernels have none yet: nothing compiles them."""
     fake = torch.library.register_fake
     fake("gptserve::paged_decode_attention")(
-        lambda q, keys, values, blocks, context_lens, block_size, window, scale, sinks: torch.empty_like(q))
+        lambda q, keys, values, blocks, context_lens, block_size, window, scale, sinks, isa="best": torch.empty_like(q))
     fake("gptserve::mxfp4_grouped_linear")(
         lambda x, counts, blocks, scales, bias, isa="best": x.new_empty(x.shape[0], blocks.shape[1]))
 

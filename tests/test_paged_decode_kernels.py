@@ -57,6 +57,45 @@ def test_kernels_match_gather_and_sdpa(monkeypatch, heads, kv_heads, head_dim, w
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(12, 12, 64), (8, 2, 64), (6, 3, 32)])
+def test_every_isa_path_this_cpu_runs_matches_gather_and_sdpa(isa, pool_dtype, heads, kv_heads, head_dim):
+    """The op called with each path by name (AVX-512 takes head dims that are multiples of 16, up to 64), windowed
+    and with sinks, from float32 and bfloat16 pools; a path this CPU lacks is refused by the op, and skipped."""
+    assert cpu_kernels_loaded()
+    batch = decode_batch([1, 15, 16, 17, 33, 200, 311], num_blocks=64, seed=7)
+    group = batch.view(0).groups[0]
+    torch.manual_seed(1)
+    keys, values = (torch.randn(64 * BLOCK, kv_heads, head_dim).to(pool_dtype) for _ in range(2))
+    q, sinks = torch.randn(group.num_seqs, heads, head_dim), torch.randn(heads)
+    for window in (0, 40):
+        args = (q, keys, values, group.key_blocks, group.context_lens, BLOCK, window, head_dim**-0.5, sinks)
+        try:
+            got = torch.ops.gptserve.paged_decode_attention(*args, isa)
+        except RuntimeError as error:
+            pytest.skip(str(error))
+        expected = reference_attention(q, keys.float(), values.float(), group, window or None, sinks)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def reference_attention(q, keys, values, group, window, sinks):
+    """Each sequence's visible keys gathered by hand, softmax with the sink logit in float64."""
+    out = torch.empty_like(q)
+    group_size = q.shape[1] // keys.shape[1]
+    for s in range(q.shape[0]):
+        ctx = int(group.context_lens[s])
+        lo = max(0, ctx - window) if window else 0
+        slots = [int(group.key_blocks[s, t // BLOCK]) * BLOCK + t % BLOCK for t in range(lo, ctx)]
+        k = keys[slots].double().repeat_interleave(group_size, dim=1)  # [L, H, D]
+        v = values[slots].double().repeat_interleave(group_size, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[s].double(), k) * q.shape[-1] ** -0.5
+        scores = torch.cat([scores, sinks.double()[:, None]], dim=1)
+        probs = torch.softmax(scores, dim=1)[:, :-1]
+        out[s] = torch.einsum("hl,lhd->hd", probs, v).float()
+    return out
+
+
 def test_mixed_batch_uses_kernels_for_decode_rows_only(monkeypatch):
     """A prefill chunk beside decode tokens: the chunk keeps SDPA, the decode group uses the kernels."""
     tables = [[5, 9], [3], [7, 1, 2]]

@@ -10,11 +10,16 @@
 // q and the result are float32; the pool is float32 or bfloat16 (--kv-cache-dtype), whose rows are widened
 // to float32 as they are read: exact, so a bf16 pool gives what a float32 pool of the same values does, from
 // half the bytes.
+// ``isa`` (the op's last argument, "best" by default) picks the AVX-512 task (head dims a multiple of 16) or the
+// portable one, which the compiler builds for AVX2 and for any x86-64 and which the CPU picks between at load
+// time; tests ask for each path this CPU runs. The AVX-512 task sums each dot in sixteen lanes where the other
+// sums eight, so the two differ in the last bits of the scores; the value sums are taken in the same order.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "cpu_features.h"
 #include "paged_decode_attention.h"
 
 #include <algorithm>
@@ -22,7 +27,12 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -141,6 +151,73 @@ GPTSERVE_TASK(float)
 GPTSERVE_TASK(at::BFloat16)
 #undef GPTSERVE_TASK
 
+// Heads whose value sums stay in registers together: four heads of 64 dims are 16 zmm accumulators.
+constexpr int64_t kAvx512HeadsPerPass = 4, kAvx512MaxDim = 64;
+
+#if defined(__x86_64__)
+#define GPTSERVE_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+
+// Sixteen pool elements at p as float32 (bf16: the high half of a float32's bits).
+GPTSERVE_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+GPTSERVE_AVX512 inline __m512 load16(const at::BFloat16* p) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// The portable task's work with sixteen-lane dots and the value sums held in registers, a few heads per pass
+// over the value rows (each head's dims are their own cache lines, so a pass reads no line another reads).
+// D is a multiple of 16 and at most kAvx512MaxDim.
+template <typename T>
+GPTSERVE_AVX512 void attend_task_avx512(const float* q, int64_t q_row_stride, const T* keys, const T* values,
+                                        const int64_t* blocks, const int64_t* context_lens, const float* sinks,
+                                        float* out, const Geometry& g, int64_t s, int64_t kv_begin, int64_t kv_end,
+                                        float scale, float* scratch) {
+  const Visible vis = visible_keys(context_lens, s, g.window);
+  const int64_t D = g.D, lanes = D / 16, span = vis.ctx - vis.lo, first = kv_begin * g.group(),
+                last = kv_end * g.group();
+  float* scores = scratch;
+  const float* q_seq = q + s * q_row_stride;
+  for (int64_t t = vis.lo; t < vis.ctx; ++t) {
+    const T* row = keys + g.slot(blocks, s, t) * g.KVH * D;
+    for (int64_t h = first; h < last; ++h) {
+      const float* qh = q_seq + h * D;
+      const T* k = row + (h / g.group()) * D;
+      __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(qh), load16(k));
+      for (int64_t l = 1; l < lanes; ++l) sum = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * l), load16(k + 16 * l), sum);
+      scores[(h - first) * span + (t - vis.lo)] = _mm512_reduce_add_ps(sum) * scale;
+    }
+  }
+  for (int64_t h = first; h < last; ++h) {  // the softmax exactly as the portable task takes it
+    float* p = scores + (h - first) * span;
+    float top = sinks ? sinks[h] : -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < span; ++i) top = std::max(top, p[i]);
+    float total = sinks ? std::exp(sinks[h] - top) : 0.0f;
+    for (int64_t i = 0; i < span; ++i) total += (p[i] = std::exp(p[i] - top));
+    for (int64_t i = 0; i < span; ++i) p[i] /= total;
+  }
+  for (int64_t h0 = first; h0 < last; h0 += kAvx512HeadsPerPass) {
+    const int64_t heads = std::min(kAvx512HeadsPerPass, last - h0);
+    __m512 acc[kAvx512HeadsPerPass][kAvx512MaxDim / 16];
+    for (int64_t j = 0; j < heads; ++j)
+      for (int64_t l = 0; l < lanes; ++l) acc[j][l] = _mm512_setzero_ps();
+    for (int64_t t = vis.lo; t < vis.ctx; ++t) {
+      const T* row = values + g.slot(blocks, s, t) * g.KVH * D;
+      for (int64_t j = 0; j < heads; ++j) {
+        const int64_t h = h0 + j;
+        const __m512 p = _mm512_set1_ps(scores[(h - first) * span + (t - vis.lo)]);
+        const T* v = row + (h / g.group()) * D;
+        for (int64_t l = 0; l < lanes; ++l) acc[j][l] = _mm512_fmadd_ps(p, load16(v + 16 * l), acc[j][l]);
+      }
+    }
+    for (int64_t j = 0; j < heads; ++j)
+      for (int64_t l = 0; l < lanes; ++l) _mm512_storeu_ps(out + (s * g.H + h0 + j) * D + 16 * l, acc[j][l]);
+  }
+}
+#undef GPTSERVE_AVX512
+#endif
+
+bool avx512_takes(Isa isa, int64_t D) { return isa == Isa::kAvx512 && D % 16 == 0 && D <= kAvx512MaxDim; }
+
 // Split each sequence's KV heads only as far as needed to give every thread work (one sequence decoding
 // still uses every core); more sequences than that, and each task reads whole cache rows.
 int64_t kv_splits(int64_t S, int64_t KVH) {
@@ -163,7 +240,7 @@ namespace gptserve {
 void paged_decode_attention_into(const float* q, int64_t q_row_stride, const at::Tensor& keys,
                                  const at::Tensor& values, const at::Tensor& blocks, const at::Tensor& context_lens,
                                  int64_t num_heads, int64_t block_size, int64_t window, float scale,
-                                 const float* sinks, float* out) {
+                                 const float* sinks, float* out, Isa isa) {
   TORCH_CHECK(keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16,
               "a float32 or bfloat16 KV pool expected");
   TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.dim() == 3 && keys.sizes() == values.sizes() &&
@@ -179,6 +256,7 @@ void paged_decode_attention_into(const float* q, int64_t q_row_stride, const at:
   const Geometry g{num_heads, KVH, D, blocks.size(1), block_size, window};
   const int64_t *b_ptr = blocks.data_ptr<int64_t>(), *c_ptr = context_lens.data_ptr<int64_t>();
   const int64_t splits = kv_splits(S, KVH);
+  const bool vector_path = avx512_takes(isa, D);
   with_pool_data(keys, values, [&](const auto* k_ptr, const auto* v_ptr) {
     at::parallel_for(0, S * splits, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch;
@@ -187,6 +265,13 @@ void paged_decode_attention_into(const float* q, int64_t q_row_stride, const at:
         const int64_t kv_begin = part * KVH / splits, kv_end = (part + 1) * KVH / splits;
         const Visible vis = visible_keys(c_ptr, s, window);
         scratch.resize((kv_end - kv_begin) * g.group() * (vis.ctx - vis.lo + D));
+#if defined(__x86_64__)
+        if (vector_path) {
+          attend_task_avx512(q, q_row_stride, k_ptr, v_ptr, b_ptr, c_ptr, sinks, out, g, s, kv_begin, kv_end, scale,
+                             scratch.data());
+          continue;
+        }
+#endif
         attend_task(q, q_row_stride, k_ptr, v_ptr, b_ptr, c_ptr, sinks, out, g, s, kv_begin, kv_end, scale,
                     scratch.data());
       }
@@ -200,7 +285,8 @@ namespace {
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                                   const at::Tensor& blocks, const at::Tensor& context_lens, int64_t block_size,
-                                  int64_t window, double scale, const c10::optional<at::Tensor>& sinks) {
+                                  int64_t window, double scale, const c10::optional<at::Tensor>& sinks,
+                                  const std::string& isa) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 3, "q: contiguous float32 [S,H,D]");
   TORCH_CHECK(q.size(0) == blocks.size(0) && q.size(2) == keys.size(2), "q does not match the blocks or the pool");
   const bool has_sinks = sinks.has_value() && sinks->defined();
@@ -210,7 +296,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& keys, c
   at::Tensor out = at::empty(q.sizes(), q.options());
   gptserve::paged_decode_attention_into(q.data_ptr<float>(), q.size(1) * q.size(2), keys, values, blocks,
                                         context_lens, q.size(1), block_size, window, static_cast<float>(scale),
-                                        has_sinks ? sinks->data_ptr<float>() : nullptr, out.data_ptr<float>());
+                                        has_sinks ? sinks->data_ptr<float>() : nullptr, out.data_ptr<float>(),
+                                        choose_isa(isa));
   return out;
 }
 
@@ -218,7 +305,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& keys, c
 
 TORCH_LIBRARY(gptserve, m) {
   m.def("paged_decode_attention(Tensor q, Tensor keys, Tensor values, Tensor blocks, Tensor context_lens, "
-        "int block_size, int window, float scale, Tensor? sinks) -> Tensor");
+        "int block_size, int window, float scale, Tensor? sinks, str isa=\"best\") -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gptserve, CPU, m) {

@@ -3,9 +3,9 @@
 The kernel of a base revision (``--base``, default HEAD) is compiled beside the working tree's under another
 op namespace (``gptserve_base``), so both run in one process and the calls alternate: a slow moment of the
 shared machine falls on both alike. Shapes are those of a gpt-oss-20b decode step: one 5760x2880 (gate_up)
-and one 2880x2880 (down) matrix at one row, and grouped calls like a MoE layer's (4 experts x 1 row, 16
-experts x 2 rows). Every call reads weights that are not in cache: each shape cycles through enough copies
-(or experts) to pass the 32 MiB L3. Reported: the median over ``--rounds`` of each (shape, threads, kernel),
+and one 2880x2880 (down) matrix at one row, the first at eight rows, and grouped calls like a MoE layer's (4
+experts x 1 row, 16 experts x 2 rows). Every call reads weights that are not in cache: each shape cycles
+through enough copies (or experts) to pass the 32 MiB L3. Reported: the median over ``--rounds`` of each (shape, threads, kernel),
 and packed bytes (blocks + scales) read per second.
 """
 
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     load_base_kernel(args.base)
     kernels = {"base": torch.ops.gptserve_base, "new": torch.ops.gptserve}
     shapes = [Shape("5760x2880 x1", 5760, 2880, 0, 1), Shape("2880x2880 x1", 2880, 2880, 0, 1),
+              Shape("5760x2880 x8", 5760, 2880, 0, 8),
               Shape("grouped 4x1 5760x2880", 5760, 2880, 4, 1), Shape("grouped 16x2 5760x2880", 5760, 2880, 16, 2)]
     threads_before = torch.get_num_threads()
     times: dict[tuple[str, int, str], list[float]] = {}

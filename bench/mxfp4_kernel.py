@@ -5,8 +5,13 @@ op namespace (``gptserve_base``), so both run in one process and the calls alter
 shared machine falls on both alike. Shapes are those of a gpt-oss-20b decode step: one 5760x2880 (gate_up)
 and one 2880x2880 (down) matrix at one row, the first at eight rows, and grouped calls like a MoE layer's (4
 experts x 1 row, 16 experts x 2 rows). Every call reads weights that are not in cache: each shape cycles
-through enough copies (or experts) to pass the 32 MiB L3. Reported: the median over ``--rounds`` of each (shape, threads, kernel),
-and packed bytes (blocks + scales) read per second.
+through enough copies (or experts) to pass the 32 MiB L3. Reported: the median over ``--rounds`` of each
+(shape, threads, kernel), and packed bytes (blocks + scales) read per second.
+
+``--checkpoint DIR`` times the in-process GPT-OSS decode step instead (C=1, experts packed, bf16 weights
+and KV cache as bench.gpt_oss_vs_llama_cpp serves them): ``--rounds`` rounds of ``--steps`` steps with each
+kernel in turn, the MoE layers' grouped calls redirected to the base kernel for its turns, on the first of
+``--threads``. Reported: median step time and the median of the kernel's own time in a step.
 """
 
 from __future__ import annotations
@@ -82,15 +87,70 @@ class Shape:
         return time.perf_counter() - start
 
 
+def decode_steps(checkpoint: Path, rounds: int, steps: int, threads: int) -> None:
+    """C=1 decode steps of the checkpoint, the two kernels alternated a round of ``steps`` steps at a time."""
+    import models.moe as moe
+    from models.loader import load_model
+    from server.engine.engine import EngineConfig, LLMEngine
+    from server.engine.sampling_params import SamplingParams
+
+    torch.set_num_threads(threads)
+    loaded = load_model(checkpoint, device="cpu", keep_experts_packed=True, cpu_weight_dtype="bfloat16")
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=1, max_num_batched_tokens=512, kv_cache_dtype="bfloat16",
+                                            kv_cache_tokens=512 + 2 * rounds * (steps + 1) + 64))
+    engine.add_request("r", list(range(1000, 1128)), SamplingParams(max_tokens=2 * rounds * (steps + 1) + 8,
+                                                                    temperature=0.0, ignore_eos=True))
+    for _ in range(4):  # the prompt, then warm-up decode steps
+        engine.step()
+    plain = moe.grouped_linear_mxfp4
+    kernel_seconds = [0.0]
+
+    def timed(ops):
+        def grouped(x, counts, blocks, scales, bias):
+            start = time.perf_counter()
+            out = ops.mxfp4_grouped_linear(x.contiguous(), torch.tensor(counts, dtype=torch.int64), blocks, scales,
+                                           bias)
+            kernel_seconds[0] += time.perf_counter() - start
+            return out
+        return grouped
+
+    results: dict[str, tuple[list[float], list[float]]] = {"base": ([], []), "new": ([], [])}
+    try:
+        for _ in range(rounds):
+            for name, ops in (("base", torch.ops.gptserve_base), ("new", torch.ops.gptserve)):
+                moe.grouped_linear_mxfp4 = timed(ops)
+                for _ in range(steps):
+                    kernel_seconds[0] = 0.0
+                    start = time.perf_counter()
+                    engine.step()
+                    results[name][0].append(time.perf_counter() - start)
+                    results[name][1].append(kernel_seconds[0])
+    finally:
+        moe.grouped_linear_mxfp4 = plain
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    row: dict[str, object] = {"checkpoint": str(checkpoint), "threads": threads, "steps_each": rounds * steps,
+                              "loadavg": load}
+    for name, (step, kernel) in results.items():
+        assert max(kernel) > 0, "the MoE layers did not call grouped_linear_mxfp4"
+        row[f"{name}_step_ms"] = round(statistics.median(step) * 1e3, 2)
+        row[f"{name}_kernel_ms"] = round(statistics.median(kernel) * 1e3, 2)
+    print(json.dumps(row), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.mxfp4_kernel", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default="HEAD", help="git revision whose kernel is the baseline (default HEAD)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--checkpoint", type=Path, help="time this GPT-OSS checkpoint's decode steps instead")
+    p.add_argument("--steps", type=int, default=5, help="decode steps per kernel per round (--checkpoint)")
     args = p.parse_args(argv)
     if not cpu_kernels_loaded():
         sys.exit("the C++ kernels did not build")
     load_base_kernel(args.base)
+    if args.checkpoint:
+        decode_steps(args.checkpoint, args.rounds, args.steps, args.threads[0])
+        return
     kernels = {"base": torch.ops.gptserve_base, "new": torch.ops.gptserve}
     shapes = [Shape("5760x2880 x1", 5760, 2880, 0, 1), Shape("2880x2880 x1", 2880, 2880, 0, 1),
               Shape("5760x2880 x8", 5760, 2880, 0, 8),

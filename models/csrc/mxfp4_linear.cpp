@@ -44,7 +44,8 @@ constexpr int64_t kValuesPerBlock = 32, kBytesPerBlock = 16;
 // passes over 32 rows at a time).
 constexpr int kMaxTokens = 8;
 // From this scale byte on, 4 x 2^(s - 127) >= 2^128: dequantized values overflow to inf (s = 255 is inf
-// itself). Such blocks scale their values before the dot, as dequantize_mxfp4 does, to give the same inf/NaN.
+// itself). On the AVX2 and portable paths such blocks scale their values before the dot, as dequantize_mxfp4
+// does, to give the same inf/NaN (the AVX-512 path always does).
 constexpr int kOverflowingScale = 253;
 // The vector paths ask for the packed bytes this far ahead, one 64-byte line (four blocks) at a time: with the
 // hardware's prefetch alone a 5760x2880 matrix at two tokens took 15-20% longer (bench/NOTES.md, MoE section).

@@ -201,6 +201,19 @@ def test_a_token_gets_the_same_result_whatever_else_is_in_the_batch(kernels, isa
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("tokens", range(1, 9))
+def test_a_weight_row_gives_the_same_result_alone_or_decoded_beside_others(kernels, isa, tokens):
+    """AVX-512 decodes two or four rows at once (the number depends on the tokens): a row's sums must not
+    depend on that, nor on whether it falls in such a group or in the rows left over."""
+    blocks, scales, g = random_packed(11, 352, seed=12)  # 11 blocks a row: two full lines and a partial one
+    x = torch.randn(tokens, 352, generator=g)
+    op = torch.ops.gptserve.mxfp4_linear
+    together = op(x, blocks, scales, None, isa)
+    alone = torch.cat([op(x, blocks[o : o + 1], scales[o : o + 1], None, isa) for o in range(11)], dim=1)
+    assert torch.equal(alone, together)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
 def test_kernel_over_the_whole_scale_range(kernels, isa):
     """Scales from 0 (a subnormal power of two) to 150, the edges of the exponent bias among them."""
     blocks, _, g = random_packed(45, 512, seed=8)

@@ -10,11 +10,13 @@
 // values are multiplied by 2^(scale - 127). ``isa`` is "best" (the widest path the CPU runs), or "avx512",
 // "avx2" or "portable" to force one, so that tests check every path the machine can run.
 //
-// Per block and token the kernel sums the unscaled products, then multiplies that partial dot by the block's
-// power of two (exact, barring under- and overflow) into the token's accumulator: one accumulator per token
-// and no per-value scaling. Every token sees the same operations in the same order whatever M, its position in
-// the batch or the thread count, so a token's result does not depend on what else is in the batch. (Between
-// paths it may differ in the last bits: AVX-512 adds sixteen lanes where AVX2 and portable add eight.)
+// AVX2 and portable: per block and token the kernel sums the unscaled products, then multiplies that partial
+// dot by the block's power of two (exact, barring under- and overflow) into the token's accumulator. AVX-512:
+// the block's sixteen E2M1 values are scaled once (one multiply, the values dequantize_mxfp4 gives) and the
+// products summed unscaled, per line of four blocks (see row_group_avx512). On every path each token sees the
+// same operations in the same order whatever M, its position in the batch, the rows decoded together or the
+// thread count, so a token's result does not depend on what else is in the batch. (Between paths it may differ
+// in the last bits: the sums are ordered differently, and AVX-512 adds sixteen lanes where the others add eight.)
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -42,7 +44,8 @@ constexpr int64_t kValuesPerBlock = 32, kBytesPerBlock = 16;
 // passes over 32 rows at a time).
 constexpr int kMaxTokens = 8;
 // From this scale byte on, 4 x 2^(s - 127) >= 2^128: dequantized values overflow to inf (s = 255 is inf
-// itself). Such blocks scale their values before the dot, as dequantize_mxfp4 does, to give the same inf/NaN.
+// itself). On the AVX2 and portable paths such blocks scale their values before the dot, as dequantize_mxfp4
+// does, to give the same inf/NaN (the AVX-512 path always does).
 constexpr int kOverflowingScale = 253;
 // The vector paths ask for the packed bytes this far ahead, one 64-byte line (four blocks) at a time: with the
 // hardware's prefetch alone a 5760x2880 matrix at two tokens took 15-20% longer (bench/NOTES.md, MoE section).
@@ -183,8 +186,8 @@ __attribute__((target("avx2,fma"))) inline __m256 block_dot(const __m256 w[4], c
 }
 
 // One row of rows_portable with AVX2, TOKENS fixed so that the accumulators stay in registers. Rows with no
-// block that can overflow (all rows of any real checkpoint) skip the test for it: on the AVX-512 path that
-// branch in the block loop cost about 10% at one token.
+// block that can overflow (all rows of any real checkpoint) skip the test for it: on an earlier AVX-512 path
+// that branch in the block loop cost about 10% at one token.
 template <int TOKENS, bool kMayOverflow>
 __attribute__((target("avx2,fma"))) void row_avx2(const Problem& p, int64_t first, int64_t o, __m256i low_table,
                                                    __m256i high_table) {
@@ -225,58 +228,100 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const Problem& p, int64_t fir
     (row_may_overflow(p, o) ? row_avx2<TOKENS, true> : row_avx2<TOKENS, false>)(p, first, o, low_table, high_table);
 }
 
-// One block's 32 values as two vectors of floats: the 16 bytes widened to one per 32-bit lane, and the E2M1
-// table looked up by each lane's low four bits (vpermps reads no others), once as they are and once shifted
-// by a nibble. Four instructions where decode_avx2 takes ten: a 5760x2880 matrix at one token takes 11-12%
-// less time than on the AVX2 path (one thread; bench/NOTES.md, MoE section).
-__attribute__((target("avx512f"))) inline void decode_avx512(const uint8_t* bytes, __m512 table, __m512 w[2]) {
+// One block's 32 values, already multiplied by the block's power of two, as two vectors of floats: the E2M1
+// table is scaled first (one vmulps: value x 2^(s - 127) in float32, as dequantize_mxfp4 computes it, inf and
+// NaN of overflowing scales included), then the 16 bytes are widened to one per 32-bit lane and the table
+// looked up by each lane's low four bits (vpermps reads no others), once as they are and once shifted by a
+// nibble. The products need no scaling afterwards, and no block needs an overflow test.
+__attribute__((target("avx512f"))) inline void decode_avx512(const uint8_t* bytes, float scale, __m512 table,
+                                                             __m512 w[2]) {
+  const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(scale));
   const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-  w[0] = _mm512_permutexvar_ps(codes, table);
-  w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table);
+  w[0] = _mm512_permutexvar_ps(codes, scaled);
+  w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), scaled);
 }
 
-__attribute__((target("avx512f"))) inline __m512 block_dot(const __m512 w[2], const float* x) {
-  return _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x + 16), _mm512_mul_ps(w[0], _mm512_loadu_ps(x)));
+// A line's four blocks against one token's 128 values: two chains of four products (blocks 0-1, blocks 2-3),
+// so that the token's accumulator waits on one add per line, not on an FMA per block.
+__attribute__((target("avx512f"))) inline __m512 line_dot(const __m512 w[kBlocksPerLine][2], const __m512 x[8]) {
+  __m512 low = _mm512_mul_ps(w[0][0], x[0]), high = _mm512_mul_ps(w[2][0], x[4]);
+  low = _mm512_fmadd_ps(w[0][1], x[1], low);
+  high = _mm512_fmadd_ps(w[2][1], x[5], high);
+  low = _mm512_fmadd_ps(w[1][0], x[2], low);
+  high = _mm512_fmadd_ps(w[3][0], x[6], high);
+  low = _mm512_fmadd_ps(w[1][1], x[3], low);
+  high = _mm512_fmadd_ps(w[3][1], x[7], high);
+  return _mm512_add_ps(low, high);
 }
 
-// row_avx2 with sixteen lanes: the same per-block scale folding, overflow handling and fixed order of sums.
-template <int TOKENS, bool kMayOverflow>
-__attribute__((target("avx512f"))) void row_avx512(const Problem& p, int64_t first, int64_t o, __m512 table) {
+// Rows [o, o + ROWS) against TOKENS tokens, a line of four blocks at a time. Each x vector is loaded once for
+// all ROWS rows: one row at a time, the loads of x were what bounded two to eight tokens (from L2 at eight)
+// and part of one. A row's sums are the same operations in the same order whatever ROWS and TOKENS are, so
+// neither the batch nor the split of rows between threads changes a result.
+template <int TOKENS, int ROWS>
+__attribute__((target("avx512f"))) void row_group_avx512(const Problem& p, int64_t first, int64_t o, __m512 table) {
   const auto& scale = scale_values();
   const float* x = p.x + first * p.I;
-  const uint8_t *row_blocks = p.blocks + o * p.groups * kBytesPerBlock, *row_scales = p.scales + o * p.groups;
-  __m512 acc[TOKENS];
-  for (int t = 0; t < TOKENS; ++t) acc[t] = _mm512_setzero_ps();
-  for (int64_t line = 0; line < p.groups; line += kBlocksPerLine)
-    for (int64_t g = line, end = line_end(row_blocks, line, p.groups); g < end; ++g) {
-      __m512 w[2];
-      decode_avx512(row_blocks + g * kBytesPerBlock, table, w);
-      const int s = row_scales[g];
-      const __m512 factor = _mm512_set1_ps(scale[s]);
-      if (!kMayOverflow || s < kOverflowingScale) {
-        for (int t = 0; t < TOKENS; ++t)
-          acc[t] = _mm512_fmadd_ps(block_dot(w, x + t * p.I + g * kValuesPerBlock), factor, acc[t]);
-      } else {
-        for (int k = 0; k < 2; ++k) w[k] = _mm512_mul_ps(w[k], factor);
-        for (int t = 0; t < TOKENS; ++t)
-          acc[t] = _mm512_add_ps(acc[t], block_dot(w, x + t * p.I + g * kValuesPerBlock));
-      }
-    }
-  for (int t = 0; t < TOKENS; ++t) {
-    float lanes[16];
-    _mm512_storeu_ps(lanes, acc[t]);
-    float halves[8];
-    for (int l = 0; l < 8; ++l) halves[l] = lanes[l] + lanes[8 + l];
-    p.out[(first + t) * p.O + o] = lanes_sum(halves) + (p.bias ? p.bias[o] : 0.0f);
+  const uint8_t* blocks[ROWS];
+  const uint8_t* scales[ROWS];
+  for (int r = 0; r < ROWS; ++r) {
+    blocks[r] = p.blocks + (o + r) * p.groups * kBytesPerBlock;
+    scales[r] = p.scales + (o + r) * p.groups;
   }
+  __m512 acc[ROWS][TOKENS];
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < TOKENS; ++t) acc[r][t] = _mm512_setzero_ps();
+  // Ahead of each row: kPrefetchBytes, or the same row of the next group where that is further (2048 bytes
+  // ahead of a 1440-byte row would ask for a row of this group, already being read).
+  const int64_t ahead = std::max(kPrefetchBytes, ROWS * p.groups * kBytesPerBlock);
+  int64_t g = 0;
+  for (; g + kBlocksPerLine <= p.groups; g += kBlocksPerLine) {
+    __m512 w[ROWS][kBlocksPerLine][2];
+    for (int r = 0; r < ROWS; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(blocks[r] + g * kBytesPerBlock + ahead), _MM_HINT_T0);
+      for (int b = 0; b < kBlocksPerLine; ++b)
+        decode_avx512(blocks[r] + (g + b) * kBytesPerBlock, scale[scales[r][g + b]], table, w[r][b]);
+    }
+    for (int t = 0; t < TOKENS; ++t) {
+      __m512 xv[8];
+      for (int k = 0; k < 8; ++k) xv[k] = _mm512_loadu_ps(x + t * p.I + g * kValuesPerBlock + 16 * k);
+      for (int r = 0; r < ROWS; ++r) acc[r][t] = _mm512_add_ps(acc[r][t], line_dot(w[r], xv));
+    }
+  }
+  for (; g < p.groups; ++g) {  // the blocks of a last, partial line
+    __m512 w[ROWS][2];
+    for (int r = 0; r < ROWS; ++r) decode_avx512(blocks[r] + g * kBytesPerBlock, scale[scales[r][g]], table, w[r]);
+    for (int t = 0; t < TOKENS; ++t) {
+      const float* xt = x + t * p.I + g * kValuesPerBlock;
+      const __m512 x0 = _mm512_loadu_ps(xt), x1 = _mm512_loadu_ps(xt + 16);
+      for (int r = 0; r < ROWS; ++r)
+        acc[r][t] = _mm512_add_ps(acc[r][t], _mm512_fmadd_ps(w[r][1], x1, _mm512_mul_ps(w[r][0], x0)));
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int t = 0; t < TOKENS; ++t) {
+      float lanes[16];
+      _mm512_storeu_ps(lanes, acc[r][t]);
+      float halves[8];
+      for (int l = 0; l < 8; ++l) halves[l] = lanes[l] + lanes[8 + l];
+      p.out[(first + t) * p.O + o + r] = lanes_sum(halves) + (p.bias ? p.bias[o + r] : 0.0f);
+    }
 }
+
+// Rows decoded together for TOKENS tokens. One token reads one row at a time: from memory a single stream of
+// packed bytes beat sharing x's loads (5760x2880, one thread: two or four rows at once 0.89x / 0.93x the old
+// kernel, one row 1.17x). From two tokens on, the fastest of 2 and 4 in L2 (bench/NOTES.md, MoE section); more
+// rows do not fit the 32 registers.
+constexpr int rows_at_once(int tokens) { return tokens == 1 ? 1 : tokens <= 3 ? 2 : 4; }
 
 template <int TOKENS>
 __attribute__((target("avx512f"))) void rows_avx512(const Problem& p, int64_t first, int64_t row_begin,
                                                     int64_t row_end) {
+  constexpr int kRows = rows_at_once(TOKENS);
   const __m512 table = _mm512_loadu_ps(kFp4);
-  for (int64_t o = row_begin; o < row_end; ++o)
-    (row_may_overflow(p, o) ? row_avx512<TOKENS, true> : row_avx512<TOKENS, false>)(p, first, o, table);
+  int64_t o = row_begin;
+  for (; o + kRows <= row_end; o += kRows) row_group_avx512<TOKENS, kRows>(p, first, o, table);
+  for (; o < row_end; ++o) row_group_avx512<TOKENS, 1>(p, first, o, table);
 }
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t, int64_t);

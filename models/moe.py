@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.cpu_kernels import cpu_kernels_loaded
-from models.mxfp4 import kernel_takes, linear_mxfp4, packed_shapes
+from models.mxfp4 import kernel_takes, linear_mxfp4, packed_shapes, widened
 from models.parallel import SINGLE, TensorParallel
 
 
@@ -75,9 +75,10 @@ def grouped_linear_mxfp4(x: Tensor, counts: list[int], blocks: Tensor, scales: T
     When every expert's share fits the C++ kernel, one call runs them all: per expert, a Python call and a
     parallel region cost as much as a one-token run at small widths.
     """
-    if kernel_takes(x, max(counts, default=0)):
-        return torch.ops.gptserve.mxfp4_grouped_linear(x.contiguous(), torch.tensor(counts, dtype=torch.int64),
-                                                       blocks.contiguous(), scales.contiguous(), bias)
+    if kernel_takes(x, max(counts, default=0)):  # bf16 rows widened for the kernel, its result rounded back
+        out = torch.ops.gptserve.mxfp4_grouped_linear(x.float().contiguous(), torch.tensor(counts, dtype=torch.int64),
+                                                      blocks.contiguous(), scales.contiguous(), widened(bias))
+        return out.to(x.dtype)
     return each_expert(x, counts, blocks.shape[1], lambda rows, e: linear_mxfp4(
         rows, blocks[e], scales[e], None if bias is None else bias[e]))
 

@@ -45,10 +45,11 @@ SCALE_BIAS = 127
 ROWS_PER_TILE = 512
 # fp32 inputs of at most this many rows take the C++ kernel: ~1 ms a token per expert run on one thread (its
 # FMAs), the tiles ~4.5 ms (their dequantization, models/csrc/mxfp4_dequantize.cpp) plus ~0.5 ms a token.
-# Expert run at 2880 wide, one thread, ms, best of 5 (`python -m bench.mxfp4_bf16_expert --dtype float32`),
-# 8 / 16 / 32 / 64 tokens: kernel 7.8 / 15.3 / 30.8 / 61.4, tiles 9.4 / 13.3 / 21.0 / 37.1. (Before the C++
-# dequantizer the tiles paid ~45 ms and the kernel took up to 96 rows.)
-KERNEL_MAX_ROWS = 16
+# One thread, ms, best of 5 (`python -m bench.mxfp4_bf16_expert --dtype float32`), 8 / 16 / 32 / 64 tokens:
+# kernel 7.8 / 15.3 / 30.8 / 61.4, tiles 9.4 / 13.3 / 21.0 / 37.1. Yet 16 here made a P=512 prefill of the
+# 20b-widths model 4x slower at two threads on the loaded machine (bench/NOTES.md, "bf16 prefill experts"):
+# tiles open ~22 parallel regions an expert where the grouped kernel opens one a layer. So 96 stays.
+KERNEL_MAX_ROWS = 96
 # bf16 inputs (a ``--dtype bfloat16`` model) of at most this many rows take the same kernel on rows widened to
 # fp32; more go through one bf16 GEMM (bf16 products, fp32 sums where the CPU has AVX512-BF16 or AMX) on the
 # whole matrix dequantized to bf16. One thread, ms, best of 5 (`python -m bench.mxfp4_bf16_expert`),

@@ -108,6 +108,7 @@ def kernel_takes(x: Tensor, rows: int) -> bool:
 
 
 def widened(bias: Tensor | None) -> Tensor | None:
+    """The bias as the fp32 kernel reads it (a bf16 model's biases are bf16)."""
     return None if bias is None else bias.float()
 
 
@@ -131,15 +132,15 @@ def linear_mxfp4(x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None)
     """``F.linear(x, W, bias)`` for W [O, I] stored as blocks [O, I/32, 16] and scales [O, I/32].
 
     Few rows on CPU: the C++ kernel, which never writes W out (bf16 rows widened to fp32 for it, the result
-    rounded back). Otherwise W is dequantized and multiplied by torch: in fp32 ROWS_PER_TILE rows at a time,
-    in bf16 whole, so that one GEMM (which beat tiles of 512 and 1440 rows) reads it.
+    rounded back). Otherwise W is dequantized and multiplied by torch: ROWS_PER_TILE rows at a time, or, bf16
+    on CPU, whole, so that one GEMM reads it (two-thread runs: tiles of 512 and 1440 rows were slower).
     """
     rows = x.reshape(-1, x.shape[-1])
     if kernel_takes(x, len(rows)):
         out = torch.ops.gptserve.mxfp4_linear(rows.float().contiguous(), blocks.contiguous(), scales.contiguous(),
                                               widened(bias))
         return out.to(x.dtype).view(*x.shape[:-1], blocks.shape[0])
-    if x.dtype == torch.bfloat16:
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":  # other devices keep the measured tiles
         return F.linear(x, dequantized(blocks, scales, x.dtype), bias)
     out = x.new_empty(*x.shape[:-1], blocks.shape[0])
     for start in range(0, blocks.shape[0], ROWS_PER_TILE):

@@ -14,6 +14,7 @@ sizes pick the cheaper call (a loop over few busy experts beats a grouped call o
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.cpu_kernels import cpu_kernels_loaded
-from models.mxfp4 import kernel_takes, linear_mxfp4, packed_shapes
+from models.mxfp4 import kernel_takes, linear_mxfp4, packed_shapes, widened
 from models.parallel import SINGLE, TensorParallel
 
 
@@ -69,15 +70,20 @@ def grouped_linear(x: Tensor, counts: list[int], weight: Tensor, bias: Tensor | 
                        lambda rows, e: F.linear(rows, weight[e], None if bias is None else bias[e]))
 
 
-def grouped_linear_mxfp4(x: Tensor, counts: list[int], blocks: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
-    """``linear_mxfp4`` of each expert's rows with its blocks[e], scales[e], bias[e].
+def grouped_linear_mxfp4(
+    x: Tensor, counts: list[int], blocks: Tensor, scales: Tensor, bias: Tensor | None, float_bias: Tensor | None = None
+) -> Tensor:
+    """``linear_mxfp4`` of each expert's rows with its blocks[e], scales[e], bias[e] (``float_bias``: the same
+    bias in fp32, for the kernel, where the caller holds one).
 
     When every expert's share fits the C++ kernel, one call runs them all: per expert, a Python call and a
     parallel region cost as much as a one-token run at small widths.
     """
-    if kernel_takes(x, max(counts, default=0)):
-        return torch.ops.gptserve.mxfp4_grouped_linear(x.contiguous(), torch.tensor(counts, dtype=torch.int64),
-                                                       blocks.contiguous(), scales.contiguous(), bias)
+    if kernel_takes(x, max(counts, default=0)):  # bf16 rows widened for the kernel, its result rounded back
+        out = torch.ops.gptserve.mxfp4_grouped_linear(x.float().contiguous(), torch.tensor(counts, dtype=torch.int64),
+                                                      blocks.contiguous(), scales.contiguous(),
+                                                      widened(bias) if float_bias is None else float_bias)
+        return out.to(x.dtype)
     return each_expert(x, counts, blocks.shape[1], lambda rows, e: linear_mxfp4(
         rows, blocks[e], scales[e], None if bias is None else bias[e]))
 
@@ -144,13 +150,21 @@ class Experts(nn.Module):
         h = grouped_linear_static(x, counts, row_experts, self.gate_up, self.gate_up_bias)
         return grouped_linear_static(swiglu(h, self.alpha, self.limit), counts, row_experts, self.down, down_bias)
 
+    @functools.cached_property
+    def float_biases(self) -> tuple[Tensor, Tensor]:
+        """The biases as the fp32 kernel reads them, widened once under a bf16 model (the same tensors under
+        fp32): widening all E experts' every decode step opened two parallel regions a layer, and on a busy
+        CPU each can wait a scheduler slice for its second thread."""
+        return self.gate_up_bias.float(), self.down_bias.float()
+
     def run(self, x: Tensor, counts: list[int]) -> Tensor:
         """x [N, H], its rows grouped by expert (counts[e] of them for expert e) -> each row's expert output."""
         down_bias = self.down_bias if self.adds_down_bias else None
         if self.packed:
-            h = grouped_linear_mxfp4(x, counts, self.gate_up_blocks, self.gate_up_scales, self.gate_up_bias)
+            up_float, down_float = self.float_biases
+            h = grouped_linear_mxfp4(x, counts, self.gate_up_blocks, self.gate_up_scales, self.gate_up_bias, up_float)
             return grouped_linear_mxfp4(swiglu(h, self.alpha, self.limit), counts, self.down_blocks,
-                                        self.down_scales, down_bias)
+                                        self.down_scales, down_bias, down_float if self.adds_down_bias else None)
         h = grouped_linear(x, counts, self.gate_up, self.gate_up_bias)
         return grouped_linear(swiglu(h, self.alpha, self.limit), counts, self.down, down_bias)
 

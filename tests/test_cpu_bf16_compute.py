@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import models.loader
+import models.mxfp4
 import models.onednn_linear
 from models.bf16_weight_linear import Bf16WeightLinear
 from models.cpu_isa import CpuIsa, cpu_isa, cpuinfo_flags
@@ -143,12 +144,31 @@ def test_gpt_oss_bf16_with_mxfp4_experts_stays_as_close_as_transformers_bf16(
     bf16 = type(oracle)(oracle.config)
     bf16.load_state_dict(oracle.state_dict())
     bf16 = bf16.to(torch.bfloat16).eval()
-    sequences = [random_tokens(n, seed=n) for n in (9, 40)]  # 40: beyond the sliding window
+    # 40: beyond the sliding window; 120: ~60 rows per expert (8 experts, top-4), so prefill experts take the
+    # bf16 GEMM on dequantized weights and decode ones the fp32 kernel (models/mxfp4.py)
+    sequences = [random_tokens(n, seed=n) for n in (9, 40, 120)]
     decoded = 4
     for seq, ours in zip(sequences, teacher_forced_logits(model, sequences, decoded)):
         theirs_fp32, theirs_bf16 = oracle_logits(oracle, seq), oracle_logits(bf16, seq)
         for part in (slice(None, -decoded), slice(-decoded, None)):  # prefill rows, then decode rows (sinks)
             assert_as_close_as_transformers_bf16(ours[part], theirs_fp32[part], theirs_bf16[part])
+
+
+@native_bf16
+@torch.inference_mode()
+def test_gpt_oss_bf16_prefill_dequantizes_experts_for_gemms_and_decode_never_does(monkeypatch, checkpoint_dir):  # noqa: F811
+    model = load_model(checkpoint_dir, dtype="bfloat16", device="cpu", keep_experts_packed=True).model
+    dequantized: list[torch.dtype] = []
+    real = models.mxfp4.dequantized
+    monkeypatch.setattr(models.mxfp4, "dequantized", lambda b, s, dtype: dequantized.append(dtype) or real(b, s, dtype))
+    seq = random_tokens(120, seed=1)
+    cache = PagedKVCache(model.kv_cache_spec(), -(-len(seq) // BLOCK), BLOCK, dtype=torch.bfloat16)
+    table = list(range(cache.num_blocks))
+    model(ForwardBatch.build([seq[:-1]], [0], [table], BLOCK), cache)
+    assert dequantized and set(dequantized) == {torch.bfloat16}  # ~60 rows an expert: bf16 GEMMs
+    dequantized.clear()
+    model(ForwardBatch.build([seq[-1:]], [len(seq) - 1], [table], BLOCK), cache)
+    assert not dequantized  # one row an expert: the kernel, which reads the packed bytes
 
 
 def test_bf16_load_keeps_torch_matmuls_where_bf16_is_emulated(monkeypatch, tiny_gpt2_dir):

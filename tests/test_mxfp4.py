@@ -6,7 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from models.cpu_kernels import cpu_kernels_loaded
-from models.mxfp4 import FP4_VALUES, KERNEL_MAX_ROWS, dequantize_mxfp4, linear_mxfp4, packed_shapes
+from models.mxfp4 import (
+    BF16_KERNEL_MAX_ROWS,
+    FP4_VALUES,
+    KERNEL_MAX_ROWS,
+    dequantize_mxfp4,
+    dequantize_mxfp4_torch,
+    dequantized,
+    linear_mxfp4,
+    packed_shapes,
+)
 
 
 def e2m1(code: int) -> float:
@@ -280,6 +289,46 @@ def test_linear_mxfp4_reads_weights_that_are_not_contiguous(kernels):
     x = torch.randn(3, 96, generator=g)
     assert not blocks_t.is_contiguous() and not scales_t.is_contiguous()
     assert torch.equal(linear_mxfp4(x, blocks_t, scales_t, None), linear_mxfp4(x, blocks, scales, None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_cpp_dequantizer_gives_the_torch_decode_bit_for_bit(kernels, isa, dtype):
+    """Every byte at every scale (0: subnormal powers of two; 253-255: inf and, for zero codes, NaN). NaN may
+    carry other payload bits than torch's conversion writes; it stays NaN in the same places."""
+    g = torch.Generator().manual_seed(3)
+    blocks = torch.randint(0, 256, (3, 256, 8, 16), generator=g, dtype=torch.uint8)
+    scales = torch.arange(256, dtype=torch.uint8).view(1, 256, 1).expand(3, 256, 8).contiguous()
+    got = torch.ops.gptserve.mxfp4_dequantize(blocks, scales, dtype, isa)
+    expected = dequantize_mxfp4_torch(blocks, scales, dtype)
+    assert got.dtype == dtype and got.shape == (3, 256, 256)
+    assert torch.equal(got.isnan(), expected.isnan()) and got.isnan().any()
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(got[~got.isnan()].view(bits), expected[~expected.isnan()].view(bits))
+
+
+def test_dequantized_reuses_one_buffer_and_stays_exact_across_sizes(kernels):
+    small, large = random_packed(8, 64, seed=11)[:2], random_packed(40, 96, seed=12)[:2]
+    for blocks, scales in (small, large, small):
+        weight = dequantized(blocks, scales, torch.bfloat16)
+        assert torch.equal(weight, dequantize_mxfp4_torch(blocks, scales, torch.bfloat16))
+    assert dequantized(*small, torch.bfloat16).data_ptr() == dequantized(*large, torch.bfloat16).data_ptr()
+
+
+def test_bf16_rows_take_the_widened_kernel_when_few_and_a_bf16_gemm_when_many(kernels):
+    """Few bf16 rows: the fp32 kernel on the rows widened, rounded back once. Many: one bf16 GEMM (fp32 sums)
+    on the exact bf16 weights, as torch computes it."""
+    blocks, scales, g = random_packed(600, 128, seed=13)
+    bias = torch.randn(600, generator=g).bfloat16()
+    few = torch.randn(BF16_KERNEL_MAX_ROWS, 128, generator=g).bfloat16()
+    many = torch.randn(BF16_KERNEL_MAX_ROWS + 1, 128, generator=g).bfloat16()
+    widened = torch.ops.gptserve.mxfp4_linear(few.float(), blocks, scales, bias.float())
+    assert linear_mxfp4(few, blocks, scales, bias).dtype == torch.bfloat16
+    assert torch.equal(linear_mxfp4(few, blocks, scales, bias), widened.bfloat16())
+    weight = dequantize_mxfp4_torch(blocks, scales, torch.bfloat16)
+    assert torch.equal(linear_mxfp4(many, blocks, scales, bias), F.linear(many, weight, bias))
+    exact = many.double() @ weight.double().T + bias.double()
+    torch.testing.assert_close(linear_mxfp4(many, blocks, scales, bias).double(), exact, rtol=1e-2, atol=0.5)
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)

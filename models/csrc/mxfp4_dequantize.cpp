@@ -1,0 +1,140 @@
+// MXFP4 weights dequantized in one pass, for inputs of many rows that multiply a whole expert through a GEMM.
+// Through torch ops (a byte-table lookup, a scale multiply, a cast) an expert's 24.9M values take ~45 ms on
+// one thread, as long as a bf16 GEMM of ~200 rows against them; here each 16-byte block is decoded in
+// registers and its 32 values written once.
+//   mxfp4_dequantize(blocks [..., G, 16] uint8, scales [..., G] uint8, dtype float32|bfloat16) -> [..., G * 32]
+// Byte j of a block holds value 2j in its low nibble and 2j+1 in its high one (E2M1 codes); the block's values
+// are multiplied by 2^(scale - 127). The result equals models/mxfp4.py's dequantize_mxfp4 bit for bit: every
+// E2M1 value times a power of two is exact in float32, and in bfloat16 too (one mantissa bit, and bf16 has
+// float32's exponent range), so the bf16 bits are the float32's upper half. Only NaN (a zero code times the
+// scale 255, which is inf) may come out with other bits than torch's conversion gives it: still a NaN.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include "cpu_features.h"
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kValuesPerBlock = 32, kBytesPerBlock = 16;
+// Blocks per parallel chunk: 2,048 blocks write 256 KiB of bf16, enough to pay for a thread's start.
+constexpr int64_t kGrainBlocks = 2048;
+
+constexpr float kFp4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                            -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+template <typename Out>
+void block_portable(const uint8_t* bytes, float scale, Out* out) {
+  for (int64_t j = 0; j < kBytesPerBlock; ++j) {
+    out[2 * j] = static_cast<Out>(kFp4[bytes[j] & 15] * scale);
+    out[2 * j + 1] = static_cast<Out>(kFp4[bytes[j] >> 4] * scale);
+  }
+}
+
+#if defined(__x86_64__)
+// The 16 bytes widened to one per 32-bit lane and the E2M1 table looked up by each lane's low four bits
+// (vpermps reads no others), once as they are (even values) and once shifted by a nibble (odd values).
+__attribute__((target("avx512f"))) inline void decode(const uint8_t* bytes, float scale, __m512& even,
+                                                      __m512& odd) {
+  const __m512 table = _mm512_loadu_ps(kFp4);
+  const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  const __m512 s = _mm512_set1_ps(scale);
+  even = _mm512_mul_ps(_mm512_permutexvar_ps(codes, table), s);
+  odd = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table), s);
+}
+
+// bf16 pair j = (odd j's upper half) << 16 | (even j's upper half): 32 values in one 64-byte store.
+__attribute__((target("avx512f"))) void block_avx512(const uint8_t* bytes, float scale, c10::BFloat16* out) {
+  __m512 even, odd;
+  decode(bytes, scale, even, odd);
+  const __m512i high = _mm512_and_si512(_mm512_castps_si512(odd), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  const __m512i pairs = _mm512_or_si512(high, _mm512_srli_epi32(_mm512_castps_si512(even), 16));
+  _mm512_storeu_si512(out, pairs);
+}
+
+__attribute__((target("avx512f"))) void block_avx512(const uint8_t* bytes, float scale, float* out) {
+  __m512 even, odd;
+  decode(bytes, scale, even, odd);
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  _mm512_storeu_ps(out, _mm512_permutex2var_ps(even, first, odd));
+  _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(even, second, odd));
+}
+#endif
+
+template <typename Out>
+void dequantize_blocks(const uint8_t* blocks, const uint8_t* scales, Out* out, int64_t count, bool avx512) {
+  static const std::vector<float> scale_value = [] {
+    std::vector<float> t(256);
+    for (int s = 0; s < 256; ++s) t[s] = std::ldexp(1.0f, s - 127);  // as torch.exp2 gives it in float32
+    return t;
+  }();
+  at::parallel_for(0, count, kGrainBlocks, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* bytes = blocks + b * kBytesPerBlock;
+      Out* dst = out + b * kValuesPerBlock;
+#if defined(__x86_64__)
+      if (avx512) {
+        block_avx512(bytes, scale_value[scales[b]], dst);
+        continue;
+      }
+#endif
+      block_portable(bytes, scale_value[scales[b]], dst);
+    }
+  });
+}
+
+// Into ``out`` (float32 or bfloat16, contiguous, blocks' values): a caller that dequantizes many matrices of one
+// size reuses one buffer, where a fresh 33 MB tensor a call costs more in page faults (the OS zeroing the new
+// pages) than the decode itself.
+void mxfp4_dequantize_into(const at::Tensor& blocks, const at::Tensor& scales, const at::Tensor& out,
+                           const std::string& isa_name) {
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.dim() >= 2 &&
+                  blocks.size(-1) == kBytesPerBlock,
+              "blocks: contiguous uint8 [..., G, 16]");
+  TORCH_CHECK(scales.scalar_type() == at::kByte && scales.is_contiguous() &&
+                  scales.sizes() == blocks.sizes().slice(0, blocks.dim() - 1),
+              "scales: contiguous uint8 [..., G] matching blocks");
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16, "out: float32 or bfloat16");
+  TORCH_CHECK(out.is_contiguous() && out.numel() == scales.numel() * kValuesPerBlock,
+              "out: contiguous, as many values as the blocks hold");
+  const bool avx512 = choose_isa(isa_name) == Isa::kAvx512;
+  const uint8_t* b = blocks.data_ptr<uint8_t>();
+  const uint8_t* s = scales.data_ptr<uint8_t>();
+  if (out.scalar_type() == at::kFloat)
+    dequantize_blocks(b, s, out.data_ptr<float>(), scales.numel(), avx512);
+  else
+    dequantize_blocks(b, s, out.data_ptr<c10::BFloat16>(), scales.numel(), avx512);
+}
+
+at::Tensor mxfp4_dequantize(const at::Tensor& blocks, const at::Tensor& scales, at::ScalarType dtype,
+                            const std::string& isa_name) {
+  std::vector<int64_t> shape(blocks.sizes().begin(), blocks.sizes().end() - 1);
+  TORCH_CHECK(!shape.empty(), "blocks: contiguous uint8 [..., G, 16]");
+  shape.back() *= kValuesPerBlock;
+  at::Tensor out = at::empty(shape, blocks.options().dtype(dtype));
+  mxfp4_dequantize_into(blocks, scales, out, isa_name);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(gptserve, m) {
+  m.def("mxfp4_dequantize(Tensor blocks, Tensor scales, ScalarType dtype, str isa=\"best\") -> Tensor");
+  m.def("mxfp4_dequantize_into(Tensor blocks, Tensor scales, Tensor(a!) out, str isa=\"best\") -> ()");
+}
+
+TORCH_LIBRARY_IMPL(gptserve, CPU, m) {
+  m.impl("mxfp4_dequantize", mxfp4_dequantize);
+  m.impl("mxfp4_dequantize_into", mxfp4_dequantize_into);
+}

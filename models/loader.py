@@ -13,6 +13,7 @@ from models.checkpoint import CheckpointError, read_json
 from models.cpu_isa import cpu_isa
 from models.cpu_kernels import cpu_kernels_loaded
 from models.linear_selection import select_linears
+from models.mapped_pages import release_unviewed_pages
 from models.onednn_linear import onednn_usable
 from models.parallel import SINGLE, TensorParallel
 from models.servable import ServableModel
@@ -146,4 +147,5 @@ def load_weights(
         round_the_rest_(model, dtype)
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         cpu_kernels_loaded()  # built (or found built) now rather than during the first request
+    release_unviewed_pages(model, model_dir)  # what was converted on the way in no longer counts in our RSS
     return model

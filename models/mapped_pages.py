@@ -53,8 +53,8 @@ def module_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
 
 def byte_extent(tensor: torch.Tensor) -> tuple[int, int] | None:
     """[first, last + 1) bytes of memory the tensor's elements occupy (strides may leave gaps inside; torch has
-    no negative strides)."""
-    if tensor.numel() == 0 or tensor.device.type != "cpu":
+    no negative strides); None for what cannot view a file (oneDNN's blocked weights own their memory)."""
+    if tensor.numel() == 0 or tensor.device.type != "cpu" or tensor.layout != torch.strided:
         return None
     span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
     return tensor.data_ptr(), tensor.data_ptr() + span * tensor.element_size()

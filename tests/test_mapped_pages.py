@@ -58,12 +58,13 @@ def test_converted_tensors_leave_rss_and_viewed_ones_keep_their_values(tmp_path:
     assert torch.equal(kept, expected)
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed-experts", "float-experts"])
-def test_loading_with_bf16_weights_leaves_no_converted_checkpoint_pages_resident(tmp_path: Path,
-                                                                                 packed: bool) -> None:
-    """The served flags: the unembedding (here 25 MB) is repacked, the embedding and packed experts are views."""
+@pytest.mark.parametrize("packed,weights", [(True, "bfloat16"), (False, "bfloat16"), (True, "float32")],
+                         ids=["served-flags", "float-experts", "float32-onednn"])
+def test_loading_leaves_no_converted_checkpoint_pages_resident(tmp_path: Path, packed: bool, weights: str) -> None:
+    """With the served flags the unembedding (here 25 MB) is repacked and the embedding and packed experts are
+    views; in float32 the linears become oneDNN's blocked tensors, which view no file."""
     directory = write_tiny_gpt_oss(tmp_path)
-    loaded = load_model(directory, device="cpu", keep_experts_packed=packed, cpu_weight_dtype="bfloat16")
+    loaded = load_model(directory, device="cpu", keep_experts_packed=packed, cpu_weight_dtype=weights)
     unembedding_bytes = TINY_CONFIG["vocab_size"] * TINY_CONFIG["hidden_size"] * 2
     assert resident_checkpoint_bytes(directory) < unembedding_bytes // 8
     ids = torch.tensor([1, 2, 3])

@@ -178,7 +178,7 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from server.engine.host_memory import keep_freed_memory_in_heap, release_free_heap
+    from server.engine.host_memory import keep_freed_memory_in_heap
 
     keep_freed_memory_in_heap()  # before any thread exists: every later thread then shares the tuned heap
     # OpenMP workers spin a short while (libgomp's count, ~1 ms here) after each parallel region before they
@@ -209,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
             wait_for_cores(cores)
         except (OSError, ValueError) as e:  # CheckpointError, TokenizerError, missing files, as a core saw them
             return _cannot_load(e)
-        release_free_heap()  # the tokenizer's parsed files, which the tuned heap would keep
         app = create_app(config, cores)
         for stop_signal in (signal.SIGTERM, signal.SIGINT):
             signal.signal(stop_signal, _drained)

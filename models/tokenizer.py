@@ -96,6 +96,9 @@ def load_tokenizer(model_dir: Path, *, checked: bool = True) -> Tokenizer:
     encoding = tiktoken.Encoding(
         model_dir.name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_tokens
     )
+    # tiktoken copied the ranks into its Rust tables and keeps the dict only to pickle itself: 58 MiB on o200k
+    # in every process holding a tokenizer. Without it, pickling one fails rather than copying it.
+    del encoding._mergeable_ranks
     return Tokenizer(encoding)
 
 

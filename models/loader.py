@@ -12,7 +12,9 @@ from models.bf16_weight_linear import Bf16Embedding, Bf16WeightLinear
 from models.checkpoint import CheckpointError, read_json
 from models.cpu_isa import cpu_isa
 from models.cpu_kernels import cpu_kernels_loaded
+from models.deferred_tokenizer import DeferredTokenizer
 from models.linear_selection import select_linears
+from models.mapped_pages import release_unviewed_pages
 from models.onednn_linear import onednn_usable
 from models.parallel import SINGLE, TensorParallel
 from models.servable import ServableModel
@@ -94,9 +96,12 @@ def load_model(
     keep_experts_packed: bool = False,
     tp: TensorParallel = SINGLE,
     cpu_weight_dtype: str = "float32",
+    defer_tokenizer: bool = False,
 ) -> LoadedModel:
     """``cpu_weight_dtype="bfloat16"`` (CPU, float32 only) rounds the weights to bf16 and streams them as bf16
-    in decode steps: about half the time per batch-1 step, outputs off the checkpoint's by the rounding."""
+    in decode steps: about half the time per batch-1 step, outputs off the checkpoint's by the rounding.
+    ``defer_tokenizer``: build the tokenizer's tables only when first used (an engine core, whose front end
+    holds and checks the same tokenizer)."""
     model_dir = Path(path)
     if not model_dir.is_dir():
         raise CheckpointError(f"missing file: model directory {model_dir} does not exist")
@@ -110,7 +115,8 @@ def load_model(
     if bf16_weights and not (torch_dtype == torch.float32 and onednn_usable(torch_device, torch_dtype)):
         raise ValueError("bfloat16 CPU weights need --device cpu and --dtype float32")
     model = load_weights(model_dir, family, torch_dtype, torch_device, keep_experts_packed, tp, bf16_weights)
-    tokenizer = load_tokenizer(tokenizer_directory(model_dir))
+    tokenizer_dir = tokenizer_directory(model_dir)
+    tokenizer = DeferredTokenizer(tokenizer_dir) if defer_tokenizer else load_tokenizer(tokenizer_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"the tokenizer defines {tokenizer.vocab_size} token ids but the model's vocabulary "
                               f"has only {model.config.vocab_size}")
@@ -146,4 +152,5 @@ def load_weights(
         round_the_rest_(model, dtype)
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         cpu_kernels_loaded()  # built (or found built) now rather than during the first request
+    release_unviewed_pages(model, model_dir)  # what was converted on the way in no longer counts in our RSS
     return model

@@ -32,6 +32,7 @@ from server.cors import AllowedOrigins
 from server.engine.core_client import EngineCoreClient
 from server.engine.core_startup import StartedCore
 from server.engine.errors import EngineError, QueueFull
+from server.engine.host_memory import release_free_heap
 from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.protocol import APIError, ErrorObject, ErrorResponse
@@ -78,6 +79,7 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
             app.state.models[name] = ServedModel(name, engine, chat_format, created)
             log.info("serving model", extra={"model": name, "family": engine.family,
                                               "max_model_len": engine.max_model_len})
+        release_free_heap()  # what parsing the tokenizer and harmony's vocabulary freed: the tuned heap keeps it
         yield
         for served in app.state.models.values():
             await served.engine.shutdown()

@@ -213,3 +213,11 @@ def test_gpt2_vocab_merges_and_tokenizer_json_give_identical_ids(gpt2, gpt2_json
         assert ids == ours.encode(text) == hf_from_json.encode(text, add_special_tokens=False)
         assert ids == official.encode(text, allowed_special="all")
         assert from_json.decode(ids) == text
+
+
+def test_tokenizer_keeps_no_python_copy_of_the_ranks_tiktoken_holds(gpt_oss) -> None:
+    """tiktoken keeps the ranks dict it was built from only to pickle itself (58 MiB on o200k, in the front end
+    and in a core that builds its tokenizer): dropped, while its Rust tables answer every call."""
+    ours, _ = gpt_oss
+    assert not hasattr(ours._encoding, "_mergeable_ranks")
+    assert ours.decode_bytes(ours.encode(CORPUS[2])) == CORPUS[2].encode() and ours.token_bytes(300) != b""

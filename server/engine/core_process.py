@@ -34,6 +34,7 @@ from server.config import ServerConfig
 from server.engine import core_messages as wire
 from server.engine.engine import LLMEngine, Output
 from server.engine.errors import EngineError, RequestRejected
+from server.engine.host_memory import release_free_heap
 from server.engine.metric_events import MetricRecorder
 from server.engine.outputs import ChoiceOutput
 from server.engine.sampling_params import GrammarSpec
@@ -52,7 +53,7 @@ def load_served_model(directory: Path, config: ServerConfig) -> LoadedModel:
         from server.engine.distributed import launch
 
         return launch(directory, config)
-    return load_model(directory, **asdict(config.load))
+    return load_model(directory, **asdict(config.load), defer_tokenizer=True)  # the front end holds it built
 
 
 class Channel:
@@ -218,6 +219,7 @@ def run_core(name: str, directory: Path, config: ServerConfig, commands_address:
         channel.send(wire.LoadFailed(f"{type(exc).__name__}: {exc}", bad_input=False))
         _close(context)
         raise SystemExit(1) from None
+    release_free_heap()  # what loading freed inside the heap
     log.info("engine core ready", extra={"model": name, "pid": os.getpid()})
     core = EngineCore(engine, recorder, commands, channel, exit_deadline_s=FAIL_EXIT_S)
     core.run()

@@ -134,3 +134,26 @@ def test_server_whose_app_fails_to_build_exits_without_leaving_its_core_behind(t
     core = next(json.loads(line)["pid"] for line in result.stderr.splitlines()
                 if line.startswith("{") and json.loads(line).get("msg") == "started engine core")
     assert exits_within(core, seconds=5)
+
+
+def minor_faults(pid: int) -> int:
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[7])
+
+
+def test_engine_core_keeps_its_step_buffers_in_the_heap_instead_of_faulting_them_in_each_time(tmp_path):
+    """The core is a spawned interpreter, so it must tune glibc itself (server/engine/host_memory.py): a prompt's
+    logprobs need [prompt, vocab] float32 logits and log-softmax (~80 MB each here), above glibc's largest
+    default mmap threshold (32 MB), which untuned are mapped and unmapped, page by page, on every request."""
+    from models.testing.gpt2_checkpoint import write_tiny_gpt2
+
+    model_dir = write_tiny_gpt2(tmp_path / "long", n_positions=512)
+    body = {"model": "tiny", "prompt": list(range(1000, 1400)), "max_tokens": 1, "echo": True, "logprobs": 1}
+    with ServerProcess(["--model", f"tiny={model_dir}"]) as server:
+        core = core_pid(server)
+        faults = []
+        for _ in range(3):
+            before = minor_faults(core)
+            response = httpx.post(server.v1 + "/completions", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            faults.append(minor_faults(core) - before)
+    assert faults[-1] < 5_000, faults  # untuned: ~40,000 a request (two 80 MB buffers, 4 KiB pages)

@@ -34,7 +34,7 @@ from server.config import ServerConfig
 from server.engine import core_messages as wire
 from server.engine.engine import LLMEngine, Output
 from server.engine.errors import EngineError, RequestRejected
-from server.engine.host_memory import release_free_heap
+from server.engine.host_memory import keep_freed_memory_in_heap, release_free_heap
 from server.engine.metric_events import MetricRecorder
 from server.engine.outputs import ChoiceOutput
 from server.engine.sampling_params import GrammarSpec
@@ -195,6 +195,7 @@ class EngineCore:
 
 def run_core(name: str, directory: Path, config: ServerConfig, commands_address: str, outputs_address: str) -> None:
     """The process's entry point (multiprocessing spawn): load, report Ready (or why not), then step until told."""
+    keep_freed_memory_in_heap()  # a spawned interpreter starts with glibc's defaults: tune before any thread exists
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, signal.SIG_IGN)
     from server.logging_setup import configure_logging

@@ -21,6 +21,7 @@ from models.kv_cache import PagedKVCache, kv_cache_dtype
 from models.loader import detect_family, load_weights, resolve_dtype
 from models.servable import ServableModel
 from server.engine.fault_injection import hang_on_poison
+from server.engine.host_memory import keep_freed_memory_in_heap
 from server.engine.step_channel import CacheGeometry, StepChannel
 from server.engine.tp_group import JOIN_TIMEOUT, RankContext, ShardSpec, join
 
@@ -56,6 +57,8 @@ def serve_steps(model: ServableModel, cache_dtype: torch.dtype, ctx: RankContext
 def run_worker(rank: int, world_size: int, spec: ShardSpec, store: dist.Store | None, local_rank: int) -> None:
     """A worker's whole life; ``store`` is None under torchrun, which provides the rendezvous."""
     from server.logging_setup import configure_logging
+
+    keep_freed_memory_in_heap()  # its own interpreter: glibc's defaults would page-fault every step's buffers
 
     configure_logging(spec.log_level)
     try:

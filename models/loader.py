@@ -13,8 +13,9 @@ from models.checkpoint import CheckpointError, read_json
 from models.cpu_isa import cpu_isa
 from models.cpu_kernels import cpu_kernels_loaded
 from models.deferred_tokenizer import DeferredTokenizer
+from models.huge_pages import collapse_into_huge_pages
 from models.linear_selection import select_linears
-from models.mapped_pages import release_unviewed_pages
+from models.mapped_pages import module_tensors, release_unviewed_pages
 from models.onednn_linear import onednn_usable
 from models.parallel import SINGLE, TensorParallel
 from models.servable import ServableModel
@@ -153,4 +154,6 @@ def load_weights(
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         cpu_kernels_loaded()  # built (or found built) now rather than during the first request
     release_unviewed_pages(model, model_dir)  # what was converted on the way in no longer counts in our RSS
+    if device.type == "cpu":
+        collapse_into_huge_pages(module_tensors(model))  # a decode step streams them all: fewer TLB misses
     return model

@@ -28,6 +28,8 @@ def test_spans_are_the_whole_huge_pages_inside_the_merged_extents():
     assert huge_page_spans([(100, mb2 + 5)]) == []  # no whole huge page inside
     assert huge_page_spans([(1, 3 * mb2 + 1), (3 * mb2, 5 * mb2 - 1)]) == [(mb2, 4 * mb2)]
     assert huge_page_spans([(6 * mb2, 8 * mb2), (0, 2 * mb2)]) == [(0, 2 * mb2), (6 * mb2, 8 * mb2)]
+    # allocations a header apart, each under a huge page: one span across them
+    assert huge_page_spans([(mb2 - 64, 2 * mb2 - 32), (2 * mb2 - 16, 3 * mb2 + 7)]) == [(mb2, 3 * mb2)]
 
 
 def test_loaded_weights_are_backed_by_huge_pages(tiny_gpt2_dir):

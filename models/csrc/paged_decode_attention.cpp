@@ -95,6 +95,19 @@ struct Geometry {
   }
 };
 
+// Each head's scores [first, last) x span, in place, to the softmax over the visible keys, with the head's sink
+// logit in the normalisation where there is one.
+inline void softmax_rows(float* scores, int64_t span, int64_t first, int64_t last, const float* sinks) {
+  for (int64_t h = first; h < last; ++h) {
+    float* p = scores + (h - first) * span;
+    float top = sinks ? sinks[h] : -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < span; ++i) top = std::max(top, p[i]);
+    float total = sinks ? std::exp(sinks[h] - top) : 0.0f;
+    for (int64_t i = 0; i < span; ++i) total += (p[i] = std::exp(p[i] - top));
+    for (int64_t i = 0; i < span; ++i) p[i] /= total;
+  }
+}
+
 // A task is one sequence and a run of its KV heads [kv_begin, kv_end): it walks the sequence's keys in
 // order, reading that run of each cache row contiguously (all of the row when a task has every head, as
 // soon as there are a few sequences per thread), which the hardware prefetcher follows; then the value rows
@@ -117,14 +130,7 @@ inline __attribute__((always_inline)) void attend_body(const float* q, int64_t q
     for (int64_t h = first; h < last; ++h)
       scores[(h - first) * span + (t - vis.lo)] = dot(q_seq + h * D, row + (h / g.group()) * D, D) * scale;
   }
-  for (int64_t h = first; h < last; ++h) {  // softmax over the visible keys, and the sink where there is one
-    float* p = scores + (h - first) * span;
-    float top = sinks ? sinks[h] : -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < span; ++i) top = std::max(top, p[i]);
-    float total = sinks ? std::exp(sinks[h] - top) : 0.0f;
-    for (int64_t i = 0; i < span; ++i) total += (p[i] = std::exp(p[i] - top));
-    for (int64_t i = 0; i < span; ++i) p[i] /= total;
-  }
+  softmax_rows(scores, span, first, last, sinks);
   std::fill(acc, acc + (last - first) * D, 0.0f);
   for (int64_t t = vis.lo; t < vis.ctx; ++t) {
     const T* row = values + g.slot(blocks, s, t) * g.KVH * D;
@@ -187,14 +193,7 @@ GPTSERVE_AVX512 void attend_task_avx512(const float* q, int64_t q_row_stride, co
       scores[(h - first) * span + (t - vis.lo)] = _mm512_reduce_add_ps(sum) * scale;
     }
   }
-  for (int64_t h = first; h < last; ++h) {  // the softmax exactly as the portable task takes it
-    float* p = scores + (h - first) * span;
-    float top = sinks ? sinks[h] : -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < span; ++i) top = std::max(top, p[i]);
-    float total = sinks ? std::exp(sinks[h] - top) : 0.0f;
-    for (int64_t i = 0; i < span; ++i) total += (p[i] = std::exp(p[i] - top));
-    for (int64_t i = 0; i < span; ++i) p[i] /= total;
-  }
+  softmax_rows(scores, span, first, last, sinks);
   for (int64_t h0 = first; h0 < last; h0 += kAvx512HeadsPerPass) {
     const int64_t heads = std::min(kAvx512HeadsPerPass, last - h0);
     __m512 acc[kAvx512HeadsPerPass][kAvx512MaxDim / 16];

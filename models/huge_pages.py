@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import torch
 
-from models.mapped_pages import byte_extent
+from models.mapped_pages import byte_extent, libc_madvise
 
 log = logging.getLogger("gptserve.models")
 
@@ -42,10 +42,9 @@ def huge_page_spans(extents: Iterable[tuple[int, int]]) -> list[tuple[int, int]]
 def collapse_into_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
     """Back the memory of these CPU tensors with huge pages now; bytes collapsed (0 where the kernel cannot)."""
     try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise = libc_madvise()
     except (OSError, AttributeError):
         return 0
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     collapsed = 0
     for start, end in huge_page_spans(extent for t in tensors if (extent := byte_extent(t)) is not None):
         if madvise(start, end - start, MADV_COLLAPSE) == 0:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -75,6 +75,13 @@ def unviewed_ranges(mapping: tuple[int, int], views: Iterable[tuple[int, int]]) 
     return free
 
 
+def libc_madvise() -> Callable[[int, int, int], int]:
+    """The C library's ``madvise(addr, length, advice)``, typed; errno readable with ``ctypes.get_errno()``."""
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
 def release_unviewed_pages(model: nn.Module, directory: Path) -> int:
     """Drop the pages of ``directory``'s mapped checkpoint files that ``model`` does not view; bytes released
     (an upper bound: pages never faulted in count too)."""
@@ -82,8 +89,7 @@ def release_unviewed_pages(model: nn.Module, directory: Path) -> int:
     if not mappings:
         return 0
     views = [extent for tensor in module_tensors(model) if (extent := byte_extent(tensor)) is not None]
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise = libc_madvise()
     released = 0
     for mapping in mappings:
         for start, end in unviewed_ranges(mapping, views):

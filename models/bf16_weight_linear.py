@@ -26,17 +26,20 @@ from models.cpu_kernels import cpu_kernels_loaded
 # parallel region a call where the tiles need several (bench/NOTES.md).
 KERNEL_MAX_ROWS = 128
 PACK_CHUNK_ROWS = 1 << 15  # packing converts this many rows at a time: no full-size temporary copy
+LANES = 32  # outputs per packed group
 
 
 def pack_bf16_weight(weight: Tensor) -> Tensor:
-    """[N, K] float -> [ceil(N/8), K, 8] int16 bf16 bits, eight outputs side by side: the kernel's layout,
-    where one 16-byte load feeds eight accumulators (rows past N are zero)."""
+    """[N, K] float -> [ceil(N/32), ceil(K/2), 32, 2] int16 bf16 bits: 32 outputs side by side, each with two
+    consecutive inputs in one 32-bit word, the kernel's layout, where one 64-byte load widens to the weights of
+    two inputs for sixteen outputs (rows past N and the input past an odd K are zero)."""
     n, k = weight.shape
-    packed = torch.zeros(-(-n // 8), k, 8, dtype=torch.int16)
+    pairs = -(-k // 2)
+    packed = torch.zeros(-(-n // LANES), pairs, LANES, 2, dtype=torch.int16)
     for start in range(0, n, PACK_CHUNK_ROWS):
         chunk = weight.detach()[start : start + PACK_CHUNK_ROWS].to(torch.bfloat16)
-        chunk = F.pad(chunk, (0, 0, 0, -len(chunk) % 8)).view(torch.int16)
-        packed[start // 8 : start // 8 + len(chunk) // 8] = chunk.view(-1, 8, k).transpose(1, 2)
+        chunk = F.pad(chunk, (0, 2 * pairs - k, 0, -len(chunk) % LANES)).view(torch.int16)
+        packed[start // LANES : start // LANES + len(chunk) // LANES] = chunk.view(-1, LANES, pairs, 2).transpose(1, 2)
     return packed
 
 
@@ -75,8 +78,9 @@ class Bf16WeightLinear(nn.Module):
         if self.packed is None:
             assert self.plain is not None
             return F.embedding(ids, self.plain).float()
-        # row n is lane n % 8 of group n // 8: [len(ids), in_features] bf16 bits
-        bits = self.packed[ids // 8, :, ids % 8]
+        # row n is lane n % 32 of group n // 32: [len(ids), pairs, 2] bf16 bits, the last pair's second one
+        # padding where in_features is odd
+        bits = self.packed[ids // LANES, :, ids % LANES].flatten(-2)[..., : self.in_features]
         return bits.view(torch.bfloat16).float()
 
     def extra_repr(self) -> str:

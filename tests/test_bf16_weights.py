@@ -73,13 +73,31 @@ def test_kernel_matches_fp32_product_on_rounded_weights(path, rows, out_features
         assert ((got.double() - expected).abs() <= 1e-6 * scale + 1e-6).all()
 
 
+def test_vector_dots_give_every_row_the_same_bits_whatever_the_batch_and_instruction_set():
+    isa = cpu_isa()
+    if not isa.avx2:
+        pytest.skip("this CPU has no AVX2")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(29, 97, generator=gen)  # 29 rows: passes of 10 / 10 / 9 on AVX-512, of 2 and 1 on AVX2
+    weight = torch.randn(50, 97, generator=gen)  # 50 outputs: two groups, the last partial; K odd
+    packed = pack_bf16_weight(weight)
+    paths = ["avx2", *(["avx512"] if isa.avx512 else [])]
+    for path in paths:
+        batch = torch.ops.gptserve.bf16_linear(x, packed, None, 50, path)
+        alone = torch.cat([torch.ops.gptserve.bf16_linear(x[i : i + 1], packed, None, 50, path) for i in range(29)])
+        assert torch.equal(batch, alone)
+        assert torch.equal(batch, torch.ops.gptserve.bf16_linear(x, packed, None, 50, paths[0]))
+
+
 def test_packing_rounds_to_nearest_even_like_torch():
     values = torch.tensor([1.0, 1.00390625, 1.01171875, -2.0078125, 3.0e38, 1e-40, float("inf"), -float("inf")])
     weight = values.repeat(3, 1)
-    packed = pack_bf16_weight(weight)  # [1, 8, 8]: lane j holds output row j
+    packed = pack_bf16_weight(weight)  # [1, 4, 32, 2]: lane j holds output row j, inputs 2p and 2p + 1 in pair p
     expected = values.to(torch.bfloat16).view(torch.int16)
-    assert torch.equal(packed[0, :, 0], expected)
-    assert torch.equal(packed[0, :, 3:], torch.zeros(8, 5, dtype=torch.int16))  # padding lanes
+    assert torch.equal(packed[0, :, 0].flatten(), expected)
+    assert torch.equal(packed[0, :, 3:], torch.zeros(4, 29, 2, dtype=torch.int16))  # padding lanes
+    odd = pack_bf16_weight(weight[:, :7])  # an odd number of inputs: the last pair's second one is zero
+    assert odd.shape == (1, 4, 32, 2) and odd[0, 3, 0, 1] == 0
 
 
 def test_layer_gives_the_same_rows_for_many_rows_and_few():

@@ -2,11 +2,17 @@
 // registers: a decode step streams every weight once, so half the bytes is half the time where memory
 // bandwidth is the bound. Products and sums are float32.
 //   bf16_linear(x [M,K] float32, packed, bias [N] float32 or None, N) -> [M,N] float32
-// where packed [ceil(N/8), K, 8] int16 holds the weight's bf16 bits, eight outputs side by side so that one
-// 16-byte load feeds eight accumulators (models/bf16_weight_linear.py packs it).
+// where packed [ceil(N/32), ceil(K/2), 32, 2] int16 holds the weight's bf16 bits: 32 outputs side by side, and
+// for each output two consecutive inputs in one 32-bit word (models/bf16_weight_linear.py packs it). A 64-byte
+// load then widens to two vectors of 16 floats with a shift and a mask (inputs 2k and 2k+1), where eight
+// outputs a 16-byte row needed a widening conversion per eight weights: three instructions a 32 weights instead
+// of eight, which is what bounded two to eight rows. A group of 32 outputs is one stream of 128 bytes an input
+// pair (two groups read side by side were 4 KiB-aliased streams at K = 768, and 10-25% slower).
 //   bf16_linear_tiles(x, packed, bias, N): the same product for inputs of many rows, where a GEMM's blocking
 // beats dots: each task widens a tile of output columns to float32 [K, cols] in its own buffer and runs the
 // BLAS GEMM on it. The weight is held once, as bf16; the products are exact and the sums float32 either way.
+// Every vector path adds each output's products in the order of k, one FMA each, so the AVX2 and AVX-512 dots
+// give the same bits for any number of rows, and a row's result does not depend on the rows beside it.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -31,9 +37,11 @@
 
 namespace {
 
-constexpr int64_t kLanes = 8;  // outputs per packed group: one AVX2 vector of floats
+constexpr int64_t kLanes = 32;      // outputs per packed group
+constexpr int64_t kGroupPair = 64;  // int16 words of one input pair of a group: 32 outputs x 2 inputs
 constexpr int64_t kTileFloats = int64_t{1} << 22;  // bf16_linear_tiles' widened tile: at most 16 MiB
-constexpr int kRowsAvx512 = 12;  // rows a pass of the AVX-512 kernel: 24 accumulators of its 32 registers
+constexpr int kRowsAvx2 = 2;     // rows a pass of the AVX2 dots: 8 accumulators of its 16 registers
+constexpr int kRowsAvx512 = 12;  // rows a pass of the AVX-512 dots: 24 accumulators of its 32 registers
 
 inline float widen(uint16_t bits) {
   const uint32_t u = static_cast<uint32_t>(bits) << 16;
@@ -42,111 +50,122 @@ inline float widen(uint16_t bits) {
   return f;
 }
 
-// Rows [0, ROWS) of x against one packed group: out[r][lane] = sum_k x[r,k] * w[k,lane] (+ bias). Two
-// accumulators per row, over even and odd k, keep two FMA chains in flight for every row.
+// Weight (k, lane) of a group at w: word 2 * lane (k even) or 2 * lane + 1 (k odd) of input pair k / 2.
+inline uint16_t weight_bits(const uint16_t* w, int64_t k, int64_t lane) {
+  return w[(k / 2) * kGroupPair + 2 * lane + k % 2];
+}
+
+// Rows [0, ROWS) of x against one group: out[r][lane] = sum_k x[r,k] * w[k,lane] (+ bias), in plain C++.
 template <int ROWS>
-void group_dot(const float* x, int64_t K, const uint16_t* w, float* out, int64_t ldo, int64_t lanes,
-               const float* bias) {
-  float acc[ROWS][2][kLanes] = {};
+void group_portable(const float* x, int64_t K, const uint16_t* w, float* out, int64_t ldo, int64_t lanes,
+                    const float* bias) {
+  float acc[ROWS][kLanes] = {};
   for (int64_t k = 0; k < K; ++k)
     for (int r = 0; r < ROWS; ++r)
-      for (int64_t j = 0; j < kLanes; ++j) acc[r][k % 2][j] += x[r * K + k] * widen(w[k * kLanes + j]);
+      for (int64_t j = 0; j < kLanes; ++j) acc[r][j] += x[r * K + k] * widen(weight_bits(w, k, j));
   for (int r = 0; r < ROWS; ++r)
-    for (int64_t j = 0; j < lanes; ++j) out[r * ldo + j] = (acc[r][0][j] + acc[r][1][j]) + (bias ? bias[j] : 0.0f);
+    for (int64_t j = 0; j < lanes; ++j) out[r * ldo + j] = acc[r][j] + (bias ? bias[j] : 0.0f);
 }
 
 #if defined(__x86_64__)
-// The same with AVX2: one 16-byte load widens eight weights (zero-extend, shift into the high half), and
-// the accumulators stay in registers (compilers kept the portable version's in memory).
-inline __attribute__((target("avx2,fma"))) __m256 widen8(const uint16_t* w) {
-  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+// Eight outputs' weights for inputs 2p and 2p+1, from the 32 bytes at w: the low word of each 32-bit lane
+// shifted up, and the high word masked.
+inline __attribute__((target("avx2,fma"))) void widen_pair8(const uint16_t* w, __m256& even, __m256& odd) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
+// group_portable with AVX2: the group's four quarters of eight outputs, ROWS rows, accumulators in registers.
 template <int ROWS>
-__attribute__((target("avx2,fma"))) void group_dot_avx2(const float* x, int64_t K, const uint16_t* w, float* out,
-                                                        int64_t ldo, int64_t lanes, const float* bias) {
-  __m256 even[ROWS], odd[ROWS];
-  for (int r = 0; r < ROWS; ++r) even[r] = odd[r] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 2 <= K; k += 2) {
-    const __m256 w0 = widen8(w + k * kLanes), w1 = widen8(w + (k + 1) * kLanes);
+__attribute__((target("avx2,fma"))) void group_avx2(const float* x, int64_t K, const uint16_t* w, float* out,
+                                                    int64_t ldo, int64_t lanes, const float* bias) {
+  constexpr int kQuarters = kLanes / 8;
+  __m256 acc[ROWS][kQuarters];
+  for (int r = 0; r < ROWS; ++r)
+    for (int q = 0; q < kQuarters; ++q) acc[r][q] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 2) {
+    __m256 xe[ROWS], xo[ROWS];
     for (int r = 0; r < ROWS; ++r) {
-      even[r] = _mm256_fmadd_ps(_mm256_set1_ps(x[r * K + k]), w0, even[r]);
-      odd[r] = _mm256_fmadd_ps(_mm256_set1_ps(x[r * K + k + 1]), w1, odd[r]);
+      xe[r] = _mm256_set1_ps(x[r * K + k]);
+      xo[r] = _mm256_set1_ps(k + 1 < K ? x[r * K + k + 1] : 0.0f);
     }
-  }
-  if (k < K) {
-    const __m256 w0 = widen8(w + k * kLanes);
-    for (int r = 0; r < ROWS; ++r) even[r] = _mm256_fmadd_ps(_mm256_set1_ps(x[r * K + k]), w0, even[r]);
+    for (int q = 0; q < kQuarters; ++q) {
+      __m256 even, odd;
+      widen_pair8(w + (k / 2) * kGroupPair + 16 * q, even, odd);
+      for (int r = 0; r < ROWS; ++r) {
+        acc[r][q] = _mm256_fmadd_ps(xe[r], even, acc[r][q]);
+        if (k + 1 < K) acc[r][q] = _mm256_fmadd_ps(xo[r], odd, acc[r][q]);
+      }
+    }
   }
   for (int r = 0; r < ROWS; ++r) {
     float sum[kLanes];
-    _mm256_storeu_ps(sum, _mm256_add_ps(even[r], odd[r]));
+    for (int q = 0; q < kQuarters; ++q) _mm256_storeu_ps(sum + 8 * q, acc[r][q]);
     for (int64_t j = 0; j < lanes; ++j) out[r * ldo + j] = sum[j] + (bias ? bias[j] : 0.0f);
   }
 }
-
-// One group's K rows of eight weights, widened into rows of a float tile ldt apart.
-inline __attribute__((target("avx2,fma"))) void widen_group_avx2(const uint16_t* w, int64_t K, float* tile,
-                                                                 int64_t ldt) {
-  for (int64_t k = 0; k < K; ++k) _mm256_storeu_ps(tile + k * ldt, widen8(w + k * kLanes));
-}
-
 #endif
 
 template <int ROWS>
-void dot_rows(const float* x, int64_t K, const uint16_t* w, float* out, int64_t ldo, int64_t lanes, const float* bias,
-              bool avx2) {
+void group_rows(const float* x, int64_t K, const uint16_t* w, float* out, int64_t ldo, int64_t lanes,
+                const float* bias, bool avx2) {
 #if defined(__x86_64__)
-  if (avx2) return group_dot_avx2<ROWS>(x, K, w, out, ldo, lanes, bias);
+  if (avx2) return group_avx2<ROWS>(x, K, w, out, ldo, lanes, bias);
 #endif
-  group_dot<ROWS>(x, K, w, out, ldo, lanes, bias);
+  group_portable<ROWS>(x, K, w, out, ldo, lanes, bias);
 }
 
 void rows_against_group(const float* x, int64_t rows, int64_t K, const uint16_t* w, float* out, int64_t N,
                         int64_t lanes, const float* bias, bool avx2) {
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) dot_rows<4>(x + r * K, K, w, out + r * N, N, lanes, bias, avx2);
-  switch (rows - r) {
-    case 3: dot_rows<3>(x + r * K, K, w, out + r * N, N, lanes, bias, avx2); break;
-    case 2: dot_rows<2>(x + r * K, K, w, out + r * N, N, lanes, bias, avx2); break;
-    case 1: dot_rows<1>(x + r * K, K, w, out + r * N, N, lanes, bias, avx2); break;
-    default: break;
-  }
-}
-#if defined(__x86_64__)
-// AVX-512, for inputs of more than a few rows: two groups widen into one 16-float vector, and a pass keeps
-// ROWS rows against VECS such vectors (32 outputs) in registers, so one widening feeds 12 FMAs per vector
-// instead of the AVX2 kernel's four, and x's values are broadcast once per pair of vectors.
-inline __attribute__((target("avx512f,avx2,fma"))) __m512 widen16(const uint16_t* w0, const uint16_t* w1) {
-  const __m256i bits = _mm256_inserti128_si256(
-      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w0))),
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(w1)), 1);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  for (; r + kRowsAvx2 <= rows; r += kRowsAvx2) group_rows<kRowsAvx2>(x + r * K, K, w, out + r * N, N, lanes, bias, avx2);
+  if (r < rows) group_rows<1>(x + r * K, K, w, out + r * N, N, lanes, bias, avx2);
 }
 
-// Rows [0, ROWS) of x against 2 * VECS groups starting at w (groups K * 8 apart); `valid` of the 16 * VECS
-// outputs are written.
-template <int ROWS, int VECS>
-__attribute__((target("avx512f,avx2,fma"))) void groups_dot_avx512(const float* x, int64_t K, const uint16_t* w,
-                                                                   float* out, int64_t ldo, int64_t valid,
-                                                                   const float* bias) {
+#if defined(__x86_64__)
+// One group's K inputs of 32 weights, widened into rows of a float tile ldt apart.
+inline __attribute__((target("avx2,fma"))) void widen_group_avx2(const uint16_t* w, int64_t K, float* tile,
+                                                                 int64_t ldt) {
+  for (int64_t k = 0; k < K; k += 2)
+    for (int q = 0; q < kLanes / 8; ++q) {
+      __m256 even, odd;
+      widen_pair8(w + (k / 2) * kGroupPair + 16 * q, even, odd);
+      _mm256_storeu_ps(tile + k * ldt + 8 * q, even);
+      if (k + 1 < K) _mm256_storeu_ps(tile + (k + 1) * ldt + 8 * q, odd);
+    }
+}
+
+// AVX-512: a pass keeps ROWS rows against one group's two vectors of 16 outputs in registers; each 64-byte
+// load widens to the weights of two inputs, and each x value is broadcast once for both vectors. `valid` of the
+// 32 outputs are written.
+template <int ROWS>
+__attribute__((target("avx512f,avx2,fma"))) void group_avx512(const float* x, int64_t K, const uint16_t* w,
+                                                              float* out, int64_t ldo, int64_t valid,
+                                                              const float* bias) {
+  constexpr int VECS = kLanes / 16;
   __m512 acc[ROWS][VECS];
   for (int r = 0; r < ROWS; ++r)
     for (int v = 0; v < VECS; ++v) acc[r][v] = _mm512_setzero_ps();
-  const int64_t stride = K * kLanes;
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 wv[VECS];
-    for (int v = 0; v < VECS; ++v)
-      wv[v] = widen16(w + 2 * v * stride + k * kLanes, w + (2 * v + 1) * stride + k * kLanes);
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t k = 0; k < K; k += 2) {
+    __m512 even[VECS], odd[VECS];
+    for (int v = 0; v < VECS; ++v) {
+      const __m512i bits = _mm512_loadu_si512(w + (k / 2) * kGroupPair + 32 * v);
+      even[v] = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+      odd[v] = _mm512_castsi512_ps(_mm512_and_si512(bits, high));
+    }
     for (int r = 0; r < ROWS; ++r) {
-      const __m512 xr = _mm512_set1_ps(x[r * K + k]);
-      for (int v = 0; v < VECS; ++v) acc[r][v] = _mm512_fmadd_ps(xr, wv[v], acc[r][v]);
+      const __m512 xe = _mm512_set1_ps(x[r * K + k]);
+      for (int v = 0; v < VECS; ++v) acc[r][v] = _mm512_fmadd_ps(xe, even[v], acc[r][v]);
+      if (k + 1 < K) {
+        const __m512 xo = _mm512_set1_ps(x[r * K + k + 1]);
+        for (int v = 0; v < VECS; ++v) acc[r][v] = _mm512_fmadd_ps(xo, odd[v], acc[r][v]);
+      }
     }
   }
   for (int r = 0; r < ROWS; ++r) {
-    float sum[16 * VECS];
+    float sum[kLanes];
     for (int v = 0; v < VECS; ++v) _mm512_storeu_ps(sum + 16 * v, acc[r][v]);
     for (int64_t j = 0; j < valid; ++j) out[r * ldo + j] = sum[j] + (bias ? bias[j] : 0.0f);
   }
@@ -154,17 +173,16 @@ __attribute__((target("avx512f,avx2,fma"))) void groups_dot_avx512(const float* 
 
 using PassAvx512 = void (*)(const float*, int64_t, const uint16_t*, float*, int64_t, int64_t, const float*);
 
-template <int VECS, size_t... R>
+template <size_t... R>
 constexpr std::array<PassAvx512, sizeof...(R)> passes_avx512(std::index_sequence<R...>) {
-  return {&groups_dot_avx512<static_cast<int>(R) + 1, VECS>...};
+  return {&group_avx512<static_cast<int>(R) + 1>...};
 }
 
 // All M rows in passes of nearly equal size (64 rows: 11,11,11,11,10,10, not 12 x 5 and a pass of 4, which
 // would widen the weights once for only four rows' FMAs).
-template <int VECS>
 void rows_avx512(const float* x, int64_t M, int64_t K, const uint16_t* w, float* out, int64_t N, int64_t valid,
                  const float* bias) {
-  static constexpr auto pass = passes_avx512<VECS>(std::make_index_sequence<kRowsAvx512>());
+  static constexpr auto pass = passes_avx512(std::make_index_sequence<kRowsAvx512>());
   const int64_t count = (M + kRowsAvx512 - 1) / kRowsAvx512, base = M / count, longer = M % count;
   for (int64_t p = 0, r = 0; p < count; ++p) {
     const int64_t rows = base + (p < longer ? 1 : 0);
@@ -173,33 +191,14 @@ void rows_avx512(const float* x, int64_t M, int64_t K, const uint16_t* w, float*
   }
 }
 
-// Groups [g0, g1): four at a time, then two, then the last one alone through the AVX2 kernel.
-void groups_avx512(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t g0, int64_t g1, float* out,
-                   int64_t N, const float* bias) {
-  for (int64_t g = g0; g < g1;) {
-    const int64_t first = g * kLanes, left = N - first;
-    const float* b = bias ? bias + first : nullptr;
-    const uint16_t* wg = w + g * K * kLanes;
-    if (g + 4 <= g1) {
-      rows_avx512<2>(x, M, K, wg, out + first, N, std::min<int64_t>(32, left), b);
-      g += 4;
-    } else if (g + 2 <= g1) {
-      rows_avx512<1>(x, M, K, wg, out + first, N, std::min<int64_t>(16, left), b);
-      g += 2;
-    } else {
-      rows_against_group(x, M, K, wg, out + first, N, std::min<int64_t>(kLanes, left), b, true);
-      g += 1;
-    }
-  }
-}
 #endif
 
 void check_inputs(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t N) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous float32 [M,K]");
-  TORCH_CHECK(packed.scalar_type() == at::kShort && packed.dim() == 3 && packed.is_contiguous() &&
-                  packed.size(2) == kLanes && packed.size(1) == x.size(1) && packed.size(0) * kLanes >= N &&
-                  (packed.size(0) - 1) * kLanes < N,
-              "packed: int16 [ceil(N/8), K, 8] for this x and N");
+  TORCH_CHECK(packed.scalar_type() == at::kShort && packed.dim() == 4 && packed.is_contiguous() &&
+                  packed.size(2) == kLanes && packed.size(3) == 2 && packed.size(1) == (x.size(1) + 1) / 2 &&
+                  packed.size(0) * kLanes >= N && (packed.size(0) - 1) * kLanes < N,
+              "packed: int16 [ceil(N/32), ceil(K/2), 32, 2] for this x and N");
   if (bias.has_value() && bias->defined())
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "bias: float32 [N]");
 }
@@ -209,38 +208,42 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const c10:
   const Isa isa = choose_isa(isa_name);
   check_inputs(x, packed, bias, N);
   const bool has_bias = bias.has_value() && bias->defined();
-  const int64_t M = x.size(0), K = x.size(1), groups = packed.size(0);
+  const int64_t M = x.size(0), K = x.size(1), groups = packed.size(0), stride = packed.size(1) * kGroupPair;
   at::Tensor out = at::empty({M, N}, x.options());
   const float* x_ptr = x.data_ptr<float>();
   const auto* w_ptr = reinterpret_cast<const uint16_t*>(packed.data_ptr<int16_t>());
   const float* b_ptr = has_bias ? bias->data_ptr<float>() : nullptr;
   float* o_ptr = out.data_ptr<float>();
 #if defined(__x86_64__)
-  // past a few rows the AVX-512 passes win: they widen each weight once per 12 rows, not per 4
-  if (isa == Isa::kAvx512 && M > 4) {
-    at::parallel_for(0, (groups + 3) / 4, 1, [&](int64_t begin, int64_t end) {
-      groups_avx512(x_ptr, M, K, w_ptr, 4 * begin, std::min(groups, 4 * end), o_ptr, N, b_ptr);
+  if (isa == Isa::kAvx512) {
+    at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        const int64_t first = g * kLanes;
+        rows_avx512(x_ptr, M, K, w_ptr + g * stride, o_ptr + first, N, std::min<int64_t>(kLanes, N - first),
+                    b_ptr ? b_ptr + first : nullptr);
+      }
     });
     return out;
   }
 #endif
   const bool avx2 = isa != Isa::kPortable;
-  // a few groups per task: each reads K * 16 contiguous bytes, and the tasks split the weight evenly
-  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+  // a few groups per task: each reads K * 32 contiguous bytes, and the tasks split the weight evenly
+  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t first = g * kLanes, lanes = std::min<int64_t>(kLanes, N - first);
-      rows_against_group(x_ptr, M, K, w_ptr + g * K * kLanes, o_ptr + first, N, lanes,
-                         b_ptr ? b_ptr + first : nullptr, avx2);
+      rows_against_group(x_ptr, M, K, w_ptr + g * stride, o_ptr + first, N, lanes, b_ptr ? b_ptr + first : nullptr,
+                         avx2);
     }
   });
   return out;
 }
 
-// Groups [g0, g1) of packed, widened to float32 rows tile[k][(g - g0) * 8 + lane] of a tile whose rows are
+// Groups [g0, g1) of packed, widened to float32 rows tile[k][(g - g0) * 32 + lane] of a tile whose rows are
 // `cols` apart: the [K, cols] right-hand side of x @ W.T for those columns.
 void widen_tile(const uint16_t* w, int64_t K, int64_t g0, int64_t g1, float* tile, int64_t cols) {
+  const int64_t stride = (K + 1) / 2 * kGroupPair;
   for (int64_t g = g0; g < g1; ++g) {
-    const uint16_t* src = w + g * K * kLanes;
+    const uint16_t* src = w + g * stride;
     float* dst = tile + (g - g0) * kLanes;
 #if defined(__x86_64__)
     if (has_avx2_fma()) {
@@ -249,7 +252,7 @@ void widen_tile(const uint16_t* w, int64_t K, int64_t g0, int64_t g1, float* til
     }
 #endif
     for (int64_t k = 0; k < K; ++k)
-      for (int64_t j = 0; j < kLanes; ++j) dst[k * cols + j] = widen(src[k * kLanes + j]);
+      for (int64_t j = 0; j < kLanes; ++j) dst[k * cols + j] = widen(weight_bits(src, k, j));
   }
 }
 
@@ -270,7 +273,7 @@ at::Tensor bf16_linear_tiles(const at::Tensor& x, const at::Tensor& packed, cons
     const int64_t g1 = std::min(groups, g0 + per_tile), cols = (g1 - g0) * kLanes;
     const int64_t first = g0 * kLanes, valid = std::min(cols, N - first);
     float* t_ptr = tile.data_ptr<float>();
-    at::parallel_for(g0, g1, 4, [&](int64_t begin, int64_t end) {
+    at::parallel_for(g0, g1, 2, [&](int64_t begin, int64_t end) {
       widen_tile(w_ptr, K, begin, end, t_ptr + (begin - g0) * kLanes, cols);
     });
     const at::Tensor rhs = tile.view(-1).narrow(0, 0, K * cols).view({K, cols}).narrow(1, 0, valid);

@@ -76,6 +76,25 @@ inline __attribute__((target("avx2,fma"))) void widen_pair8(const uint16_t* w, _
   odd = _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
+// One input pair (ODD: both inputs, else the last input of an odd K) of one group against ROWS rows of x.
+template <int ROWS, bool ODD>
+__attribute__((target("avx2,fma"))) inline void pair_avx2(const float* x, int64_t K, const uint16_t* w,
+                                                          __m256 (&acc)[ROWS][kLanes / 8]) {
+  __m256 xe[ROWS], xo[ROWS];
+  for (int r = 0; r < ROWS; ++r) {
+    xe[r] = _mm256_set1_ps(x[r * K]);
+    if (ODD) xo[r] = _mm256_set1_ps(x[r * K + 1]);
+  }
+  for (int q = 0; q < kLanes / 8; ++q) {
+    __m256 even, odd;
+    widen_pair8(w + 16 * q, even, odd);
+    for (int r = 0; r < ROWS; ++r) {
+      acc[r][q] = _mm256_fmadd_ps(xe[r], even, acc[r][q]);
+      if (ODD) acc[r][q] = _mm256_fmadd_ps(xo[r], odd, acc[r][q]);
+    }
+  }
+}
+
 // group_portable with AVX2: the group's four quarters of eight outputs, ROWS rows, accumulators in registers.
 template <int ROWS>
 __attribute__((target("avx2,fma"))) void group_avx2(const float* x, int64_t K, const uint16_t* w, float* out,
@@ -84,21 +103,8 @@ __attribute__((target("avx2,fma"))) void group_avx2(const float* x, int64_t K, c
   __m256 acc[ROWS][kQuarters];
   for (int r = 0; r < ROWS; ++r)
     for (int q = 0; q < kQuarters; ++q) acc[r][q] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 2) {
-    __m256 xe[ROWS], xo[ROWS];
-    for (int r = 0; r < ROWS; ++r) {
-      xe[r] = _mm256_set1_ps(x[r * K + k]);
-      xo[r] = _mm256_set1_ps(k + 1 < K ? x[r * K + k + 1] : 0.0f);
-    }
-    for (int q = 0; q < kQuarters; ++q) {
-      __m256 even, odd;
-      widen_pair8(w + (k / 2) * kGroupPair + 16 * q, even, odd);
-      for (int r = 0; r < ROWS; ++r) {
-        acc[r][q] = _mm256_fmadd_ps(xe[r], even, acc[r][q]);
-        if (k + 1 < K) acc[r][q] = _mm256_fmadd_ps(xo[r], odd, acc[r][q]);
-      }
-    }
-  }
+  for (int64_t k = 0; k + 1 < K; k += 2) pair_avx2<ROWS, true>(x + k, K, w + (k / 2) * kGroupPair, acc);
+  if (K % 2) pair_avx2<ROWS, false>(x + K - 1, K, w + (K / 2) * kGroupPair, acc);
   for (int r = 0; r < ROWS; ++r) {
     float sum[kLanes];
     for (int q = 0; q < kQuarters; ++q) _mm256_storeu_ps(sum + 8 * q, acc[r][q]);
@@ -136,6 +142,27 @@ inline __attribute__((target("avx2,fma"))) void widen_group_avx2(const uint16_t*
     }
 }
 
+// One input pair (ODD: both inputs, else the last input of an odd K) of one group against ROWS rows of x.
+template <int ROWS, bool ODD>
+__attribute__((target("avx512f,avx2,fma"))) inline void pair_avx512(const float* x, int64_t K, const uint16_t* w,
+                                                                    __m512 (&acc)[ROWS][kLanes / 16]) {
+  constexpr int VECS = kLanes / 16;
+  __m512 even[VECS], odd[VECS];
+  for (int v = 0; v < VECS; ++v) {
+    const __m512i bits = _mm512_loadu_si512(w + 32 * v);
+    even[v] = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+    odd[v] = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    const __m512 xe = _mm512_set1_ps(x[r * K]);
+    for (int v = 0; v < VECS; ++v) acc[r][v] = _mm512_fmadd_ps(xe, even[v], acc[r][v]);
+    if (ODD) {
+      const __m512 xo = _mm512_set1_ps(x[r * K + 1]);
+      for (int v = 0; v < VECS; ++v) acc[r][v] = _mm512_fmadd_ps(xo, odd[v], acc[r][v]);
+    }
+  }
+}
+
 // AVX-512: a pass keeps ROWS rows against one group's two vectors of 16 outputs in registers; each 64-byte
 // load widens to the weights of two inputs, and each x value is broadcast once for both vectors. `valid` of the
 // 32 outputs are written.
@@ -147,23 +174,8 @@ __attribute__((target("avx512f,avx2,fma"))) void group_avx512(const float* x, in
   __m512 acc[ROWS][VECS];
   for (int r = 0; r < ROWS; ++r)
     for (int v = 0; v < VECS; ++v) acc[r][v] = _mm512_setzero_ps();
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  for (int64_t k = 0; k < K; k += 2) {
-    __m512 even[VECS], odd[VECS];
-    for (int v = 0; v < VECS; ++v) {
-      const __m512i bits = _mm512_loadu_si512(w + (k / 2) * kGroupPair + 32 * v);
-      even[v] = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
-      odd[v] = _mm512_castsi512_ps(_mm512_and_si512(bits, high));
-    }
-    for (int r = 0; r < ROWS; ++r) {
-      const __m512 xe = _mm512_set1_ps(x[r * K + k]);
-      for (int v = 0; v < VECS; ++v) acc[r][v] = _mm512_fmadd_ps(xe, even[v], acc[r][v]);
-      if (k + 1 < K) {
-        const __m512 xo = _mm512_set1_ps(x[r * K + k + 1]);
-        for (int v = 0; v < VECS; ++v) acc[r][v] = _mm512_fmadd_ps(xo, odd[v], acc[r][v]);
-      }
-    }
-  }
+  for (int64_t k = 0; k + 1 < K; k += 2) pair_avx512<ROWS, true>(x + k, K, w + (k / 2) * kGroupPair, acc);
+  if (K % 2) pair_avx512<ROWS, false>(x + K - 1, K, w + (K / 2) * kGroupPair, acc);
   for (int r = 0; r < ROWS; ++r) {
     float sum[kLanes];
     for (int v = 0; v < VECS; ++v) _mm512_storeu_ps(sum + 16 * v, acc[r][v]);

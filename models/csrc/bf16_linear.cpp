@@ -142,9 +142,10 @@ inline __attribute__((target("avx2,fma"))) void widen_group_avx2(const uint16_t*
     }
 }
 
-// One input pair (ODD: both inputs, else the last input of an odd K) of one group against ROWS rows of x.
+// One input pair (ODD: both inputs, else the last input of an odd K) of one group against ROWS rows of x,
+// read from x transposed (xt: row r's input k at xt[k * ldx + r]).
 template <int ROWS, bool ODD>
-__attribute__((target("avx512f,avx2,fma"))) inline void pair_avx512(const float* x, int64_t K, const uint16_t* w,
+__attribute__((target("avx512f,avx2,fma"))) inline void pair_avx512(const float* xt, int64_t ldx, const uint16_t* w,
                                                                     __m512 (&acc)[ROWS][kLanes / 16]) {
   constexpr int VECS = kLanes / 16;
   __m512 even[VECS], odd[VECS];
@@ -154,28 +155,30 @@ __attribute__((target("avx512f,avx2,fma"))) inline void pair_avx512(const float*
     odd[v] = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
   for (int r = 0; r < ROWS; ++r) {
-    const __m512 xe = _mm512_set1_ps(x[r * K]);
+    const __m512 xe = _mm512_set1_ps(xt[r]);
     for (int v = 0; v < VECS; ++v) acc[r][v] = _mm512_fmadd_ps(xe, even[v], acc[r][v]);
     if (ODD) {
-      const __m512 xo = _mm512_set1_ps(x[r * K + 1]);
+      const __m512 xo = _mm512_set1_ps(xt[ldx + r]);
       for (int v = 0; v < VECS; ++v) acc[r][v] = _mm512_fmadd_ps(xo, odd[v], acc[r][v]);
     }
   }
 }
 
 // AVX-512: a pass keeps ROWS rows against one group's two vectors of 16 outputs in registers; each 64-byte
-// load widens to the weights of two inputs, and each x value is broadcast once for both vectors. `valid` of the
-// 32 outputs are written.
+// load widens to the weights of two inputs, and each x value is broadcast once for both vectors. x comes
+// transposed ([K, ldx], this pass's rows first): the values a step broadcasts share a cache line, where rows
+// K floats apart are 4 KiB-aliased at K = 3072 or 4096 and thrashed L1 at eight rows. `valid` of the 32
+// outputs are written.
 template <int ROWS>
-__attribute__((target("avx512f,avx2,fma"))) void group_avx512(const float* x, int64_t K, const uint16_t* w,
-                                                              float* out, int64_t ldo, int64_t valid,
-                                                              const float* bias) {
+__attribute__((target("avx512f,avx2,fma"))) void group_avx512(const float* xt, int64_t ldx, int64_t K,
+                                                              const uint16_t* w, float* out, int64_t ldo,
+                                                              int64_t valid, const float* bias) {
   constexpr int VECS = kLanes / 16;
   __m512 acc[ROWS][VECS];
   for (int r = 0; r < ROWS; ++r)
     for (int v = 0; v < VECS; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k + 1 < K; k += 2) pair_avx512<ROWS, true>(x + k, K, w + (k / 2) * kGroupPair, acc);
-  if (K % 2) pair_avx512<ROWS, false>(x + K - 1, K, w + (K / 2) * kGroupPair, acc);
+  for (int64_t k = 0; k + 1 < K; k += 2) pair_avx512<ROWS, true>(xt + k * ldx, ldx, w + (k / 2) * kGroupPair, acc);
+  if (K % 2) pair_avx512<ROWS, false>(xt + (K - 1) * ldx, ldx, w + (K / 2) * kGroupPair, acc);
   for (int r = 0; r < ROWS; ++r) {
     float sum[kLanes];
     for (int v = 0; v < VECS; ++v) _mm512_storeu_ps(sum + 16 * v, acc[r][v]);
@@ -183,7 +186,7 @@ __attribute__((target("avx512f,avx2,fma"))) void group_avx512(const float* x, in
   }
 }
 
-using PassAvx512 = void (*)(const float*, int64_t, const uint16_t*, float*, int64_t, int64_t, const float*);
+using PassAvx512 = void (*)(const float*, int64_t, int64_t, const uint16_t*, float*, int64_t, int64_t, const float*);
 
 template <size_t... R>
 constexpr std::array<PassAvx512, sizeof...(R)> passes_avx512(std::index_sequence<R...>) {
@@ -192,13 +195,13 @@ constexpr std::array<PassAvx512, sizeof...(R)> passes_avx512(std::index_sequence
 
 // All M rows in passes of nearly equal size (64 rows: 11,11,11,11,10,10, not 12 x 5 and a pass of 4, which
 // would widen the weights once for only four rows' FMAs).
-void rows_avx512(const float* x, int64_t M, int64_t K, const uint16_t* w, float* out, int64_t N, int64_t valid,
+void rows_avx512(const float* xt, int64_t M, int64_t K, const uint16_t* w, float* out, int64_t N, int64_t valid,
                  const float* bias) {
   static constexpr auto pass = passes_avx512(std::make_index_sequence<kRowsAvx512>());
   const int64_t count = (M + kRowsAvx512 - 1) / kRowsAvx512, base = M / count, longer = M % count;
   for (int64_t p = 0, r = 0; p < count; ++p) {
     const int64_t rows = base + (p < longer ? 1 : 0);
-    pass[rows - 1](x + r * K, K, w, out + r * N, N, valid, bias);
+    pass[rows - 1](xt + r, M, K, w, out + r * N, N, valid, bias);
     r += rows;
   }
 }
@@ -228,10 +231,12 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const c10:
   float* o_ptr = out.data_ptr<float>();
 #if defined(__x86_64__)
   if (isa == Isa::kAvx512) {
+    const at::Tensor xt = x.t().contiguous();
+    const float* xt_ptr = xt.data_ptr<float>();
     at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
         const int64_t first = g * kLanes;
-        rows_avx512(x_ptr, M, K, w_ptr + g * stride, o_ptr + first, N, std::min<int64_t>(kLanes, N - first),
+        rows_avx512(xt_ptr, M, K, w_ptr + g * stride, o_ptr + first, N, std::min<int64_t>(kLanes, N - first),
                     b_ptr ? b_ptr + first : nullptr);
       }
     });

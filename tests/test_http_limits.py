@@ -45,6 +45,24 @@ def test_half_sent_headers_are_dropped_after_the_header_timeout(server):
     assert received == b"" and seconds < HEADER_TIMEOUT + 3
 
 
+def test_the_next_request_on_a_kept_alive_connection_has_the_header_deadline_too(server):
+    with connect(server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(HEAD)  # the second request's headers never end
+        received, seconds = read_until_closed(sock, 10)
+    assert received == b"" and seconds < HEADER_TIMEOUT + 3
+
+
+def test_headers_over_16_kib_get_400_at_once(server):
+    """The headers' size is bounded as well as their time: a client cannot fill memory within the deadline."""
+    with connect(server) as sock:
+        sock.sendall(HEAD + b"X-Filler: " + b"a" * 20_000 + b"\r\n")  # no blank line: the headers never end
+        received, seconds = read_until_closed(sock, 10)
+    assert received.startswith(b"HTTP/1.1 400 "), received[:200]
+    assert seconds < HEADER_TIMEOUT
+
+
 def closed_by_server(sock: socket.socket) -> bool:
     try:
         return sock.recv(1, socket.MSG_DONTWAIT) == b""

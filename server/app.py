@@ -73,6 +73,7 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
         for name, core in cores.items():
             engine = EngineCoreClient(core, config.engine.max_queue, process_metrics.for_model(name),
                                       on_failure=lambda: _core_failed(app))
+            process_metrics.before_exposition(engine.metric_backlog.flush)
             engine.start()
             chat_format = (HarmonyChatFormat(engine.tokenizer) if engine.family == "gpt_oss"
                            else TemplateChatFormat(engine.tokenizer, chat_template))

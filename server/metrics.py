@@ -11,6 +11,7 @@ are bound once, so each call from the engine thread is a plain increment or obse
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
@@ -142,6 +143,7 @@ class Metrics:
             PlatformCollector(registry=registry)
         self.registry = registry
         self._models: dict[str, ModelMetrics] = {}
+        self._flushes: list[Callable[[], None]] = []
         self._families = _model_families(registry)
         self._http = Counter("gptserve:http_requests_total", "HTTP requests answered, by route, method and status.",
                              ["endpoint", "method", "status"], registry=registry)
@@ -158,8 +160,14 @@ class Metrics:
         method = method if method in HTTP_METHODS else "other"
         self._http.labels(endpoint=endpoint, method=method, status=str(status)).inc()
 
+    def before_exposition(self, flush: Callable[[], None]) -> None:
+        """``flush`` is called before every exposition: calls made in batches are all in what a scrape reads."""
+        self._flushes.append(flush)
+
     def exposition(self) -> tuple[bytes, str]:
         """Body and content type for GET /metrics (Prometheus text format)."""
+        for flush in self._flushes:
+            flush()
         return generate_latest(self.registry), CONTENT_TYPE
 
 

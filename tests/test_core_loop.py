@@ -65,3 +65,55 @@ def test_metric_calls_made_in_the_core_reach_the_front_ends_registry_as_made():
                  'gptserve:request_prompt_tokens_sum{model_name="tiny"} 5.0'):
         assert line in text, line
     assert not recorder.take()  # taken once: nothing is sent twice
+
+
+class CallLog:
+    """A metrics sink that writes down each call it gets."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple]] = []
+
+    def __getattr__(self, name: str):
+        return lambda *args: self.calls.append((name, args))
+
+
+def two_steps() -> list[list]:
+    recorder = MetricRecorder()
+    batches = []
+    for running, seconds in ((1, 0.25), (0, 0.125)):
+        recorder.inter_token(seconds)
+        recorder.scheduler_state(running, 0, running * 3, 8)
+        batches.append(recorder.take())
+    return batches
+
+
+def test_metric_backlog_makes_every_call_at_a_scrape_but_only_the_last_gauge_update():
+    from server.engine.metric_events import MetricBacklog
+    from server.metrics import Metrics
+
+    sink = CallLog()
+    backlog = MetricBacklog(sink)  # type: ignore[arg-type]
+    for batch in two_steps():
+        backlog.add(batch)
+    assert sink.calls == []  # nothing on the per-token path
+    backlog.flush()
+    assert sink.calls == [("inter_token", (0.25,)), ("inter_token", (0.125,)), ("scheduler_state", (0, 0, 0, 8))]
+
+    metrics = Metrics()
+    backlog = MetricBacklog(metrics.for_model("tiny"))
+    metrics.before_exposition(backlog.flush)
+    for batch in two_steps():
+        backlog.add(batch)
+    text = metrics.exposition()[0].decode()
+    assert 'gptserve:generation_tokens_total{model_name="tiny"} 2.0' in text
+    assert 'gptserve:num_requests_running{model_name="tiny"} 0.0' in text
+
+
+def test_metric_backlog_replays_by_itself_once_enough_calls_wait_for_a_scrape():
+    from server.engine.metric_events import MAX_BACKLOG_EVENTS, MetricBacklog
+
+    sink = CallLog()
+    backlog = MetricBacklog(sink)  # type: ignore[arg-type]
+    for _ in range(MAX_BACKLOG_EVENTS // 2):
+        backlog.add(two_steps()[0])
+    assert len(sink.calls) == MAX_BACKLOG_EVENTS // 2 + 1  # every inter_token, one scheduler_state

@@ -45,6 +45,37 @@ def test_half_sent_headers_are_dropped_after_the_header_timeout(server):
     assert received == b"" and seconds < HEADER_TIMEOUT + 3
 
 
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response with a Content-Length (uvicorn may write its head and body in separate segments)."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(65536)
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    length = next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length:"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_the_next_request_on_a_kept_alive_connection_has_the_header_deadline_too(server):
+    with connect(server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(HEAD)  # the second request's headers never end
+        received, seconds = read_until_closed(sock, 10)
+    assert received == b"" and seconds < HEADER_TIMEOUT + 3
+
+
+def test_headers_over_16_kib_get_400_at_once(server):
+    """The headers' size is bounded as well as their time: a client cannot fill memory within the deadline."""
+    with connect(server) as sock:
+        sock.sendall(HEAD + b"X-Filler: " + b"a" * 20_000 + b"\r\n")  # no blank line: the headers never end
+        received, seconds = read_until_closed(sock, 10)
+    assert received.startswith(b"HTTP/1.1 400 "), received[:200]
+    assert seconds < HEADER_TIMEOUT
+
+
 def closed_by_server(sock: socket.socket) -> bool:
     try:
         return sock.recv(1, socket.MSG_DONTWAIT) == b""

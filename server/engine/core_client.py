@@ -28,7 +28,7 @@ from server.engine import core_messages as wire
 from server.engine.core_startup import StartedCore
 from server.engine.engine_stats import EngineStats
 from server.engine.errors import EngineError, EngineUnavailable, QueueFull, RequestRejected
-from server.engine.metric_events import replay
+from server.engine.metric_events import MetricBacklog
 from server.engine.outputs import ChoiceOutput
 from server.engine.sampling_params import GrammarSpec, SamplingParams
 
@@ -48,7 +48,7 @@ class EngineCoreClient:
         self.admission = core.ready.admission
         self.max_model_len = self.admission.max_model_len
         self.max_queue = max_queue
-        self.metrics = metrics
+        self.metric_backlog = MetricBacklog(metrics)  # the app flushes it before each /metrics exposition
         self.on_failure = on_failure
         self._stats = core.ready.stats
         self._streams: dict[str, asyncio.Queue[ChoiceOutput]] = {}
@@ -204,14 +204,16 @@ class EngineCoreClient:
     def _read(self) -> None:
         """Called by the event loop when the outputs socket's FD is readable. ZeroMQ's FD signals a change of
         state (edge-triggered), not a message, so every message waiting is read now. A plain callback, not a
-        zmq.asyncio task: its futures cost about half the front end's CPU per streamed token (bench/NOTES.md)."""
+        zmq.asyncio task: its futures cost about half the front end's CPU per streamed token (bench/NOTES.md).
+        After a message, ZMQ_EVENTS says whether another waits (reading it re-arms the edge): cheaper than a recv
+        that raises zmq.Again. Messages are a few hundred bytes a step, for which a copy beats a zmq.Frame."""
         outputs = self.core.outputs
         while True:
             try:
-                frame = outputs.recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+                data = outputs.recv(zmq.NOBLOCK)
+            except zmq.Again:  # woken with nothing new
                 return
-            message = wire.from_core.decode(frame.buffer)
+            message = wire.from_core.decode(data)
             if isinstance(message, wire.StepOutputs):
                 self._deliver(message)
             elif isinstance(message, wire.GrammarCompiled):
@@ -220,9 +222,11 @@ class EngineCoreClient:
                     future.set_result(message)
             elif isinstance(message, wire.CoreFailed):
                 self.fail(message.reason)
+            if not int(outputs.get(zmq.EVENTS)) & zmq.POLLIN:
+                return
 
     def _deliver(self, message: wire.StepOutputs) -> None:
-        replay(message.events, self.metrics)
+        self.metric_backlog.add(message.events)
         self._stats = message.stats
         for request_id, out in message.outputs:
             stream = self._streams.get(request_id)

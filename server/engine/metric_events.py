@@ -1,7 +1,9 @@
 """The engine core's metric calls, recorded where they happen and replayed into the front end's ModelMetrics.
 
 The core has no Prometheus registry (the front end serves /metrics): it records each call StepMetrics makes as
-a (method, arguments) pair, ships them with the step's outputs, and the front end makes the same calls.
+a (method, arguments) pair, ships them with the step's outputs, and the front end makes the same calls. It makes
+them in batches (MetricBacklog): a few locked Prometheus updates a step, on caches the engine core's step has
+just flushed, were a noticeable share of the front end's CPU per streamed token (bench/NOTES.md, session 12).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from server.engine.core_messages import MetricEvent
 
 if TYPE_CHECKING:
     from server.metrics import ModelMetrics
+
+MAX_BACKLOG_EVENTS = 4096  # replayed at once when this many wait (about 1,400 tokens at C=1) and no scrape came
 
 REPLAYED = frozenset({"scheduler_state", "step", "prefix_cache", "preempted", "step_interrupted", "first_token",
                       "inter_token", "request_finished"})
@@ -60,3 +64,29 @@ def replay(events: list[MetricEvent], sink: ModelMetrics | None) -> None:
     for name, args in events:
         if name in REPLAYED:  # never call what a message names unless it is one of these
             getattr(sink, name)(*args)
+
+
+class MetricBacklog:
+    """The core's metric calls as they arrive, replayed when /metrics is read (``flush``, which the app calls
+    before every exposition) or once MAX_BACKLOG_EVENTS wait. Of the gauge updates only the last is made: no scrape
+    can fall between two of them."""
+
+    def __init__(self, sink: ModelMetrics | None) -> None:
+        self.sink = sink
+        self._batches: list[list[MetricEvent]] = []
+        self._count = 0
+
+    def add(self, events: list[MetricEvent]) -> None:
+        if self.sink is None or not events:
+            return
+        self._batches.append(events)
+        self._count += len(events)
+        if self._count >= MAX_BACKLOG_EVENTS:
+            self.flush()
+
+    def flush(self) -> None:
+        batches, self._batches, self._count = self._batches, [], 0
+        events = [event for batch in batches for event in batch if event[0] != "scheduler_state"]
+        last_state = next((event for batch in reversed(batches) for event in reversed(batch)
+                           if event[0] == "scheduler_state"), None)
+        replay(events if last_state is None else [*events, last_state], self.sink)

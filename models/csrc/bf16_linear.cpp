@@ -42,6 +42,12 @@ constexpr int64_t kGroupPair = 64;  // int16 words of one input pair of a group:
 constexpr int64_t kTileFloats = int64_t{1} << 22;  // bf16_linear_tiles' widened tile: at most 16 MiB
 constexpr int kRowsAvx2 = 2;     // rows a pass of the AVX2 dots: 8 accumulators of its 16 registers
 constexpr int kRowsAvx512 = 12;  // rows a pass of the AVX-512 dots: 24 accumulators of its 32 registers
+// The AVX-512 dots ask for the weights this many words (4 KiB) ahead with the non-temporal hint: a step reads
+// each weight once, and so hinted they stop evicting what the step reads again (the KV rows attention reads
+// after 14 MB of a layer's weights, the activations, the logits). A GPT-2-124M C=1 step took 4-5% less CPU on
+// one thread and C=4 steps 3-4% less time on two; 2 KiB and 8 KiB ahead measured worse than no hint
+// (bench/NOTES.md, session 12).
+constexpr int64_t kNonTemporalAhead = 2048;
 
 inline float widen(uint16_t bits) {
   const uint32_t u = static_cast<uint32_t>(bits) << 16;
@@ -149,6 +155,8 @@ __attribute__((target("avx512f,avx2,fma"))) inline void pair_avx512(const float*
                                                                     __m512 (&acc)[ROWS][kLanes / 16]) {
   constexpr int VECS = kLanes / 16;
   __m512 even[VECS], odd[VECS];
+  for (int v = 0; v < VECS; ++v)
+    _mm_prefetch(reinterpret_cast<const char*>(w + kNonTemporalAhead + 32 * v), _MM_HINT_NTA);
   for (int v = 0; v < VECS; ++v) {
     const __m512i bits = _mm512_loadu_si512(w + 32 * v);
     even[v] = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));

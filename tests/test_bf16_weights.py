@@ -73,6 +73,13 @@ def test_kernel_matches_fp32_product_on_rounded_weights(path, rows, out_features
         assert ((got.double() - expected).abs() <= 1e-6 * scale + 1e-6).all()
 
 
+@pytest.mark.parametrize("path", kernel_paths())
+def test_kernel_takes_an_input_of_no_rows(path):
+    packed = pack_bf16_weight(torch.randn(40, 24))
+    for bias in (torch.randn(40), None):
+        assert multiply(path, torch.empty(0, 24), packed, bias, 40).shape == (0, 40)
+
+
 def test_vector_dots_give_every_row_the_same_bits_whatever_the_batch_and_instruction_set():
     isa = cpu_isa()
     if not isa.avx2:

@@ -237,6 +237,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const c10:
   const auto* w_ptr = reinterpret_cast<const uint16_t*>(packed.data_ptr<int16_t>());
   const float* b_ptr = has_bias ? bias->data_ptr<float>() : nullptr;
   float* o_ptr = out.data_ptr<float>();
+  if (M == 0) return out;  // no rows (a step that samples nothing): the passes below divide by their count
 #if defined(__x86_64__)
   if (isa == Isa::kAvx512) {
     const at::Tensor xt = x.t().contiguous();

@@ -253,7 +253,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const c10:
   }
 #endif
   const bool avx2 = isa != Isa::kPortable;
-  // a few groups per task: each reads K * 32 contiguous bytes, and the tasks split the weight evenly
+  // a few groups per task: each reads K * 64 contiguous bytes, and the tasks split the weight evenly
   at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t first = g * kLanes, lanes = std::min<int64_t>(kLanes, N - first);

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.cpu_kernels import cpu_kernels_loaded
-from models.mxfp4 import kernel_takes, linear_mxfp4, packed_shapes, widened
+from models.mxfp4 import grouped_kernel, kernel_takes, linear_mxfp4, packed_shapes, widened
 from models.parallel import SINGLE, TensorParallel
 
 
@@ -79,11 +79,8 @@ def grouped_linear_mxfp4(
     When every expert's share fits the C++ kernel, one call runs them all: per expert, a Python call and a
     parallel region cost as much as a one-token run at small widths.
     """
-    if kernel_takes(x, max(counts, default=0)):  # bf16 rows widened for the kernel, its result rounded back
-        out = torch.ops.gptserve.mxfp4_grouped_linear(x.float().contiguous(), torch.tensor(counts, dtype=torch.int64),
-                                                      blocks.contiguous(), scales.contiguous(),
-                                                      widened(bias) if float_bias is None else float_bias)
-        return out.to(x.dtype)
+    if kernel_takes(x, max(counts, default=0)):
+        return grouped_kernel(x, counts, blocks, scales, widened(bias) if float_bias is None else float_bias)
     return each_expert(x, counts, blocks.shape[1], lambda rows, e: linear_mxfp4(
         rows, blocks[e], scales[e], None if bias is None else bias[e]))
 

@@ -158,7 +158,7 @@ def linear_mxfp4(x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None)
     """
     rows = x.reshape(-1, x.shape[-1])
     if kernel_takes(x, len(rows)):
-        float_bias = None if bias is None else widened(bias).unsqueeze(0)
+        float_bias = None if bias is None else bias.float().unsqueeze(0)
         out = grouped_kernel(rows, [len(rows)], blocks.unsqueeze(0), scales.unsqueeze(0), float_bias)
         return out.view(*x.shape[:-1], blocks.shape[0])
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":  # other devices keep the measured tiles

@@ -154,9 +154,21 @@ class Experts(nn.Module):
         CPU each can wait a scheduler slice for its second thread."""
         return self.gate_up_bias.float(), self.down_bias.float()
 
+    def _run_dequantized(self, rows: Tensor, expert: int) -> Tensor:
+        """One packed expert's whole MLP on its rows (a prefill's share), each matrix dequantized for its
+        product. Expert by expert, a prefill holds one expert's intermediate activations at a time instead of
+        every pick's: 2,048 tokens x 4 picks x 5,760 bf16 values and swiglu's temporaries were ~0.4 GB of the
+        served gpt-oss-20b-widths peak (bench/NOTES.md, session 13)."""
+        h = linear_mxfp4(rows, self.gate_up_blocks[expert], self.gate_up_scales[expert], self.gate_up_bias[expert])
+        down_bias = self.down_bias[expert] if self.adds_down_bias else None
+        return linear_mxfp4(swiglu(h, self.alpha, self.limit), self.down_blocks[expert], self.down_scales[expert],
+                            down_bias)
+
     def run(self, x: Tensor, counts: list[int]) -> Tensor:
         """x [N, H], its rows grouped by expert (counts[e] of them for expert e) -> each row's expert output."""
         down_bias = self.down_bias if self.adds_down_bias else None
+        if self.packed and not kernel_takes(x, max(counts, default=0)):
+            return each_expert(x, counts, self.down_blocks.shape[1], self._run_dequantized)
         if self.packed:
             up_float, down_float = self.float_biases
             h = grouped_linear_mxfp4(x, counts, self.gate_up_blocks, self.gate_up_scales, self.gate_up_bias, up_float)

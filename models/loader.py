@@ -15,7 +15,7 @@ from models.cpu_kernels import cpu_kernels_loaded
 from models.deferred_tokenizer import DeferredTokenizer
 from models.huge_pages import collapse_into_huge_pages
 from models.linear_selection import select_linears
-from models.mapped_pages import module_tensors, release_unviewed_pages
+from models.mapped_pages import module_tensors, populate_views, release_unviewed_pages
 from models.onednn_linear import onednn_usable
 from models.parallel import SINGLE, TensorParallel
 from models.servable import ServableModel
@@ -90,6 +90,12 @@ def round_the_rest_(model: torch.nn.Module, dtype: torch.dtype) -> None:
                     param.data = param.data.to(torch.bfloat16).to(dtype)
 
 
+def streamed_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors a decode step reads whole: all but embedding tables, of which a token reads one row."""
+    return [tensor for module in model.modules() if not isinstance(module, (torch.nn.Embedding, Bf16Embedding))
+            for tensor in module_tensors(module, recurse=False)]
+
+
 def load_model(
     path: str | Path,
     dtype: str = "auto",
@@ -154,6 +160,7 @@ def load_weights(
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         cpu_kernels_loaded()  # built (or found built) now rather than during the first request
     release_unviewed_pages(model, model_dir)  # what was converted on the way in no longer counts in our RSS
+    populate_views(streamed_tensors(model), model_dir)  # not faulted in during the first requests' steps
     if device.type == "cpu":
         collapse_into_huge_pages(module_tensors(model))  # a decode step streams them all: fewer TLB misses
     return model

@@ -1,4 +1,5 @@
-"""Drop the resident pages of a memory-mapped checkpoint that no tensor of the loaded model views.
+"""Drop the resident pages of a memory-mapped checkpoint that no tensor of the loaded model views, and fault
+in now the ones decode steps read whole.
 
 safetensors maps each shard whole, and a tensor kept as stored (MXFP4 experts, a bf16 embedding) is a view of
 that mapping, so the mapping lives as long as the model. Tensors that were read and then converted (the bf16
@@ -7,6 +8,13 @@ the mapping, counted in the process's RSS, though nothing reads them again: on t
 the 1.1 GB unembedding and the attention projections (bench/NOTES.md). ``madvise(MADV_DONTNEED)`` on the pages
 outside every live view drops them; they are the file's own clean pages, so a later touch would read the file.
 Linux only; elsewhere (no /proc/self/maps) nothing is done.
+
+The views that stay (MXFP4 experts kept packed) are read from the file on first touch: without more, a
+server's first requests faulted the experts in page by page during their decode steps (4 KiB at a time, and
+from disk where the page cache was cold: C=1 TPOT 77 ms against 48 in a warm process, bench/NOTES.md, session
+13). ``madvise(MADV_POPULATE_READ)`` (Linux 5.14+) maps them in at load time instead, as llama.cpp reads its
+GGUF at load; older kernels get ``MADV_WILLNEED``'s read-ahead. Embedding tables are left out: a token reads
+one row of them.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ from torch import nn
 
 log = logging.getLogger("gptserve.models")
 
+MADV_WILLNEED = 3
 MADV_DONTNEED = 4
+MADV_POPULATE_READ = 22
 PAGE = mmap.PAGESIZE
 
 
@@ -43,9 +53,10 @@ def file_mappings(directory: Path) -> list[tuple[int, int]]:
     return found
 
 
-def module_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
-    """Every tensor the model holds: parameters, buffers, and tensors kept as plain attributes."""
-    for module in model.modules():
+def module_tensors(model: nn.Module, recurse: bool = True) -> Iterator[torch.Tensor]:
+    """Every tensor the model holds (or, without ``recurse``, the module itself): parameters, buffers, and
+    tensors kept as plain attributes."""
+    for module in model.modules() if recurse else [model]:
         yield from module.parameters(recurse=False)
         yield from module.buffers(recurse=False)
         yield from (value for value in vars(module).values() if isinstance(value, torch.Tensor))
@@ -98,3 +109,18 @@ def release_unviewed_pages(model: nn.Module, directory: Path) -> int:
             else:
                 log.debug("madvise failed with errno %d", ctypes.get_errno())
     return released
+
+
+def populate_views(tensors: Iterable[torch.Tensor], directory: Path) -> int:
+    """Fault in the pages of ``directory``'s mapped checkpoint files that ``tensors`` view; bytes asked for."""
+    mappings = file_mappings(directory)
+    extents = [extent for tensor in tensors if (extent := byte_extent(tensor)) is not None
+               and any(start <= extent[0] < end for start, end in mappings)]
+    madvise = libc_madvise()
+    populated = 0
+    for first, last in extents:
+        start, end = first // PAGE * PAGE, -(-last // PAGE) * PAGE
+        if madvise(start, end - start, MADV_POPULATE_READ) != 0:  # EINVAL before Linux 5.14
+            madvise(start, end - start, MADV_WILLNEED)
+        populated += end - start
+    return populated

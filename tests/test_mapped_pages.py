@@ -69,3 +69,17 @@ def test_loading_leaves_no_converted_checkpoint_pages_resident(tmp_path: Path, p
     assert resident_checkpoint_bytes(directory) < unembedding_bytes // 8
     ids = torch.tensor([1, 2, 3])
     assert torch.isfinite(cast(GptOss, loaded.model).embedding(ids)).all()  # the released views read the file again
+
+
+def test_loading_faults_in_the_packed_experts_but_not_the_embedding_table(tmp_path: Path) -> None:
+    """The experts stay views of the file and a decode step reads them whole: mapped in at load time, not page
+    by page during the first requests. The embedding, of which a token reads one row, is left on disk."""
+    # experts of 3.3 MB a layer: the tiny model's 52 KB are read whole by the kernel's fault-around anyway
+    directory = write_tiny_gpt_oss(tmp_path, hidden_size=256, intermediate_size=512, num_local_experts=16)
+    model = cast(GptOss, load_model(directory, device="cpu", keep_experts_packed=True, dtype="bfloat16").model)
+    experts = [moe.experts for moe in model.moes]
+    packed = [t for e in experts for t in (e.gate_up_blocks, e.gate_up_scales, e.down_blocks, e.down_scales)]
+    packed_bytes = sum(t.numel() for t in packed)  # uint8
+    embedding_bytes = model.embedding.weight.numel() * model.embedding.weight.element_size()
+    resident = resident_checkpoint_bytes(directory)
+    assert packed_bytes <= resident < packed_bytes + embedding_bytes // 4, (packed_bytes, embedding_bytes, resident)

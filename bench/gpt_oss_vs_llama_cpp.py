@@ -7,15 +7,22 @@ builds llama.cpp's server from the pinned source (bench/llama_cpp.py); then serv
 ``--rounds`` rounds, one server at a time, and measures the same closed-loop load (P=512, G=64, C=1 and 4):
 output tok/s, TTFT and TPOT medians, and the peak resident memory of the server's whole process tree. Never
 run in CI (the checkpoint is ~4 GB and the build ~10 minutes).
+
+Each round also measures this machine's read bandwidth (bench.ceilings, between the servers, none running) and
+prints the C=1 decode's bandwidth bound: the bytes one decoded token reads (bf16 unembedding and attention
+weights, the router, four MXFP4 experts a layer, the KV cache) over that bandwidth; issue 20 asks for a C=1
+TPOT within 15% of it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 from pathlib import Path
 
 from bench import llama_cpp
+from bench.ceilings import read_bandwidth
 from bench.gpt_oss_20b_memory import CONFIG_20B, write_checkpoint
 from bench.server_process import BenchServer
 from bench.side_by_side import LlamaServer, measure, table
@@ -27,6 +34,23 @@ from bench.side_by_side import LlamaServer, measure, table
 GPTSERVE_ARGS = ("--keep-experts-packed --dtype bfloat16 --max-num-batched-tokens 2048 --max-num-seqs 4 "
                  "--kv-cache-tokens 4096")
 O200K_TEXT_IDS = 199998  # prompts draw ids below the harmony specials
+
+
+MXFP4_BYTES_PER_VALUE = 17 / 32  # 16 bytes of codes and one scale byte a block of 32 values
+
+
+def decode_bytes_per_token(config: dict, context: int) -> float:
+    """Bytes a C=1 decode step reads at ``context`` tokens: every bf16 weight but the embedding (one row), the
+    four selected experts of each layer in MXFP4, and the bf16 KV cache (sliding layers: their window)."""
+    hidden, head_dim, layers = config["hidden_size"], config["head_dim"], config["num_hidden_layers"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    attention = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
+    router = hidden * config["num_local_experts"]
+    expert = 3 * hidden * config["intermediate_size"]  # gate_up (2I x H) and down (H x I)
+    per_layer = 2 * (attention + router) + config["num_experts_per_tok"] * expert * MXFP4_BYTES_PER_VALUE
+    kv = sum(2 * kv_heads * head_dim * 2 * (min(context, config["sliding_window"]) if kind == "sliding_attention"
+                                             else context) for kind in config["layer_types"])
+    return 2 * config["vocab_size"] * hidden + layers * per_layer + kv
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         with LlamaServer(gguf, args.threads, args.dir / f"llama-{round_index}.log", parallel=4, context=4096) as server:
             rows.append(("llama.cpp", measure(server, args, O200K_TEXT_IDS)))
         print(table(rows, args.concurrency), flush=True)
+        if 1 in args.concurrency:
+            bandwidth = read_bandwidth(1024, repeats=5).best
+            per_token = decode_bytes_per_token(json.loads((checkpoint / "config.json").read_text()),
+                                               args.prompt_len + args.output_len // 2)
+            bound_ms = 1e3 * per_token / bandwidth
+            print(f"C=1 TPOT bandwidth bound: {per_token / 1e9:.3f} GB a token at {bandwidth / 1e9:.1f} GB/s read = "
+                  f"{bound_ms:.1f} ms; gptserve's C=1 TPOT is {rows[-2][1]['c1_tpot_ms'] / bound_ms:.2f}x it",
+                  flush=True)
     return 0
 
 

@@ -8,6 +8,10 @@ experts x 1 row, 16 experts x 2 rows). Every call reads weights that are not in 
 through enough copies (or experts) to pass the 32 MiB L3. Reported: the median over ``--rounds`` of each
 (shape, threads, kernel), and packed bytes (blocks + scales) read per second.
 
+``--bf16`` times, instead of a base revision, the kernel's two ways with bf16 tokens (a ``--dtype bfloat16``
+model's decode rows): "base" widens them to fp32 for the fp32 kernel and rounds its result back, "new" is its
+bf16 form (models/csrc/mxfp4_bf16_linear.cpp, AVX512-BF16 CPUs only).
+
 ``--checkpoint DIR`` times the in-process GPT-OSS decode step instead (C=1, experts packed, bf16 weights
 and KV cache as bench.gpt_oss_vs_llama_cpp serves them): ``--rounds`` rounds of ``--steps`` steps with each
 kernel in turn, the MoE layers' grouped calls redirected to the base kernel for its turns, on the first of
@@ -87,6 +91,31 @@ class Shape:
         return time.perf_counter() - start
 
 
+class WidenedBf16:
+    """bf16 tokens through the fp32 kernel, as a model without the bf16 form runs them."""
+
+    @staticmethod
+    def mxfp4_linear(x, blocks, scales, bias):
+        return torch.ops.gptserve.mxfp4_linear(x.float(), blocks, scales, bias).bfloat16()
+
+    @staticmethod
+    def mxfp4_grouped_linear(x, counts, blocks, scales, bias):
+        return torch.ops.gptserve.mxfp4_grouped_linear(x.float(), counts, blocks, scales, bias).bfloat16()
+
+
+class Bf16Form:
+    """bf16 tokens through the kernel's bf16 form (one expert: a group of one)."""
+
+    @staticmethod
+    def mxfp4_linear(x, blocks, scales, bias):
+        return torch.ops.gptserve.mxfp4_grouped_linear_bf16(x, torch.tensor([len(x)]), blocks[None], scales[None],
+                                                            bias[None])
+
+    @staticmethod
+    def mxfp4_grouped_linear(x, counts, blocks, scales, bias):
+        return torch.ops.gptserve.mxfp4_grouped_linear_bf16(x, counts, blocks, scales, bias)
+
+
 def decode_steps(checkpoint: Path, rounds: int, steps: int, threads: int) -> None:
     """C=1 decode steps of the checkpoint, the two kernels alternated a round of ``steps`` steps at a time."""
     import models.moe as moe
@@ -142,19 +171,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", default="HEAD", help="git revision whose kernel is the baseline (default HEAD)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--bf16", action="store_true", help="bf16 tokens: widened for the fp32 kernel against its bf16 form")
     p.add_argument("--checkpoint", type=Path, help="time this GPT-OSS checkpoint's decode steps instead")
     p.add_argument("--steps", type=int, default=5, help="decode steps per kernel per round (--checkpoint)")
     args = p.parse_args(argv)
     if not cpu_kernels_loaded():
         sys.exit("the C++ kernels did not build")
-    load_base_kernel(args.base)
+    if args.bf16 and args.checkpoint:
+        p.error("--checkpoint compares the kernel with --base's, not with its bf16 form")
+    kernels: dict[str, object] = {"base": WidenedBf16, "new": Bf16Form}
+    if not args.bf16:
+        load_base_kernel(args.base)
+        kernels = {"base": torch.ops.gptserve_base, "new": torch.ops.gptserve}
     if args.checkpoint:
         decode_steps(args.checkpoint, args.rounds, args.steps, args.threads[0])
         return
-    kernels = {"base": torch.ops.gptserve_base, "new": torch.ops.gptserve}
     shapes = [Shape("5760x2880 x1", 5760, 2880, 0, 1), Shape("2880x2880 x1", 2880, 2880, 0, 1),
               Shape("5760x2880 x8", 5760, 2880, 0, 8),
               Shape("grouped 4x1 5760x2880", 5760, 2880, 4, 1), Shape("grouped 16x2 5760x2880", 5760, 2880, 16, 2)]
+    if args.bf16:
+        extra = [Shape("5760x2880 x2", 5760, 2880, 0, 2), Shape("5760x2880 x4", 5760, 2880, 0, 4)]
+        shapes = shapes[:2] + extra + shapes[2:]
+        for shape in shapes:
+            shape.x = shape.x.bfloat16()
     threads_before = torch.get_num_threads()
     times: dict[tuple[str, int, str], list[float]] = {}
     try:

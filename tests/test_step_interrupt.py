@@ -84,6 +84,24 @@ def test_decode_steps_given_up_at_every_layer_rerun_to_the_tokens_of_an_uninterr
     assert results == expected
 
 
+def test_prompt_steps_given_up_before_their_second_layer_rerun_to_the_tokens_of_an_uninterrupted_engine(loaded):
+    reference = make_engine(loaded)
+    add_three(reference)
+    expected = {rid: tokens_of(outs[0]) for rid, outs in run_all(reference).items()}
+
+    engine = make_engine(loaded)
+    engine.add_request("r0", random_prompt(5, seed=0), params(None))
+    assert engine.step(FireOnAsk(1)) == []  # r0's prompt given up after one layer, for the two below
+    for i, seed in ((1, 7), (2, 11)):
+        engine.add_request(f"r{i}", random_prompt(5 + 6 * i, seed=i), params(seed))
+    assert engine.step(FireOnAsk(0)) == []  # and the three prompts' step before its first
+    results: dict[str, list[int]] = {}
+    while engine.has_work:
+        for rid, out in engine.step():
+            results.setdefault(rid, []).extend(out.new_token_ids)
+    assert results == expected
+
+
 def test_a_block_the_given_up_step_would_fill_is_not_published_until_the_step_runs(loaded):
     engine = make_engine(loaded, block_size=8)
     engine.add_request("a", random_prompt(7, seed=3), params(None))
@@ -96,15 +114,22 @@ def test_a_block_the_given_up_step_would_fill_is_not_published_until_the_step_ru
     assert list(engine.block_manager.cached.values()) == [seq.block_table[0]] and seq.num_published_blocks == 1
 
 
-def test_only_a_decode_step_with_room_for_a_newcomer_is_given_up(loaded):
+def test_only_a_step_with_room_for_a_newcomer_is_given_up_and_one_with_a_prompt_only_early(loaded):
     always = FireOnAsk(0)
     engine = make_engine(loaded, max_num_seqs=2)
     engine.add_request("a", random_prompt(9, seed=1), params(None))
-    assert len(engine.step(always)) == 1 and always.asked == 0  # a prompt chunk: never given up
+    assert engine.step(FireOnAsk(0)) == [] and engine.step(FireOnAsk(1)) == []  # a prompt, before its 2nd layer
+    late = FireOnAsk(2)
+    assert len(engine.step(late)) == 1 and late.asked == 2  # not after: no third question is heard
     assert engine.step(FireOnAsk(0)) == []  # decodes alone, a free slot: given up
     engine.add_request("b", random_prompt(9, seed=2), params(None))
     assert len(engine.step(always)) == 2 and always.asked == 0  # b's prefill (and a's first decode beside it)
     assert len(engine.step(always)) == 2 and always.asked == 0  # every slot taken: no newcomer could start
+
+    spent = make_engine(loaded, max_num_batched_tokens=16)
+    spent.add_request("a", random_prompt(20, seed=6), params(None))
+    spent.step(always)  # a 16-token chunk: the step's token budget is spent, a newcomer could not join it
+    assert always.asked == 0 and spent.scheduler.running[0].num_computed_tokens == 16
 
     full = make_engine(loaded, kv_cache_tokens=32, block_size=8)  # 4 blocks
     full.add_request("a", random_prompt(20, seed=4), params(None))  # 3 blocks, then a 4th when it decodes

@@ -6,8 +6,8 @@ closed-loop runs (P=128, G=128) at each concurrency between them, round after ro
 elsewhere on the machine falls on both alike. Each run has its own prompt seed (no prefix-cache hits across
 runs). Prints one line per run and the mean per level.
 
-    git worktree add /work/wt/core-before c4d3b9c
-    python -m bench.core_before_after --before /work/wt/core-before --concurrency 1 64 --rounds 2
+    git worktree add ../core-before c4d3b9c
+    python -m bench.core_before_after --before ../core-before --concurrency 1 64 --rounds 2
 
 ``--startups N`` instead times N server starts of each checkout, alternated (what every test server costs):
 spawn to the first /health 200, then SIGTERM; and from the log, how long the front end took from its core's

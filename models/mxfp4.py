@@ -53,9 +53,10 @@ ROWS_PER_TILE = 512
 # 20b-widths model 4x slower at two threads on the loaded machine (bench/NOTES.md, "bf16 prefill experts"):
 # tiles open ~22 parallel regions an expert where the grouped kernel opens one a layer. So 96 stays.
 KERNEL_MAX_ROWS = 96
-# bf16 inputs (a ``--dtype bfloat16`` model) of at most this many rows take the same kernel on rows widened to
-# fp32; more go through one bf16 GEMM (bf16 products, fp32 sums where the CPU has AVX512-BF16 or AMX) on the
-# whole matrix dequantized to bf16. One thread, ms, best of 5 (`python -m bench.mxfp4_bf16_expert`),
+# bf16 inputs (a ``--dtype bfloat16`` model) of at most this many rows take the kernel (its bf16 form on
+# AVX512-BF16: at 8 rows only 1.05-1.14x the widened rows', bench/NOTES.md session 13); more go through one
+# bf16 GEMM (bf16 products, fp32 sums where the CPU has AVX512-BF16 or AMX) on the whole matrix dequantized
+# to bf16. One thread, ms, best of 5 (`python -m bench.mxfp4_bf16_expert`),
 # 4 / 8 / 16 / 32 / 64 / 128 tokens: kernel 4.3 / 12.6 / 26.9 / 62.5 / 122 / 196, GEMM 7.7 / 12.7 / 16.0 /
 # 26.1 / 30.8 / 55.6 (dequantizing both matrices: 2.4).
 BF16_KERNEL_MAX_ROWS = 8
@@ -152,9 +153,10 @@ def dequantized(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
 def linear_mxfp4(x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, W, bias)`` for W [O, I] stored as blocks [O, I/32, 16] and scales [O, I/32].
 
-    Few rows on CPU: the C++ kernel, which never writes W out (bf16 rows widened to fp32 for it, the result
-    rounded back). Otherwise W is dequantized and multiplied by torch: ROWS_PER_TILE rows at a time, or, bf16
-    on CPU, whole, so that one GEMM reads it (two-thread runs: tiles of 512 and 1440 rows were slower).
+    Few rows on CPU: the C++ kernel, which never writes W out (bf16 rows in its bf16 form where the CPU has
+    AVX512-BF16, else widened to fp32 for it and the result rounded back). Otherwise W is dequantized and
+    multiplied by torch: ROWS_PER_TILE rows at a time, or, bf16 on CPU, whole, so that one GEMM reads it
+    (two-thread runs: tiles of 512 and 1440 rows were slower).
     """
     rows = x.reshape(-1, x.shape[-1])
     if kernel_takes(x, len(rows)):

@@ -5,7 +5,8 @@ GGUF by llama.cpp's own converter; llama.cpp's server built from the pinned sour
 server in turn, alternated for ``--rounds`` rounds, one at a time, under the same closed-loop load (P=128,
 G=128, C=1 by default): output tok/s, TTFT and TPOT medians, peak RSS. gptserve runs the way its C=1 is best
 on CPU: weights and KV cache in bf16 (fp32 arithmetic). Issue 19 asks for gptserve's C=1 >= llama.cpp's here.
-Never run in CI.
+``--paired N`` runs both servers at once instead and sends them N pairs of single requests in turn
+(bench/paired.py): a C=1 comparison that holds however the machine's speed moves meanwhile. Never run in CI.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import shlex
 from pathlib import Path
 
 from bench import llama_cpp
+from bench.loadgen import BenchConfig
 from bench.make_gpt2_checkpoint import write_gpt2_checkpoint
+from bench.paired import paired
 from bench.server_process import BenchServer
 from bench.side_by_side import LlamaServer, measure, table
 
@@ -33,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp's -t (gptserve uses torch's default)")
     parser.add_argument("--server-args", default=GPTSERVE_ARGS)
+    parser.add_argument("--paired", type=int, metavar="N", help="N pairs of C=1 requests, both servers up at once")
     args = parser.parse_args(argv)
     if not (args.checkpoint / "config.json").is_file():
         write_gpt2_checkpoint(args.checkpoint)
@@ -42,7 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         llama_cpp.convert(args.checkpoint, gguf, "f16")
     logs = args.checkpoint.parent / "gpt2-vs-llama-cpp"
     logs.mkdir(exist_ok=True)
-    slots = max(args.concurrency)
+    slots = 1 if args.paired else max(args.concurrency)
+    if args.paired:
+        ours = BenchServer(["--model", f"gpt2={args.checkpoint}", *shlex.split(args.server_args),
+                            "--kv-cache-tokens", "1024"], logs / "gptserve-paired.log")
+        with ours as server, LlamaServer(gguf, args.threads, logs / "llama-paired.log", parallel=1,
+                                         context=1024) as llama:
+            config = BenchConfig(prompt_len=args.prompt_len, output_len=args.output_len, vocab_size=GPT2_TEXT_IDS)
+            print(paired({"gptserve": server.base_url, "llama.cpp": llama.base_url}, config, args.paired), flush=True)
+        return 0
     rows = []
     for round_index in range(args.rounds):
         # the KV pool matches llama.cpp's context (-c below), so neither peak RSS counts a bigger cache

@@ -11,7 +11,8 @@ run in CI (the checkpoint is ~4 GB and the build ~10 minutes).
 Each round also measures this machine's read bandwidth (bench.ceilings, between the servers, none running) and
 prints the C=1 decode's bandwidth bound: the bytes one decoded token reads (bf16 unembedding and attention
 weights, the router, four MXFP4 experts a layer, the KV cache) over that bandwidth; issue 20 asks for a C=1
-TPOT within 15% of it.
+TPOT within 15% of it. ``--paired N`` runs both servers at once instead and sends them N pairs of single
+requests in turn (bench/paired.py): a C=1 comparison that holds however the machine's speed moves meanwhile.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 from bench import llama_cpp
 from bench.ceilings import read_bandwidth
 from bench.gpt_oss_20b_memory import CONFIG_20B, write_checkpoint
+from bench.loadgen import BenchConfig
+from bench.paired import paired
 from bench.server_process import BenchServer
 from bench.side_by_side import LlamaServer, measure, table
 
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp's -t (gptserve uses torch's default)")
     parser.add_argument("--outtype", default="bf16", help="GGUF type of the non-expert weights (experts stay MXFP4)")
     parser.add_argument("--server-args", default=GPTSERVE_ARGS)
+    parser.add_argument("--paired", type=int, metavar="N", help="N pairs of C=1 requests, both servers up at once")
     args = parser.parse_args(argv)
     checkpoint, gguf = args.dir / "hf", args.dir / f"model-{args.outtype}.gguf"
     if not (checkpoint / "config.json").is_file():
@@ -72,6 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     llama_cpp.build(jobs=2)
     if not gguf.is_file():
         llama_cpp.convert(checkpoint, gguf, args.outtype)
+    if args.paired:
+        ours = BenchServer(["--model", f"gpt-oss={checkpoint}", *shlex.split(args.server_args)],
+                           args.dir / "gptserve-paired.log", startup_timeout=900)
+        with ours as server, LlamaServer(gguf, args.threads, args.dir / "llama-paired.log", parallel=4,
+                                         context=4096) as llama:
+            config = BenchConfig(prompt_len=args.prompt_len, output_len=args.output_len, vocab_size=O200K_TEXT_IDS,
+                                 timeout=1800.0)
+            print(paired({"gptserve": server.base_url, "llama.cpp": llama.base_url}, config, args.paired), flush=True)
+        return 0
     rows = []
     for round_index in range(args.rounds):
         ours = BenchServer(["--model", f"gpt-oss={checkpoint}", *shlex.split(args.server_args)],

@@ -21,7 +21,8 @@ decode step) go through a C++ kernel that decodes each 32-value block in registe
 eight tokens at once (models/csrc/mxfp4_linear.cpp): no dequantized weight is written anywhere, so an expert
 run (gate_up 5760x2880 + down 2880x2880) at one token costs ~1 ms on one thread. bf16 rows on a CPU with
 AVX512-BF16 take its bf16 form (models/csrc/mxfp4_bf16_linear.cpp: codes looked up as bf16, bf16 dot
-products), 1.15x the float32 kernel's speed at one token and ~1.5x at two to four. Inputs of more rows (a
+products), 1.1-1.6x the float32 kernel's speed at one token (a MoE layer's grouped call 1.32x) and 1.3-1.6x
+at two to four (two threads, bench/NOTES.md session 13). Inputs of more rows (a
 prefill's) have the matrix dequantized (models/csrc/mxfp4_dequantize.cpp, ~2.5 ms an expert) into a reused
 buffer and multiplied by a GEMM: in fp32 ROWS_PER_TILE rows at a time, in bf16 whole, so a forward never
 holds a second dequantized expert.

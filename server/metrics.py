@@ -193,7 +193,7 @@ def _model_families(registry: CollectorRegistry) -> dict[str, Counter | Gauge | 
         "prefix_cache_hits": counter("prefix_cache_hits", "Prompt tokens found in the prefix cache."),
         "num_preemptions": counter("num_preemptions", "Requests preempted to free KV-cache blocks."),
         "num_steps_interrupted": counter("num_steps_interrupted",
-                                         "Decode steps given up part-way to prefill a newcomer sooner."),
+                                         "Steps given up part-way so that a newcomer's prompt starts sooner."),
         "prompt_tokens": counter("prompt_tokens", "Prompt tokens of finished requests."),
         "generation_tokens": counter("generation_tokens", "Tokens generated, counted as each is sampled."),
         "request_success": counter("request_success", "Requests finished, by finish reason.", ("finished_reason",)),

@@ -166,9 +166,9 @@ class Experts(nn.Module):
 
     def run(self, x: Tensor, counts: list[int]) -> Tensor:
         """x [N, H], its rows grouped by expert (counts[e] of them for expert e) -> each row's expert output."""
-        down_bias = self.down_bias if self.adds_down_bias else None
         if self.packed and not kernel_takes(x, max(counts, default=0)):
             return each_expert(x, counts, self.down_blocks.shape[1], self._run_dequantized)
+        down_bias = self.down_bias if self.adds_down_bias else None
         if self.packed:
             up_float, down_float = self.float_biases
             h = grouped_linear_mxfp4(x, counts, self.gate_up_blocks, self.gate_up_scales, self.gate_up_bias, up_float)

@@ -69,7 +69,8 @@ inline bool needs_exact_scaling(uint32_t four) {
 }
 
 struct Expert {
-  const uint16_t* x;  // this expert's rows of the permuted x, `x_stride` words apart
+  const uint16_t* x;           // this expert's rows of the permuted x, Shape::x_stride() words apart
+  const c10::BFloat16* rows;   // the same rows as given, I values apart (for row_exact)
   const uint8_t* blocks;
   const uint8_t* scales;
   const float* bias;  // or nullptr
@@ -78,16 +79,17 @@ struct Expert {
 };
 
 struct Shape {
-  int64_t I, O, groups, lines, x_stride;
+  int64_t I, O, groups;
+  int64_t lines() const { return (groups + kBlocksPerLine - 1) / kBlocksPerLine; }
+  int64_t x_stride() const { return lines() * kLineValues; }  // words between rows of the permuted x
 };
 
 // Row o of one expert for `tokens` tokens from `first`, value by value from the dequantized weight: rows
 // whose scales the vector path cannot apply to block sums (see the top of this file).
-void row_exact(const Expert& e, const Shape& s, const at::Tensor& x, int64_t x_row, int64_t first, int tokens,
-               int64_t o) {
+void row_exact(const Expert& e, const Shape& s, int64_t first, int tokens, int64_t o) {
   const uint8_t* blocks = e.blocks + o * s.groups * kBytesPerBlock;
   const uint8_t* scales = e.scales + o * s.groups;
-  const auto* xs = x.data_ptr<c10::BFloat16>() + (x_row + first) * s.I;
+  const c10::BFloat16* xs = e.rows + first * s.I;
   for (int t = 0; t < tokens; ++t) {
     float sum = 0.0f;
     for (int64_t v = 0; v < s.I; ++v) {
@@ -150,7 +152,8 @@ template <int TOKENS>
 TARGET_BF16 bool row_bf16(const Expert& e, const Shape& s, int64_t first, int64_t o) {
   const uint8_t* blocks = e.blocks + o * s.groups * kBytesPerBlock;
   const uint8_t* scales = e.scales + o * s.groups;
-  const uint16_t* x = e.x + first * s.x_stride;
+  const int64_t x_stride = s.x_stride();
+  const uint16_t* x = e.x + first * x_stride;
   const Tables& tables = lookup_tables();
   const __m512i table = _mm512_load_si512(tables.words), scale_lanes = _mm512_load_si512(tables.scale_lanes);
   __m512 acc[TOKENS];
@@ -163,7 +166,7 @@ TARGET_BF16 bool row_bf16(const Expert& e, const Shape& s, int64_t first, int64_
     std::memcpy(&four, scales + l * kBlocksPerLine, sizeof four);
     exact |= needs_exact_scaling(four);
     line_dots<TOKENS>(_mm512_loadu_si512(blocks + l * kLineBytes), four, table, scale_lanes, x + l * kLineValues,
-                      s.x_stride, acc);
+                      x_stride, acc);
   }
   if (const int64_t rest = s.groups - full * kBlocksPerLine) {  // a last line of one to three blocks
     uint8_t four_bytes[4] = {kNeutralScale, kNeutralScale, kNeutralScale, kNeutralScale};
@@ -173,7 +176,7 @@ TARGET_BF16 bool row_bf16(const Expert& e, const Shape& s, int64_t first, int64_
     exact |= needs_exact_scaling(four);
     const __m512i line = _mm512_maskz_loadu_epi8((__mmask64{1} << (kBytesPerBlock * rest)) - 1,
                                                  blocks + full * kLineBytes);
-    line_dots<TOKENS>(line, four, table, scale_lanes, x + full * kLineValues, s.x_stride, acc);
+    line_dots<TOKENS>(line, four, table, scale_lanes, x + full * kLineValues, x_stride, acc);
   }
   if (exact) return false;
   for (int t = 0; t < TOKENS; ++t)
@@ -215,36 +218,34 @@ at::Tensor mxfp4_grouped_linear_bf16(const at::Tensor& x, const at::Tensor& coun
   if (has_bias)
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->sizes() == at::IntArrayRef({E, O}),
                 "bias: float32 [E, O]");
-  const Shape shape{I, O, groups, (groups + kBlocksPerLine - 1) / kBlocksPerLine, 0};
-  const at::Tensor xp = permute_to_lines(x, shape.lines);
-  Shape s = shape;
-  s.x_stride = shape.lines * kLineValues;
+  const Shape s{I, O, groups};
+  const at::Tensor xp = permute_to_lines(x, s.lines());
   at::Tensor out = at::empty({x.size(0), O}, x.options());
   const int64_t* count = counts.data_ptr<int64_t>();
-  std::vector<std::pair<Expert, int64_t>> experts;  // with the expert's first row of x
+  std::vector<Expert> experts;
   int64_t row = 0;
   for (int64_t e = 0; e < E; ++e) {
     TORCH_CHECK(count[e] >= 0 && row + count[e] <= x.size(0), "counts: non-negative, summing to x's rows");
     if (count[e])
-      experts.push_back({Expert{reinterpret_cast<const uint16_t*>(xp.data_ptr()) + row * s.x_stride,
-                                blocks.data_ptr<uint8_t>() + e * O * groups * kBytesPerBlock,
-                                scales.data_ptr<uint8_t>() + e * O * groups,
-                                has_bias ? bias->data_ptr<float>() + e * O : nullptr,
-                                out.data_ptr<c10::BFloat16>() + row * O, count[e]},
-                         row});
+      experts.push_back(Expert{reinterpret_cast<const uint16_t*>(xp.data_ptr()) + row * s.x_stride(),
+                               x.data_ptr<c10::BFloat16>() + row * I,
+                               blocks.data_ptr<uint8_t>() + e * O * groups * kBytesPerBlock,
+                               scales.data_ptr<uint8_t>() + e * O * groups,
+                               has_bias ? bias->data_ptr<float>() + e * O : nullptr,
+                               out.data_ptr<c10::BFloat16>() + row * O, count[e]});
     row += count[e];
   }
   TORCH_CHECK(row == x.size(0), "counts: non-negative, summing to x's rows");
   // One parallel region for all the experts, split by weight rows, as the float32 kernel's.
   at::parallel_for(0, O, 16, [&](int64_t begin, int64_t end) {
-    for (const auto& [e, x_row] : experts)
+    for (const Expert& e : experts)
       for (int64_t first = 0; first < e.tokens; first += kMaxTokens) {
         const int tokens = static_cast<int>(std::min<int64_t>(kMaxTokens, e.tokens - first));
         for (int64_t o = begin; o < end; ++o) {
 #if defined(__x86_64__)
           if (kRows[tokens - 1](e, s, first, o)) continue;
 #endif
-          row_exact(e, s, x, x_row, first, tokens, o);
+          row_exact(e, s, first, tokens, o);
         }
       }
   });

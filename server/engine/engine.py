@@ -231,27 +231,20 @@ class LLMEngine:
             self.scheduler.waiting.appendleft(seq)
 
     def _interrupt_for(self, chunks: list[ScheduledChunk], interrupt: Interrupt | None) -> Interrupt | None:
-        """What the step asks between layers: ``interrupt`` itself for decodes alone, for a step with a prompt
-        chunk an ``interrupt`` heard only before its second layer (see the module's docstring), or None where
-        the step is not worth giving up (``_may_give_up``)."""
-        if interrupt is None or not self._may_give_up(chunks):
+        """What the step asks between layers: None unless a newcomer could be admitted at once (a free
+        sequence slot, nobody already waiting for blocks); then ``interrupt`` itself for decodes alone, and for
+        a step with a prompt chunk, while its token budget is not spent, an ``interrupt`` heard only before its
+        second layer (see the module's docstring)."""
+        scheduler = self.scheduler
+        if (interrupt is None or not self.loaded.model.capabilities.interruptible or scheduler.waiting
+                or len(scheduler.running) >= scheduler.max_num_seqs):
             return None
         if all(chunk.num_tokens == 1 for chunk in chunks):
             return interrupt
+        if sum(chunk.num_tokens for chunk in chunks) >= scheduler.max_num_batched_tokens:
+            return None
         asked = itertools.count()
         return lambda: next(asked) < PROMPT_STEP_QUESTIONS and interrupt()
-
-    def _may_give_up(self, chunks: list[ScheduledChunk]) -> bool:
-        """Only while a newcomer could be admitted at once (a free sequence slot and nobody already waiting
-        for blocks) and, beside a prompt, still fit in the step's token budget, is a step worth giving up."""
-        scheduler = self.scheduler
-        decodes_only = all(chunk.num_tokens == 1 for chunk in chunks)
-        return (
-            self.loaded.model.capabilities.interruptible
-            and not scheduler.waiting
-            and len(scheduler.running) < scheduler.max_num_seqs
-            and (decodes_only or sum(chunk.num_tokens for chunk in chunks) < scheduler.max_num_batched_tokens)
-        )
 
     def _advance(self, seq: Sequence, token: int, logprob, now: float) -> Output | None:
         """Append the sampled token (unless the choice is done) and report it."""

@@ -13,9 +13,11 @@ import random
 import pytest
 import torch
 
+import models.bf16_dot_linear
 import models.loader
 import models.mxfp4
 import models.onednn_linear
+from models.bf16_dot_linear import Bf16DotLinear
 from models.bf16_weight_linear import Bf16WeightLinear
 from models.cpu_isa import CpuIsa, cpu_isa, cpuinfo_flags
 from models.forward_batch import ForwardBatch
@@ -38,7 +40,7 @@ native_bf16 = pytest.mark.skipif(not cpu_isa().native_bf16, reason=f"bf16 oneDNN
 
 
 def fake_isa(monkeypatch: pytest.MonkeyPatch, isa: CpuIsa) -> None:
-    for module in (models.loader, models.onednn_linear):
+    for module in (models.loader, models.onednn_linear, models.bf16_dot_linear):
         monkeypatch.setattr(module, "cpu_isa", lambda: isa)
 
 
@@ -81,12 +83,21 @@ def assert_as_close_as_transformers_bf16(ours: torch.Tensor, fp32: torch.Tensor,
     assert (ours - bf16.float()).abs().mean().item() <= 2 * MARGIN * theirs_error
 
 
+PATHS = ["plain", "onednn", "dots"]
+LINEAR_TYPES = {"plain": torch.nn.Linear, "onednn": OneDNNLinear, "dots": Bf16DotLinear}
+
+
 def gpt2_path(monkeypatch, path: str) -> None:
-    """``plain``: torch's own bf16 matmuls (a CPU without bf16 dot products); ``onednn``: the native path."""
+    """``plain``: torch's own bf16 matmuls (a CPU without bf16 dot products); ``onednn``: oneDNN's, as on an AMX
+    CPU; ``dots``: the vdpbf16ps kernel, as on an AVX512-BF16 CPU without AMX. Each native path runs on this
+    CPU's own instructions, where it has them."""
     if path == "plain":
-        fake_isa(monkeypatch, AVX2)
-    elif not cpu_isa().native_bf16:
+        return fake_isa(monkeypatch, AVX2)
+    if path == "dots" and not cpu_isa().avx512_bf16:
+        pytest.skip(f"the bf16 dots kernel needs AVX512-BF16; this CPU has {cpu_isa()}")
+    if not cpu_isa().native_bf16:
         pytest.skip(f"bf16 oneDNN path needs AMX-BF16 or AVX512-BF16; this CPU has {cpu_isa()}")
+    fake_isa(monkeypatch, AMX if path == "onednn" else ZEN4)
 
 
 @torch.inference_mode()
@@ -107,12 +118,12 @@ def teacher_forced_logits(model, sequences: list[list[int]], decoded: int) -> li
     return [torch.cat(r) for r in rows]
 
 
-@pytest.mark.parametrize("path", ["plain", "onednn"])
+@pytest.mark.parametrize("path", PATHS)
 def test_gpt2_bf16_prefill_and_batched_decode_stay_as_close_as_transformers_bf16(monkeypatch, tiny_gpt2_dir, path):
     gpt2_path(monkeypatch, path)
     model = load_model(tiny_gpt2_dir, dtype="bfloat16", device="cpu").model
     assert model.wte.weight.dtype == torch.bfloat16
-    assert isinstance(model.h[0].mlp.c_fc, OneDNNLinear) == (path == "onednn")
+    assert type(model.h[0].mlp.c_fc) is LINEAR_TYPES[path]
     fp32, bf16 = gpt2_oracles(tiny_gpt2_dir)
     rng = random.Random(0)
     sequences = [[rng.randrange(50257) for _ in range(n)] for n in (12, 37, 60)]
@@ -135,12 +146,13 @@ def test_bf16_model_logits_are_fp32_sums_over_bf16_values(tiny_gpt2_dir):
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("path", ["plain", "onednn"])
+@pytest.mark.parametrize("path", PATHS)
 def test_gpt_oss_bf16_with_mxfp4_experts_stays_as_close_as_transformers_bf16(
         monkeypatch, checkpoint_dir, oracle, path, packed):  # noqa: F811
     gpt2_path(monkeypatch, path)
     model = load_model(checkpoint_dir, dtype="bfloat16", device="cpu", keep_experts_packed=packed).model
     assert model.layers[0].moe.experts.packed == packed
+    assert type(model.layers[0].attn.qkv) is LINEAR_TYPES[path]
     bf16 = type(oracle)(oracle.config)
     bf16.load_state_dict(oracle.state_dict())
     bf16 = bf16.to(torch.bfloat16).eval()

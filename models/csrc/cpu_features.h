@@ -22,9 +22,18 @@ inline bool has_avx512f() {
   }();
   return yes;
 }
+// vdpbf16ps (AVX512-BF16) and the AVX512-BW word shuffles the bf16 kernels use beside it.
+inline bool has_avx512_bf16() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return has_avx512f() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+  }();
+  return yes;
+}
 #else
 inline bool has_avx2_fma() { return false; }
 inline bool has_avx512f() { return false; }
+inline bool has_avx512_bf16() { return false; }
 #endif
 
 enum class Isa { kPortable, kAvx2, kAvx512 };

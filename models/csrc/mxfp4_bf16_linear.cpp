@@ -189,21 +189,9 @@ constexpr RowFn kRows[kMaxTokens] = {row_bf16<1>, row_bf16<2>, row_bf16<3>, row_
                                      row_bf16<5>, row_bf16<6>, row_bf16<7>, row_bf16<8>};
 #endif
 
-bool cpu_runs_bf16_dots() {
-#if defined(__x86_64__)
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return has_avx512f() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
-  }();
-  return yes;
-#else
-  return false;
-#endif
-}
-
 at::Tensor mxfp4_grouped_linear_bf16(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& blocks,
                                      const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(cpu_runs_bf16_dots(), "mxfp4_grouped_linear_bf16: this CPU lacks AVX512-BF16 (or AVX512-BW)");
+  TORCH_CHECK(has_avx512_bf16(), "mxfp4_grouped_linear_bf16: this CPU lacks AVX512-BF16 (or AVX512-BW)");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous bfloat16 [N,I]");
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 4 && blocks.is_contiguous() &&
                   blocks.size(3) == kBytesPerBlock && blocks.size(2) * kValuesPerBlock == x.size(1),

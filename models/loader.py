@@ -13,9 +13,9 @@ from models.checkpoint import CheckpointError, read_json
 from models.cpu_isa import cpu_isa
 from models.cpu_kernels import cpu_kernels_loaded
 from models.deferred_tokenizer import DeferredTokenizer
-from models.huge_pages import collapse_into_huge_pages
+from models.huge_pages import collapse_into_huge_pages, copy_onto_huge_pages
 from models.linear_selection import select_linears
-from models.mapped_pages import module_tensors, populate_views, release_unviewed_pages
+from models.mapped_pages import module_tensors, release_unviewed_pages
 from models.onednn_linear import onednn_usable
 from models.parallel import SINGLE, TensorParallel
 from models.servable import ServableModel
@@ -160,7 +160,9 @@ def load_weights(
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         cpu_kernels_loaded()  # built (or found built) now rather than during the first request
     release_unviewed_pages(model, model_dir)  # what was converted on the way in no longer counts in our RSS
-    populate_views(streamed_tensors(model), model_dir)  # not faulted in during the first requests' steps
-    if device.type == "cpu":
-        collapse_into_huge_pages(module_tensors(model))  # a decode step streams them all: fewer TLB misses
+    if device.type == "cpu":  # a decode step streams them all: on huge pages, fewer TLB misses
+        # every step reads all of what was converted (attention, unembedding), so it has the first pick of the
+        # huge pages; then the views of the file, which cannot collapse, are copied onto them
+        collapse_into_huge_pages(module_tensors(model))
+        copy_onto_huge_pages(streamed_tensors(model), model_dir)
     return model

@@ -1,5 +1,4 @@
-"""Drop the resident pages of a memory-mapped checkpoint that no tensor of the loaded model views, and fault
-in now the ones decode steps read whole.
+"""Drop the resident pages of a memory-mapped checkpoint that no tensor of the loaded model views.
 
 safetensors maps each shard whole, and a tensor kept as stored (MXFP4 experts, a bf16 embedding) is a view of
 that mapping, so the mapping lives as long as the model. Tensors that were read and then converted (the bf16
@@ -9,12 +8,8 @@ the 1.1 GB unembedding and the attention projections (bench/NOTES.md). ``madvise
 outside every live view drops them; they are the file's own clean pages, so a later touch would read the file.
 Linux only; elsewhere (no /proc/self/maps) nothing is done.
 
-The views that stay (MXFP4 experts kept packed) are read from the file on first touch: without more, a
-server's first requests faulted the experts in page by page during their decode steps (4 KiB at a time, and
-from disk where the page cache was cold: C=1 TPOT 77 ms against 48 in a warm process, bench/NOTES.md, session
-13). ``madvise(MADV_POPULATE_READ)`` (Linux 5.14+) maps them in at load time instead, as llama.cpp reads its
-GGUF at load; older kernels get ``MADV_WILLNEED``'s read-ahead. Embedding tables are left out: a token reads
-one row of them.
+The views that decode steps read whole (MXFP4 experts kept packed) do not stay views: models/huge_pages.py
+copies them onto huge pages at load. Embedding tables stay views of the file: a token reads one row of them.
 """
 
 from __future__ import annotations
@@ -24,20 +19,28 @@ import logging
 import mmap
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 log = logging.getLogger("gptserve.models")
 
-MADV_WILLNEED = 3
 MADV_DONTNEED = 4
-MADV_POPULATE_READ = 22
 PAGE = mmap.PAGESIZE
 
 
-def file_mappings(directory: Path) -> list[tuple[int, int]]:
-    """[start, end) of this process's mappings of ``*.safetensors`` files in ``directory``."""
+class FileMapping(NamedTuple):
+    """One mapping of a checkpoint file: [start, end) addresses showing ``path`` from byte ``offset`` on."""
+
+    start: int
+    end: int
+    path: str
+    offset: int
+
+
+def file_mappings(directory: Path) -> list[FileMapping]:
+    """This process's mappings of ``*.safetensors`` files in ``directory``."""
     prefix = str(directory.resolve()) + "/"
     found = []
     try:
@@ -47,7 +50,7 @@ def file_mappings(directory: Path) -> list[tuple[int, int]]:
                 path = fields[5].strip() if len(fields) == 6 else ""
                 if path.startswith(prefix) and path.endswith(".safetensors"):
                     start, end = (int(address, 16) for address in fields[0].split("-"))
-                    found.append((start, end))
+                    found.append(FileMapping(start, end, path, int(fields[2], 16)))
     except OSError:
         return []
     return found
@@ -103,24 +106,10 @@ def release_unviewed_pages(model: nn.Module, directory: Path) -> int:
     madvise = libc_madvise()
     released = 0
     for mapping in mappings:
-        for start, end in unviewed_ranges(mapping, views):
+        for start, end in unviewed_ranges((mapping.start, mapping.end), views):
             if madvise(start, end - start, MADV_DONTNEED) == 0:
                 released += end - start
             else:
                 log.debug("madvise failed with errno %d", ctypes.get_errno())
     return released
 
-
-def populate_views(tensors: Iterable[torch.Tensor], directory: Path) -> int:
-    """Fault in the pages of ``directory``'s mapped checkpoint files that ``tensors`` view; bytes asked for."""
-    mappings = file_mappings(directory)
-    extents = [extent for tensor in tensors if (extent := byte_extent(tensor)) is not None
-               and any(start <= extent[0] < end for start, end in mappings)]
-    madvise = libc_madvise()
-    populated = 0
-    for first, last in extents:
-        start, end = first // PAGE * PAGE, -(-last // PAGE) * PAGE
-        if madvise(start, end - start, MADV_POPULATE_READ) != 0:  # EINVAL before Linux 5.14
-            madvise(start, end - start, MADV_WILLNEED)
-        populated += end - start
-    return populated

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 from pathlib import Path
 from typing import cast
 
@@ -16,7 +14,7 @@ from torch import nn
 
 from models.gpt_oss import GptOss
 from models.loader import load_model
-from models.mapped_pages import MADV_POPULATE_READ, PAGE, libc_madvise, release_unviewed_pages, unviewed_ranges
+from models.mapped_pages import PAGE, release_unviewed_pages, unviewed_ranges
 from models.testing.gpt_oss_checkpoint import TINY_CONFIG, write_tiny_gpt_oss
 
 MIB = 1 << 20
@@ -72,25 +70,3 @@ def test_loading_leaves_no_converted_checkpoint_pages_resident(tmp_path: Path, p
     ids = torch.tensor([1, 2, 3])
     assert torch.isfinite(cast(GptOss, loaded.model).embedding(ids)).all()  # the released views read the file again
 
-
-def kernel_populates_mappings() -> bool:
-    """Whether this kernel has MADV_POPULATE_READ (Linux 5.14+); older ones only read ahead (MADV_WILLNEED),
-    which fills the page cache but maps nothing into the process, so its RSS cannot show the experts."""
-    with mmap.mmap(-1, PAGE) as probe:
-        address = ctypes.addressof(ctypes.c_char.from_buffer(probe))
-        return libc_madvise()(address, PAGE, MADV_POPULATE_READ) == 0
-
-
-@pytest.mark.skipif(not kernel_populates_mappings(), reason="this kernel has no MADV_POPULATE_READ (Linux < 5.14)")
-def test_loading_faults_in_the_packed_experts_but_not_the_embedding_table(tmp_path: Path) -> None:
-    """The experts stay views of the file and a decode step reads them whole: mapped in at load time, not page
-    by page during the first requests. The embedding, of which a token reads one row, is left on disk."""
-    # experts of 3.3 MB a layer: the tiny model's 52 KB are read whole by the kernel's fault-around anyway
-    directory = write_tiny_gpt_oss(tmp_path, hidden_size=256, intermediate_size=512, num_local_experts=16)
-    model = cast(GptOss, load_model(directory, device="cpu", keep_experts_packed=True, dtype="bfloat16").model)
-    experts = [moe.experts for moe in model.moes]
-    packed = [t for e in experts for t in (e.gate_up_blocks, e.gate_up_scales, e.down_blocks, e.down_scales)]
-    packed_bytes = sum(t.numel() for t in packed)  # uint8
-    embedding_bytes = model.embedding.weight.numel() * model.embedding.weight.element_size()
-    resident = resident_checkpoint_bytes(directory)
-    assert packed_bytes <= resident < packed_bytes + embedding_bytes // 4, (packed_bytes, embedding_bytes, resident)

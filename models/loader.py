@@ -15,7 +15,7 @@ from models.cpu_kernels import cpu_kernels_loaded
 from models.deferred_tokenizer import DeferredTokenizer
 from models.huge_pages import collapse_into_huge_pages, copy_onto_huge_pages
 from models.linear_selection import select_linears
-from models.mapped_pages import module_tensors, release_unviewed_pages
+from models.mapped_pages import module_tensors, read_ahead_views, release_unviewed_pages
 from models.onednn_linear import onednn_usable
 from models.parallel import SINGLE, TensorParallel
 from models.servable import ServableModel
@@ -96,6 +96,12 @@ def streamed_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
             for tensor in module_tensors(module, recurse=False)]
 
 
+def embedding_tables(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors a token reads one row of."""
+    return [tensor for module in model.modules() if isinstance(module, (torch.nn.Embedding, Bf16Embedding))
+            for tensor in module_tensors(module, recurse=False)]
+
+
 def load_model(
     path: str | Path,
     dtype: str = "auto",
@@ -165,4 +171,5 @@ def load_weights(
         # huge pages; then the views of the file, which cannot collapse, are copied onto them
         collapse_into_huge_pages(module_tensors(model))
         copy_onto_huge_pages(streamed_tensors(model), model_dir)
+    read_ahead_views(embedding_tables(model), model_dir)  # a new token's row: a page cache hit, not a disk read
     return model

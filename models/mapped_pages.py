@@ -10,6 +10,9 @@ Linux only; elsewhere (no /proc/self/maps) nothing is done.
 
 The views that decode steps read whole (MXFP4 experts kept packed) do not stay views: models/huge_pages.py
 copies them onto huge pages at load. Embedding tables stay views of the file: a token reads one row of them.
+Those rows are read ahead into the page cache at load (``MADV_WILLNEED``, as llama.cpp does with its whole
+GGUF), which maps nothing into the process: without it, each new token of a server started on a cold page
+cache read its row from disk during its decode step (~10 ms a step on gpt-oss-20b, bench/NOTES.md, session 14).
 """
 
 from __future__ import annotations
@@ -26,8 +29,12 @@ from torch import nn
 
 log = logging.getLogger("gptserve.models")
 
+MADV_WILLNEED = 3
 MADV_DONTNEED = 4
 PAGE = mmap.PAGESIZE
+# One MADV_WILLNEED reads ahead only part of a long range (a 25 MB table ended 65% cached); in calls of 2 MiB
+# the whole of it is read
+READ_AHEAD_CHUNK = 2 << 20
 
 
 class FileMapping(NamedTuple):
@@ -113,3 +120,21 @@ def release_unviewed_pages(model: nn.Module, directory: Path) -> int:
                 log.debug("madvise failed with errno %d", ctypes.get_errno())
     return released
 
+
+
+def read_ahead_views(tensors: Iterable[torch.Tensor], directory: Path) -> int:
+    """Ask the kernel to read the file pages that ``tensors`` view in ``directory``'s mapped checkpoint into the
+    page cache (not into this process); bytes asked for."""
+    mappings = file_mappings(directory)
+    madvise = libc_madvise()
+    asked = 0
+    for tensor in tensors:
+        extent = byte_extent(tensor)
+        if extent is None or not any(m.start <= extent[0] < m.end for m in mappings):
+            continue
+        start, end = extent[0] // PAGE * PAGE, -(-extent[1] // PAGE) * PAGE
+        for chunk in range(start, end, READ_AHEAD_CHUNK):
+            length = min(READ_AHEAD_CHUNK, end - chunk)
+            if madvise(chunk, length, MADV_WILLNEED) == 0:
+                asked += length
+    return asked

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import time
 from pathlib import Path
 from typing import cast
 
@@ -13,8 +16,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from models.gpt_oss import GptOss
-from models.loader import load_model
-from models.mapped_pages import PAGE, release_unviewed_pages, unviewed_ranges
+from models.loader import embedding_tables, load_model
+from models.mapped_pages import PAGE, read_ahead_views, release_unviewed_pages, unviewed_ranges
 from models.testing.gpt_oss_checkpoint import TINY_CONFIG, write_tiny_gpt_oss
 
 MIB = 1 << 20
@@ -70,3 +73,49 @@ def test_loading_leaves_no_converted_checkpoint_pages_resident(tmp_path: Path, p
     ids = torch.tensor([1, 2, 3])
     assert torch.isfinite(cast(GptOss, loaded.model).embedding(ids)).all()  # the released views read the file again
 
+
+
+def page_cache_fraction(tensor: torch.Tensor) -> float:
+    """The share of the file pages under ``tensor`` that are in the page cache (mincore), mapped in or not."""
+    start = tensor.data_ptr() // PAGE * PAGE
+    length = tensor.data_ptr() + tensor.numel() * tensor.element_size() - start
+    pages = -(-length // PAGE)
+    vector = (ctypes.c_ubyte * pages)()
+    mincore = ctypes.CDLL(None, use_errno=True).mincore
+    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    assert mincore(start, length, vector) == 0, ctypes.get_errno()
+    return sum(byte & 1 for byte in vector) / pages
+
+
+def evict_from_page_cache(directory: Path) -> None:
+    for path in directory.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # written just now: dirty pages stay in the cache until they are on disk
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def wait_for_page_cache(tensor: torch.Tensor, fraction: float) -> float:
+    """The tensor's page cache fraction once it reaches ``fraction`` (read-ahead runs in the background), or
+    after 10 s."""
+    deadline = time.monotonic() + 10
+    while page_cache_fraction(tensor) < fraction and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return page_cache_fraction(tensor)
+
+
+def test_loading_reads_the_embedding_ahead_into_the_page_cache_but_not_into_the_process(tmp_path: Path) -> None:
+    """A token reads one row of the embedding: the table stays a view of the file, out of RSS, but its pages are
+    read into the page cache at load, so a new token's row is not a disk read inside a decode step."""
+    directory = write_tiny_gpt_oss(tmp_path)
+    evict_from_page_cache(directory)
+    model = cast(GptOss, load_model(directory, device="cpu", keep_experts_packed=True, dtype="bfloat16").model)
+    table = model.embedding.weight
+    assert wait_for_page_cache(table, 0.9) >= 0.9  # without the read-ahead: ~65%, what the loads around it pulled in
+    assert resident_checkpoint_bytes(directory) < table.numel() * table.element_size() // 4
+    evict_from_page_cache(directory)
+    assert page_cache_fraction(table) < 0.1
+    assert read_ahead_views(embedding_tables(model), directory) >= table.numel() * table.element_size()
+    assert wait_for_page_cache(table, 0.9) >= 0.9

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from models.mapped_pages import MADV_DONTNEED, PAGE, byte_extent, file_mappings, libc_madvise
+from models.mapped_pages import MADV_DONTNEED, PAGE, byte_extent, file_mappings, libc_madvise, mapping_viewed
 
 log = logging.getLogger("gptserve.models")
 
@@ -95,8 +95,7 @@ def copy_onto_huge_pages(tensors: Iterable[torch.Tensor], directory: Path) -> in
     copied = 0
     try:
         for tensor in tensors:
-            extent = byte_extent(tensor)
-            mapping = next((m for m in mappings if extent is not None and m.start <= extent[0] < m.end), None)
+            extent, mapping = byte_extent(tensor), mapping_viewed(tensor, mappings)
             if extent is None or mapping is None:
                 continue
             nbytes = tensor.numel() * tensor.element_size()

@@ -1,4 +1,5 @@
-"""Drop the resident pages of a memory-mapped checkpoint that no tensor of the loaded model views.
+"""The pages of a memory-mapped checkpoint: those no tensor of the loaded model views leave the process, and
+those of the embedding tables are read ahead.
 
 safetensors maps each shard whole, and a tensor kept as stored (MXFP4 experts, a bf16 embedding) is a view of
 that mapping, so the mapping lives as long as the model. Tensors that were read and then converted (the bf16
@@ -121,6 +122,11 @@ def release_unviewed_pages(model: nn.Module, directory: Path) -> int:
     return released
 
 
+def mapping_viewed(tensor: torch.Tensor, mappings: list[FileMapping]) -> FileMapping | None:
+    """The mapping whose memory ``tensor`` views, if any."""
+    extent = byte_extent(tensor)
+    return next((m for m in mappings if extent is not None and m.start <= extent[0] < m.end), None)
+
 
 def read_ahead_views(tensors: Iterable[torch.Tensor], directory: Path) -> int:
     """Ask the kernel to read the file pages that ``tensors`` view in ``directory``'s mapped checkpoint into the
@@ -130,7 +136,7 @@ def read_ahead_views(tensors: Iterable[torch.Tensor], directory: Path) -> int:
     asked = 0
     for tensor in tensors:
         extent = byte_extent(tensor)
-        if extent is None or not any(m.start <= extent[0] < m.end for m in mappings):
+        if extent is None or mapping_viewed(tensor, mappings) is None:
             continue
         start, end = extent[0] // PAGE * PAGE, -(-extent[1] // PAGE) * PAGE
         for chunk in range(start, end, READ_AHEAD_CHUNK):

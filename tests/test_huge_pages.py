@@ -13,7 +13,7 @@ from safetensors import safe_open
 from models.gpt_oss import GptOss
 from models.huge_pages import HUGE_PAGE, collapse_into_huge_pages, huge_page_empty, huge_page_spans
 from models.loader import load_model
-from models.mapped_pages import byte_extent, file_mappings
+from models.mapped_pages import file_mappings, mapping_viewed
 from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
 from tests.test_mapped_pages import resident_checkpoint_bytes
 
@@ -59,8 +59,7 @@ def test_loaded_weights_are_backed_by_huge_pages(tiny_gpt2_dir):
 
 
 def views_the_file(tensor: torch.Tensor, directory: Path) -> bool:
-    extent = byte_extent(tensor)
-    return extent is not None and any(m.start <= extent[0] < m.end for m in file_mappings(directory))
+    return mapping_viewed(tensor, file_mappings(directory)) is not None
 
 
 def test_a_huge_page_buffer_starts_on_a_huge_page():

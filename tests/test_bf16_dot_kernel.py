@@ -7,18 +7,9 @@ import torch
 
 from models.bf16_dot_linear import Bf16DotLinear
 from models.bf16_weight_linear import pack_bf16_weight
-from models.cpu_isa import cpu_isa
-from models.cpu_kernels import cpu_kernels_loaded
+from tests.bf16_dots import assert_rounded_product, kernels, needs_avx512_bf16  # noqa: F401 (the kernels fixture applies itself)
 
-pytestmark = pytest.mark.skipif(not cpu_isa().avx512_bf16, reason=f"this CPU has no AVX512-BF16 ({cpu_isa()})")
-
-HALF_BF16_STEP = 2.0**-8  # the most a rounding to bf16 (8 significant bits) moves a value, relative to it
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    if not cpu_kernels_loaded():
-        pytest.fail("the C++ CPU kernels did not build (g++ and ninja are test requirements)")
+pytestmark = needs_avx512_bf16
 
 
 def op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -31,15 +22,6 @@ def random_case(rows: int, out_features: int, in_features: int, seed: int):
     weight = torch.randn(out_features, in_features, generator=g).bfloat16()
     bias = torch.randn(out_features, generator=g)
     return x, weight, bias
-
-
-def assert_rounded_product(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """got is x @ weight.T + bias summed in float32 and rounded to bf16 once: within half a bf16 step of the
-    exact value, plus the float32 sum's own error (a few float32 steps of the sum of the terms' magnitudes)."""
-    exact = x.double() @ weight.double().T + (0 if bias is None else bias.double())
-    bound = x.double().abs() @ weight.double().abs().T
-    assert got.dtype == torch.bfloat16 and got.shape == exact.shape
-    assert ((got.double() - exact).abs() <= HALF_BF16_STEP * exact.abs() + 1e-6 * bound).all()
 
 
 @pytest.mark.parametrize("rows,out_features,in_features", [

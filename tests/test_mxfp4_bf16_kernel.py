@@ -6,20 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.cpu_isa import cpu_isa
-from models.cpu_kernels import cpu_kernels_loaded
 from models.moe import grouped_linear_mxfp4
 from models.mxfp4 import BF16_KERNEL_MAX_ROWS, dequantize_mxfp4, linear_mxfp4
+from tests.bf16_dots import HALF_BF16_STEP, assert_rounded_product, kernels, needs_avx512_bf16  # noqa: F401 (the kernels fixture applies itself)
 
-pytestmark = pytest.mark.skipif(not cpu_isa().avx512_bf16, reason=f"this CPU has no AVX512-BF16 ({cpu_isa()})")
-
-HALF_BF16_STEP = 2.0**-8  # the most a rounding to bf16 (8 significant bits) moves a value, relative to it
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    if not cpu_kernels_loaded():
-        pytest.fail("the C++ CPU kernels did not build (g++ and ninja are test requirements)")
+pytestmark = needs_avx512_bf16
 
 
 def op(x, counts, blocks, scales, bias=None):
@@ -31,15 +22,6 @@ def random_packed(experts: int, out_features: int, in_features: int, seed: int, 
     blocks = torch.randint(0, 256, (experts, out_features, in_features // 32, 16), generator=g, dtype=torch.uint8)
     scales = torch.randint(*scale_range, (experts, out_features, in_features // 32), generator=g, dtype=torch.uint8)
     return blocks, scales, g
-
-
-def assert_rounded_product(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """got is x @ weight.T + bias summed in float32 and rounded to bf16 once: within half a bf16 step of the
-    exact value, plus the float32 sum's own error (a few float32 steps of the sum of the terms' magnitudes)."""
-    exact = x.double() @ weight.double().T + (0 if bias is None else bias.double())
-    bound = x.double().abs() @ weight.double().abs().T
-    assert got.dtype == torch.bfloat16
-    assert ((got.double() - exact).abs() <= HALF_BF16_STEP * exact.abs() + 1e-6 * bound).all()
 
 
 def test_every_byte_and_scale_decodes_exactly():

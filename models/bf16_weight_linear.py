@@ -88,18 +88,21 @@ class Bf16WeightLinear(nn.Module):
 
 
 class Bf16Embedding(nn.Module):
-    """An embedding whose table is bf16 values, looked up in fp32: from its own bf16 table, or, tied to the
-    unembedding, from that layer's packed rows (``tied_to``), so the matrix is held once."""
+    """An embedding whose table is bf16 values, looked up in ``dtype`` (fp32 under bf16 weights, bf16 in a bf16
+    model): from its own bf16 table, or, tied to the unembedding, from that layer's packed rows (``tied_to``),
+    so the matrix is held once."""
 
     weight: Tensor | None
 
-    def __init__(self, weight: Tensor | None = None, tied_to: Bf16WeightLinear | None = None) -> None:
+    def __init__(self, weight: Tensor | None = None, tied_to: Bf16WeightLinear | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.register_buffer("weight", None if weight is None else weight.detach().to(torch.bfloat16))
         self._tied = [tied_to] if tied_to is not None else []  # a list: not a second owner in the module tree
+        self.dtype = dtype
 
     def forward(self, ids: Tensor) -> Tensor:
         if self._tied:
-            return self._tied[0].weight_rows(ids.reshape(-1)).view(*ids.shape, -1)
+            return self._tied[0].weight_rows(ids.reshape(-1)).view(*ids.shape, -1).to(self.dtype)
         assert self.weight is not None
-        return F.embedding(ids, self.weight).float()
+        return F.embedding(ids, self.weight).to(self.dtype)

@@ -28,9 +28,10 @@ def logits_linear(weight: Tensor, bf16_weights: bool) -> OneDNNLinear | Bf16Weig
     return OneDNNLinear(weight, None)
 
 
-def use_bf16_embeddings(model: nn.Module, unembedding: Tensor | None) -> None:
-    """Every ``nn.Embedding`` below ``model`` becomes a bf16 one: the one tied to ``unembedding`` reads the
-    logits layer's packed rows, the others keep their own table in bf16 (their values are bf16 already)."""
+def use_bf16_embeddings(model: nn.Module, unembedding: Tensor | None, looked_up_as: torch.dtype) -> None:
+    """Every ``nn.Embedding`` below ``model`` becomes a bf16 one whose rows come out in ``looked_up_as``: the one
+    tied to ``unembedding`` reads the logits layer's packed rows, the others keep their own table in bf16 (their
+    values are bf16 already)."""
     lm_head = getattr(model, "lm_head", None)
     for parent in list(model.modules()):
         for name, layer in list(parent.named_children()):
@@ -38,9 +39,9 @@ def use_bf16_embeddings(model: nn.Module, unembedding: Tensor | None) -> None:
                 continue
             tied = unembedding is not None and layer.weight.data_ptr() == unembedding.data_ptr()
             if tied and isinstance(lm_head, Bf16WeightLinear):
-                setattr(parent, name, Bf16Embedding(tied_to=lm_head))
+                setattr(parent, name, Bf16Embedding(tied_to=lm_head, dtype=looked_up_as))
             else:
-                setattr(parent, name, Bf16Embedding(layer.weight))
+                setattr(parent, name, Bf16Embedding(layer.weight, dtype=looked_up_as))
 
 
 def use_onednn(
@@ -49,11 +50,14 @@ def use_onednn(
     """Once, at load: ``model.lm_head`` becomes the CPU logits layer over ``unembedding`` [vocab, H] (None: a
     rank that computes no logits), and every plain ``nn.Linear`` below ``model`` a oneDNN one. With
     ``bf16_weights`` (weights already rounded) the linears and embeddings hold their weights once, in bf16;
-    with ``bf16_dots`` (a bf16 model) the linears are the vdpbf16ps ones instead of oneDNN's."""
-    if unembedding is not None:  # a reordered copy: a tied embedding stays as it is for the lookups
+    with ``bf16_dots`` (a bf16 model) the linears are the vdpbf16ps ones instead of oneDNN's. A bf16 model's
+    tied embedding looks its rows up in the logits layer's packed copy, as under bf16 weights."""
+    if unembedding is not None:  # a copy: a tied fp32 embedding stays as it is for the lookups
         model.lm_head = logits_linear(unembedding, bf16_weights)
     if bf16_weights:
-        use_bf16_embeddings(model, unembedding)
+        use_bf16_embeddings(model, unembedding, torch.float32)
+    elif unembedding is not None and unembedding.dtype == torch.bfloat16:
+        use_bf16_embeddings(model, unembedding, torch.bfloat16)
     linear = Bf16WeightLinear if bf16_weights else Bf16DotLinear if bf16_dots else OneDNNLinear
     for parent in list(model.modules()):
         for name, layer in list(parent.named_children()):

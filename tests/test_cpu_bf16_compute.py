@@ -122,7 +122,7 @@ def teacher_forced_logits(model, sequences: list[list[int]], decoded: int) -> li
 def test_gpt2_bf16_prefill_and_batched_decode_stay_as_close_as_transformers_bf16(monkeypatch, tiny_gpt2_dir, path):
     gpt2_path(monkeypatch, path)
     model = load_model(tiny_gpt2_dir, dtype="bfloat16", device="cpu").model
-    assert model.wte.weight.dtype == torch.bfloat16
+    assert model.wte(torch.tensor([0])).dtype == torch.bfloat16
     assert type(model.h[0].mlp.c_fc) is LINEAR_TYPES[path]
     fp32, bf16 = gpt2_oracles(tiny_gpt2_dir)
     rng = random.Random(0)
@@ -141,7 +141,8 @@ def test_bf16_model_logits_are_fp32_sums_over_bf16_values(tiny_gpt2_dir):
     model = load_model(tiny_gpt2_dir, dtype="bfloat16", device="cpu").model
     assert isinstance(model.lm_head, Bf16WeightLinear)
     hidden = torch.randn(3, model.config.n_embd).to(torch.bfloat16)
-    expected = hidden.double() @ model.wte.weight.double().T
+    table = model.wte(torch.arange(model.config.vocab_size))  # the tied matrix, in bf16
+    expected = hidden.double() @ table.double().T
     torch.testing.assert_close(model.compute_logits(hidden).double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -194,3 +195,17 @@ def test_bf16_weights_flag_keeps_auto_at_float32_where_auto_would_be_bf16(monkey
     fake_isa(monkeypatch, AMX)
     loaded = load_model(tiny_gpt2_dir, device="cpu", cpu_weight_dtype="bfloat16")
     assert loaded.dtype == torch.float32 and isinstance(loaded.model.lm_head, Bf16WeightLinear)
+
+
+@native_bf16
+def test_bf16_gpt2_holds_its_tied_embedding_once(tiny_gpt2_dir):
+    """The lookups read the logits layer's packed rows, in bf16: no second table of vocab x n_embd."""
+    from transformers import GPT2LMHeadModel
+
+    model = load_model(tiny_gpt2_dir, dtype="bfloat16", device="cpu").model
+    assert isinstance(model.lm_head, Bf16WeightLinear) and model.wte.weight is None
+    vocab_bytes = model.config.vocab_size * model.config.n_embd * 2
+    assert sum(t.numel() * t.element_size() for t in model.state_dict().values()) < 1.5 * vocab_bytes
+    ids = torch.tensor([[0, 7, 50256, 7]])
+    expected = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).transformer.wte.weight[ids].bfloat16()
+    assert torch.equal(model.wte(ids), expected)

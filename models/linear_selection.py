@@ -3,11 +3,11 @@
 On CPU in fp32 (or bf16 where the CPU multiplies it natively) every plain ``nn.Linear`` becomes oneDNN's
 (models/onednn_linear.py), or with bf16 weights the bf16-streaming layer (models/bf16_weight_linear.py), or in
 a bf16 model on a CPU with AVX512-BF16 and no AMX the vdpbf16ps one (models/bf16_dot_linear.py); and the
-logits layer one that computes fp32 logits whatever the model's dtype. With bf16 weights the embeddings are
-looked up in bf16 too, a tied one in the unembedding's packed rows: no weight is held twice. Elsewhere the
-layers stay torch's, and only the unembedding is stored the way torch's logits matmul reads it fastest
-(models/logits_layout.py). Row-parallel layers keep their own forward: their partial products must be summed
-over the ranks.
+logits layer one that computes fp32 logits whatever the model's dtype. With bf16 weights, or in a bf16 model,
+the embeddings are looked up in bf16 too, a tied one in the unembedding's packed rows: no weight is held twice.
+Elsewhere the layers stay torch's, and only the unembedding is stored the way torch's logits matmul reads it
+fastest (models/logits_layout.py). Row-parallel layers keep their own forward: their partial products must be
+summed over the ranks.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ struct Call {
   const uint16_t* w;
   const float* bias;  // or nullptr
   c10::BFloat16* out;
-  int64_t M, N, pairs, block_rows;
+  int64_t N, pairs, block_rows;
 };
 
 #if defined(__x86_64__)
@@ -133,7 +133,7 @@ at::Tensor bf16_dot_linear(const at::Tensor& x, const at::Tensor& packed, const 
   const at::Tensor xt = pairs_by_block(x, block_rows);
   const Call c{reinterpret_cast<const uint32_t*>(xt.data_ptr<int32_t>()),
                reinterpret_cast<const uint16_t*>(packed.data_ptr<int16_t>()), has_bias ? bias->data_ptr<float>() : nullptr,
-               out.data_ptr<c10::BFloat16>(), M, N, packed.size(1), block_rows};
+               out.data_ptr<c10::BFloat16>(), N, packed.size(1), block_rows};
 #if defined(__x86_64__)
   // Each thread takes a run of groups and, block by block, passes its rows over them: the x block stays in
   // cache while the groups stream by, and for a decode step (one block) every weight is read once.

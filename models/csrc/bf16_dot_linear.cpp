@@ -40,8 +40,7 @@ constexpr int kRowsPerPass = 12;    // 24 accumulators of the 32 registers
 // Rows of x transposed together: a pass broadcasts its rows' pairs from one short stretch of a block
 // ([pairs, kBlockRows] words), not from rows a whole input apart, which at K = 4096 alias every 4 KiB.
 constexpr int64_t kBlockRows = 96;
-// The weights are asked for this many words (4 KiB) ahead with the non-temporal hint, as bf16_linear's dots:
-// a step reads each weight once and should not evict what it reads again.
+// The weights are asked for this many words (4 KiB) ahead, hinted as the CPU streams best (cpu_features.h).
 constexpr int64_t kAhead = 2048;
 
 // x [M, K] -> [blocks, pairs, rows] 32-bit words, word (b, p, r) the pair (2p, 2p+1) of row b * rows + r,
@@ -68,7 +67,7 @@ struct Call {
 #define TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 // ROWS rows from `first` (within one block) against group g: out[r][32 g + lane] for the group's valid lanes.
-template <int ROWS>
+template <int ROWS, StreamHint HINT>
 TARGET_BF16 void group_pass(const Call& c, int64_t g, int64_t first) {
   const int64_t block = first / c.block_rows, in_block = first % c.block_rows;
   const uint32_t* x = c.xt + block * c.pairs * c.block_rows + in_block;
@@ -76,8 +75,8 @@ TARGET_BF16 void group_pass(const Call& c, int64_t g, int64_t first) {
   __m512 acc[ROWS][2];
   for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t p = 0; p < c.pairs; ++p, w += kGroupPair, x += c.block_rows) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + kAhead), _MM_HINT_NTA);
-    _mm_prefetch(reinterpret_cast<const char*>(w + kAhead + 32), _MM_HINT_NTA);
+    prefetch_streamed<HINT>(w + kAhead);
+    prefetch_streamed<HINT>(w + kAhead + 32);
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w), w1 = (__m512bh)_mm512_loadu_si512(w + 32);
     for (int r = 0; r < ROWS; ++r) {
       const __m512bh pair = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r]));
@@ -97,15 +96,17 @@ TARGET_BF16 void group_pass(const Call& c, int64_t g, int64_t first) {
 
 using Pass = void (*)(const Call&, int64_t, int64_t);
 
-template <size_t... R>
+template <StreamHint HINT, size_t... R>
 constexpr std::array<Pass, sizeof...(R)> passes(std::index_sequence<R...>) {
-  return {&group_pass<static_cast<int>(R) + 1>...};
+  return {&group_pass<static_cast<int>(R) + 1, HINT>...};
 }
 
 // Rows [first, first + rows) of one block against group g, in passes of nearly equal size (a block's 96 rows
 // are eight passes of 12; 13 rows are 7 and 6, not 12 and a pass of one that reads the weights for one row).
 void block_against_group(const Call& c, int64_t g, int64_t first, int64_t rows) {
-  static constexpr auto pass = passes(std::make_index_sequence<kRowsPerPass>());
+  static constexpr auto into_l2 = passes<StreamHint::kIntoL2>(std::make_index_sequence<kRowsPerPass>());
+  static constexpr auto non_temporal = passes<StreamHint::kNonTemporal>(std::make_index_sequence<kRowsPerPass>());
+  const auto& pass = stream_hint() == StreamHint::kIntoL2 ? into_l2 : non_temporal;
   const int64_t count = (rows + kRowsPerPass - 1) / kRowsPerPass, base = rows / count, longer = rows % count;
   for (int64_t p = 0; p < count; ++p) {
     const int64_t n = base + (p < longer ? 1 : 0);

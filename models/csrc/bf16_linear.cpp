@@ -42,12 +42,11 @@ constexpr int64_t kGroupPair = 64;  // int16 words of one input pair of a group:
 constexpr int64_t kTileFloats = int64_t{1} << 22;  // bf16_linear_tiles' widened tile: at most 16 MiB
 constexpr int kRowsAvx2 = 2;     // rows a pass of the AVX2 dots: 8 accumulators of its 16 registers
 constexpr int kRowsAvx512 = 12;  // rows a pass of the AVX-512 dots: 24 accumulators of its 32 registers
-// The AVX-512 dots ask for the weights this many words (4 KiB) ahead with the non-temporal hint: a step reads
-// each weight once, and so hinted they stop evicting what the step reads again (the KV rows attention reads
-// after 14 MB of a layer's weights, the activations, the logits). A GPT-2-124M C=1 step took 4-5% less CPU on
-// one thread and C=4 steps 3-4% less time on two; 2 KiB and 8 KiB ahead measured worse than no hint
-// (bench/NOTES.md, session 12).
-constexpr int64_t kNonTemporalAhead = 2048;
+// The AVX-512 dots ask for the weights this many words (4 KiB) ahead, hinted as the CPU streams best
+// (cpu_features.h). With the non-temporal hint a GPT-2-124M C=1 step took 4-5% less CPU on one Zen 4 thread
+// and C=4 steps 3-4% less time on two; 2 KiB and 8 KiB ahead measured worse than no hint (bench/NOTES.md,
+// session 12).
+constexpr int64_t kStreamAhead = 2048;
 
 inline float widen(uint16_t bits) {
   const uint32_t u = static_cast<uint32_t>(bits) << 16;
@@ -150,13 +149,12 @@ inline __attribute__((target("avx2,fma"))) void widen_group_avx2(const uint16_t*
 
 // One input pair (ODD: both inputs, else the last input of an odd K) of one group against ROWS rows of x,
 // read from x transposed (xt: row r's input k at xt[k * ldx + r]).
-template <int ROWS, bool ODD>
+template <int ROWS, bool ODD, StreamHint HINT>
 __attribute__((target("avx512f,avx2,fma"))) inline void pair_avx512(const float* xt, int64_t ldx, const uint16_t* w,
                                                                     __m512 (&acc)[ROWS][kLanes / 16]) {
   constexpr int VECS = kLanes / 16;
   __m512 even[VECS], odd[VECS];
-  for (int v = 0; v < VECS; ++v)
-    _mm_prefetch(reinterpret_cast<const char*>(w + kNonTemporalAhead + 32 * v), _MM_HINT_NTA);
+  for (int v = 0; v < VECS; ++v) prefetch_streamed<HINT>(w + kStreamAhead + 32 * v);
   for (int v = 0; v < VECS; ++v) {
     const __m512i bits = _mm512_loadu_si512(w + 32 * v);
     even[v] = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
@@ -177,7 +175,7 @@ __attribute__((target("avx512f,avx2,fma"))) inline void pair_avx512(const float*
 // transposed ([K, ldx], this pass's rows first): the values a step broadcasts share a cache line, where rows
 // K floats apart are 4 KiB-aliased at K = 3072 or 4096 and thrashed L1 at eight rows. `valid` of the 32
 // outputs are written.
-template <int ROWS>
+template <int ROWS, StreamHint HINT>
 __attribute__((target("avx512f,avx2,fma"))) void group_avx512(const float* xt, int64_t ldx, int64_t K,
                                                               const uint16_t* w, float* out, int64_t ldo,
                                                               int64_t valid, const float* bias) {
@@ -185,8 +183,9 @@ __attribute__((target("avx512f,avx2,fma"))) void group_avx512(const float* xt, i
   __m512 acc[ROWS][VECS];
   for (int r = 0; r < ROWS; ++r)
     for (int v = 0; v < VECS; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k + 1 < K; k += 2) pair_avx512<ROWS, true>(xt + k * ldx, ldx, w + (k / 2) * kGroupPair, acc);
-  if (K % 2) pair_avx512<ROWS, false>(xt + (K - 1) * ldx, ldx, w + (K / 2) * kGroupPair, acc);
+  for (int64_t k = 0; k + 1 < K; k += 2)
+    pair_avx512<ROWS, true, HINT>(xt + k * ldx, ldx, w + (k / 2) * kGroupPair, acc);
+  if (K % 2) pair_avx512<ROWS, false, HINT>(xt + (K - 1) * ldx, ldx, w + (K / 2) * kGroupPair, acc);
   for (int r = 0; r < ROWS; ++r) {
     float sum[kLanes];
     for (int v = 0; v < VECS; ++v) _mm512_storeu_ps(sum + 16 * v, acc[r][v]);
@@ -196,16 +195,19 @@ __attribute__((target("avx512f,avx2,fma"))) void group_avx512(const float* xt, i
 
 using PassAvx512 = void (*)(const float*, int64_t, int64_t, const uint16_t*, float*, int64_t, int64_t, const float*);
 
-template <size_t... R>
+template <StreamHint HINT, size_t... R>
 constexpr std::array<PassAvx512, sizeof...(R)> passes_avx512(std::index_sequence<R...>) {
-  return {&group_avx512<static_cast<int>(R) + 1>...};
+  return {&group_avx512<static_cast<int>(R) + 1, HINT>...};
 }
 
 // All M rows in passes of nearly equal size (64 rows: 11,11,11,11,10,10, not 12 x 5 and a pass of 4, which
 // would widen the weights once for only four rows' FMAs).
 void rows_avx512(const float* xt, int64_t M, int64_t K, const uint16_t* w, float* out, int64_t N, int64_t valid,
                  const float* bias) {
-  static constexpr auto pass = passes_avx512(std::make_index_sequence<kRowsAvx512>());
+  static constexpr auto into_l2 = passes_avx512<StreamHint::kIntoL2>(std::make_index_sequence<kRowsAvx512>());
+  static constexpr auto non_temporal =
+      passes_avx512<StreamHint::kNonTemporal>(std::make_index_sequence<kRowsAvx512>());
+  const auto& pass = stream_hint() == StreamHint::kIntoL2 ? into_l2 : non_temporal;
   const int64_t count = (M + kRowsAvx512 - 1) / kRowsAvx512, base = M / count, longer = M % count;
   for (int64_t p = 0, r = 0; p < count; ++p) {
     const int64_t rows = base + (p < longer ? 1 : 0);

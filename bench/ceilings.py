@@ -51,6 +51,29 @@ def read_bandwidth(megabytes: int, repeats: int) -> Rate:
     return measure_rate(x.sum, x.nbytes, repeats)
 
 
+def kernel_read_bandwidths(megabytes: int, repeats: int) -> dict[str, Rate]:
+    """Bytes/s the project's bf16 weight kernels stream at one row, over a packed weight of ``megabytes``: on
+    some CPUs their prefetched reads outrun the plain sum (25-31 against 24-27 GB/s on a two-core Xeon, bench/
+    NOTES.md, session 15), and a bound must use the fastest read the machine gives. Empty where the kernels are
+    not built; the vdpbf16ps one only where the CPU has AVX512-BF16."""
+    from models.cpu_isa import cpu_isa
+    from models.cpu_kernels import cpu_kernels_loaded
+
+    if not cpu_kernels_loaded():
+        return {}
+    k = 2880
+    groups = megabytes * 2**20 // (k * 64)
+    # Every word bf16 1.0: written (untouched pages would all read one zero page), and normal (subnormal
+    # weights take the fp32 FMAs' slow path on Intel)
+    packed = torch.full((groups, k // 2, 32, 2), 0x3F80, dtype=torch.int16)
+    n = groups * 32
+    ops, x = torch.ops.gptserve, torch.ones(1, k)
+    kernels: dict[str, Callable[[], object]] = {"bf16_linear": lambda: ops.bf16_linear(x, packed, None, n)}
+    if cpu_isa().avx512_bf16:
+        kernels["bf16_dot_linear"] = lambda: ops.bf16_dot_linear(x.bfloat16(), packed, None, n)
+    return {name: measure_rate(work, packed.nbytes, repeats) for name, work in kernels.items()}
+
+
 def gemm_rate(m: int, k: int, n: int, repeats: int) -> Rate:
     """fp32 FLOP/s of an (m x k) @ (k x n) product into a preallocated output."""
     a, b, out = torch.randn(m, k), torch.randn(k, n), torch.empty(m, n)

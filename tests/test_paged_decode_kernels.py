@@ -59,7 +59,7 @@ def test_kernels_match_gather_and_sdpa(monkeypatch, heads, kv_heads, head_dim, w
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(12, 12, 64), (8, 2, 64), (6, 3, 32)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(12, 12, 64), (8, 2, 64), (16, 2, 64), (6, 3, 32)])
 def test_every_isa_path_this_cpu_runs_matches_gather_and_sdpa(isa, pool_dtype, heads, kv_heads, head_dim):
     """The op called with each path by name (AVX-512 takes head dims that are multiples of 16, up to 64), windowed
     and with sinks, from float32 and bfloat16 pools; a path this CPU lacks is refused by the op, and skipped."""

@@ -185,12 +185,15 @@ GPTSERVE_AVX512 void attend_task_avx512(const float* q, int64_t q_row_stride, co
   const float* q_seq = q + s * q_row_stride;
   for (int64_t t = vis.lo; t < vis.ctx; ++t) {
     const T* row = keys + g.slot(blocks, s, t) * g.KVH * D;
-    for (int64_t h = first; h < last; ++h) {
-      const float* qh = q_seq + h * D;
-      const T* k = row + (h / g.group()) * D;
-      __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(qh), load16(k));
-      for (int64_t l = 1; l < lanes; ++l) sum = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * l), load16(k + 16 * l), sum);
-      scores[(h - first) * span + (t - vis.lo)] = _mm512_reduce_add_ps(sum) * scale;
+    for (int64_t kv = kv_begin; kv < kv_end; ++kv) {
+      __m512 k[kAvx512MaxDim / 16];  // the key row widened once for the group's query heads
+      for (int64_t l = 0; l < lanes; ++l) k[l] = load16(row + kv * D + 16 * l);
+      for (int64_t h = kv * g.group(); h < (kv + 1) * g.group(); ++h) {
+        const float* qh = q_seq + h * D;
+        __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(qh), k[0]);
+        for (int64_t l = 1; l < lanes; ++l) sum = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * l), k[l], sum);
+        scores[(h - first) * span + (t - vis.lo)] = _mm512_reduce_add_ps(sum) * scale;
+      }
     }
   }
   softmax_rows(scores, span, first, last, sinks);
@@ -201,11 +204,16 @@ GPTSERVE_AVX512 void attend_task_avx512(const float* q, int64_t q_row_stride, co
       for (int64_t l = 0; l < lanes; ++l) acc[j][l] = _mm512_setzero_ps();
     for (int64_t t = vis.lo; t < vis.ctx; ++t) {
       const T* row = values + g.slot(blocks, s, t) * g.KVH * D;
+      __m512 v[kAvx512MaxDim / 16];  // the row of the heads' KV head, widened once for all that share it
+      int64_t widened = -1;
       for (int64_t j = 0; j < heads; ++j) {
         const int64_t h = h0 + j;
+        if (h / g.group() != widened) {
+          widened = h / g.group();
+          for (int64_t l = 0; l < lanes; ++l) v[l] = load16(row + widened * D + 16 * l);
+        }
         const __m512 p = _mm512_set1_ps(scores[(h - first) * span + (t - vis.lo)]);
-        const T* v = row + (h / g.group()) * D;
-        for (int64_t l = 0; l < lanes; ++l) acc[j][l] = _mm512_fmadd_ps(p, load16(v + 16 * l), acc[j][l]);
+        for (int64_t l = 0; l < lanes; ++l) acc[j][l] = _mm512_fmadd_ps(p, v[l], acc[j][l]);
       }
     }
     for (int64_t j = 0; j < heads; ++j)

@@ -7,7 +7,9 @@ compute the rounded model, from the one bf16 copy of each weight the model holds
 
 from __future__ import annotations
 
+import platform
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +96,24 @@ def test_vector_dots_give_every_row_the_same_bits_whatever_the_batch_and_instruc
         alone = torch.cat([torch.ops.gptserve.bf16_linear(x[i : i + 1], packed, None, 50, path) for i in range(29)])
         assert torch.equal(batch, alone)
         assert torch.equal(batch, torch.ops.gptserve.bf16_linear(x, packed, None, 50, paths[0]))
+
+
+def cpu_vendor() -> str | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return next((line.partition(":")[2].strip() for line in text.splitlines() if line.startswith("vendor_id")), None)
+
+
+def test_streamed_weights_are_prefetched_into_l2_on_intel_and_non_temporally_elsewhere():
+    """Intel's non-temporal prefetch bypasses L2: with it both bf16 kernels read 10-19 GB/s on a Xeon whose plain
+    read ran at 24-27, and with T1 25-31 (bench/NOTES.md, session 15). AMD keeps the hint it was measured with."""
+    vendor = cpu_vendor()
+    if platform.machine() != "x86_64" or vendor is None:
+        pytest.skip("the prefetch hints are x86's, chosen by the vendor /proc/cpuinfo names")
+    expected = "into_l2" if vendor == "GenuineIntel" else "non_temporal"
+    assert torch.ops.gptserve.stream_hint() == expected
 
 
 def test_packing_rounds_to_nearest_even_like_torch():

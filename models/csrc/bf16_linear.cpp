@@ -323,11 +323,21 @@ at::Tensor bf16_linear_best(const at::Tensor& x, const at::Tensor& packed, const
   return bf16_linear(x, packed, bias, N, "best");
 }
 
+// How the bf16 dots prefetch the weights they stream on this CPU (cpu_features.h), for the tests.
+std::string stream_hint_name() {
+#if defined(__x86_64__)
+  return stream_hint() == StreamHint::kIntoL2 ? "into_l2" : "non_temporal";
+#else
+  return "none";
+#endif
+}
+
 }  // namespace gptserve
 
 TORCH_LIBRARY_FRAGMENT(gptserve, m) {
   m.def("bf16_linear(Tensor x, Tensor packed, Tensor? bias, int N, str isa=\"best\") -> Tensor");
   m.def("bf16_linear_tiles(Tensor x, Tensor packed, Tensor? bias, int N) -> Tensor");
+  m.def("stream_hint() -> str", &gptserve::stream_hint_name);
 }
 
 TORCH_LIBRARY_IMPL(gptserve, CPU, m) {

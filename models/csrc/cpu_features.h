@@ -8,9 +8,7 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
-#endif
 
-#if defined(__x86_64__)
 inline bool has_avx2_fma() {
   static const bool yes = [] {
     __builtin_cpu_init();  // needed before __builtin_cpu_supports when it may run during static initialisation
@@ -35,11 +33,11 @@ inline bool has_avx512_bf16() {
   return yes;
 }
 
-// How the bf16 dots ask for the weights they stream, read once a step. On AMD with the non-temporal hint: so
-// hinted the weights stop evicting what the step reads again, and GPT-2-124M steps took 3-5% less time on a
-// Zen 4 (bench/NOTES.md, session 12). On Intel into L2 (T1): there the non-temporal hint bypasses L2, so a
-// core's stream is as deep as its L1 fill buffers, and the dots read 10-18 GB/s where T1 reads 25-31 on a
-// two-core Xeon whose plain read ran at 24-27 (session 15).
+// How the bf16 dots ask for the weights they stream, read once a step. On Intel into L2 (T1): there the
+// non-temporal hint bypasses L2, so a core's stream is only as deep as its L1 fill buffers, and the dots read
+// 10-19 GB/s where T1 reads 25-31 on a two-core Xeon whose plain read ran at 24-27 (bench/NOTES.md, session
+// 15). Elsewhere (AMD) with the non-temporal hint: so hinted the weights stop evicting what the step reads
+// again, and GPT-2-124M steps took 3-5% less time on a Zen 4 (session 12).
 enum class StreamHint { kNonTemporal, kIntoL2 };
 
 inline StreamHint stream_hint() {

@@ -192,6 +192,11 @@ GPTSERVE_AVX512 inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// The lanes of the sixteen scores from i that lie before span: all of them but in a row's tail.
+inline __mmask16 lanes_before(int64_t span, int64_t i) {
+  return i + 16 <= span ? 0xFFFF : static_cast<__mmask16>((1u << (span - i)) - 1);
+}
+
 // softmax_rows with sixteen scores a step: with the scalar exp a GPT-OSS decode call (64 heads x 520 keys)
 // took 223 us, with this one 189 (bench/NOTES.md, session 15). A row's tail is masked: nothing past it is read
 // or written.
@@ -201,13 +206,13 @@ GPTSERVE_AVX512 void softmax_rows_avx512(float* scores, int64_t span, int64_t fi
     float* p = scores + (h - first) * span;
     __m512 top = _mm512_set1_ps(sinks ? sinks[h] : -std::numeric_limits<float>::infinity());
     for (int64_t i = 0; i < span; i += 16) {
-      const __mmask16 m = i + 16 <= span ? 0xFFFF : static_cast<__mmask16>((1u << (span - i)) - 1);
+      const __mmask16 m = lanes_before(span, i);
       top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, m, p + i));
     }
     const __m512 peak = _mm512_set1_ps(_mm512_reduce_max_ps(top));
     __m512 total = _mm512_setzero_ps();
     for (int64_t i = 0; i < span; i += 16) {
-      const __mmask16 m = i + 16 <= span ? 0xFFFF : static_cast<__mmask16>((1u << (span - i)) - 1);
+      const __mmask16 m = lanes_before(span, i);
       const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + i), peak));
       _mm512_mask_storeu_ps(p + i, m, e);
       total = _mm512_mask_add_ps(total, m, total, e);
@@ -216,7 +221,7 @@ GPTSERVE_AVX512 void softmax_rows_avx512(float* scores, int64_t span, int64_t fi
     if (sinks) sum += std::exp(sinks[h] - _mm512_cvtss_f32(peak));
     const __m512 scale = _mm512_set1_ps(1.0f / sum);
     for (int64_t i = 0; i < span; i += 16) {
-      const __mmask16 m = i + 16 <= span ? 0xFFFF : static_cast<__mmask16>((1u << (span - i)) - 1);
+      const __mmask16 m = lanes_before(span, i);
       _mm512_mask_storeu_ps(p + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + i), scale));
     }
   }

@@ -14,9 +14,16 @@ blocks its queries can see.
 
 The pool may be narrower than the model (models/kv_cache.py): keys and values are cast to its dtype when
 written, and widened back when read (the kernels widen bfloat16 rows in registers).
+
+On CUDA the decode group reads the pool in place too, through a Triton kernel (models/triton_decode_attention.py)
+that a captured decode graph replays like any other kernel; prefill chunks still gather and run SDPA.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +32,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.cpu_kernels import decode_kernels_apply
 from models.forward_batch import AttentionGroup, KVView
+
+log = logging.getLogger(__name__)
 
 # Every backend but cuDNN's: it builds a plan for each new shape (median 66 ms, up to 1.1 s on an H100), and
 # the groups here change shape almost every step, so those plans never pay off (bench/NOTES.md, CUDA).
@@ -52,7 +61,7 @@ def paged_attention(
     num_heads, head_dim = q.shape[1], q.shape[2]
     out = torch.empty_like(q)
     for group in kv.groups:
-        if group.max_query == 1 and decode_kernels_apply(q):
+        if group.max_query == 1 and (decode_kernels_apply(q) or triton_decode_applies(q)):
             out[group.token_index] = decode_attention_from_pool(
                 q[group.token_index], key_cache, value_cache, group, window, sinks)
             continue
@@ -103,12 +112,30 @@ def _gather_blocks(cache: Tensor, group: AttentionGroup) -> Tensor:
     return blocks.view(group.num_seqs, group.num_key_positions, kv_heads, head_dim)
 
 
+def triton_decode_applies(q: Tensor) -> bool:
+    """On CUDA, decode groups read the pool through the Triton kernel, where Triton is installed (torch's CUDA
+    wheels bring it)."""
+    return q.is_cuda and _triton_installed()
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        log.warning("Triton is not installed: CUDA decode attention gathers the KV cache into padded copies")
+        return False
+    return True
+
+
 def decode_attention_from_pool(
     q: Tensor, key_cache: Tensor, value_cache: Tensor, group: AttentionGroup, window: int | None, sinks: Tensor | None
 ) -> Tensor:
-    """One query per sequence, q [S, H, D] -> [S, H, D], with keys and values read in place from the pool."""
+    """One query per sequence, q [S, H, D] -> [S, H, D], with keys and values read in place from the pool: by
+    the Triton kernel where it applies (CUDA), else by the C++ one (CPU, float32 queries)."""
     sink_logits = None if sinks is None else sinks.float().contiguous()
-    out = torch.ops.gptserve.paged_decode_attention(
-        q.float().contiguous(), key_cache, value_cache, group.key_blocks, group.context_lens, group.block_size,
-        window or 0, q.shape[-1] ** -0.5, sink_logits)
-    return out.to(q.dtype)
+    args = (key_cache, value_cache, group.key_blocks, group.context_lens, group.block_size, window or 0,
+            q.shape[-1] ** -0.5, sink_logits)
+    if triton_decode_applies(q):
+        from models.triton_decode_attention import paged_decode_attention
+
+        return paged_decode_attention(q, *args)
+    return torch.ops.gptserve.paged_decode_attention(q.float().contiguous(), *args).to(q.dtype)

@@ -13,6 +13,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--device", default="cpu", help="device for model tests: cpu (default) or cuda")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Without a GPU, Triton kernels (the CUDA decode path) run under Triton's interpreter. Triton reads the
+    setting when it first defines its own functions, so it is set before anything imports it."""
+    if config.getoption("--device") == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def float32_servers() -> None:
     """Servers the tests start compute in float32 unless a test names a dtype: the suite compares them with

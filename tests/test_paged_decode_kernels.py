@@ -79,14 +79,14 @@ def test_every_isa_path_this_cpu_runs_matches_gather_and_sdpa(isa, pool_dtype, h
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def reference_attention(q, keys, values, group, window, sinks):
+def reference_attention(q, keys, values, group, window, sinks, block_size=BLOCK):
     """Each sequence's visible keys gathered by hand, softmax with the sink logit in float64."""
     out = torch.empty_like(q)
     group_size = q.shape[1] // keys.shape[1]
     for s in range(q.shape[0]):
         ctx = int(group.context_lens[s])
         lo = max(0, ctx - window) if window else 0
-        slots = [int(group.key_blocks[s, t // BLOCK]) * BLOCK + t % BLOCK for t in range(lo, ctx)]
+        slots = [int(group.key_blocks[s, t // block_size]) * block_size + t % block_size for t in range(lo, ctx)]
         k = keys[slots].double().repeat_interleave(group_size, dim=1)  # [L, H, D]
         v = values[slots].double().repeat_interleave(group_size, dim=1)
         scores = torch.einsum("hd,lhd->hl", q[s].double(), k) * q.shape[-1] ** -0.5

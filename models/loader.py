@@ -152,6 +152,10 @@ def load_weights(
     the same way and then widened."""
     model: GPT2 | GptOss
     read_dtype = torch.bfloat16 if bf16_weights else dtype
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        # built (or found built) before any weight is read, not during the first request, and not beside the
+        # weights: a first start's compilers (~0.6 GiB each) then add nothing to what the weights hold
+        cpu_kernels_loaded()
     if family == "gpt2":
         from models.gpt2 import load_gpt2
 
@@ -163,8 +167,6 @@ def load_weights(
     select_linears(model, model.unembedding, device, dtype, bf16_weights)
     if bf16_weights:
         round_the_rest_(model, dtype)
-    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-        cpu_kernels_loaded()  # built (or found built) now rather than during the first request
     release_unviewed_pages(model, model_dir)  # what was converted on the way in no longer counts in our RSS
     if device.type == "cpu":  # a decode step streams them all: on huge pages, fewer TLB misses
         # every step reads all of what was converted (attention, unembedding), so it has the first pick of the

@@ -120,3 +120,17 @@ def test_loading_reads_the_embedding_ahead_into_the_page_cache_but_not_into_the_
         pytest.skip("this filesystem keeps the file's pages cached whatever is asked (tmpfs, for one)")
     assert read_ahead_views(embedding_tables(model), directory) >= table.numel() * table.element_size()
     assert wait_for_page_cache(table, 0.9) >= 0.9
+
+
+def test_the_cpu_kernels_are_built_before_any_weight_is_read(tiny_gpt2_dir: Path, monkeypatch) -> None:
+    """A first start compiles the C++ kernels: done before the weights are read, the compilers' memory never
+    adds to theirs (bench/NOTES.md, session 16)."""
+    import models.gpt2
+    import models.loader
+
+    events: list[str] = []
+    read_weights = models.gpt2.load_gpt2
+    monkeypatch.setattr(models.loader, "cpu_kernels_loaded", lambda: events.append("kernels") or True)
+    monkeypatch.setattr(models.gpt2, "load_gpt2", lambda *args: events.append("weights") or read_weights(*args))
+    load_model(tiny_gpt2_dir, device="cpu")
+    assert events[:2] == ["kernels", "weights"]

@@ -15,8 +15,8 @@ blocks its queries can see.
 The pool may be narrower than the model (models/kv_cache.py): keys and values are cast to its dtype when
 written, and widened back when read (the kernels widen bfloat16 rows in registers).
 
-On CUDA the decode group reads the pool in place too, through a Triton kernel (models/triton_decode_attention.py)
-that a captured decode graph replays like any other kernel; prefill chunks still gather and run SDPA.
+On CUDA every group, decode tokens and prefill chunks alike, reads the pool in place through a Triton kernel
+(models/triton_paged_attention.py) that a captured decode graph replays like any other kernel.
 """
 
 from __future__ import annotations
@@ -61,9 +61,14 @@ def paged_attention(
     num_heads, head_dim = q.shape[1], q.shape[2]
     out = torch.empty_like(q)
     for group in kv.groups:
-        if group.max_query == 1 and (decode_kernels_apply(q) or triton_decode_applies(q)):
-            out[group.token_index] = decode_attention_from_pool(
-                q[group.token_index], key_cache, value_cache, group, window, sinks)
+        if triton_attention_applies(q):
+            out[group.token_index] = triton_attention(q, key_cache, value_cache, group, window, sinks)
+            continue
+        if group.max_query == 1 and decode_kernels_apply(q):
+            sink_logits = None if sinks is None else sinks.float().contiguous()
+            out[group.token_index] = torch.ops.gptserve.paged_decode_attention(
+                q[group.token_index].float().contiguous(), key_cache, value_cache, group.key_blocks,
+                group.context_lens, group.block_size, window or 0, head_dim**-0.5, sink_logits).to(q.dtype)
             continue
         if window is not None:
             group = group.within(window)
@@ -112,8 +117,8 @@ def _gather_blocks(cache: Tensor, group: AttentionGroup) -> Tensor:
     return blocks.view(group.num_seqs, group.num_key_positions, kv_heads, head_dim)
 
 
-def triton_decode_applies(q: Tensor) -> bool:
-    """On CUDA, decode groups read the pool through the Triton kernel, where Triton is installed (torch's CUDA
+def triton_attention_applies(q: Tensor) -> bool:
+    """On CUDA, attention reads the pool through the Triton kernel, where Triton is installed (torch's CUDA
     wheels bring it)."""
     return q.is_cuda and _triton_installed()
 
@@ -121,21 +126,23 @@ def triton_decode_applies(q: Tensor) -> bool:
 @functools.cache
 def _triton_installed() -> bool:
     if importlib.util.find_spec("triton") is None:
-        log.warning("Triton is not installed: CUDA decode attention gathers the KV cache into padded copies")
+        log.warning("Triton is not installed: CUDA attention gathers the KV cache into padded copies")
         return False
     return True
 
 
-def decode_attention_from_pool(
+def triton_attention(
     q: Tensor, key_cache: Tensor, value_cache: Tensor, group: AttentionGroup, window: int | None, sinks: Tensor | None
 ) -> Tensor:
-    """One query per sequence, q [S, H, D] -> [S, H, D], with keys and values read in place from the pool: by
-    the Triton kernel where it applies (CUDA), else by the C++ one (CPU, float32 queries)."""
-    sink_logits = None if sinks is None else sinks.float().contiguous()
-    args = (key_cache, value_cache, group.key_blocks, group.context_lens, group.block_size, window or 0,
-            q.shape[-1] ** -0.5, sink_logits)
-    if triton_decode_applies(q):
-        from models.triton_decode_attention import paged_decode_attention
+    """The group's rows of q [T, H, D] -> [group tokens, H, D], keys and values read in place from the pool.
 
-        return paged_decode_attention(q, *args)
-    return torch.ops.gptserve.paged_decode_attention(q.float().contiguous(), *args).to(q.dtype)
+    The kernel takes queries laid out [seqs, max_query], as the flat rows of a decode group or a prefill chunk
+    already are (every sequence in it has max_query of them)."""
+    from models.triton_paged_attention import paged_attention as kernel
+
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    rows = q[group.token_index].view(group.num_seqs, group.max_query, num_heads, head_dim)
+    sink_logits = None if sinks is None else sinks.float().contiguous()
+    out = kernel(rows, key_cache, value_cache, group.key_blocks, group.context_lens, group.query_positions,
+                 group.block_size, window or 0, head_dim**-0.5, sink_logits)
+    return out.view(-1, num_heads, head_dim)

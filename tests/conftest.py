@@ -14,7 +14,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Without a GPU, Triton kernels (the CUDA decode path) run under Triton's interpreter. Triton reads the
+    """Without a GPU, Triton kernels (the CUDA attention path) run under Triton's interpreter. Triton reads the
     setting when it first defines its own functions, so it is set before anything imports it."""
     if config.getoption("--device") == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -9,10 +9,11 @@ from pydantic_core import PydanticCustomError
 
 
 class Strict(BaseModel):
-    """Request bodies: unknown fields refused, and no coercion (``true`` or ``"5"`` is not a token id or a count),
-    so what is accepted is exactly what the OpenAPI schema describes."""
+    """Request bodies: unknown fields refused, no coercion (``true`` or ``"5"`` is not a token id or a count) and
+    no NaN or infinity (which Python's JSON reader accepts), so what is accepted is exactly what the OpenAPI
+    schema describes."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class WithoutNulls(BaseModel):

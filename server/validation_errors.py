@@ -64,15 +64,18 @@ def _in_role(loc: tuple) -> str:
     return f" for role {roles[-1]!r}" if roles else ""
 
 
-def _specificity(error: dict) -> tuple[int, bool]:
-    """Deeper is better (the value got further into that branch), then a broken bound over a wrong type."""
-    return len(_client_parts(error["loc"])), not error["type"].endswith("_type")
+def _specificity(error: dict) -> tuple[bool, int, bool]:
+    """A list too long or too short first (its items took that branch: 2,000 prompts are too many prompts, not
+    a first prompt of the wrong type), then deeper (the value got further into that branch), then a broken
+    bound over a wrong type."""
+    return (error["type"] in ("too_long", "too_short"), len(_client_parts(error["loc"])),
+            not error["type"].endswith("_type"))
 
 
 def _branches(errors: list[dict], best: dict) -> list[dict]:
     """The type errors of a union's branches at ``best``'s place, when ``best`` is one: each location ends in
     its branch's tag (``('stop', 'constrained-str')``, ``('messages', 0, 'user-message', 'content', 'str')``)."""
-    if _specificity(best)[1] or not _is_tag(best["loc"][-1]):
+    if _specificity(best)[2] or not _is_tag(best["loc"][-1]):
         return []
     return [error for error in errors if _path(error["loc"]) == _path(best["loc"]) and _is_tag(error["loc"][-1])]
 

@@ -6,7 +6,7 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.protocol import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest
 from server.validation_errors import validation_error_object
 
 
@@ -36,6 +36,13 @@ def error_in(request: type[CompletionRequest | ChatCompletionRequest], body: dic
     ({"prompt": []}, "prompt: List should have at least 1 item after validation, not 0"),
     ({"stop_token_ids": [3, -1]}, "stop_token_ids[1]: Input should be greater than or equal to 0"),
     ({"temperature": "hot"}, "temperature: Input should be a valid number"),
+    ({"temperature": float("nan")}, "temperature: Input should be a finite number"),
+    ({"logit_bias": {"5": float("inf")}}, "logit_bias.5: Input should be a finite number"),
+    # too many prompts of a right type: the bound, not the other branches' type errors on the first element
+    ({"prompt": ["a"] * (MAX_PROMPTS + 1)},
+     f"prompt: List should have at most {MAX_PROMPTS} items after validation, not {MAX_PROMPTS + 1}"),
+    ({"prompt": [[1]] * (MAX_PROMPTS + 1)},
+     f"prompt: List should have at most {MAX_PROMPTS} items after validation, not {MAX_PROMPTS + 1}"),
     ({"stream_options": {"fast": True}}, "stream_options.fast: unknown or unsupported parameter"),
 ])
 def test_message_names_the_parameter_as_written(fields, message):

@@ -1,4 +1,7 @@
-"""GPT-OSS against transformers' GptOssForCausalLM (fp32, eager attention) built from the same tiny checkpoint."""
+"""GPT-OSS against transformers' GptOssForCausalLM (fp32, eager attention) built from the same tiny checkpoint.
+
+The model runs on the ``device`` fixture's device (``--device cuda`` puts it on the GPU); the oracle stays on the
+CPU, and logits are compared there."""
 
 import json
 import shutil
@@ -31,10 +34,9 @@ def checkpoint_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module", params=PATHS)
-def model(request: pytest.FixtureRequest, checkpoint_dir) -> GptOss:
+def model(request: pytest.FixtureRequest, checkpoint_dir, device: torch.device) -> GptOss:
     """Every oracle test runs on each linear path (tests/linear_paths.py)."""
-    cpu = torch.device("cpu")
-    return on_path(load_gpt_oss(checkpoint_dir, torch.float32, cpu), request.param, cpu)
+    return on_path(load_gpt_oss(checkpoint_dir, torch.float32, device), request.param, device)
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +48,17 @@ def random_tokens(n: int, seed: int) -> list[int]:
     return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def device_of(model: GptOss) -> torch.device:
+    return model.lm_head.weight.device
+
+
 @torch.inference_mode()
 def full_forward(model: GptOss, ids: list[int]) -> torch.Tensor:
+    """The prompt's logits in one prefill, on the CPU."""
     blocks = -(-len(ids) // BLOCK_SIZE)
-    cache = PagedKVCache(model.kv_cache_spec(), blocks, BLOCK_SIZE)
-    batch = ForwardBatch.build([ids], [0], [list(range(blocks))], BLOCK_SIZE)
-    return model.compute_logits(model(batch, cache))
+    cache = PagedKVCache(model.kv_cache_spec(), blocks, BLOCK_SIZE, device=device_of(model))
+    batch = ForwardBatch.build([ids], [0], [list(range(blocks))], BLOCK_SIZE, device_of(model))
+    return model.compute_logits(model(batch, cache)).cpu()
 
 
 @torch.inference_mode()
@@ -78,7 +85,7 @@ def test_paged_prefill_and_decode_in_mixed_batches_match_full_forward(model, ora
 
     pool = torch.randperm(64, generator=torch.Generator().manual_seed(3)).tolist()
     tables = [pool[0:14], pool[14:28], pool[28:42]]  # shuffled, non-contiguous, interleaved between sequences
-    cache = PagedKVCache(model.kv_cache_spec(), 64, BLOCK_SIZE)
+    cache = PagedKVCache(model.kv_cache_spec(), 64, BLOCK_SIZE, device=device_of(model))
     done = [0, 0, 0]
     for step in schedule:
         batch = ForwardBatch.build(
@@ -86,8 +93,9 @@ def test_paged_prefill_and_decode_in_mixed_batches_match_full_forward(model, ora
             [done[i] for i, _ in step],
             [tables[i] for i, _ in step],
             BLOCK_SIZE,
+            device_of(model),
         )
-        logits = model.compute_logits(model(batch, cache))
+        logits = model.compute_logits(model(batch, cache)).cpu()
         row = 0
         for i, n in step:
             assert (logits[row : row + n] - expected[i][done[i] : done[i] + n]).abs().max().item() <= 1e-4
@@ -101,11 +109,11 @@ def test_paged_prefill_and_decode_in_mixed_batches_match_full_forward(model, ora
 def test_greedy_generation_matches_transformers_generate(model, oracle):
     prompt = random_tokens(12, seed=5)
     theirs = oracle.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)[0, len(prompt) :].tolist()
-    cache = PagedKVCache(model.kv_cache_spec(), 16, BLOCK_SIZE)
+    cache = PagedKVCache(model.kv_cache_spec(), 16, BLOCK_SIZE, device=device_of(model))
     table = list(range(15, -1, -1))
     ours, chunk, start = [], prompt, 0
     while len(ours) < 40:
-        batch = ForwardBatch.build([chunk], [start], [table], BLOCK_SIZE)
+        batch = ForwardBatch.build([chunk], [start], [table], BLOCK_SIZE, device_of(model))
         hidden = model(batch, cache)[batch.last_token_index]
         start += len(chunk)
         chunk = [int(model.compute_logits(hidden).argmax(-1))]
@@ -115,14 +123,14 @@ def test_greedy_generation_matches_transformers_generate(model, oracle):
 
 
 def test_hf_and_original_layouts_give_identical_logits(model, checkpoint_dir):
-    original = on_same_path(load_gpt_oss(checkpoint_dir / "original", torch.float32, torch.device("cpu")), model)
+    original = on_same_path(load_gpt_oss(checkpoint_dir / "original", torch.float32, device_of(model)), model)
     assert original.config == model.config
     ids = random_tokens(20, seed=7)
     assert torch.equal(full_forward(original, ids), full_forward(model, ids))
 
 
 def test_packed_experts_give_the_float_experts_logits(model, checkpoint_dir):
-    loaded = load_gpt_oss(checkpoint_dir, torch.float32, torch.device("cpu"), keep_experts_packed=True)
+    loaded = load_gpt_oss(checkpoint_dir, torch.float32, device_of(model), keep_experts_packed=True)
     packed = on_same_path(loaded, model)
     experts = packed.layers[0].moe.experts
     assert experts.packed and experts.gate_up_blocks.dtype == torch.uint8
@@ -136,7 +144,7 @@ def test_float_experts_checkpoint_gives_identical_logits(model, tmp_path):
     float_dir = write_tiny_gpt_oss(tmp_path / "float", float_experts=True, sliding_window=SLIDING_WINDOW)
     index = json.loads((float_dir / "model.safetensors.index.json").read_text())
     assert not any(name.endswith("_blocks") for name in index["weight_map"])
-    loaded = load_gpt_oss(float_dir, torch.float32, torch.device("cpu"), keep_experts_packed=True)
+    loaded = load_gpt_oss(float_dir, torch.float32, device_of(model), keep_experts_packed=True)
     unpacked = on_same_path(loaded, model)
     assert not unpacked.layers[0].moe.experts.packed  # nothing to keep packed
     ids = random_tokens(20, seed=12)
@@ -145,7 +153,7 @@ def test_float_experts_checkpoint_gives_identical_logits(model, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16_bit_load_computes_in_that_dtype_close_to_float32(model, checkpoint_dir, dtype):
-    low = load_gpt_oss(checkpoint_dir / "original", dtype, torch.device("cpu"), keep_experts_packed=True)
+    low = load_gpt_oss(checkpoint_dir / "original", dtype, device_of(model), keep_experts_packed=True)
     assert low.lm_head.weight.dtype == dtype and low.norm.weight.dtype == torch.float32
     ids = random_tokens(12, seed=9)
     reference, approx = full_forward(model, ids), full_forward(low, ids)

@@ -163,7 +163,5 @@ def test_gpt2_attends_through_the_kernel_as_transformers_does(attention_through_
 
 def test_gpt_oss_attends_through_the_kernel_as_transformers_does(attention_through_triton, device, tmp_path):
     """GPT-OSS's (tests/test_gpt_oss.py): sliding-window layers beside full ones, sinks, 8 query heads a KV head."""
-    if device.type != "cpu":
-        pytest.skip("the GPT-OSS oracle tests run on CPU")
     checkpoint = write_tiny_gpt_oss(tmp_path, layout="hf", sliding_window=SLIDING_WINDOW)
     gpt_oss_mixed_batches(load_gpt_oss(checkpoint, torch.float32, device), transformers_gpt_oss(checkpoint))

@@ -6,6 +6,7 @@ no HTTP, no front end and no process boundary. Output tok/s here against the ser
 what serving costs. The engine gets the server's defaults (EngineConfig()) and the same OpenMP spin as a core.
 
     python -m bench.engine_throughput [--cpu-weight-dtype bfloat16 --kv-cache-dtype bfloat16] [--concurrency 1 64]
+    python -m bench.engine_throughput --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def closed_loop(loaded: LoadedModel, config: EngineConfig, concurrency: int, pro
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.engine_throughput", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, default=Path(".cache/bench/gpt2-124m"))
+    p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--cpu-weight-dtype", default="float32")
     p.add_argument("--kv-cache-dtype", default="auto")
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not (args.checkpoint / "config.json").is_file():
         write_gpt2_checkpoint(args.checkpoint)
-    loaded = load_model(args.checkpoint, dtype=args.dtype, device="cpu", cpu_weight_dtype=args.cpu_weight_dtype)
+    loaded = load_model(args.checkpoint, dtype=args.dtype, device=args.device, cpu_weight_dtype=args.cpu_weight_dtype)
     for c in args.concurrency:
         rate = closed_loop(loaded, EngineConfig(kv_cache_dtype=args.kv_cache_dtype), c, args.prompt_len,
                            args.output_len, seed=c)

@@ -21,13 +21,16 @@ import torch
 import models.attention as attention
 from models.gpt2 import load_gpt2
 from models.gpt_oss import load_gpt_oss
+from models.kv_cache import PagedKVCache
 from models.testing.gpt_oss_checkpoint import write_tiny_gpt_oss
+from server.engine.decode_graphs import DecodeGraphs
 from tests.gpt_oss_oracle import transformers_gpt_oss
 from tests.test_gpt2 import test_paged_decode_matches_full_forward_for_mixed_batch as gpt2_mixed_batches
 from tests.test_gpt_oss import (
     SLIDING_WINDOW,
     test_paged_prefill_and_decode_in_mixed_batches_match_full_forward as gpt_oss_mixed_batches,
 )
+from tests.test_gpt_oss_compile import decode_chunks
 from tests.test_paged_decode_kernels import reference_attention
 
 
@@ -165,3 +168,28 @@ def test_gpt_oss_attends_through_the_kernel_as_transformers_does(attention_throu
     """GPT-OSS's (tests/test_gpt_oss.py): sliding-window layers beside full ones, sinks, 8 query heads a KV head."""
     checkpoint = write_tiny_gpt_oss(tmp_path, layout="hf", sliding_window=SLIDING_WINDOW)
     gpt_oss_mixed_batches(load_gpt_oss(checkpoint, torch.float32, device), transformers_gpt_oss(checkpoint))
+
+
+def test_decode_graph_inputs_attend_through_the_kernel_as_through_the_gather(kernel, monkeypatch, device, tmp_path):
+    """What a captured CUDA decode step feeds the kernel: DecodeGraphs' static inputs, rows padded to the bucket
+    on the scratch block, tables padded to the bucket's width, with GPT-OSS's statically routed forward (what is
+    captured; run eagerly on CPU): the same logits through the kernel as through the gather and SDPA."""
+    model = load_gpt_oss(write_tiny_gpt_oss(tmp_path, layout="hf", sliding_window=4), torch.float32, device)
+    model.use_static_routing()
+    monkeypatch.setattr(attention, "decode_kernels_apply", lambda _q: False)
+
+    def decode_steps(through_kernel: bool) -> list[torch.Tensor]:
+        """Two steps over a cache of random keys and values (the same each time), the attention path chosen
+        before the graphs are built (CUDA captures them then): 3 of the bucket's 4 rows, contexts past the
+        window of 4."""
+        monkeypatch.setattr(attention, "triton_attention_applies", lambda _q: through_kernel)
+        cache = PagedKVCache(model.kv_cache_spec(), 13, 4, device=device)  # block 12: the scratch block
+        g = torch.Generator().manual_seed(0)
+        for pool in cache.keys + cache.values:
+            pool.copy_(torch.randn(pool.shape, generator=g) * 4)
+        graphs = DecodeGraphs(model, cache, max_rows=4, max_blocks=4, scratch_block=12)
+        return [graphs.run(decode_chunks(contexts, seed=step)).clone()
+                for step, contexts in enumerate([[5, 9, 1], [6, 10, 2]])]
+
+    for got, gathered in zip(decode_steps(True), decode_steps(False)):
+        torch.testing.assert_close(got, gathered, atol=1e-4, rtol=1e-4)

@@ -15,8 +15,10 @@ blocks its queries can see.
 The pool may be narrower than the model (models/kv_cache.py): keys and values are cast to its dtype when
 written, and widened back when read (the kernels widen bfloat16 rows in registers).
 
-On CUDA every group, decode tokens and prefill chunks alike, reads the pool in place through a Triton kernel
-(models/triton_paged_attention.py) that a captured decode graph replays like any other kernel.
+On CUDA the decode group reads the pool in place too, through a Triton kernel (models/triton_paged_attention.py)
+that a captured decode graph replays like any other kernel. The kernel takes prefill chunks as well (tested
+against attention by hand), but they keep gather + SDPA until it is measured on a GPU (bench/NOTES.md,
+session 17).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def paged_attention(
     num_heads, head_dim = q.shape[1], q.shape[2]
     out = torch.empty_like(q)
     for group in kv.groups:
-        if triton_attention_applies(q):
+        if group.max_query == 1 and triton_attention_applies(q):
             out[group.token_index] = triton_attention(q, key_cache, value_cache, group, window, sinks)
             continue
         if group.max_query == 1 and decode_kernels_apply(q):

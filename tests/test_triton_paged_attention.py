@@ -4,8 +4,8 @@ On a machine without a GPU the kernel runs under Triton's interpreter (``TRITON_
 tests/conftest.py sets for CPU runs); with ``--device cuda`` it is compiled and run on the GPU. Each case draws
 a pool, block tables whose blocks are scattered through it, ragged contexts, decode rows (one query a sequence)
 or chunks of queries over a cached prefix, and the head layouts the models use (GPT-2's 12 heads of their own,
-GPT-OSS's 8 query heads to a KV head). Then both models' mixed prefill and decode batches run with every row
-through the kernel, against transformers.
+GPT-OSS's 8 query heads to a KV head). Then both models' mixed prefill and decode batches run with every
+decode row through the kernel (what CUDA sends it), against transformers.
 """
 
 from __future__ import annotations
@@ -151,13 +151,13 @@ def test_a_pool_that_does_not_fit_the_queries_is_refused(kernel, device):
 
 @pytest.fixture
 def attention_through_triton(kernel, monkeypatch):
-    """Every attention group, decode and prefill, takes the Triton kernel whatever the device (on CPU,
-    interpreted)."""
+    """Decode groups take the Triton kernel whatever the device (on CPU, interpreted), as they do on CUDA."""
+    monkeypatch.setattr(attention, "decode_kernels_apply", lambda _q: False)
     monkeypatch.setattr(attention, "triton_attention_applies", lambda _q: True)
 
 
 def test_gpt2_attends_through_the_kernel_as_transformers_does(attention_through_triton, tiny_gpt2_dir, device):
-    """GPT-2's mixed prefill and decode batches (tests/test_gpt2.py), every row through the kernel."""
+    """GPT-2's mixed prefill and decode batches (tests/test_gpt2.py), every decode row through the kernel."""
     from transformers import GPT2LMHeadModel
 
     oracle = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir, attn_implementation="eager", dtype=torch.float32)

@@ -7,7 +7,8 @@ that sequence's block table, scores every query row of the tile against a tile o
 running softmax (the flash-attention recurrence), so the pool is read once per tile and nothing is written but
 the output. A tile's rows are its queries times the query heads that share the KV head (grouped-query
 attention: one read of a key row for all of them), so one kernel serves a decode group (one query a sequence)
-and a prefill chunk (many queries of one sequence, each seeing the keys up to its own position).
+and a prefill chunk (many queries of one sequence, each seeing the keys up to its own position). CUDA sends it
+decode groups; prefill chunks wait on its measurement on a GPU (models/attention.py).
 
 It covers what the models need of attention: causal masking within a chunk over the cached prefix, grouped-query
 heads, a sliding window (only positions some row of the tile sees are read, so a freed block outside every

@@ -49,7 +49,7 @@ def random_tokens(n: int, seed: int) -> list[int]:
 
 
 def device_of(model: GptOss) -> torch.device:
-    return model.lm_head.weight.device
+    return model.norm.weight.device  # a parameter in every form of the model (linears may hold packed buffers)
 
 
 @torch.inference_mode()

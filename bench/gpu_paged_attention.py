@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+from collections.abc import Callable
 
 import torch
 
@@ -40,7 +41,8 @@ def microseconds(call, repeats: int) -> float:
     return statistics.median(times)
 
 
-def layer_call(heads: int, kv_heads: int, with_sinks: bool, query_lens: list[int], ctx: int, device: torch.device):
+def layer_calls(heads: int, kv_heads: int, with_sinks: bool, query_lens: list[int], ctx: int,
+                device: torch.device) -> dict[str, Callable[[], torch.Tensor]]:
     """One layer's attention over sequences with ``query_lens`` queries each, the last at position ctx - 1: a
     call for each path (a prefill chunk's Triton call leaves out the KV write the other path does first)."""
     seqs, per_seq = len(query_lens), -(-ctx // BLOCK)
@@ -58,16 +60,16 @@ def layer_call(heads: int, kv_heads: int, with_sinks: bool, query_lens: list[int
     sinks = torch.randn(heads, device=device) if with_sinks else None
     for pool, new in zip(cache, (k, v)):  # what paged_attention writes first: both paths then read the same
         pool.index_copy_(0, kv.slot_mapping, new)
-    paths = {
-        # prefill chunks are not routed to the kernel yet: it is called on the chunk's group directly
-        "triton": lambda: attention.triton_attention(q, *cache, kv.groups[0], None, sinks)
-        if len(query_lens) == 1 and query_lens[0] > 1 else attention.paged_attention(q, k, v, cache, kv, sinks=sinks),
-        "gather+sdpa": lambda: attention.paged_attention(q, k, v, cache, kv, sinks=sinks),
-    }
-    return paths
+    def routed() -> torch.Tensor:
+        return attention.paged_attention(q, k, v, cache, kv, sinks=sinks)
+
+    def chunk_through_kernel() -> torch.Tensor:  # prefill chunks are not routed to the kernel yet
+        return attention.triton_attention(q, *cache, kv.groups[0], None, sinks)
+
+    return {"triton": chunk_through_kernel if max(query_lens) > 1 else routed, "gather+sdpa": routed}
 
 
-def alternated(paths: dict, repeats: int) -> dict[str, float]:
+def alternated(paths: dict[str, Callable[[], torch.Tensor]], repeats: int) -> dict[str, float]:
     """Best of two alternated medians for each path."""
     timings: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(2):
@@ -87,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.device("cuda")
     for heads, kv_heads, with_sinks in LAYOUTS:
         for seqs, ctx in DECODE_SHAPES:
-            best = alternated(layer_call(heads, kv_heads, with_sinks, [1] * seqs, ctx, cuda), args.repeats)
+            best = alternated(layer_calls(heads, kv_heads, with_sinks, [1] * seqs, ctx, cuda), args.repeats)
             kv_bytes = 2 * seqs * ctx * kv_heads * 64 * 2
             print(f"H={heads}/{kv_heads} decode S={seqs:>2} ctx={ctx:>4}: triton {best['triton']:8.1f} us "
                   f"({kv_bytes / best['triton'] / 1e3:6.1f} GB/s of KV), gather+sdpa {best['gather+sdpa']:8.1f} us",
                   flush=True)
         for chunk, ctx in PREFILL_SHAPES:
-            best = alternated(layer_call(heads, kv_heads, with_sinks, [chunk], ctx, cuda), args.repeats)
+            best = alternated(layer_calls(heads, kv_heads, with_sinks, [chunk], ctx, cuda), args.repeats)
             causal_pairs = chunk * (ctx - chunk) + chunk * (chunk + 1) / 2
             flops = 4 * causal_pairs * heads * 64
             print(f"H={heads}/{kv_heads} prefill P={chunk:>4} ctx={ctx:>4}: triton {best['triton']:8.1f} us "

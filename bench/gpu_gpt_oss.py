@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.dir / "config.json").is_file():
         write_checkpoint(args.dir, CONFIG_20B)
     loaded = load_model(args.dir, dtype="bfloat16", device="cuda", keep_experts_packed=args.keep_experts_packed)
-    picked = CONFIG_20B["num_experts_per_tok"] / CONFIG_20B["num_local_experts"]
+    picked = loaded.model.config.experts_per_token / loaded.model.config.num_experts  # the checkpoint's, not ours
     step_bytes = decode_bytes_per_token(loaded.model, picked)
     bandwidth = copy_bandwidth(4096, 20)
     limit = bandwidth / step_bytes

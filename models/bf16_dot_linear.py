@@ -30,6 +30,7 @@ class Bf16DotLinear(nn.Module):
     """``x @ weight.T + bias`` for bf16 ``x`` and ``weight`` [out, in], summed in fp32 and rounded to bf16;
     holds only the packed weight (and the bias in fp32, which it adds before the rounding)."""
 
+    packed: Tensor
     bias: Tensor | None
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:

@@ -17,6 +17,7 @@ from models.attention import paged_attention
 from models.checkpoint import Checkpoint, read_json
 from models.forward_batch import ForwardBatch, Interrupt, KVView, check_interrupt
 from models.gpt_oss_config import GptOssConfig, is_original_gpt_oss_config
+from models.gpt_oss_decode_layer import fused_decode_applies, fused_decode_layer, fused_layer_weights
 from models.gpt_oss_weights import read_state, stores_mxfp4
 from models.kv_cache import KVCacheSpec, PagedKVCache
 from models.moe import MoE
@@ -77,8 +78,24 @@ class GptOssBlock(nn.Module):
             packed_experts,
             tp,
         )
+        self._fused_weights: list[Tensor] | None = None
+        self._fused_looked_up = False
+
+    def fused_weights(self) -> list[Tensor] | None:
+        """The fused decode kernel's weights, looked up at the first forward: the linears are chosen at load,
+        after construction (models/linear_selection.py). None under static routing, whose steps stay one graph
+        for torch.compile and CUDA graphs (the kernel needs packed bf16 experts, which static routing refuses)."""
+        if self.moe.static_shapes:
+            return None
+        if not self._fused_looked_up:
+            self._fused_weights = fused_layer_weights(self)
+            self._fused_looked_up = True
+        return self._fused_weights
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVView, cache: tuple[Tensor, Tensor]) -> Tensor:
+        weights = self.fused_weights()
+        if weights is not None and fused_decode_applies(x, kv):
+            return fused_decode_layer(self, weights, x, cos, sin, kv, cache)
         x = x + self.attn(self.attn_norm(x), cos, sin, kv, cache)
         return x + self.moe(self.mlp_norm(x))
 

@@ -40,6 +40,16 @@ def swiglu(x: Tensor, alpha: float, limit: float) -> Tensor:
     return gate * torch.sigmoid(gate * alpha) * (linear + 1)
 
 
+def top_k_experts(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Each token's k largest router logits and their experts, equal logits to the lower expert (NaN first).
+
+    torch.topk leaves the order of ties to its implementation, which differs between torch versions; in bf16
+    a token's fourth and fifth logits are often equal, and the fused decode layer
+    (models/csrc/gpt_oss_decode_layer.cpp) must pick the same experts as this path."""
+    values, experts = torch.sort(logits, dim=-1, descending=True, stable=True)
+    return values[..., :k], experts[..., :k]
+
+
 def each_expert(x: Tensor, counts: list[int], out_features: int, linear: Callable[[Tensor, int], Tensor]) -> Tensor:
     """``linear(x_e, e)`` for each expert e's rows x_e (counts[e] rows of x [N, I], in order) -> [N, out]."""
     out = x.new_empty(len(x), out_features)
@@ -211,7 +221,7 @@ class MoE(nn.Module):
         paid per distinct expert is its run (at small widths the per-expert ops were most of the layer).
         """
         k = self.experts_per_token
-        top_logits, top_experts = torch.topk(self.router(x), k, dim=-1)
+        top_logits, top_experts = top_k_experts(self.router(x), k)
         # Softmax over the k selected logits only; in float32, as the norms.
         route_weights = torch.softmax(top_logits.float(), dim=-1).to(x.dtype).flatten()
         if self.static_shapes:

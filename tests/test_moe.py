@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.moe import MoE, grouped_linear, swiglu
+from models.moe import MoE, grouped_linear, swiglu, top_k_experts
 from models.mxfp4 import ROWS_PER_TILE, dequantize_mxfp4, linear_mxfp4
 from models.parallel import TensorParallel
 
@@ -95,6 +95,16 @@ def test_a_moe_layer_equals_running_each_token_through_its_experts():
             h = swiglu(F.linear(x[t], e.gate_up[expert], e.gate_up_bias[expert]), 1.702, 7.0)
             expected[t] += weight * F.linear(h, e.down[expert], e.down_bias[expert])
     torch.testing.assert_close(moe(x), expected)
+
+
+def test_equal_router_logits_go_to_the_lower_expert_and_nan_first():
+    """bf16 router logits tie often; the pick must not depend on torch.topk's implementation (which picks experts
+    1, 7, 5 and 3 from the first row on torch 2.13), since the fused decode layer picks by the same rule."""
+    logits = torch.tensor([[1, 2, 2, 2, 0, 2, 1, 2], [0, 0, 0, 0, 0, 0, 0, 0], [1, float("nan"), 3, 3, 0, 0, 0, 0]],
+                          dtype=torch.bfloat16)
+    values, experts = top_k_experts(logits, 4)
+    assert experts.tolist() == [[1, 2, 3, 5], [0, 1, 2, 3], [1, 2, 3, 0]]
+    assert values[0].tolist() == [2, 2, 2, 2] and values[2, 1:].tolist() == [3, 3, 1]
 
 
 class UnreducedRank(TensorParallel):

@@ -21,6 +21,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "bf16_dot_linear.h"
 #include "cpu_features.h"
 
 #include <algorithm>
@@ -116,6 +117,10 @@ void block_against_group(const Call& c, int64_t g, int64_t first, int64_t rows) 
 }
 #endif
 
+}  // namespace
+
+namespace gptserve {
+
 at::Tensor bf16_dot_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                            int64_t N) {
   TORCH_CHECK(has_avx512_bf16(), "bf16_dot_linear: this CPU lacks AVX512-BF16 (or AVX512-BW)");
@@ -146,10 +151,10 @@ at::Tensor bf16_dot_linear(const at::Tensor& x, const at::Tensor& packed, const 
   return out;
 }
 
-}  // namespace
+}  // namespace gptserve
 
 TORCH_LIBRARY_FRAGMENT(gptserve, m) {
   m.def("bf16_dot_linear(Tensor x, Tensor packed, Tensor? bias, int N) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(gptserve, CPU, m) { m.impl("bf16_dot_linear", bf16_dot_linear); }
+TORCH_LIBRARY_IMPL(gptserve, CPU, m) { m.impl("bf16_dot_linear", gptserve::bf16_dot_linear); }

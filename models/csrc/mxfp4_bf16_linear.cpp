@@ -27,6 +27,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "mxfp4_bf16_linear.h"
 #include "cpu_features.h"
 
 #include <algorithm>
@@ -189,6 +190,10 @@ constexpr RowFn kRows[kMaxTokens] = {row_bf16<1>, row_bf16<2>, row_bf16<3>, row_
                                      row_bf16<5>, row_bf16<6>, row_bf16<7>, row_bf16<8>};
 #endif
 
+}  // namespace
+
+namespace gptserve {
+
 at::Tensor mxfp4_grouped_linear_bf16(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& blocks,
                                      const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(has_avx512_bf16(), "mxfp4_grouped_linear_bf16: this CPU lacks AVX512-BF16 (or AVX512-BW)");
@@ -240,10 +245,12 @@ at::Tensor mxfp4_grouped_linear_bf16(const at::Tensor& x, const at::Tensor& coun
   return out;
 }
 
-}  // namespace
+}  // namespace gptserve
 
 TORCH_LIBRARY_FRAGMENT(gptserve, m) {
   m.def("mxfp4_grouped_linear_bf16(Tensor x, Tensor counts, Tensor blocks, Tensor scales, Tensor? bias) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(gptserve, CPU, m) { m.impl("mxfp4_grouped_linear_bf16", mxfp4_grouped_linear_bf16); }
+TORCH_LIBRARY_IMPL(gptserve, CPU, m) {
+  m.impl("mxfp4_grouped_linear_bf16", gptserve::mxfp4_grouped_linear_bf16);
+}

@@ -1,0 +1,101 @@
+"""The fused GPT-OSS decode layer (models/gpt_oss_decode_layer.py) against the torch modules it stands in for, on
+the tiny checkpoint in bf16 with packed MXFP4 experts, and a decode run through it against transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models.gpt_oss as gpt_oss_module
+from models.forward_batch import ForwardBatch
+from models.kv_cache import PagedKVCache
+from models.loader import load_model
+from models.mxfp4 import BF16_KERNEL_MAX_ROWS
+from tests.bf16_dots import needs_avx512_bf16
+from tests.test_cpu_bf16_compute import assert_as_close_as_transformers_bf16, teacher_forced_logits
+from tests.test_gpt_oss import checkpoint_dir, oracle, oracle_logits, random_tokens  # noqa: F401
+
+pytestmark = needs_avx512_bf16
+BLOCK = 4
+SLIDING, FULL = 0, 1  # the tiny checkpoint's first layer slides (window 8), its second attends to everything
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint_dir):  # noqa: F811
+    return load_model(checkpoint_dir, dtype="bfloat16", device="cpu", keep_experts_packed=True).model
+
+
+def decode_step(model, layer: int, context_lens: list[int], cache_dtype: torch.dtype, fused: bool, monkeypatch):
+    """One decode token for each sequence over a pool of random keys and values: (the layer's output, its pool)."""
+    torch.manual_seed(len(context_lens))
+    blocks = [-(-n // BLOCK) for n in context_lens]
+    cache = PagedKVCache(model.kv_cache_spec(), sum(blocks) + 3, BLOCK, dtype=cache_dtype)
+    for index in range(model.config.num_layers):
+        for pool in cache.layer(index):
+            pool.copy_(torch.randn(pool.shape))
+    order = torch.randperm(sum(blocks) + 3).tolist()
+    tables = [[order.pop() for _ in range(n)] for n in blocks]
+    batch = ForwardBatch.build([[7]] * len(context_lens), [n - 1 for n in context_lens], tables, BLOCK)
+    x = torch.randn(len(context_lens), model.config.hidden_size).to(torch.bfloat16)
+    cos, sin = model.rotary.cos_sin(batch.positions, x.dtype)
+    monkeypatch.setattr(gpt_oss_module, "fused_decode_applies", lambda x, kv: fused)
+    with torch.inference_mode():
+        out = model.layers[layer](x, cos, sin, batch.view(cache.group_of(layer)), cache.layer(layer))
+    return out, cache.layer(layer)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layer", [SLIDING, FULL])
+@pytest.mark.parametrize("context_lens", [[1], [5, 16, 17, 40], [3 + 5 * i for i in range(BF16_KERNEL_MAX_ROWS)]])
+def test_fused_layer_computes_what_the_modules_compute(model, monkeypatch, cache_dtype, layer, context_lens):
+    assert model.layers[layer].fused_weights() is not None
+    expected, expected_pool = decode_step(model, layer, context_lens, cache_dtype, False, monkeypatch)
+    got, got_pool = decode_step(model, layer, context_lens, cache_dtype, True, monkeypatch)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for ours, theirs in zip(got_pool, expected_pool):  # the same keys and values, in the same slots
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_tied_router_logits_pick_the_experts_the_modules_pick(checkpoint_dir, monkeypatch):  # noqa: F811
+    """Every router logit equal (zero weights, equal biases): both paths must take experts 0-3 for every token."""
+    tied = load_model(checkpoint_dir, dtype="bfloat16", device="cpu", keep_experts_packed=True).model
+    for layer in tied.layers:
+        layer.moe.router.packed.zero_()
+        layer.moe.router.bias.fill_(0.5)
+    expected, _ = decode_step(tied, FULL, [5, 16, 17, 40], torch.bfloat16, False, monkeypatch)
+    got, _ = decode_step(tied, FULL, [5, 16, 17, 40], torch.bfloat16, True, monkeypatch)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_only_small_bf16_decode_steps_take_the_fused_layer(model, checkpoint_dir, monkeypatch):  # noqa: F811
+    calls = []
+    real = gpt_oss_module.fused_decode_layer
+    monkeypatch.setattr(gpt_oss_module, "fused_decode_layer", lambda *args: calls.append(len(args[2])) or real(*args))
+    from models.generation import greedy_generate
+
+    greedy_generate(model, [[1, 2, 3]] * (BF16_KERNEL_MAX_ROWS + 1), max_new_tokens=2)  # too many rows: the modules
+    assert calls == []
+    greedy_generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=3)  # a prefill, then two 2-row decode steps
+    assert calls == [2] * 2 * model.config.num_layers
+    calls.clear()
+    fp32 = load_model(checkpoint_dir, dtype="float32", device="cpu", keep_experts_packed=True).model
+    assert fp32.layers[0].fused_weights() is None
+    greedy_generate(fp32, [[1, 2, 3]], max_new_tokens=3)
+    assert calls == []
+
+
+def test_decode_through_the_fused_layer_stays_as_close_as_transformers_bf16(model, oracle, monkeypatch):  # noqa: F811
+    """Teacher-forced decode steps of three sequences (one past the sliding window) against transformers' fp32
+    and bf16 models on the same weights."""
+    calls = []
+    real = gpt_oss_module.fused_decode_layer
+    monkeypatch.setattr(gpt_oss_module, "fused_decode_layer", lambda *args: calls.append(1) or real(*args))
+    bf16 = type(oracle)(oracle.config)
+    bf16.load_state_dict(oracle.state_dict())
+    bf16 = bf16.to(torch.bfloat16).eval()
+    sequences = [random_tokens(n, seed=n) for n in (9, 20, 40)]
+    decoded = 6
+    for seq, ours in zip(sequences, teacher_forced_logits(model, sequences, decoded)):
+        theirs_fp32, theirs_bf16 = oracle_logits(oracle, seq), oracle_logits(bf16, seq)
+        assert_as_close_as_transformers_bf16(ours[-decoded:], theirs_fp32[-decoded:], theirs_bf16[-decoded:])
+    assert len(calls) == decoded * model.config.num_layers

@@ -1,11 +1,12 @@
-"""GPT-OSS decode steps in bf16 on CPUs with AVX512-BF16: one C++ call per layer (models/csrc/gpt_oss_decode_layer.cpp).
+"""GPT-OSS decode steps with packed experts on CPU: one C++ call per layer (models/csrc/gpt_oss_decode_layer.cpp).
 
-With ``--dtype bfloat16 --keep-experts-packed`` on such a CPU a layer's five matrix products run in the C++
-kernels at one token, and the ~150 torch ops between them (norms, rotary, the KV write, routing, grouping,
-SwiGLU, the weighted sum of the picks) each cost a dispatch, an allocation and an interpreter round trip:
-~1.5 ms of a ~15 ms layer on two Xeon cores (bench/NOTES.md, session 18). The fused layer rounds to bf16
-where those ops round and calls the same kernels, so a decode step's time is its weights' reads plus little
-else. Prefill, larger batches and every other mode keep the modules.
+In the two CPU modes whose linears stream bf16 weights through this project's kernels (``--dtype bfloat16`` on
+a CPU with AVX512-BF16 and no AMX, and ``--cpu-weight-dtype bfloat16`` in float32), a layer's five matrix
+products at one token run in C++ kernels, and the ~150 torch ops between them (norms, rotary, the KV write,
+routing, grouping, SwiGLU, the weighted sum of the picks) each cost a dispatch, an allocation and an
+interpreter round trip: ~1.1 ms a layer on two Xeon cores, a sixth of a 6.5 ms layer (bench/NOTES.md, session
+18). The fused layer does those ops' arithmetic where they do it and calls the same kernels, so a decode
+step's time is its weights' reads plus little else. Prefill, larger batches and the other modes keep the modules.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from models.bf16_dot_linear import Bf16DotLinear
+from models.bf16_weight_linear import Bf16WeightLinear
 from models.forward_batch import KVView
 from models.mxfp4 import BF16_KERNEL_MAX_ROWS, takes_bf16_dots
 
@@ -24,8 +26,8 @@ if TYPE_CHECKING:
 
 
 def fused_layer_weights(block: GptOssBlock) -> list[Tensor] | None:
-    """The kernel's weight list for one layer, or None where the layer is not the vdpbf16ps one with packed
-    experts on one rank (fp32 or bf16-weight modes, AMX's oneDNN layers, a GPU, tensor parallel)."""
+    """The kernel's weight list for one layer, or None where its linears are not the bf16-streaming ones, its
+    experts not packed, or it runs on several ranks (fp32 weights, AMX's oneDNN layers, a GPU, tensor parallel)."""
     attn, moe, experts = block.attn, block.moe, block.moe.experts
     qkv, out, router = (_packed_and_bias(layer) for layer in (attn.qkv, attn.out, moe.router))
     if qkv is None or out is None or router is None or not experts.packed or moe.tp.world_size != 1:
@@ -37,15 +39,17 @@ def fused_layer_weights(block: GptOssBlock) -> list[Tensor] | None:
 
 
 def _packed_and_bias(layer: nn.Module) -> tuple[Tensor, Tensor] | None:
-    if type(layer) is not Bf16DotLinear or layer.bias is None:
-        return None
-    return layer.packed, layer.bias
+    """The bf16 weight as the kernels read it (one layout for both layers) and the fp32 bias."""
+    if type(layer) is Bf16DotLinear or type(layer) is Bf16WeightLinear:
+        if layer.packed is not None and layer.bias is not None:
+            return layer.packed, layer.bias
+    return None
 
 
 def fused_decode_applies(x: Tensor, kv: KVView) -> bool:
-    """A step of single decode tokens only, in bf16, on a CPU whose expert kernel dots bf16 (each expert's share
-    then stays within the rows its kernel takes, as the modules' choice would)."""
-    if not takes_bf16_dots(x) or len(kv.groups) != 1:
+    """A step of at most BF16_KERNEL_MAX_ROWS single decode tokens: in bf16 on a CPU whose kernels dot bf16, or in
+    float32 on CPU. Within that bound each expert's share takes the rows' kernel, as the modules would choose."""
+    if len(kv.groups) != 1 or not (takes_bf16_dots(x) or (x.device.type == "cpu" and x.dtype == torch.float32)):
         return False
     group = kv.groups[0]
     return group.max_query == 1 and group.num_seqs == x.shape[0] <= BF16_KERNEL_MAX_ROWS

@@ -101,11 +101,12 @@ def gpt2_path(monkeypatch, path: str) -> None:
 
 
 @torch.inference_mode()
-def teacher_forced_logits(model, sequences: list[list[int]], decoded: int) -> list[torch.Tensor]:
+def teacher_forced_logits(model, sequences: list[list[int]], decoded: int,
+                          cache_dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
     """Logits at every position of each sequence: one batched prefill of all but the last ``decoded`` tokens,
     then ``decoded`` batched decode steps of one token per sequence (through the paged decode kernels)."""
     blocks = [-(-len(seq) // BLOCK) for seq in sequences]
-    cache = PagedKVCache(model.kv_cache_spec(), sum(blocks), BLOCK, dtype=torch.bfloat16)
+    cache = PagedKVCache(model.kv_cache_spec(), sum(blocks), BLOCK, dtype=cache_dtype)
     tables = [list(range(sum(blocks[:i]), sum(blocks[: i + 1]))) for i in range(len(sequences))]
     steps = [[seq[:-decoded] for seq in sequences]] + [[[seq[i]] for seq in sequences] for i in range(-decoded, 0)]
     starts = [0] * len(sequences)

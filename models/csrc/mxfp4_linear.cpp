@@ -22,6 +22,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "mxfp4_linear.h"
 #include "cpu_features.h"
 
 #include <algorithm>
@@ -380,6 +381,10 @@ at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& blocks, const at:
   return out;
 }
 
+}  // namespace
+
+namespace gptserve {
+
 // A mixture-of-experts layer's expert runs in one call: x's rows grouped by expert, counts[e] of them for
 // expert e, each multiplied by its expert's weights. Per expert a Python call and a parallel region were most
 // of a run's cost at small widths and several at 2880 (bench/NOTES.md, MoE section).
@@ -411,7 +416,7 @@ at::Tensor mxfp4_grouped_linear(const at::Tensor& x, const at::Tensor& counts, c
   return out;
 }
 
-}  // namespace
+}  // namespace gptserve
 
 TORCH_LIBRARY_FRAGMENT(gptserve, m) {
   m.def("mxfp4_linear(Tensor x, Tensor blocks, Tensor scales, Tensor? bias, str isa=\"best\") -> Tensor");
@@ -421,5 +426,5 @@ TORCH_LIBRARY_FRAGMENT(gptserve, m) {
 
 TORCH_LIBRARY_IMPL(gptserve, CPU, m) {
   m.impl("mxfp4_linear", mxfp4_linear);
-  m.impl("mxfp4_grouped_linear", mxfp4_grouped_linear);
+  m.impl("mxfp4_grouped_linear", gptserve::mxfp4_grouped_linear);
 }

@@ -14,6 +14,7 @@ from models.cpu_kernels import cpu_kernels_loaded
 from models.forward_batch import ForwardBatch
 from models.kv_cache import PagedKVCache
 from models.loader import load_model
+from tests.fused_decode import assert_only_small_decode_steps_fuse, record_calls
 from tests.test_bf16_weights import gpt2_oracle, rounded  # noqa: F401
 
 BLOCK = 16
@@ -60,15 +61,8 @@ def test_fused_block_computes_what_the_modules_compute(gpt2, monkeypatch, cache_
 
 
 def test_only_small_decode_steps_take_the_fused_block(gpt2, monkeypatch):
-    calls = []
-    real = gpt2_module.fused_decode_block
-    monkeypatch.setattr(gpt2_module, "fused_decode_block", lambda *args: calls.append(len(args[0])) or real(*args))
-    from models.generation import greedy_generate
-
-    greedy_generate(gpt2, [[1, 2, 3]] * (KERNEL_MAX_ROWS + 1), max_new_tokens=2)  # too many rows: the modules
-    assert calls == []
-    greedy_generate(gpt2, [[1, 2, 3], [4, 5]], max_new_tokens=3)  # a prefill, then two 2-row decode steps
-    assert calls == [2] * 2 * gpt2.config.n_layer
+    calls = record_calls(monkeypatch, gpt2_module, "fused_decode_block", rows_arg=0)
+    assert_only_small_decode_steps_fuse(gpt2, calls, KERNEL_MAX_ROWS, gpt2.config.n_layer)
 
 
 def test_decode_logits_through_the_fused_block_match_the_rounded_oracle(gpt2, gpt2_oracle):  # noqa: F811

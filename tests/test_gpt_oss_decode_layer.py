@@ -12,9 +12,11 @@ import torch
 import models.gpt_oss as gpt_oss_module
 from models.cpu_isa import cpu_isa
 from models.forward_batch import ForwardBatch
+from models.generation import greedy_generate
 from models.kv_cache import PagedKVCache
 from models.loader import load_model
 from models.mxfp4 import BF16_KERNEL_MAX_ROWS
+from tests.fused_decode import assert_only_small_decode_steps_fuse, record_calls
 from tests.test_bf16_weights import rounded
 from tests.test_cpu_bf16_compute import assert_as_close_as_transformers_bf16, teacher_forced_logits
 from tests.test_gpt_oss import checkpoint_dir, oracle, oracle_logits, random_tokens  # noqa: F401
@@ -92,16 +94,8 @@ def test_tied_router_logits_pick_the_experts_the_modules_pick(checkpoint_dir, mo
 
 
 def test_only_small_decode_steps_take_the_fused_layer(model, checkpoint_dir, monkeypatch):  # noqa: F811
-    calls = []
-    real = gpt_oss_module.fused_decode_layer
-    monkeypatch.setattr(gpt_oss_module, "fused_decode_layer", lambda *args: calls.append(len(args[2])) or real(*args))
-    from models.generation import greedy_generate
-
-    greedy_generate(model, [[1, 2, 3]] * (BF16_KERNEL_MAX_ROWS + 1), max_new_tokens=2)  # too many rows: the modules
-    assert calls == []
-    greedy_generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=3)  # a prefill, then two 2-row decode steps
-    assert calls == [2] * 2 * model.config.num_layers
-    calls.clear()
+    calls = record_calls(monkeypatch, gpt_oss_module, "fused_decode_layer", rows_arg=2)
+    assert_only_small_decode_steps_fuse(model, calls, BF16_KERNEL_MAX_ROWS, model.config.num_layers)
     fp32_weights = load_model(checkpoint_dir, dtype="float32", device="cpu", keep_experts_packed=True).model
     assert fp32_weights.layers[0].fused_weights() is None  # oneDNN's fp32 linears
     float_experts = load_model(checkpoint_dir, dtype="float32", device="cpu", cpu_weight_dtype="bfloat16").model
@@ -115,9 +109,7 @@ def test_decode_through_the_fused_layer_matches_transformers(model, oracle, monk
     same weights: fp32 activations to 1e-4 (the oracle's weights rounded to bf16 as the mode rounds them, norm
     scales and sinks included); bf16 ones no further from transformers' fp32 model than its own bf16 model
     strays (tests/test_cpu_bf16_compute.py)."""
-    calls = []
-    real = gpt_oss_module.fused_decode_layer
-    monkeypatch.setattr(gpt_oss_module, "fused_decode_layer", lambda *args: calls.append(1) or real(*args))
+    calls = record_calls(monkeypatch, gpt_oss_module, "fused_decode_layer", rows_arg=2)
     bf16 = type(oracle)(oracle.config)
     bf16.load_state_dict(oracle.state_dict())
     bf16 = bf16.to(torch.bfloat16).eval()

@@ -130,7 +130,7 @@ def render() -> str:
         "- The embedding is replicated on every GPU; the unembedding only on rank 0, which computes the logits, so "
         "rank 0 is the largest.",
         "- Weights: bf16, norm scales float32, experts either kept MXFP4 (`--keep-experts-packed`, 4.25 bits a value) "
-        "or dequantized to bf16 (the default load).",
+        "or dequantized to bf16 (the default load on GPU).",
         "- Communication per decode step is the payload of the all_reduces, per token in the batch: two per layer "
         "(attention output, MoE output) of hidden x 2 bytes. A ring all_reduce sends 2(N-1)/N times the payload "
         "per GPU. The step's metadata broadcast from rank 0 adds (2 S + G S + T + B) x 4 bytes per step (G KV "

@@ -102,17 +102,26 @@ def embedding_tables(model: torch.nn.Module) -> list[torch.Tensor]:
             for tensor in module_tensors(module, recurse=False)]
 
 
+def experts_kept_packed(requested: bool | None, device: torch.device) -> bool:
+    """Whether GPT-OSS's experts stay MXFP4; None: on CPU, where C++ kernels read them packed in decode steps
+    (faster than dequantized weights, which would hold gpt-oss-20b's experts in 71 GiB of float32 or 36 of
+    bf16 instead of 9.5), and not elsewhere, where the dequantized experts run torch's grouped GEMMs and CUDA
+    graphs capture them."""
+    return device.type == "cpu" if requested is None else requested
+
+
 def load_model(
     path: str | Path,
     dtype: str = "auto",
     device: str = "auto",
-    keep_experts_packed: bool = False,
+    keep_experts_packed: bool | None = False,
     tp: TensorParallel = SINGLE,
     cpu_weight_dtype: str = "float32",
     defer_tokenizer: bool = False,
 ) -> LoadedModel:
     """``cpu_weight_dtype="bfloat16"`` (CPU, float32 only) rounds the weights to bf16 and streams them as bf16
     in decode steps: about half the time per batch-1 step, outputs off the checkpoint's by the rounding.
+    ``keep_experts_packed``: GPT-OSS experts kept in MXFP4; None chooses by device (``experts_kept_packed``).
     ``defer_tokenizer``: build the tokenizer's tables only when first used (an engine core, whose front end
     holds and checks the same tokenizer)."""
     model_dir = Path(path)
@@ -141,7 +150,7 @@ def load_weights(
     family: str,
     dtype: torch.dtype,
     device: torch.device,
-    keep_experts_packed: bool = False,
+    keep_experts_packed: bool | None = False,
     tp: TensorParallel = SINGLE,
     bf16_weights: bool = False,
 ) -> GPT2 | GptOss:
@@ -163,7 +172,8 @@ def load_weights(
     else:
         from models.gpt_oss import load_gpt_oss
 
-        model = load_gpt_oss(model_dir, read_dtype, device, keep_experts_packed=keep_experts_packed, tp=tp)
+        packed = experts_kept_packed(keep_experts_packed, device)
+        model = load_gpt_oss(model_dir, read_dtype, device, keep_experts_packed=packed, tp=tp)
     select_linears(model, model.unembedding, device, dtype, bf16_weights)
     if bf16_weights:
         round_the_rest_(model, dtype)

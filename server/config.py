@@ -19,7 +19,7 @@ class ModelLoadConfig:
     dtype: str = "auto"
     device: str = "auto"
     cpu_weight_dtype: str = "float32"  # bfloat16: weights rounded to bf16 and streamed as bf16 in decode steps
-    keep_experts_packed: bool = False  # GPT-OSS experts stay MXFP4, dequantized per step
+    keep_experts_packed: bool | None = None  # GPT-OSS experts stay MXFP4; None: on CPU only (models/loader.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,15 +4,19 @@ process)."""
 
 from __future__ import annotations
 
-import pytest
+from dataclasses import asdict
 
-from models.loader import load_model
+import pytest
+import torch
+
+from models.loader import experts_kept_packed, load_model
 from server.cli import build_parser, checked_sources, parse_config
 from server.config import EngineConfig
 from server.engine import engine as engine_module
 from server.engine.core_startup import start_cores
 from server.engine.engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
+from tests.test_gpt_oss import checkpoint_dir  # noqa: F401
 
 GROUPS = {
     "model": ["--model", "--device", "--dtype", "--keep-experts-packed", "--chat-template"],
@@ -113,3 +117,20 @@ def test_tensor_parallel_ranks_get_the_sections_themselves_and_they_survive_pick
     assert (spec.load, spec.engine, spec.parallel) == (config.load, config.engine, config.parallel)
     assert spec.engine is config.engine
     assert pickle.loads(pickle.dumps(spec)) == spec  # spawned ranks receive it pickled
+
+
+@pytest.mark.parametrize("argv,environ,expected", [
+    ([], {}, None),
+    (["--keep-experts-packed"], {}, True),
+    (["--no-keep-experts-packed"], {}, False),
+    ([], {"GPTSERVE_KEEP_EXPERTS_PACKED": "0"}, False),
+    ([], {"GPTSERVE_KEEP_EXPERTS_PACKED": "1"}, True),
+])
+def test_gpt_oss_experts_are_packed_on_cpu_unless_told(argv, environ, expected, checkpoint_dir):  # noqa: F811
+    """By default (None) a CPU load keeps GPT-OSS's experts in MXFP4: dequantized in float32, gpt-oss-20b's would
+    need 71 GiB; either flag or its variable decides for every device."""
+    load = parse_config(argv, environ).load
+    assert load.keep_experts_packed is expected
+    model = load_model(checkpoint_dir, **{**asdict(load), "device": "cpu"}).model
+    assert model.layers[0].moe.experts.packed is (expected is not False)
+    assert experts_kept_packed(load.keep_experts_packed, torch.device("cuda")) is (expected is True)

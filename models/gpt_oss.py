@@ -88,14 +88,17 @@ class GptOssBlock(nn.Module):
         if self.moe.static_shapes:
             return None
         if not self._fused_looked_up:
-            self._fused_weights = fused_layer_weights(self)
+            attn = self.attn
+            self._fused_weights = fused_layer_weights((self.attn_norm.weight, self.mlp_norm.weight), attn.qkv, attn.out,
+                                                      attn.sinks, self.moe)
             self._fused_looked_up = True
         return self._fused_weights
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVView, cache: tuple[Tensor, Tensor]) -> Tensor:
         weights = self.fused_weights()
         if weights is not None and fused_decode_applies(x, kv):
-            return fused_decode_layer(self, weights, x, cos, sin, kv, cache)
+            return fused_decode_layer(x, weights, cos, sin, kv, cache, window=self.attn.window,
+                                      head_dim=self.attn.head_dim, eps=self.attn_norm.eps, moe=self.moe)
         x = x + self.attn(self.attn_norm(x), cos, sin, kv, cache)
         return x + self.moe(self.mlp_norm(x))
 

@@ -11,29 +11,29 @@ step's time is its weights' reads plus little else. Prefill, larger batches and 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
 from models.bf16_dot_linear import Bf16DotLinear
 from models.bf16_weight_linear import Bf16WeightLinear
 from models.forward_batch import KVView
+from models.moe import MoE
 from models.mxfp4 import BF16_KERNEL_MAX_ROWS, takes_bf16_dots
 
-if TYPE_CHECKING:
-    from models.gpt_oss import GptOssBlock
 
-
-def fused_layer_weights(block: GptOssBlock) -> list[Tensor] | None:
-    """The kernel's weight list for one layer, or None where its linears are not the bf16-streaming ones, its
-    experts not packed, or it runs on several ranks (fp32 weights, AMX's oneDNN layers, a GPU, tensor parallel)."""
-    attn, moe, experts = block.attn, block.moe, block.moe.experts
-    qkv, out, router = (_packed_and_bias(layer) for layer in (attn.qkv, attn.out, moe.router))
-    if qkv is None or out is None or router is None or not experts.packed or moe.tp.world_size != 1:
+def fused_layer_weights(norms: tuple[Tensor, Tensor], qkv: nn.Module, out: nn.Module, sinks: Tensor,
+                        moe: MoE) -> list[Tensor] | None:
+    """The kernel's weight list for one layer (its two norms' scales, attention's linears and sinks, the MoE), or
+    None where its linears are not the bf16-streaming ones, its experts not packed, or it runs on several ranks
+    (fp32 weights, AMX's oneDNN layers, a GPU, tensor parallel)."""
+    experts = moe.experts
+    qkv_weights, out_weights, router_weights = (_packed_and_bias(layer) for layer in (qkv, out, moe.router))
+    if qkv_weights is None or out_weights is None or router_weights is None:
+        return None
+    if not experts.packed or moe.tp.world_size != 1:
         return None
     gate_up_bias, down_bias = experts.float_biases
-    return [block.attn_norm.weight, *qkv, *out, attn.sinks.float().contiguous(), block.mlp_norm.weight, *router,
+    return [norms[0], *qkv_weights, *out_weights, sinks.float().contiguous(), norms[1], *router_weights,
             experts.gate_up_blocks, experts.gate_up_scales, gate_up_bias, experts.down_blocks, experts.down_scales,
             down_bias]
 
@@ -56,11 +56,11 @@ def fused_decode_applies(x: Tensor, kv: KVView) -> bool:
 
 
 def fused_decode_layer(
-    block: GptOssBlock, weights: list[Tensor], x: Tensor, cos: Tensor, sin: Tensor, kv: KVView,
-    cache: tuple[Tensor, Tensor],
+    x: Tensor, weights: list[Tensor], cos: Tensor, sin: Tensor, kv: KVView, cache: tuple[Tensor, Tensor], *,
+    window: int | None, head_dim: int, eps: float, moe: MoE,
 ) -> Tensor:
-    group, attn, moe = kv.groups[0], block.attn, block.moe
+    group = kv.groups[0]
     return torch.ops.gptserve.gpt_oss_decode_layer(
         x.contiguous(), weights, cache[0], cache[1], kv.slot_mapping, group.key_blocks, group.context_lens,
-        cos.contiguous(), sin.contiguous(), group.block_size, attn.window or 0, len(attn.sinks), attn.head_dim,
-        block.attn_norm.eps, moe.experts_per_token, moe.experts.alpha, moe.experts.limit)
+        cos.contiguous(), sin.contiguous(), group.block_size, window or 0, len(weights[5]), head_dim, eps,
+        moe.experts_per_token, moe.experts.alpha, moe.experts.limit)

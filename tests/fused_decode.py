@@ -12,7 +12,12 @@ def record_calls(monkeypatch, module: ModuleType, name: str, rows_arg: int) -> l
     """The rows of each call to ``module.name`` (argument ``rows_arg`` is the hidden states), calling through."""
     calls: list[int] = []
     real = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *args: calls.append(len(args[rows_arg])) or real(*args))
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[rows_arg]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 

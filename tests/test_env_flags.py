@@ -63,9 +63,10 @@ def test_the_variable_has_the_flags_effect(action):
 def test_the_flag_wins_over_its_variable(action):
     argv, value = sample_arguments(action)
     variable = env_name(action.option_strings[0])
-    if action.nargs == 0:  # the variable says the opposite of the flag, which is the default
+    if action.nargs == 0:  # the variable says the opposite of the flag
         opposite = "1" if value == "0" else "0"
-        assert parse_config([], {variable: opposite}) == parse_config([], {})
+        if action.default is not None:  # an on/off switch, whose opposite is its default (None: on, off or auto)
+            assert parse_config([], {variable: opposite}) == parse_config([], {})
         assert parse_config(argv, {variable: opposite}) == parse_config(argv, {})
         return
     if isinstance(action, argparse._AppendAction):

@@ -94,7 +94,7 @@ def test_tied_router_logits_pick_the_experts_the_modules_pick(checkpoint_dir, mo
 
 
 def test_only_small_decode_steps_take_the_fused_layer(model, checkpoint_dir, monkeypatch):  # noqa: F811
-    calls = record_calls(monkeypatch, gpt_oss_module, "fused_decode_layer", rows_arg=2)
+    calls = record_calls(monkeypatch, gpt_oss_module, "fused_decode_layer", rows_arg=0)
     assert_only_small_decode_steps_fuse(model, calls, BF16_KERNEL_MAX_ROWS, model.config.num_layers)
     fp32_weights = load_model(checkpoint_dir, dtype="float32", device="cpu", keep_experts_packed=True).model
     assert fp32_weights.layers[0].fused_weights() is None  # oneDNN's fp32 linears
@@ -109,7 +109,7 @@ def test_decode_through_the_fused_layer_matches_transformers(model, oracle, monk
     same weights: fp32 activations to 1e-4 (the oracle's weights rounded to bf16 as the mode rounds them, norm
     scales and sinks included); bf16 ones no further from transformers' fp32 model than its own bf16 model
     strays (tests/test_cpu_bf16_compute.py)."""
-    calls = record_calls(monkeypatch, gpt_oss_module, "fused_decode_layer", rows_arg=2)
+    calls = record_calls(monkeypatch, gpt_oss_module, "fused_decode_layer", rows_arg=0)
     bf16 = type(oracle)(oracle.config)
     bf16.load_state_dict(oracle.state_dict())
     bf16 = bf16.to(torch.bfloat16).eval()

@@ -4,8 +4,8 @@ In the two CPU modes whose linears stream bf16 weights through this project's ke
 a CPU with AVX512-BF16 and no AMX, and ``--cpu-weight-dtype bfloat16`` in float32), a layer's five matrix
 products at one token run in C++ kernels, and the ~150 torch ops between them (norms, rotary, the KV write,
 routing, grouping, SwiGLU, the weighted sum of the picks) each cost a dispatch, an allocation and an
-interpreter round trip: ~1.1 ms a layer on two Xeon cores, a sixth of a 6.5 ms layer (bench/NOTES.md, session
-18). The fused layer does those ops' arithmetic where they do it and calls the same kernels, so a decode
+interpreter round trip: ~1.1 ms of a ~7.5 ms layer of the gpt-oss-20b widths on two Xeon cores (bench/NOTES.md,
+session 18). The fused layer does those ops' arithmetic where they do it and calls the same kernels, so a decode
 step's time is its weights' reads plus little else. Prefill, larger batches and the other modes keep the modules.
 """
 

@@ -43,9 +43,9 @@ def swiglu(x: Tensor, alpha: float, limit: float) -> Tensor:
 def top_k_experts(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Each token's k largest router logits and their experts, equal logits to the lower expert (NaN first).
 
-    torch.topk leaves the order of ties to its implementation, which differs between torch versions; in bf16
-    a token's fourth and fifth logits are often equal, and the fused decode layer
-    (models/csrc/gpt_oss_decode_layer.cpp) must pick the same experts as this path."""
+    torch.topk leaves the order of ties to its implementation, which differs between torch versions; bf16
+    logits (8 significant bits) tie easily, and the fused decode layer (models/csrc/gpt_oss_decode_layer.cpp)
+    must pick the same experts as this path."""
     values, experts = torch.sort(logits, dim=-1, descending=True, stable=True)
     return values[..., :k], experts[..., :k]
 

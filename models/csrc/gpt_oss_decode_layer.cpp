@@ -41,7 +41,7 @@ namespace {
 
 using c10::BFloat16;
 
-// A value as the activations' dtype holds it: rounded to nearest even for bf16, as it is for float32.
+// A value as the activations' dtype holds it: rounded to nearest even for bf16, unchanged for float32.
 template <typename T>
 inline float held(float value) {
   return static_cast<float>(static_cast<T>(value));

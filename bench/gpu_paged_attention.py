@@ -74,7 +74,7 @@ def alternated(paths: dict[str, Callable[[], torch.Tensor]], repeats: int) -> di
     timings: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(2):
         for name, call in paths.items():
-            attention.triton_attention_applies = lambda _q, on=name == "triton": on  # type: ignore[misc]
+            attention.triton_attention_applies = lambda _device, on=name == "triton": on  # type: ignore[misc]
             timings[name].append(microseconds(call, repeats))
     return {name: min(times) for name, times in timings.items()}
 

@@ -63,7 +63,7 @@ def paged_attention(
     num_heads, head_dim = q.shape[1], q.shape[2]
     out = torch.empty_like(q)
     for group in kv.groups:
-        if group.max_query == 1 and triton_attention_applies(q):
+        if group.max_query == 1 and triton_attention_applies(q.device):
             out[group.token_index] = triton_attention(q, key_cache, value_cache, group, window, sinks)
             continue
         if group.max_query == 1 and decode_kernels_apply(q):
@@ -119,10 +119,10 @@ def _gather_blocks(cache: Tensor, group: AttentionGroup) -> Tensor:
     return blocks.view(group.num_seqs, group.num_key_positions, kv_heads, head_dim)
 
 
-def triton_attention_applies(q: Tensor) -> bool:
+def triton_attention_applies(device: torch.device) -> bool:
     """On CUDA, attention reads the pool through the Triton kernel, where Triton is installed (torch's CUDA
-    wheels bring it)."""
-    return q.is_cuda and _triton_installed()
+    wheels bring it). A decode row then reads only the blocks its context fills, however wide its table."""
+    return device.type == "cuda" and _triton_installed()
 
 
 @functools.cache

@@ -153,7 +153,7 @@ def test_a_pool_that_does_not_fit_the_queries_is_refused(kernel, device):
 def attention_through_triton(kernel, monkeypatch):
     """Decode groups take the Triton kernel whatever the device (on CPU, interpreted), as they do on CUDA."""
     monkeypatch.setattr(attention, "decode_kernels_apply", lambda _q: False)
-    monkeypatch.setattr(attention, "triton_attention_applies", lambda _q: True)
+    monkeypatch.setattr(attention, "triton_attention_applies", lambda _device: True)
 
 
 def test_gpt2_attends_through_the_kernel_as_transformers_does(attention_through_triton, tiny_gpt2_dir, device):
@@ -173,23 +173,26 @@ def test_gpt_oss_attends_through_the_kernel_as_transformers_does(attention_throu
 def test_decode_graph_inputs_attend_through_the_kernel_as_through_the_gather(kernel, monkeypatch, device, tmp_path):
     """What a captured CUDA decode step feeds the kernel: DecodeGraphs' static inputs, rows padded to the bucket
     on the scratch block, tables padded to the bucket's width, with GPT-OSS's statically routed forward (what is
-    captured; run eagerly on CPU): the same logits through the kernel as through the gather and SDPA."""
+    captured; run eagerly on CPU): the same logits through the kernel as through the gather and SDPA. Through the
+    kernel there is one table width, and a step writes only the columns its longest context needs: the last
+    step's shorter contexts leave the earlier steps' blocks in the columns past them, which must not be read."""
     model = load_gpt_oss(write_tiny_gpt_oss(tmp_path, layout="hf", sliding_window=4), torch.float32, device)
     model.use_static_routing()
     monkeypatch.setattr(attention, "decode_kernels_apply", lambda _q: False)
 
     def decode_steps(through_kernel: bool) -> list[torch.Tensor]:
-        """Two steps over a cache of random keys and values (the same each time), the attention path chosen
+        """Three steps over a cache of random keys and values (the same each time), the attention path chosen
         before the graphs are built (CUDA captures them then): 3 of the bucket's 4 rows, contexts past the
-        window of 4."""
-        monkeypatch.setattr(attention, "triton_attention_applies", lambda _q: through_kernel)
+        window of 4, then 2 rows of short contexts."""
+        monkeypatch.setattr(attention, "triton_attention_applies", lambda _device: through_kernel)
         cache = PagedKVCache(model.kv_cache_spec(), 13, 4, device=device)  # block 12: the scratch block
         g = torch.Generator().manual_seed(0)
         for pool in cache.keys + cache.values:
             pool.copy_(torch.randn(pool.shape, generator=g) * 4)
         graphs = DecodeGraphs(model, cache, max_rows=4, max_blocks=4, scratch_block=12)
+        assert graphs.block_buckets == ([4] if through_kernel else [1, 2, 4])
         return [graphs.run(decode_chunks(contexts, seed=step)).clone()
-                for step, contexts in enumerate([[5, 9, 1], [6, 10, 2]])]
+                for step, contexts in enumerate([[5, 9, 1], [6, 10, 2], [2, 1]])]
 
     for got, gathered in zip(decode_steps(True), decode_steps(False)):
         torch.testing.assert_close(got, gathered, atol=1e-4, rtol=1e-4)

@@ -4,10 +4,13 @@ A GPT-2-124M decode step is ~300 small kernels; launched one at a time from Pyth
 the GPU takes to run them. A step whose chunks are all one token long (decodes, or one-token prefill
 pieces) is padded to a captured batch size and replayed over static input buffers instead.
 
-One graph is captured at start-up per (batch rows, key blocks per row) bucket, each rounded up to a power
-of two (the largest bucket is the limit itself): attention gathers every row's keys from that many blocks,
-so one graph sized for the longest context would read up to 8x more cache than a step needs. Padding rows
-write and read only a scratch block that the block manager never hands out. Each KV group of the pool (models/
+One graph is captured at start-up per batch-rows bucket, rounded up to a power of two (the largest bucket is
+the limit itself). Attention through the Triton kernel (models/attention.py) reads only the blocks each row's
+context fills, so one table width (the longest context's) serves every step, and a step writes only as many
+of its columns as its own longest context needs (the kernel never reads past a row's context). Where attention
+gathers every row's keys from its table instead (no Triton), a graph is captured per (rows, key blocks per row)
+bucket as well: one sized for the longest context would read up to 8x more cache than a step needs. Padding
+rows write and read only a scratch block that the block manager never hands out. Each KV group of the pool (models/
 kv_cache.py) has its own slots and key blocks among the inputs. All graphs share one memory
 pool: replays never overlap, and each graph's output stays allocated.
 
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from models import attention
 from models.forward_batch import AttentionGroup, ForwardBatch, KVView
 from models.kv_cache import PagedKVCache
 from models.servable import ServableModel
@@ -59,7 +63,8 @@ class DecodeGraphs:
         self.scratch_block = scratch_block
         self.device = cache.keys[0].device
         self.row_buckets = buckets(max_rows)
-        self.block_buckets = buckets(max_blocks)
+        self.tables_read_in_place = attention.triton_attention_applies(self.device)
+        self.block_buckets = [max_blocks] if self.tables_read_in_place else buckets(max_blocks)
         self.steps = 0  # decode steps served here, for tests and logs
         captures = self.device.type == "cuda"
         pool = torch.cuda.graph_pool_handle() if captures else None
@@ -91,7 +96,13 @@ class DecodeGraphs:
         rows = next(r for r in self.row_buckets if r >= len(chunks))
         blocks = next(b for b in self.block_buckets if b >= needed)
         bucket = self._buckets[rows, blocks]
-        bucket.inputs.copy_(self._inputs(chunks, rows, blocks))
+        width = needed if self.tables_read_in_place else blocks
+        new_head, new_groups = self._layout(self._inputs(chunks, rows, width).to(self.device), rows, width)
+        head, groups = self._layout(bucket.inputs, rows, blocks)
+        head.copy_(new_head)
+        for (slots, tables), (new_slots, new_tables) in zip(groups, new_groups):
+            slots.copy_(new_slots)
+            tables[:, :width].copy_(new_tables)  # in place, columns past ``width`` are never read
         self.steps += 1
         if bucket.graph is not None and bucket.logits is not None:  # captured: both are set together
             bucket.graph.replay()
@@ -116,6 +127,16 @@ class DecodeGraphs:
             values += [scratch] * (blocks * pad)
         return torch.tensor(values, dtype=torch.long)
 
+    def _layout(self, flat: Tensor, rows: int, blocks: int) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Views of flat inputs: token ids, positions and context lens [3, rows], then per KV group the slots
+        [rows] and the key blocks [rows, blocks]."""
+        groups = []
+        for group in range(self.cache.num_groups):
+            slots = 3 * rows + group * rows * (blocks + 1)
+            tables = flat[slots + rows : slots + rows * (blocks + 1)].view(rows, blocks)
+            groups.append((flat[slots : slots + rows], tables))
+        return flat[: 3 * rows].view(3, rows), groups
+
     def _padding(self, rows: int, blocks: int) -> Tensor:
         """Inputs of a batch made only of padding rows: valid to run, touching only the scratch block."""
         scratch_slot = self.scratch_block * self.cache.block_size
@@ -125,23 +146,23 @@ class DecodeGraphs:
     def _batch(self, bucket: _Bucket) -> ForwardBatch:
         """A ForwardBatch whose tensors are views of the bucket's static inputs. Built anew for every eager run
         and for the capture: an AttentionGroup caches its mask, which must be recomputed from the inputs."""
-        rows, blocks, flat = bucket.rows, bucket.blocks, bucket.inputs
-        ids, positions, context_lens = flat[: 3 * rows].view(3, rows)
+        rows = bucket.rows
+        head, groups = self._layout(bucket.inputs, rows, bucket.blocks)
+        ids, positions, context_lens = head
         every_row = torch.arange(rows, device=self.device)
         views = []
-        for group in range(self.cache.num_groups):
-            start = 3 * rows + group * rows * (blocks + 1)
-            attention = AttentionGroup(
+        for slots, key_blocks in groups:
+            group = AttentionGroup(
                 token_index=every_row,
                 pad_index=every_row,
                 num_seqs=rows,
                 max_query=1,
-                key_blocks=flat[start + rows : start + rows * (blocks + 1)].view(rows, blocks),
+                key_blocks=key_blocks,
                 query_positions=positions.view(rows, 1),
                 context_lens=context_lens,
                 block_size=self.cache.block_size,
             )
-            views.append(KVView([], flat[start : start + rows], [attention]))  # tables: only tensors are read
+            views.append(KVView([], slots, [group]))  # tables: only tensors are read
         return ForwardBatch(
             input_ids=ids,
             positions=positions,

@@ -51,6 +51,7 @@ from server.routes import (
 from server.routes.engine_calls import ClientDisconnected
 from server.routes.models import ServedModel
 from server.routes.response_store import ResponseStore
+from server.tokenizer_info import tokenizer_info
 from server.validation_errors import validation_error_object
 
 log = logging.getLogger("gptserve")
@@ -77,7 +78,9 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
             engine.start()
             chat_format = (HarmonyChatFormat(engine.tokenizer) if engine.family == "gpt_oss"
                            else TemplateChatFormat(engine.tokenizer, chat_template))
-            app.state.models[name] = ServedModel(name, engine, chat_format, created)
+            info = tokenizer_info(engine.tokenizer_dir, engine.tokenizer, engine.max_model_len,
+                                  chat_format.template_text)
+            app.state.models[name] = ServedModel(name, engine, chat_format, created, info)
             log.info("serving model", extra={"model": name, "family": engine.family,
                                               "max_model_len": engine.max_model_len})
         release_free_heap()  # what parsing the tokenizer and harmony's vocabulary freed: the tuned heap keeps it

@@ -45,11 +45,15 @@ def _drop_validation_422(document: dict[str, Any]) -> None:
 
 
 def _pin_model_names(document: dict[str, Any], model_names: list[str]) -> None:
+    """In request bodies and in query parameters (GET /tokenizer_info), where ``model`` may also be null."""
     schemas = document.get("components", {}).get("schemas", {})
-    for name, schema in schemas.items():
-        model = schema.get("properties", {}).get("model")
-        if name.endswith("Request") and model is not None and model.get("type") == "string":
-            model["enum"] = list(model_names)
+    models = [schema["properties"]["model"] for name, schema in schemas.items()
+              if name.endswith("Request") and "model" in schema.get("properties", {})]
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            models += [p["schema"] for p in operation.get("parameters", []) if p["name"] == "model"]
+    for node in _nodes(models, "string"):
+        node["enum"] = list(model_names)
 
 
 def _state_limits(document: dict[str, Any], max_model_len: int, vocab_size: int) -> None:

@@ -1,4 +1,5 @@
-"""Bodies of the tokenizer endpoints, named as vLLM names them (/tokenize, /detokenize, /version at the root).
+"""Bodies of the tokenizer endpoints, named as vLLM names them (/tokenize, /detokenize, /tokenizer_info, /version
+at the root). As in vLLM, ``model`` may be left out where the server serves one model.
 
 Kept apart from ``server.protocol`` (the OpenAI endpoints' bodies) so each file holds one API's shapes.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from server.protocol import GATEWAY_RESPONSES, ErrorResponse, Strict
 from server.protocol_base import OnlyFalse, OnlyTrue
@@ -18,7 +19,7 @@ from server.protocol_tools import ChatTool, NamedToolChoice
 class TokenizeCompletionRequest(Strict):
     """A ``prompt``, encoded as /v1/completions encodes it."""
 
-    model: str
+    model: str | None = None
     prompt: str
     add_special_tokens: bool = Field(True, description="accepted; these tokenizers add no special tokens")
     return_token_strs: bool = Field(False, description="also return each token as its byte-level string")
@@ -28,7 +29,7 @@ class TokenizeChatRequest(Strict):
     """``messages`` (with ``tools`` and ``reasoning_effort``), rendered as /v1/chat/completions renders them:
     ``count`` is that request's ``usage.prompt_tokens``."""
 
-    model: str
+    model: str | None = None
     messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
     tools: Annotated[list[ChatTool], Field(max_length=128)] | None = Field(None, description="as chat completions")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
@@ -62,12 +63,26 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(Strict):
-    model: str
+    model: str | None = None
     tokens: list[Annotated[int, Field(ge=0)]]
 
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class TokenizerInfoResponse(BaseModel):
+    """The checkpoint's tokenizer_config.json as this server holds it (server/tokenizer_info.py): its other keys
+    pass through."""
+
+    model_config = ConfigDict(extra="allow")
+    tokenizer_class: str
+    eos_token: str
+    bos_token: str | None = None
+    unk_token: str | None = None
+    pad_token: str | None = None
+    model_max_length: int
+    chat_template: str | None = None
 
 
 class VersionResponse(BaseModel):

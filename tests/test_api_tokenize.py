@@ -1,5 +1,6 @@
-"""/tokenize, /detokenize and /version (vLLM's, at the root): /tokenize counts exactly what the completions and
-chat endpoints bill as ``usage.prompt_tokens``, for GPT-2 (plain template) and GPT-OSS (harmony)."""
+"""/tokenize, /detokenize, /tokenizer_info and /version (vLLM's, at the root): /tokenize counts exactly what the
+completions and chat endpoints bill as ``usage.prompt_tokens``, for GPT-2 (plain template) and GPT-OSS (harmony).
+tests/test_lm_eval_client.py has a client that leans on them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import httpx
 import pytest
 
 from models.tokenizer import byte_level_bytes, load_tokenizer
+from server.chat.template import DEFAULT_CHAT_TEMPLATE
 from tests.server_process import ServerProcess
 
 KEY = "tokenize-key"
@@ -104,6 +106,7 @@ def test_tokenizer_endpoints_need_the_key_and_version_does_not(server, http):
     for path, body in calls:
         assert httpx.post(server.base_url + path, json=body).status_code == 401
         assert http.post(path, json=body).status_code == 200
+    assert httpx.get(server.base_url + "/tokenizer_info", params={"model": "tiny"}).status_code == 401
     version = httpx.get(server.base_url + "/version")
     assert version.status_code == 200
     assert version.json()["version"] == http.get("/openapi.json").json()["info"]["version"] != ""
@@ -120,3 +123,31 @@ def test_tokenize_with_tools_counts_what_chat_completions_bills(http):
     assert tokenized["count"] == chat["usage"]["prompt_tokens"] > without_tools["count"]
     none_chosen = http.post("/tokenize", json=request | {"tool_choice": "none"}).json()
     assert none_chosen["tokens"] == without_tools["tokens"]  # "none" leaves the tools out of the prompt
+
+
+def test_tokenizer_info_is_the_checkpoints_config_as_this_server_holds_it(http, tiny_gpt2_dir, tiny_gpt_oss_dir):
+    """Special tokens as text that /tokenize makes one token of; the length and chat template the server uses."""
+    gpt2 = http.get("/tokenizer_info", params={"model": "tiny"}).json()
+    assert gpt2 == {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False,  # passed through
+                    "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                    "pad_token": None, "model_max_length": http.get("/v1/models/tiny").json()["max_model_len"],
+                    "chat_template": DEFAULT_CHAT_TEMPLATE}
+    oss = http.get("/tokenizer_info", params={"model": "oss"}).json()
+    assert (oss["tokenizer_class"], oss["eos_token"], oss["pad_token"]) == (
+        "PreTrainedTokenizerFast", "<|return|>", "<|endoftext|>")
+    assert oss["model_max_length"] == http.get("/v1/models/oss").json()["max_model_len"]
+    assert oss["chat_template"] is None  # harmony renders its prompts, and this checkpoint has no template
+    for model, info in (("tiny", gpt2), ("oss", oss)):
+        for field in ("eos_token", "bos_token", "pad_token"):
+            if info[field] is not None:
+                tokens = http.post("/tokenize", json={"model": model, "prompt": info[field]}).json()["tokens"]
+                assert len(tokens) == 1, (model, field)
+
+
+def test_a_server_of_several_models_needs_the_model_named(http):
+    """vLLM's tokenizer endpoints take no model (it serves one); here one served model is taken, several are not."""
+    assert_error(http.post("/tokenize", json={"prompt": "x"}), 400, "model")
+    assert_error(http.post("/detokenize", json={"tokens": [1]}), 400, "model")
+    assert_error(http.get("/tokenizer_info"), 400, "model")
+    assert_error(http.get("/tokenizer_info", params={"model": "nope"}), 404, "model")
+    assert_error(http.post("/tokenize", json={"messages": MESSAGES}), 400, "model")

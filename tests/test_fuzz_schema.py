@@ -36,7 +36,7 @@ warnings = false
 # held to what typing chat messages by role achieved at SEED, less a margin (served before -> after: chat 170 of
 # 245 -> 247 of 285, /tokenize 23 of 91 -> 123 of 139); the rest to most.
 MIN_SERVED = {"POST /v1/completions": 0.5, "POST /v1/chat/completions": 0.8, "POST /v1/perplexity": 0.5,
-              "POST /v1/responses": 0.5, "POST /detokenize": 0.5, "POST /tokenize": 0.8}
+              "POST /v1/responses": 0.5, "POST /detokenize": 0.5, "POST /tokenize": 0.8, "GET /tokenizer_info": 0.8}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_openapi_document_describes_every_route_and_its_errors(server):
     assert set(document["paths"]) == {"/v1/completions", "/v1/chat/completions", "/v1/responses",
                                       "/v1/responses/{response_id}", "/v1/perplexity", "/v1/models",
                                       "/v1/models/{model_id}", "/health", "/ready", "/metrics", "/tokenize",
-                                      "/detokenize", "/version"}
+                                      "/detokenize", "/tokenizer_info", "/version"}
     for path, operations in document["paths"].items():
         for operation in operations.values():
             assert "422" not in operation["responses"], f"{path}: validation errors are 400, not 422"

@@ -56,6 +56,7 @@ class HarmonyChatFormat:
         self._encode_kind = functools.lru_cache(maxsize=16)(tokenizer.encode)
         # <|end|> closes analysis messages mid-answer, so it is no stop token; <|call|> ends a tool call.
         self.stop_token_ids = frozenset((self.tokens.return_, self.tokens.call, self.tokens.endoftext))
+        self.template_text: str | None = None  # harmony renders the prompt, not a template
 
     def render(self, messages: list[ChatMessage], *, tools: list[FunctionTool] | None = None,
                reasoning_effort: str | None = None, current_date: str | None = None) -> list[int]:

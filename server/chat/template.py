@@ -66,11 +66,12 @@ class TemplateChatFormat:
     def __init__(self, tokenizer: Tokenizer, template: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset((tokenizer.eos_token_id,))
-        self.uses_tools = "tools" in (template if template is not None else DEFAULT_CHAT_TEMPLATE)
+        self.template_text = template if template is not None else DEFAULT_CHAT_TEMPLATE
+        self.uses_tools = "tools" in self.template_text
         environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                     finalize=fence_printed_value)
         try:
-            self.template = environment.from_string(template if template is not None else DEFAULT_CHAT_TEMPLATE)
+            self.template = environment.from_string(self.template_text)
         except jinja2.TemplateSyntaxError as error:
             raise ValueError(f"invalid chat template: {error}") from error
         names = sorted(tokenizer.special_tokens, key=len, reverse=True)

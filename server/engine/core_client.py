@@ -20,6 +20,7 @@ import logging
 import threading
 from collections.abc import AsyncGenerator, Callable
 from multiprocessing.connection import wait
+from pathlib import Path
 
 import zmq
 
@@ -44,6 +45,7 @@ class EngineCoreClient:
         self.core = core
         self.name = core.name
         self.tokenizer: Tokenizer = core.tokenizer
+        self.tokenizer_dir = Path(core.ready.tokenizer_dir)
         self.family = core.family
         self.admission = core.ready.admission
         self.max_model_len = self.admission.max_model_len

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request
 
@@ -19,13 +20,20 @@ class ServedModel:
     engine: EngineCoreClient
     chat_format: HarmonyChatFormat | TemplateChatFormat
     created: int  # unix time the server started serving it
+    tokenizer_info: dict[str, Any]  # GET /tokenizer_info's body (server/tokenizer_info.py)
 
     def card(self) -> ModelCard:
         return ModelCard(id=self.name, created=self.created, max_model_len=self.engine.max_model_len)
 
 
-def find_model(request: Request, name: str) -> ServedModel:
+def find_model(request: Request, name: str | None) -> ServedModel:
+    """The model a request names; a request that names none (the tokenizer endpoints allow it, as vLLM's do) gets
+    the only one served."""
     served: dict[str, ServedModel] = request.app.state.models
+    if name is None:
+        if len(served) == 1:
+            return next(iter(served.values()))
+        raise APIError(400, f"model: required, as this server serves {sorted(served)}", param="model")
     if name not in served:
         raise APIError(404, f"the model {name!r} does not exist; this server serves {sorted(served)}",
                        param="model", type="not_found_error", code="model_not_found")

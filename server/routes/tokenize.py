@@ -1,9 +1,10 @@
-"""POST /tokenize and POST /detokenize, as vLLM serves them at the root: the exact ids a completions or chat
-request would feed the model (so clients can count and budget tokens), and ids back to text."""
+"""POST /tokenize, POST /detokenize and GET /tokenizer_info, as vLLM serves them at the root: the exact ids a
+completions or chat request would feed the model (so clients can count and budget tokens), ids back to text, and
+the tokenizer's special tokens and chat template (so a client needs no copy of the tokenizer)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 
 from models.tokenizer import byte_level_text
@@ -18,6 +19,7 @@ from server.tokenizer_protocol import (
     TokenizeChatRequest,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfoResponse,
 )
 
 router = APIRouter()
@@ -43,10 +45,16 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
 
 
+@router.get("/tokenizer_info", response_model=TokenizerInfoResponse, responses=TOKENIZER_RESPONSES)
+async def get_tokenizer_info(request: Request, model: str | None = Query(None)) -> TokenizerInfoResponse:
+    return TokenizerInfoResponse.model_validate(find_model(request, model).tokenizer_info)
+
+
 def _chat_prompt(served: ServedModel, body: TokenizeChatRequest) -> list[int]:
     """The chat request these fields make, rendered by the chat endpoint's own code."""
-    names = ("model", "messages", "tools", "tool_choice", "reasoning_effort")
+    names = ("messages", "tools", "tool_choice", "reasoning_effort")
     fields = {name: getattr(body, name) for name in names if getattr(body, name) is not None}
+    fields["model"] = served.name  # the body may leave it out
     try:
         chat_request = ChatCompletionRequest.model_validate(fields)
     except ValidationError as e:

@@ -1,0 +1,122 @@
+"""lm-evaluation-harness's ``local-completions`` model against a real server, given nothing but the server's URL.
+
+It finds the tokenizer through GET /tokenizer_info and POST /tokenize (its remote backend, as with vLLM); without
+them it would download one named after the model from the hub, which fails offline. Its three request kinds
+(loglikelihood, loglikelihood_rolling, generate_until) must then give what transformers gives on the same weights.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+
+from models.tokenizer import load_tokenizer
+from tests.server_process import ServerProcess
+
+EOS = 50256
+PAIRS = [("Hello, my name is", " Ada and I"), ("The capital of France", " is Paris"), ("", "Once upon a time")]
+ROLLING_TEXT = "one two three four five six seven eight nine ten " * 3
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gpt2_dir):
+    with ServerProcess(["--model", f"tiny={tiny_gpt2_dir}"]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def lm(server):
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from lm_eval.utils import RemoteTokenizer
+
+    model = LocalCompletionsAPI(base_url=server.v1 + "/completions", model="tiny", max_length=128, max_retries=1)
+    assert isinstance(model.tokenizer, RemoteTokenizer), "lm-eval did not find the server's tokenizer endpoints"
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_gpt2_dir):
+    return load_tokenizer(tiny_gpt2_dir)
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_gpt2_dir):
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
+
+
+def instances(kind: str, arguments: list[tuple]) -> list:
+    from lm_eval.api.instance import Instance
+
+    return [Instance(kind, {}, args, i) for i, args in enumerate(arguments)]
+
+
+@torch.inference_mode()
+def oracle_score(oracle, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+    """Sum of the continuation's log-probabilities after the context, and whether each was the argmax."""
+    ids = torch.tensor([context + continuation])
+    logprobs = oracle(ids).logits[0].float().log_softmax(-1)[len(context) - 1 : -1]
+    picked = logprobs[torch.arange(len(continuation)), torch.tensor(continuation)]
+    return float(picked.sum()), bool((logprobs.argmax(-1) == torch.tensor(continuation)).all())
+
+
+def test_the_tokenizer_it_finds_is_the_servers(lm, tokenizer):
+    assert lm.eot_token_id == EOS
+    text = "Tokens, as the server makes them: <|endoftext|> included."
+    assert lm.tok_encode(text) == tokenizer.encode(text)
+    assert lm.decode_batch([tokenizer.encode(text)]) == [text]
+
+
+def test_loglikelihood_is_transformers(lm, tokenizer, oracle):
+    """An empty context stands on the end-of-text token, as lm-eval does with local models."""
+    got = lm.loglikelihood(instances("loglikelihood", PAIRS))
+    for (context, continuation), (logprob, greedy) in zip(PAIRS, got):
+        context_ids = tokenizer.encode(context) if context else [EOS]
+        expected, expected_greedy = oracle_score(oracle, context_ids, tokenizer.encode(continuation))
+        assert logprob == pytest.approx(expected, abs=1e-3)
+        assert greedy == expected_greedy
+
+
+def test_a_greedy_continuation_is_scored_greedy(lm, tokenizer, oracle):
+    context = tokenizer.encode("Hello, my name is")
+    with torch.inference_mode():
+        generated = oracle.generate(torch.tensor([context]), max_new_tokens=3, do_sample=False,
+                                    pad_token_id=EOS)[0, len(context):].tolist()
+    [(logprob, greedy)] = lm.loglikelihood(instances("loglikelihood", [("Hello, my name is",
+                                                                         tokenizer.decode(generated))]))
+    assert greedy
+    assert logprob == pytest.approx(oracle_score(oracle, context, generated)[0], abs=1e-3)
+
+
+def test_rolling_loglikelihood_is_transformers(lm, tokenizer, oracle):
+    """A text within one window: every token scored, the first after the end-of-text token."""
+    [got] = lm.loglikelihood_rolling(instances("loglikelihood_rolling", [(ROLLING_TEXT,)]))
+    assert got == pytest.approx(oracle_score(oracle, [EOS], tokenizer.encode(ROLLING_TEXT))[0], abs=1e-3)
+
+
+def test_generate_until_is_greedy_transformers_cut_at_the_stop(lm, tokenizer, oracle):
+    prompt = "Once upon a time"
+    ids = tokenizer.encode(prompt)
+    with torch.inference_mode():
+        generated = oracle.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                                    pad_token_id=EOS)[0, len(ids):].tolist()
+    text = tokenizer.decode(generated)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]  # two characters from the middle of what greedy writes
+    [got] = lm.generate_until(instances("generate_until", [(prompt, {"until": [stop], "max_gen_toks": 12})]))
+    assert got == text[: text.index(stop)]
+
+
+def test_tokenizer_endpoints_take_the_only_model_when_none_is_named(server):
+    """As vLLM's do: lm-eval names no model to them (tests/test_api_tokenize.py: several served need one)."""
+    messages = [{"role": "user", "content": "Hi"}]
+    for path, body in (("/tokenize", {"prompt": "Hello"}), ("/tokenize", {"messages": messages}),
+                       ("/detokenize", {"tokens": [15496]})):
+        named = httpx.post(server.base_url + path, json=body | {"model": "tiny"}, timeout=30)
+        unnamed = httpx.post(server.base_url + path, json=body, timeout=30)
+        assert named.status_code == unnamed.status_code == 200, unnamed.text
+        assert unnamed.json() == named.json()
+    info = httpx.get(server.base_url + "/tokenizer_info", timeout=30)
+    assert info.status_code == 200
+    assert info.json() == httpx.get(server.base_url + "/tokenizer_info", params={"model": "tiny"}, timeout=30).json()

@@ -30,7 +30,8 @@ def lm(server):
     from lm_eval.models.openai_completions import LocalCompletionsAPI
     from lm_eval.utils import RemoteTokenizer
 
-    model = LocalCompletionsAPI(base_url=server.v1 + "/completions", model="tiny", max_length=128, max_retries=1)
+    model = LocalCompletionsAPI(base_url=server.v1 + "/completions", model="tiny", max_length=128, max_retries=1,
+                                batch_size=2, num_concurrent=2)  # several prompts a request, two requests at once
     assert isinstance(model.tokenizer, RemoteTokenizer), "lm-eval did not find the server's tokenizer endpoints"
     return model
 
@@ -97,15 +98,19 @@ def test_rolling_loglikelihood_is_transformers(lm, tokenizer, oracle):
 
 
 def test_generate_until_is_greedy_transformers_cut_at_the_stop(lm, tokenizer, oracle):
-    prompt = "Once upon a time"
-    ids = tokenizer.encode(prompt)
-    with torch.inference_mode():
-        generated = oracle.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
-                                    pad_token_id=EOS)[0, len(ids):].tolist()
-    text = tokenizer.decode(generated)
-    stop = text[len(text) // 2 : len(text) // 2 + 2]  # two characters from the middle of what greedy writes
-    [got] = lm.generate_until(instances("generate_until", [(prompt, {"until": [stop], "max_gen_toks": 12})]))
-    assert got == text[: text.index(stop)]
+    """Two prompts with the same arguments, so one request holds both (batch_size=2); each stop string is cut
+    from the middle of what greedy writes for one of them."""
+    prompts, texts = ("Once upon a time", "The capital of France"), []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt)
+        with torch.inference_mode():
+            generated = oracle.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                                        pad_token_id=EOS)[0, len(ids):].tolist()
+        texts.append(tokenizer.decode(generated))
+    stops = [text[len(text) // 2 : len(text) // 2 + 2] for text in texts]
+    expected = [text[: min(text.index(stop) for stop in stops if stop in text)] for text in texts]
+    arguments = {"until": stops, "max_gen_toks": 12}
+    assert lm.generate_until(instances("generate_until", [(prompt, arguments) for prompt in prompts])) == expected
 
 
 def test_tokenizer_endpoints_take_the_only_model_when_none_is_named(server):

@@ -7,6 +7,12 @@ them it would download one named after the model from the hub, which fails offli
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import httpx
 import pytest
 import torch
@@ -17,6 +23,22 @@ from tests.server_process import ServerProcess
 EOS = 50256
 PAIRS = [("Hello, my name is", " Ada and I"), ("The capital of France", " is Paris"), ("", "Once upon a time")]
 ROLLING_TEXT = "one two three four five six seven eight nine ten " * 3
+# A multiple-choice task of two questions, read from a local file (the `datasets` json loader: no hub)
+TASK_YAML = """task: tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+QUESTIONS = [{"question": "The capital of France is", "choices": [" Paris", " Rome", " a dog"], "answer": 0},
+             {"question": "One two three", "choices": [" four", " five"], "answer": 1}]
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +147,30 @@ def test_tokenizer_endpoints_take_the_only_model_when_none_is_named(server):
     info = httpx.get(server.base_url + "/tokenizer_info", timeout=30)
     assert info.status_code == 200
     assert info.json() == httpx.get(server.base_url + "/tokenizer_info", params={"model": "tiny"}, timeout=30).json()
+
+
+def test_the_lm_eval_command_scores_a_task_as_transformers_does(server, tokenizer, oracle, tmp_path):
+    """The command docs/api.md gives, on a local multiple-choice task: each choice's score is transformers' on
+    the pair lm-eval made (it splits context and continuation as encoding the whole text does)."""
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    (tmp_path / "tiny_choice.yaml").write_text(TASK_YAML.format(data=data))
+    command = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
+               f"base_url={server.v1}/completions,model=tiny,max_length=128", "--tasks", "tiny_choice",
+               "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out"), "--log_samples"]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-5000:]
+    [samples] = Path(tmp_path / "out").glob("*/samples_tiny_choice_*.jsonl")
+    scored = 0
+    for line in samples.read_text().splitlines():
+        sample = json.loads(line)
+        for arguments, [[logprob, greedy]] in zip(sample["arguments"].values(), sample["resps"]):
+            context, continuation = arguments["arg_0"], arguments["arg_1"]
+            context_ids = tokenizer.encode(context)
+            whole = tokenizer.encode(context + continuation)
+            expected, expected_greedy = oracle_score(oracle, context_ids, whole[len(context_ids):])
+            assert float(logprob) == pytest.approx(expected, abs=1e-3)
+            assert greedy == str(expected_greedy)
+            scored += 1
+    assert scored == sum(len(q["choices"]) for q in QUESTIONS)

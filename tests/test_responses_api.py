@@ -45,7 +45,7 @@ def engine(chat, scripts) -> ScriptedEngine:
 def client(chat, engine) -> openai.OpenAI:
     app = create_app(ServerConfig(), {})
     with TestClient(app) as http:
-        app.state.models["oss"] = ServedModel("oss", engine, chat, 0)
+        app.state.models["oss"] = ServedModel("oss", engine, chat, 0, {})
         yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
 
 

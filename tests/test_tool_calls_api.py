@@ -93,9 +93,9 @@ def engines(chat, call_tokens, tmp_path_factory) -> dict[str, ScriptedEngine]:
 def http(chat, engines) -> TestClient:
     app = create_app(ServerConfig(), {})
     with TestClient(app) as running:
-        app.state.models["oss"] = ServedModel("oss", engines["oss"], chat, 0)
+        app.state.models["oss"] = ServedModel("oss", engines["oss"], chat, 0, {})
         template = TemplateChatFormat(engines["gpt2"].tokenizer)
-        app.state.models["gpt2"] = ServedModel("gpt2", engines["gpt2"], template, 0)
+        app.state.models["gpt2"] = ServedModel("gpt2", engines["gpt2"], template, 0, {})
         yield running
 
 

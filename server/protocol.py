@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.protocol_base import Strict, WithoutNulls
 from server.protocol_messages import ChatMessageParam
@@ -36,6 +36,43 @@ class StreamOptions(Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = Field(False, description="vLLM extra: with include_usage, every chunk carries "
                                          "the usage so far")
+
+
+MAX_CHOICES = 256  # structured_outputs.choice: each is a branch of the grammar the request compiles
+MAX_CHOICE_CHARS = 1024
+MAX_REGEX_CHARS = 4096
+MAX_GRAMMAR_CHARS = 65536
+
+
+def _exactly_one_kind(schema: dict[str, Any]) -> None:
+    """The validator's rule, stated in the document: exactly one kind given, and not null (json_object true)."""
+    kinds = ["json", "json_object", "regex", "choice", "grammar"]
+    schema["oneOf"] = [{"required": [kind], "properties": {
+        kind: {"const": True} if kind == "json_object" else {"not": {"type": "null"}}}} for kind in kinds]
+
+
+class StructuredOutputs(Strict):
+    """vLLM's ``structured_outputs`` (its guided decoding): exactly one constraint, on every choice's text."""
+
+    model_config = ConfigDict(json_schema_extra=_exactly_one_kind)
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON schema, or its JSON text")
+    json_object: bool | None = Field(None, description="true: any JSON object")
+    regex: str | None = Field(None, min_length=1, max_length=MAX_REGEX_CHARS, json_schema_extra={"format": "regex"},
+                              description="the text is a full match of this regular expression")
+    choice: Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_CHOICE_CHARS)]],
+                      Field(min_length=1, max_length=MAX_CHOICES)] | None = Field(
+        None, description="the text is exactly one of these")
+    grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS,
+                                description="the text is a sentence of this EBNF grammar (xgrammar's, from `root`)")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [self.json_ is not None, bool(self.json_object), self.regex is not None, self.choice is not None,
+                 self.grammar is not None]
+        if sum(given) != 1:
+            raise ValueError("exactly one of json, json_object, regex, choice and grammar is required")
+        return self
 
 
 class NoOpFields(Strict):
@@ -73,6 +110,8 @@ class SamplingFields(NoOpFields):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="vLLM extra: keep generating past the end-of-text token")
     min_tokens: int = Field(0, ge=0, description="vLLM extra: no stop token before this many tokens")
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM extra: constrain every choice's text (not with response_format)")
 
 
 class CompletionRequest(SamplingFields):

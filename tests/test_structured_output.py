@@ -1,7 +1,7 @@
 """response_format forces output that parses and validates, whatever the model: the tiny checkpoints have random
 weights, so every choice here passes only because the grammar allowed nothing else. Both model families, chat
 and completions, streamed and not, n > 1; the JSON is compact and the schema's maxLength, minimum/maximum and
-enum hold."""
+enum hold. vLLM's structured_outputs (a regex, a choice, an EBNF grammar, or JSON as above) likewise."""
 
 from __future__ import annotations
 
@@ -36,6 +36,20 @@ JSON_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "
 MESSAGES = [{"role": "user", "content": "Describe someone."}]
 SAMPLED = {"temperature": 1.0, "seed": 7, "max_tokens": 440, "n": 3}  # the bounded json_object fits in 440
 STRING_LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"')
+REGEX = r"[0-9]{3}-[a-z]{2}( [A-Z][a-z]{0,3})?"
+CHOICES = ["yes", "no", "maybe so", "two\nlines é"]  # a newline: regexes and grammars may use control characters
+GRAMMAR = 'root ::= item ("," item){0,3} "."\nitem ::= "a" | "bc" | [0-9]{1,2}'
+GRAMMAR_LANGUAGE = re.compile(r"(a|bc|[0-9]{1,2})(,(a|bc|[0-9]{1,2})){0,3}\.")
+# each structured_outputs constraint, and what every text it lets out must satisfy
+STRUCTURED = {
+    "regex": ({"regex": REGEX}, lambda text: re.fullmatch(REGEX, text) is not None),
+    "regex-newline": ({"regex": r"[a-z]{2}\n[0-9]"}, lambda text: re.fullmatch(r"[a-z]{2}\n[0-9]", text) is not None),
+    "choice": ({"choice": CHOICES}, lambda text: text in CHOICES),
+    "grammar": ({"grammar": GRAMMAR}, lambda text: GRAMMAR_LANGUAGE.fullmatch(text) is not None),
+    "json": ({"json": SCHEMA}, lambda text: assert_compact_json(text, SCHEMA) is None),
+    "json-text": ({"json": json.dumps(SCHEMA)}, lambda text: assert_compact_json(text, SCHEMA) is None),
+    "json_object": ({"json_object": True}, lambda text: assert_compact_json(text, {"type": "object"}) is None),
+}
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +117,28 @@ def test_completions_json_schema_streamed_and_not(http, model):
         assert_compact_json(text, SCHEMA)
 
 
+@pytest.mark.parametrize("kind", sorted(STRUCTURED))
+@pytest.mark.parametrize("model", ["gpt2", "oss"])
+def test_structured_outputs_hold_on_every_choice_of_completions_and_chat(http, model, kind):
+    constraint, holds = STRUCTURED[kind]
+    for path, request in (("/completions", {"prompt": "Once upon a time"}), ("/chat/completions",
+                                                                           {"messages": MESSAGES})):
+        body = {"model": model, "structured_outputs": constraint} | request | SAMPLED
+        response = http.post(path, json=body)
+        assert response.status_code == 200, response.text
+        for choice in response.json()["choices"]:
+            text = choice.get("text", choice.get("message", {}).get("content"))
+            assert choice["finish_reason"] == "stop" and holds(text), (path, text)
+
+
+def test_structured_outputs_streamed_hold_too(http):
+    for kind in ("regex", "choice"):
+        constraint, holds = STRUCTURED[kind]
+        body = {"model": "oss", "messages": MESSAGES, "structured_outputs": constraint} | SAMPLED
+        texts = streamed_texts(http, "/chat/completions", body)
+        assert all(holds(text) for text in texts), texts
+
+
 def test_greedy_choice_is_the_same_json_streamed_or_not(http):
     body = {"model": "oss", "messages": MESSAGES, "response_format": JSON_SCHEMA_FORMAT,
             "temperature": 0, "max_tokens": 440, "n": 1}
@@ -116,11 +152,23 @@ def test_greedy_choice_is_the_same_json_streamed_or_not(http):
      "response_format"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),
     ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs"),
+    ({"structured_outputs": {"choice": ["a"]}, "min_tokens": 2}, "min_tokens"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+    ({"structured_outputs": {"json_object": False}}, "structured_outputs"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "([a-"}}, "structured_outputs"),
+    ({"structured_outputs": {"grammar": "root ::= undefined_rule"}}, "structured_outputs"),
+    ({"structured_outputs": {"json": "{not json"}}, "structured_outputs"),
+    ({"structured_outputs": {"json": "[1]"}}, "structured_outputs"),
+    ({"structured_outputs": {"json": {"type": "no-such-type"}}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "structured_outputs"),
 ])
 def test_unservable_constraints_are_400_naming_the_field(http, extra, param):
     response = http.post("/chat/completions", json={"model": "gpt2", "messages": MESSAGES} | extra)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+    assert param in response.json()["error"]["message"]
     ok = http.post("/chat/completions", json={"model": "gpt2", "messages": MESSAGES, "max_tokens": 2})
     assert ok.status_code == 200
 

@@ -54,7 +54,7 @@ class Admission:
             raise RequestRejected("n > 1 needs max_tokens > 0", "n")
         if params.grammar is not None and (params.ignore_eos or params.min_tokens):
             # both would keep a finished grammar from stopping
-            raise RequestRejected("response_format cannot be combined with ignore_eos or min_tokens",
+            raise RequestRejected(f"{params.grammar.param} cannot be combined with ignore_eos or min_tokens",
                                   "ignore_eos" if params.ignore_eos else "min_tokens")
         forced = params.grammar.forced_tokens if params.grammar is not None else 0
         if forced and params.max_tokens <= forced:

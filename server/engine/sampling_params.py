@@ -17,6 +17,8 @@ class GrammarSpec:
     call_header: tuple[int, ...] = ()  # with calls: forced between the chosen name and its arguments; the first
     # token ends the name (the model picks it where a name is complete), the rest are output as they are
     param: str = "response_format"  # the request field a schema that cannot be compiled came from
+    regex: str | None = None  # instead of JSON: the output is a full match of this regular expression
+    ebnf: str | None = None  # instead of JSON: the output is a sentence of this grammar (xgrammar's EBNF, from root)
 
     @property
     def forced_tokens(self) -> int:

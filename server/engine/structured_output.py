@@ -5,6 +5,10 @@ the sampler, so it moves with the engine core. xgrammar does the work (chosen by
 bench/NOTES.md). JSON is compact: no free whitespace, since the o200k vocabulary has hundreds of whitespace tokens
 a random-weight model would otherwise run through forever.
 
+A regular expression or an EBNF grammar (vLLM's ``structured_outputs``) is the client's own language: its tokens
+may hold any bytes, control characters included, so it compiles against a second vocabulary table, built on first
+use.
+
 A forced tool call among several functions runs in two stages, since special tokens have no bytes in a grammar:
 first a grammar over the functions' names as plain text, ended by the first token of the call header (which the
 mask allows only where a name is complete); then the rest of the header is forced and the chosen function's
@@ -83,19 +87,20 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer: Tokenizer, capacity: int = 64) -> None:
         specials = set(tokenizer.special_tokens.values())
-        encoded = [b"" if i in specials else tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
-        # Tokens with no bytes are never allowed: special tokens (stop tokens are allowed per matcher), and any
-        # token holding a control character, which compact JSON has no place for (JSON strings must escape them,
-        # and xgrammar's string rule lets them through raw).
-        encoded = [b"" if any(byte < 0x20 for byte in token) else token for token in encoded]
-        info = xgr.TokenizerInfo(encoded, xgr.VocabType.RAW, vocab_size=tokenizer.vocab_size,
-                                 stop_token_ids=[tokenizer.eos_token_id])
+        # Tokens with no bytes are never allowed: special tokens (stop tokens are allowed per matcher).
+        self._text_bytes = [b"" if i in specials else tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+        # For JSON, neither is any token holding a control character, which compact JSON has no place for (JSON
+        # strings must escape them, and xgrammar's string rule lets them through raw).
+        encoded = [b"" if any(byte < 0x20 for byte in token) else token for token in self._text_bytes]
         self.vocab_size = tokenizer.vocab_size
+        self._eos_token_id = tokenizer.eos_token_id
         self._token_bytes = encoded
-        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        self._compiler = self._new_compiler(encoded)
+        self._text_compiler: xgr.GrammarCompiler | None = None  # for regex and EBNF: every token's bytes
         self._cache: OrderedDict[GrammarSpec, xgr.CompiledGrammar] = OrderedDict()
         self._capacity = capacity
         self._lock = threading.Lock()  # the front end checks specs while the engine thread compiles them
+        self._text_lock = threading.Lock()
 
     def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
         """The compiled grammar (for a forced call: of its names, the arguments' compiled too), or
@@ -106,8 +111,13 @@ class GrammarCompiler:
                 return self._cache[spec]
         for call in spec.calls:
             self.compile(argument_spec(spec, call))
+        what = "regular expression" if spec.regex is not None else "grammar" if spec.ebnf is not None else "JSON schema"
         try:
-            if spec.calls:
+            if spec.regex is not None:
+                compiled = self._texts().compile_regex(spec.regex)
+            elif spec.ebnf is not None:
+                compiled = self._texts().compile_grammar(spec.ebnf)
+            elif spec.calls:
                 compiled = self._compiler.compile_grammar(names_grammar(spec.calls))
             elif spec.json_schema is None:
                 compiled = self._compiler.compile_grammar(BOUNDED_JSON_OBJECT)
@@ -115,12 +125,23 @@ class GrammarCompiler:
                 compiled = self._compiler.compile_json_schema(spec.json_schema, any_whitespace=False,
                                                           separators=(",", ":"), strict_mode=True)
         except Exception as exc:  # xgrammar reports a bad schema with several exception types
-            raise RequestRejected(f"{spec.param}: cannot compile the JSON schema: {exc}", spec.param) from None
+            raise RequestRejected(f"{spec.param}: cannot compile the {what}: {exc}", spec.param) from None
         with self._lock:
             self._cache[spec] = compiled
             while len(self._cache) > self._capacity:
                 self._cache.popitem(last=False)
         return compiled
+
+    def _new_compiler(self, token_bytes: list[bytes]) -> xgr.GrammarCompiler:
+        info = xgr.TokenizerInfo(token_bytes, xgr.VocabType.RAW, vocab_size=self.vocab_size,
+                                 stop_token_ids=[self._eos_token_id])
+        return xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+
+    def _texts(self) -> xgr.GrammarCompiler:
+        with self._text_lock:  # built once, whichever thread compiles the first regex or grammar
+            if self._text_compiler is None:
+                self._text_compiler = self._new_compiler(self._text_bytes)
+            return self._text_compiler
 
     def new_state(self, spec: GrammarSpec, stop_token_ids: frozenset[int]) -> GrammarState:
         ends = sorted(spec.end_token_ids or stop_token_ids)

@@ -34,7 +34,7 @@ from server.routes.chat_prompt import function_tools, render_chat_prompt
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.forced_call import forced_call_spec
 from server.routes.models import ServedModel, find_model
-from server.routes.response_format import answer_prefix, grammar_spec
+from server.routes.response_format import answer_prefix, request_grammar
 from server.routes.sampling import sampling_params, stop_strings
 from server.streaming import continuous_usage, prime, sse_response
 
@@ -149,14 +149,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 
 
 def chat_grammar(served: ServedModel, body: ChatCompletionRequest) -> GrammarSpec | None:
-    """A forced tool call's constraint, else response_format's: a forced call's output is the call."""
+    """A forced tool call's constraint, else response_format's or structured_outputs': a forced call's output is
+    the call."""
     choice = body.tool_choice
     tools = function_tools(body.tools or [], choice)
     if isinstance(choice, NamedToolChoice):
         forced = forced_call_spec(served.chat_format, tools, None, choice.function.name)
     else:
         forced = forced_call_spec(served.chat_format, tools, choice, None)
-    return forced or grammar_spec(body.response_format, answer_prefix(served.chat_format))
+    return forced or request_grammar(body.response_format, body.structured_outputs, answer_prefix(served.chat_format))
 
 
 def render_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:

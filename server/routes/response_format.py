@@ -1,4 +1,5 @@
-"""From a request's ``response_format`` to the engine's GrammarSpec: naming the constraint only, compiling nothing."""
+"""From a request's ``response_format`` (or vLLM's ``structured_outputs``) to the engine's GrammarSpec: naming the
+constraint only, compiling nothing."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 from server.chat.harmony import HarmonyChatFormat
 from server.engine.sampling_params import GrammarSpec
-from server.protocol import APIError, ResponseFormat
+from server.protocol import APIError, ResponseFormat, StructuredOutputs
 from server.protocol_responses import TextFormat
 
 
@@ -16,6 +17,39 @@ def grammar_spec(response_format: ResponseFormat | None, forced_prefix: tuple[in
         return None
     schema = response_format.json_schema.schema_ if response_format.json_schema is not None else None
     return format_spec(response_format.type, schema, forced_prefix)
+
+
+def request_grammar(response_format: ResponseFormat | None, structured: StructuredOutputs | None,
+                    forced_prefix: tuple[int, ...] = ()) -> GrammarSpec | None:
+    """The constraint a completions or chat request names in either field (one at most)."""
+    if structured is None:
+        return grammar_spec(response_format, forced_prefix)
+    if response_format is not None and response_format.type != "text":
+        raise APIError(400, "structured_outputs: give it or response_format, not both", param="structured_outputs")
+    return structured_spec(structured, forced_prefix)
+
+
+def structured_spec(structured: StructuredOutputs, forced_prefix: tuple[int, ...] = ()) -> GrammarSpec:
+    """``choice`` becomes a grammar of its literal strings (JSON string literals are valid EBNF ones)."""
+    if structured.regex is not None:
+        return GrammarSpec(None, forced_prefix, param="structured_outputs", regex=structured.regex)
+    if structured.grammar is not None:
+        return GrammarSpec(None, forced_prefix, param="structured_outputs", ebnf=structured.grammar)
+    if structured.choice is not None:
+        choices = "root ::= " + " | ".join(json.dumps(choice) for choice in structured.choice)
+        return GrammarSpec(None, forced_prefix, param="structured_outputs", ebnf=choices)
+    if structured.json_object:
+        return GrammarSpec(None, forced_prefix, param="structured_outputs")
+    schema = structured.json_
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise APIError(400, f"structured_outputs.json: not JSON text: {exc}",
+                           param="structured_outputs") from None
+        if not isinstance(schema, dict):
+            raise APIError(400, "structured_outputs.json: a JSON schema is an object", param="structured_outputs")
+    return GrammarSpec(json.dumps(schema, separators=(",", ":")), forced_prefix, param="structured_outputs")
 
 
 def text_format_spec(text_format: TextFormat | None, forced_prefix: tuple[int, ...] = ()) -> GrammarSpec | None:

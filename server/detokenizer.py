@@ -37,11 +37,13 @@ class StopStringMatcher:
     """Text in, safe text out: the end of the text that could still grow into a stop string is held back.
 
     Emitted text never contains the start of a match, so searching only the held-back tail plus the new text
-    finds every match, and the earliest one wins.
+    finds every match, and the earliest one wins. ``keep_match`` (vLLM's include_stop_str_in_output) lets the
+    matched string out as the text's end.
     """
 
-    def __init__(self, stop: list[str]) -> None:
+    def __init__(self, stop: list[str], keep_match: bool = False) -> None:
         self._stop = [s for s in stop if s]
+        self._keep_match = keep_match
         self._pending = ""
         self.matched: str | None = None
 
@@ -53,7 +55,7 @@ class StopStringMatcher:
         if hits:
             index, self.matched = min(hits)
             self._pending = ""
-            return pending[:index]
+            return pending[: index + len(self.matched)] if self._keep_match else pending[:index]
         keep = self._longest_stop_prefix_suffix(pending)
         self._pending = pending[len(pending) - keep :]
         return pending[: len(pending) - keep]

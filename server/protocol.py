@@ -112,6 +112,8 @@ class SamplingFields(NoOpFields):
     min_tokens: int = Field(0, ge=0, description="vLLM extra: no stop token before this many tokens")
     structured_outputs: StructuredOutputs | None = Field(
         None, description="vLLM extra: constrain every choice's text (not with response_format)")
+    include_stop_str_in_output: bool = Field(False, description="vLLM extra: a stop string that ends a choice "
+                                             "stays at the end of its text")
 
 
 class CompletionRequest(SamplingFields):

@@ -103,3 +103,6 @@ def test_n_choices_and_stop_strings_in_chat(client):
     assert [c.index for c in result.choices] == [0, 1]
     assert all(c.message.content == text[: text.index(stop)] for c in result.choices)
     assert all(c.finish_reason == "stop" for c in result.choices)
+    kept = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0, stop=stop,
+                                          extra_body={"include_stop_str_in_output": True})
+    assert kept.choices[0].message.content == text[: text.index(stop) + len(stop)]

@@ -146,6 +146,18 @@ def test_stop_string_truncates_and_finishes_with_stop(client, tokenizer, oracle)
     assert result.choices[0].finish_reason == "stop"
 
 
+def test_include_stop_str_in_output_keeps_the_stop_string_streamed_or_not(client):
+    full = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    body = dict(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[stop],
+                extra_body={"include_stop_str_in_output": True})
+    result = client.completions.create(**body)
+    assert result.choices[0].text == full[: full.index(stop) + len(stop)]
+    assert result.choices[0].finish_reason == "stop"
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(**body, stream=True))
+    assert streamed == result.choices[0].text
+
+
 def test_repeated_long_prompt_hits_prefix_cache_with_identical_output(client):
     prompt = " ".join(str(i) for i in range(40))  # ~80 tokens: several full KV blocks
     first = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0)

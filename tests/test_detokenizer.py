@@ -59,6 +59,14 @@ def test_stop_string_across_pieces_truncates_before_it():
     assert matcher.feed("more") == ""
 
 
+def test_a_kept_stop_string_ends_the_text_even_across_pieces():
+    """vLLM's include_stop_str_in_output: the match is let out, nothing after it."""
+    matcher = StopStringMatcher(["\n\n", "END"], keep_match=True)
+    out = [matcher.feed(piece) for piece in ["one\n", "two E", "N", "D three"]]
+    assert "".join(out) == "one\ntwo END"
+    assert matcher.feed("more") == "" and matcher.flush() == ""
+
+
 def test_earliest_of_several_stop_strings_wins():
     matcher = StopStringMatcher(["world", "lo w"])
     assert matcher.feed("hello world") == "hel"

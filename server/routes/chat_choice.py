@@ -27,10 +27,11 @@ class StreamDelta:
 
 
 class ChatChoice:
-    def __init__(self, tokenizer: Tokenizer, parser: ChatOutputParser, stop: list[str], top_logprobs: int | None):
+    def __init__(self, tokenizer: Tokenizer, parser: ChatOutputParser, stop: list[str], top_logprobs: int | None,
+                 include_stop: bool = False):
         self._tokenizer = tokenizer
         self._parser = parser
-        self._stop = StopStringMatcher(stop)
+        self._stop = StopStringMatcher(stop, include_stop)
         self._top_k = top_logprobs  # None: no logprobs asked for
         self.reasoning = ""
         self.content = ""

@@ -138,7 +138,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     stop = stop_strings(body)
     run = ChatRun(
         served, body, PromptJob(prompt, params),
-        choices=[ChatChoice(engine.tokenizer, served.chat_format.parser(), stop, top_logprobs)
+        choices=[ChatChoice(engine.tokenizer, served.chat_format.parser(), stop, top_logprobs,
+                            body.include_stop_str_in_output)
                  for _ in range(body.n)],
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
     )

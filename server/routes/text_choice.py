@@ -12,10 +12,11 @@ from server.routes.engine_calls import raise_if_failed
 
 
 class TextChoice:
-    def __init__(self, tokenizer: Tokenizer, stop: list[str], logprobs: int | None) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], logprobs: int | None,
+                 include_stop: bool = False) -> None:
         self._tokenizer = tokenizer
         self._detokenizer = IncrementalDetokenizer(tokenizer)
-        self._stop = StopStringMatcher(stop)
+        self._stop = StopStringMatcher(stop, include_stop)
         self._top_k = logprobs
         self.text = ""
         self.logprobs = CompletionLogprobs() if logprobs is not None else None

@@ -24,6 +24,7 @@ MAX_PROMPTS = 1024  # prompts (or perplexity inputs) in one request: each is tok
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 512
+MAX_ALLOWED_IDS = 4096  # allowed_token_ids: each row's list is scattered into a mask every step
 INT64_BOUND = 2**63  # seeds are int64; a power of two stays exact in tools that read JSON numbers as doubles
 
 StopStrings = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
@@ -114,6 +115,9 @@ class SamplingFields(NoOpFields):
         None, description="vLLM extra: constrain every choice's text (not with response_format)")
     include_stop_str_in_output: bool = Field(False, description="vLLM extra: a stop string that ends a choice "
                                              "stays at the end of its text")
+    allowed_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_ALLOWED_IDS)] \
+        | None = Field(None, description="vLLM extra: only these tokens are picked (list the end-of-text token to "
+                       "let a choice stop before max_tokens)")
 
 
 class CompletionRequest(SamplingFields):

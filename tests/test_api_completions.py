@@ -158,6 +158,18 @@ def test_include_stop_str_in_output_keeps_the_stop_string_streamed_or_not(client
     assert streamed == result.choices[0].text
 
 
+def test_allowed_token_ids_limit_every_sampled_token(server, client, tokenizer):
+    allowed = tokenizer.encode(" yes no maybe")
+    result = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=1.0, seed=3, n=3,
+                                       logprobs=0, extra_body={"allowed_token_ids": allowed})
+    for choice in result.choices:
+        ids = [tokenizer.encode(token)[0] for token in choice.logprobs.tokens]
+        assert len(ids) == 6 and set(ids) <= set(allowed), choice.logprobs.tokens
+    refused = httpx.post(server.v1 + "/completions", timeout=30, json={
+        "model": "tiny", "prompt": "x", "allowed_token_ids": [50257]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "allowed_token_ids"
+
+
 def test_repeated_long_prompt_hits_prefix_cache_with_identical_output(client):
     prompt = " ".join(str(i) for i in range(40))  # ~80 tokens: several full KV blocks
     first = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0)

@@ -1,4 +1,5 @@
-"""The sampler's batched logit edits apply each row's own logit_bias and min_tokens mask, and no other row's; every
+"""The sampler's batched logit edits apply each row's own logit_bias, min_tokens mask and allowed_token_ids, and no
+other row's; every
 schema-valid value (tiny temperature or top_p, top_k beyond int64) samples a token without failing any row."""
 
 from __future__ import annotations
@@ -34,14 +35,33 @@ def test_bias_and_min_tokens_edit_only_their_own_rows():
     expected[1, [0, 5]] = float("-inf")
     expected[3, 1] += 1.0
     expected[3, [0, 5]] = float("-inf")  # the mask wins over a bias towards a stop token
-    got = Sampler._apply_bias_and_min_tokens(logits.clone(), seqs)
+    got = Sampler._apply_bias_and_masks(logits.clone(), seqs)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_allowed_token_ids_leave_only_those_in_their_own_rows():
+    seqs = [
+        sequence(SamplingParams(max_tokens=9, allowed_token_ids=(2, 7), logit_bias={7: 1.5, 8: 3.0}), outputs=0),
+        sequence(SamplingParams(max_tokens=9), outputs=0),
+        sequence(SamplingParams(max_tokens=9, allowed_token_ids=(0, 11), min_tokens=3, stop_token_ids=frozenset({0})),
+                 outputs=1),
+    ]
+    logits = torch.randn(3, 12)
+    expected = torch.full_like(logits, float("-inf"))
+    expected[0, 2], expected[0, 7] = logits[0, 2], logits[0, 7] + 1.5
+    expected[1] = logits[1]
+    expected[2, 11] = logits[2, 11]  # 0 is allowed, but min_tokens still masks the stop token
+    got = Sampler._apply_bias_and_masks(logits.clone(), seqs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    tokens, _ = Sampler()(logits, [sequence(SamplingParams(temperature=1.0, seed=s, allowed_token_ids=(4, 9)),
+                                            outputs=0) for s in range(3)])
+    assert set(tokens) <= {4, 9}
 
 
 def test_rows_without_edits_are_left_alone():
     seqs = [sequence(SamplingParams(max_tokens=4), outputs=1) for _ in range(3)]
     logits = torch.randn(3, 8)
-    assert torch.equal(Sampler._apply_bias_and_min_tokens(logits.clone(), seqs), logits)
+    assert torch.equal(Sampler._apply_bias_and_masks(logits.clone(), seqs), logits)
 
 
 EXTREME_BUT_VALID = {

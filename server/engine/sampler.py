@@ -34,7 +34,7 @@ class Sampler:
         """logits [B, V] float32, one row per sequence -> next token ids and (when asked) their logprobs."""
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
         logits = self._apply_penalties(logits.clone(), seqs)
-        logits = self._apply_bias_and_min_tokens(logits, seqs)
+        logits = self._apply_bias_and_masks(logits, seqs)
         apply_grammars(logits, [s.grammar for s in seqs])
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
@@ -73,14 +73,18 @@ class Sampler:
         return logits - freq * counts - presence * (counts > 0).float()
 
     @staticmethod
-    def _apply_bias_and_min_tokens(logits: Tensor, seqs: list[Sequence]) -> Tensor:
-        """One scatter for every row's logit_bias and one for every row still short of min_tokens: per-row
-        indexing from host lists costs a host-to-device copy each (64 a step at C=64 on a GPU)."""
+    def _apply_bias_and_masks(logits: Tensor, seqs: list[Sequence]) -> Tensor:
+        """One scatter for every row's logit_bias, one for every row still short of min_tokens and one for every
+        row limited to its allowed_token_ids: per-row indexing from host lists costs a host-to-device copy each
+        (64 a step at C=64 on a GPU)."""
         bias_rows: list[int] = []
         bias_ids: list[int] = []
         bias_values: list[float] = []
         mask_rows: list[int] = []
         mask_ids: list[int] = []
+        limited_rows: list[int] = []
+        allowed_rows: list[int] = []
+        allowed_ids: list[int] = []
         for row, seq in enumerate(seqs):
             p = seq.params
             bias_rows += [row] * len(p.logit_bias)
@@ -89,7 +93,17 @@ class Sampler:
             if seq.num_output_tokens < p.min_tokens and p.stop_token_ids:
                 mask_rows += [row] * len(p.stop_token_ids)
                 mask_ids += p.stop_token_ids
+            if p.allowed_token_ids:
+                limited_rows.append(row)
+                allowed_rows += [row] * len(p.allowed_token_ids)
+                allowed_ids += p.allowed_token_ids
         device = logits.device
+        if limited_rows:
+            refused = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+            refused[torch.tensor(limited_rows, device=device)] = True
+            index = torch.tensor([allowed_rows, allowed_ids], dtype=torch.long).to(device)
+            refused.index_put_(tuple(index), torch.tensor(False, device=device))
+            logits.masked_fill_(refused, float("-inf"))
         if bias_rows:
             index = torch.tensor([bias_rows, bias_ids], dtype=torch.long).to(device)
             logits.index_put_(tuple(index), torch.tensor(bias_values, dtype=logits.dtype).to(device), accumulate=True)

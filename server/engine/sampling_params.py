@@ -47,6 +47,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    allowed_token_ids: tuple[int, ...] = ()  # when given, no other token is picked
     seed: int | None = None
     stop_token_ids: frozenset[int] = frozenset()  # the model's eos/stop ids plus any the client added
     ignore_eos: bool = False  # keep going past stop_token_ids until max_tokens

@@ -47,6 +47,8 @@ def sampling_params(body: SamplingFields, tokenizer: Tokenizer, *, max_tokens: i
                        param="min_tokens")
     client_stop_ids = body.stop_token_ids or []
     check_token_ids(client_stop_ids, tokenizer, "stop_token_ids")
+    allowed = body.allowed_token_ids or []
+    check_token_ids(allowed, tokenizer, "allowed_token_ids")
     return SamplingParams(
         max_tokens=max_tokens,
         min_tokens=body.min_tokens,
@@ -58,6 +60,7 @@ def sampling_params(body: SamplingFields, tokenizer: Tokenizer, *, max_tokens: i
         frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         logit_bias=_logit_bias(body.logit_bias or {}, tokenizer),
+        allowed_token_ids=tuple(sorted(set(allowed))),
         seed=body.seed,
         stop_token_ids=model_stop_ids | frozenset(client_stop_ids),
         ignore_eos=body.ignore_eos,

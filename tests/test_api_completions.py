@@ -165,9 +165,11 @@ def test_allowed_token_ids_limit_every_sampled_token(server, client, tokenizer):
     for choice in result.choices:
         ids = [tokenizer.encode(token)[0] for token in choice.logprobs.tokens]
         assert len(ids) == 6 and set(ids) <= set(allowed), choice.logprobs.tokens
-    refused = httpx.post(server.v1 + "/completions", timeout=30, json={
-        "model": "tiny", "prompt": "x", "allowed_token_ids": [50257]})
-    assert refused.status_code == 400 and refused.json()["error"]["param"] == "allowed_token_ids"
+    for extra in ({"allowed_token_ids": [50257]},  # outside the vocabulary
+                  {"allowed_token_ids": [15], "response_format": {"type": "json_object"}},  # found by the fuzzer: 500
+                  {"allowed_token_ids": [EOS], "min_tokens": 2}):  # nothing left to pick
+        refused = httpx.post(server.v1 + "/completions", timeout=30, json={"model": "tiny", "prompt": "x"} | extra)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "allowed_token_ids", refused.text
 
 
 def test_repeated_long_prompt_hits_prefix_cache_with_identical_output(client):

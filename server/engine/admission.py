@@ -56,6 +56,14 @@ class Admission:
             # both would keep a finished grammar from stopping
             raise RequestRejected(f"{params.grammar.param} cannot be combined with ignore_eos or min_tokens",
                                   "ignore_eos" if params.ignore_eos else "min_tokens")
+        allowed = params.allowed_token_ids
+        if allowed and params.grammar is not None:
+            # the grammar's tokens and the allowed ones may not meet: a row with nothing left to pick
+            raise RequestRejected(f"allowed_token_ids cannot be combined with {params.grammar.param}",
+                                  "allowed_token_ids")
+        if allowed and params.min_tokens and set(allowed) <= params.stop_token_ids:
+            raise RequestRejected("allowed_token_ids holds only stop tokens, which min_tokens masks",
+                                  "allowed_token_ids")
         forced = params.grammar.forced_tokens if params.grammar is not None else 0
         if forced and params.max_tokens <= forced:
             # a header cut short is no answer at all: its text would come out as content

@@ -40,3 +40,19 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models.testing.gpt2_checkpoint import write_tiny_gpt2
 
     return write_tiny_gpt2(tmp_path_factory.mktemp("tiny") / "gpt2", shards=2)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(tiny_gpt2_dir: Path):
+    """tiny_gpt2_dir's tokenizer, as the server loads it."""
+    from models.tokenizer import load_tokenizer
+
+    return load_tokenizer(tiny_gpt2_dir)
+
+
+@pytest.fixture(scope="session")
+def gpt2_oracle(tiny_gpt2_dir: Path):
+    """transformers' GPT-2 on tiny_gpt2_dir's weights (float32, CPU): what the server's answers are held to."""
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()

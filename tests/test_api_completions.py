@@ -9,7 +9,6 @@ import openai
 import pytest
 import torch
 
-from models.tokenizer import load_tokenizer
 from server.detokenizer import token_text
 from tests.server_process import ServerProcess
 
@@ -28,50 +27,38 @@ def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_gpt2_dir):
-    return load_tokenizer(tiny_gpt2_dir)
-
-
-@pytest.fixture(scope="module")
-def oracle(tiny_gpt2_dir):
-    from transformers import GPT2LMHeadModel
-
-    return GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
-
-
 @torch.no_grad()
-def oracle_logprobs(oracle, ids: list[int]) -> torch.Tensor:
+def oracle_logprobs(gpt2_oracle, ids: list[int]) -> torch.Tensor:
     """log_softmax of the next-token logits at every position: [len(ids), vocab]."""
-    return torch.log_softmax(oracle(torch.tensor([ids])).logits[0].double(), -1)
+    return torch.log_softmax(gpt2_oracle(torch.tensor([ids])).logits[0].double(), -1)
 
 
-def oracle_greedy(oracle, prompt: list[int], max_new_tokens: int) -> list[int]:
+def oracle_greedy(gpt2_oracle, prompt: list[int], max_new_tokens: int) -> list[int]:
     out: list[int] = []
     for _ in range(max_new_tokens):
-        token = int(oracle_logprobs(oracle, prompt + out)[-1].argmax())
+        token = int(oracle_logprobs(gpt2_oracle, prompt + out)[-1].argmax())
         if token == EOS:
             break
         out.append(token)
     return out
 
 
-def test_greedy_string_prompt_equals_transformers(client, tokenizer, oracle):
+def test_greedy_string_prompt_equals_transformers(client, gpt2_tokenizer, gpt2_oracle):
     prompt = PROMPTS[0]
-    expected = oracle_greedy(oracle, tokenizer.encode(prompt), 12)
+    expected = oracle_greedy(gpt2_oracle, gpt2_tokenizer.encode(prompt), 12)
     result = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, logprobs=0)
     choice = result.choices[0]
-    assert choice.text == tokenizer.decode(expected)
-    assert choice.logprobs.tokens == [token_text(tokenizer, t) for t in expected]
+    assert choice.text == gpt2_tokenizer.decode(expected)
+    assert choice.logprobs.tokens == [token_text(gpt2_tokenizer, t) for t in expected]
     assert choice.finish_reason == ("length" if len(expected) == 12 else "stop")
-    assert result.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert result.usage.prompt_tokens == len(gpt2_tokenizer.encode(prompt))
     assert result.usage.completion_tokens == len(expected)
     assert result.usage.total_tokens == result.usage.prompt_tokens + len(expected)
 
 
-def test_token_id_and_batched_prompts_number_choices_prompt_major(client, tokenizer, oracle):
-    id_prompts = [tokenizer.encode(p) for p in PROMPTS]
-    expected = [tokenizer.decode(oracle_greedy(oracle, ids, 8)) for ids in id_prompts]
+def test_token_id_and_batched_prompts_number_choices_prompt_major(client, gpt2_tokenizer, gpt2_oracle):
+    id_prompts = [gpt2_tokenizer.encode(p) for p in PROMPTS]
+    expected = [gpt2_tokenizer.decode(oracle_greedy(gpt2_oracle, ids, 8)) for ids in id_prompts]
     single = client.completions.create(model="tiny", prompt=id_prompts[1], max_tokens=8, temperature=0)
     assert single.choices[0].text == expected[1]
     for prompt in (PROMPTS, id_prompts):
@@ -81,18 +68,18 @@ def test_token_id_and_batched_prompts_number_choices_prompt_major(client, tokeni
         assert batch.usage.prompt_tokens == sum(len(ids) for ids in id_prompts)
 
 
-def test_logprobs_equal_log_softmax_of_transformers_logits(client, tokenizer, oracle):
-    prompt = tokenizer.encode(PROMPTS[1])
+def test_logprobs_equal_log_softmax_of_transformers_logits(client, gpt2_tokenizer, gpt2_oracle):
+    prompt = gpt2_tokenizer.encode(PROMPTS[1])
     result = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=5)
     logprobs = result.choices[0].logprobs
     generated = prompt[:]
     for token, token_logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
-        reference = oracle_logprobs(oracle, generated)[-1]
+        reference = oracle_logprobs(gpt2_oracle, generated)[-1]
         best = reference.topk(5)
         token_id = int(best.indices[0])
-        assert token == token_text(tokenizer, token_id)
+        assert token == token_text(gpt2_tokenizer, token_id)
         assert token_logprob == pytest.approx(float(reference[token_id]), abs=1e-4)
-        expected_top = {token_text(tokenizer, int(i)): float(v) for v, i in zip(best.values, best.indices)}
+        expected_top = {token_text(gpt2_tokenizer, int(i)): float(v) for v, i in zip(best.values, best.indices)}
         assert top.keys() == expected_top.keys()
         assert all(top[k] == pytest.approx(v, abs=1e-4) for k, v in expected_top.items())
         generated.append(token_id)
@@ -100,16 +87,16 @@ def test_logprobs_equal_log_softmax_of_transformers_logits(client, tokenizer, or
     assert logprobs.text_offset[1] == len(logprobs.tokens[0])
 
 
-def test_echo_logprobs_with_zero_max_tokens_scores_the_prompt(client, tokenizer, oracle):
+def test_echo_logprobs_with_zero_max_tokens_scores_the_prompt(client, gpt2_tokenizer, gpt2_oracle):
     """lm-evaluation-harness's loglikelihood request."""
     prompt = PROMPTS[2]
-    ids = tokenizer.encode(prompt)
+    ids = gpt2_tokenizer.encode(prompt)
     result = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
     choice = result.choices[0]
     assert choice.text == prompt
-    assert choice.logprobs.tokens == [token_text(tokenizer, t) for t in ids]
+    assert choice.logprobs.tokens == [token_text(gpt2_tokenizer, t) for t in ids]
     assert choice.logprobs.token_logprobs[0] is None
-    reference = oracle_logprobs(oracle, ids)
+    reference = oracle_logprobs(gpt2_oracle, ids)
     expected = [float(reference[i - 1, ids[i]]) for i in range(1, len(ids))]
     assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
     assert result.usage.completion_tokens == 0
@@ -137,7 +124,7 @@ def test_n_choices_with_seed_are_reproducible(client):
     assert len({c.text for c in first.choices}) > 1
 
 
-def test_stop_string_truncates_and_finishes_with_stop(client, tokenizer, oracle):
+def test_stop_string_truncates_and_finishes_with_stop(client, gpt2_tokenizer, gpt2_oracle):
     full = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0).choices[0].text
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     result = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0,
@@ -158,12 +145,12 @@ def test_include_stop_str_in_output_keeps_the_stop_string_streamed_or_not(client
     assert streamed == result.choices[0].text
 
 
-def test_allowed_token_ids_limit_every_sampled_token(server, client, tokenizer):
-    allowed = tokenizer.encode(" yes no maybe")
+def test_allowed_token_ids_limit_every_sampled_token(server, client, gpt2_tokenizer):
+    allowed = gpt2_tokenizer.encode(" yes no maybe")
     result = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=1.0, seed=3, n=3,
                                        logprobs=0, extra_body={"allowed_token_ids": allowed})
     for choice in result.choices:
-        ids = [tokenizer.encode(token)[0] for token in choice.logprobs.tokens]
+        ids = [gpt2_tokenizer.encode(token)[0] for token in choice.logprobs.tokens]
         assert len(ids) == 6 and set(ids) <= set(allowed), choice.logprobs.tokens
     for extra in ({"allowed_token_ids": [50257]},  # outside the vocabulary
                   {"allowed_token_ids": [15], "response_format": {"type": "json_object"}},  # found by the fuzzer: 500

@@ -8,7 +8,6 @@ import httpx
 import pytest
 import torch
 
-from models.tokenizer import load_tokenizer
 from tests.server_process import ServerProcess
 
 EOS = 50256
@@ -21,26 +20,14 @@ def server(tiny_gpt2_dir):
         yield running
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_gpt2_dir):
-    return load_tokenizer(tiny_gpt2_dir)
-
-
-@pytest.fixture(scope="module")
-def oracle(tiny_gpt2_dir):
-    from transformers import GPT2LMHeadModel
-
-    return GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
-
-
 @torch.no_grad()
-def oracle_token_logprobs(oracle, ids: list[int], max_length: int, stride: int) -> list[float | None]:
+def oracle_token_logprobs(gpt2_oracle, ids: list[int], max_length: int, stride: int) -> list[float | None]:
     """HF's strided sliding window: windows at 0, S, 2S...; each scores what no earlier window scored."""
     scores: list[float | None] = [None] * len(ids)
     for start in range(0, len(ids), stride):
         end = min(start + max_length, len(ids))
         window = ids[start:end]
-        logprobs = torch.log_softmax(oracle(torch.tensor([window])).logits[0].double(), -1)
+        logprobs = torch.log_softmax(gpt2_oracle(torch.tensor([window])).logits[0].double(), -1)
         for position in range(start + 1, end):
             if scores[position] is None:
                 scores[position] = float(logprobs[position - start - 1, ids[position]])
@@ -67,55 +54,56 @@ def check(result: dict, expected: list[float | None]) -> None:
         assert [s for s in result["token_logprobs"] if s is not None] == pytest.approx(scored, abs=1e-4)
 
 
-def test_short_text_scores_every_token_after_the_first(server, tokenizer, oracle):
-    ids = tokenizer.encode(TEXT)
+def test_short_text_scores_every_token_after_the_first(server, gpt2_tokenizer, gpt2_oracle):
+    ids = gpt2_tokenizer.encode(TEXT)
     body = score(server, input=TEXT, logprobs=True)
     assert body["object"] == "list" and body["model"] == "tiny"
     assert body["usage"]["prompt_tokens"] == len(ids)
-    check(body["data"][0], oracle_token_logprobs(oracle, ids, 128, 64))
+    check(body["data"][0], oracle_token_logprobs(gpt2_oracle, ids, 128, 64))
     assert body["data"][0]["token_logprobs"][0] is None
 
 
-def test_batch_of_texts_and_token_ids(server, tokenizer, oracle):
+def test_batch_of_texts_and_token_ids(server, gpt2_tokenizer, gpt2_oracle):
     texts = [TEXT, "A short one.", TEXT[::-1]]
     by_text = score(server, input=texts)["data"]
-    by_ids = score(server, input=[tokenizer.encode(t) for t in texts])["data"]
+    by_ids = score(server, input=[gpt2_tokenizer.encode(t) for t in texts])["data"]
     assert [r["index"] for r in by_text] == [0, 1, 2]
     for text, a, b in zip(texts, by_text, by_ids):
-        ids = tokenizer.encode(text)
-        check(a, oracle_token_logprobs(oracle, ids, 128, 64))
+        ids = gpt2_tokenizer.encode(text)
+        check(a, oracle_token_logprobs(gpt2_oracle, ids, 128, 64))
         assert a["token_logprobs"] is None
         assert b["nll"] == pytest.approx(a["nll"], abs=1e-6)
-    single = score(server, input=tokenizer.encode(texts[1]))["data"]
+    single = score(server, input=gpt2_tokenizer.encode(texts[1]))["data"]
     assert len(single) == 1 and single[0]["nll"] == pytest.approx(by_text[1]["nll"], abs=1e-6)
 
 
-def test_prepend_bos_scores_the_first_token_too(server, tokenizer, oracle):
-    ids = tokenizer.encode(TEXT)
+def test_prepend_bos_scores_the_first_token_too(server, gpt2_tokenizer, gpt2_oracle):
+    ids = gpt2_tokenizer.encode(TEXT)
     result = score(server, input=TEXT, prepend_bos=True, logprobs=True)["data"][0]
-    expected = oracle_token_logprobs(oracle, [EOS, *ids], 128, 64)[1:]
+    expected = oracle_token_logprobs(gpt2_oracle, [EOS, *ids], 128, 64)[1:]
     assert result["num_tokens"] == len(ids)
     check(result, expected)
 
 
 @pytest.mark.parametrize(("max_length", "stride"), [(16, 8), (16, 5), (10, 9), (2, 1), (32, None)])
-def test_long_input_uses_strided_windows_that_score_every_token_once(server, tokenizer, oracle, max_length, stride):
+def test_long_input_uses_strided_windows_that_score_every_token_once(server, gpt2_tokenizer, gpt2_oracle, max_length,
+                                                                     stride):
     text = " ".join([TEXT] * 8)  # longer than the model's 128-token context
-    ids = tokenizer.encode(text)
+    ids = gpt2_tokenizer.encode(text)
     assert len(ids) > 128
     body = {"input": text, "max_length": max_length, "logprobs": True}
     if stride is not None:
         body["stride"] = stride
-    expected = oracle_token_logprobs(oracle, ids, max_length, stride or max_length // 2)
+    expected = oracle_token_logprobs(gpt2_oracle, ids, max_length, stride or max_length // 2)
     result = score(server, **body)["data"][0]
     check(result, expected)
     assert result["num_tokens"] == len(ids) - 1
 
 
-def test_default_window_is_the_model_context(server, tokenizer, oracle):
+def test_default_window_is_the_model_context(server, gpt2_tokenizer, gpt2_oracle):
     text = " ".join([TEXT] * 8)
-    ids = tokenizer.encode(text)
-    check(score(server, input=text, logprobs=True)["data"][0], oracle_token_logprobs(oracle, ids, 128, 64))
+    ids = gpt2_tokenizer.encode(text)
+    check(score(server, input=text, logprobs=True)["data"][0], oracle_token_logprobs(gpt2_oracle, ids, 128, 64))
 
 
 def test_repeated_request_gives_the_same_answer(server):
@@ -124,19 +112,19 @@ def test_repeated_request_gives_the_same_answer(server):
     assert score(server, input=TEXT, logprobs=True)["data"][0] == first
 
 
-def test_input_with_nothing_to_score_has_zero_tokens_and_null_perplexity(server, tokenizer, oracle):
+def test_input_with_nothing_to_score_has_zero_tokens_and_null_perplexity(server, gpt2_tokenizer, gpt2_oracle):
     """An empty input, or one token without prepend_bos, has no x_i with i >= 1: the mean over none is undefined."""
-    one = tokenizer.encode("x")
+    one = gpt2_tokenizer.encode("x")
     assert len(one) == 1
     data = score(server, input=["", "x", TEXT], logprobs=True)["data"]
     empty = {"object": "perplexity", "perplexity": None, "nll": None, "num_tokens": 0}
     assert data[0] == {**empty, "index": 0, "token_logprobs": []}
     assert data[1] == {**empty, "index": 1, "token_logprobs": [None]}
-    check(data[2], oracle_token_logprobs(oracle, tokenizer.encode(TEXT), 128, 64))
+    check(data[2], oracle_token_logprobs(gpt2_oracle, gpt2_tokenizer.encode(TEXT), 128, 64))
     assert score(server, input=one)["data"][0] == {**empty, "index": 0, "token_logprobs": None}
     assert score(server, input="", prepend_bos=True)["data"][0]["num_tokens"] == 0
     with_bos = score(server, input="x", prepend_bos=True, logprobs=True)["data"][0]
-    check(with_bos, oracle_token_logprobs(oracle, [EOS, *one], 128, 64)[1:])
+    check(with_bos, oracle_token_logprobs(gpt2_oracle, [EOS, *one], 128, 64)[1:])
 
 
 @pytest.mark.parametrize(("body", "param"), [

@@ -1,6 +1,6 @@
 """lm-evaluation-harness's ``local-completions`` model against a real server, given nothing but the server's URL.
 
-It finds the tokenizer through GET /tokenizer_info and POST /tokenize (its remote backend, as with vLLM); without
+It finds the gpt2_tokenizer through GET /tokenizer_info and POST /tokenize (its remote backend, as with vLLM); without
 them it would download one named after the model from the hub, which fails offline. Its three request kinds
 (loglikelihood, loglikelihood_rolling, generate_until) must then give what transformers gives on the same weights.
 """
@@ -17,7 +17,6 @@ import httpx
 import pytest
 import torch
 
-from models.tokenizer import load_tokenizer
 from tests.server_process import ServerProcess
 
 EOS = 50256
@@ -58,18 +57,6 @@ def lm(server):
     return model
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_gpt2_dir):
-    return load_tokenizer(tiny_gpt2_dir)
-
-
-@pytest.fixture(scope="module")
-def oracle(tiny_gpt2_dir):
-    from transformers import GPT2LMHeadModel
-
-    return GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
-
-
 def instances(kind: str, arguments: list[tuple]) -> list:
     from lm_eval.api.instance import Instance
 
@@ -77,58 +64,58 @@ def instances(kind: str, arguments: list[tuple]) -> list:
 
 
 @torch.inference_mode()
-def oracle_score(oracle, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+def oracle_score(gpt2_oracle, context: list[int], continuation: list[int]) -> tuple[float, bool]:
     """Sum of the continuation's log-probabilities after the context, and whether each was the argmax."""
     ids = torch.tensor([context + continuation])
-    logprobs = oracle(ids).logits[0].float().log_softmax(-1)[len(context) - 1 : -1]
+    logprobs = gpt2_oracle(ids).logits[0].float().log_softmax(-1)[len(context) - 1 : -1]
     picked = logprobs[torch.arange(len(continuation)), torch.tensor(continuation)]
     return float(picked.sum()), bool((logprobs.argmax(-1) == torch.tensor(continuation)).all())
 
 
-def test_the_tokenizer_it_finds_is_the_servers(lm, tokenizer):
+def test_the_tokenizer_it_finds_is_the_servers(lm, gpt2_tokenizer):
     assert lm.eot_token_id == EOS
     text = "Tokens, as the server makes them: <|endoftext|> included."
-    assert lm.tok_encode(text) == tokenizer.encode(text)
-    assert lm.decode_batch([tokenizer.encode(text)]) == [text]
+    assert lm.tok_encode(text) == gpt2_tokenizer.encode(text)
+    assert lm.decode_batch([gpt2_tokenizer.encode(text)]) == [text]
 
 
-def test_loglikelihood_is_transformers(lm, tokenizer, oracle):
+def test_loglikelihood_is_transformers(lm, gpt2_tokenizer, gpt2_oracle):
     """An empty context stands on the end-of-text token, as lm-eval does with local models."""
     got = lm.loglikelihood(instances("loglikelihood", PAIRS))
     for (context, continuation), (logprob, greedy) in zip(PAIRS, got):
-        context_ids = tokenizer.encode(context) if context else [EOS]
-        expected, expected_greedy = oracle_score(oracle, context_ids, tokenizer.encode(continuation))
+        context_ids = gpt2_tokenizer.encode(context) if context else [EOS]
+        expected, expected_greedy = oracle_score(gpt2_oracle, context_ids, gpt2_tokenizer.encode(continuation))
         assert logprob == pytest.approx(expected, abs=1e-3)
         assert greedy == expected_greedy
 
 
-def test_a_greedy_continuation_is_scored_greedy(lm, tokenizer, oracle):
-    context = tokenizer.encode("Hello, my name is")
+def test_a_greedy_continuation_is_scored_greedy(lm, gpt2_tokenizer, gpt2_oracle):
+    context = gpt2_tokenizer.encode("Hello, my name is")
     with torch.inference_mode():
-        generated = oracle.generate(torch.tensor([context]), max_new_tokens=3, do_sample=False,
+        generated = gpt2_oracle.generate(torch.tensor([context]), max_new_tokens=3, do_sample=False,
                                     pad_token_id=EOS)[0, len(context):].tolist()
     [(logprob, greedy)] = lm.loglikelihood(instances("loglikelihood", [("Hello, my name is",
-                                                                         tokenizer.decode(generated))]))
+                                                                         gpt2_tokenizer.decode(generated))]))
     assert greedy
-    assert logprob == pytest.approx(oracle_score(oracle, context, generated)[0], abs=1e-3)
+    assert logprob == pytest.approx(oracle_score(gpt2_oracle, context, generated)[0], abs=1e-3)
 
 
-def test_rolling_loglikelihood_is_transformers(lm, tokenizer, oracle):
+def test_rolling_loglikelihood_is_transformers(lm, gpt2_tokenizer, gpt2_oracle):
     """A text within one window: every token scored, the first after the end-of-text token."""
     [got] = lm.loglikelihood_rolling(instances("loglikelihood_rolling", [(ROLLING_TEXT,)]))
-    assert got == pytest.approx(oracle_score(oracle, [EOS], tokenizer.encode(ROLLING_TEXT))[0], abs=1e-3)
+    assert got == pytest.approx(oracle_score(gpt2_oracle, [EOS], gpt2_tokenizer.encode(ROLLING_TEXT))[0], abs=1e-3)
 
 
-def test_generate_until_is_greedy_transformers_cut_at_the_stop(lm, tokenizer, oracle):
+def test_generate_until_is_greedy_transformers_cut_at_the_stop(lm, gpt2_tokenizer, gpt2_oracle):
     """Two prompts with the same arguments, so one request holds both (batch_size=2); each stop string is cut
     from the middle of what greedy writes for one of them."""
     prompts, texts = ("Once upon a time", "The capital of France"), []
     for prompt in prompts:
-        ids = tokenizer.encode(prompt)
+        ids = gpt2_tokenizer.encode(prompt)
         with torch.inference_mode():
-            generated = oracle.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+            generated = gpt2_oracle.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
                                         pad_token_id=EOS)[0, len(ids):].tolist()
-        texts.append(tokenizer.decode(generated))
+        texts.append(gpt2_tokenizer.decode(generated))
     stops = [text[len(text) // 2 : len(text) // 2 + 2] for text in texts]
     expected = [text[: min(text.index(stop) for stop in stops if stop in text)] for text in texts]
     arguments = {"until": stops, "max_gen_toks": 12}
@@ -149,7 +136,7 @@ def test_tokenizer_endpoints_take_the_only_model_when_none_is_named(server):
     assert info.json() == httpx.get(server.base_url + "/tokenizer_info", params={"model": "tiny"}, timeout=30).json()
 
 
-def test_the_lm_eval_command_scores_a_task_as_transformers_does(server, tokenizer, oracle, tmp_path):
+def test_the_lm_eval_command_scores_a_task_as_transformers_does(server, gpt2_tokenizer, gpt2_oracle, tmp_path):
     """The command docs/api.md gives, on a local multiple-choice task: each choice's score is transformers' on
     the pair lm-eval made (it splits context and continuation as encoding the whole text does)."""
     data = tmp_path / "questions.jsonl"
@@ -167,9 +154,9 @@ def test_the_lm_eval_command_scores_a_task_as_transformers_does(server, tokenize
         sample = json.loads(line)
         for arguments, [[logprob, greedy]] in zip(sample["arguments"].values(), sample["resps"]):
             context, continuation = arguments["arg_0"], arguments["arg_1"]
-            context_ids = tokenizer.encode(context)
-            whole = tokenizer.encode(context + continuation)
-            expected, expected_greedy = oracle_score(oracle, context_ids, whole[len(context_ids):])
+            context_ids = gpt2_tokenizer.encode(context)
+            whole = gpt2_tokenizer.encode(context + continuation)
+            expected, expected_greedy = oracle_score(gpt2_oracle, context_ids, whole[len(context_ids):])
             assert float(logprob) == pytest.approx(expected, abs=1e-3)
             assert greedy == str(expected_greedy)
             scored += 1

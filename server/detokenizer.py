@@ -75,6 +75,11 @@ class StopStringMatcher:
         return longest
 
 
+def token_id_name(token_id: int) -> str:
+    """A token as vLLM's return_tokens_as_token_ids names it in logprobs: exact even where its bytes are not text."""
+    return f"token_id:{token_id}"
+
+
 def token_text(tokenizer: ByteTokenizer, token_id: int) -> str:
     """One token as logprobs show it: its text, or OpenAI's ``bytes:\\xNN`` form when not whole UTF-8."""
     data = tokenizer.token_bytes(token_id)

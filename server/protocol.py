@@ -115,6 +115,8 @@ class SamplingFields(NoOpFields):
         None, description="vLLM extra: constrain every choice's text (not with response_format)")
     include_stop_str_in_output: bool = Field(False, description="vLLM extra: a stop string that ends a choice "
                                              "stays at the end of its text")
+    return_tokens_as_token_ids: bool = Field(False, description="vLLM extra: logprobs name each token "
+                                             "\"token_id:N\", exact where its bytes are not whole UTF-8")
     allowed_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_ALLOWED_IDS)] \
         | None = Field(None, description="vLLM extra: only these tokens are picked (list the end-of-text token to "
                        "let a choice stop before max_tokens)")

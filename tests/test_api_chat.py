@@ -82,7 +82,7 @@ def test_gpt_oss_stream_carries_the_same_reasoning_and_content(client):
     assert reasoning == (getattr(whole, "reasoning_content", None) or "")
 
 
-def test_chat_logprobs_in_the_chat_format(client):
+def test_chat_logprobs_in_the_chat_format(client, gpt2_tokenizer):
     result = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, temperature=0,
                                             logprobs=True, top_logprobs=2)
     entries = result.choices[0].logprobs.content
@@ -92,6 +92,13 @@ def test_chat_logprobs_in_the_chat_format(client):
         assert len(entry.top_logprobs) == 2
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy picks the top token
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    named = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, temperature=0,
+                                           logprobs=True, top_logprobs=2,
+                                           extra_body={"return_tokens_as_token_ids": True}).choices[0].logprobs.content
+    for entry, plain in zip(named, entries, strict=True):  # vLLM's return_tokens_as_token_ids: the same tokens
+        assert entry.token.startswith("token_id:") and entry.bytes == plain.bytes and entry.logprob == plain.logprob
+        assert gpt2_tokenizer.token_bytes(int(entry.token.removeprefix("token_id:"))) == bytes(entry.bytes)
+        assert [top.token.startswith("token_id:") for top in entry.top_logprobs] == [True, True]
 
 
 def test_n_choices_and_stop_strings_in_chat(client):

@@ -145,6 +145,21 @@ def test_include_stop_str_in_output_keeps_the_stop_string_streamed_or_not(client
     assert streamed == result.choices[0].text
 
 
+def test_return_tokens_as_token_ids_names_each_token_by_its_id(client, gpt2_tokenizer):
+    """Prompt (echo) and output tokens and their alternatives; the offsets stay those of the text."""
+    body = dict(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=2, echo=True)
+    plain = client.completions.create(**body).choices[0]
+    named = client.completions.create(**body, extra_body={"return_tokens_as_token_ids": True}).choices[0]
+    ids = gpt2_tokenizer.encode(PROMPTS[0]) + gpt2_tokenizer.encode(plain.text[len(PROMPTS[0]):])
+    assert named.text == plain.text
+    assert named.logprobs.tokens == [f"token_id:{i}" for i in ids]
+    assert named.logprobs.text_offset == plain.logprobs.text_offset
+    assert named.logprobs.token_logprobs == plain.logprobs.token_logprobs
+    for top, plain_top in zip(named.logprobs.top_logprobs[1:], plain.logprobs.top_logprobs[1:]):
+        assert sorted(top.values()) == sorted(plain_top.values())
+        assert all(key.startswith("token_id:") for key in top)
+
+
 def test_allowed_token_ids_limit_every_sampled_token(server, client, gpt2_tokenizer):
     allowed = gpt2_tokenizer.encode(" yes no maybe")
     result = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=1.0, seed=3, n=3,

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from models.tokenizer import Tokenizer
 from server.chat import ChatDelta, ChatOutputParser
-from server.detokenizer import StopStringMatcher, token_text
+from server.detokenizer import StopStringMatcher, token_id_name, token_text
 from server.engine.outputs import ChoiceOutput, TokenLogprob
 from server.protocol import ChatTokenLogprob, FinishReason, TopLogprob
 from server.protocol_tools import FunctionCall, FunctionCallDelta, ToolCall, ToolCallDelta
@@ -28,8 +28,9 @@ class StreamDelta:
 
 class ChatChoice:
     def __init__(self, tokenizer: Tokenizer, parser: ChatOutputParser, stop: list[str], top_logprobs: int | None,
-                 include_stop: bool = False):
+                 include_stop: bool = False, tokens_as_ids: bool = False):
         self._tokenizer = tokenizer
+        self._tokens_as_ids = tokens_as_ids  # logprobs name tokens "token_id:N"
         self._parser = parser
         self._stop = StopStringMatcher(stop, include_stop)
         self._top_k = top_logprobs  # None: no logprobs asked for
@@ -106,5 +107,5 @@ class ChatChoice:
         return ChatTokenLogprob(**self._top_logprob(token_id, score.logprob).model_dump(), top_logprobs=top)
 
     def _top_logprob(self, token_id: int, logprob: float) -> TopLogprob:
-        return TopLogprob(token=token_text(self._tokenizer, token_id), logprob=logprob,
-                          bytes=list(self._tokenizer.token_bytes(token_id)))
+        name = token_id_name(token_id) if self._tokens_as_ids else token_text(self._tokenizer, token_id)
+        return TopLogprob(token=name, logprob=logprob, bytes=list(self._tokenizer.token_bytes(token_id)))

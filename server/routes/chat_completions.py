@@ -139,7 +139,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     run = ChatRun(
         served, body, PromptJob(prompt, params),
         choices=[ChatChoice(engine.tokenizer, served.chat_format.parser(), stop, top_logprobs,
-                            body.include_stop_str_in_output)
+                            body.include_stop_str_in_output, body.return_tokens_as_token_ids)
                  for _ in range(body.n)],
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
     )

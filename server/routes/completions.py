@@ -115,8 +115,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     stop = stop_strings(body)
     run = CompletionRun(
         served, body, jobs,
-        choices=[TextChoice(engine.tokenizer, stop, body.logprobs, body.include_stop_str_in_output)
-                 for _ in range(len(prompts) * body.n)],
+        choices=[TextChoice(engine.tokenizer, stop, body.logprobs, body.include_stop_str_in_output,
+                            body.return_tokens_as_token_ids) for _ in range(len(prompts) * body.n)],
         id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), cached_tokens=[0] * len(prompts),
     )
     request.state.usage = run.usage  # read by the request log once the answer is out

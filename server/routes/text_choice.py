@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from models.tokenizer import Tokenizer
-from server.detokenizer import IncrementalDetokenizer, StopStringMatcher, token_text
+from server.detokenizer import IncrementalDetokenizer, StopStringMatcher, token_id_name, token_text
 from server.engine.outputs import ChoiceOutput, TokenLogprob
 from server.protocol import CompletionLogprobs
 from server.routes.engine_calls import raise_if_failed
@@ -13,8 +13,9 @@ from server.routes.engine_calls import raise_if_failed
 
 class TextChoice:
     def __init__(self, tokenizer: Tokenizer, stop: list[str], logprobs: int | None,
-                 include_stop: bool = False) -> None:
+                 include_stop: bool = False, tokens_as_ids: bool = False) -> None:
         self._tokenizer = tokenizer
+        self._tokens_as_ids = tokens_as_ids  # logprobs name tokens "token_id:N" (text offsets stay the text's)
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         self._stop = StopStringMatcher(stop, include_stop)
         self._top_k = logprobs
@@ -23,6 +24,7 @@ class TextChoice:
         self.num_tokens = 0
         self.finish_reason: Literal["stop", "length"] | None = None
         self._sent_chars = 0
+        self._next_offset: int | None = None  # where the next scored token's text starts; None: at the text's end
         self._sent_logprobs = 0
 
     @property
@@ -38,9 +40,9 @@ class TextChoice:
         self.text = self._tokenizer.decode(prompt_ids)
         if self.logprobs is not None:
             scores = prompt_logprobs or [None] * len(prompt_ids)
-            offset = 0
+            self._next_offset = 0
             for token_id, score in zip(prompt_ids, scores):
-                offset = self._add_logprob(self.logprobs, token_id, score, offset)
+                self._add_logprob(self.logprobs, token_id, score)
 
     def add(self, output: ChoiceOutput) -> None:
         """Take in one engine output; ignored once this choice is done (a stop string ended it early)."""
@@ -49,9 +51,8 @@ class TextChoice:
         finish_reason = raise_if_failed(output)
         self.num_tokens += len(output.new_token_ids)
         if self.logprobs is not None and output.logprobs:
-            offset = self._next_offset(self.logprobs)
             for token_id, score in zip(output.new_token_ids, output.logprobs):
-                offset = self._add_logprob(self.logprobs, token_id, score, offset)
+                self._add_logprob(self.logprobs, token_id, score)
         text = self._stop.feed(self._detokenizer.feed(output.new_token_ids))
         if finish_reason is not None and not self.stopped_by_string:
             text += self._stop.feed(self._detokenizer.finish())
@@ -73,11 +74,9 @@ class TextChoice:
         return text, CompletionLogprobs(tokens=lp.tokens[start:], token_logprobs=lp.token_logprobs[start:],
                                         top_logprobs=lp.top_logprobs[start:], text_offset=lp.text_offset[start:])
 
-    def _next_offset(self, lp: CompletionLogprobs) -> int:
-        return lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else len(self.text)
-
-    def _add_logprob(self, lp: CompletionLogprobs, token_id: int, score: TokenLogprob | None, offset: int) -> int:
-        token = token_text(self._tokenizer, token_id)
+    def _add_logprob(self, lp: CompletionLogprobs, token_id: int, score: TokenLogprob | None) -> None:
+        offset = len(self.text) if self._next_offset is None else self._next_offset
+        token = self._name(token_id)
         lp.tokens.append(token)
         lp.text_offset.append(offset)
         if score is None:
@@ -85,6 +84,9 @@ class TextChoice:
             lp.top_logprobs.append(None)
         else:
             lp.token_logprobs.append(score.logprob)
-            top = {token_text(self._tokenizer, t): value for t, value in score.top[: self._top_k]}
+            top = {self._name(t): value for t, value in score.top[: self._top_k]}
             lp.top_logprobs.append(top | {token: score.logprob})
-        return offset + len(token)
+        self._next_offset = offset + len(token_text(self._tokenizer, token_id))
+
+    def _name(self, token_id: int) -> str:
+        return token_id_name(token_id) if self._tokens_as_ids else token_text(self._tokenizer, token_id)

@@ -115,6 +115,8 @@ class SamplingFields(NoOpFields):
         None, description="vLLM extra: constrain every choice's text (not with response_format)")
     include_stop_str_in_output: bool = Field(False, description="vLLM extra: a stop string that ends a choice "
                                              "stays at the end of its text")
+    truncate_prompt_tokens: Annotated[int, Field(ge=1, lt=INT64_BOUND)] | Literal[-1] | None = Field(
+        None, description="vLLM extra: only the prompt's last k tokens are used (-1: the last max_model_len)")
     return_tokens_as_token_ids: bool = Field(False, description="vLLM extra: logprobs name each token "
                                              "\"token_id:N\", exact where its bytes are not whole UTF-8")
     allowed_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_ALLOWED_IDS)] \

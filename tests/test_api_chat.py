@@ -82,6 +82,12 @@ def test_gpt_oss_stream_carries_the_same_reasoning_and_content(client):
     assert reasoning == (getattr(whole, "reasoning_content", None) or "")
 
 
+def test_truncate_prompt_tokens_cuts_the_rendered_chat_prompt(client):
+    result = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2,
+                                            extra_body={"truncate_prompt_tokens": 5})
+    assert result.usage.prompt_tokens == 5
+
+
 def test_chat_logprobs_in_the_chat_format(client, gpt2_tokenizer):
     result = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, temperature=0,
                                             logprobs=True, top_logprobs=2)

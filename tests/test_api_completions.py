@@ -160,6 +160,21 @@ def test_return_tokens_as_token_ids_names_each_token_by_its_id(client, gpt2_toke
         assert all(key.startswith("token_id:") for key in top)
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(server, client):
+    ids = list(range(1000, 1040))
+    body = dict(model="tiny", max_tokens=3, temperature=0, echo=True)
+    cut = client.completions.create(prompt=ids, **body, extra_body={"truncate_prompt_tokens": 8})
+    assert cut.usage.prompt_tokens == 8
+    assert cut.choices[0].text == client.completions.create(prompt=ids[-8:], **body).choices[0].text
+    max_model_len = client.models.list().data[0].max_model_len
+    whole_context = client.completions.create(model="tiny", prompt=list(range(1000, 1000 + max_model_len + 50)),
+                                              max_tokens=0, echo=True, extra_body={"truncate_prompt_tokens": -1})
+    assert whole_context.usage.prompt_tokens == max_model_len
+    refused = httpx.post(server.v1 + "/completions", timeout=30,
+                         json={"model": "tiny", "prompt": "x", "truncate_prompt_tokens": 0})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
 def test_allowed_token_ids_limit_every_sampled_token(server, client, gpt2_tokenizer):
     allowed = gpt2_tokenizer.encode(" yes no maybe")
     result = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=6, temperature=1.0, seed=3, n=3,

@@ -35,7 +35,7 @@ from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disco
 from server.routes.forced_call import forced_call_spec
 from server.routes.models import ServedModel, find_model
 from server.routes.response_format import answer_prefix, request_grammar
-from server.routes.sampling import sampling_params, stop_strings
+from server.routes.sampling import sampling_params, stop_strings, truncated
 from server.streaming import continuous_usage, prime, sse_response
 
 router = APIRouter()
@@ -125,7 +125,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     grammar = chat_grammar(served, body)
-    prompt = render_prompt(served, body)
+    prompt = truncated(render_prompt(served, body), body.truncate_prompt_tokens, engine.max_model_len)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:
         max_tokens = engine.default_max_tokens(len(prompt), body.n)

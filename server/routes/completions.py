@@ -22,7 +22,7 @@ from server.protocol import (
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.models import ServedModel, find_model
 from server.routes.response_format import request_grammar
-from server.routes.sampling import count_prompts, sampling_params, stop_strings, tokenize_prompts
+from server.routes.sampling import count_prompts, sampling_params, stop_strings, tokenize_prompts, truncated
 from server.routes.text_choice import TextChoice
 from server.streaming import continuous_usage, prime, sse_response
 
@@ -100,7 +100,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     _refuse_unsupported(body)
     engine = served.engine
     engine.check_admission(count_prompts(body.prompt) * body.n)  # before tokenizing or building any choice
-    prompts = tokenize_prompts(body.prompt, engine.tokenizer)
+    prompts = [truncated(prompt, body.truncate_prompt_tokens, engine.max_model_len)
+               for prompt in tokenize_prompts(body.prompt, engine.tokenizer)]
     prompt_logprobs = body.logprobs if body.echo else None
     grammar = request_grammar(body.response_format, body.structured_outputs)
     await engine.compile_grammar(grammar)

@@ -25,6 +25,13 @@ def tokenize_prompts(prompt: str | list[str] | list[int] | list[list[int]], toke
     return [list(ids) for ids in prompts]
 
 
+def truncated(prompt: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last ``keep`` tokens (-1: the last max_model_len)."""
+    if keep is None:
+        return prompt
+    return prompt[-(max_model_len if keep == -1 else keep) :]
+
+
 def check_token_ids(ids: list[int], tokenizer: Tokenizer, param: str) -> None:
     bad = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
     if bad:

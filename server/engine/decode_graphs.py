@@ -97,12 +97,16 @@ class DecodeGraphs:
         blocks = next(b for b in self.block_buckets if b >= needed)
         bucket = self._buckets[rows, blocks]
         width = needed if self.tables_read_in_place else blocks
-        new_head, new_groups = self._layout(self._inputs(chunks, rows, width).to(self.device), rows, width)
-        head, groups = self._layout(bucket.inputs, rows, blocks)
-        head.copy_(new_head)
-        for (slots, tables), (new_slots, new_tables) in zip(groups, new_groups):
-            slots.copy_(new_slots)
-            tables[:, :width].copy_(new_tables)  # in place, columns past ``width`` are never read
+        values = self._inputs(chunks, rows, width)
+        if width == blocks:
+            bucket.inputs.copy_(values)
+        else:  # read in place: the columns past ``width`` are never read, so they keep an earlier step's blocks
+            new_head, new_groups = self._layout(values.to(self.device), rows, width)
+            head, groups = self._layout(bucket.inputs, rows, blocks)
+            head.copy_(new_head)
+            for (slots, tables), (new_slots, new_tables) in zip(groups, new_groups):
+                slots.copy_(new_slots)
+                tables[:, :width].copy_(new_tables)
         self.steps += 1
         if bucket.graph is not None and bucket.logits is not None:  # captured: both are set together
             bucket.graph.replay()

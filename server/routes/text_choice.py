@@ -76,7 +76,8 @@ class TextChoice:
 
     def _add_logprob(self, lp: CompletionLogprobs, token_id: int, score: TokenLogprob | None) -> None:
         offset = len(self.text) if self._next_offset is None else self._next_offset
-        token = self._name(token_id)
+        text = token_text(self._tokenizer, token_id)
+        token = token_id_name(token_id) if self._tokens_as_ids else text
         lp.tokens.append(token)
         lp.text_offset.append(offset)
         if score is None:
@@ -86,7 +87,7 @@ class TextChoice:
             lp.token_logprobs.append(score.logprob)
             top = {self._name(t): value for t, value in score.top[: self._top_k]}
             lp.top_logprobs.append(top | {token: score.logprob})
-        self._next_offset = offset + len(token_text(self._tokenizer, token_id))
+        self._next_offset = offset + len(text)
 
     def _name(self, token_id: int) -> str:
         return token_id_name(token_id) if self._tokens_as_ids else token_text(self._tokenizer, token_id)

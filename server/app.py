@@ -22,8 +22,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.chat import HarmonyChatFormat, TemplateChatFormat, load_chat_template
@@ -50,6 +52,7 @@ from server.routes import (
 )
 from server.routes.engine_calls import ClientDisconnected
 from server.routes.models import ServedModel
+from server.routes.response_background import BackgroundRuns
 from server.routes.response_store import ResponseStore
 from server.tokenizer_info import tokenizer_info
 from server.validation_errors import validation_error_object
@@ -93,10 +96,13 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
     app.state.models = {}
     app.state.exit_status = 0
     app.state.response_store = ResponseStore()
+    app.state.background_responses = BackgroundRuns()
     app.state.metrics = process_metrics
-    for module in (completions, chat_completions, responses, perplexity, models, tokenize, health, ready, metrics,
-                   version):
-        app.include_router(module.router)
+    routers = [module.router for module in (completions, chat_completions, responses, perplexity, models, tokenize,
+                                            health, ready, metrics, version)]
+    for router in routers:
+        app.include_router(router)
+    app.state.api_routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
     _add_error_handlers(app)
     install_openapi(app, list(cores))
     app.add_middleware(Gateway, config=config.http, metrics=process_metrics)
@@ -143,7 +149,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {e.detail}"
-        return error_response(e.status_code, ErrorObject(message=message, type=kind), getattr(e, "headers", None))
+        headers = getattr(e, "headers", None)
+        if e.status_code == 405:
+            headers = (headers or {}) | {"Allow": ", ".join(allowed_methods(app.state.api_routes, request))}
+        return error_response(e.status_code, ErrorObject(message=message, type=kind), headers)
 
     @app.exception_handler(ClientDisconnected)
     async def client_gone(request: Request, e: ClientDisconnected) -> Response:
@@ -153,6 +162,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def internal_error(request: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"request_id": request.state.request_id})
         return error_response(500, ErrorObject(message="internal server error", type="internal_error"))
+
+
+def allowed_methods(routes: list[APIRoute], request: Request) -> list[str]:
+    """Every method some route serves at this path: Starlette's 405 names only the first route's, and a path such
+    as /v1/responses/{id} has one route per method."""
+    methods = {method for route in routes if route.matches(request.scope)[0] != Match.NONE
+               for method in route.methods or ()}
+    return sorted(methods)
 
 
 class Gateway:

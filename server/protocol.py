@@ -366,6 +366,8 @@ GATEWAY_RESPONSES = _error_responses((401, "missing or wrong API key"), (408, "b
 ERROR_RESPONSES = GATEWAY_RESPONSES | _error_responses(
     (400, "invalid request"), (404, "unknown model"), (429, "queue full (see Retry-After)"),
     (500, "the model failed while running this request"), (503, "not ready or the engine failed"))
+STORED_RESPONSE_ERRORS = GATEWAY_RESPONSES | _error_responses((400, "invalid request"),
+                                                              (404, "no such stored response"))
 SSE_DESCRIPTION = ("with stream=true: server-sent events, one `data: {chunk}` per event, an error object as an "
                    "event if the request fails after the stream began, and `data: [DONE]` last")
 

@@ -10,8 +10,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from server.protocol import NoOpFields
 from server.protocol_base import Strict
 from server.protocol_tools import FunctionName
+
+MAX_INPUT_ITEMS = 4096
+
+# What `include` may ask for. Every value but logprobs names data of items this server never writes (built-in
+# tools, images) or that it never hides (reasoning comes as plain `reasoning_text`), so asking changes nothing;
+# "message.output_text.logprobs" is not served and is refused by name.
+Includable = Literal["file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+                     "message.input_image.image_url", "computer_call_output.output.image_url",
+                     "code_interpreter_call.outputs", "reasoning.encrypted_content"]
 
 
 class TextPart(Strict):
@@ -94,9 +104,13 @@ class NamedFunctionChoice(Strict):
     name: str
 
 
-class ResponsesRequest(Strict):
+class ResponseStreamOptions(Strict):
+    include_obfuscation: bool | None = Field(None, description="accepted; events carry no obfuscation padding")
+
+
+class ResponsesRequest(NoOpFields):
     model: str
-    input: str | Annotated[list[InputItem], Field(min_length=1, max_length=4096)]
+    input: str | Annotated[list[InputItem], Field(min_length=1, max_length=MAX_INPUT_ITEMS)]
     instructions: str | None = None
     reasoning: ReasoningParam | None = None
     max_output_tokens: int | None = Field(None, ge=1, description="null: up to the context length")
@@ -107,7 +121,13 @@ class ResponsesRequest(Strict):
     parallel_tool_calls: bool | None = None
     text: TextParam | None = None
     stream: bool = False
+    stream_options: ResponseStreamOptions | None = None
     store: bool = True
+    background: bool = Field(False, description="answer at once (status queued); GET it, stream it, cancel it")
     previous_response_id: str | None = Field(None, max_length=256)
-    metadata: dict[str, str] | None = Field(None, max_length=16)
-    user: str | None = Field(None, max_length=512)
+    truncation: Literal["auto", "disabled"] | None = Field(
+        None, description="auto: drop the conversation's oldest items until it fits; disabled (default): a 400")
+    include: Annotated[list[Includable], Field(max_length=16)] | None = None
+    max_tool_calls: int | None = Field(None, ge=0, lt=2**31, description="built-in tool calls: there are none")
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = Field(None, description="prefix caching is "
+                                                                       "automatic, in memory")

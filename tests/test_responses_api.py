@@ -128,9 +128,9 @@ def test_max_output_tokens_cut_makes_the_response_incomplete(client):
 def test_the_store_evicts_the_least_recently_used_response():
     store = ResponseStore(capacity=2)
     for name in ("a", "b"):
-        store.put(name, StoredResponse({"id": name}, [ChatMessage("user", name)]))
+        store.put(name, StoredResponse({"id": name}, [ChatMessage("user", name)], []))
     assert store.get("a") is not None  # "a" is now the most recently used
-    store.put("c", StoredResponse({"id": "c"}, []))
+    store.put("c", StoredResponse({"id": "c"}, [], []))
     assert store.get("b") is None and store.get("a") is not None and store.get("c") is not None
 
 

@@ -49,6 +49,9 @@ class ScriptedEngine:
     def default_max_tokens(self, prompt_len: int, n: int) -> int:
         return self.max_model_len - prompt_len
 
+    def check_admission(self, num_seqs: int) -> None:
+        pass
+
     async def compile_grammar(self, spec: GrammarSpec | None) -> None:
         pass  # the script ignores constraints: forced calls are tested on a real engine (test_forced_tool_calls)
 

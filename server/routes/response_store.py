@@ -1,9 +1,9 @@
-"""Stored responses, for `previous_response_id` and `GET /v1/responses/{id}`: in memory, bounded.
+"""Stored responses, for `previous_response_id`, `GET /v1/responses/{id}` and its `input_items`: in memory, bounded.
 
 The store keeps the last MAX_STORED_RESPONSES responses created with `store: true` (the default), each with
 the conversation it continued, so a follow-up needs only its new input. Reading one (by either route) makes
-it the most recent; when the store is full the least recently used one is evicted. Nothing survives a
-restart, and each server process has its own store.
+it the most recent; when the store is full the least recently used one is evicted, and `DELETE` removes one.
+Nothing survives a restart, and each server process has its own store.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ MAX_STORED_RESPONSES = 1024
 class StoredResponse:
     body: dict  # the response object as it was returned
     conversation: list[ChatMessage]  # every message up to and including this response's output
+    input_items: list[dict]  # this request's own `input`, as items with ids, for GET .../input_items
 
 
 class ResponseStore:
@@ -38,3 +39,6 @@ class ResponseStore:
         if stored is not None:
             self._responses.move_to_end(response_id)
         return stored
+
+    def delete(self, response_id: str) -> bool:
+        return self._responses.pop(response_id, None) is not None

@@ -1,37 +1,42 @@
-"""POST /v1/responses and GET /v1/responses/{id}: OpenAI's Responses API over the chat formats.
+"""OpenAI's Responses API over the chat formats: create, retrieve (or resume its stream), cancel, delete, and list
+a response's input items.
 
 The conversation (a stored previous response's, then `instructions`, then `input`) is rendered by the same
-function chat completions uses; the one generated choice is parsed by the same ChatChoice, and its deltas
-become output items (response_output). `text.format` constrains the answer as chat's response_format does, and
-a required or named `tool_choice` forces a call as in chat completions (a forced call wins). Stored
-responses: see response_store.
+function chat completions uses; `truncation: "auto"` drops its oldest messages until it fits. The one generated
+choice is parsed by the same ChatChoice, and its deltas become output items (response_output). `text.format`
+constrains the answer as chat's response_format does, and a required or named `tool_choice` forces a call as in
+chat completions (a forced call wins). Stored responses: see response_store; background ones:
+response_background.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
-from typing import Any
+from bisect import bisect_left
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict
 
 from server.chat import ChatMessage, FunctionTool
 from server.engine.sampling_params import GrammarSpec, SamplingParams
-from server.protocol import GATEWAY_RESPONSES, APIError, ErrorResponse, sse_responses
+from server.protocol import STORED_RESPONSE_ERRORS, APIError, sse_responses
 from server.protocol_responses import NamedFunctionChoice, ResponsesRequest
 from server.routes.chat_choice import ChatChoice
 from server.routes.chat_prompt import chosen_tools, render_messages
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.forced_call import forced_call_spec
 from server.routes.models import ServedModel, find_model
+from server.routes.response_background import BackgroundRuns
 from server.routes.response_format import answer_prefix, text_format_spec
-from server.routes.response_input import input_messages, output_messages
+from server.routes.response_input import input_items, input_messages, output_messages
 from server.routes.response_output import ResponseOutput, new_id
 from server.routes.response_store import ResponseStore, StoredResponse
 from server.streaming import prime, sse_response
 
 router = APIRouter()
+MAX_LISTED_ITEMS = 100
 
 
 class ResponseBody(BaseModel):
@@ -44,6 +49,10 @@ def response_store(request: Request) -> ResponseStore:
     return request.app.state.response_store
 
 
+def background_runs(request: Request) -> BackgroundRuns:
+    return request.app.state.background_responses
+
+
 class ResponseRun:
     def __init__(self, served: ServedModel, body: ResponsesRequest, conversation: list[ChatMessage],
                  prompt: list[int], max_tokens: int, store: ResponseStore, grammar: GrammarSpec | None) -> None:
@@ -54,14 +63,17 @@ class ResponseRun:
                                      stop_token_ids=served.chat_format.stop_token_ids, grammar=grammar)
         self.id = new_id("resp")
         self.created = int(time.time())
+        self.input_items = input_items(body.input)
         self.choice = ChatChoice(served.engine.tokenizer, served.chat_format.parser(), [], None)
         self.output = ResponseOutput()
+        self.status = "queued" if body.background else "in_progress"
         self.sequence = 0
 
     async def events(self) -> AsyncGenerator[dict, None]:
         """Every stream event without its sequence number, ending with response.completed or .incomplete."""
-        yield {"type": "response.created", "response": self.snapshot("in_progress")}
-        yield {"type": "response.in_progress", "response": self.snapshot("in_progress")}
+        yield {"type": "response.created", "response": self.snapshot(self.status)}
+        self.status = "in_progress"
+        yield {"type": "response.in_progress", "response": self.snapshot(self.status)}
         async with MergedOutputs(self.served.engine, self.id, [PromptJob(self.prompt, self.params)], 1) as outputs:
             async for _, output in outputs:
                 self.choice.add(output)
@@ -70,11 +82,13 @@ class ResponseRun:
         incomplete = self.choice.finish_reason == "length"
         for event in self.output.close("incomplete" if incomplete else "completed"):
             yield event
-        final = self.snapshot("incomplete" if incomplete else "completed")
-        if self.body.store:
-            conversation = self.conversation + output_messages(self.output.items)
-            self.store.put(self.id, StoredResponse(final, conversation))
+        final = self._finish("incomplete" if incomplete else "completed")
         yield {"type": f"response.{final['status']}", "response": final}
+
+    def end(self, status: str, error: dict[str, str] | None = None) -> dict[str, Any]:
+        """A background run cut short (cancelled, or failed): its open item ends incomplete, and it is stored."""
+        self.output.close("incomplete")
+        return self._finish(status, error)
 
     async def response(self) -> ResponseBody:
         async for event in self.events():
@@ -86,35 +100,68 @@ class ResponseRun:
             yield ResponseBody.model_validate(event | {"sequence_number": self.sequence})
             self.sequence += 1
 
-    def snapshot(self, status: str) -> dict[str, Any]:
+    def _finish(self, status: str, error: dict[str, str] | None = None) -> dict[str, Any]:
+        self.status = status
+        final = self.snapshot(status, error)
+        if self.body.store:
+            conversation = self.conversation + output_messages(self.output.items)
+            self.store.put(self.id, StoredResponse(final, conversation, self.input_items))
+        return final
+
+    def snapshot(self, status: str, error: dict[str, str] | None = None) -> dict[str, Any]:
         body = self.body
         usage = None
-        if status != "in_progress":
+        ended = status not in ("queued", "in_progress")
+        if ended:
             output_tokens = self.choice.num_tokens
             usage = {"input_tokens": len(self.prompt), "input_tokens_details": {"cached_tokens": 0},
                      "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": len(self.prompt) + output_tokens}
         return {
             "id": self.id, "object": "response", "created_at": self.created, "model": self.served.name,
-            "status": status, "output": [dict(item) for item in self.output.items] if status != "in_progress" else [],
-            "error": None,
+            "status": status, "output": [dict(item) for item in self.output.items] if ended else [],
+            "error": error, "background": body.background,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+            "max_tool_calls": body.max_tool_calls,
             "metadata": body.metadata or {}, "parallel_tool_calls": body.parallel_tool_calls is not False,
             "previous_response_id": body.previous_response_id,
+            "prompt_cache_key": body.prompt_cache_key, "safety_identifier": body.safety_identifier,
             "reasoning": {"effort": body.reasoning.effort if body.reasoning else None, "summary": None},
-            "store": body.store, "temperature": body.temperature, "top_p": body.top_p,
+            "service_tier": "default", "store": body.store, "temperature": body.temperature, "top_p": body.top_p,
             "text": (body.text.model_dump(by_alias=True, exclude_none=True) if body.text
                      else {"format": {"type": "text"}}),
             "tool_choice": (body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedFunctionChoice)
                             else body.tool_choice or "auto"),
-            "tools": [tool.model_dump() for tool in body.tools or []], "usage": usage,
+            "tools": [tool.model_dump() for tool in body.tools or []], "top_logprobs": None,
+            "truncation": body.truncation or "disabled", "usage": usage, "user": body.user,
         }
+
+
+def truncated(conversation: list[ChatMessage], render: Callable[[list[ChatMessage]], list[int]],
+              budget: int) -> tuple[list[ChatMessage], list[int]]:
+    """`truncation: "auto"`: the conversation less as few of its oldest messages as make its prompt fit in
+    ``budget`` tokens (found by bisection: a shorter conversation never renders longer). A tool result never
+    begins it, since its call would be gone; when nothing fits, the shortest is returned and admission refuses
+    it by its length."""
+    starts = [i for i, message in enumerate(conversation) if message.role != "tool"] or [0]
+    prompts: dict[int, list[int]] = {}
+
+    def fits(k: int) -> bool:
+        prompts[k] = render(conversation[starts[k]:])
+        return len(prompts[k]) <= budget
+
+    first = min(bisect_left(range(len(starts)), True, key=fits), len(starts) - 1)
+    if first not in prompts:
+        fits(first)
+    return conversation[starts[first]:], prompts[first]
 
 
 @router.post("/v1/responses", response_model=ResponseBody, responses=sse_responses(ResponseBody))
 async def create_response(body: ResponsesRequest, request: Request):
     served = find_model(request, body.model)
+    if body.background and not body.store:
+        raise APIError(400, "a background response is stored: background needs store true", param="background")
     store = response_store(request)
     conversation: list[ChatMessage] = []
     if body.previous_response_id is not None:
@@ -130,24 +177,127 @@ async def create_response(body: ResponsesRequest, request: Request):
     mode = None if isinstance(choice, NamedFunctionChoice) else choice  # "none", "auto" or "required"
     tools = chosen_tools([FunctionTool(t.name, t.description or "", t.parameters) for t in body.tools or []],
                          "named" if named else mode, named)
-    prompt = render_messages(served.chat_format, head + conversation, tools,
-                             body.reasoning.effort if body.reasoning else None, param="input")
+    effort = body.reasoning.effort if body.reasoning else None
+
+    def render(messages: list[ChatMessage]) -> list[int]:
+        return render_messages(served.chat_format, head + messages, tools, effort, param="input")
+
     engine = served.engine
+    if body.truncation == "auto":
+        conversation, prompt = truncated(conversation, render, engine.max_model_len - (body.max_output_tokens or 1))
+    else:
+        prompt = render(conversation)
     max_tokens = body.max_output_tokens or max(engine.max_model_len - len(prompt), 0)
     forced = forced_call_spec(served.chat_format, tools, None if named else mode, named)
     grammar = forced or text_format_spec(body.text.format if body.text else None, answer_prefix(served.chat_format))
     await engine.compile_grammar(grammar)
     run = ResponseRun(served, body, conversation, prompt, max_tokens, store, grammar)
     engine.validate(len(prompt), run.params, 1)
+    if body.background:
+        engine.check_admission(1)
+        background = background_runs(request).start(run)
+        if body.stream:
+            return sse_response(stream_bodies(background.log.follow(-1)))
+        return ResponseBody(**run.snapshot(run.status))
     if body.stream:
         return sse_response(await prime(request, run.stream()))
     return await cancel_on_disconnect(request, run.response())
 
 
+async def stream_bodies(events: AsyncGenerator[dict, None]) -> AsyncGenerator[ResponseBody, None]:
+    async for event in events:
+        yield ResponseBody.model_validate(event)
+
+
 @router.get("/v1/responses/{response_id}", response_model=ResponseBody,
-            responses=GATEWAY_RESPONSES | {404: {"model": ErrorResponse, "description": "no such stored response"}})
-async def retrieve_response(response_id: str, request: Request) -> ResponseBody:
+            responses=STORED_RESPONSE_ERRORS | {200: sse_responses(ResponseBody)[200]})
+async def retrieve_response(response_id: str, request: Request, stream: bool = False,
+                            starting_after: int = Query(-1, ge=-1, lt=2**31,
+                                                        description="with stream: the events after this one"),
+                            include_obfuscation: bool | None = Query(None, description="accepted; no padding")):
+    """A stored response, or a background one as it stands; with `stream`, a background response's events."""
+    background = background_runs(request).get(response_id)
+    if stream:
+        if background is None:
+            stored_body(request, response_id)  # a 404 for an unknown id
+            raise APIError(400, "only a background response's events can be streamed, and only those of the last "
+                           "runs: GET it without stream", param="stream")
+        return sse_response(stream_bodies(background.log.follow(starting_after)))
+    if background is not None and not background.finished:
+        return ResponseBody(**background.run.snapshot(background.run.status))
+    return ResponseBody(**stored_body(request, response_id))
+
+
+@router.post("/v1/responses/{response_id}/cancel", response_model=ResponseBody,
+             responses=STORED_RESPONSE_ERRORS)
+async def cancel_response(response_id: str, request: Request) -> ResponseBody:
+    """Only a background response can be cancelled; one that has ended is returned as it ended."""
+    background = background_runs(request).get(response_id)
+    if background is None:
+        body = stored_body(request, response_id)
+        if not body.get("background"):
+            raise APIError(400, "only a background response can be cancelled", param="response_id")
+        return ResponseBody(**body)
+    await background.cancel()
+    assert background.final is not None
+    return ResponseBody(**background.final)
+
+
+class DeletedResponse(BaseModel):
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: Literal[True] = True
+
+
+@router.delete("/v1/responses/{response_id}", response_model=DeletedResponse, responses=STORED_RESPONSE_ERRORS)
+async def delete_response(response_id: str, request: Request) -> DeletedResponse:
+    """A background response still running is cancelled first."""
+    runs = background_runs(request)
+    background = runs.get(response_id)
+    if background is not None:
+        await background.cancel()
+        runs.forget(response_id)
+    if not response_store(request).delete(response_id):
+        raise APIError(404, f"no stored response {response_id!r}", param="response_id", type="not_found_error")
+    return DeletedResponse(id=response_id)
+
+
+class InputItemList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+@router.get("/v1/responses/{response_id}/input_items", response_model=InputItemList,
+            responses=STORED_RESPONSE_ERRORS)
+async def list_input_items(response_id: str, request: Request,
+                           after: str | None = Query(None, max_length=256, description="an item id"),
+                           limit: int = Query(20, ge=1, le=MAX_LISTED_ITEMS),
+                           order: Literal["asc", "desc"] = "desc") -> InputItemList:
+    """The items of the request's own `input` (a string input is one user message), newest first by default."""
+    background = background_runs(request).get(response_id)
+    stored = response_store(request).get(response_id)
+    if stored is not None:
+        items = stored.input_items
+    elif background is not None:
+        items = background.run.input_items
+    else:
+        raise APIError(404, f"no stored response {response_id!r}", param="response_id", type="not_found_error")
+    ordered = items if order == "asc" else items[::-1]
+    if after is not None:
+        ids = [item["id"] for item in ordered]
+        if after not in ids:
+            raise APIError(400, f"no input item {after!r} in response {response_id!r}", param="after")
+        ordered = ordered[ids.index(after) + 1:]
+    page = ordered[:limit]
+    return InputItemList(data=page, first_id=page[0]["id"] if page else None,
+                         last_id=page[-1]["id"] if page else None, has_more=len(ordered) > limit)
+
+
+def stored_body(request: Request, response_id: str) -> dict[str, Any]:
     stored = response_store(request).get(response_id)
     if stored is None:
         raise APIError(404, f"no stored response {response_id!r}", param="response_id", type="not_found_error")
-    return ResponseBody(**stored.body)
+    return stored.body

@@ -18,6 +18,7 @@ import asyncio
 import itertools
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -31,10 +32,14 @@ from server.engine.engine_stats import EngineStats
 from server.engine.errors import EngineError, EngineUnavailable, QueueFull, RequestRejected
 from server.engine.metric_events import MetricBacklog
 from server.engine.outputs import ChoiceOutput
-from server.engine.sampling_params import GrammarSpec, SamplingParams
+from server.engine.sampling_params import GRAMMAR_CACHE_SIZE, GrammarSpec, SamplingParams
 
 log = logging.getLogger("gptserve.engine")
 
+# Constraints not compiled before that may wait for the core's one compile thread (a wide regex takes seconds on
+# o200k): one more is a 429, so no client can queue unbounded work. One compiled before is exempt, and the core
+# answers it without the thread.
+MAX_PENDING_COMPILES = 16
 STOP_WAIT_S = 30.0  # how long a core told to shut down gets (its tensor-parallel ranks stop first) before a kill
 
 
@@ -55,6 +60,8 @@ class EngineCoreClient:
         self._stats = core.ready.stats
         self._streams: dict[str, asyncio.Queue[ChoiceOutput]] = {}
         self._compiles: dict[int, asyncio.Future[wire.GrammarCompiled]] = {}
+        self._new_compiles = 0  # of those, the ones whose spec is not in _compiled
+        self._compiled: OrderedDict[GrammarSpec, None] = OrderedDict()  # compiled lately, as the core's cache
         self._tickets = itertools.count()
         self._pending = 0  # sequences (n per request) posted but not yet finished, for --max-queue
         self._accepting = False
@@ -134,17 +141,28 @@ class EngineCoreClient:
 
     async def compile_grammar(self, spec: GrammarSpec | None) -> None:
         """Have the core compile a request's grammar (or find it in its cache, one round trip) before the request
-        is admitted: a schema that cannot be compiled is a 400 here."""
+        is admitted: a schema that cannot be compiled is a 400 here, and one more than MAX_PENDING_COMPILES
+        waiting a 429."""
         if spec is None:
             return
         self._raise_if_unavailable()
+        new = spec not in self._compiled
+        if new and self._new_compiles >= MAX_PENDING_COMPILES:
+            raise QueueFull(f"{MAX_PENDING_COMPILES} new constraints are compiling for model {self.name}; retry later")
         ticket = next(self._tickets)
         future = self._compiles[ticket] = asyncio.get_running_loop().create_future()
+        self._new_compiles += new
         self._send(wire.CompileGrammar(ticket, spec))
         try:
             answer = await future
         finally:
             self._compiles.pop(ticket, None)
+            self._new_compiles -= new
+        if answer.error is None:
+            self._compiled[spec] = None
+            self._compiled.move_to_end(spec)
+            if len(self._compiled) > GRAMMAR_CACHE_SIZE:
+                self._compiled.popitem(last=False)
         if answer.error is not None and answer.param is not None:
             raise RequestRejected(answer.error, answer.param)
         if answer.error is not None:

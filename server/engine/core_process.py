@@ -111,6 +111,8 @@ class EngineCore:
             log.exception("the engine core loop failed")
             self.fail(f"engine failed: {exc}")
         finally:
+            # Compiles still queued would hold the process's exit (its pool's workers are joined) for seconds each.
+            self._compiler.shutdown(wait=False, cancel_futures=True)
             loaded.model.stop()
 
     def fail(self, reason: str) -> None:
@@ -154,6 +156,8 @@ class EngineCore:
                 outputs += self.engine.abort(message.request_id)
             elif isinstance(message, wire.StopChoice):
                 outputs += self.engine.stop_choice(message.request_id, message.index)
+            elif isinstance(message, wire.CompileGrammar) and self.engine.grammar_compiled(message.spec):
+                self.channel.send(wire.GrammarCompiled(message.ticket))  # never behind another's slow compile
             elif isinstance(message, wire.CompileGrammar):
                 self._compiles[message.ticket] = self._compiler.submit(self._compile, message.spec)
             elif isinstance(message, wire.Shutdown):

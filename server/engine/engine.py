@@ -33,7 +33,7 @@ from server.engine.engine_stats import EngineStats
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import ChoiceOutput
 from server.engine.sampler import Sampler
-from server.engine.sampling_params import SamplingParams
+from server.engine.sampling_params import GrammarSpec, SamplingParams
 from server.engine.scheduler import ScheduledChunk, Scheduler
 from server.engine.sequence import Sequence, SequenceStatus
 from server.engine.step_metrics import StepMetrics
@@ -112,6 +112,10 @@ class LLMEngine:
         if self._grammars is None:
             self._grammars = GrammarCompiler(self.loaded.tokenizer)
         return self._grammars
+
+    def grammar_compiled(self, spec: GrammarSpec) -> bool:
+        """Whether ``spec`` is compiled already; never builds the grammar tables (seconds on o200k)."""
+        return self._grammars is not None and self._grammars.cached(spec)
 
     @property
     def capacity_tokens(self) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+GRAMMAR_CACHE_SIZE = 64  # compiled constraints the engine core keeps (and the front end knows of), LRU
+
 
 @dataclass(frozen=True, slots=True)
 class GrammarSpec:

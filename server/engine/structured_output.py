@@ -28,7 +28,7 @@ from torch import Tensor
 
 from models.tokenizer import Tokenizer
 from server.engine.errors import RequestRejected
-from server.engine.sampling_params import CallChoice, GrammarSpec
+from server.engine.sampling_params import GRAMMAR_CACHE_SIZE, CallChoice, GrammarSpec
 
 # Any JSON object, bounded so that even a random-weight model closes it: at most 3 members whose values are
 # scalars or one level of object/array with at most 3 scalars, strings of at most 8 characters, numbers of at
@@ -85,7 +85,7 @@ class GrammarState:
 class GrammarCompiler:
     """Compiled grammars by spec for one tokenizer, least recently used dropped beyond ``capacity``."""
 
-    def __init__(self, tokenizer: Tokenizer, capacity: int = 64) -> None:
+    def __init__(self, tokenizer: Tokenizer, capacity: int = GRAMMAR_CACHE_SIZE) -> None:
         specials = set(tokenizer.special_tokens.values())
         # Tokens with no bytes are never allowed: special tokens (stop tokens are allowed per matcher).
         self._text_bytes = [b"" if i in specials else tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
@@ -101,6 +101,10 @@ class GrammarCompiler:
         self._capacity = capacity
         self._lock = threading.Lock()  # the front end checks specs while the engine thread compiles them
         self._text_lock = threading.Lock()
+
+    def cached(self, spec: GrammarSpec) -> bool:
+        with self._lock:
+            return spec in self._cache
 
     def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
         """The compiled grammar (for a forced call: of its names, the arguments' compiled too), or

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag
 
 from server.protocol import NoOpFields
 from server.protocol_base import Strict
@@ -28,6 +28,7 @@ class TextPart(Strict):
     type: Literal["input_text", "output_text", "text"]
     text: str
     annotations: list[Any] | None = None
+    logprobs: list[Any] | None = Field(None, description="an output_text part passed back: ignored")
 
 
 class MessageItem(Strict):
@@ -69,8 +70,16 @@ class ReasoningItem(Strict):
     status: str | None = None
 
 
-InputItem = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem,
-                      Field(discriminator="type")]
+def item_type(item: Any) -> str:
+    """An item's `type`; a message may leave it out (`{"role": "user", "content": "Hi"}`, as OpenAI's examples do)."""
+    if isinstance(item, dict):
+        return item.get("type", "message")
+    return getattr(item, "type", "message")
+
+
+InputItem = Annotated[Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+                      | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+                      | Annotated[ReasoningItem, Tag("reasoning")], Discriminator(item_type)]
 
 
 class FunctionToolParam(Strict):

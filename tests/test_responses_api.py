@@ -106,6 +106,39 @@ def test_a_function_call_and_its_output_continue_through_previous_response_id(cl
     assert engine.prompts[-1] == expected, "instructions are not carried over; the rest of the conversation is"
 
 
+def test_the_sdk_s_function_calling_loop_passes_output_items_back_as_input(client, engine, script, harmony):
+    """OpenAI's function-calling guide: messages without a `type`, then `input += response.output`."""
+    script("call")
+    conversation: list = [{"role": "user", "content": "Weather in Oslo?"}]
+    first = client.responses.create(model="oss", input=conversation, tools=[WEATHER], store=False)
+    conversation += first.output
+    [call] = [item for item in first.output if item.type == "function_call"]
+    conversation.append({"type": "function_call_output", "call_id": call.call_id, "output": "sunny"})
+    script("answer")
+    second = client.responses.create(model="oss", input=conversation, tools=[WEATHER], store=False)
+    assert second.output_text == "Hello there!"
+    tool = oh.ToolDescription.new(WEATHER["name"], WEATHER["description"], parameters=WEATHER["parameters"])
+    system = oh.SystemContent.new().with_conversation_start_date(datetime.date.today().isoformat())
+    result = oh.Message.from_author_and_content(oh.Author.new(oh.Role.TOOL, "functions.get_weather"), "sunny")
+    expected = harmony.render_conversation_for_completion(oh.Conversation.from_messages([
+        oh.Message.from_role_and_content(oh.Role.SYSTEM, system),
+        oh.Message.from_role_and_content(oh.Role.DEVELOPER, oh.DeveloperContent.new().with_function_tools([tool])),
+        oh.Message.from_role_and_content(oh.Role.USER, "Weather in Oslo?"),
+        assistant("Need weather.", "analysis"),
+        assistant(ARGUMENTS, "commentary", "functions.get_weather").with_content_type("<|constrain|>json"),
+        result.with_recipient("assistant").with_channel("commentary"),
+    ]), oh.Role.ASSISTANT)
+    assert engine.prompts[-1] == expected
+
+
+def test_an_output_text_part_passed_back_may_carry_logprobs(client):
+    message = {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+               "content": [{"type": "output_text", "text": "Hi.", "annotations": [], "logprobs": []}]}
+    response = client.responses.create(model="oss", input=[{"role": "user", "content": "Hi!"}, message,
+                                                           {"role": "user", "content": "Again?"}])
+    assert response.status == "completed"
+
+
 def test_a_stored_response_can_be_read_back_and_an_unknown_one_is_404(client):
     created = client.responses.create(model="oss", input="Hi!")
     assert client.responses.retrieve(created.id).output_text == created.output_text

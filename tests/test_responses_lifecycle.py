@@ -22,6 +22,7 @@ from server.app import create_app
 from server.chat import ChatMessage
 from server.config import ServerConfig
 from server.engine.admission import Admission
+from server.engine.errors import QueueFull
 from server.engine.outputs import ChoiceOutput
 from server.engine.sampling_params import SamplingParams
 from server.routes.models import ServedModel
@@ -41,6 +42,7 @@ class HeldEngine(ScriptedEngine):
         super().__init__(tokenizer, script)
         self.hold = threading.Event()
         self.aborted: list[str] = []
+        self.full = False  # the queue has no room: generate raises as the engine's client does
 
     def validate(self, prompt_len: int, params: SamplingParams, n: int) -> None:
         Admission(self.max_model_len, block_size=16, num_blocks=2**20, prefix_caching=True,
@@ -48,6 +50,8 @@ class HeldEngine(ScriptedEngine):
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        n: int = 1) -> AsyncIterator[ChoiceOutput]:
+        if self.full:
+            raise QueueFull("too many requests are waiting; retry later")
         finished = False
         try:
             async for output in super().generate(request_id, prompt_ids, params, n):
@@ -130,6 +134,16 @@ def test_a_finished_background_response_cancels_to_itself_and_a_foreground_one_c
     assert refused.value.body["param"] == "response_id"
     with pytest.raises(openai.NotFoundError):
         client.responses.cancel("resp_unknown")
+
+
+def test_a_background_response_the_queue_has_no_room_for_is_a_429_at_once(client, engine, monkeypatch):
+    monkeypatch.setattr(engine, "full", True)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.responses.create(model="oss", input="Hi!", background=True)
+    assert refused.value.response.headers["retry-after"] == "1"
+    monkeypatch.setattr(engine, "full", False)
+    created = client.responses.create(model="oss", input="Hi!", background=True)
+    assert wait_for(client, created.id, TERMINAL).status == "completed"
 
 
 def test_background_needs_store(client):

@@ -76,6 +76,7 @@ class BackgroundRun:
         self.run = run
         self.log = EventLog()
         self.final: dict[str, Any] | None = None  # the response as stored when the run ended
+        self.refused: QueueFull | None = None  # the engine's queue had no room for it
         self.task = asyncio.create_task(self._generate())
 
     @property
@@ -98,6 +99,8 @@ class BackgroundRun:
         except (APIError, EngineError) as e:
             if self.final is not None:
                 raise
+            if isinstance(e, QueueFull):
+                self.refused = e
             code = "rate_limit_exceeded" if isinstance(e, QueueFull) else "server_error"
             message = e.error.message if isinstance(e, APIError) else e.message
             self.final = self.run.end("failed", {"code": code, "message": message})

@@ -11,6 +11,7 @@ response_background.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from bisect import bisect_left
 from collections.abc import AsyncGenerator, Callable
@@ -194,11 +195,16 @@ async def create_response(body: ResponsesRequest, request: Request):
     run = ResponseRun(served, body, conversation, prompt, max_tokens, store, grammar)
     engine.validate(len(prompt), run.params, 1)
     if body.background:
-        engine.check_admission(1)
-        background = background_runs(request).start(run)
+        runs = background_runs(request)
+        background = runs.start(run)
+        await asyncio.sleep(0)  # the run's task goes as far as the engine's admission: it awaits nothing before
+        if background.refused is not None:  # the queue is full: a 429 now, as for any request
+            runs.forget(run.id)
+            store.delete(run.id)
+            raise background.refused
         if body.stream:
             return sse_response(stream_bodies(background.log.follow(-1)))
-        return ResponseBody(**run.snapshot(run.status))
+        return ResponseBody(**background.log.events[0]["response"])  # as response.created had it: queued
     if body.stream:
         return sse_response(await prime(request, run.stream()))
     return await cancel_on_disconnect(request, run.response())

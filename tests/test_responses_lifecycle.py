@@ -26,6 +26,7 @@ from server.engine.errors import QueueFull
 from server.engine.outputs import ChoiceOutput
 from server.engine.sampling_params import SamplingParams
 from server.routes.models import ServedModel
+from server.routes.response_background import BackgroundRuns
 from server.routes.responses import truncated
 from tests.test_chat_harmony import assistant, chat, harmony, tokenizer  # noqa: F401 - fixtures
 from tests.test_tool_calls_api import ScriptedEngine, model_tokens
@@ -293,3 +294,39 @@ def test_fields_that_would_change_the_output_but_are_not_served_are_refused_by_n
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(model="oss", input="Hi!", **field)
     assert refused.value.body["param"].split(".")[0] == next(iter(field))
+
+
+class CountedRun:
+    """A background run that writes ``deltas`` delta events and completes (the Run protocol, no engine)."""
+
+    def __init__(self, response_id: str, deltas: int) -> None:
+        self.id, self.deltas = response_id, deltas
+        self.status = "queued"
+        self.input_items: list[dict] = []
+
+    async def events(self):
+        for _ in range(self.deltas):
+            yield {"type": "response.output_text.delta", "delta": "x"}
+        yield {"type": "response.completed", "response": self.snapshot("completed")}
+
+    def end(self, status: str, error: dict[str, str] | None = None) -> dict:
+        return self.snapshot(status)
+
+    def snapshot(self, status: str) -> dict:
+        return {"id": self.id, "status": status}
+
+
+def test_finished_runs_keep_their_events_within_a_run_count_and_an_event_budget():
+    async def kept_after(runs: BackgroundRuns, deltas: list[int]) -> list[list[bool]]:
+        kept = []
+        for i, n in enumerate(deltas):
+            await runs.start(CountedRun(f"r{i}", n)).task
+            await asyncio.sleep(0)  # the task's done callback runs on the next turn of the loop
+            kept.append([runs.get(f"r{j}") is not None for j in range(i + 1)])
+        return kept
+
+    by_events = asyncio.run(kept_after(BackgroundRuns(keep_finished=8, keep_events=25), [9, 9, 9, 30]))
+    assert by_events == [[True], [True, True], [False, True, True], [False, False, False, False]], \
+        "10 events each: the third pushes out the first; one run alone over the budget is not kept either"
+    by_count = asyncio.run(kept_after(BackgroundRuns(keep_finished=2, keep_events=1000), [1, 1, 1]))
+    assert by_count[-1] == [False, True, True]

@@ -4,10 +4,11 @@ The create call answers at once with status "queued" (or, with `stream`, follows
 task writes every event into the run's EventLog and, when the run ends, the response into the store. `GET
 /v1/responses/{id}?stream=true&starting_after=N` replays the log after event N and follows it, so a client that
 lost its stream resumes where it was. Cancelling ends the task, which aborts the engine request and stores the
-response as "cancelled" with what it had written. A run's log is kept until MAX_FINISHED_RUNS later runs have
-finished; the response itself stays in the store as any stored response does. Like the store, runs live in
-this process's memory: SIGTERM's drain deadline aborts a run still going as it aborts HTTP requests (a client
-following its stream gets the "failed" end), and a restart loses them.
+response as "cancelled" with what it had written. A finished run's log is kept while it is among the last
+MAX_FINISHED_RUNS and their events number at most MAX_KEPT_EVENTS; the response itself stays in the store as
+any stored response does. Like the store, runs live in this process's memory: SIGTERM's drain deadline aborts
+a run still going as it aborts HTTP requests (a client following its stream gets the "failed" end), and a
+restart loses them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any, Protocol
 from server.engine.errors import EngineError, QueueFull
 from server.protocol import APIError
 
-MAX_FINISHED_RUNS = 64  # finished runs whose events can still be streamed again
+MAX_FINISHED_RUNS = 64  # finished runs whose events can still be streamed again, and at most
+MAX_KEPT_EVENTS = 2**18  # events in all (~0.5 KB each): a long run writes one a token
 
 
 class Run(Protocol):
@@ -110,12 +112,14 @@ class BackgroundRun:
 
 
 class BackgroundRuns:
-    """The runs going on, and the last MAX_FINISHED_RUNS finished ones, by response id."""
+    """The runs going on, and the last finished ones (see the module docstring), by response id."""
 
-    def __init__(self, keep_finished: int = MAX_FINISHED_RUNS) -> None:
+    def __init__(self, keep_finished: int = MAX_FINISHED_RUNS, keep_events: int = MAX_KEPT_EVENTS) -> None:
         self.keep_finished = keep_finished
+        self.keep_events = keep_events
         self._runs: dict[str, BackgroundRun] = {}
-        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._finished: OrderedDict[str, int] = OrderedDict()  # id -> its events, oldest first
+        self._kept_events = 0
 
     def start(self, run: Run) -> BackgroundRun:
         background = self._runs[run.id] = BackgroundRun(run)
@@ -127,12 +131,15 @@ class BackgroundRuns:
 
     def forget(self, response_id: str) -> None:
         self._runs.pop(response_id, None)
-        self._finished.pop(response_id, None)
+        self._kept_events -= self._finished.pop(response_id, 0)
 
     def _on_finish(self, response_id: str) -> None:
-        if response_id not in self._runs:
+        background = self._runs.get(response_id)
+        if background is None:
             return
-        self._finished[response_id] = None
-        while len(self._finished) > self.keep_finished:
-            oldest, _ = self._finished.popitem(last=False)
+        self._finished[response_id] = len(background.log.events)
+        self._kept_events += len(background.log.events)
+        while len(self._finished) > self.keep_finished or self._kept_events > self.keep_events:
+            oldest, events = self._finished.popitem(last=False)
             self._runs.pop(oldest, None)
+            self._kept_events -= events

@@ -10,18 +10,19 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag
 
-from server.protocol import NoOpFields
+from server.protocol import MAX_LOGPROBS, NoOpFields
 from server.protocol_base import Strict
 from server.protocol_tools import FunctionName
 
 MAX_INPUT_ITEMS = 4096
 
-# What `include` may ask for. Every value but logprobs names data of items this server never writes (built-in
-# tools, images) or that it never hides (reasoning comes as plain `reasoning_text`), so asking changes nothing;
-# "message.output_text.logprobs" is not served and is refused by name.
+# What `include` may ask for. "message.output_text.logprobs" adds the answer's tokens' logprobs; every other value
+# names data of items this server never writes (built-in tools, images) or that it never hides (reasoning comes
+# as plain `reasoning_text`), so asking changes nothing.
 Includable = Literal["file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
                      "message.input_image.image_url", "computer_call_output.output.image_url",
-                     "code_interpreter_call.outputs", "reasoning.encrypted_content"]
+                     "code_interpreter_call.outputs", "reasoning.encrypted_content",
+                     "message.output_text.logprobs"]
 
 
 class TextPart(Strict):
@@ -137,6 +138,8 @@ class ResponsesRequest(NoOpFields):
     truncation: Literal["auto", "disabled"] | None = Field(
         None, description="auto: drop the conversation's oldest items until it fits; disabled (default): a 400")
     include: Annotated[list[Includable], Field(max_length=16)] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives for each token of the "
+                                     "answer's logprobs, which it asks for as include's message.output_text.logprobs")
     max_tool_calls: int | None = Field(None, ge=0, lt=2**31, description="built-in tool calls: there are none")
     prompt_cache_retention: Literal["in_memory", "24h"] | None = Field(None, description="prefix caching is "
                                                                        "automatic, in memory")

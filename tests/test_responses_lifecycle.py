@@ -23,7 +23,7 @@ from server.chat import ChatMessage
 from server.config import ServerConfig
 from server.engine.admission import Admission
 from server.engine.errors import QueueFull
-from server.engine.outputs import ChoiceOutput
+from server.engine.outputs import ChoiceOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 from server.routes.models import ServedModel
 from server.routes.response_background import BackgroundRuns
@@ -58,11 +58,18 @@ class HeldEngine(ScriptedEngine):
             async for output in super().generate(request_id, prompt_ids, params, n):
                 while self.hold.is_set():
                     await asyncio.sleep(0.005)
+                if params.logprobs is not None:  # each token at -(its id / 1e6), its alternatives below it
+                    output.logprobs = [scripted_logprob(token, params.logprobs) for token in output.new_token_ids]
                 yield output
             finished = True
         finally:
             if not finished:
                 self.aborted.append(request_id)
+
+
+def scripted_logprob(token: int, k: int) -> TokenLogprob:
+    logprob = -token / 1e6
+    return TokenLogprob(token, logprob, [(token + i, logprob - i) for i in range(k)])
 
 
 @pytest.fixture(scope="module")
@@ -288,9 +295,29 @@ def test_fields_that_change_nothing_are_accepted_and_echoed(client):
         assert stream.get_final_response().output_text == ANSWER
 
 
-@pytest.mark.parametrize("field", [{"include": ["message.output_text.logprobs"]}, {"top_logprobs": 2},
-                                   {"conversation": "conv_1"}])
-def test_fields_that_would_change_the_output_but_are_not_served_are_refused_by_name(client, field):
+def test_logprobs_cover_the_answer_s_tokens_only_streamed_or_not(client, chat):
+    asked = {"include": ["message.output_text.logprobs"], "top_logprobs": 2}
+    response = client.responses.create(model="oss", input="Hi!", **asked)
+    [part] = response.output[-1].content
+    assert response.top_logprobs == 2 and part.text == ANSWER
+    assert [entry.token for entry in part.logprobs] == [chat.tokenizer.decode([t]) for t in
+                                                       chat.tokenizer.encode_ordinary(ANSWER)], \
+        "neither the reasoning's tokens nor the headers' nor <|return|>"
+    assert b"".join(bytes(entry.bytes) for entry in part.logprobs) == ANSWER.encode()
+    assert all(len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob == entry.logprob
+               for entry in part.logprobs)
+    with client.responses.stream(model="oss", input="Hi!", **asked) as stream:
+        events = list(stream)
+    streamed = [entry.model_dump() for e in events if e.type == "response.output_text.delta" for entry in e.logprobs]
+    [done] = [e for e in events if e.type == "response.output_text.done"]
+    assert streamed == [entry.model_dump() for entry in done.logprobs] == [entry.model_dump() for entry in
+                                                                             part.logprobs]
+    plain = client.responses.create(model="oss", input="Hi!")
+    assert plain.output[-1].content[0].logprobs is None and plain.top_logprobs is None
+
+
+@pytest.mark.parametrize("field", [{"top_logprobs": 21}, {"conversation": "conv_1"}])
+def test_fields_that_are_out_of_bounds_or_not_served_are_refused_by_name(client, field):
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(model="oss", input="Hi!", **field)
     assert refused.value.body["param"].split(".")[0] == next(iter(field))

@@ -100,6 +100,28 @@ def test_truncation_auto_fits_a_conversation_the_engine_would_refuse(client):
     assert len(listed.data) == 25, "the input items are the request's, whatever truncation dropped"
 
 
+def test_logprobs_are_the_engine_s_for_the_answer_s_tokens_as_chat_reports_them(client):
+    """Greedy and constrained to the final channel, the same conversation through chat completions and responses:
+    the answer's logprobs are chat's, less the forced header."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    chat = client.chat.completions.create(
+        model="oss", messages=[{"role": "user", "content": "Hi!"}], temperature=0, max_tokens=40, logprobs=True,
+        top_logprobs=2, response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+    response = client.responses.create(
+        model="oss", input="Hi!", temperature=0, max_output_tokens=40, top_logprobs=2,
+        include=["message.output_text.logprobs"], text={"format": {"type": "json_schema", "name": "n",
+                                                                  "schema": schema}})
+    [part] = response.output[-1].content
+    assert part.text == chat.choices[0].message.content
+    ours = [(entry.token, entry.logprob, [alt.logprob for alt in entry.top_logprobs]) for entry in part.logprobs]
+    chats = [(entry.token, entry.logprob, [alt.logprob for alt in entry.top_logprobs])
+             for entry in chat.choices[0].logprobs.content]
+    assert [token for token, _, _ in chats[:3]] == ["<|channel|>", "final", "<|message|>"]
+    assert chats[3:] == ours, "chat's, less the forced header (the stop token is in neither)"
+    assert b"".join(bytes(entry.bytes) for entry in part.logprobs) == part.text.encode()
+
+
 def test_sigterm_ends_a_followed_background_response_as_failed_by_the_drain_deadline(server):
     """Last in this module: it stops the server."""
     body = {"model": "oss", "input": "Write at length.", "background": True, "stream": True, "text": LONG_TEXT,

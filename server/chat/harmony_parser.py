@@ -81,7 +81,12 @@ class HarmonyOutputParser:
 
     def feed(self, token_id: int) -> ChatDelta:
         self._delta = ChatDelta()
+        # Content: a token of a content body or of text outside any message, not a structural one. (Tokens of
+        # a header abandoned later become content text then, but were not counted as content tokens.)
+        content_token = (self._header is None and self._target == "content"
+                         and token_id not in self._special_names)
         self._consume(token_id)
+        self._delta.content_token = content_token
         return self._delta
 
     def finish(self) -> ChatDelta:

@@ -52,6 +52,7 @@ class ChatDelta:
     reasoning: str = ""  # message.reasoning
     content: str = ""  # message.content
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    content_token: bool = False  # the token fed is part of the content (its text may come out with a later one)
 
 
 class ChatOutputParser(Protocol):

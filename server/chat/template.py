@@ -113,9 +113,10 @@ class PlainTextParser:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._text = TokenTextDecoder(tokenizer)
+        self._specials = frozenset(tokenizer.special_tokens.values())
 
     def feed(self, token_id: int) -> ChatDelta:
-        return ChatDelta(content=self._text.feed(token_id))
+        return ChatDelta(content=self._text.feed(token_id), content_token=token_id not in self._specials)
 
     def finish(self) -> ChatDelta:
         return ChatDelta(content=self._text.flush())

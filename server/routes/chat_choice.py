@@ -28,8 +28,11 @@ class StreamDelta:
 
 class ChatChoice:
     def __init__(self, tokenizer: Tokenizer, parser: ChatOutputParser, stop: list[str], top_logprobs: int | None,
-                 include_stop: bool = False, tokens_as_ids: bool = False):
+                 include_stop: bool = False, tokens_as_ids: bool = False, content_logprobs: bool = False):
+        """``content_logprobs``: logprobs only for the content's tokens (the Responses API's output_text), not
+        for every token generated (chat completions)."""
         self._tokenizer = tokenizer
+        self._content_logprobs = content_logprobs
         self._tokens_as_ids = tokens_as_ids  # logprobs name tokens "token_id:N"
         self._parser = parser
         self._stop = StopStringMatcher(stop, include_stop)
@@ -56,10 +59,14 @@ class ChatChoice:
             return
         finish_reason = raise_if_failed(output)
         self.num_tokens += len(output.new_token_ids)
-        if self.logprobs is not None:
-            self.logprobs += [self._logprob(t, s) for t, s in zip(output.new_token_ids, output.logprobs or [])]
-        for token_id in output.new_token_ids:
-            self._take_text(self._parser.feed(token_id))
+        scores = output.logprobs or []
+        if self.logprobs is not None and not self._content_logprobs:
+            self.logprobs += [self._logprob(t, s) for t, s in zip(output.new_token_ids, scores)]
+        for position, token_id in enumerate(output.new_token_ids):
+            delta = self._parser.feed(token_id)
+            if self.logprobs is not None and self._content_logprobs and delta.content_token and position < len(scores):
+                self.logprobs.append(self._logprob(token_id, scores[position]))
+            self._take_text(delta)
             if self.stopped_by_string:
                 break
         if finish_reason is not None and not self.stopped_by_string:

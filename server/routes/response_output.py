@@ -22,12 +22,16 @@ def new_id(prefix: str) -> str:
 
 
 class ResponseOutput:
-    def __init__(self) -> None:
+    def __init__(self, logprobs: bool = False) -> None:
+        """``logprobs``: output_text parts and their events carry the content tokens' logprobs (delta.logprobs)."""
         self.items: list[dict] = []
         self._open: dict | None = None
+        self._logprobs = logprobs
+        self._unsent_logprobs: list[dict] = []  # content tokens whose text has not come out yet
 
     def add(self, delta: StreamDelta) -> list[Event]:
         events: list[Event] = []
+        self._unsent_logprobs += [entry.model_dump() for entry in delta.logprobs or []]
         if delta.reasoning:
             events += self._text("reasoning", delta.reasoning)
         if delta.content:
@@ -48,7 +52,11 @@ class ResponseOutput:
             return []
         if item["type"] == "message":
             part = item["content"][0]
-            events = [self._event("response.output_text.done", content_index=0, text=part["text"], logprobs=[]),
+            if self._logprobs:
+                part["logprobs"] += self._unsent_logprobs
+                self._unsent_logprobs = []
+            events = [self._event("response.output_text.done", content_index=0, text=part["text"],
+                                  logprobs=part.get("logprobs", [])),
                       self._event("response.content_part.done", content_index=0, part=part)]
         elif item["type"] == "reasoning":
             events = [self._event("response.reasoning_text.done", content_index=0, text=item["content"][0]["text"])]
@@ -64,16 +72,21 @@ class ResponseOutput:
             if kind == "message":
                 events += self._start({"id": new_id("msg"), "type": "message", "role": "assistant",
                                        "status": "in_progress", "content": []})
-                part = {"type": "output_text", "text": "", "annotations": []}
+                part = {"type": "output_text", "text": "", "annotations": []} | ({"logprobs": []} if self._logprobs
+                                                                                 else {})
                 self._current()["content"].append(part)
                 events.append(self._event("response.content_part.added", content_index=0, part=dict(part)))
             else:
                 events += self._start({"id": new_id("rs"), "type": "reasoning", "summary": [],
                                        "content": [{"type": "reasoning_text", "text": ""}], "status": "in_progress"})
-        self._current()["content"][0]["text"] += text
-        name = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
-        extra: dict[str, list] = {"logprobs": []} if kind == "message" else {}
-        return events + [self._event(name, content_index=0, delta=text, **extra)]
+        part = self._current()["content"][0]
+        part["text"] += text
+        if kind == "reasoning":
+            return events + [self._event("response.reasoning_text.delta", content_index=0, delta=text)]
+        logprobs, self._unsent_logprobs = self._unsent_logprobs, []
+        if self._logprobs:
+            part["logprobs"] += logprobs
+        return events + [self._event("response.output_text.delta", content_index=0, delta=text, logprobs=logprobs)]
 
     def _start(self, item: dict) -> list[Event]:
         events = self.close()

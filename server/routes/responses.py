@@ -59,14 +59,18 @@ class ResponseRun:
                  prompt: list[int], max_tokens: int, store: ResponseStore, grammar: GrammarSpec | None) -> None:
         self.served, self.body, self.conversation, self.prompt = served, body, conversation, prompt
         self.store = store
+        logprobs = body.top_logprobs is not None or "message.output_text.logprobs" in (body.include or [])
+        top_logprobs = (body.top_logprobs or 0) if logprobs else None
         self.params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None
                                      else body.temperature, top_p=1.0 if body.top_p is None else body.top_p,
-                                     stop_token_ids=served.chat_format.stop_token_ids, grammar=grammar)
+                                     stop_token_ids=served.chat_format.stop_token_ids, grammar=grammar,
+                                     logprobs=top_logprobs)
         self.id = new_id("resp")
         self.created = int(time.time())
         self.input_items = input_items(body.input)
-        self.choice = ChatChoice(served.engine.tokenizer, served.chat_format.parser(), [], None)
-        self.output = ResponseOutput()
+        self.choice = ChatChoice(served.engine.tokenizer, served.chat_format.parser(), [], top_logprobs,
+                                 content_logprobs=True)
+        self.output = ResponseOutput(logprobs)
         self.status = "queued" if body.background else "in_progress"
         self.sequence = 0
 
@@ -134,7 +138,7 @@ class ResponseRun:
                      else {"format": {"type": "text"}}),
             "tool_choice": (body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedFunctionChoice)
                             else body.tool_choice or "auto"),
-            "tools": [tool.model_dump() for tool in body.tools or []], "top_logprobs": None,
+            "tools": [tool.model_dump() for tool in body.tools or []], "top_logprobs": body.top_logprobs,
             "truncation": body.truncation or "disabled", "usage": usage, "user": body.user,
         }
 

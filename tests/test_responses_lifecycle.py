@@ -111,6 +111,9 @@ def test_a_background_response_answers_queued_then_completes_as_a_foreground_one
     created = client.responses.create(model="oss", input="Hi!", background=True)
     assert created.status == "queued" and created.background is True and created.output == []
     assert wait_for(client, created.id, ("in_progress",)).usage is None
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="oss", input="And?", previous_response_id=created.id)
+    assert refused.value.body["param"] == "previous_response_id" and "in_progress" in refused.value.body["message"]
     held.hold.clear()
     done = wait_for(client, created.id, TERMINAL)
     foreground = client.responses.create(model="oss", input="Hi!")

@@ -171,6 +171,10 @@ async def create_response(body: ResponsesRequest, request: Request):
     conversation: list[ChatMessage] = []
     if body.previous_response_id is not None:
         previous = store.get(body.previous_response_id)
+        running = background_runs(request).get(body.previous_response_id)
+        if previous is None and running is not None and not running.finished:
+            raise APIError(400, f"response {body.previous_response_id!r} is still {running.run.status}: continue it "
+                           "once it has ended", param="previous_response_id")
         if previous is None:
             raise APIError(404, f"no stored response {body.previous_response_id!r}", param="previous_response_id",
                            type="not_found_error")

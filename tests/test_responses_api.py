@@ -160,6 +160,18 @@ def test_the_store_evicts_the_least_recently_used_response():
     assert store.get("b") is None and store.get("a") is not None and store.get("c") is not None
 
 
+def test_the_store_evicts_the_least_recently_used_responses_past_its_character_budget():
+    store = ResponseStore(capacity=100, max_chars=25)
+    for name in ("a", "b"):
+        store.put(name, StoredResponse({"id": name}, [ChatMessage("user", name * 10)], []))
+    assert store.get("a") is not None  # "a" is now the most recently used
+    store.put("c", StoredResponse({"id": "c"}, [ChatMessage("user", "c"), ChatMessage("assistant", "d" * 5)], []))
+    assert store.get("b") is None and store.get("a") is not None and store.get("c") is not None
+    assert store.delete("a") and not store.delete("a")
+    store.put("e", StoredResponse({"id": "e"}, [ChatMessage("user", "e" * 19)], []))
+    assert store.get("c") is not None and store.get("e") is not None, "deleting 'a' gave its 10 back"
+
+
 def test_a_streamed_function_call_has_argument_deltas_and_ends_as_a_function_call_item(client, script):
     script("call")
     with client.responses.stream(model="oss", input="Weather in Oslo?", tools=[WEATHER]) as stream:

@@ -370,11 +370,15 @@ STORED_RESPONSE_ERRORS = GATEWAY_RESPONSES | _error_responses((400, "invalid req
                                                               (404, "no such stored response"))
 SSE_DESCRIPTION = ("with stream=true: server-sent events, one `data: {chunk}` per event, an error object as an "
                    "event if the request fails after the stream began, and `data: [DONE]` last")
+NAMED_SSE_DESCRIPTION = ("with stream=true: server-sent events, each `event: {its type}` then `data: {event}`, an "
+                         "`error` event if the request fails after the stream began, and no [DONE]")
 
 
-def sse_responses(chunk: type[BaseModel]) -> dict[int | str, dict]:
-    """The 200 of a streaming endpoint: the JSON body, or an event stream of ``chunk`` objects."""
+def sse_responses(chunk: type[BaseModel], named: bool = False) -> dict[int | str, dict]:
+    """The 200 of a streaming endpoint: the JSON body, or an event stream of ``chunk`` objects (``named``: each
+    event named by its type, as the Responses API streams)."""
     # OpenAPI 3.1 has the schema of an event stream describe one event: its ``data`` field holds the chunk.
-    data = {"type": "string", "description": f"{SSE_DESCRIPTION}; chunks are {chunk.__name__}"}
+    description = NAMED_SSE_DESCRIPTION if named else SSE_DESCRIPTION
+    data = {"type": "string", "description": f"{description}; chunks are {chunk.__name__}"}
     event_stream = {"schema": {"type": "object", "properties": {"data": data}, "required": ["data"]}}
     return {200: {"content": {"text/event-stream": event_stream}}} | ERROR_RESPONSES

@@ -1,7 +1,10 @@
-"""Server-sent events as OpenAI streams them: one ``data: {json}`` per chunk, ``data: [DONE]`` last."""
+"""Server-sent events as OpenAI streams them: completions and chat send one ``data: {json}`` per chunk and
+``data: [DONE]`` last; the Responses API names each event by its type (``event: response.created``) and sends
+no [DONE]."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
@@ -63,11 +66,17 @@ def continuous_usage(options: StreamOptions | None, usage: UsageSoFar) -> UsageS
 def sse_response(chunks: AsyncGenerator[BaseModel, None], usage: UsageSoFar | None = None) -> StreamingResponse:
     """``usage``, when given, fills every completion or chat chunk's usage with the counts at the moment it is
     sent."""
-    return StreamingResponse(
-        _frames(chunks, usage),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return _event_stream(_frames(chunks, usage))
+
+
+def named_sse_response(events: AsyncGenerator[BaseModel, None]) -> StreamingResponse:
+    """The Responses API's stream: ``events`` each have a ``type``, which names the event."""
+    return _event_stream(_named_frames(events))
+
+
+def _event_stream(frames: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(frames, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _frames(chunks: AsyncGenerator[BaseModel, None], usage: UsageSoFar | None) -> AsyncIterator[bytes]:
@@ -86,6 +95,24 @@ async def _frames(chunks: AsyncGenerator[BaseModel, None], usage: UsageSoFar | N
     finally:
         await chunks.aclose()
     yield DONE
+
+
+async def _named_frames(events: AsyncGenerator[BaseModel, None]) -> AsyncIterator[bytes]:
+    """An error after the 200 is an ``error`` event, in OpenAI's fields and (so that the OpenAI SDK raises it) with
+    the error object too; the stream then ends."""
+    sequence = 0
+    try:
+        async for event in events:
+            fields = event.model_extra or {}  # a Responses event: its fields are all extra (server.routes.responses)
+            sequence = fields["sequence_number"] + 1
+            yield b"event: " + fields["type"].encode() + b"\n" + sse_event(event)
+    except Exception as e:  # noqa: BLE001 - whatever went wrong, the client gets an error event, not a cut stream
+        error = stream_error(e)
+        body = {"type": "error", "code": error.code or error.type, "message": error.message, "param": error.param,
+                "sequence_number": sequence, "error": error.model_dump()}
+        yield b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
+    finally:
+        await events.aclose()
 
 
 def stream_error(e: Exception) -> ErrorObject:

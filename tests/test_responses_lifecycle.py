@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from server.app import create_app
 from server.chat import ChatMessage
 from server.config import ServerConfig
 from server.engine.admission import Admission
-from server.engine.errors import QueueFull
+from server.engine.errors import EngineUnavailable, QueueFull
 from server.engine.outputs import ChoiceOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 from server.routes.models import ServedModel
@@ -32,6 +33,7 @@ from tests.test_chat_harmony import assistant, chat, harmony, tokenizer  # noqa:
 from tests.test_tool_calls_api import ScriptedEngine, model_tokens
 
 ANSWER = "Hello there!"
+ANSWER_TOKEN = 13225  # "Hello" in o200k
 TERMINAL = ("completed", "incomplete", "cancelled", "failed")
 
 
@@ -210,6 +212,27 @@ def test_delete_answers_openai_s_deleted_object(client):
     stored = client.responses.create(model="oss", input="Hi!")
     answer = client.with_raw_response.responses.delete(stored.id)
     assert answer.http_response.json() == {"id": stored.id, "object": "response.deleted", "deleted": True}
+
+
+def test_the_stream_names_each_event_by_its_type_and_sends_no_done(http):
+    with http.stream("POST", "/v1/responses", json={"model": "oss", "input": "Hi!", "stream": True}) as answer:
+        frames = answer.read().decode().split("\n\n")
+    assert frames[-1] == "" and frames[:-1], "every frame ends with a blank line"
+    for frame in frames[:-1]:
+        event, data = frame.split("\n")
+        assert event.removeprefix("event: ") == json.loads(data.removeprefix("data: "))["type"]
+    assert frames[-2].startswith("event: response.completed\n")
+
+
+def test_an_error_after_the_stream_began_is_an_error_event_the_sdk_raises(client, engine, monkeypatch):
+    async def failing(request_id, prompt_ids, params, n=1):
+        yield ChoiceOutput(0, [ANSWER_TOKEN])
+        raise EngineUnavailable("the engine stopped")
+
+    monkeypatch.setattr(engine, "generate", failing)
+    with pytest.raises(openai.APIError, match="the engine stopped"):
+        with client.responses.stream(model="oss", input="Hi!") as stream:
+            list(stream)
 
 
 def test_a_method_not_allowed_names_every_method_of_the_path(http):

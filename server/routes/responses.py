@@ -34,7 +34,7 @@ from server.routes.response_format import answer_prefix, text_format_spec
 from server.routes.response_input import input_items, input_messages, output_messages
 from server.routes.response_output import ResponseOutput, new_id
 from server.routes.response_store import ResponseStore, StoredResponse
-from server.streaming import prime, sse_response
+from server.streaming import named_sse_response, prime
 
 router = APIRouter()
 MAX_LISTED_ITEMS = 100
@@ -162,7 +162,7 @@ def truncated(conversation: list[ChatMessage], render: Callable[[list[ChatMessag
     return conversation[starts[first]:], prompts[first]
 
 
-@router.post("/v1/responses", response_model=ResponseBody, responses=sse_responses(ResponseBody))
+@router.post("/v1/responses", response_model=ResponseBody, responses=sse_responses(ResponseBody, named=True))
 async def create_response(body: ResponsesRequest, request: Request):
     served = find_model(request, body.model)
     if body.background and not body.store:
@@ -211,10 +211,10 @@ async def create_response(body: ResponsesRequest, request: Request):
             store.delete(run.id)
             raise background.refused
         if body.stream:
-            return sse_response(stream_bodies(background.log.follow(-1)))
+            return named_sse_response(stream_bodies(background.log.follow(-1)))
         return ResponseBody(**background.log.events[0]["response"])  # as response.created had it: queued
     if body.stream:
-        return sse_response(await prime(request, run.stream()))
+        return named_sse_response(await prime(request, run.stream()))
     return await cancel_on_disconnect(request, run.response())
 
 
@@ -224,7 +224,7 @@ async def stream_bodies(events: AsyncGenerator[dict, None]) -> AsyncGenerator[Re
 
 
 @router.get("/v1/responses/{response_id}", response_model=ResponseBody,
-            responses=STORED_RESPONSE_ERRORS | {200: sse_responses(ResponseBody)[200]})
+            responses=STORED_RESPONSE_ERRORS | {200: sse_responses(ResponseBody, named=True)[200]})
 async def retrieve_response(response_id: str, request: Request, stream: bool = False,
                             starting_after: int = Query(-1, ge=-1, lt=2**31,
                                                         description="with stream: the events after this one"),
@@ -236,7 +236,7 @@ async def retrieve_response(response_id: str, request: Request, stream: bool = F
             stored_body(request, response_id)  # a 404 for an unknown id
             raise APIError(400, "only a background response's events can be streamed, and only those of the last "
                            "runs: GET it without stream", param="stream")
-        return sse_response(stream_bodies(background.log.follow(starting_after)))
+        return named_sse_response(stream_bodies(background.log.follow(starting_after)))
     if background is not None and not background.finished:
         return ResponseBody(**background.run.snapshot(background.run.status))
     return ResponseBody(**stored_body(request, response_id))

@@ -176,8 +176,7 @@ async def create_response(body: ResponsesRequest, request: Request):
             raise APIError(400, f"response {body.previous_response_id!r} is still {running.run.status}: continue it "
                            "once it has ended", param="previous_response_id")
         if previous is None:
-            raise APIError(404, f"no stored response {body.previous_response_id!r}", param="previous_response_id",
-                           type="not_found_error")
+            raise not_stored(body.previous_response_id, "previous_response_id")
         conversation = list(previous.conversation)
     conversation += input_messages(body.input)
     head = [ChatMessage("developer", body.instructions)] if body.instructions else []
@@ -272,7 +271,7 @@ async def delete_response(response_id: str, request: Request) -> DeletedResponse
         await background.cancel()
         runs.forget(response_id)
     if not response_store(request).delete(response_id):
-        raise APIError(404, f"no stored response {response_id!r}", param="response_id", type="not_found_error")
+        raise not_stored(response_id)
     return DeletedResponse(id=response_id)
 
 
@@ -298,7 +297,7 @@ async def list_input_items(response_id: str, request: Request,
     elif background is not None:
         items = background.run.input_items
     else:
-        raise APIError(404, f"no stored response {response_id!r}", param="response_id", type="not_found_error")
+        raise not_stored(response_id)
     ordered = items if order == "asc" else items[::-1]
     if after is not None:
         ids = [item["id"] for item in ordered]
@@ -313,5 +312,9 @@ async def list_input_items(response_id: str, request: Request,
 def stored_body(request: Request, response_id: str) -> dict[str, Any]:
     stored = response_store(request).get(response_id)
     if stored is None:
-        raise APIError(404, f"no stored response {response_id!r}", param="response_id", type="not_found_error")
+        raise not_stored(response_id)
     return stored.body
+
+
+def not_stored(response_id: str, param: str = "response_id") -> APIError:
+    return APIError(404, f"no stored response {response_id!r}", param=param, type="not_found_error")

@@ -22,7 +22,7 @@ from tests.server_process import ServerProcess
 
 EXAMPLES_PER_OPERATION = 25
 SEED = 20240611
-RUN_TIMEOUT_S = 240
+RUN_TIMEOUT_S = 480  # ~80 s alone on 2 cores; it ran past 240 s beside another test run
 # Schemathesis warns when an operation's schema-valid requests are mostly refused; the run fails on it. Only
 # the operations on /v1/responses/{id} are left out: generated ids name no stored response (404 is their
 # documented answer).

@@ -6,10 +6,7 @@ an answer or a function call for certain; the SDK's `responses.create` and `resp
 
 from __future__ import annotations
 
-import datetime
-
 import openai
-import openai_harmony as oh
 import pytest
 from fastapi.testclient import TestClient
 
@@ -19,11 +16,10 @@ from server.config import ServerConfig
 from server.routes.models import ServedModel
 from server.routes.response_store import ResponseStore, StoredResponse
 from tests.test_chat_harmony import assistant, chat, harmony, tokenizer  # noqa: F401 - fixtures
-from tests.test_tool_calls_api import ScriptedEngine, model_tokens
+from tests.test_tool_calls_api import ARGUMENTS, ScriptedEngine, model_tokens, prompt_after_weather_call
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city.",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
-ARGUMENTS = '{"city": "Oslo"}'
 
 
 @pytest.fixture(scope="module")
@@ -81,21 +77,6 @@ def test_the_sdk_stream_sees_the_event_sequence_and_the_same_response(client):
     assert text == final.output_text == "Hello there!"
 
 
-def prompt_after_the_call(harmony: oh.HarmonyEncoding) -> list[int]:
-    """openai-harmony's prompt for: the weather question, the scripted call, and its result "sunny"."""
-    tool = oh.ToolDescription.new(WEATHER["name"], WEATHER["description"], parameters=WEATHER["parameters"])
-    system = oh.SystemContent.new().with_conversation_start_date(datetime.date.today().isoformat())
-    result = oh.Message.from_author_and_content(oh.Author.new(oh.Role.TOOL, "functions.get_weather"), "sunny")
-    return harmony.render_conversation_for_completion(oh.Conversation.from_messages([
-        oh.Message.from_role_and_content(oh.Role.SYSTEM, system),
-        oh.Message.from_role_and_content(oh.Role.DEVELOPER, oh.DeveloperContent.new().with_function_tools([tool])),
-        oh.Message.from_role_and_content(oh.Role.USER, "Weather in Oslo?"),
-        assistant("Need weather.", "analysis"),
-        assistant(ARGUMENTS, "commentary", "functions.get_weather").with_content_type("<|constrain|>json"),
-        result.with_recipient("assistant").with_channel("commentary"),
-    ]), oh.Role.ASSISTANT)
-
-
 def test_a_function_call_and_its_output_continue_through_previous_response_id(client, engine, script, harmony):
     script("call")
     first = client.responses.create(model="oss", input="Weather in Oslo?", tools=[WEATHER], instructions="Be brief.")
@@ -106,7 +87,7 @@ def test_a_function_call_and_its_output_continue_through_previous_response_id(cl
                                      input=[{"type": "function_call_output", "call_id": call.call_id,
                                              "output": "sunny"}])
     assert second.previous_response_id == first.id and second.output_text == "Hello there!"
-    assert engine.prompts[-1] == prompt_after_the_call(harmony), \
+    assert engine.prompts[-1] == prompt_after_weather_call(harmony, WEATHER, "Need weather."), \
         "instructions are not carried over; the rest of the conversation is"
 
 
@@ -121,7 +102,7 @@ def test_the_sdk_s_function_calling_loop_passes_output_items_back_as_input(clien
     script("answer")
     second = client.responses.create(model="oss", input=conversation, tools=[WEATHER], store=False)
     assert second.output_text == "Hello there!"
-    assert engine.prompts[-1] == prompt_after_the_call(harmony)
+    assert engine.prompts[-1] == prompt_after_weather_call(harmony, WEATHER, "Need weather.")
 
 
 def test_an_output_text_part_passed_back_may_carry_logprobs(client):

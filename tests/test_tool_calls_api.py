@@ -72,6 +72,25 @@ class ScriptedEngine:
         pass
 
 
+def prompt_after_weather_call(harmony: oh.HarmonyEncoding, function: dict, reasoning: str,
+                              effort: oh.ReasoningEffort | None = None) -> list[int]:
+    """openai-harmony's prompt for: "Weather in Oslo?", the model's ``reasoning``, its call to ``function`` with
+    ARGUMENTS, and the result "sunny"."""
+    tool = oh.ToolDescription.new(function["name"], function["description"], parameters=function["parameters"])
+    system = oh.SystemContent.new().with_conversation_start_date(datetime.date.today().isoformat())
+    if effort is not None:
+        system = system.with_reasoning_effort(effort)
+    result = oh.Message.from_author_and_content(oh.Author.new(oh.Role.TOOL, "functions.get_weather"), "sunny")
+    return harmony.render_conversation_for_completion(oh.Conversation.from_messages([
+        oh.Message.from_role_and_content(oh.Role.SYSTEM, system),
+        oh.Message.from_role_and_content(oh.Role.DEVELOPER, oh.DeveloperContent.new().with_function_tools([tool])),
+        oh.Message.from_role_and_content(oh.Role.USER, "Weather in Oslo?"),
+        assistant(reasoning, "analysis"),
+        assistant(ARGUMENTS, "commentary", "functions.get_weather").with_content_type("<|constrain|>json"),
+        result.with_recipient("assistant").with_channel("commentary"),
+    ]), oh.Role.ASSISTANT)
+
+
 def model_tokens(harmony: oh.HarmonyEncoding, messages: list[oh.Message], end: int) -> list[int]:
     """What gpt-oss writes after `<|start|>assistant`: the messages rendered, minus that prefix, then `end`."""
     tokens = [token for message in messages for token in harmony.render(message)]
@@ -156,20 +175,8 @@ def test_the_prompt_is_what_openai_harmony_renders_for_the_call_and_its_result(c
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
     ]
     client.chat.completions.create(model="oss", messages=history, tools=[WEATHER_TOOL], reasoning_effort="low")
-    function = WEATHER_TOOL["function"]
-    tool = oh.ToolDescription.new(function["name"], function["description"], parameters=function["parameters"])
-    system = (oh.SystemContent.new().with_reasoning_effort(oh.ReasoningEffort.LOW)
-              .with_conversation_start_date(datetime.date.today().isoformat()))
-    result = oh.Message.from_author_and_content(oh.Author.new(oh.Role.TOOL, "functions.get_weather"), "sunny")
-    conversation = oh.Conversation.from_messages([
-        oh.Message.from_role_and_content(oh.Role.SYSTEM, system),
-        oh.Message.from_role_and_content(oh.Role.DEVELOPER, oh.DeveloperContent.new().with_function_tools([tool])),
-        oh.Message.from_role_and_content(oh.Role.USER, "Weather in Oslo?"),
-        assistant("Look it up.", "analysis"),
-        assistant(ARGUMENTS, "commentary", "functions.get_weather").with_content_type("<|constrain|>json"),
-        result.with_recipient("assistant").with_channel("commentary"),
-    ])
-    assert engines["oss"].prompts[-1] == harmony.render_conversation_for_completion(conversation, oh.Role.ASSISTANT)
+    expected = prompt_after_weather_call(harmony, WEATHER_TOOL["function"], "Look it up.", oh.ReasoningEffort.LOW)
+    assert engines["oss"].prompts[-1] == expected
 
 
 def test_reasoning_is_accepted_under_either_name(client, engines):

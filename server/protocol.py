@@ -119,6 +119,8 @@ class SamplingFields(NoOpFields):
         None, description="vLLM extra: only the prompt's last k tokens are used (-1: the last max_model_len)")
     return_tokens_as_token_ids: bool = Field(False, description="vLLM extra: logprobs name each token "
                                              "\"token_id:N\", exact where its bytes are not whole UTF-8")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM extra: each prompt token's "
+                                        "logprob and rank, with its k likeliest alternatives (not with stream)")
     allowed_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_ALLOWED_IDS)] \
         | None = Field(None, description="vLLM extra: only these tokens are picked (list the end-of-text token to "
                        "let a choice stop before max_tokens)")
@@ -202,11 +204,27 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int | None = Field(description="how many tokens are at least as likely, itself included (1: the "
+                             "likeliest)")
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: per prompt token (null for the first), its entry and its alternatives' by token id.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_is_none, description="vLLM extra")
 
 
 class CompletionResponse(BaseModel):
@@ -257,6 +275,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_is_none, description="vLLM extra")
 
 
 class ChatDeltaMessage(WithoutNulls):

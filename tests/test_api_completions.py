@@ -203,3 +203,69 @@ def test_models_lists_the_served_model_with_its_context(client):
     assert [m.id for m in models] == ["tiny"]
     assert models[0].max_model_len == 128
     assert client.models.retrieve("tiny").id == "tiny"
+
+
+def assert_prompt_logprobs_equal_oracle(entries, ids: list[int], k: int, gpt2_oracle, name) -> None:
+    """vLLM's prompt_logprobs: null first, then per token its own entry (logprob, rank) and its k likeliest."""
+    assert len(entries) == len(ids) and entries[0] is None
+    reference = oracle_logprobs(gpt2_oracle, ids)
+    for position in range(1, len(ids)):
+        row, token = reference[position - 1], ids[position]
+        entry = entries[position]
+        best = row.topk(k)
+        assert set(entry) == {str(token)} | {str(int(i)) for i in best.indices}
+        own = entry[str(token)]
+        assert own["logprob"] == pytest.approx(float(row[token]), abs=1e-4)
+        assert own["decoded_token"] == name(token)
+        # Its rank counts the tokens at least as likely; near-ties within the tolerance may go either way.
+        lowest, highest = int((row > row[token] + 1e-4).sum()) + 1, int((row >= row[token] - 1e-4).sum())
+        assert lowest <= own["rank"] <= highest
+        for rank, (value, index) in enumerate(zip(best.values, best.indices), start=1):
+            alternative = entry[str(int(index))]
+            assert alternative["logprob"] == pytest.approx(float(value), abs=1e-4)
+            assert alternative["decoded_token"] == name(int(index))
+            if int(index) != token:
+                assert alternative["rank"] == rank
+
+
+def test_prompt_logprobs_equal_transformers_for_every_prompt_and_choice(server, gpt2_tokenizer, gpt2_oracle):
+    """vLLM's prompt_logprobs field, beside echo's legacy logprobs: each trimmed to its own k."""
+    prompts = [gpt2_tokenizer.encode(p) for p in PROMPTS[:2]]
+    body = {"model": "tiny", "prompt": prompts, "max_tokens": 2, "n": 2, "temperature": 0, "prompt_logprobs": 3,
+            "echo": True, "logprobs": 1}
+    result = httpx.post(f"{server.v1}/completions", json=body, timeout=60).json()
+    for index, choice in enumerate(result["choices"]):
+        ids = prompts[index // 2]
+        assert_prompt_logprobs_equal_oracle(choice["prompt_logprobs"], ids, 3, gpt2_oracle,
+                                            lambda t: token_text(gpt2_tokenizer, t))
+        echoed = choice["logprobs"]["top_logprobs"][: len(ids)]
+        assert echoed[0] is None and all(1 <= len(top) <= 2 for top in echoed[1:])  # echo's k is logprobs=1
+
+
+def test_prompt_logprobs_are_left_out_unless_asked_and_refused_on_a_stream(server, gpt2_tokenizer):
+    plain = httpx.post(f"{server.v1}/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 1},
+                       timeout=60).json()
+    assert "prompt_logprobs" not in plain["choices"][0]
+    ids = gpt2_tokenizer.encode(PROMPTS[3])
+    zero = httpx.post(f"{server.v1}/completions", json={
+        "model": "tiny", "prompt": ids, "max_tokens": 0, "prompt_logprobs": 0, "return_tokens_as_token_ids": True},
+        timeout=60).json()["choices"][0]["prompt_logprobs"]
+    assert [None if e is None else list(e) for e in zero] == [None] + [[str(t)] for t in ids[1:]]
+    assert all(e[str(t)]["decoded_token"] == f"token_id:{t}" for e, t in zip(zero[1:], ids[1:]))
+    streamed = httpx.post(f"{server.v1}/completions", json={"model": "tiny", "prompt": "Hi", "stream": True,
+                                                            "prompt_logprobs": 1}, timeout=60)
+    assert streamed.status_code == 400
+    assert streamed.json()["error"]["param"] == "prompt_logprobs"
+
+
+def test_chat_prompt_logprobs_score_the_rendered_prompt(server, client, gpt2_tokenizer, gpt2_oracle):
+    from server.chat import ChatMessage, TemplateChatFormat
+
+    ids = TemplateChatFormat(gpt2_tokenizer).render([ChatMessage("user", "Hello there!")])
+    result = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello there!"}],
+                                            max_tokens=1, extra_body={"prompt_logprobs": 2})
+    assert result.usage.prompt_tokens == len(ids)
+    assert_prompt_logprobs_equal_oracle(result.model_extra["prompt_logprobs"], ids, 2, gpt2_oracle,
+                                        lambda t: token_text(gpt2_tokenizer, t))
+    plain = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+    assert "prompt_logprobs" not in plain.model_extra

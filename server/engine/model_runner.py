@@ -102,4 +102,9 @@ class ModelRunner:
         positions = torch.arange(first_target - 1, last_target, device=self.device)
         logprobs = torch.log_softmax(self._logits(hidden[positions - start]), dim=-1)
         targets = torch.tensor(seq.token_ids[first_target : last_target + 1], dtype=torch.long, device=self.device)
-        return top_logprobs(logprobs, targets, seq.params.prompt_logprobs or 0)
+        entries = top_logprobs(logprobs, targets, seq.params.prompt_logprobs or 0)
+        # vLLM's rank: tokens at least as likely as the prompt's, itself included.
+        ranks = (logprobs >= logprobs.gather(1, targets.unsqueeze(1))).sum(dim=1).tolist()
+        for entry, rank in zip(entries, ranks):
+            entry.rank = rank
+        return entries

@@ -10,6 +10,7 @@ class TokenLogprob:
     token_id: int
     logprob: float  # log-softmax of the model's raw logits (before temperature and penalties), as vLLM reports
     top: list[tuple[int, float]]  # the k most likely (token_id, logprob), most likely first
+    rank: int | None = None  # prompt tokens only: how many tokens are at least as likely (1: the likeliest)
 
 
 @dataclass(slots=True)

@@ -24,6 +24,7 @@ from server.protocol import (
     ChatDeltaMessage,
     ChatLogprobs,
     ChatResponseMessage,
+    PromptLogprobs,
     PromptTokensDetails,
     Usage,
     sse_responses,
@@ -34,6 +35,7 @@ from server.routes.chat_prompt import function_tools, render_chat_prompt
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.forced_call import forced_call_spec
 from server.routes.models import ServedModel, find_model
+from server.routes.prompt_logprobs import check_prompt_logprobs, prompt_logprobs_body
 from server.routes.response_format import answer_prefix, request_grammar
 from server.routes.sampling import sampling_params, stop_strings, truncated
 from server.streaming import continuous_usage, prime, sse_response
@@ -50,12 +52,17 @@ class ChatRun:
     id: str
     created: int
     cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None
 
     async def run(self) -> AsyncGenerator[int, None]:
         """Feeds engine outputs into the choices; yields the index of each choice that changed."""
         async with MergedOutputs(self.served.engine, self.id, [self.job], self.body.n) as outputs:
             async for _, output in outputs:
                 self.cached_tokens = max(self.cached_tokens, output.num_cached_tokens)
+                if output.prompt_logprobs is not None and self.body.prompt_logprobs is not None:
+                    self.prompt_logprobs = prompt_logprobs_body(
+                        self.served.engine.tokenizer, self.job.prompt_ids, output.prompt_logprobs,
+                        self.body.prompt_logprobs, self.body.return_tokens_as_token_ids)
                 choice = self.choices[output.index]
                 was_done = choice.done
                 choice.add(output)
@@ -87,7 +94,7 @@ class ChatRun:
             for i, c in enumerate(self.choices)
         ]
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.served.name, choices=choices,
-                                      usage=self.usage())
+                                      usage=self.usage(), prompt_logprobs=self.prompt_logprobs)
 
     async def chunks(self) -> AsyncGenerator[ChatCompletionChunk, None]:
         announced = [False] * len(self.choices)
@@ -124,6 +131,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     engine = served.engine
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    check_prompt_logprobs(body)
     grammar = chat_grammar(served, body)
     prompt = truncated(render_prompt(served, body), body.truncate_prompt_tokens, engine.max_model_len)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -132,7 +140,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, engine.tokenizer, max_tokens=max_tokens, logprobs=top_logprobs,
                              model_stop_ids=served.chat_format.stop_token_ids,
-                             grammar=grammar)
+                             prompt_logprobs=body.prompt_logprobs, grammar=grammar)
     await engine.compile_grammar(params.grammar)
     engine.validate(len(prompt), params, body.n)
     stop = stop_strings(body)

@@ -21,6 +21,7 @@ from server.protocol import (
 )
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.models import ServedModel, find_model
+from server.routes.prompt_logprobs import check_prompt_logprobs, prompt_logprobs_body
 from server.routes.response_format import request_grammar
 from server.routes.sampling import count_prompts, sampling_params, stop_strings, tokenize_prompts, truncated
 from server.routes.text_choice import TextChoice
@@ -61,8 +62,13 @@ class CompletionRun:
 
     def _first_output(self, prompt_index: int, choice: TextChoice, output: ChoiceOutput) -> None:
         self.cached_tokens[prompt_index] = max(self.cached_tokens[prompt_index], output.num_cached_tokens)
+        prompt_ids = self.jobs[prompt_index].prompt_ids
         if self.body.echo:
-            choice.echo(self.jobs[prompt_index].prompt_ids, output.prompt_logprobs)
+            choice.echo(prompt_ids, output.prompt_logprobs)
+        if self.body.prompt_logprobs is not None:
+            choice.prompt_logprobs = prompt_logprobs_body(
+                self.served.engine.tokenizer, prompt_ids, output.prompt_logprobs or [], self.body.prompt_logprobs,
+                self.body.return_tokens_as_token_ids)
 
     def usage(self) -> Usage:
         prompt_tokens = sum(len(job.prompt_ids) for job in self.jobs)
@@ -74,7 +80,8 @@ class CompletionRun:
     async def response(self) -> CompletionResponse:
         async for _ in self.run():
             pass
-        choices = [CompletionChoice(index=i, text=c.text, logprobs=c.logprobs, finish_reason=c.finish_reason)
+        choices = [CompletionChoice(index=i, text=c.text, logprobs=c.logprobs, finish_reason=c.finish_reason,
+                                    prompt_logprobs=c.prompt_logprobs)
                    for i, c in enumerate(self.choices)]
         return CompletionResponse(id=self.id, created=self.created, model=self.served.name, choices=choices,
                                   usage=self.usage())
@@ -98,11 +105,13 @@ class CompletionRun:
 async def create_completion(body: CompletionRequest, request: Request):
     served = find_model(request, body.model)
     _refuse_unsupported(body)
+    check_prompt_logprobs(body)
     engine = served.engine
     engine.check_admission(count_prompts(body.prompt) * body.n)  # before tokenizing or building any choice
     prompts = [truncated(prompt, body.truncate_prompt_tokens, engine.max_model_len)
                for prompt in tokenize_prompts(body.prompt, engine.tokenizer)]
-    prompt_logprobs = body.logprobs if body.echo else None
+    prompt_logprobs = max((k for k in (body.logprobs if body.echo else None, body.prompt_logprobs) if k is not None),
+                          default=None)
     grammar = request_grammar(body.response_format, body.structured_outputs)
     await engine.compile_grammar(grammar)
     jobs = []

@@ -7,7 +7,7 @@ from typing import Literal
 from models.tokenizer import Tokenizer
 from server.detokenizer import IncrementalDetokenizer, StopStringMatcher, token_id_name, token_text
 from server.engine.outputs import ChoiceOutput, TokenLogprob
-from server.protocol import CompletionLogprobs
+from server.protocol import CompletionLogprobs, PromptLogprobs
 from server.routes.engine_calls import raise_if_failed
 
 
@@ -21,6 +21,7 @@ class TextChoice:
         self._top_k = logprobs
         self.text = ""
         self.logprobs = CompletionLogprobs() if logprobs is not None else None
+        self.prompt_logprobs: PromptLogprobs | None = None  # vLLM's prompt_logprobs, when asked for
         self.num_tokens = 0
         self.finish_reason: Literal["stop", "length"] | None = None
         self._sent_chars = 0

@@ -169,6 +169,10 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     response_format: ResponseFormat | None = None
+    add_generation_prompt: bool = Field(True, description="vLLM extra: the prompt ends where the assistant's reply "
+                                        "starts; false: it ends with the last message")
+    continue_final_message: bool = Field(False, description="vLLM extra (with add_generation_prompt false): the "
+                                         "final assistant message is left open and the model continues it")
 
 
 class PerplexityRequest(Strict):

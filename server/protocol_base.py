@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
-
-from pydantic import BaseModel, BeforeValidator, ConfigDict, model_serializer
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, model_serializer
 
 
 class Strict(BaseModel):
@@ -23,13 +20,3 @@ class WithoutNulls(BaseModel):
     def _without_nulls(self, handler) -> dict:
         return {key: value for key, value in handler(self).items() if value is not None}
 
-
-def _only_booleans(value: Any) -> Any:
-    if not isinstance(value, bool):
-        raise PydanticCustomError("bool_type", "Input should be a valid boolean")
-    return value
-
-
-# A boolean field with one allowed value: pydantic's Literal[True] takes 1 (and Literal[False] 0), strict or not.
-OnlyTrue = Annotated[Literal[True], BeforeValidator(_only_booleans)]
-OnlyFalse = Annotated[Literal[False], BeforeValidator(_only_booleans)]

@@ -11,7 +11,6 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from server.protocol import GATEWAY_RESPONSES, ErrorResponse, Strict
-from server.protocol_base import OnlyFalse, OnlyTrue
 from server.protocol_messages import ChatMessageParam
 from server.protocol_tools import ChatTool, NamedToolChoice
 
@@ -35,9 +34,8 @@ class TokenizeChatRequest(Strict):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="as chat completions takes it (none: no tools)")
     reasoning_effort: Literal["low", "medium", "high"] | None = None
-    add_generation_prompt: OnlyTrue = Field(True, description="chat prompts always end where the "
-                                                 "assistant's reply starts, as the chat endpoint renders them")
-    continue_final_message: OnlyFalse = False
+    add_generation_prompt: bool = Field(True, description="as chat completions")
+    continue_final_message: bool = Field(False, description="as chat completions")
     add_special_tokens: bool = Field(True, description="accepted; these tokenizers add no special tokens")
     return_token_strs: bool = Field(False, description="also return each token as its byte-level string")
 

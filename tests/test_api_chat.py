@@ -33,14 +33,16 @@ def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
 
 
-def oracle_reply(directory, chat_format_of, max_tokens: int, reasoning_effort: str | None = None):
-    """Greedy tokens from the offline generator, parsed by the same chat format the server uses."""
+def oracle_reply(directory, chat_format_of, max_tokens: int, reasoning_effort: str | None = None,
+                 messages: list[ChatMessage] = AS_CHAT_MESSAGES, **ending: bool):
+    """Greedy tokens from the offline generator, parsed by the same chat format the server uses (``ending``:
+    add_generation_prompt and continue_final_message, as the request gives them)."""
     loaded = load_model(directory, dtype="float32", device="cpu")
     chat_format = chat_format_of(loaded.tokenizer)
-    prompt = chat_format.render(AS_CHAT_MESSAGES, reasoning_effort=reasoning_effort)
+    prompt = chat_format.render(messages, reasoning_effort=reasoning_effort, **ending)
     tokens = greedy_generate(loaded.model, [prompt], max_tokens, chat_format.stop_token_ids,
                              vocab_size=loaded.tokenizer.vocab_size)[0]
-    parser = chat_format.parser()
+    parser = chat_format.parser(messages[-1] if ending.get("continue_final_message") else None)
     reasoning = content = ""
     for delta in [*(parser.feed(t) for t in tokens), parser.finish()]:
         reasoning, content = reasoning + delta.reasoning, content + delta.content
@@ -119,3 +121,53 @@ def test_n_choices_and_stop_strings_in_chat(client):
     kept = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0, stop=stop,
                                           extra_body={"include_stop_str_in_output": True})
     assert kept.choices[0].message.content == text[: text.index(stop) + len(stop)]
+
+
+PREFILLED = [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "One, two,"}]
+
+
+@pytest.mark.parametrize(("model", "chat_format_of"), [("tiny", TemplateChatFormat), ("oss", HarmonyChatFormat)])
+@pytest.mark.parametrize("ending", [{"add_generation_prompt": False},
+                                    {"add_generation_prompt": False, "continue_final_message": True}])
+def test_prompt_endings_equal_the_offline_greedy_reply(client, tiny_gpt2_dir, tiny_gpt_oss_dir, model, chat_format_of,
+                                                        ending):
+    """vLLM's add_generation_prompt and continue_final_message: the prompt ends with the last message, or inside
+    it, and the reply is what follows (a continued answer comes back as content without its prefill)."""
+    directory = tiny_gpt2_dir if model == "tiny" else tiny_gpt_oss_dir
+    messages = [ChatMessage(m["role"], m["content"]) for m in PREFILLED]
+    prompt, tokens, reasoning, content = oracle_reply(directory, chat_format_of, 12, "low", messages, **ending)
+    result = client.chat.completions.create(model=model, messages=PREFILLED, max_tokens=12, temperature=0,
+                                            reasoning_effort="low", extra_body=ending)
+    message = result.choices[0].message
+    assert (message.content, getattr(message, "reasoning", None) or "") == (content, reasoning)
+    assert result.usage.prompt_tokens == len(prompt)
+    assert result.usage.completion_tokens == len(tokens)
+
+
+def test_continued_reasoning_comes_back_as_reasoning(client, tiny_gpt_oss_dir):
+    """A final message with only reasoning is continued on the analysis channel: its continuation is reasoning."""
+    prefilled = [PREFILLED[0], {"role": "assistant", "content": "", "reasoning": "Count up from"}]
+    messages = [ChatMessage("user", PREFILLED[0]["content"]), ChatMessage("assistant", "", reasoning="Count up from")]
+    ending = {"add_generation_prompt": False, "continue_final_message": True}
+    _, _, reasoning, content = oracle_reply(tiny_gpt_oss_dir, HarmonyChatFormat, 12, "low", messages, **ending)
+    assert reasoning  # the oracle's parser starts in the open analysis body
+    result = client.chat.completions.create(model="oss", messages=prefilled, max_tokens=12, temperature=0,
+                                            reasoning_effort="low", extra_body=ending)
+    message = result.choices[0].message
+    assert (message.content, message.reasoning) == (content, reasoning)
+
+
+def test_prompt_ending_conflicts_are_400s_naming_the_field(client):
+    with pytest.raises(openai.BadRequestError) as both:
+        client.chat.completions.create(model="tiny", messages=PREFILLED, max_tokens=1,
+                                       extra_body={"continue_final_message": True})
+    assert both.value.body["param"] == "continue_final_message"
+    with pytest.raises(openai.BadRequestError) as constrained:
+        client.chat.completions.create(model="oss", messages=PREFILLED, max_tokens=1,
+                                       response_format={"type": "json_object"},
+                                       extra_body={"add_generation_prompt": False})
+    assert constrained.value.body["param"] == "add_generation_prompt"
+    with pytest.raises(openai.BadRequestError) as user_last:
+        client.chat.completions.create(model="oss", messages=PREFILLED[:1], max_tokens=1,
+                                       extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    assert user_last.value.body["param"] == "messages"

@@ -85,13 +85,26 @@ def test_bad_tokenizer_requests_are_400_naming_the_field(http):
     assert_error(http.post("/tokenize", json={"model": "tiny", "prompt": "x", "messages": MESSAGES}), 400, "prompt")
     assert_error(http.post("/tokenize", json={"model": "tiny", "prompt": "x", "reasoning_effort": "low"}), 400,
                  "reasoning_effort")
-    assert_error(http.post("/tokenize", json={"model": "tiny", "messages": MESSAGES, "add_generation_prompt": False}),
-                 400, "add_generation_prompt")
+    assert_error(http.post("/tokenize", json={"model": "tiny", "messages": MESSAGES, "continue_final_message": True}),
+                 400, "continue_final_message")
     assert_error(http.post("/tokenize", json={"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}), 400,
                  "messages")
     assert_error(http.post("/tokenize", json={"model": "nope", "prompt": "x"}), 404, "model")
     assert_error(http.post("/detokenize", json={"model": "nope", "tokens": [1]}), 404, "model")
     assert http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("model", ["tiny", "oss"])
+@pytest.mark.parametrize("ending", [{"add_generation_prompt": False},
+                                    {"add_generation_prompt": False, "continue_final_message": True}])
+def test_tokenize_messages_ends_the_prompt_as_chat_completions_does(http, model, ending):
+    """The same prompt endings as the chat endpoint: /tokenize counts what it bills."""
+    request = {"model": model, "messages": MESSAGES[:3], **ending}
+    tokenized = http.post("/tokenize", json=request).json()
+    chat = http.post("/v1/chat/completions", json=request | {"max_completion_tokens": 1}).json()
+    assert tokenized["count"] == chat["usage"]["prompt_tokens"]
+    with_prompt = http.post("/tokenize", json={"model": model, "messages": MESSAGES[:3]}).json()
+    assert tokenized["tokens"] != with_prompt["tokens"]
 
 
 @pytest.mark.parametrize(("field", "value"), [("continue_final_message", 0), ("add_generation_prompt", 1)])

@@ -42,10 +42,14 @@ def harmony(tmp_path_factory: pytest.TempPathFactory) -> oh.HarmonyEncoding:
         return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
 
 
+def reference_head(effort: str = "Medium") -> list[oh.Message]:
+    system = oh.SystemContent.new().with_conversation_start_date(DATE).with_reasoning_effort(oh.ReasoningEffort(effort))
+    return [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
+
+
 def reference_prompt(harmony: oh.HarmonyEncoding, messages: list[oh.Message], effort: str = "Medium",
                      instructions: str | None = None, tools: list[oh.ToolDescription] | None = None) -> list[int]:
-    system = oh.SystemContent.new().with_conversation_start_date(DATE).with_reasoning_effort(oh.ReasoningEffort(effort))
-    head = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
+    head = reference_head(effort)
     if instructions is not None or tools:
         developer = oh.DeveloperContent.new()
         developer = developer.with_instructions(instructions) if instructions is not None else developer
@@ -238,3 +242,50 @@ def test_parser_flushes_a_cut_off_character_as_replacement_at_finish(chat, token
     deltas, last = parse(chat, tokens)
     assert "".join(d.content for d in deltas) == ""
     assert last.content == "\ufffd"
+
+
+def test_render_without_generation_prompt_ends_with_the_last_message_as_openai_harmony_does(chat, harmony):
+    messages = [ChatMessage("user", "Pick a number."), ChatMessage("assistant", "Seven.", reasoning="Any will do.")]
+    reference = [user("Pick a number."), assistant("Any will do.", "analysis"), assistant("Seven.", "final")]
+    expected = harmony.render_conversation(oh.Conversation.from_messages(reference_head() + reference))
+    assert chat.render(messages, current_date=DATE, add_generation_prompt=False) == expected
+
+
+@pytest.mark.parametrize(("final", "opened"), [
+    (ChatMessage("assistant", "The answer is", reasoning="Add them."),
+     [assistant("Add them.", "analysis"), assistant("The answer is", "final")]),
+    (ChatMessage("assistant", "", reasoning="First, add"), [assistant("First, add", "analysis")]),
+    (ChatMessage("assistant", ""), [assistant("", "final")]),
+])
+def test_continue_final_message_leaves_the_last_message_open(chat, harmony, final, opened):
+    """The turn so far as openai-harmony renders its messages, the last without its end token; the turn's own
+    reasoning stays (it was in the context while the answer was being written), earlier turns' is dropped."""
+    messages = [ChatMessage("user", "Hi"), ChatMessage("assistant", "Hello.", reasoning="Greet back."),
+                ChatMessage("user", "What is 2 + 2?"), final]
+    done = [user("Hi"), assistant("Greet back.", "analysis"), assistant("Hello.", "final"), user("What is 2 + 2?")]
+    expected = harmony.render_conversation(oh.Conversation.from_messages(reference_head() + done))
+    expected += [token for message in opened for token in harmony.render(message)][:-1]
+    assert chat.render(messages, current_date=DATE, add_generation_prompt=False,
+                       continue_final_message=True) == expected
+
+
+def test_continue_final_message_needs_an_assistant_message_without_calls(chat):
+    from server.chat import ToolCall
+
+    with pytest.raises(ValueError, match="assistant message"):
+        chat.render([ChatMessage("user", "Hi")], add_generation_prompt=False, continue_final_message=True)
+    calling = ChatMessage("assistant", "", tool_calls=[ToolCall("call_1", "get_weather", "{}")])
+    with pytest.raises(ValueError, match="tool calls"):
+        chat.render([ChatMessage("user", "Hi"), calling], add_generation_prompt=False, continue_final_message=True)
+
+
+def test_a_continued_message_is_parsed_from_inside_its_body(chat, harmony):
+    """The continuation of an answer is content, of reasoning is reasoning, until its message ends."""
+    answer = harmony.encode(" 4, of course.") + [chat.tokens.return_]
+    parser = chat.parser(ChatMessage("assistant", "The answer is"))
+    assert joined([parser.feed(t) for t in answer], parser.finish()) == ("", " 4, of course.")
+    later = [token for message in [assistant(" 2 and 2.", "analysis"), assistant("4", "final")]
+             for token in harmony.render(message)]
+    thinking = harmony.encode(" 2 and 2.") + later[later.index(chat.tokens.end):]
+    parser = chat.parser(ChatMessage("assistant", "", reasoning="First, add"))
+    assert joined([parser.feed(t) for t in thinking], parser.finish()) == (" 2 and 2.", "4")

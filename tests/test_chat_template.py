@@ -8,7 +8,7 @@ import pytest
 
 from models.testing.tokenizer_files import write_gpt2_tokenizer
 from models.tokenizer import Tokenizer, load_tokenizer
-from server.chat import ChatMessage, TemplateChatFormat, load_chat_template
+from server.chat import DEFAULT_CHAT_TEMPLATE, ChatMessage, TemplateChatFormat, load_chat_template
 
 EOS = 50256
 CONVERSATION = [ChatMessage("system", "Be brief."), ChatMessage("user", "Hello!"),
@@ -92,3 +92,33 @@ def test_parser_passes_text_through_without_splitting_characters(tokenizer):
     deltas = [parser.feed(token) for token in [*tokens, EOS]] + [parser.finish()]
     assert all(d.reasoning == "" and "\ufffd" not in d.content for d in deltas)
     assert "".join(d.content for d in deltas) == text
+
+
+def transformers_rendering(directory: Path, messages: list[dict], **flags) -> str:
+    """transformers' apply_chat_template on the default template: the oracle for where a prompt ends."""
+    from transformers import GPT2TokenizerFast
+
+    hf = GPT2TokenizerFast.from_pretrained(directory)
+    return hf.apply_chat_template(messages, chat_template=DEFAULT_CHAT_TEMPLATE, tokenize=False, **flags)
+
+
+@pytest.mark.parametrize("final", [{"role": "assistant", "content": "Blue and "}, {"role": "assistant", "content": ""},
+                                   {"role": "user", "content": "Say: red"}])
+@pytest.mark.parametrize("flags", [{"add_generation_prompt": True}, {"add_generation_prompt": False},
+                                   {"add_generation_prompt": False, "continue_final_message": True}])
+def test_prompt_endings_match_transformers(tokenizer, tmp_path: Path, flags, final):
+    """vLLM passes add_generation_prompt and continue_final_message to transformers; the prompt ends where its does
+    (continuing: right after the final message's text, its trailing space included)."""
+    write_gpt2_tokenizer(tmp_path)
+    conversation = [{"role": "user", "content": "Name a colour."}, final]
+    expected = transformers_rendering(tmp_path, conversation, **flags)
+    messages = [ChatMessage(m["role"], m["content"]) for m in conversation]
+    ids = TemplateChatFormat(tokenizer).render(messages, **flags)
+    assert ids == tokenizer.encode_ordinary(expected)
+
+
+def test_continuing_needs_the_final_messages_text_in_the_rendering(tokenizer):
+    hides_it = "{% for m in messages %}{{ m.role }}{% endfor %}"
+    with pytest.raises(ValueError, match="does not print"):
+        TemplateChatFormat(tokenizer, hides_it).render([ChatMessage("assistant", "Hi")], add_generation_prompt=False,
+                                                       continue_final_message=True)

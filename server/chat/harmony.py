@@ -20,7 +20,9 @@ A chat-completions conversation maps onto harmony messages so:
   since the last answer (an unfinished turn, tool calls in flight) is shown to the model again;
 - a `tool` message: from `functions.NAME` to the assistant on the commentary channel, NAME found from
   the assistant call whose id its `tool_call_id` names (a deprecated `function` message names it itself);
-- `<|start|>assistant`, for the model to continue.
+- `<|start|>assistant`, for the model to continue (vLLM's `add_generation_prompt`, the default), or nothing,
+  or with `continue_final_message` the final assistant message left open: its last message without an end
+  token and, as while it was being generated, its own reasoning kept.
 Built-in tools' calls carry their own recipient as name (`browser.search`, `python`) and go back as such.
 Text is rendered as ordinary text, so a user who types "<|end|>" cannot close their message early.
 """
@@ -59,20 +61,35 @@ class HarmonyChatFormat:
         self.template_text: str | None = None  # harmony renders the prompt, not a template
 
     def render(self, messages: list[ChatMessage], *, tools: list[FunctionTool] | None = None,
-               reasoning_effort: str | None = None, current_date: str | None = None) -> list[int]:
-        """Prompt ids ending with `<|start|>assistant`; `current_date` is YYYY-MM-DD, default today."""
+               reasoning_effort: str | None = None, current_date: str | None = None,
+               add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
+        """Prompt ids ending with `<|start|>assistant` (see the module docstring for the other two endings);
+        `current_date` is YYYY-MM-DD, default today."""
         effort = reasoning_effort or DEFAULT_REASONING_EFFORT
         if effort not in REASONING_EFFORTS:
             raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {effort!r}")
         date = current_date or datetime.date.today().isoformat()
         instructions = "\n\n".join(m.content for m in messages if m.role in INSTRUCTION_ROLES and m.content)
         ids = self._head.ids(effort, date, instructions, tools or [])
+        if continue_final_message:
+            opened = open_messages(messages[-1])
+            for message in kept(conversation_messages(messages[:-1])):
+                ids += self._frame(message)
+            for message in opened:
+                ids += self._frame(message)
+            return ids[:-1]  # the last message stays open
         for message in kept(conversation_messages(messages)):
             ids += self._frame(message)
+        if not add_generation_prompt:
+            return ids
         return ids + [self.tokens.start] + self.tokenizer.encode_ordinary("assistant")
 
-    def parser(self) -> HarmonyOutputParser:
-        return HarmonyOutputParser(self.tokenizer, self.tokens)
+    def parser(self, continued: ChatMessage | None = None) -> HarmonyOutputParser:
+        """A parser for what follows the prompt; ``continued``: the final message the prompt left open."""
+        if continued is None:
+            return HarmonyOutputParser(self.tokenizer, self.tokens)
+        inside = "reasoning" if continued.reasoning and not continued.content else "content"
+        return HarmonyOutputParser(self.tokenizer, self.tokens, inside=inside)
 
     def call_header(self, tool_name: str) -> list[int]:
         """The ids after the prompt's `<|start|>assistant` that open a call to the tool, up to `<|message|>`:
@@ -120,6 +137,17 @@ def conversation_messages(messages: list[ChatMessage]) -> list[oh.Message]:
             harmony.append(oh.Message.from_author_and_content(author, message.content)
                            .with_recipient("assistant").with_channel("commentary"))
     return harmony
+
+
+def open_messages(message: ChatMessage) -> list[oh.Message]:
+    """The harmony messages of the final assistant message that is to be continued: an empty one opens the
+    final channel."""
+    if message.role != "assistant":
+        raise ValueError("continue_final_message needs the final message to be an assistant message")
+    if message.tool_calls:
+        raise ValueError("continue_final_message cannot continue a message that makes tool calls")
+    final = oh.Message.from_role_and_content(oh.Role.ASSISTANT, "").with_channel("final")
+    return assistant_messages(message) or [final]
 
 
 def result_source(message: ChatMessage, calls: dict[str, ToolCall]) -> str:

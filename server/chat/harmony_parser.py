@@ -1,8 +1,9 @@
 """Incremental parsing of GPT-OSS output in the harmony format into reasoning and content deltas.
 
 The model continues a prompt that ended with `<|start|>assistant`, so it begins inside a message
-header. A message is `header <|message|> body` ending at `<|end|>`, `<|return|>` or `<|call|>`;
-the header names the channel (`<|channel|>analysis`) and, for a tool call, a recipient (`to=...`).
+header (or inside a body the prompt left open, or before a `<|start|>`). A message is
+`header <|message|> body` ending at `<|end|>`, `<|return|>` or `<|call|>`; the header names the channel
+(`<|channel|>analysis`) and, for a tool call, a recipient (`to=...`).
 Where a message body goes:
 - a message addressed to a recipient (`to=functions.get_weather`, `to=browser.search`, `to=python`)
   -> a tool call: its arguments are the body, its name the recipient without the `functions.` prefix.
@@ -67,13 +68,15 @@ class HarmonySpecialTokens:
 class HarmonyOutputParser:
     """One per generated choice; see the module docstring for where each message's text goes."""
 
-    def __init__(self, tokenizer: Tokenizer, tokens: HarmonySpecialTokens) -> None:
+    def __init__(self, tokenizer: Tokenizer, tokens: HarmonySpecialTokens, inside: str | None = None) -> None:
+        """``inside``: the prompt left a message body open ("reasoning" or "content") instead of ending in
+        `<|start|>assistant`, so output starts in that body."""
         self._tokens = tokens
         self._message_ends = frozenset((tokens.end, tokens.return_, tokens.call))
         self._special_names = {token_id: name for name, token_id in tokenizer.special_tokens.items()}
         self._text = TokenTextDecoder(tokenizer)
-        self._header: list[int] | None = []  # None: in a body or outside any message
-        self._target = "content"  # "reasoning", "content" or "tool"
+        self._header: list[int] | None = [] if inside is None else None  # None: in a body or outside any message
+        self._target = inside or "content"  # "reasoning", "content" or "tool"
         self._calls = 0  # tool calls opened so far
         self._written = {"reasoning": False, "content": False}
         self._new_run = True  # the next text starts a new message (or stretch of loose text)

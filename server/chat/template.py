@@ -1,9 +1,11 @@
 """Chat prompts for models without harmony (GPT-2): a Jinja template renders the conversation as text.
 
 The template sees `messages` (dicts with `role`, `content`, `reasoning`, `tool_calls`, `tool_call_id`),
-`tools` (dicts with `name`, `description`, `parameters`), `add_generation_prompt` (always true),
-`reasoning_effort` and `current_date`. Tools are refused unless the template's text mentions `tools`:
-the default one does not, and silently dropping them would let a client believe the model saw them. The default,
+`tools` (dicts with `name`, `description`, `parameters`), `add_generation_prompt`, `reasoning_effort` and
+`current_date`. With `continue_final_message`, as in transformers, the text is cut where the final message's
+text ends (found by a mark appended to it), so the model continues that message. Tools are refused unless
+the template's text mentions `tools`: the default one does not, and silently dropping them would let a client
+believe the model saw them. The default,
 DEFAULT_CHAT_TEMPLATE, writes a plain transcript and leaves the model to continue after "Assistant:":
 
     System: Be brief.
@@ -43,6 +45,7 @@ DEFAULT_CHAT_TEMPLATE = (
 # Unicode noncharacters: never part of real text, so they can fence printed values in the output.
 VALUE_START, VALUE_END = "\ufdd0", "\ufdd1"
 PRINTED_VALUE = re.compile(f"{VALUE_START}(.*?){VALUE_END}", re.DOTALL)
+CONTINUE_MARK = "\ufdd2"  # where the final message's text ends, for continue_final_message
 
 
 def load_chat_template(value: str) -> str:
@@ -78,17 +81,23 @@ class TemplateChatFormat:
         self._special_in_literal = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
 
     def render(self, messages: list[ChatMessage], *, tools: list[FunctionTool] | None = None,
-               reasoning_effort: str | None = None, current_date: str | None = None) -> list[int]:
+               reasoning_effort: str | None = None, current_date: str | None = None,
+               add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
         if tools and not self.uses_tools:
             raise ValueError("this model's chat template does not use `tools`: tool calling needs a GPT-OSS "
                              "model or a --chat-template that renders them")
-        text = self.template.render(messages=[dataclasses.asdict(m) for m in messages],
-                                    tools=[dataclasses.asdict(t) for t in tools or []],
-                                    add_generation_prompt=True, reasoning_effort=reasoning_effort,
+        listed = [dataclasses.asdict(m) for m in messages]
+        if continue_final_message:
+            listed[-1]["content"] += CONTINUE_MARK
+        text = self.template.render(messages=listed, tools=[dataclasses.asdict(t) for t in tools or []],
+                                    add_generation_prompt=add_generation_prompt, reasoning_effort=reasoning_effort,
                                     current_date=current_date)
+        if continue_final_message:
+            text = cut_at_continue_mark(text)
         return self._encode(text)
 
-    def parser(self) -> PlainTextParser:
+    def parser(self, continued: ChatMessage | None = None) -> PlainTextParser:
+        """All output is content, a continued message's too."""
         return PlainTextParser(self.tokenizer)
 
     def _encode(self, fenced: str) -> list[int]:
@@ -106,6 +115,15 @@ class TemplateChatFormat:
                     ids += self.tokenizer.encode_ordinary(run) + [self.tokenizer.special_tokens[piece]]
                     run = ""
         return ids + self.tokenizer.encode_ordinary(run)
+
+
+def cut_at_continue_mark(fenced: str) -> str:
+    """The rendered text up to the mark at the end of the final message's text (its last appearance)."""
+    at = fenced.rfind(CONTINUE_MARK)
+    if at < 0:
+        raise ValueError("continue_final_message: the chat template does not print the final message's text")
+    in_printed_value = fenced.rfind(VALUE_START, 0, at) > fenced.rfind(VALUE_END, 0, at)
+    return fenced[:at] + (VALUE_END if in_printed_value else "")
 
 
 class PlainTextParser:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 
+from server.chat import HarmonyChatFormat
 from server.engine.sampling_params import GrammarSpec
 from server.protocol import (
     APIError,
@@ -31,7 +32,7 @@ from server.protocol import (
 )
 from server.protocol_tools import NamedToolChoice
 from server.routes.chat_choice import ChatChoice
-from server.routes.chat_prompt import function_tools, render_chat_prompt
+from server.routes.chat_prompt import chat_message, function_tools, render_chat_prompt
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.forced_call import forced_call_spec
 from server.routes.models import ServedModel, find_model
@@ -144,9 +145,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     await engine.compile_grammar(params.grammar)
     engine.validate(len(prompt), params, body.n)
     stop = stop_strings(body)
+    continued = chat_message(body.messages[-1]) if body.continue_final_message else None
     run = ChatRun(
         served, body, PromptJob(prompt, params),
-        choices=[ChatChoice(engine.tokenizer, served.chat_format.parser(), stop, top_logprobs,
+        choices=[ChatChoice(engine.tokenizer, served.chat_format.parser(continued), stop, top_logprobs,
                             body.include_stop_str_in_output, body.return_tokens_as_token_ids)
                  for _ in range(body.n)],
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
@@ -166,10 +168,17 @@ def chat_grammar(served: ServedModel, body: ChatCompletionRequest) -> GrammarSpe
         forced = forced_call_spec(served.chat_format, tools, None, choice.function.name)
     else:
         forced = forced_call_spec(served.chat_format, tools, choice, None)
-    return forced or request_grammar(body.response_format, body.structured_outputs, answer_prefix(served.chat_format))
+    grammar = forced or request_grammar(body.response_format, body.structured_outputs,
+                                        answer_prefix(served.chat_format))
+    if grammar is not None and isinstance(served.chat_format, HarmonyChatFormat) and not body.add_generation_prompt:
+        raise APIError(400, "a constraint or forced tool call on GPT-OSS starts the assistant's reply itself: "
+                       "it needs add_generation_prompt true (and no continue_final_message)",
+                       param="add_generation_prompt")
+    return grammar
 
 
 def render_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
     """The prompt ids of a chat request (also what /tokenize counts for the same request)."""
     return render_chat_prompt(served.chat_format, body.messages, tools=body.tools, tool_choice=body.tool_choice,
-                              reasoning_effort=body.reasoning_effort)
+                              reasoning_effort=body.reasoning_effort, add_generation_prompt=body.add_generation_prompt,
+                              continue_final_message=body.continue_final_message)

@@ -22,17 +22,24 @@ from server.protocol_tools import ChatTool, NamedToolChoice
 
 def render_chat_prompt(chat_format: HarmonyChatFormat | TemplateChatFormat, messages: list[ChatMessageParam], *,
                        tools: list[ChatTool] | None = None, tool_choice: str | NamedToolChoice | None = None,
-                       reasoning_effort: str | None = None) -> list[int]:
+                       reasoning_effort: str | None = None, add_generation_prompt: bool = True,
+                       continue_final_message: bool = False) -> list[int]:
     """Prompt ids for the conversation; bad input is a 400 naming the parameter."""
+    if add_generation_prompt and continue_final_message:
+        raise APIError(400, "continue_final_message needs add_generation_prompt: false (the final message is "
+                       "continued, no new one started)", param="continue_final_message")
     offered = function_tools(tools or [], tool_choice)
-    return render_messages(chat_format, [chat_message(m) for m in messages], offered,
-                           reasoning_effort)
+    return render_messages(chat_format, [chat_message(m) for m in messages], offered, reasoning_effort,
+                           add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
 
 
 def render_messages(chat_format: HarmonyChatFormat | TemplateChatFormat, messages: list[ChatMessage],
-                    tools: list[FunctionTool], reasoning_effort: str | None, param: str = "messages") -> list[int]:
+                    tools: list[FunctionTool], reasoning_effort: str | None, param: str = "messages", *,
+                    add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
     try:
-        return chat_format.render(messages, tools=tools, reasoning_effort=reasoning_effort)
+        return chat_format.render(messages, tools=tools, reasoning_effort=reasoning_effort,
+                                  add_generation_prompt=add_generation_prompt,
+                                  continue_final_message=continue_final_message)
     except (ValueError, jinja2.TemplateError) as e:
         raise APIError(400, f"{param}: cannot render the conversation: {e}", param=param) from None
 

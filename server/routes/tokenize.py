@@ -52,7 +52,7 @@ async def get_tokenizer_info(request: Request, model: str | None = Query(None)) 
 
 def _chat_prompt(served: ServedModel, body: TokenizeChatRequest) -> list[int]:
     """The chat request these fields make, rendered by the chat endpoint's own code."""
-    names = ("messages", "tools", "tool_choice", "reasoning_effort")
+    names = ("messages", "tools", "tool_choice", "reasoning_effort", "add_generation_prompt", "continue_final_message")
     fields = {name: getattr(body, name) for name in names if getattr(body, name) is not None}
     fields["model"] = served.name  # the body may leave it out
     try:

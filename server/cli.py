@@ -126,6 +126,9 @@ def build_parser(*, defaults: bool = True) -> _Parser:
     add("--enable-prefix-caching", "reuse the KV blocks of prompt prefixes already computed; "
         "--no-enable-prefix-caching (env: 0) recomputes every prompt", action=argparse.BooleanOptionalAction,
         default=True)
+    add("--scheduling-policy", "fcfs: requests are served in arrival order; priority: by their `priority` field "
+        "(lower first, then arrival), and a sequence preempted for KV blocks is the least urgent one",
+        choices=["fcfs", "priority"], default="fcfs")
     add("--enforce-eager", "on CUDA, launch every decode step's kernels one by one instead of replaying "
         "CUDA graphs captured at start-up (for debugging; slower)", action="store_true")
 

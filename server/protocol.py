@@ -27,6 +27,7 @@ MAX_STOP_STRING_CHARS = 512
 MAX_ALLOWED_IDS = 4096  # allowed_token_ids: each row's list is scattered into a mask every step
 INT64_BOUND = 2**63  # seeds are int64; a power of two stays exact in tools that read JSON numbers as doubles
 
+PRIORITY_DESCRIPTION = "vLLM extra: with --scheduling-policy priority, lower is served sooner (else only 0)"
 StopStrings = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 PromptInput = (str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
@@ -88,8 +89,22 @@ class NoOpFields(Strict):
     safety_identifier: str | None = Field(None, max_length=512)
 
 
+def _given(name: str) -> dict[str, Any]:
+    return {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+
+
+def _allowed_ids_without_a_constraint(schema: dict[str, Any]) -> None:
+    """The engine's rule, stated in the document: allowed_token_ids and a constraint never come together."""
+    constraining_format = {"required": ["response_format"], "properties": {"response_format": {
+        "type": "object", "properties": {"type": {"enum": ["json_object", "json_schema"]}}}}}
+    schema["not"] = {"allOf": [_given("allowed_token_ids"),
+                               {"anyOf": [_given("structured_outputs"), constraining_format]}]}
+
+
 class SamplingFields(NoOpFields):
     """The sampling and stopping fields the completions and chat endpoints share."""
+
+    model_config = ConfigDict(json_schema_extra=_allowed_ids_without_a_constraint)
 
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1")
@@ -119,6 +134,7 @@ class SamplingFields(NoOpFields):
         None, description="vLLM extra: only the prompt's last k tokens are used (-1: the last max_model_len)")
     return_tokens_as_token_ids: bool = Field(False, description="vLLM extra: logprobs name each token "
                                              "\"token_id:N\", exact where its bytes are not whole UTF-8")
+    priority: int = Field(0, ge=-INT64_BOUND, lt=INT64_BOUND, description=PRIORITY_DESCRIPTION)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM extra: each prompt token's "
                                         "logprob and rank, with its k likeliest alternatives (not with stream)")
     allowed_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_ALLOWED_IDS)] \
@@ -143,8 +159,19 @@ class JsonSchemaFormat(Strict):
     strict: bool | None = Field(None, description="the schema is always enforced, whatever this says")
 
 
+def _json_schema_iff_its_type(schema: dict[str, Any]) -> None:
+    """The validator's rule, stated in the document: json_schema given (not null) exactly with its type."""
+    schema["oneOf"] = [
+        {"properties": {"type": {"const": "json_schema"}, "json_schema": {"not": {"type": "null"}}},
+         "required": ["json_schema"]},
+        {"properties": {"type": {"enum": ["text", "json_object"]}, "json_schema": {"type": "null"}}},
+    ]
+
+
 class ResponseFormat(Strict):
     """``json_object``: the output is one JSON object; ``json_schema``: one JSON value valid under the schema."""
+
+    model_config = ConfigDict(json_schema_extra=_json_schema_iff_its_type)
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag
 
-from server.protocol import MAX_LOGPROBS, NoOpFields
+from server.protocol import INT64_BOUND, MAX_LOGPROBS, PRIORITY_DESCRIPTION, NoOpFields
 from server.protocol_base import Strict
 from server.protocol_tools import FunctionName
 
@@ -126,6 +126,7 @@ class ResponsesRequest(NoOpFields):
     max_output_tokens: int | None = Field(None, ge=1, description="null: up to the context length")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
+    priority: int = Field(0, ge=-INT64_BOUND, lt=INT64_BOUND, description=PRIORITY_DESCRIPTION)
     tools: Annotated[list[FunctionToolParam], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
     parallel_tool_calls: bool | None = None

@@ -171,3 +171,18 @@ def test_prompt_ending_conflicts_are_400s_naming_the_field(client):
         client.chat.completions.create(model="oss", messages=PREFILLED[:1], max_tokens=1,
                                        extra_body={"add_generation_prompt": False, "continue_final_message": True})
     assert user_last.value.body["param"] == "messages"
+
+
+def test_a_priority_needs_the_priority_policy(client):
+    """vLLM's rule: under the default fcfs policy, a priority other than 0 is refused, on every generating route."""
+    with pytest.raises(openai.BadRequestError) as chat:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1, extra_body={"priority": 1})
+    assert chat.value.body["param"] == "priority"
+    with pytest.raises(openai.BadRequestError) as completion:
+        client.completions.create(model="tiny", prompt="Hi", max_tokens=1, extra_body={"priority": -1})
+    assert completion.value.body["param"] == "priority"
+    with pytest.raises(openai.BadRequestError) as response:
+        client.responses.create(model="oss", input="Hi", max_output_tokens=1, extra_body={"priority": 2})
+    assert response.value.body["param"] == "priority"
+    assert client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1,
+                                          extra_body={"priority": 0}).choices

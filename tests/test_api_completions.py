@@ -18,7 +18,8 @@ PROMPTS = ["Hello, my name is", "The capital of France", "1 2 3 4 5 6 7 8 9 10 1
 
 @pytest.fixture(scope="module")
 def server(tiny_gpt2_dir):
-    with ServerProcess(["--model", f"tiny={tiny_gpt2_dir}", "--max-num-seqs", "16"]) as running:
+    with ServerProcess(["--model", f"tiny={tiny_gpt2_dir}", "--max-num-seqs", "16", "--scheduling-policy",
+                        "priority"]) as running:
         yield running
 
 
@@ -269,3 +270,11 @@ def test_chat_prompt_logprobs_score_the_rendered_prompt(server, client, gpt2_tok
                                         lambda t: token_text(gpt2_tokenizer, t))
     plain = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
     assert "prompt_logprobs" not in plain.model_extra
+
+
+def test_a_priority_reaches_the_priority_scheduler(client):
+    """Served with --scheduling-policy priority, any priority is admitted (tests/test_engine.py: in its order)."""
+    kwargs = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}
+    plain = client.completions.create(**kwargs).choices[0].text
+    for priority in (-(2**63), 7):
+        assert client.completions.create(**kwargs, extra_body={"priority": priority}).choices[0].text == plain

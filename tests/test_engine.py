@@ -192,6 +192,58 @@ def test_kv_pool_too_small_for_all_preempts_and_everyone_finishes_correctly(load
     assert engine.block_manager.num_used_blocks == 0
 
 
+def first_output_order(engine: LLMEngine) -> list[str]:
+    """Request ids in the order their first token came out, running the engine dry."""
+    order: list[str] = []
+    while engine.has_work:
+        order += [request_id for request_id, out in engine.step() if out.new_token_ids and request_id not in order]
+    return order
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_the_queue_admits_by_policy(loaded, policy):
+    """vLLM's priority scheduling: lower priority values first, ties in arrival order; fcfs keeps arrival order."""
+    engine = make_engine(loaded, max_num_seqs=1, scheduling_policy=policy)
+    engine.add_request("first", random_prompt(8, seed=1), greedy(4))
+    engine.step()  # "first" runs; the rest queue behind it
+    priorities = {"late": 5, "urgent": -1, "urgent too": -1, "plain": 0}
+    for request_id, priority in priorities.items():
+        engine.add_request(request_id, random_prompt(8, seed=2), greedy(4, priority=priority if policy != "fcfs"
+                                                                          else 0))
+    expected = ["urgent", "urgent too", "plain", "late"] if policy == "priority" else list(priorities)
+    assert first_output_order(engine) == ["first", *expected]
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_preemption_takes_the_least_urgent_running_sequence(loaded, policy):
+    """Out of blocks, fcfs preempts the newest running sequence and priority the least urgent; either way every
+    output equals the reference."""
+    engine = make_engine(loaded, kv_cache_tokens=160, max_num_batched_tokens=64, scheduling_policy=policy)
+    prompts = {"old": random_prompt(30, seed=3), "low": random_prompt(30, seed=4), "new, urgent": random_prompt(30, 5)}
+    priorities = {"old": 0, "low": 1, "new, urgent": -1} if policy == "priority" else dict.fromkeys(prompts, 0)
+    results: dict[str, list[ChoiceOutput]] = {}
+    for request_id, prompt in prompts.items():  # each admitted before the next arrives
+        engine.add_request(request_id, prompt, greedy(40, priority=priorities[request_id]))
+        for out_id, out in engine.step():
+            results.setdefault(out_id, []).append(out)
+    preempted: set[str] = set()
+    while engine.has_work:
+        running = set(engine.requests) - {seq.request_id for seq in engine.scheduler.waiting}
+        for request_id, out in engine.step():
+            results.setdefault(request_id, []).append(out)
+        preempted |= running & {seq.request_id for seq in engine.scheduler.waiting}
+    assert preempted == ({"low"} if policy == "priority" else {"new, urgent"})
+    for request_id, prompt in prompts.items():
+        assert tokens_of(results[request_id]) == greedy_generate(loaded.model, [prompt], 40)[0]
+
+
+def test_a_priority_needs_the_priority_policy(loaded):
+    with pytest.raises(RequestRejected, match="--scheduling-policy priority") as refused:
+        make_engine(loaded).validate(4, greedy(4, priority=-3), 1)
+    assert refused.value.param == "priority"
+    make_engine(loaded, scheduling_policy="priority").validate(4, greedy(4, priority=-3), 1)
+
+
 def test_request_that_can_never_fit_is_rejected_up_front(loaded):
     engine = make_engine(loaded, kv_cache_tokens=64)
     with pytest.raises(RequestRejected, match="never fit"):

@@ -44,7 +44,8 @@ MIN_SERVED = {"POST /v1/completions": 0.5, "POST /v1/chat/completions": 0.8, "PO
 @pytest.fixture(scope="module")
 def server(tiny_gpt2_dir):
     # A short context keeps the largest generated request (n=128, max_tokens up to the context) cheap on CPU.
-    with ServerProcess(["--model", f"tiny={tiny_gpt2_dir}", "--max-model-len", "64"]) as running:
+    with ServerProcess(["--model", f"tiny={tiny_gpt2_dir}", "--max-model-len", "64", "--scheduling-policy",
+                        "priority"]) as running:
         yield running
 
 

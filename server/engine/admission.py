@@ -35,6 +35,7 @@ class Admission:
     max_num_seqs: int
     windows: tuple[int | None, ...] = (None,)  # per KV group (server/engine/block_manager.py)
     max_num_batched_tokens: int = 0  # the longest prefill chunk; only sliding groups' needs depend on it
+    scheduling_policy: str = "fcfs"
 
     @property
     def capacity_tokens(self) -> int:
@@ -52,6 +53,9 @@ class Admission:
             )
         if params.max_tokens == 0 and n > 1:
             raise RequestRejected("n > 1 needs max_tokens > 0", "n")
+        if params.priority != 0 and self.scheduling_policy != "priority":
+            raise RequestRejected("priority other than 0 needs the server started with --scheduling-policy priority",
+                                  "priority")
         if params.grammar is not None and (params.ignore_eos or params.min_tokens):
             # both would keep a finished grammar from stopping
             raise RequestRejected(f"{params.grammar.param} cannot be combined with ignore_eos or min_tokens",

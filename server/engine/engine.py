@@ -72,12 +72,14 @@ class LLMEngine:
         salt = f"{loaded.family}:{loaded.directory.resolve()}:{loaded.dtype}:{cache_dtype}"  # what shapes the KV
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching, salt,
                                           windows=windows)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.scheduling_policy)
         self.runner = ModelRunner(loaded.model, self.cache, loaded.device, loaded.tokenizer.vocab_size,
                                   self._decode_graphs(num_blocks))
         self.sampler = Sampler()
         self.admission = Admission(self.max_model_len, config.block_size, num_blocks, config.enable_prefix_caching,
-                                   config.max_num_seqs, windows, config.max_num_batched_tokens)
+                                   config.max_num_seqs, windows, config.max_num_batched_tokens,
+                                   config.scheduling_policy)
         self.requests: dict[str, list[Sequence]] = {}
         self.held: dict[str, list[Sequence]] = {}  # choices waiting for their first sibling to score the prompt
         self._grammars: GrammarCompiler | None = None  # built on the first constrained request
@@ -231,8 +233,7 @@ class LLMEngine:
         """``first`` has scored the prompt: its held siblings copy the scores and go to the front of the queue."""
         for seq in reversed(self.held.pop(first.request_id)):
             seq.prompt_logprobs = list(first.prompt_logprobs)
-            seq.status = SequenceStatus.WAITING
-            self.scheduler.waiting.appendleft(seq)
+            self.scheduler.requeue(seq)
 
     def _interrupt_for(self, chunks: list[ScheduledChunk], interrupt: Interrupt | None) -> Interrupt | None:
         """What the step asks between layers: None unless a newcomer could be admitted at once (a free

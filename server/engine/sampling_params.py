@@ -56,6 +56,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's logprob plus the top k
     prompt_logprobs: int | None = None  # same, for every prompt token after the first (echo, perplexity)
     grammar: GrammarSpec | None = None  # constrained decoding: every choice's output follows it
+    priority: int = 0  # with --scheduling-policy priority: lower is served first
 
     @property
     def greedy(self) -> bool:

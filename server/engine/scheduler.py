@@ -5,6 +5,10 @@ then waiting ones are admitted in arrival order while budget, sequence slots and
 sequence needs a block and none is free, the newest running sequence is preempted: its blocks are freed and
 it goes back to the front of the queue to be recomputed later (its prefix may still be cached).
 
+Under the priority policy (vLLM's `--scheduling-policy priority`) "oldest" reads "most urgent": each list is
+kept in order of (priority, arrival), lower first, so the queue admits the most urgent first and a preemption
+takes the least urgent running sequence. A waiting sequence never preempts a running one to get in.
+
 Prompts go first: while a prompt waits and a sequence slot is free, the step runs prompt chunks only and the
 decodes wait one step (as SGLang's default and vLLM's scheduler before chunked prefill do). A newcomer's first
 token then costs its own prefill, not its prefill plus every running sequence's decode row beside it; on 2 CPU
@@ -20,6 +24,7 @@ and no prompt chunk to run) decodes run as usual, so they wait at most while the
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass
 
@@ -38,11 +43,18 @@ class ScheduledChunk:
         return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
 
 
+def urgency(seq: Sequence) -> tuple[int, float, int]:
+    """The priority policy's order: lower priority values first, then earlier arrivals, then choice index."""
+    return seq.params.priority, seq.arrival_time, seq.index
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 policy: str = "fcfs") -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.by_priority = policy == "priority"
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -52,7 +64,19 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """A newcomer queues behind those that came before it (under priority: as urgent or more)."""
+        if self.by_priority:
+            self.waiting.insert(bisect.bisect_right(self.waiting, urgency(seq), key=urgency), seq)
+        else:
+            self.waiting.append(seq)
+
+    def requeue(self, seq: Sequence) -> None:
+        """A preempted sequence (or a choice released to run) goes back ahead of later arrivals."""
+        seq.status = SequenceStatus.WAITING
+        if self.by_priority:
+            self.add(seq)
+        else:
+            self.waiting.appendleft(seq)
 
     def schedule(self) -> list[ScheduledChunk]:
         if self.waiting and len(self.running) < self.max_num_seqs:
@@ -64,6 +88,8 @@ class Scheduler:
     def _schedule(self, prompts_only: bool) -> list[ScheduledChunk]:
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
+        if self.by_priority:
+            self.running.sort(key=urgency)  # the least urgent last: it is the one preempted
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -100,7 +126,8 @@ class Scheduler:
         self.block_manager.free(seq)
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
-        """Preempt the newest running sequences until ``seq`` fits; False if ``seq`` itself had to go."""
+        """Preempt the newest (least urgent) running sequences until ``seq`` fits; False if ``seq`` itself had
+        to go."""
         while not self.block_manager.can_allocate(seq, num_tokens):
             victim = self.running[-1]
             self._preempt(victim)
@@ -113,6 +140,5 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_published_blocks = 0
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self.requeue(seq)
         self.num_preemptions += 1

@@ -74,6 +74,7 @@ def sampling_params(body: SamplingFields, tokenizer: Tokenizer, *, max_tokens: i
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         grammar=grammar,
+        priority=body.priority,
     )
 
 

@@ -12,25 +12,38 @@ class ByteTokenizer(Protocol):
     def token_bytes(self, token_id: int) -> bytes: ...
 
 
-class IncrementalDetokenizer:
-    """Bytes of a character split across tokens wait for the token that completes it.
+class TokenTextDecoder:
+    """Byte-level tokens can end mid-character; the incremental decoder holds those bytes back, and only bytes
+    that can never form valid UTF-8 become U+FFFD.
 
-    Special tokens (end-of-text and friends) are control, not text, and are left out as vLLM's
-    ``skip_special_tokens`` does. Only bytes that can never form valid UTF-8 become U+FFFD.
+    Special tokens (end-of-text and friends) are control, not text, and add none, as with vLLM's
+    ``skip_special_tokens`` (its default); with ``skip_special_tokens=False`` they come out as their names.
+    Ids the tokenizer does not know add no text: a model's embedding table may be larger than its vocabulary,
+    and a parser must not fail on whatever a model samples.
     """
 
-    def __init__(self, tokenizer: ByteTokenizer) -> None:
+    def __init__(self, tokenizer: ByteTokenizer, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
-        self._special_ids = frozenset(tokenizer.special_tokens.values())
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._special_names = {token_id: name.encode() for name, token_id in tokenizer.special_tokens.items()}
+        self._skip_special = skip_special_tokens
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def feed(self, token_ids: list[int]) -> str:
-        data = b"".join(self._tokenizer.token_bytes(t) for t in token_ids if t not in self._special_ids)
-        return self._decoder.decode(data)
+    def text_bytes(self, token_id: int) -> bytes:
+        if token_id in self._special_names:
+            return b"" if self._skip_special else self._special_names[token_id]
+        try:
+            return self._tokenizer.token_bytes(token_id)
+        except (KeyError, IndexError, ValueError):
+            return b""
 
-    def finish(self) -> str:
-        """What is left when the sequence ends; a dangling partial character becomes U+FFFD here."""
-        return self._decoder.decode(b"", final=True)
+    def feed(self, token_id: int) -> str:
+        return self._utf8.decode(self.text_bytes(token_id))
+
+    def flush(self) -> str:
+        """End of a text run: bytes still held back are invalid UTF-8 and come out as U+FFFD."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text
 
 
 class StopStringMatcher:

@@ -135,6 +135,8 @@ class SamplingFields(NoOpFields):
     return_tokens_as_token_ids: bool = Field(False, description="vLLM extra: logprobs name each token "
                                              "\"token_id:N\", exact where its bytes are not whole UTF-8")
     priority: int = Field(0, ge=-INT64_BOUND, lt=INT64_BOUND, description=PRIORITY_DESCRIPTION)
+    skip_special_tokens: bool = Field(True, description="vLLM extra: false: special tokens generated (end-of-text "
+                                      "under ignore_eos, for one) come out in the text as their names")
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM extra: each prompt token's "
                                         "logprob and rank, with its k likeliest alternatives (not with stream)")
     allowed_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_ALLOWED_IDS)] \

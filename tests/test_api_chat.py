@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
@@ -186,3 +187,20 @@ def test_a_priority_needs_the_priority_policy(client):
     assert response.value.body["param"] == "priority"
     assert client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1,
                                           extra_body={"priority": 0}).choices
+
+
+@pytest.mark.parametrize("model", ["tiny", "oss"])
+def test_skip_special_tokens_false_lets_special_tokens_out_as_text(server, client, model):
+    """vLLM's skip_special_tokens: generated special tokens (here forced, past the end of text) are left out of the
+    text by default and written out by name when false, on chat as on completions."""
+    eos = "<|endoftext|>"
+    tokens = httpx.post(f"{server.base_url}/tokenize", json={"model": model, "prompt": eos}).json()["tokens"]
+    forced = {"allowed_token_ids": tokens, "ignore_eos": True}
+    for skip, content in ((True, ""), (False, eos * 3)):
+        chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=3,
+                                              extra_body=forced | {"skip_special_tokens": skip})
+        assert chat.choices[0].message.content == content
+        assert chat.usage.completion_tokens == 3
+        completion = client.completions.create(model=model, prompt="Hi", max_tokens=3,
+                                               extra_body=forced | {"skip_special_tokens": skip})
+        assert completion.choices[0].text == content

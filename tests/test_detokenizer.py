@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from models.tokenizer import load_tokenizer
-from server.detokenizer import IncrementalDetokenizer, StopStringMatcher, token_text
+from server.detokenizer import StopStringMatcher, TokenTextDecoder, token_text
 
 
 @pytest.fixture(scope="module")
@@ -18,23 +18,25 @@ def test_multibyte_character_split_across_tokens_is_held_until_complete(tokenize
     # One token per byte, so every multi-byte character spans several tokens.
     single_byte_ids = {tokenizer.token_bytes(i): i for i in range(1024) if len(tokenizer.token_bytes(i)) == 1}
     ids = [single_byte_ids[bytes([b])] for b in text.encode()]
-    detokenizer = IncrementalDetokenizer(tokenizer)
-    pieces = [detokenizer.feed([token]) for token in ids] + [detokenizer.finish()]
+    detokenizer = TokenTextDecoder(tokenizer)
+    pieces = [detokenizer.feed(token) for token in ids] + [detokenizer.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)
     assert pieces[0] == "" and pieces[2] == "€"  # held for two tokens, released whole by the third
 
 
-def test_end_of_text_is_control_not_text(tokenizer):
-    detokenizer = IncrementalDetokenizer(tokenizer)
-    assert detokenizer.feed([*tokenizer.encode("Hi"), tokenizer.eos_token_id]) == "Hi"
+def test_end_of_text_is_control_not_text_unless_special_tokens_are_kept(tokenizer):
+    ids = [*tokenizer.encode("Hi"), tokenizer.eos_token_id, *tokenizer.encode("!")]
+    for skip, text in ((True, "Hi!"), (False, "Hi<|endoftext|>!")):
+        detokenizer = TokenTextDecoder(tokenizer, skip_special_tokens=skip)
+        assert "".join(detokenizer.feed(t) for t in ids) == text
 
 
 def test_dangling_partial_character_becomes_replacement_only_at_the_end(tokenizer):
-    detokenizer = IncrementalDetokenizer(tokenizer)
+    detokenizer = TokenTextDecoder(tokenizer)
     first_byte_of_euro = next(i for i in range(1024) if tokenizer.token_bytes(i) == b"\xe2")
-    assert detokenizer.feed([first_byte_of_euro]) == ""
-    assert detokenizer.finish() == "\ufffd"
+    assert detokenizer.feed(first_byte_of_euro) == ""
+    assert detokenizer.flush() == "\ufffd"
 
 
 def test_token_text_marks_partial_utf8_as_bytes(tokenizer):

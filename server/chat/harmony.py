@@ -84,12 +84,13 @@ class HarmonyChatFormat:
             return ids
         return ids + [self.tokens.start] + self.tokenizer.encode_ordinary("assistant")
 
-    def parser(self, continued: ChatMessage | None = None) -> HarmonyOutputParser:
-        """A parser for what follows the prompt; ``continued``: the final message the prompt left open."""
-        if continued is None:
-            return HarmonyOutputParser(self.tokenizer, self.tokens)
-        inside = "reasoning" if continued.reasoning and not continued.content else "content"
-        return HarmonyOutputParser(self.tokenizer, self.tokens, inside=inside)
+    def parser(self, continued: ChatMessage | None = None, skip_special_tokens: bool = True) -> HarmonyOutputParser:
+        """A parser for what follows the prompt; ``continued``: the final message the prompt left open;
+        ``skip_special_tokens=False``: special tokens that are not harmony's structure come out as text."""
+        inside = None
+        if continued is not None:
+            inside = "reasoning" if continued.reasoning and not continued.content else "content"
+        return HarmonyOutputParser(self.tokenizer, self.tokens, inside, skip_special_tokens)
 
     def call_header(self, tool_name: str) -> list[int]:
         """The ids after the prompt's `<|start|>assistant` that open a call to the tool, up to `<|message|>`:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from server.chat.messages import ChatDelta, ToolCallDelta
-from server.chat.token_text import TokenTextDecoder
+from server.detokenizer import TokenTextDecoder
 
 if TYPE_CHECKING:
     from models.tokenizer import Tokenizer
@@ -68,13 +68,14 @@ class HarmonySpecialTokens:
 class HarmonyOutputParser:
     """One per generated choice; see the module docstring for where each message's text goes."""
 
-    def __init__(self, tokenizer: Tokenizer, tokens: HarmonySpecialTokens, inside: str | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, tokens: HarmonySpecialTokens, inside: str | None = None,
+                 skip_special_tokens: bool = True) -> None:
         """``inside``: the prompt left a message body open ("reasoning" or "content") instead of ending in
         `<|start|>assistant`, so output starts in that body."""
         self._tokens = tokens
         self._message_ends = frozenset((tokens.end, tokens.return_, tokens.call))
         self._special_names = {token_id: name for name, token_id in tokenizer.special_tokens.items()}
-        self._text = TokenTextDecoder(tokenizer)
+        self._text = TokenTextDecoder(tokenizer, skip_special_tokens)
         self._header: list[int] | None = [] if inside is None else None  # None: in a body or outside any message
         self._target = inside or "content"  # "reasoning", "content" or "tool"
         self._calls = 0  # tool calls opened so far

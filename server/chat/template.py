@@ -30,7 +30,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from server.chat.messages import ChatDelta, ChatMessage, FunctionTool
-from server.chat.token_text import TokenTextDecoder
+from server.detokenizer import TokenTextDecoder
 
 if TYPE_CHECKING:
     from models.tokenizer import Tokenizer
@@ -96,9 +96,9 @@ class TemplateChatFormat:
             text = cut_at_continue_mark(text)
         return self._encode(text)
 
-    def parser(self, continued: ChatMessage | None = None) -> PlainTextParser:
+    def parser(self, continued: ChatMessage | None = None, skip_special_tokens: bool = True) -> PlainTextParser:
         """All output is content, a continued message's too."""
-        return PlainTextParser(self.tokenizer)
+        return PlainTextParser(self.tokenizer, skip_special_tokens)
 
     def _encode(self, fenced: str) -> list[int]:
         """Ordinary text between special tokens; special tokens only where the template's literal text has them."""
@@ -127,14 +127,14 @@ def cut_at_continue_mark(fenced: str) -> str:
 
 
 class PlainTextParser:
-    """Everything such a model writes is content; special tokens add no text."""
+    """Everything such a model writes is content; special tokens add no text unless asked to."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self._text = TokenTextDecoder(tokenizer)
-        self._specials = frozenset(tokenizer.special_tokens.values())
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self._text = TokenTextDecoder(tokenizer, skip_special_tokens)
+        self._skipped = frozenset(tokenizer.special_tokens.values()) if skip_special_tokens else frozenset()
 
     def feed(self, token_id: int) -> ChatDelta:
-        return ChatDelta(content=self._text.feed(token_id), content_token=token_id not in self._specials)
+        return ChatDelta(content=self._text.feed(token_id), content_token=token_id not in self._skipped)
 
     def finish(self) -> ChatDelta:
         return ChatDelta(content=self._text.flush())

@@ -148,8 +148,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     continued = chat_message(body.messages[-1]) if body.continue_final_message else None
     run = ChatRun(
         served, body, PromptJob(prompt, params),
-        choices=[ChatChoice(engine.tokenizer, served.chat_format.parser(continued), stop, top_logprobs,
-                            body.include_stop_str_in_output, body.return_tokens_as_token_ids)
+        choices=[ChatChoice(engine.tokenizer, served.chat_format.parser(continued, body.skip_special_tokens), stop,
+                            top_logprobs, body.include_stop_str_in_output, body.return_tokens_as_token_ids)
                  for _ in range(body.n)],
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
     )

@@ -126,7 +126,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     run = CompletionRun(
         served, body, jobs,
         choices=[TextChoice(engine.tokenizer, stop, body.logprobs, body.include_stop_str_in_output,
-                            body.return_tokens_as_token_ids) for _ in range(len(prompts) * body.n)],
+                            body.return_tokens_as_token_ids, body.skip_special_tokens)
+                 for _ in range(len(prompts) * body.n)],
         id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), cached_tokens=[0] * len(prompts),
     )
     request.state.usage = run.usage  # read by the request log once the answer is out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from models.tokenizer import Tokenizer
-from server.detokenizer import IncrementalDetokenizer, StopStringMatcher, token_id_name, token_text
+from server.detokenizer import StopStringMatcher, TokenTextDecoder, token_id_name, token_text
 from server.engine.outputs import ChoiceOutput, TokenLogprob
 from server.protocol import CompletionLogprobs, PromptLogprobs
 from server.routes.engine_calls import raise_if_failed
@@ -13,10 +13,10 @@ from server.routes.engine_calls import raise_if_failed
 
 class TextChoice:
     def __init__(self, tokenizer: Tokenizer, stop: list[str], logprobs: int | None,
-                 include_stop: bool = False, tokens_as_ids: bool = False) -> None:
+                 include_stop: bool = False, tokens_as_ids: bool = False, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._tokens_as_ids = tokens_as_ids  # logprobs name tokens "token_id:N" (text offsets stay the text's)
-        self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self._detokenizer = TokenTextDecoder(tokenizer, skip_special_tokens)
         self._stop = StopStringMatcher(stop, include_stop)
         self._top_k = logprobs
         self.text = ""
@@ -54,9 +54,9 @@ class TextChoice:
         if self.logprobs is not None and output.logprobs:
             for token_id, score in zip(output.new_token_ids, output.logprobs):
                 self._add_logprob(self.logprobs, token_id, score)
-        text = self._stop.feed(self._detokenizer.feed(output.new_token_ids))
+        text = self._stop.feed("".join(self._detokenizer.feed(token_id) for token_id in output.new_token_ids))
         if finish_reason is not None and not self.stopped_by_string:
-            text += self._stop.feed(self._detokenizer.finish())
+            text += self._stop.feed(self._detokenizer.flush())
             text += "" if self.stopped_by_string else self._stop.flush()
         self.text += text
         if self.stopped_by_string:

@@ -24,11 +24,13 @@ MAX_PROMPTS = 1024  # prompts (or perplexity inputs) in one request: each is tok
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 512
+MAX_BAD_WORDS = 64  # each is matched against every choice's output at every step
 MAX_ALLOWED_IDS = 4096  # allowed_token_ids: each row's list is scattered into a mask every step
 INT64_BOUND = 2**63  # seeds are int64; a power of two stays exact in tools that read JSON numbers as doubles
 
 PRIORITY_DESCRIPTION = "vLLM extra: with --scheduling-policy priority, lower is served sooner (else only 0)"
 StopStrings = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+BadWord = Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS, pattern=r"\S")]  # more than whitespace
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 PromptInput = (str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
                | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
@@ -93,18 +95,22 @@ def _given(name: str) -> dict[str, Any]:
     return {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
 
 
-def _allowed_ids_without_a_constraint(schema: dict[str, Any]) -> None:
-    """The engine's rule, stated in the document: allowed_token_ids and a constraint never come together."""
+def _masks_without_a_constraint(schema: dict[str, Any]) -> None:
+    """The engine's rules, stated in the document: allowed_token_ids and a constraint never come together, and
+    bad_words comes with neither."""
     constraining_format = {"required": ["response_format"], "properties": {"response_format": {
         "type": "object", "properties": {"type": {"enum": ["json_object", "json_schema"]}}}}}
-    schema["not"] = {"allOf": [_given("allowed_token_ids"),
-                               {"anyOf": [_given("structured_outputs"), constraining_format]}]}
+    constraint = [_given("structured_outputs"), constraining_format]
+    schema["not"] = {"anyOf": [
+        {"allOf": [_given("allowed_token_ids"), {"anyOf": constraint}]},
+        {"allOf": [_given("bad_words"), {"anyOf": [_given("allowed_token_ids"), *constraint]}]},
+    ]}
 
 
 class SamplingFields(NoOpFields):
     """The sampling and stopping fields the completions and chat endpoints share."""
 
-    model_config = ConfigDict(json_schema_extra=_allowed_ids_without_a_constraint)
+    model_config = ConfigDict(json_schema_extra=_masks_without_a_constraint)
 
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1")
@@ -135,6 +141,9 @@ class SamplingFields(NoOpFields):
     return_tokens_as_token_ids: bool = Field(False, description="vLLM extra: logprobs name each token "
                                              "\"token_id:N\", exact where its bytes are not whole UTF-8")
     priority: int = Field(0, ge=-INT64_BOUND, lt=INT64_BOUND, description=PRIORITY_DESCRIPTION)
+    bad_words: Annotated[list[BadWord], Field(max_length=MAX_BAD_WORDS)] | None = Field(
+        None, description="vLLM extra: words never generated as these tokens (each as written and, when that is "
+        "another token, after a space); not with a constraint or allowed_token_ids")
     skip_special_tokens: bool = Field(True, description="vLLM extra: false: special tokens generated (end-of-text "
                                       "under ignore_eos, for one) come out in the text as their names")
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM extra: each prompt token's "

@@ -278,3 +278,29 @@ def test_a_priority_reaches_the_priority_scheduler(client):
     plain = client.completions.create(**kwargs).choices[0].text
     for priority in (-(2**63), 7):
         assert client.completions.create(**kwargs, extra_body={"priority": priority}).choices[0].text == plain
+
+
+def test_bad_words_ban_each_word_as_written_and_after_a_space(server, client, gpt2_tokenizer, gpt2_oracle,
+                                                              tiny_gpt2_dir):
+    """vLLM's bad_words, tokenized for the reference by transformers' tokenizer under vLLM's rule (the word as
+    written, and after a space when that is another token sequence of the same length): the greedy continuation
+    never ends with a banned form and is otherwise the oracle's greedy choice."""
+    from transformers import GPT2TokenizerFast
+
+    hf = GPT2TokenizerFast.from_pretrained(tiny_gpt2_dir)
+    prompt = gpt2_tokenizer.encode(PROMPTS[0])
+    plain = oracle_greedy(gpt2_oracle, prompt, 6)
+    # A generated word that is one token both bare and after a space, so both forms are banned.
+    word = next(text.strip() for text in map(hf.decode, [[t] for t in plain])
+                if text.startswith(" ") and len(hf.encode(text.strip())) == 1)
+    banned = [hf.encode(word), hf.encode(" " + word)]
+    expected: list[int] = []
+    for _ in range(6):
+        row = oracle_logprobs(gpt2_oracle, prompt + expected)[-1].clone()
+        row[[ids[0] for ids in banned]] = float("-inf")
+        expected.append(int(row.argmax()))
+    result = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+                                       extra_body={"bad_words": ["  " + word], "ignore_eos": True})
+    assert result.choices[0].text == gpt2_tokenizer.decode(expected) != gpt2_tokenizer.decode(plain)
+    refused = httpx.post(f"{server.v1}/completions", json={"model": "tiny", "prompt": "x", "bad_words": [" "]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "bad_words"

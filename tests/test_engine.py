@@ -244,6 +244,41 @@ def test_a_priority_needs_the_priority_policy(loaded):
     make_engine(loaded, scheduling_policy="priority").validate(4, greedy(4, priority=-3), 1)
 
 
+def greedy_avoiding(loaded, prompt: list[int], max_tokens: int, bad_words: list[tuple[int, ...]]) -> list[int]:
+    """The reference for bad_words: greedy over the full forward's logits, a bad word's last token masked where the
+    output ends with the rest of it."""
+    out: list[int] = []
+    for _ in range(max_tokens):
+        logits = prompt_logits(loaded.model, [prompt + out])[0][-1, :50257].clone()
+        for *prefix, last in bad_words:
+            if len(prefix) <= len(out) and out[len(out) - len(prefix):] == prefix:
+                logits[last] = float("-inf")
+        out.append(int(logits.argmax()))
+    return out
+
+
+def test_bad_words_are_never_completed_and_the_rest_is_greedy(loaded):
+    prompt = random_prompt(12, seed=6)
+    [plain] = greedy_generate(loaded.model, [prompt], 8)
+    cases = {"one token": [(plain[0],)], "two tokens": [(plain[3], plain[4]), (plain[7], plain[6], plain[5])]}
+    engine = make_engine(loaded)
+    for request_id, bad_words in cases.items():
+        engine.add_request(request_id, prompt, greedy(8, bad_words=tuple(bad_words)))
+    results = run_all(engine)
+    for request_id, bad_words in cases.items():
+        assert tokens_of(results[request_id][0]) == greedy_avoiding(loaded, prompt, 8, bad_words)
+    assert tokens_of(results["one token"][0])[0] != plain[0]
+    two = tokens_of(results["two tokens"][0])
+    assert two[:4] == plain[:4] and two[4] != plain[4]  # banned only after its first token
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_bad_words_with_a_constraint_or_allowed_ids_are_rejected(loaded):
+    engine = make_engine(loaded)
+    with pytest.raises(RequestRejected, match="bad_words cannot be combined with allowed_token_ids"):
+        engine.validate(4, greedy(4, bad_words=((5,),), allowed_token_ids=(5, 6)), 1)
+
+
 def test_request_that_can_never_fit_is_rejected_up_front(loaded):
     engine = make_engine(loaded, kv_cache_tokens=64)
     with pytest.raises(RequestRejected, match="never fit"):

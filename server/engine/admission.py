@@ -61,6 +61,10 @@ class Admission:
             raise RequestRejected(f"{params.grammar.param} cannot be combined with ignore_eos or min_tokens",
                                   "ignore_eos" if params.ignore_eos else "min_tokens")
         allowed = params.allowed_token_ids
+        if params.bad_words and (allowed or params.grammar is not None):
+            # the only tokens left to pick might all be banned: a row with nothing left
+            other = params.grammar.param if params.grammar is not None else "allowed_token_ids"
+            raise RequestRejected(f"bad_words cannot be combined with {other}", "bad_words")
         if allowed and params.grammar is not None:
             # the grammar's tokens and the allowed ones may not meet: a row with nothing left to pick
             raise RequestRejected(f"allowed_token_ids cannot be combined with {params.grammar.param}",

@@ -74,9 +74,9 @@ class Sampler:
 
     @staticmethod
     def _apply_bias_and_masks(logits: Tensor, seqs: list[Sequence]) -> Tensor:
-        """One scatter for every row's logit_bias, one for every row still short of min_tokens and one for every
-        row limited to its allowed_token_ids: per-row indexing from host lists costs a host-to-device copy each
-        (64 a step at C=64 on a GPU)."""
+        """One scatter for every row's logit_bias, one for every row still short of min_tokens or ending in the
+        start of a bad word, and one for every row limited to its allowed_token_ids: per-row indexing from host
+        lists costs a host-to-device copy each (64 a step at C=64 on a GPU)."""
         bias_rows: list[int] = []
         bias_ids: list[int] = []
         bias_values: list[float] = []
@@ -93,6 +93,10 @@ class Sampler:
             if seq.num_output_tokens < p.min_tokens and p.stop_token_ids:
                 mask_rows += [row] * len(p.stop_token_ids)
                 mask_ids += p.stop_token_ids
+            if p.bad_words:
+                banned = banned_tokens(seq)
+                mask_rows += [row] * len(banned)
+                mask_ids += banned
             if p.allowed_token_ids:
                 limited_rows.append(row)
                 allowed_rows += [row] * len(p.allowed_token_ids)
@@ -138,6 +142,15 @@ class Sampler:
                 uniform[row] = torch.rand(1, generator=seq.generator, device=device)
         picks = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
         return picks.squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+def banned_tokens(seq: Sequence) -> list[int]:
+    """vLLM's bad_words: the last token of each banned sequence whose other tokens the output ends with."""
+    banned = []
+    for *prefix, last in seq.params.bad_words:
+        if not prefix or (len(prefix) <= seq.num_output_tokens and seq.token_ids[-len(prefix):] == prefix):
+            banned.append(last)
+    return banned
+
 
 def _top_k_top_p(logits: Tensor, top_k: list[int], top_p: list[float]) -> Tensor:
     """Mask everything outside each row's top-k and outside the smallest set whose probability reaches top-p."""

@@ -57,6 +57,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # same, for every prompt token after the first (echo, perplexity)
     grammar: GrammarSpec | None = None  # constrained decoding: every choice's output follows it
     priority: int = 0  # with --scheduling-policy priority: lower is served first
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences the output never ends with (vLLM's bad_words)
 
     @property
     def greedy(self) -> bool:

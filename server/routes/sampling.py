@@ -75,7 +75,24 @@ def sampling_params(body: SamplingFields, tokenizer: Tokenizer, *, max_tokens: i
         prompt_logprobs=prompt_logprobs,
         grammar=grammar,
         priority=body.priority,
+        bad_words=_bad_words(body.bad_words or [], tokenizer),
     )
+
+
+def _bad_words(words: list[str], tokenizer: Tokenizer) -> tuple[tuple[int, ...], ...]:
+    """vLLM's tokenization of bad_words: each word without its leading spaces, and also after one space when
+    that starts with another token in as many tokens (a word-initial form, " word" beside "word")."""
+    banned: list[tuple[int, ...]] = []
+    for word in words:
+        text = word.lstrip()
+        if not text:
+            raise APIError(400, "bad_words: a word needs more than whitespace", param="bad_words")
+        bare = tuple(tokenizer.encode_ordinary(text))
+        spaced = tuple(tokenizer.encode_ordinary(" " + text))
+        banned.append(bare)
+        if spaced[0] != bare[0] and len(spaced) == len(bare):
+            banned.append(spaced)
+    return tuple(banned)
 
 
 def _logit_bias(bias: dict[str, float], tokenizer: Tokenizer) -> dict[int, float]:

@@ -97,6 +97,7 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
     app.state.exit_status = 0
     app.state.response_store = ResponseStore()
     app.state.background_responses = BackgroundRuns()
+    app.state.foreground_responses = {}  # stored responses in flight on their request's connection, by id
     app.state.metrics = process_metrics
     routers = [module.router for module in (completions, chat_completions, responses, perplexity, models, tokenize,
                                             health, ready, metrics, version)]

@@ -8,6 +8,7 @@ while it is still going; tests/test_responses_served.py does the same against a 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime
 import json
 import threading
@@ -45,6 +46,7 @@ class HeldEngine(ScriptedEngine):
         super().__init__(tokenizer, script)
         self.hold = threading.Event()
         self.aborted: list[str] = []
+        self.started: list[str] = []
         self.full = False  # the queue has no room: generate raises as the engine's client does
 
     def validate(self, prompt_len: int, params: SamplingParams, n: int) -> None:
@@ -55,6 +57,7 @@ class HeldEngine(ScriptedEngine):
                        n: int = 1) -> AsyncIterator[ChoiceOutput]:
         if self.full:
             raise QueueFull("too many requests are waiting; retry later")
+        self.started.append(request_id)
         finished = False
         try:
             async for output in super().generate(request_id, prompt_ids, params, n):
@@ -206,6 +209,29 @@ def test_delete_removes_a_stored_response_and_cancels_a_running_one(client, engi
     assert any(request_id.startswith(running.id) for request_id in engine.aborted)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(running.id)
+
+
+def test_a_foreground_response_in_progress_can_be_retrieved_but_not_cancelled_deleted_or_continued(client, held):
+    """As OpenAI's: a stored response is visible while its own request generates it."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        before = len(held.started)
+        creating = pool.submit(client.responses.create, model="oss", input="Hi!")
+        deadline = time.monotonic() + 10
+        while len(held.started) == before:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        response_id = held.started[-1].rpartition("-")[0]
+        running = client.responses.retrieve(response_id)
+        assert (running.status, running.output, running.usage, running.background) == ("in_progress", [], None, False)
+        assert [item.content[0].text for item in client.responses.input_items.list(response_id)] == ["Hi!"]
+        for call, kwargs in ((client.responses.cancel, {}), (client.responses.delete, {}),
+                             (client.responses.create, {"model": "oss", "input": "And?"})):
+            with pytest.raises(openai.BadRequestError):
+                call(**kwargs, **({"previous_response_id": response_id} if kwargs else {"response_id": response_id}))
+        held.hold.clear()
+        done = creating.result(timeout=10)
+    assert done.id == response_id and done.output_text == ANSWER
+    assert client.responses.retrieve(response_id).status == "completed"
 
 
 def test_delete_answers_openai_s_deleted_object(client):

@@ -88,6 +88,19 @@ def test_a_background_stream_outlives_its_client_and_resumes_where_it_left(serve
     settle(server)
 
 
+def test_a_foreground_stream_cut_off_by_its_client_frees_its_request_and_is_not_stored(server, client):
+    """Retrievable while it runs on its connection; once the client goes, aborted (its KV freed) and gone."""
+    body = {"model": "oss", "input": "Write at length.", "text": LONG_TEXT, "max_output_tokens": 900, "stream": True}
+    with httpx.stream("POST", server.v1 + "/responses", json=body, timeout=60) as stream:
+        lines = stream.iter_lines()  # held: a line iterator let go closes the connection
+        first = next(json.loads(line[len("data: "):]) for line in lines if line.startswith("data: "))
+        response_id = first["response"]["id"]
+        assert client.responses.retrieve(response_id).status == "in_progress"
+    settle(server, seconds=3.0)  # the whole run takes ~10 s here: only an abort frees it this soon
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(response_id)
+
+
 def test_truncation_auto_fits_a_conversation_the_engine_would_refuse(client):
     items = [{"type": "message", "role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " * 40}
              for i in range(25)]

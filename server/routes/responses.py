@@ -6,7 +6,8 @@ function chat completions uses; `truncation: "auto"` drops its oldest messages u
 choice is parsed by the same ChatChoice, and its deltas become output items (response_output). `text.format`
 constrains the answer as chat's response_format does, and a required or named `tool_choice` forces a call as in
 chat completions (a forced call wins). Stored responses: see response_store; background ones:
-response_background.
+response_background. A stored response generated on its request's own connection can be retrieved, and its
+input items listed, while it is in progress, as OpenAI's can; only background ones can be cancelled.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from server.routes.chat_prompt import chosen_tools, render_messages
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.forced_call import forced_call_spec
 from server.routes.models import ServedModel, find_model
-from server.routes.response_background import BackgroundRuns
+from server.routes.response_background import BackgroundRuns, Run
 from server.routes.response_format import answer_prefix, text_format_spec
 from server.routes.response_input import input_items, input_messages, output_messages
 from server.routes.response_output import ResponseOutput, new_id
@@ -54,6 +55,10 @@ def background_runs(request: Request) -> BackgroundRuns:
     return request.app.state.background_responses
 
 
+def foreground_runs(request: Request) -> dict[str, ResponseRun]:
+    return request.app.state.foreground_responses
+
+
 class ResponseRun:
     def __init__(self, served: ServedModel, body: ResponsesRequest, conversation: list[ChatMessage],
                  prompt: list[int], max_tokens: int, store: ResponseStore, grammar: GrammarSpec | None) -> None:
@@ -73,22 +78,30 @@ class ResponseRun:
         self.output = ResponseOutput(logprobs)
         self.status = "queued" if body.background else "in_progress"
         self.sequence = 0
+        self.in_flight: dict[str, ResponseRun] | None = None  # where a foreground run is found while it runs
 
     async def events(self) -> AsyncGenerator[dict, None]:
         """Every stream event without its sequence number, ending with response.completed or .incomplete."""
-        yield {"type": "response.created", "response": self.snapshot(self.status)}
-        self.status = "in_progress"
-        yield {"type": "response.in_progress", "response": self.snapshot(self.status)}
-        async with MergedOutputs(self.served.engine, self.id, [PromptJob(self.prompt, self.params)], 1) as outputs:
-            async for _, output in outputs:
-                self.choice.add(output)
-                for event in self.output.add(self.choice.take_delta()):
-                    yield event
-        incomplete = self.choice.finish_reason == "length"
-        for event in self.output.close("incomplete" if incomplete else "completed"):
-            yield event
-        final = self._finish("incomplete" if incomplete else "completed")
-        yield {"type": f"response.{final['status']}", "response": final}
+        if self.in_flight is not None:
+            self.in_flight[self.id] = self
+        try:
+            yield {"type": "response.created", "response": self.snapshot(self.status)}
+            self.status = "in_progress"
+            yield {"type": "response.in_progress", "response": self.snapshot(self.status)}
+            async with MergedOutputs(self.served.engine, self.id, [PromptJob(self.prompt, self.params)],
+                                     1) as outputs:
+                async for _, output in outputs:
+                    self.choice.add(output)
+                    for event in self.output.add(self.choice.take_delta()):
+                        yield event
+            incomplete = self.choice.finish_reason == "length"
+            for event in self.output.close("incomplete" if incomplete else "completed"):
+                yield event
+            final = self._finish("incomplete" if incomplete else "completed")
+            yield {"type": f"response.{final['status']}", "response": final}
+        finally:
+            if self.in_flight is not None:
+                self.in_flight.pop(self.id, None)
 
     def end(self, status: str, error: dict[str, str] | None = None) -> dict[str, Any]:
         """A background run cut short (cancelled, or failed): its open item ends incomplete, and it is stored."""
@@ -171,9 +184,9 @@ async def create_response(body: ResponsesRequest, request: Request):
     conversation: list[ChatMessage] = []
     if body.previous_response_id is not None:
         previous = store.get(body.previous_response_id)
-        running = background_runs(request).get(body.previous_response_id)
-        if previous is None and running is not None and not running.finished:
-            raise APIError(400, f"response {body.previous_response_id!r} is still {running.run.status}: continue it "
+        running = in_progress(request, body.previous_response_id)
+        if previous is None and running is not None:
+            raise APIError(400, f"response {body.previous_response_id!r} is still {running.status}: continue it "
                            "once it has ended", param="previous_response_id")
         if previous is None:
             raise not_stored(body.previous_response_id, "previous_response_id")
@@ -212,6 +225,8 @@ async def create_response(body: ResponsesRequest, request: Request):
         if body.stream:
             return named_sse_response(stream_bodies(background.log.follow(-1)))
         return ResponseBody(**background.log.events[0]["response"])  # as response.created had it: queued
+    if body.store:
+        run.in_flight = foreground_runs(request)
     if body.stream:
         return named_sse_response(await prime(request, run.stream()))
     return await cancel_on_disconnect(request, run.response())
@@ -236,8 +251,9 @@ async def retrieve_response(response_id: str, request: Request, stream: bool = F
             raise APIError(400, "only a background response's events can be streamed, and only those of the last "
                            "runs: GET it without stream", param="stream")
         return named_sse_response(stream_bodies(background.log.follow(starting_after)))
-    if background is not None and not background.finished:
-        return ResponseBody(**background.run.snapshot(background.run.status))
+    running = in_progress(request, response_id)
+    if running is not None:
+        return ResponseBody(**running.snapshot(running.status))
     return ResponseBody(**stored_body(request, response_id))
 
 
@@ -247,7 +263,8 @@ async def cancel_response(response_id: str, request: Request) -> ResponseBody:
     """Only a background response can be cancelled; one that has ended is returned as it ended."""
     background = background_runs(request).get(response_id)
     if background is None:
-        body = stored_body(request, response_id)
+        foreground = foreground_runs(request).get(response_id)
+        body = foreground.snapshot(foreground.status) if foreground else stored_body(request, response_id)
         if not body.get("background"):
             raise APIError(400, "only a background response can be cancelled", param="response_id")
         return ResponseBody(**body)
@@ -265,6 +282,9 @@ class DeletedResponse(BaseModel):
 @router.delete("/v1/responses/{response_id}", response_model=DeletedResponse, responses=STORED_RESPONSE_ERRORS)
 async def delete_response(response_id: str, request: Request) -> DeletedResponse:
     """A background response still running is cancelled first."""
+    if response_id in foreground_runs(request):
+        raise APIError(400, f"response {response_id!r} is in progress on its request's connection: delete it once "
+                       "it has ended", param="response_id")
     runs = background_runs(request)
     background = runs.get(response_id)
     if background is not None:
@@ -290,12 +310,12 @@ async def list_input_items(response_id: str, request: Request,
                            limit: int = Query(20, ge=1, le=MAX_LISTED_ITEMS),
                            order: Literal["asc", "desc"] = "desc") -> InputItemList:
     """The items of the request's own `input` (a string input is one user message), newest first by default."""
-    background = background_runs(request).get(response_id)
+    running = in_progress(request, response_id)
     stored = response_store(request).get(response_id)
     if stored is not None:
         items = stored.input_items
-    elif background is not None:
-        items = background.run.input_items
+    elif running is not None:
+        items = running.input_items
     else:
         raise not_stored(response_id)
     ordered = items if order == "asc" else items[::-1]
@@ -307,6 +327,14 @@ async def list_input_items(response_id: str, request: Request,
     page = ordered[:limit]
     return InputItemList(data=page, first_id=page[0]["id"] if page else None,
                          last_id=page[-1]["id"] if page else None, has_more=len(ordered) > limit)
+
+
+def in_progress(request: Request, response_id: str) -> Run | None:
+    """The run generating this response, while it has not ended (in the background or on its connection)."""
+    background = background_runs(request).get(response_id)
+    if background is not None and not background.finished:
+        return background.run
+    return foreground_runs(request).get(response_id)
 
 
 def stored_body(request: Request, response_id: str) -> dict[str, Any]:

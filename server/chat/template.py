@@ -5,8 +5,8 @@ The template sees `messages` (dicts with `role`, `content`, `reasoning`, `tool_c
 `current_date`. With `continue_final_message`, as in transformers, the text is cut where the final message's
 text ends (found by a mark appended to it), so the model continues that message. Tools are refused unless
 the template's text mentions `tools`: the default one does not, and silently dropping them would let a client
-believe the model saw them. The default,
-DEFAULT_CHAT_TEMPLATE, writes a plain transcript and leaves the model to continue after "Assistant:":
+believe the model saw them. The default, DEFAULT_CHAT_TEMPLATE, writes a plain transcript and leaves the model
+to continue after "Assistant:":
 
     System: Be brief.
     User: Hello!

@@ -60,7 +60,8 @@ class ChatRun:
         async with MergedOutputs(self.served.engine, self.id, [self.job], self.body.n) as outputs:
             async for _, output in outputs:
                 self.cached_tokens = max(self.cached_tokens, output.num_cached_tokens)
-                if output.prompt_logprobs is not None and self.body.prompt_logprobs is not None:
+                if output.prompt_logprobs is not None and self.body.prompt_logprobs is not None \
+                        and self.prompt_logprobs is None:  # every choice's first output carries the same
                     self.prompt_logprobs = prompt_logprobs_body(
                         self.served.engine.tokenizer, self.job.prompt_ids, output.prompt_logprobs,
                         self.body.prompt_logprobs, self.body.return_tokens_as_token_ids)

@@ -144,6 +144,11 @@ class SamplingFields(NoOpFields):
     bad_words: Annotated[list[BadWord], Field(max_length=MAX_BAD_WORDS)] | None = Field(
         None, description="vLLM extra: words never generated as these tokens (each as written and, when that is "
         "another token, after a space); not with a constraint or allowed_token_ids")
+    add_special_tokens: bool | None = Field(None, description="vLLM extra, accepted: these tokenizers add no "
+                                            "special tokens (no BOS), so it changes nothing")
+    spaces_between_special_tokens: bool = Field(True, description="vLLM extra, accepted: special tokens written "
+                                                "out are joined without spaces either way, as vLLM's byte-level "
+                                                "(fast) tokenizers join them")
     skip_special_tokens: bool = Field(True, description="vLLM extra: false: special tokens generated (end-of-text "
                                       "under ignore_eos, for one) come out in the text as their names")
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM extra: each prompt token's "
@@ -211,6 +216,8 @@ class ChatCompletionRequest(SamplingFields):
                                         "starts; false: it ends with the last message")
     continue_final_message: bool = Field(False, description="vLLM extra (with add_generation_prompt false): the "
                                          "final assistant message is left open and the model continues it")
+    echo: bool = Field(False, description="vLLM extra: when the last message is the assistant's, every choice's "
+                       "content begins with its text")
 
 
 class PerplexityRequest(Strict):

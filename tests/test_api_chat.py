@@ -204,3 +204,20 @@ def test_skip_special_tokens_false_lets_special_tokens_out_as_text(server, clien
         completion = client.completions.create(model=model, prompt="Hi", max_tokens=3,
                                                extra_body=forced | {"skip_special_tokens": skip})
         assert completion.choices[0].text == content
+
+
+def test_echo_begins_the_reply_with_the_continued_message_streamed_or_not(client):
+    """vLLM's echo with continue_final_message: the content is the whole message, prefill and continuation; it
+    echoes nothing when the last message is not the assistant's. add_special_tokens and
+    spaces_between_special_tokens are accepted and change nothing here."""
+    ending = {"add_generation_prompt": False, "continue_final_message": True}
+    kwargs = {"model": "tiny", "messages": PREFILLED, "max_tokens": 6, "temperature": 0}
+    alone = client.chat.completions.create(**kwargs, extra_body=ending).choices[0].message.content
+    echoed = client.chat.completions.create(**kwargs, extra_body=ending | {"echo": True}).choices[0].message.content
+    assert echoed == PREFILLED[1]["content"] + alone
+    stream = client.chat.completions.create(**kwargs, stream=True, extra_body=ending | {"echo": True})
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == echoed
+    noops = {"echo": True, "add_special_tokens": True, "spaces_between_special_tokens": False}
+    plain = client.chat.completions.create(**kwargs | {"messages": PREFILLED[:1]}).choices[0].message.content
+    assert client.chat.completions.create(**kwargs | {"messages": PREFILLED[:1]},
+                                          extra_body=noops).choices[0].message.content == plain

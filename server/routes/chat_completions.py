@@ -30,9 +30,10 @@ from server.protocol import (
     Usage,
     sse_responses,
 )
+from server.protocol_messages import AssistantMessage
 from server.protocol_tools import NamedToolChoice
 from server.routes.chat_choice import ChatChoice
-from server.routes.chat_prompt import chat_message, function_tools, render_chat_prompt
+from server.routes.chat_prompt import assistant_text, chat_message, function_tools, render_chat_prompt
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.forced_call import forced_call_spec
 from server.routes.models import ServedModel, find_model
@@ -54,6 +55,7 @@ class ChatRun:
     created: int
     cached_tokens: int = 0
     prompt_logprobs: PromptLogprobs | None = None
+    echoed: str = ""  # vLLM's echo: the last (assistant) message's text, which every choice's content begins with
 
     async def run(self) -> AsyncGenerator[int, None]:
         """Feeds engine outputs into the choices; yields the index of each choice that changed."""
@@ -88,7 +90,7 @@ class ChatRun:
         choices = [
             ChatChoiceBody(
                 index=i,
-                message=ChatResponseMessage(content=c.content, reasoning=c.reasoning or None,
+                message=ChatResponseMessage(content=self.echoed + c.content, reasoning=c.reasoning or None,
                                             reasoning_content=c.reasoning or None, tool_calls=c.tool_calls or None),
                 logprobs=None if c.logprobs is None else ChatLogprobs(content=c.logprobs),
                 finish_reason=c.finish_reason,
@@ -104,7 +106,7 @@ class ChatRun:
             choice = self.choices[index]
             if not announced[index]:  # OpenAI's first delta of each choice carries only the role
                 announced[index] = True
-                yield self._chunk(index, ChatDeltaMessage(role="assistant", content=""))
+                yield self._chunk(index, ChatDeltaMessage(role="assistant", content=self.echoed))
             new = choice.take_delta()
             if not (new.reasoning or new.content or new.tool_calls or new.logprobs or choice.done):
                 continue
@@ -152,7 +154,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         choices=[ChatChoice(engine.tokenizer, served.chat_format.parser(continued, body.skip_special_tokens), stop,
                             top_logprobs, body.include_stop_str_in_output, body.return_tokens_as_token_ids)
                  for _ in range(body.n)],
-        id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+        id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), echoed=echoed_text(body),
     )
     request.state.usage = run.usage  # read by the request log once the answer is out
     if body.stream:
@@ -176,6 +178,12 @@ def chat_grammar(served: ServedModel, body: ChatCompletionRequest) -> GrammarSpe
                        "it needs add_generation_prompt true (and no continue_final_message)",
                        param="add_generation_prompt")
     return grammar
+
+
+def echoed_text(body: ChatCompletionRequest) -> str:
+    """vLLM's echo: the last message's text when it is the assistant's (a reply continues it), else nothing."""
+    last = body.messages[-1]
+    return assistant_text(last) if body.echo and isinstance(last, AssistantMessage) else ""
 
 
 def render_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:

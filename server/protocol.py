@@ -218,6 +218,7 @@ class ChatCompletionRequest(SamplingFields):
                                          "final assistant message is left open and the model continues it")
     echo: bool = Field(False, description="vLLM extra: when the last message is the assistant's, every choice's "
                        "content begins with its text")
+    include_reasoning: bool = Field(True, description="vLLM extra: false leaves the reasoning out of the reply")
 
 
 class PerplexityRequest(Strict):

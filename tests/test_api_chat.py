@@ -221,3 +221,20 @@ def test_echo_begins_the_reply_with_the_continued_message_streamed_or_not(client
     plain = client.chat.completions.create(**kwargs | {"messages": PREFILLED[:1]}).choices[0].message.content
     assert client.chat.completions.create(**kwargs | {"messages": PREFILLED[:1]},
                                           extra_body=noops).choices[0].message.content == plain
+
+
+def test_include_reasoning_false_leaves_the_reasoning_out_streamed_or_not(client):
+    """vLLM's include_reasoning: the model still reasons (usage counts it); the reply carries only the rest."""
+    prefilled = [PREFILLED[0], {"role": "assistant", "content": "", "reasoning": "Count up from"}]
+    kwargs = {"model": "oss", "messages": prefilled, "max_tokens": 12, "temperature": 0}
+    ending = {"add_generation_prompt": False, "continue_final_message": True}
+    shown = client.chat.completions.create(**kwargs, extra_body=ending)
+    hidden = client.chat.completions.create(**kwargs, extra_body=ending | {"include_reasoning": False})
+    assert shown.choices[0].message.reasoning  # the continuation of an open analysis message is reasoning
+    assert "reasoning" not in hidden.choices[0].message.model_dump(exclude_none=True)
+    assert hidden.choices[0].message.content == shown.choices[0].message.content
+    assert hidden.usage.completion_tokens == shown.usage.completion_tokens
+    stream = client.chat.completions.create(**kwargs, stream=True, extra_body=ending | {"include_reasoning": False})
+    deltas = [chunk.choices[0].delta for chunk in stream if chunk.choices]
+    assert not any(getattr(delta, "reasoning", None) or getattr(delta, "reasoning_content", None) for delta in deltas)
+    assert "".join(delta.content or "" for delta in deltas) == (shown.choices[0].message.content or "")

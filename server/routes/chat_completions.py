@@ -2,7 +2,8 @@
 reasoning, content and tool calls.
 
 Reasoning goes out as `reasoning` (the name vLLM and OpenAI's gpt-oss guidance use) and, with the same
-text, as `reasoning_content` for older clients; requests may send either back."""
+text, as `reasoning_content` for older clients; requests may send either back. vLLM's `include_reasoning:
+false` leaves it out (the model still reasons; usage counts those tokens)."""
 
 from __future__ import annotations
 
@@ -87,11 +88,14 @@ class ChatRun:
     async def response(self) -> ChatCompletionResponse:
         async for _ in self.run():
             pass
+        shown = self.body.include_reasoning
         choices = [
             ChatChoiceBody(
                 index=i,
-                message=ChatResponseMessage(content=self.echoed + c.content, reasoning=c.reasoning or None,
-                                            reasoning_content=c.reasoning or None, tool_calls=c.tool_calls or None),
+                message=ChatResponseMessage(content=self.echoed + c.content,
+                                            reasoning=c.reasoning if shown and c.reasoning else None,
+                                            reasoning_content=c.reasoning if shown and c.reasoning else None,
+                                            tool_calls=c.tool_calls or None),
                 logprobs=None if c.logprobs is None else ChatLogprobs(content=c.logprobs),
                 finish_reason=c.finish_reason,
             )
@@ -108,6 +112,8 @@ class ChatRun:
                 announced[index] = True
                 yield self._chunk(index, ChatDeltaMessage(role="assistant", content=self.echoed))
             new = choice.take_delta()
+            if not self.body.include_reasoning:
+                new.reasoning = ""
             if not (new.reasoning or new.content or new.tool_calls or new.logprobs or choice.done):
                 continue
             delta = ChatDeltaMessage(content=new.content or None, reasoning=new.reasoning or None,

@@ -211,6 +211,52 @@ def test_parser_never_raises_on_junk_token_streams(chat, tokenizer):
         assert all(isinstance(d.reasoning, str) and isinstance(d.content, str) for d in [*deltas, last])
 
 
+def test_every_token_is_settled_once_and_the_content_s_are_exactly_its_text(chat, tokenizer):
+    """What logprobs follow (the Responses API's output_text): each token fed is settled once, in order, and the
+    content tokens' text is the content, even where a header turns out to be loose text (the tokens held for
+    it are settled as content then)."""
+    words = [t for t in range(300, 3000) if tokenizer.token_bytes(t).isalpha() and tokenizer.token_bytes(t).isascii()]
+    structural = [chat.tokens.start, chat.tokens.end, chat.tokens.message, chat.tokens.channel,
+                  chat.tokens.return_, chat.tokens.call, chat.tokens.endoftext]
+    analysis = [chat.tokens.channel, *tokenizer.encode_ordinary("analysis")]
+    for seed in range(40):
+        rng = random.Random(seed)
+        tokens = [rng.choice(structural) if rng.random() < 0.1 else rng.choice(analysis) if rng.random() < 0.05
+                  else rng.choice(words) for _ in range(200)]
+        deltas, last = parse(chat, tokens)
+        settled = [flag for delta in [*deltas, last] for flag in delta.settled]
+        assert len(settled) == len(tokens)
+        content_text = b"".join(tokenizer.token_bytes(t) for t, flag in zip(tokens, settled) if flag).decode()
+        assert content_text == joined(deltas, last)[1].replace("\n", "")  # runs are joined by newlines
+
+
+def test_a_header_that_was_loose_text_settles_as_content(chat, tokenizer):
+    words = tokenizer.encode_ordinary(" not a header")
+    tokens = [chat.tokens.start, *words, chat.tokens.end]
+    deltas, last = parse(chat, tokens)
+    assert joined(deltas, last) == ("", " not a header")
+    assert [flag for delta in deltas for flag in delta.settled] == [False, *[True] * len(words), False]
+    assert [flag for delta in deltas[:-1] for flag in delta.settled] == [False], "held until the header ends"
+
+
+def test_content_logprobs_cover_the_loose_text_of_a_header_given_up_on(chat, tokenizer):
+    """The Responses API's output_text logprobs: a header abandoned as loose text gets its tokens' logprobs, in
+    order, and the structure around it none."""
+    from server.engine.outputs import ChoiceOutput, TokenLogprob
+    from server.routes.chat_choice import ChatChoice
+
+    words = tokenizer.encode_ordinary(" not a header")
+    tokens = [chat.tokens.start, *words, chat.tokens.end, *tokenizer.encode_ordinary(" after")]
+    choice = ChatChoice(tokenizer, chat.parser(), [], 0, content_logprobs=True)
+    scores = [TokenLogprob(token, -float(i), []) for i, token in enumerate(tokens)]
+    choice.add(ChoiceOutput(0, tokens[:3], scores[:3]))
+    assert choice.logprobs == [], "held while the header might still be one"
+    choice.add(ChoiceOutput(0, tokens[3:], scores[3:], finish_reason="stop"))
+    content = [i for i, token in enumerate(tokens) if token not in (chat.tokens.start, chat.tokens.end)]
+    assert [entry.logprob for entry in choice.logprobs] == [-float(i) for i in content]
+    assert "".join(entry.token for entry in choice.logprobs) == choice.content.replace("\n", "")
+
+
 def split_character_tokens(tokenizer: Tokenizer, text: str) -> list[int]:
     """Tokens of `text`, checked to split at least one character's UTF-8 bytes across two tokens."""
     tokens = tokenizer.encode_ordinary(text)

@@ -75,6 +75,7 @@ class HarmonyOutputParser:
         self._tokens = tokens
         self._message_ends = frozenset((tokens.end, tokens.return_, tokens.call))
         self._special_names = {token_id: name for name, token_id in tokenizer.special_tokens.items()}
+        self._textless = frozenset(self._special_names) if skip_special_tokens else frozenset()
         self._text = TokenTextDecoder(tokenizer, skip_special_tokens)
         self._header: list[int] | None = [] if inside is None else None  # None: in a body or outside any message
         self._target = inside or "content"  # "reasoning", "content" or "tool"
@@ -85,12 +86,7 @@ class HarmonyOutputParser:
 
     def feed(self, token_id: int) -> ChatDelta:
         self._delta = ChatDelta()
-        # Content: a token of a content body or of text outside any message, not a structural one. (Tokens of
-        # a header abandoned later become content text then, but were not counted as content tokens.)
-        content_token = (self._header is None and self._target == "content"
-                         and token_id not in self._special_names)
         self._consume(token_id)
-        self._delta.content_token = content_token
         return self._delta
 
     def finish(self) -> ChatDelta:
@@ -98,22 +94,30 @@ class HarmonyOutputParser:
         # A header cut short by max_tokens said nothing yet; one without a channel was loose text.
         if self._header is not None and self._tokens.channel not in self._header:
             self._abandon_header()
+        elif self._header is not None:
+            self._delta.settled += [False] * len(self._header)
         self._end_run()
         return self._delta
 
     def _consume(self, token_id: int) -> None:
+        """Content tokens: those of a content body or of text outside any message, less the structure."""
         if self._header is not None:
             self._consume_header(self._header, token_id)
-        elif token_id in self._message_ends:
+            return
+        if token_id in self._message_ends:
             self._end_run()
         elif token_id == self._tokens.start:
             self._end_run()
             self._header = []
         else:
+            self._delta.settled.append(self._target == "content" and token_id not in self._textless)
             self._emit(self._text.feed(token_id))
+            return
+        self._delta.settled.append(False)
 
     def _consume_header(self, header: list[int], token_id: int) -> None:
         if token_id == self._tokens.message:
+            self._delta.settled += [False] * (len(header) + 1)
             self._open_body()
         elif token_id in self._message_ends or token_id == self._tokens.start or len(header) >= MAX_HEADER_TOKENS:
             self._abandon_header()
@@ -141,6 +145,7 @@ class HarmonyOutputParser:
         held, self._header = self._header or [], None
         self._target = "content"
         self._new_run = True
+        self._delta.settled += [token_id not in self._textless for token_id in held]
         for token_id in held:
             self._emit(self._text.feed(token_id))
 

@@ -52,7 +52,10 @@ class ChatDelta:
     reasoning: str = ""  # message.reasoning
     content: str = ""  # message.content
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
-    content_token: bool = False  # the token fed is part of the content (its text may come out with a later one)
+    # The fed tokens whose part became known with this delta, oldest first: True for a token of the content.
+    # Every token fed is settled once, in order; a harmony header's tokens only when the header ends (as a header,
+    # or abandoned as loose content text), so that logprobs can follow the content's own tokens exactly.
+    settled: list[bool] = field(default_factory=list)
 
 
 class ChatOutputParser(Protocol):

@@ -134,7 +134,7 @@ class PlainTextParser:
         self._skipped = frozenset(tokenizer.special_tokens.values()) if skip_special_tokens else frozenset()
 
     def feed(self, token_id: int) -> ChatDelta:
-        return ChatDelta(content=self._text.feed(token_id), content_token=token_id not in self._skipped)
+        return ChatDelta(content=self._text.feed(token_id), settled=[token_id not in self._skipped])
 
     def finish(self) -> ChatDelta:
         return ChatDelta(content=self._text.flush())

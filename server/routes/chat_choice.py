@@ -5,6 +5,7 @@ cut content. A choice that made a tool call and ended on a stop token (harmony's
 from __future__ import annotations
 
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 from models.tokenizer import Tokenizer
@@ -45,6 +46,7 @@ class ChatChoice:
         self.num_tokens = 0
         self.finish_reason: FinishReason | None = None
         self._sent = (0, 0, 0)  # reasoning chars, content chars, logprob entries already streamed
+        self._unsettled: deque[tuple[int, TokenLogprob | None]] = deque()  # content_logprobs: fed, part not known
 
     @property
     def done(self) -> bool:
@@ -63,14 +65,17 @@ class ChatChoice:
         if self.logprobs is not None and not self._content_logprobs:
             self.logprobs += [self._logprob(t, s) for t, s in zip(output.new_token_ids, scores)]
         for position, token_id in enumerate(output.new_token_ids):
+            if self.logprobs is not None and self._content_logprobs:
+                self._unsettled.append((token_id, scores[position] if position < len(scores) else None))
             delta = self._parser.feed(token_id)
-            if self.logprobs is not None and self._content_logprobs and delta.content_token and position < len(scores):
-                self.logprobs.append(self._logprob(token_id, scores[position]))
+            self._settle(delta.settled)
             self._take_text(delta)
             if self.stopped_by_string:
                 break
         if finish_reason is not None and not self.stopped_by_string:
-            self._take_text(self._parser.finish())
+            last = self._parser.finish()
+            self._settle(last.settled)
+            self._take_text(last)
             if not self.stopped_by_string:
                 self.content += self._stop.flush()
         if self.stopped_by_string:
@@ -79,6 +84,15 @@ class ChatChoice:
             self.finish_reason = "tool_calls"
         elif finish_reason is not None:
             self.finish_reason = finish_reason
+
+    def _settle(self, settled: list[bool]) -> None:
+        """content_logprobs: the tokens the parser has placed get their logprobs if they are content's."""
+        if self.logprobs is None or not self._content_logprobs:
+            return
+        for is_content in settled:
+            token_id, score = self._unsettled.popleft()
+            if is_content and score is not None:
+                self.logprobs.append(self._logprob(token_id, score))
 
     def take_delta(self) -> StreamDelta:
         """What was added since the last call, for the next stream chunk."""

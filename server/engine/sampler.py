@@ -143,6 +143,7 @@ class Sampler:
         picks = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
         return picks.squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
+
 def banned_tokens(seq: Sequence) -> list[int]:
     """vLLM's bad_words: the last token of each banned sequence whose other tokens the output ends with."""
     banned = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
 
@@ -15,6 +15,7 @@ from server.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    PromptLogprobs,
     PromptTokensDetails,
     Usage,
     sse_responses,
@@ -41,6 +42,7 @@ class CompletionRun:
     id: str
     created: int
     cached_tokens: list[int]
+    scored_prompts: dict[int, PromptLogprobs] = field(default_factory=dict)  # prompt_logprobs, by prompt index
 
     async def run(self) -> AsyncGenerator[int, None]:
         """Feeds engine outputs into the choices; yields the index of each choice that changed."""
@@ -66,9 +68,11 @@ class CompletionRun:
         if self.body.echo:
             choice.echo(prompt_ids, output.prompt_logprobs)
         if self.body.prompt_logprobs is not None:
-            choice.prompt_logprobs = prompt_logprobs_body(
-                self.served.engine.tokenizer, prompt_ids, output.prompt_logprobs or [], self.body.prompt_logprobs,
-                self.body.return_tokens_as_token_ids)
+            if prompt_index not in self.scored_prompts:  # built once, shared by the prompt's n choices
+                self.scored_prompts[prompt_index] = prompt_logprobs_body(
+                    self.served.engine.tokenizer, prompt_ids, output.prompt_logprobs or [],
+                    self.body.prompt_logprobs, self.body.return_tokens_as_token_ids)
+            choice.prompt_logprobs = self.scored_prompts[prompt_index]
 
     def usage(self) -> Usage:
         prompt_tokens = sum(len(job.prompt_ids) for job in self.jobs)

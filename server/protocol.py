@@ -29,6 +29,9 @@ MAX_ALLOWED_IDS = 4096  # allowed_token_ids: each row's list is scattered into a
 INT64_BOUND = 2**63  # seeds are int64; a power of two stays exact in tools that read JSON numbers as doubles
 
 PRIORITY_DESCRIPTION = "vLLM extra: with --scheduling-policy priority, lower is served sooner (else only 0)"
+CacheSalt = Annotated[str, Field(min_length=1, max_length=1024)]
+CACHE_SALT_DESCRIPTION = ("vLLM extra: prefix-cache blocks are shared only with requests that give the same salt "
+                          "(make it secret and long, e.g. 256 random bits)")
 StopStrings = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 BadWord = Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS, pattern=r"\S")]  # more than whitespace
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -141,6 +144,7 @@ class SamplingFields(NoOpFields):
     return_tokens_as_token_ids: bool = Field(False, description="vLLM extra: logprobs name each token "
                                              "\"token_id:N\", exact where its bytes are not whole UTF-8")
     priority: int = Field(0, ge=-INT64_BOUND, lt=INT64_BOUND, description=PRIORITY_DESCRIPTION)
+    cache_salt: CacheSalt | None = Field(None, description=CACHE_SALT_DESCRIPTION)
     bad_words: Annotated[list[BadWord], Field(max_length=MAX_BAD_WORDS)] | None = Field(
         None, description="vLLM extra: words never generated as these tokens (each as written and, when that is "
         "another token, after a space); not with a constraint or allowed_token_ids")

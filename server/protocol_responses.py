@@ -10,7 +10,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag
 
-from server.protocol import INT64_BOUND, MAX_LOGPROBS, PRIORITY_DESCRIPTION, NoOpFields
+from server.protocol import (
+    CACHE_SALT_DESCRIPTION,
+    INT64_BOUND,
+    MAX_LOGPROBS,
+    PRIORITY_DESCRIPTION,
+    CacheSalt,
+    NoOpFields,
+)
 from server.protocol_base import Strict
 from server.protocol_tools import FunctionName
 
@@ -127,6 +134,7 @@ class ResponsesRequest(NoOpFields):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     priority: int = Field(0, ge=-INT64_BOUND, lt=INT64_BOUND, description=PRIORITY_DESCRIPTION)
+    cache_salt: CacheSalt | None = Field(None, description=CACHE_SALT_DESCRIPTION)
     tools: Annotated[list[FunctionToolParam], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
     parallel_tool_calls: bool | None = None

@@ -199,6 +199,24 @@ def test_repeated_long_prompt_hits_prefix_cache_with_identical_output(client):
     assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
 
 
+def test_cache_salt_shares_cached_prompt_blocks_only_with_the_same_salt(client):
+    prompt = " ".join(str(i) for i in range(100, 140))  # several full KV blocks, in no other test
+
+    def cached(salt: str | None) -> tuple[int, str]:
+        extra = {} if salt is None else {"cache_salt": salt}
+        result = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0, extra_body=extra)
+        return result.usage.prompt_tokens_details.cached_tokens, result.choices[0].text
+
+    first, text = cached("tenant-a")
+    assert first == 0
+    assert cached(None) == (0, text)
+    assert cached("tenant-b") == (0, text)
+    again, _ = cached("tenant-a")
+    assert again > 0 and cached(None)[0] > 0
+    with pytest.raises(openai.BadRequestError, match="cache_salt"):
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=1, extra_body={"cache_salt": ""})
+
+
 def test_models_lists_the_served_model_with_its_context(client):
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny"]

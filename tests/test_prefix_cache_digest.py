@@ -16,13 +16,13 @@ from server.engine.sequence import Sequence
 BLOCK = 4
 
 
-def seq(tokens: list[int]) -> Sequence:
-    return Sequence("r", 0, list(tokens), len(tokens), SamplingParams(), 0.0)
+def seq(tokens: list[int], cache_salt: str | None = None) -> Sequence:
+    return Sequence("r", 0, list(tokens), len(tokens), SamplingParams(cache_salt=cache_salt), 0.0)
 
 
-def prefill(manager: BlockManager, tokens: list[int]) -> Sequence:
+def prefill(manager: BlockManager, tokens: list[int], cache_salt: str | None = None) -> Sequence:
     """Admit a whole prompt in one chunk, which publishes its full blocks."""
-    s = seq(tokens)
+    s = seq(tokens, cache_salt)
     assert manager.admit(s, token_budget=1000) == len(tokens) - s.num_computed_tokens
     return s
 
@@ -79,3 +79,25 @@ def test_a_prefix_filled_by_two_sequences_at_once_stays_findable_whole():
     manager.allocate(a, 8)
     manager.allocate(b, 4)
     assert manager.find_cached_prefix(seq(prompt)) == b.block_table[:4]
+
+
+def test_a_cache_salt_shares_blocks_only_with_the_same_salt():
+    manager = BlockManager(32, BLOCK, salt="tiny")
+    prompt = [1, 1, 1, 1, 2, 2, 2, 2, 9]
+    salted = prefill(manager, prompt, cache_salt="tenant-a")
+    assert manager.find_cached_prefix(seq(prompt)) == []
+    assert manager.find_cached_prefix(seq(prompt, "tenant-b")) == []
+    assert manager.find_cached_prefix(seq(prompt, "tenant-a")) == salted.block_table[:2]
+    unsalted = prefill(manager, prompt)
+    assert manager.find_cached_prefix(seq(prompt)) == unsalted.block_table[:2]
+    assert manager.find_cached_prefix(seq(prompt, "tenant-a")) == salted.block_table[:2]
+
+
+def test_a_cache_salt_holds_even_when_digests_collide():
+    """The first block keeps the root its chain starts from, so a salted request is never served an unsalted
+    (or differently salted) block, whatever the digest."""
+    manager = BlockManager(32, BLOCK, block_digest=digest_ignoring_the_parent)
+    prompt = [1, 1, 1, 1, 2, 2, 2, 2, 9]
+    prefill(manager, prompt, cache_salt="tenant-a")
+    assert manager.find_cached_prefix(seq(prompt)) == []
+    assert manager.find_cached_prefix(seq(prompt, "tenant-b")) == []

@@ -6,7 +6,8 @@ or a shared system prompt reuses its KV instead of recomputing it. A block's key
 over the block before it (server/engine/block_digest.py), so equal keys mean equal whole prefixes.
 
 A hit is also checked, not trusted: each cached block keeps its own tokens and the block it was computed
-after, and a hit must match both, so even a colliding digest can never serve one client another's KV (with
+after (a first block: the root its chain starts from, which a request's ``cache_salt`` changes), and a hit must
+match both, so even a colliding digest can never serve one client another's KV (with
 SHA-256 the check costs one comparison of a block's tokens per hit and never fails). The parent link stays
 true because a parent is never handed out again before its children: every sequence holding a child holds
 its parent, and frees the child first, so the LRU order evicts the child first. A block whose parent is not
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from server.engine.block_digest import BlockDigest, root_digest, sha256_block_digest
+from server.engine.block_digest import BlockDigest, root_digest, salted_root, sha256_block_digest
 from server.engine.sequence import Sequence
 
 FREED = -1  # a sliding-window group's table entry for a block released behind the window
@@ -52,6 +53,7 @@ class BlockManager:
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks  # what a published block holds
         self.block_parent: list[int | None] = [None] * num_blocks  # the block it was computed after
+        self.block_root: list[bytes | None] = [None] * num_blocks  # the root its digest chain starts from
         self.caches: list[dict[bytes, int]] = [{} for _ in windows]  # per group: prefix digest -> block
         self.free_blocks: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
 
@@ -111,8 +113,10 @@ class BlockManager:
         return tables
 
     def _holds(self, block: int, seq: Sequence, i: int, parent: int | None) -> bool:
-        """The cached ``block`` holds ``seq``'s i-th block: the same tokens, computed after ``parent``."""
-        return self.block_tokens[block] == self._tokens(seq, i) and self.block_parent[block] == parent
+        """The cached ``block`` holds ``seq``'s i-th block: the same tokens, computed after ``parent`` (or, for
+        a first block, chained from the same root)."""
+        return (self.block_tokens[block] == self._tokens(seq, i) and self.block_parent[block] == parent
+                and (i > 0 or self.block_root[block] == self._root(seq)))
 
     def admit(self, seq: Sequence, token_budget: int) -> int:
         """Attach ``seq``'s cached prefix and blocks for its next chunk; returns the chunk's token count, or 0
@@ -211,6 +215,7 @@ class BlockManager:
                 if cache.get(digest) == block:
                     del cache[digest]
         self.block_hash[block] = self.block_tokens[block] = self.block_parent[block] = None
+        self.block_root[block] = None
 
     def _tokens(self, seq: Sequence, i: int) -> tuple[int, ...]:
         return tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
@@ -219,30 +224,36 @@ class BlockManager:
         """Chained digest of ``seq``'s i-th full block, computed once per sequence and kept on it."""
         while len(seq.block_hashes) <= i:
             j = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if j else self.root
+            parent = seq.block_hashes[-1] if j else self._root(seq)
             seq.block_hashes.append(self.block_digest(parent, self._tokens(seq, j)))
         return seq.block_hashes[i]
+
+    def _root(self, seq: Sequence) -> bytes:
+        return salted_root(self.root, seq.params.cache_salt)
 
     def _publish_full_blocks(self, seq: Sequence, num_tokens_after_step: int) -> None:
         """A sliding group's block is published only beside its full-attention block: that block is its parent."""
         full = num_tokens_after_step // self.block_size
+        root = self._root(seq) if seq.num_published_blocks < full else None
         for i in range(seq.num_published_blocks, full):
             block, digest = seq.block_table[i], self._block_hash(seq, i)
             parent = seq.block_table[i - 1] if i else None
             if parent is not None and self.block_hash[parent] is None:
                 break  # its parent is not findable, so neither is it (nor anything after it)
-            self._publish(block, digest, self._tokens(seq, i), parent, self.caches[0])
+            self._publish(block, digest, self._tokens(seq, i), parent, self.caches[0], root)
             if self.block_hash[block] is None:
                 continue  # another block holds this prefix: the sliding blocks beside it are the ones to find
             for group in range(1, len(self.windows)):
                 if seq.block_tables[group][i] != FREED:
-                    self._publish(seq.block_tables[group][i], digest, self._tokens(seq, i), block, self.caches[group])
+                    self._publish(seq.block_tables[group][i], digest, self._tokens(seq, i), block, self.caches[group],
+                                  root)
         seq.num_published_blocks = max(seq.num_published_blocks, full)
 
     def _publish(self, block: int, digest: bytes, tokens: tuple[int, ...], parent: int | None,
-                 cache: dict[bytes, int]) -> None:
+                 cache: dict[bytes, int], root: bytes | None) -> None:
         if self.block_hash[block] is None and digest not in cache:
             self.block_hash[block] = digest
             self.block_tokens[block] = tokens
             self.block_parent[block] = parent
+            self.block_root[block] = root
             cache[digest] = block

@@ -58,6 +58,7 @@ class SamplingParams:
     grammar: GrammarSpec | None = None  # constrained decoding: every choice's output follows it
     priority: int = 0  # with --scheduling-policy priority: lower is served first
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences the output never ends with (vLLM's bad_words)
+    cache_salt: str | None = None  # prefix-cache blocks are shared only with requests that give the same salt
 
     @property
     def greedy(self) -> bool:

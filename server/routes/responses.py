@@ -69,7 +69,8 @@ class ResponseRun:
         self.params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None
                                      else body.temperature, top_p=1.0 if body.top_p is None else body.top_p,
                                      stop_token_ids=served.chat_format.stop_token_ids, grammar=grammar,
-                                     logprobs=top_logprobs, priority=body.priority)
+                                     logprobs=top_logprobs, priority=body.priority,
+                                     cache_salt=body.cache_salt)
         self.id = new_id("resp")
         self.created = int(time.time())
         self.input_items = input_items(body.input)

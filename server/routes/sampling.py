@@ -75,6 +75,7 @@ def sampling_params(body: SamplingFields, tokenizer: Tokenizer, *, max_tokens: i
         prompt_logprobs=prompt_logprobs,
         grammar=grammar,
         priority=body.priority,
+        cache_salt=body.cache_salt,
         bad_words=_bad_words(body.bad_words or [], tokenizer),
     )
 

@@ -94,6 +94,10 @@ class NoOpFields(Strict):
     safety_identifier: str | None = Field(None, max_length=512)
 
 
+def _is_none(value: object) -> bool:
+    return value is None
+
+
 def _given(name: str) -> dict[str, Any]:
     return {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
 
@@ -141,6 +145,8 @@ class SamplingFields(NoOpFields):
                                              "stays at the end of its text")
     truncate_prompt_tokens: Annotated[int, Field(ge=1, lt=INT64_BOUND)] | Literal[-1] | None = Field(
         None, description="vLLM extra: only the prompt's last k tokens are used (-1: the last max_model_len)")
+    return_token_ids: bool = Field(False, description="vLLM extra: the prompt's and each choice's token ids in the "
+                                   "reply (streamed: each chunk's new ones)")
     return_tokens_as_token_ids: bool = Field(False, description="vLLM extra: logprobs name each token "
                                              "\"token_id:N\", exact where its bytes are not whole UTF-8")
     priority: int = Field(0, ge=-INT64_BOUND, lt=INT64_BOUND, description=PRIORITY_DESCRIPTION)
@@ -242,11 +248,17 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int = 0
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = Field(default=None, exclude_if=_is_none,
+                                                                      description="chat: the reasoning's tokens")
 
 
 class CompletionLogprobs(BaseModel):
@@ -269,8 +281,9 @@ class PromptLogprob(BaseModel):
 PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
-def _is_none(value: object) -> bool:
-    return value is None
+STOP_REASON_DESCRIPTION = "vLLM extra: the stop string or stop_token_ids entry that ended the choice, else null"
+TOKEN_IDS_DESCRIPTION = "vLLM extra (return_token_ids): the tokens generated, a stop token included"
+PROMPT_TOKEN_IDS_DESCRIPTION = "vLLM extra (return_token_ids): the prompt's tokens"
 
 
 class CompletionChoice(BaseModel):
@@ -278,7 +291,12 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: int | str | None = Field(None, description=STOP_REASON_DESCRIPTION)
     prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_is_none, description="vLLM extra")
+    prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_is_none,
+                                               description=PROMPT_TOKEN_IDS_DESCRIPTION + " (streamed: in the "
+                                               "choice's first chunk)")
+    token_ids: list[int] | None = Field(default=None, exclude_if=_is_none, description=TOKEN_IDS_DESCRIPTION)
 
 
 class CompletionResponse(BaseModel):
@@ -320,6 +338,8 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = Field(None, description=STOP_REASON_DESCRIPTION)
+    token_ids: list[int] | None = Field(default=None, exclude_if=_is_none, description=TOKEN_IDS_DESCRIPTION)
 
 
 class ChatCompletionResponse(BaseModel):
@@ -330,6 +350,8 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_is_none, description="vLLM extra")
+    prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_is_none,
+                                               description=PROMPT_TOKEN_IDS_DESCRIPTION)
 
 
 class ChatDeltaMessage(WithoutNulls):
@@ -345,6 +367,8 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = Field(default=None, exclude_if=_is_none, description=STOP_REASON_DESCRIPTION)
+    token_ids: list[int] | None = Field(default=None, exclude_if=_is_none, description=TOKEN_IDS_DESCRIPTION)
 
 
 class ChatCompletionChunk(BaseModel):
@@ -354,6 +378,8 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_is_none,
+                                               description=PROMPT_TOKEN_IDS_DESCRIPTION + " (the first chunk only)")
 
 
 class PerplexityResult(BaseModel):

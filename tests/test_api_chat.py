@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -156,6 +158,16 @@ def test_continued_reasoning_comes_back_as_reasoning(client, tiny_gpt_oss_dir):
                                             reasoning_effort="low", extra_body=ending)
     message = result.choices[0].message
     assert (message.content, message.reasoning) == (content, reasoning)
+    assert result.usage.completion_tokens_details.reasoning_tokens == reasoning_token_count(
+        tiny_gpt_oss_dir, messages, 12)
+
+
+def reasoning_token_count(directory, messages: list[ChatMessage], max_tokens: int) -> int:
+    """The reasoning tokens of the offline greedy continuation of ``messages``' open final message."""
+    ending = {"add_generation_prompt": False, "continue_final_message": True}
+    _, tokens, _, _ = oracle_reply(directory, HarmonyChatFormat, max_tokens, "low", messages, **ending)
+    parser = HarmonyChatFormat(load_model(directory, dtype="float32", device="cpu").tokenizer).parser(messages[-1])
+    return sum(delta.reasoning_tokens for delta in [*(parser.feed(t) for t in tokens), parser.finish()])
 
 
 def test_prompt_ending_conflicts_are_400s_naming_the_field(client):
@@ -238,3 +250,30 @@ def test_include_reasoning_false_leaves_the_reasoning_out_streamed_or_not(client
     deltas = [chunk.choices[0].delta for chunk in stream if chunk.choices]
     assert not any(getattr(delta, "reasoning", None) or getattr(delta, "reasoning_content", None) for delta in deltas)
     assert "".join(delta.content or "" for delta in deltas) == (shown.choices[0].message.content or "")
+
+
+def test_return_token_ids_and_stop_reason_in_chat_streamed_or_not(server, client, tiny_gpt_oss_dir):
+    """vLLM's return_token_ids (the prompt's ids beside the choices, in the first chunk when streamed) and
+    stop_reason; a client's stop token is output (counted, in token_ids) but never parsed as text."""
+    prompt, tokens, _, _ = oracle_reply(tiny_gpt_oss_dir, HarmonyChatFormat, 12, "low")
+    k = next(i for i, t in enumerate(tokens) if i >= 3 and t not in tokens[:i])
+    _, _, reasoning, content = oracle_reply(tiny_gpt_oss_dir, HarmonyChatFormat, k, "low")
+    sampling = {"model": "oss", "messages": MESSAGES, "max_tokens": 12, "temperature": 0, "reasoning_effort": "low"}
+    extra = {"return_token_ids": True, "stop_token_ids": [tokens[k]]}
+    result = client.chat.completions.create(**sampling, extra_body=extra)
+    choice = result.choices[0]
+    assert result.prompt_token_ids == prompt
+    assert choice.token_ids == tokens[: k + 1]
+    assert (choice.finish_reason, choice.stop_reason) == ("stop", tokens[k])
+    assert (choice.message.content or "", choice.message.reasoning or "") == (content, reasoning)
+    assert result.usage.completion_tokens == k + 1
+    with httpx.stream("POST", server.v1 + "/chat/completions", timeout=60,
+                      json=sampling | extra | {"stream": True}) as response:
+        chunks = [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert chunks[0]["prompt_token_ids"] == prompt
+    assert not any("prompt_token_ids" in chunk for chunk in chunks[1:])
+    assert [t for chunk in chunks for c in chunk["choices"] for t in c.get("token_ids", [])] == choice.token_ids
+    assert chunks[-1]["choices"][0]["stop_reason"] == tokens[k]
+    plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3).model_dump(exclude_unset=True)
+    assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
+    assert plain["choices"][0]["stop_reason"] is None

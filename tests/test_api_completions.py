@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -144,6 +145,72 @@ def test_include_stop_str_in_output_keeps_the_stop_string_streamed_or_not(client
     assert result.choices[0].finish_reason == "stop"
     streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(**body, stream=True))
     assert streamed == result.choices[0].text
+
+
+def test_stop_reason_names_the_stop_string_or_stop_token_that_ended_a_choice(client, gpt2_tokenizer, gpt2_oracle):
+    """vLLM's stop_reason; a stop token is an output token (counted, scored, in token_ids) without text."""
+    expected = oracle_greedy(gpt2_oracle, gpt2_tokenizer.encode(PROMPTS[0]), 8)
+    assert len(expected) == 8 and expected[4] not in expected[:4]
+    body = dict(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0, logprobs=0)
+    by_token = client.completions.create(**body, extra_body={"stop_token_ids": [expected[4]],
+                                                             "return_token_ids": True}).choices[0]
+    assert (by_token.finish_reason, by_token.stop_reason) == ("stop", expected[4])
+    assert by_token.token_ids == expected[:5]
+    assert by_token.text == gpt2_tokenizer.decode(expected[:4])
+    assert by_token.logprobs.tokens == [token_text(gpt2_tokenizer, t) for t in expected[:5]]
+    kept = client.completions.create(**body, extra_body={"stop_token_ids": [expected[4]],
+                                                         "include_stop_str_in_output": True}).choices[0]
+    assert kept.text == gpt2_tokenizer.decode(expected[:5])
+    full = gpt2_tokenizer.decode(expected)
+    stop = gpt2_tokenizer.decode(expected[5:7])
+    assert full.index(stop) == len(gpt2_tokenizer.decode(expected[:5]))
+    by_string = client.completions.create(**body, stop=[stop], extra_body={"return_token_ids": True}).choices[0]
+    assert (by_string.finish_reason, by_string.stop_reason) == ("stop", stop)
+    assert by_string.text == full[: full.index(stop)]
+    assert by_string.token_ids == expected[:7]  # up to the token that completed the stop string, no further
+    assert len(by_string.logprobs.tokens) == 7
+    by_length = client.completions.create(**(body | {"max_tokens": 3}))
+    assert (by_length.choices[0].finish_reason, by_length.choices[0].stop_reason) == ("length", None)
+    assert by_length.usage.completion_tokens == 3
+
+
+def test_eos_is_an_output_token_counted_and_scored_without_text(client, gpt2_tokenizer):
+    """Only end-of-text allowed: the choice is that one token, stopped by the model's own token (no stop_reason)."""
+    result = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=5, temperature=0, logprobs=0,
+                                       extra_body={"allowed_token_ids": [EOS], "return_token_ids": True})
+    choice = result.choices[0]
+    assert (choice.text, choice.token_ids, choice.finish_reason, choice.stop_reason) == ("", [EOS], "stop", None)
+    assert choice.logprobs.tokens == ["<|endoftext|>"] and choice.logprobs.text_offset == [0]
+    assert result.usage.completion_tokens == 1
+
+
+def test_return_token_ids_gives_prompt_and_output_ids_streamed_or_not(server, client, gpt2_tokenizer):
+    prompts = [PROMPTS[2], PROMPTS[3]]
+    body = dict(model="tiny", prompt=prompts, max_tokens=6, temperature=0, n=2, logprobs=0)
+    whole = client.completions.create(**body, extra_body={"return_token_ids": True, "return_tokens_as_token_ids":
+                                                          True})
+    prompt_ids = [gpt2_tokenizer.encode(prompt) for prompt in prompts]
+    for choice in whole.choices:
+        assert choice.prompt_token_ids == prompt_ids[choice.index // 2]
+        assert choice.logprobs.tokens == [f"token_id:{t}" for t in choice.token_ids]
+        assert gpt2_tokenizer.decode(choice.token_ids).startswith(choice.text)
+    assert whole.usage.completion_tokens == sum(len(c.token_ids) for c in whole.choices)
+    streamed: dict[int, list[int]] = {i: [] for i in range(4)}
+    firsts: dict[int, list[int]] = {}
+    with httpx.stream("POST", server.v1 + "/completions", timeout=60,
+                      json=body | {"stream": True, "return_token_ids": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[len("data: "):])["choices"][0]
+                if choice["index"] not in firsts:
+                    firsts[choice["index"]] = choice["prompt_token_ids"]
+                else:
+                    assert "prompt_token_ids" not in choice, choice
+                streamed[choice["index"]] += choice["token_ids"]
+    assert firsts == {c.index: c.prompt_token_ids for c in whole.choices}
+    assert streamed == {c.index: c.token_ids for c in whole.choices}
+    plain = client.completions.create(**body).model_dump(exclude_unset=True)
+    assert "token_ids" not in plain["choices"][0] and "prompt_token_ids" not in plain["choices"][0]
 
 
 def test_return_tokens_as_token_ids_names_each_token_by_its_id(client, gpt2_tokenizer):

@@ -178,6 +178,15 @@ def test_parser_streams_reasoning_before_the_answer_arrives(chat, harmony):
     assert "".join(d.reasoning for d in deltas[:first_content]) == "Step one, step two."
 
 
+def test_parser_counts_the_reasoning_s_own_tokens_as_openai_harmony_encodes_them(chat, harmony):
+    """usage's reasoning_tokens: the analysis bodies' tokens, not their headers, the answer or a call."""
+    thoughts = ["Step one, step two.", " And then a third: ünïcödé 🙂."]
+    messages = [assistant(thoughts[0], "analysis"), assistant('{"x": 1}', "commentary", "functions.f"),
+                assistant(thoughts[1], "analysis"), assistant("Done.", "final")]
+    deltas, last = parse(chat, completion_tokens(harmony, messages))
+    assert sum(d.reasoning_tokens for d in [*deltas, last]) == sum(len(harmony.encode(t)) for t in thoughts)
+
+
 def test_parser_shows_commentary_preambles_as_content_and_keeps_tool_calls_out_of_it(chat, harmony):
     messages = [assistant("Let me check.", "commentary"),
                 assistant('{"city": "Oslo"}', "commentary", recipient="functions.get_weather"),

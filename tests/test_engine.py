@@ -336,14 +336,17 @@ def test_abort_frees_blocks_and_reports_abort(loaded):
     assert engine.block_manager.num_used_blocks == 0 and not engine.has_work
 
 
-def test_stop_token_ends_choice_and_is_not_reported(loaded):
+def test_stop_token_ends_choice_as_its_last_output_token(loaded):
+    """As vLLM reports it: the stop token is generated (counted, scored), and named as the one that stopped."""
     engine = make_engine(loaded)
     prompt = random_prompt(10, 8)
     [free_run] = greedy_generate(loaded.model, [prompt], 6)
-    engine.add_request("s", prompt, greedy(6, stop_token_ids=frozenset({free_run[3]})))
+    engine.add_request("s", prompt, greedy(6, stop_token_ids=frozenset({free_run[3]}), logprobs=0))
     outs = run_all(engine)["s"][0]
-    assert tokens_of(outs) == free_run[:3]
-    assert outs[-1].finish_reason == "stop"
+    assert tokens_of(outs) == free_run[:4]
+    assert [lp.token_id for o in outs for lp in o.logprobs] == free_run[:4]
+    assert outs[-1].finish_reason == "stop" and outs[-1].stop_token_id == free_run[3]
+    assert all(o.stop_token_id is None for o in outs[:-1])
 
 
 def test_stop_choice_ends_only_that_choice_and_reports_it(loaded):

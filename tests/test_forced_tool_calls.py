@@ -237,8 +237,9 @@ def test_forced_call_tokens_open_with_the_header_and_only_call_may_end_them(chec
         header_tail = spec.call_header  # the name's own tokens are the model's pick; the rest is forced
         start = tokens.index(chat_format.tokens.channel)
         assert tuple(tokens[start: start + len(header_tail)]) == header_tail
+        assert tokens[-1] == chat_format.tokens.call  # the stop token ends the output, as generated
         state = engine.grammars.new_state(spec, params.stop_token_ids)
-        assert all(state.accept(token) for token in tokens)
+        assert all(state.accept(token) for token in tokens[:-1])
         logits = torch.zeros(1, loaded.tokenizer.vocab_size)
         apply_grammars(logits, [state])
         assert logits[0].isfinite().nonzero().flatten().tolist() == [chat_format.tokens.call]

@@ -54,14 +54,15 @@ def script(engine, scripts):
     engine.script = scripts["answer"]
 
 
-def test_a_text_answer_has_a_reasoning_item_then_a_message(client):
+def test_a_text_answer_has_a_reasoning_item_then_a_message(client, harmony, scripts):
     response = client.responses.create(model="oss", input="Hi!", reasoning={"effort": "low"})
     assert response.status == "completed" and response.object == "response"
     reasoning, message = response.output
     assert reasoning.type == "reasoning" and reasoning.content[0].text == "Greet back."
     assert message.type == "message" and message.role == "assistant"
     assert response.output_text == "Hello there!"
-    assert response.usage.input_tokens > 0 and response.usage.output_tokens > 0
+    assert response.usage.input_tokens > 0 and response.usage.output_tokens == len(scripts["answer"])
+    assert response.usage.output_tokens_details.reasoning_tokens == len(harmony.encode("Greet back."))
 
 
 def test_the_sdk_stream_sees_the_event_sequence_and_the_same_response(client):

@@ -115,7 +115,7 @@ def test_truncation_auto_fits_a_conversation_the_engine_would_refuse(client):
 
 def test_logprobs_are_the_engine_s_for_the_answer_s_tokens_as_chat_reports_them(client):
     """Greedy and constrained to the final channel, the same conversation through chat completions and responses:
-    the answer's logprobs are chat's, less the forced header."""
+    the answer's logprobs are chat's, less the forced header and the stop token."""
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
               "required": ["n"], "additionalProperties": False}
     chat = client.chat.completions.create(
@@ -131,8 +131,18 @@ def test_logprobs_are_the_engine_s_for_the_answer_s_tokens_as_chat_reports_them(
     chats = [(entry.token, entry.logprob, [alt.logprob for alt in entry.top_logprobs])
              for entry in chat.choices[0].logprobs.content]
     assert [token for token, _, _ in chats[:3]] == ["<|channel|>", "final", "<|message|>"]
-    assert chats[3:] == ours, "chat's, less the forced header (the stop token is in neither)"
+    assert chats[-1][0] == "<|return|>"  # chat scores every token generated, the stop token included
+    assert chats[3:-1] == ours, "chat's, less the forced header and the stop token (not the answer's text)"
     assert b"".join(bytes(entry.bytes) for entry in part.logprobs) == part.text.encode()
+
+
+def test_usage_counts_the_prompt_tokens_the_prefix_cache_served(client):
+    text = " ".join(f"item {i}" for i in range(60))  # many full KV blocks
+    first = client.responses.create(model="oss", input=text, max_output_tokens=2, temperature=0)
+    again = client.responses.create(model="oss", input=text, max_output_tokens=2, temperature=0)
+    cached = again.usage.input_tokens_details.cached_tokens
+    assert first.usage.input_tokens_details.cached_tokens < cached < again.usage.input_tokens  # (its system
+    # message's blocks may have been cached before: other requests begin with the same one)
 
 
 def test_sigterm_ends_a_followed_background_response_as_failed_by_the_drain_deadline(server):
@@ -148,3 +158,4 @@ def test_sigterm_ends_a_followed_background_response_as_failed_by_the_drain_dead
     assert last["response"]["error"]["code"] == "server_error"
     assert exits_within(server.pid, 8.0)
     assert "Traceback" not in server.log_text()
+

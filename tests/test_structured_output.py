@@ -189,7 +189,8 @@ def test_gpt_oss_answer_opens_on_the_final_channel_then_follows_the_grammar(chec
             outputs[out.index] += out.new_token_ids
     for tokens in outputs.values():
         assert tuple(tokens[: len(header)]) == header
-        assert_compact_json(loaded.tokenizer.decode(tokens[len(header):]), SCHEMA)
+        assert tokens[-1] in chat_format.stop_token_ids  # the grammar's end: a stop token, output as generated
+        assert_compact_json(loaded.tokenizer.decode(tokens[len(header):-1]), SCHEMA)
 
 
 def test_token_outside_the_grammar_fails_that_choice_not_the_engine(checkpoints):

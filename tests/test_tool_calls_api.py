@@ -62,8 +62,9 @@ class ScriptedEngine:
         for position, token in enumerate(tokens):
             last = position == len(tokens) - 1
             finish = None if not last else "stop" if len(tokens) == len(self.script) else "length"
+            stop_token = token if finish == "stop" and token in params.stop_token_ids else None
             for index in range(n):
-                yield ChoiceOutput(index=index, new_token_ids=[token], finish_reason=finish)
+                yield ChoiceOutput(index=index, new_token_ids=[token], finish_reason=finish, stop_token_id=stop_token)
 
     def stop_choice(self, request_id: str, index: int) -> None:
         pass
@@ -233,9 +234,9 @@ def test_a_schema_too_deep_for_openai_harmony_is_a_400_not_a_crash(http):
     assert http.post("/v1/chat/completions", json={"model": "oss", "messages": QUESTION}).status_code == 200
 
 
-def test_the_sdk_types_read_every_field_we_send_but_the_reasoning_ones(client):
+def test_the_sdk_types_read_every_field_we_send_but_vllm_s_extras(client):
     result = client.chat.completions.create(model="oss", messages=QUESTION, tools=[WEATHER_TOOL])
-    assert not result.model_extra and not result.choices[0].model_extra
+    assert not result.model_extra and set(result.choices[0].model_extra) == {"stop_reason"}  # vLLM's, null here
     message = result.choices[0].message
     assert set(message.model_extra) == {"reasoning", "reasoning_content"}
     assert not message.tool_calls[0].model_extra and not message.tool_calls[0].function.model_extra

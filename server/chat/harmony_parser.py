@@ -111,6 +111,7 @@ class HarmonyOutputParser:
             self._header = []
         else:
             self._delta.settled.append(self._target == "content" and token_id not in self._textless)
+            self._delta.reasoning_tokens += self._target == "reasoning"
             self._emit(self._text.feed(token_id))
             return
         self._delta.settled.append(False)

@@ -56,6 +56,7 @@ class ChatDelta:
     # Every token fed is settled once, in order; a harmony header's tokens only when the header ends (as a header,
     # or abandoned as loose content text), so that logprobs can follow the content's own tokens exactly.
     settled: list[bool] = field(default_factory=list)
+    reasoning_tokens: int = 0  # of the tokens fed, how many were the reasoning's own (usage reports them)
 
 
 class ChatOutputParser(Protocol):

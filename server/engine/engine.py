@@ -256,19 +256,19 @@ class LLMEngine:
         if seq.is_finished:
             return None
         params = seq.params
-        new_tokens, new_logprobs, reason = [], [], None
+        new_tokens, new_logprobs, reason, stop_token = [], [], None, None
         if seq.num_output_tokens >= params.max_tokens:
             reason = "length"  # max_tokens=0: the prompt alone was asked for
-        elif token in params.stop_token_ids and not params.ignore_eos:
-            reason = "stop"
         else:
             seq.token_ids.append(token)
             new_tokens.append(token)
             if logprob is not None:
                 new_logprobs.append(logprob)
-            if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            if token in params.stop_token_ids and not params.ignore_eos:
+                reason, stop_token = "stop", token  # an output token like any other (as vLLM counts it)
+            elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = "length"
-            if seq.grammar is not None and not seq.grammar.accept(token):
+            if stop_token is None and seq.grammar is not None and not seq.grammar.accept(token):
                 reason = "error"  # only a row its mask left nothing in: fail the choice, never the engine
         if new_tokens:
             self.metrics.token(seq, now)
@@ -284,6 +284,7 @@ class LLMEngine:
         if reason is not None:
             self._finish(seq, reason)
             out.finish_reason = reason
+            out.stop_token_id = stop_token
             if reason == "error":
                 out.error = "the output left its grammar (response_format or a forced tool call)"
         return seq.request_id, out

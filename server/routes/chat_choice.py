@@ -25,27 +25,34 @@ class StreamDelta:
     content: str = ""
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
     logprobs: list[ChatTokenLogprob] | None = None
+    token_ids: list[int] = field(default_factory=list)
 
 
 class ChatChoice:
     def __init__(self, tokenizer: Tokenizer, parser: ChatOutputParser, stop: list[str], top_logprobs: int | None,
-                 include_stop: bool = False, tokens_as_ids: bool = False, content_logprobs: bool = False):
+                 include_stop: bool = False, tokens_as_ids: bool = False, content_logprobs: bool = False,
+                 client_stop_ids: frozenset[int] = frozenset()):
         """``content_logprobs``: logprobs only for the content's tokens (the Responses API's output_text), not
-        for every token generated (chat completions)."""
+        for every token generated (chat completions). ``client_stop_ids``: the stop tokens the client added (not
+        the chat format's own), which stop_reason names."""
         self._tokenizer = tokenizer
         self._content_logprobs = content_logprobs
         self._tokens_as_ids = tokens_as_ids  # logprobs name tokens "token_id:N"
         self._parser = parser
         self._stop = StopStringMatcher(stop, include_stop)
+        self._include_stop = include_stop
+        self._client_stop_ids = client_stop_ids
         self._top_k = top_logprobs  # None: no logprobs asked for
         self.reasoning = ""
         self.content = ""
         self.tool_calls: list[ToolCall] = []
         self._call_deltas: list[ToolCallDelta] = []  # not streamed yet
         self.logprobs: list[ChatTokenLogprob] | None = [] if top_logprobs is not None else None
-        self.num_tokens = 0
+        self.token_ids: list[int] = []  # every token generated, a stop token included
+        self.reasoning_tokens = 0
         self.finish_reason: FinishReason | None = None
-        self._sent = (0, 0, 0)  # reasoning chars, content chars, logprob entries already streamed
+        self.stop_reason: str | int | None = None  # vLLM's: the stop string or client stop token that ended it
+        self._sent = (0, 0, 0, 0)  # reasoning chars, content chars, logprob entries, token ids already streamed
         self._unsettled: deque[tuple[int, TokenLogprob | None]] = deque()  # content_logprobs: fed, part not known
 
     @property
@@ -53,37 +60,48 @@ class ChatChoice:
         return self.finish_reason is not None
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
     def stopped_by_string(self) -> bool:
         return self._stop.matched is not None
 
     def add(self, output: ChoiceOutput) -> None:
+        """Take in one engine output. The tokens after the one that completes a stop string are dropped, as if
+        never generated; a stop token counts and is scored but the parser never sees it (unless
+        include_stop_str_in_output)."""
         if self.done:
             return
         finish_reason = raise_if_failed(output)
-        self.num_tokens += len(output.new_token_ids)
         scores = output.logprobs or []
-        if self.logprobs is not None and not self._content_logprobs:
-            self.logprobs += [self._logprob(t, s) for t, s in zip(output.new_token_ids, scores)]
         for position, token_id in enumerate(output.new_token_ids):
+            self.token_ids.append(token_id)
+            score = scores[position] if position < len(scores) else None
+            if self.logprobs is not None and not self._content_logprobs and score is not None:
+                self.logprobs.append(self._logprob(token_id, score))
+            if token_id == output.stop_token_id and not self._include_stop:
+                break
             if self.logprobs is not None and self._content_logprobs:
-                self._unsettled.append((token_id, scores[position] if position < len(scores) else None))
-            delta = self._parser.feed(token_id)
-            self._settle(delta.settled)
-            self._take_text(delta)
+                self._unsettled.append((token_id, score))
+            self._take(self._parser.feed(token_id))
             if self.stopped_by_string:
                 break
         if finish_reason is not None and not self.stopped_by_string:
-            last = self._parser.finish()
-            self._settle(last.settled)
-            self._take_text(last)
+            self._take(self._parser.finish())
             if not self.stopped_by_string:
                 self.content += self._stop.flush()
         if self.stopped_by_string:
-            self.finish_reason = "stop"
-        elif finish_reason == "stop" and self.tool_calls:
-            self.finish_reason = "tool_calls"
+            self.finish_reason, self.stop_reason = "stop", self._stop.matched
         elif finish_reason is not None:
-            self.finish_reason = finish_reason
+            self.finish_reason = "tool_calls" if finish_reason == "stop" and self.tool_calls else finish_reason
+            if output.stop_token_id in self._client_stop_ids:
+                self.stop_reason = output.stop_token_id
+
+    def _take(self, delta: ChatDelta) -> None:
+        self._settle(delta.settled)
+        self.reasoning_tokens += delta.reasoning_tokens
+        self._take_text(delta)
 
     def _settle(self, settled: list[bool]) -> None:
         """content_logprobs: the tokens the parser has placed get their logprobs if they are content's."""
@@ -96,11 +114,12 @@ class ChatChoice:
 
     def take_delta(self) -> StreamDelta:
         """What was added since the last call, for the next stream chunk."""
-        reasoning_sent, content_sent, logprobs_sent = self._sent
-        self._sent = (len(self.reasoning), len(self.content), len(self.logprobs or []))
+        reasoning_sent, content_sent, logprobs_sent, tokens_sent = self._sent
+        self._sent = (len(self.reasoning), len(self.content), len(self.logprobs or []), len(self.token_ids))
         new_logprobs = None if self.logprobs is None else self.logprobs[logprobs_sent:]
         calls, self._call_deltas = self._call_deltas, []
-        return StreamDelta(self.reasoning[reasoning_sent:], self.content[content_sent:], calls, new_logprobs)
+        return StreamDelta(self.reasoning[reasoning_sent:], self.content[content_sent:], calls, new_logprobs,
+                           self.token_ids[tokens_sent:])
 
     def _take_text(self, delta: ChatDelta) -> None:
         self.reasoning += delta.reasoning

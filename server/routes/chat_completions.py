@@ -26,6 +26,7 @@ from server.protocol import (
     ChatDeltaMessage,
     ChatLogprobs,
     ChatResponseMessage,
+    CompletionTokensDetails,
     PromptLogprobs,
     PromptTokensDetails,
     Usage,
@@ -81,9 +82,11 @@ class ChatRun:
     def usage(self) -> Usage:
         prompt_tokens = len(self.job.prompt_ids)
         completion_tokens = sum(choice.num_tokens for choice in self.choices)
+        reasoning_tokens = sum(choice.reasoning_tokens for choice in self.choices)
         return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                      total_tokens=prompt_tokens + completion_tokens,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens))
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens),
+                     completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning_tokens))
 
     async def response(self) -> ChatCompletionResponse:
         async for _ in self.run():
@@ -98,31 +101,42 @@ class ChatRun:
                                             tool_calls=c.tool_calls or None),
                 logprobs=None if c.logprobs is None else ChatLogprobs(content=c.logprobs),
                 finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+                token_ids=c.token_ids if self.body.return_token_ids else None,
             )
             for i, c in enumerate(self.choices)
         ]
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.served.name, choices=choices,
-                                      usage=self.usage(), prompt_logprobs=self.prompt_logprobs)
+                                      usage=self.usage(), prompt_logprobs=self.prompt_logprobs,
+                                      prompt_token_ids=self.job.prompt_ids if self.body.return_token_ids else None)
 
     async def chunks(self) -> AsyncGenerator[ChatCompletionChunk, None]:
+        ids = self.body.return_token_ids
         announced = [False] * len(self.choices)
         async for index in self.run():
             choice = self.choices[index]
             if not announced[index]:  # OpenAI's first delta of each choice carries only the role
+                chunk = self._chunk(index, ChatDeltaMessage(role="assistant", content=self.echoed))
+                if ids and not any(announced):  # vLLM's return_token_ids: the prompt goes in the first chunk
+                    chunk.prompt_token_ids = self.job.prompt_ids
                 announced[index] = True
-                yield self._chunk(index, ChatDeltaMessage(role="assistant", content=self.echoed))
+                yield chunk
             new = choice.take_delta()
             if not self.body.include_reasoning:
                 new.reasoning = ""
-            if not (new.reasoning or new.content or new.tool_calls or new.logprobs or choice.done):
+            if not (new.reasoning or new.content or new.tool_calls or new.logprobs or (ids and new.token_ids)
+                    or choice.done):
                 continue
             delta = ChatDeltaMessage(content=new.content or None, reasoning=new.reasoning or None,
                                      reasoning_content=new.reasoning or None, tool_calls=new.tool_calls or None)
             chunk = self._chunk(index, delta)
             if new.logprobs:
                 chunk.choices[0].logprobs = ChatLogprobs(content=new.logprobs)
+            if ids:
+                chunk.choices[0].token_ids = new.token_ids
             if choice.done:
                 chunk.choices[0].finish_reason = choice.finish_reason
+                chunk.choices[0].stop_reason = choice.stop_reason
             yield chunk
         if self.body.stream_options is not None and self.body.stream_options.include_usage:
             yield ChatCompletionChunk(id=self.id, created=self.created, model=self.served.name, choices=[],
@@ -158,7 +172,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     run = ChatRun(
         served, body, PromptJob(prompt, params),
         choices=[ChatChoice(engine.tokenizer, served.chat_format.parser(continued, body.skip_special_tokens), stop,
-                            top_logprobs, body.include_stop_str_in_output, body.return_tokens_as_token_ids)
+                            top_logprobs, body.include_stop_str_in_output, body.return_tokens_as_token_ids,
+                            client_stop_ids=params.stop_token_ids - served.chat_format.stop_token_ids)
                  for _ in range(body.n)],
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), echoed=echoed_text(body),
     )

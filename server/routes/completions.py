@@ -74,6 +74,9 @@ class CompletionRun:
                     self.body.prompt_logprobs, self.body.return_tokens_as_token_ids)
             choice.prompt_logprobs = self.scored_prompts[prompt_index]
 
+    def _prompt_ids(self, choice_index: int) -> list[int]:
+        return self.jobs[choice_index // self.body.n].prompt_ids
+
     def usage(self) -> Usage:
         prompt_tokens = sum(len(job.prompt_ids) for job in self.jobs)
         completion_tokens = sum(choice.num_tokens for choice in self.choices)
@@ -84,19 +87,27 @@ class CompletionRun:
     async def response(self) -> CompletionResponse:
         async for _ in self.run():
             pass
+        ids = self.body.return_token_ids
         choices = [CompletionChoice(index=i, text=c.text, logprobs=c.logprobs, finish_reason=c.finish_reason,
-                                    prompt_logprobs=c.prompt_logprobs)
+                                    stop_reason=c.stop_reason, prompt_logprobs=c.prompt_logprobs,
+                                    prompt_token_ids=self._prompt_ids(i) if ids else None,
+                                    token_ids=c.token_ids if ids else None)
                    for i, c in enumerate(self.choices)]
         return CompletionResponse(id=self.id, created=self.created, model=self.served.name, choices=choices,
                                   usage=self.usage())
 
     async def chunks(self) -> AsyncGenerator[CompletionResponse, None]:
+        ids = self.body.return_token_ids
+        started = [False] * len(self.choices)
         async for index in self.run():
             choice = self.choices[index]
-            text, logprobs = choice.take_delta()
-            if not text and not (logprobs and logprobs.tokens) and not choice.done:
+            text, token_ids, logprobs = choice.take_delta()
+            if not text and not (logprobs and logprobs.tokens) and not (ids and token_ids) and not choice.done:
                 continue
-            delta = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=choice.finish_reason)
+            delta = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=choice.finish_reason,
+                                     stop_reason=choice.stop_reason, token_ids=token_ids if ids else None,
+                                     prompt_token_ids=self._prompt_ids(index) if ids and not started[index] else None)
+            started[index] = True
             chunk = CompletionResponse(id=self.id, created=self.created, model=self.served.name, choices=[delta])
             yield chunk
         if self.body.stream_options is not None and self.body.stream_options.include_usage:
@@ -118,11 +129,12 @@ async def create_completion(body: CompletionRequest, request: Request):
                           default=None)
     grammar = request_grammar(body.response_format, body.structured_outputs)
     await engine.compile_grammar(grammar)
+    model_stop_ids = frozenset((engine.tokenizer.eos_token_id,))
     jobs = []
     for prompt in prompts:
         max_tokens = body.max_tokens if body.max_tokens is not None else engine.default_max_tokens(len(prompt), body.n)
         params = sampling_params(body, engine.tokenizer, max_tokens=max_tokens, logprobs=body.logprobs,
-                                 model_stop_ids=frozenset((engine.tokenizer.eos_token_id,)),
+                                 model_stop_ids=model_stop_ids,
                                  prompt_logprobs=prompt_logprobs, grammar=grammar)
         engine.validate(len(prompt), params, body.n)
         jobs.append(PromptJob(prompt, params))
@@ -130,7 +142,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     run = CompletionRun(
         served, body, jobs,
         choices=[TextChoice(engine.tokenizer, stop, body.logprobs, body.include_stop_str_in_output,
-                            body.return_tokens_as_token_ids, body.skip_special_tokens)
+                            body.return_tokens_as_token_ids, body.skip_special_tokens,
+                            client_stop_ids=frozenset(body.stop_token_ids or ()) - model_stop_ids)
                  for _ in range(len(prompts) * body.n)],
         id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), cached_tokens=[0] * len(prompts),
     )

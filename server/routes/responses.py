@@ -79,6 +79,7 @@ class ResponseRun:
         self.output = ResponseOutput(logprobs)
         self.status = "queued" if body.background else "in_progress"
         self.sequence = 0
+        self.cached_tokens = 0  # prompt tokens the prefix cache served
         self.in_flight: dict[str, ResponseRun] | None = None  # where a foreground run is found while it runs
 
     async def events(self) -> AsyncGenerator[dict, None]:
@@ -92,6 +93,7 @@ class ResponseRun:
             async with MergedOutputs(self.served.engine, self.id, [PromptJob(self.prompt, self.params)],
                                      1) as outputs:
                 async for _, output in outputs:
+                    self.cached_tokens = max(self.cached_tokens, output.num_cached_tokens)
                     self.choice.add(output)
                     for event in self.output.add(self.choice.take_delta()):
                         yield event
@@ -133,8 +135,9 @@ class ResponseRun:
         ended = status not in ("queued", "in_progress")
         if ended:
             output_tokens = self.choice.num_tokens
-            usage = {"input_tokens": len(self.prompt), "input_tokens_details": {"cached_tokens": 0},
-                     "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            usage = {"input_tokens": len(self.prompt), "input_tokens_details": {"cached_tokens": self.cached_tokens},
+                     "output_tokens": output_tokens,
+                     "output_tokens_details": {"reasoning_tokens": self.choice.reasoning_tokens},
                      "total_tokens": len(self.prompt) + output_tokens}
         return {
             "id": self.id, "object": "response", "created_at": self.created, "model": self.served.name,

@@ -13,24 +13,34 @@ from server.routes.engine_calls import raise_if_failed
 
 class TextChoice:
     def __init__(self, tokenizer: Tokenizer, stop: list[str], logprobs: int | None,
-                 include_stop: bool = False, tokens_as_ids: bool = False, skip_special_tokens: bool = True) -> None:
+                 include_stop: bool = False, tokens_as_ids: bool = False, skip_special_tokens: bool = True,
+                 client_stop_ids: frozenset[int] = frozenset()) -> None:
+        """``client_stop_ids``: the stop tokens the client added (not the model's own), which stop_reason names."""
         self._tokenizer = tokenizer
         self._tokens_as_ids = tokens_as_ids  # logprobs name tokens "token_id:N" (text offsets stay the text's)
         self._detokenizer = TokenTextDecoder(tokenizer, skip_special_tokens)
         self._stop = StopStringMatcher(stop, include_stop)
+        self._include_stop = include_stop
+        self._client_stop_ids = client_stop_ids
         self._top_k = logprobs
         self.text = ""
+        self.token_ids: list[int] = []  # every token generated, a stop token included
         self.logprobs = CompletionLogprobs() if logprobs is not None else None
         self.prompt_logprobs: PromptLogprobs | None = None  # vLLM's prompt_logprobs, when asked for
-        self.num_tokens = 0
         self.finish_reason: Literal["stop", "length"] | None = None
+        self.stop_reason: str | int | None = None  # vLLM's: the stop string or client stop token that ended it
         self._sent_chars = 0
+        self._sent_tokens = 0
         self._next_offset: int | None = None  # where the next scored token's text starts; None: at the text's end
         self._sent_logprobs = 0
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
     @property
     def stopped_by_string(self) -> bool:
@@ -46,34 +56,46 @@ class TextChoice:
                 self._add_logprob(self.logprobs, token_id, score)
 
     def add(self, output: ChoiceOutput) -> None:
-        """Take in one engine output; ignored once this choice is done (a stop string ended it early)."""
+        """Take in one engine output; ignored once this choice is done (a stop string ended it early). The
+        tokens after the one that completes a stop string are dropped, as if never generated; a stop token
+        counts and is scored but adds no text (unless include_stop_str_in_output)."""
         if self.done:
             return
         finish_reason = raise_if_failed(output)
-        self.num_tokens += len(output.new_token_ids)
-        if self.logprobs is not None and output.logprobs:
-            for token_id, score in zip(output.new_token_ids, output.logprobs):
-                self._add_logprob(self.logprobs, token_id, score)
-        text = self._stop.feed("".join(self._detokenizer.feed(token_id) for token_id in output.new_token_ids))
+        scores = output.logprobs or []
+        text = ""
+        for position, token_id in enumerate(output.new_token_ids):
+            self.token_ids.append(token_id)
+            if self.logprobs is not None and position < len(scores):
+                self._add_logprob(self.logprobs, token_id, scores[position])
+            if token_id != output.stop_token_id or self._include_stop:
+                text += self._stop.feed(self._detokenizer.feed(token_id))
+            if self.stopped_by_string:
+                break
         if finish_reason is not None and not self.stopped_by_string:
             text += self._stop.feed(self._detokenizer.flush())
             text += "" if self.stopped_by_string else self._stop.flush()
         self.text += text
         if self.stopped_by_string:
-            self.finish_reason = "stop"
+            self.finish_reason, self.stop_reason = "stop", self._stop.matched
         elif finish_reason is not None:
             self.finish_reason = finish_reason
+            if output.stop_token_id in self._client_stop_ids:
+                self.stop_reason = output.stop_token_id
 
-    def take_delta(self) -> tuple[str, CompletionLogprobs | None]:
-        """Text and logprobs added since the last call, for the next stream chunk."""
+    def take_delta(self) -> tuple[str, list[int], CompletionLogprobs | None]:
+        """Text, token ids and logprobs added since the last call, for the next stream chunk."""
         text = self.text[self._sent_chars :]
         self._sent_chars = len(self.text)
+        token_ids = self.token_ids[self._sent_tokens :]
+        self._sent_tokens = len(self.token_ids)
         if self.logprobs is None:
-            return text, None
+            return text, token_ids, None
         start, self._sent_logprobs = self._sent_logprobs, len(self.logprobs.tokens)
         lp = self.logprobs
-        return text, CompletionLogprobs(tokens=lp.tokens[start:], token_logprobs=lp.token_logprobs[start:],
-                                        top_logprobs=lp.top_logprobs[start:], text_offset=lp.text_offset[start:])
+        return text, token_ids, CompletionLogprobs(
+            tokens=lp.tokens[start:], token_logprobs=lp.token_logprobs[start:], top_logprobs=lp.top_logprobs[start:],
+            text_offset=lp.text_offset[start:])
 
     def _add_logprob(self, lp: CompletionLogprobs, token_id: int, score: TokenLogprob | None) -> None:
         offset = len(self.text) if self._next_offset is None else self._next_offset

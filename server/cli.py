@@ -105,6 +105,9 @@ def build_parser(*, defaults: bool = True) -> _Parser:
         action=argparse.BooleanOptionalAction, default=None)
     add("--chat-template", "Jinja chat template (file path or the text) for models without a built-in chat "
         "format (GPT-2)", default=None)
+    add("--trust-request-chat-template", "let requests bring their own chat template (vLLM's chat_template field): "
+        "only for trusted clients, since a template is code that runs on the server, in a sandbox but unbounded "
+        "in time", action="store_true")
     add("--seed", "seed for the global RNGs (per-request seeds come from the request)", type=int, default=None)
 
     group = parser.add_argument_group("engine", "scheduling and the KV cache")

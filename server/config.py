@@ -73,6 +73,7 @@ class ServerConfig:
     seed: int | None = None
     log_level: str = "info"
     chat_template: str | None = None  # a file path or the template text itself, for models without harmony
+    trust_request_chat_template: bool = False  # requests may bring their own chat template (vLLM's flag)
 
 
 SECTIONS = {"load": ModelLoadConfig, "engine": EngineConfig, "parallel": ParallelConfig, "http": HTTPConfig}

@@ -16,6 +16,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from server.chat import HarmonyChatFormat, TemplateChatFormat
+
 
 def install_openapi(app: FastAPI, model_names: list[str]) -> None:
     def openapi() -> dict[str, Any]:
@@ -29,6 +31,8 @@ def install_openapi(app: FastAPI, model_names: list[str]) -> None:
                 _state_limits(document, min(s.engine.max_model_len for s in served),
                               min(s.engine.tokenizer.vocab_size for s in served))
                 _add_examples(document, model_names[0])
+                _state_template_extras(document, [s.chat_format for s in served],
+                                       any(s.request_templates for s in served))
             app.openapi_schema = document
         return app.openapi_schema
 
@@ -80,6 +84,26 @@ def _state_limits(document: dict[str, Any], max_model_len: int, vocab_size: int)
                 {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}]}}
         if "suffix" in properties:  # refused unless null
             properties["suffix"] = {"type": "null", "title": "Suffix", "description": "not supported; must be null"}
+
+
+def _state_template_extras(document: dict[str, Any], formats: list[HarmonyChatFormat | TemplateChatFormat],
+                           request_templates: bool) -> None:
+    """A request's own chat template only on a server that takes them, documents only where a template may use
+    them, and on GPT-OSS alone only the kwargs harmony has."""
+    templates = [f for f in formats if isinstance(f, TemplateChatFormat)]
+    schemas = document.get("components", {}).get("schemas", {})
+    for name in ("ChatCompletionRequest", "TokenizeChatRequest"):
+        properties = schemas.get(name, {}).get("properties", {})
+        if not properties:
+            continue
+        if not (templates and request_templates):
+            properties["chat_template"] = {"type": "null", "description": "this server takes no request templates"}
+            if not any(f.uses_documents for f in templates):
+                properties["documents"] = {"type": "null", "description": "no served chat template uses them"}
+        if not templates:
+            properties["chat_template_kwargs"] = {"anyOf": [{"type": "null"}, {
+                "type": "object", "additionalProperties": False, "properties": {
+                    "reasoning_effort": {"enum": ["low", "medium", "high"]}, "current_date": {"type": "string"}}}]}
 
 
 def _add_examples(document: dict[str, Any], model: str) -> None:

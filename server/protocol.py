@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from server.protocol_base import Strict, WithoutNulls
 from server.protocol_messages import ChatMessageParam
@@ -49,6 +49,9 @@ MAX_CHOICES = 256  # structured_outputs.choice: each is a branch of the grammar 
 MAX_CHOICE_CHARS = 1024
 MAX_REGEX_CHARS = 4096
 MAX_GRAMMAR_CHARS = 65536
+MAX_TEMPLATE_CHARS = 65536  # a request's own chat template, compiled before admission
+# Template variables a request's chat_template_kwargs may not set: the request's own fields give them.
+RESERVED_TEMPLATE_VARIABLES = ("messages", "tools", "documents", "add_generation_prompt", "continue_final_message")
 
 
 def _exactly_one_kind(schema: dict[str, Any]) -> None:
@@ -209,7 +212,39 @@ class ResponseFormat(Strict):
         return self
 
 
-class ChatCompletionRequest(SamplingFields):
+TEMPLATE_VARIABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+TemplateVariable = Annotated[str, Field(pattern=TEMPLATE_VARIABLE_PATTERN, max_length=64)]
+
+
+def _unreserved_names(schema: dict[str, Any]) -> None:
+    names = next(option for option in schema["anyOf"] if option.get("type") == "object")
+    names["propertyNames"] = names.get("propertyNames", {}) | {
+        "pattern": TEMPLATE_VARIABLE_PATTERN, "not": {"enum": list(RESERVED_TEMPLATE_VARIABLES)}}
+
+
+class ChatTemplateFields(Strict):
+    """vLLM's chat-template extras: what a Jinja chat template (GPT-2's) sees beyond the conversation."""
+
+    chat_template: str | None = Field(None, min_length=1, max_length=MAX_TEMPLATE_CHARS, description=(
+        "vLLM extra: this request's Jinja chat template instead of the server's (GPT-2; only on a server started "
+        "with --trust-request-chat-template)"))
+    chat_template_kwargs: dict[TemplateVariable, JsonValue] | None = Field(
+        None, max_length=64, json_schema_extra=_unreserved_names, description=(
+            "vLLM extra: more variables for the template (not the request's own: messages, tools, documents, "
+            "add_generation_prompt, continue_final_message); on GPT-OSS only reasoning_effort and current_date"))
+    documents: Annotated[list[dict[Annotated[str, Field(max_length=64)], str]], Field(max_length=64)] | None = \
+        Field(None, description="vLLM extra: handed to the template as `documents`, for a template that uses them")
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _not_the_request_s_own(cls, kwargs: dict[str, JsonValue] | None) -> dict[str, JsonValue] | None:
+        reserved = sorted(set(kwargs or ()) & set(RESERVED_TEMPLATE_VARIABLES))
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} come from the request's own fields, not chat_template_kwargs")
+        return kwargs
+
+
+class ChatCompletionRequest(ChatTemplateFields, SamplingFields):
     messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
     tools: Annotated[list[ChatTool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(

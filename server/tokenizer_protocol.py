@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from server.protocol import GATEWAY_RESPONSES, ErrorResponse, Strict
+from server.protocol import GATEWAY_RESPONSES, ChatTemplateFields, ErrorResponse, Strict
 from server.protocol_messages import ChatMessageParam
 from server.protocol_tools import ChatTool, NamedToolChoice
 
@@ -24,7 +24,7 @@ class TokenizeCompletionRequest(Strict):
     return_token_strs: bool = Field(False, description="also return each token as its byte-level string")
 
 
-class TokenizeChatRequest(Strict):
+class TokenizeChatRequest(ChatTemplateFields):
     """``messages`` (with ``tools`` and ``reasoning_effort``), rendered as /v1/chat/completions renders them:
     ``count`` is that request's ``usage.prompt_tokens``."""
 

@@ -10,6 +10,7 @@ import pytest
 
 from models.generation import greedy_generate
 from models.loader import load_model
+from models.tokenizer import load_tokenizer
 from server.chat import ChatMessage, HarmonyChatFormat, TemplateChatFormat
 from tests.server_process import ServerProcess
 
@@ -27,7 +28,8 @@ def tiny_gpt_oss_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_gpt2_dir, tiny_gpt_oss_dir):
-    with ServerProcess(["--model", f"tiny={tiny_gpt2_dir}", "--model", f"oss={tiny_gpt_oss_dir}"]) as running:
+    with ServerProcess(["--model", f"tiny={tiny_gpt2_dir}", "--model", f"oss={tiny_gpt_oss_dir}",
+                        "--trust-request-chat-template"]) as running:
         yield running
 
 
@@ -277,3 +279,27 @@ def test_return_token_ids_and_stop_reason_in_chat_streamed_or_not(server, client
     plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3).model_dump(exclude_unset=True)
     assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
     assert plain["choices"][0]["stop_reason"] is None
+
+
+def test_a_request_s_own_template_kwargs_and_documents_render_as_transformers_renders_them(client, tiny_gpt2_dir):
+    """On a server started with --trust-request-chat-template: vLLM's chat_template, chat_template_kwargs and
+    documents, as transformers' apply_chat_template renders them (printed values encoded as ordinary text)."""
+    from transformers import GPT2TokenizerFast
+
+    from tests.test_chat_template import RAG_TEMPLATE
+
+    documents = [{"title": "Tides", "text": "Twice a day."}]
+    kwargs = {"enable_thinking": True, "budget": 64}
+    messages = [{"role": "user", "content": "Why tides?"}]
+    expected = GPT2TokenizerFast.from_pretrained(tiny_gpt2_dir).apply_chat_template(
+        messages, chat_template=RAG_TEMPLATE, tokenize=False, add_generation_prompt=True, documents=documents,
+        **kwargs)
+    result = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, extra_body={
+        "chat_template": RAG_TEMPLATE, "chat_template_kwargs": kwargs, "documents": documents,
+        "return_token_ids": True})
+    assert result.prompt_token_ids == load_tokenizer(tiny_gpt2_dir).encode_ordinary(expected)
+    for template in ("{% for m in messages %}", "{{ messages[0].content }}"):  # a syntax error; no documents
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="tiny", messages=messages, max_tokens=1, extra_body={
+                "chat_template": template, "documents": documents})
+        assert refused.value.body["param"] == ("chat_template" if "for" in template else "documents")

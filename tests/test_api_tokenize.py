@@ -164,3 +164,36 @@ def test_a_server_of_several_models_needs_the_model_named(http):
     assert_error(http.get("/tokenizer_info"), 400, "model")
     assert_error(http.get("/tokenizer_info", params={"model": "nope"}), 404, "model")
     assert_error(http.post("/tokenize", json={"messages": MESSAGES}), 400, "model")
+
+
+def test_template_extras_reach_only_what_each_model_renders_with(http):
+    """vLLM's chat_template_kwargs, documents and chat_template: GPT-2's default template ignores variables it
+    does not use; GPT-OSS's harmony prompt takes only reasoning_effort and current_date; this server takes no
+    request templates (it was not started with --trust-request-chat-template)."""
+    def tokens(model: str, **extra) -> list[int]:
+        response = http.post("/tokenize", json={"model": model, "messages": MESSAGES} | extra)
+        assert response.status_code == 200, response.text
+        return response.json()["tokens"]
+
+    assert tokens("tiny", chat_template_kwargs={"enable_thinking": True}) == tokens("tiny")
+    assert tokens("oss", chat_template_kwargs={"reasoning_effort": "high"}) == tokens("oss", reasoning_effort="high")
+    assert tokens("oss", chat_template_kwargs={"reasoning_effort": "low"}, reasoning_effort="low") \
+        == tokens("oss", reasoning_effort="low")
+    dated = http.post("/detokenize", json={"model": "oss", "tokens": tokens(
+        "oss", chat_template_kwargs={"current_date": "1999-12-31"})}).json()["prompt"]
+    assert "Current date: 1999-12-31" in dated
+    for model, extra, param in [
+            ("oss", {"chat_template_kwargs": {"enable_thinking": True}}, "chat_template_kwargs"),
+            ("oss", {"chat_template_kwargs": {"reasoning_effort": "max"}}, "chat_template_kwargs"),
+            ("oss", {"chat_template_kwargs": {"current_date": 1999}}, "chat_template_kwargs"),
+            ("oss", {"chat_template_kwargs": {"reasoning_effort": "high"}, "reasoning_effort": "low"},
+             "chat_template_kwargs"),
+            ("tiny", {"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+            ("tiny", {"chat_template_kwargs": {"not a name": 1}}, "chat_template_kwargs"),
+            ("tiny", {"documents": [{"text": "x"}]}, "documents"),
+            ("oss", {"documents": [{"text": "x"}]}, "documents"),
+            ("tiny", {"chat_template": "{{ messages[0].content }}"}, "chat_template"),
+            ("oss", {"chat_template": "{{ messages[0].content }}"}, "chat_template")]:
+        assert_error(http.post("/tokenize", json={"model": model, "messages": MESSAGES} | extra), 400, param)
+        assert_error(http.post("/v1/chat/completions", json={"model": model, "messages": MESSAGES,
+                                                             "max_tokens": 1} | extra), 400, param)

@@ -122,3 +122,34 @@ def test_continuing_needs_the_final_messages_text_in_the_rendering(tokenizer):
     with pytest.raises(ValueError, match="does not print"):
         TemplateChatFormat(tokenizer, hides_it).render([ChatMessage("assistant", "Hi")], add_generation_prompt=False,
                                                        continue_final_message=True)
+
+
+RAG_TEMPLATE = ("{% if documents %}{% for d in documents %}[{{ d.title }}] {{ d.text }}\n{% endfor %}{% endif %}"
+                "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                "{% if enable_thinking %}(think {{ budget }}){% endif %}{% if add_generation_prompt %}assistant:"
+                "{% endif %}")
+
+
+def test_template_variables_and_documents_render_as_transformers_renders_them(tokenizer, tmp_path: Path):
+    """vLLM hands chat_template_kwargs and documents to transformers' apply_chat_template; the prompt is its
+    rendering, printed values (a document's special-token lookalike too) encoded as ordinary text."""
+    from transformers import GPT2TokenizerFast
+
+    write_gpt2_tokenizer(tmp_path)
+    documents = [{"title": "Tides", "text": "Twice a day."}, {"title": "Moon", "text": "<|endoftext|> pulls."}]
+    kwargs = {"enable_thinking": True, "budget": [1, 2]}
+    conversation = [{"role": "user", "content": "Why tides?"}]
+    expected = GPT2TokenizerFast.from_pretrained(tmp_path).apply_chat_template(
+        conversation, chat_template=RAG_TEMPLATE, tokenize=False, add_generation_prompt=True, documents=documents,
+        **kwargs)
+    assert "(think [1, 2])" in expected and "[Moon] <|endoftext|> pulls." in expected
+    ids = TemplateChatFormat(tokenizer, RAG_TEMPLATE).render([ChatMessage("user", "Why tides?")],
+                                                            variables=kwargs | {"documents": documents})
+    assert ids == tokenizer.encode_ordinary(expected)
+
+
+def test_template_variables_cannot_replace_the_conversation(tokenizer):
+    chat = TemplateChatFormat(tokenizer, RAG_TEMPLATE)
+    ids = chat.render([ChatMessage("user", "Hi")], add_generation_prompt=False,
+                      variables={"messages": [], "add_generation_prompt": True})
+    assert tokenizer.decode(ids) == "user: Hi\n"

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import datetime
 import functools
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import openai_harmony as oh
 
@@ -62,9 +63,12 @@ class HarmonyChatFormat:
 
     def render(self, messages: list[ChatMessage], *, tools: list[FunctionTool] | None = None,
                reasoning_effort: str | None = None, current_date: str | None = None,
-               add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
+               add_generation_prompt: bool = True, continue_final_message: bool = False,
+               variables: Mapping[str, Any] | None = None) -> list[int]:
         """Prompt ids ending with `<|start|>assistant` (see the module docstring for the other two endings);
-        `current_date` is YYYY-MM-DD, default today."""
+        `current_date` is YYYY-MM-DD, default today. There is no template, so no ``variables`` for one."""
+        if variables:
+            raise ValueError(f"a harmony prompt has no template to take {', '.join(sorted(variables))}")
         effort = reasoning_effort or DEFAULT_REASONING_EFFORT
         if effort not in REASONING_EFFORTS:
             raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {effort!r}")

@@ -1,9 +1,10 @@
 """Chat prompts for models without harmony (GPT-2): a Jinja template renders the conversation as text.
 
 The template sees `messages` (dicts with `role`, `content`, `reasoning`, `tool_calls`, `tool_call_id`),
-`tools` (dicts with `name`, `description`, `parameters`), `add_generation_prompt`, `reasoning_effort` and
-`current_date`. With `continue_final_message`, as in transformers, the text is cut where the final message's
-text ends (found by a mark appended to it), so the model continues that message. Tools are refused unless
+`tools` (dicts with `name`, `description`, `parameters`), `add_generation_prompt`, `reasoning_effort`,
+`current_date`, and whatever else a request gives it (vLLM's `chat_template_kwargs` and `documents`). With
+`continue_final_message`, as in transformers, the text is cut where the final message's text ends (found by a
+mark appended to it), so the model continues that message. Tools are refused unless
 the template's text mentions `tools`: the default one does not, and silently dropping them would let a client
 believe the model saw them. The default, DEFAULT_CHAT_TEMPLATE, writes a plain transcript and leaves the model
 to continue after "Assistant:":
@@ -23,8 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -71,6 +73,7 @@ class TemplateChatFormat:
         self.stop_token_ids = frozenset((tokenizer.eos_token_id,))
         self.template_text = template if template is not None else DEFAULT_CHAT_TEMPLATE
         self.uses_tools = "tools" in self.template_text
+        self.uses_documents = "documents" in self.template_text
         environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                     finalize=fence_printed_value)
         try:
@@ -82,16 +85,20 @@ class TemplateChatFormat:
 
     def render(self, messages: list[ChatMessage], *, tools: list[FunctionTool] | None = None,
                reasoning_effort: str | None = None, current_date: str | None = None,
-               add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
+               add_generation_prompt: bool = True, continue_final_message: bool = False,
+               variables: Mapping[str, Any] | None = None) -> list[int]:
+        """``variables``: more for the template to see; they may replace reasoning_effort and current_date, not
+        the conversation's own (messages, tools, add_generation_prompt)."""
         if tools and not self.uses_tools:
             raise ValueError("this model's chat template does not use `tools`: tool calling needs a GPT-OSS "
                              "model or a --chat-template that renders them")
         listed = [dataclasses.asdict(m) for m in messages]
         if continue_final_message:
             listed[-1]["content"] += CONTINUE_MARK
-        text = self.template.render(messages=listed, tools=[dataclasses.asdict(t) for t in tools or []],
-                                    add_generation_prompt=add_generation_prompt, reasoning_effort=reasoning_effort,
-                                    current_date=current_date)
+        context = {"reasoning_effort": reasoning_effort, "current_date": current_date, **(variables or {}),
+                   "messages": listed, "tools": [dataclasses.asdict(t) for t in tools or []],
+                   "add_generation_prompt": add_generation_prompt}
+        text = self.template.render(context)
         if continue_final_message:
             text = cut_at_continue_mark(text)
         return self._encode(text)

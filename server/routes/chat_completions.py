@@ -157,7 +157,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     check_prompt_logprobs(body)
     grammar = chat_grammar(served, body)
-    prompt = truncated(render_prompt(served, body), body.truncate_prompt_tokens, engine.max_model_len)
+    prompt = truncated(render_chat_prompt(served, body), body.truncate_prompt_tokens, engine.max_model_len)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:
         max_tokens = engine.default_max_tokens(len(prompt), body.n)
@@ -206,9 +206,3 @@ def echoed_text(body: ChatCompletionRequest) -> str:
     last = body.messages[-1]
     return assistant_text(last) if body.echo and isinstance(last, AssistantMessage) else ""
 
-
-def render_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
-    """The prompt ids of a chat request (also what /tokenize counts for the same request)."""
-    return render_chat_prompt(served.chat_format, body.messages, tools=body.tools, tool_choice=body.tool_choice,
-                              reasoning_effort=body.reasoning_effort, add_generation_prompt=body.add_generation_prompt,
-                              continue_final_message=body.continue_final_message)

@@ -3,6 +3,12 @@
 `render_chat_prompt` is the one place this happens, so every route that shows or counts a chat prompt
 (chat completions, /tokenize) renders the same ids.
 
+vLLM's template extras: `chat_template` (a request's own template, on a server started with
+--trust-request-chat-template), `chat_template_kwargs` (more template variables) and `documents` (the template's
+`documents`) reach a Jinja template (GPT-2's). GPT-OSS's prompt is harmony's, rendered without a template: of
+the kwargs it takes only what harmony has, `reasoning_effort` and `current_date`; the rest are 400s, as is a
+template or documents for it.
+
 tool_choice: "auto" (the default) and "none" follow OpenAI; with "none" the tools are left out of the
 prompt, so the model is not told of them. "required" and a named function render the prompt exactly as
 "auto" does; the call is forced by constrained decoding, not by the prompt (see routes.forced_call).
@@ -12,34 +18,82 @@ at most one generated call.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jinja2
 
 from server.chat import ChatMessage, FunctionTool, HarmonyChatFormat, TemplateChatFormat, ToolCall
-from server.protocol import APIError
+from server.protocol import APIError, ChatCompletionRequest
 from server.protocol_messages import AssistantMessage, ChatMessageParam, FunctionMessage, TextContentPart, ToolMessage
 from server.protocol_tools import ChatTool, NamedToolChoice
+from server.routes.models import ServedModel
+
+HARMONY_VARIABLES = ("reasoning_effort", "current_date")  # what chat_template_kwargs may set on GPT-OSS
 
 
-def render_chat_prompt(chat_format: HarmonyChatFormat | TemplateChatFormat, messages: list[ChatMessageParam], *,
-                       tools: list[ChatTool] | None = None, tool_choice: str | NamedToolChoice | None = None,
-                       reasoning_effort: str | None = None, add_generation_prompt: bool = True,
-                       continue_final_message: bool = False) -> list[int]:
+def render_chat_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
     """Prompt ids for the conversation; bad input is a 400 naming the parameter."""
-    if add_generation_prompt and continue_final_message:
+    if body.add_generation_prompt and body.continue_final_message:
         raise APIError(400, "continue_final_message needs add_generation_prompt: false (the final message is "
                        "continued, no new one started)", param="continue_final_message")
-    offered = function_tools(tools or [], tool_choice)
-    return render_messages(chat_format, [chat_message(m) for m in messages], offered, reasoning_effort,
-                           add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
+    chat_format = request_chat_format(served, body.chat_template)
+    variables: dict[str, Any] = dict(body.chat_template_kwargs or {})
+    effort = variables.pop("reasoning_effort", None)
+    if None not in (effort, body.reasoning_effort) and effort != body.reasoning_effort:
+        raise APIError(400, "chat_template_kwargs sets reasoning_effort to another value than the request's",
+                       param="chat_template_kwargs")
+    current_date = None
+    if isinstance(chat_format, HarmonyChatFormat):
+        current_date = variables.pop("current_date", None)
+        _check_harmony_variables(variables, effort, current_date)
+    if body.documents is not None:
+        if not isinstance(chat_format, TemplateChatFormat) or not chat_format.uses_documents:
+            raise APIError(400, "documents: this model's chat template does not use them", param="documents")
+        variables["documents"] = body.documents
+    offered = function_tools(body.tools or [], body.tool_choice)
+    return render_messages(chat_format, [chat_message(m) for m in body.messages], offered,
+                           body.reasoning_effort or effort, add_generation_prompt=body.add_generation_prompt,
+                           continue_final_message=body.continue_final_message, current_date=current_date,
+                           variables=variables)
+
+
+def request_chat_format(served: ServedModel, chat_template: str | None) -> HarmonyChatFormat | TemplateChatFormat:
+    """The model's chat format, or one of the request's own template where the server allows it."""
+    if chat_template is None:
+        return served.chat_format
+    if isinstance(served.chat_format, HarmonyChatFormat):
+        raise APIError(400, "chat_template: GPT-OSS's prompt is harmony's, rendered without a template",
+                       param="chat_template")
+    if not served.request_templates:
+        raise APIError(400, "chat_template: this server takes no chat template from requests (it would need "
+                       "--trust-request-chat-template)", param="chat_template")
+    try:
+        return TemplateChatFormat(served.engine.tokenizer, chat_template)
+    except ValueError as e:
+        raise APIError(400, f"chat_template: {e}", param="chat_template") from None
+
+
+def _check_harmony_variables(rest: dict[str, Any], effort: Any, current_date: Any) -> None:
+    if rest:
+        raise APIError(400, f"chat_template_kwargs: GPT-OSS's prompt is harmony's, rendered without a template; of "
+                       f"the kwargs it takes only {' and '.join(HARMONY_VARIABLES)}, not {', '.join(sorted(rest))}",
+                       param="chat_template_kwargs")
+    if effort is not None and effort not in ("low", "medium", "high"):
+        raise APIError(400, "chat_template_kwargs: reasoning_effort must be low, medium or high",
+                       param="chat_template_kwargs")
+    if current_date is not None and not isinstance(current_date, str):
+        raise APIError(400, "chat_template_kwargs: current_date must be a string (YYYY-MM-DD)",
+                       param="chat_template_kwargs")
 
 
 def render_messages(chat_format: HarmonyChatFormat | TemplateChatFormat, messages: list[ChatMessage],
                     tools: list[FunctionTool], reasoning_effort: str | None, param: str = "messages", *,
-                    add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
+                    add_generation_prompt: bool = True, continue_final_message: bool = False,
+                    current_date: str | None = None, variables: dict[str, Any] | None = None) -> list[int]:
     try:
-        return chat_format.render(messages, tools=tools, reasoning_effort=reasoning_effort,
+        return chat_format.render(messages, tools=tools, reasoning_effort=reasoning_effort, current_date=current_date,
                                   add_generation_prompt=add_generation_prompt,
-                                  continue_final_message=continue_final_message)
+                                  continue_final_message=continue_final_message, variables=variables)
     except (ValueError, jinja2.TemplateError) as e:
         raise APIError(400, f"{param}: cannot render the conversation: {e}", param=param) from None
 

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from models.tokenizer import byte_level_text
 from server.protocol import APIError, ChatCompletionRequest
-from server.routes.chat_completions import render_prompt
+from server.routes.chat_prompt import render_chat_prompt
 from server.routes.models import ServedModel, find_model
 from server.routes.sampling import check_token_ids, tokenize_prompts
 from server.tokenizer_protocol import (
@@ -52,7 +52,8 @@ async def get_tokenizer_info(request: Request, model: str | None = Query(None)) 
 
 def _chat_prompt(served: ServedModel, body: TokenizeChatRequest) -> list[int]:
     """The chat request these fields make, rendered by the chat endpoint's own code."""
-    names = ("messages", "tools", "tool_choice", "reasoning_effort", "add_generation_prompt", "continue_final_message")
+    names = ("messages", "tools", "tool_choice", "reasoning_effort", "add_generation_prompt", "continue_final_message",
+             "chat_template", "chat_template_kwargs", "documents")
     fields = {name: getattr(body, name) for name in names if getattr(body, name) is not None}
     fields["model"] = served.name  # the body may leave it out
     try:
@@ -61,4 +62,4 @@ def _chat_prompt(served: ServedModel, body: TokenizeChatRequest) -> list[int]:
         first = e.errors()[0]
         path = ".".join(str(part) for part in first["loc"])
         raise APIError(400, f"{path}: {first['msg']}", param=str(first["loc"][0])) from None
-    return render_prompt(served, chat_request)
+    return render_chat_prompt(served, chat_request)

@@ -56,7 +56,7 @@ RESERVED_TEMPLATE_VARIABLES = ("messages", "tools", "documents", "add_generation
 
 def _exactly_one_kind(schema: dict[str, Any]) -> None:
     """The validator's rule, stated in the document: exactly one kind given, and not null (json_object true)."""
-    kinds = ["json", "json_object", "regex", "choice", "grammar"]
+    kinds = ["json", "json_object", "regex", "choice", "grammar", "structural_tag"]
     schema["oneOf"] = [{"required": [kind], "properties": {
         kind: {"const": True} if kind == "json_object" else {"not": {"type": "null"}}}} for kind in kinds]
 
@@ -75,13 +75,16 @@ class StructuredOutputs(Strict):
         None, description="the text is exactly one of these")
     grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS,
                                 description="the text is a sentence of this EBNF grammar (xgrammar's, from `root`)")
+    structural_tag: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS, description=(
+        "JSON text: {\"structures\", \"triggers\"} as in response_format, or xgrammar's structural tag "
+        "{\"type\": \"structural_tag\", \"format\": ...}"))
 
     @model_validator(mode="after")
     def _exactly_one(self) -> StructuredOutputs:
         given = [self.json_ is not None, bool(self.json_object), self.regex is not None, self.choice is not None,
-                 self.grammar is not None]
+                 self.grammar is not None, self.structural_tag is not None]
         if sum(given) != 1:
-            raise ValueError("exactly one of json, json_object, regex, choice and grammar is required")
+            raise ValueError("exactly one of json, json_object, regex, choice, grammar and structural_tag is required")
         return self
 
 
@@ -109,7 +112,7 @@ def _masks_without_a_constraint(schema: dict[str, Any]) -> None:
     """The engine's rules, stated in the document: allowed_token_ids and a constraint never come together, and
     bad_words comes with neither."""
     constraining_format = {"required": ["response_format"], "properties": {"response_format": {
-        "type": "object", "properties": {"type": {"enum": ["json_object", "json_schema"]}}}}}
+        "type": "object", "properties": {"type": {"enum": ["json_object", "json_schema", "structural_tag"]}}}}}
     constraint = [_given("structured_outputs"), constraining_format]
     schema["not"] = {"anyOf": [
         {"allOf": [_given("allowed_token_ids"), {"anyOf": constraint}]},
@@ -188,27 +191,49 @@ class JsonSchemaFormat(Strict):
     strict: bool | None = Field(None, description="the schema is always enforced, whatever this says")
 
 
-def _json_schema_iff_its_type(schema: dict[str, Any]) -> None:
-    """The validator's rule, stated in the document: json_schema given (not null) exactly with its type."""
+class StructuralTagItem(Strict):
+    """vLLM's structural tag: where the output writes ``begin``, a JSON value valid under ``schema`` follows, then
+    ``end``."""
+
+    begin: str = Field(min_length=1, max_length=256)
+    schema_: dict[str, Any] = Field(alias="schema")
+    end: str = Field(max_length=256)
+
+
+FORMAT_PARTS = {"json_schema": ("json_schema",), "structural_tag": ("structures", "triggers"), "text": (),
+                "json_object": ()}
+
+
+def _parts_with_their_type(schema: dict[str, Any]) -> None:
+    """The validator's rule, stated in the document: json_schema given (not null) exactly with its type, and
+    structures and triggers exactly with structural_tag."""
+    every = [part for parts in FORMAT_PARTS.values() for part in parts]
     schema["oneOf"] = [
-        {"properties": {"type": {"const": "json_schema"}, "json_schema": {"not": {"type": "null"}}},
-         "required": ["json_schema"]},
-        {"properties": {"type": {"enum": ["text", "json_object"]}, "json_schema": {"type": "null"}}},
-    ]
+        {"properties": {"type": {"const": kind}} | {
+            part: {"not": {"type": "null"}} if part in parts else {"type": "null"} for part in every}}
+        | ({"required": list(parts)} if parts else {})
+        for kind, parts in FORMAT_PARTS.items()]
 
 
 class ResponseFormat(Strict):
-    """``json_object``: the output is one JSON object; ``json_schema``: one JSON value valid under the schema."""
+    """``json_object``: the output is one JSON object; ``json_schema``: one JSON value valid under the schema;
+    ``structural_tag`` (vLLM's): free text in which each trigger opens one of the structures."""
 
-    model_config = ConfigDict(json_schema_extra=_json_schema_iff_its_type)
+    model_config = ConfigDict(json_schema_extra=_parts_with_their_type)
 
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+    structures: Annotated[list[StructuralTagItem], Field(min_length=1, max_length=64)] | None = None
+    triggers: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]],
+                        Field(min_length=1, max_length=64)] | None = Field(
+        None, description="each structure's begin starts with one of these")
 
     @model_validator(mode="after")
-    def _schema_iff_json_schema(self) -> ResponseFormat:
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("json_schema is required with type 'json_schema', and only there")
+    def _parts_match_the_type(self) -> ResponseFormat:
+        for kind, parts in FORMAT_PARTS.items():
+            for part in parts:
+                if (self.type == kind) != (getattr(self, part) is not None):
+                    raise ValueError(f"{part} is required with type {kind!r}, and only there")
         return self
 
 

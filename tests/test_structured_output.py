@@ -40,6 +40,11 @@ REGEX = r"[0-9]{3}-[a-z]{2}( [A-Z][a-z]{0,3})?"
 CHOICES = ["yes", "no", "maybe so", "two\nlines é"]  # a newline: regexes and grammars may use control characters
 GRAMMAR = 'root ::= item ("," item){0,3} "."\nitem ::= "a" | "bc" | [0-9]{1,2}'
 GRAMMAR_LANGUAGE = re.compile(r"(a|bc|[0-9]{1,2})(,(a|bc|[0-9]{1,2})){0,3}\.")
+ANSWER_TAG = {"type": "structural_tag", "format": {"type": "tag", "begin": "<answer>", "content": {
+    "type": "json_schema", "json_schema": {"enum": ["yes", "no", 42]}}, "end": "</answer>"}}
+WEATHER_STRUCTURES = {"structures": [{"begin": "<f=weather>", "schema": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]},
+    "end": "</f>"}], "triggers": ["<f="]}
 # each structured_outputs constraint, and what every text it lets out must satisfy
 STRUCTURED = {
     "regex": ({"regex": REGEX}, lambda text: re.fullmatch(REGEX, text) is not None),
@@ -49,6 +54,8 @@ STRUCTURED = {
     "json": ({"json": SCHEMA}, lambda text: assert_compact_json(text, SCHEMA) is None),
     "json-text": ({"json": json.dumps(SCHEMA)}, lambda text: assert_compact_json(text, SCHEMA) is None),
     "json_object": ({"json_object": True}, lambda text: assert_compact_json(text, {"type": "object"}) is None),
+    "structural_tag": ({"structural_tag": json.dumps(ANSWER_TAG)},
+                       lambda text: text in ('<answer>"yes"</answer>', '<answer>"no"</answer>', "<answer>42</answer>")),
 }
 
 
@@ -163,6 +170,12 @@ def test_greedy_choice_is_the_same_json_streamed_or_not(http):
     ({"structured_outputs": {"json": "[1]"}}, "structured_outputs"),
     ({"structured_outputs": {"json": {"type": "no-such-type"}}}, "structured_outputs"),
     ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "structured_outputs"),
+    ({"response_format": {"type": "structural_tag", "structures": [{"begin": "<g>", "schema": {}, "end": "</g>"}],
+                          "triggers": ["<f="]}}, "response_format"),  # a begin no trigger starts
+    ({"response_format": {"type": "structural_tag", "triggers": ["<f="]}}, "response_format"),
+    ({"structured_outputs": {"structural_tag": "{not json"}}, "structured_outputs"),
+    ({"structured_outputs": {"structural_tag": '{"triggers": ["<f="]}'}}, "structured_outputs"),
+    ({"structured_outputs": {"structural_tag": '{"format": {"type": "no-such-format"}}'}}, "structured_outputs"),
 ])
 def test_unservable_constraints_are_400_naming_the_field(http, extra, param):
     response = http.post("/chat/completions", json={"model": "gpt2", "messages": MESSAGES} | extra)
@@ -205,3 +218,53 @@ def test_token_outside_the_grammar_fails_that_choice_not_the_engine(checkpoints)
     engine.add_request("next", loaded.tokenizer.encode("Hi"), SamplingParams(max_tokens=4, temperature=0))
     while engine.has_work:
         engine.step()
+
+
+def test_structural_tags_accept_what_xgrammar_s_own_legacy_form_accepts(checkpoints):
+    """vLLM's structures and triggers become xgrammar's triggered tags; xgrammar's deprecated API for exactly
+    that form is the oracle: the same texts pass (free text; a trigger opens a tag, then valid JSON, its end)."""
+    import xgrammar as xgr
+
+    from models.tokenizer import load_tokenizer
+    from server.engine.structured_output import GrammarCompiler
+    from server.routes.response_format import structural_tag
+
+    tokenizer = load_tokenizer(checkpoints["gpt2"])
+    tags = ResponseFormat.model_validate({"type": "structural_tag"} | WEATHER_STRUCTURES | {"structures": [
+        *WEATHER_STRUCTURES["structures"], {"begin": "<f=pick>", "schema": {"enum": [1, 2]}, "end": "</f>"}]})
+    ours = GrammarCompiler(tokenizer).compile(GrammarSpec(None, structural_tag=structural_tag(tags.structures,
+                                                                                          tags.triggers)))
+    info = xgr.TokenizerInfo([b"" if i in tokenizer.special_tokens.values() else tokenizer.token_bytes(i)
+                              for i in range(tokenizer.vocab_size)], xgr.VocabType.RAW,
+                             vocab_size=tokenizer.vocab_size, stop_token_ids=[tokenizer.eos_token_id])
+    legacy = xgr.GrammarCompiler(info, max_threads=1).compile_structural_tag(
+        [xgr.StructuralTagItem(begin=t.begin, schema=json.dumps(t.schema_), end=t.end) for t in tags.structures],
+        tags.triggers)
+
+    def accepts(grammar, text: str) -> bool:
+        matcher = xgr.GrammarMatcher(grammar)
+        return all(matcher.accept_token(t) for t in tokenizer.encode_ordinary(text)) \
+            and matcher.accept_token(tokenizer.eos_token_id)
+
+    texts = ['hi <f=weather>{"city": "Oslo"}</f> bye', '<f=pick>2</f><f=pick>1</f>', "plain words", "",
+             '<f=pick>3</f>', '<f=weather>{"town": "Oslo"}</f>', "a <f=nope>", '<f=pick> 1 </f>',
+             '<f=weather>{"city": "Oslo-by-the-sea"}</f>']
+    verdicts = [accepts(ours, text) for text in texts]
+    assert verdicts == [accepts(legacy, text) for text in texts]
+    assert verdicts[:4] == [True] * 4 and not any(verdicts[4:])
+
+
+def test_structural_tag_response_format_is_served_and_its_tags_hold(http):
+    """Free text (a random model rarely writes a trigger, so this checks the path and any tag it did write)."""
+    for model in ("gpt2", "oss"):
+        body = {"model": model, "messages": MESSAGES, "max_tokens": 30, "n": 2, "seed": 3,
+                "response_format": {"type": "structural_tag"} | WEATHER_STRUCTURES}
+        response = http.post("/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        for choice in response.json()["choices"]:
+            text = choice["message"]["content"] or ""
+            for opened in text.split("<f=")[1:]:
+                match = re.match(r"weather>(.*?)</f>", opened, re.DOTALL)
+                assert match or len(opened) < 40, text  # a tag cut short by max_tokens
+                if match:
+                    jsonschema.validate(json.loads(match.group(1)), WEATHER_STRUCTURES["structures"][0]["schema"])

@@ -21,6 +21,7 @@ class GrammarSpec:
     param: str = "response_format"  # the request field a schema that cannot be compiled came from
     regex: str | None = None  # instead of JSON: the output is a full match of this regular expression
     ebnf: str | None = None  # instead of JSON: the output is a sentence of this grammar (xgrammar's EBNF, from root)
+    structural_tag: str | None = None  # instead of JSON: free text with tagged JSON (xgrammar's structural tag)
 
     @property
     def forced_tokens(self) -> int:

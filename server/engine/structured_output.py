@@ -5,9 +5,9 @@ the sampler, so it moves with the engine core. xgrammar does the work (chosen by
 bench/NOTES.md). JSON is compact: no free whitespace, since the o200k vocabulary has hundreds of whitespace tokens
 a random-weight model would otherwise run through forever.
 
-A regular expression or an EBNF grammar (vLLM's ``structured_outputs``) is the client's own language: its tokens
-may hold any bytes, control characters included, so it compiles against a second vocabulary table, built on first
-use.
+A regular expression, an EBNF grammar or a structural tag (vLLM's ``structured_outputs``, its free text) is the
+client's own language: its tokens may hold any bytes, control characters included, so it compiles against a
+second vocabulary table, built on first use.
 
 A forced tool call among several functions runs in two stages, since special tokens have no bytes in a grammar:
 first a grammar over the functions' names as plain text, ended by the first token of the call header (which the
@@ -115,12 +115,15 @@ class GrammarCompiler:
                 return self._cache[spec]
         for call in spec.calls:
             self.compile(argument_spec(spec, call))
-        what = "regular expression" if spec.regex is not None else "grammar" if spec.ebnf is not None else "JSON schema"
+        what = ("regular expression" if spec.regex is not None else "grammar" if spec.ebnf is not None
+                else "structural tag" if spec.structural_tag is not None else "JSON schema")
         try:
             if spec.regex is not None:
                 compiled = self._texts().compile_regex(spec.regex)
             elif spec.ebnf is not None:
                 compiled = self._texts().compile_grammar(spec.ebnf)
+            elif spec.structural_tag is not None:
+                compiled = self._texts().compile_structural_tag(spec.structural_tag)
             elif spec.calls:
                 compiled = self._compiler.compile_grammar(names_grammar(spec.calls))
             elif spec.json_schema is None:

@@ -62,9 +62,9 @@ def _pin_model_names(document: dict[str, Any], model_names: list[str]) -> None:
 
 def _state_limits(document: dict[str, Any], max_model_len: int, vocab_size: int) -> None:
     schemas = document.get("components", {}).get("schemas", {})
-    for name in ("CompletionRequest", "ChatCompletionRequest", "PerplexityRequest"):
+    for name in ("CompletionRequest", "ChatCompletionRequest", "PerplexityRequest", "DetokenizeRequest"):
         properties = schemas.get(name, {}).get("properties", {})
-        for field in ("prompt", "input", "stop_token_ids", "allowed_token_ids"):  # every integer is a token id
+        for field in ("prompt", "input", "stop_token_ids", "allowed_token_ids", "tokens"):  # every integer: a token id
             for node in _nodes(properties.get(field), "integer"):
                 node["maximum"] = vocab_size - 1
         for field in ("max_tokens", "max_completion_tokens", "stride"):  # a prompt takes at least one token

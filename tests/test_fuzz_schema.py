@@ -74,6 +74,10 @@ def test_openapi_document_describes_every_route_and_its_errors(server):
         role: f"#/components/schemas/{role.capitalize()}Message"
         for role in ("system", "developer", "user", "assistant", "tool", "function")}}
     assert "tool_call_id" in schemas["ToolMessage"]["required"]
+    assert schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]["maximum"] == 50256  # the vocabulary's last
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    assert chat["chat_template"]["type"] == "null"  # not started with --trust-request-chat-template
+    assert chat["documents"]["type"] == "null"  # the default template uses none
 
 
 def test_schemathesis_finds_no_server_error_nor_schema_mismatch(server, tmp_path):

@@ -56,7 +56,7 @@ class StopStringMatcher:
 
     def __init__(self, stop: list[str], keep_match: bool = False) -> None:
         self._stop = [s for s in stop if s]
-        self._keep_match = keep_match
+        self.keep_match = keep_match  # include_stop_str_in_output: a stop token that ends a choice is text too
         self._pending = ""
         self.matched: str | None = None
 
@@ -68,7 +68,7 @@ class StopStringMatcher:
         if hits:
             index, self.matched = min(hits)
             self._pending = ""
-            return pending[: index + len(self.matched)] if self._keep_match else pending[:index]
+            return pending[: index + len(self.matched)] if self.keep_match else pending[:index]
         keep = self._longest_stop_prefix_suffix(pending)
         self._pending = pending[len(pending) - keep :]
         return pending[: len(pending) - keep]

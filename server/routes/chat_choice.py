@@ -40,7 +40,6 @@ class ChatChoice:
         self._tokens_as_ids = tokens_as_ids  # logprobs name tokens "token_id:N"
         self._parser = parser
         self._stop = StopStringMatcher(stop, include_stop)
-        self._include_stop = include_stop
         self._client_stop_ids = client_stop_ids
         self._top_k = top_logprobs  # None: no logprobs asked for
         self.reasoning = ""
@@ -80,7 +79,7 @@ class ChatChoice:
             score = scores[position] if position < len(scores) else None
             if self.logprobs is not None and not self._content_logprobs and score is not None:
                 self.logprobs.append(self._logprob(token_id, score))
-            if token_id == output.stop_token_id and not self._include_stop:
+            if token_id == output.stop_token_id and not self._stop.keep_match:
                 break
             if self.logprobs is not None and self._content_logprobs:
                 self._unsettled.append((token_id, score))

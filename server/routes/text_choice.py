@@ -20,7 +20,6 @@ class TextChoice:
         self._tokens_as_ids = tokens_as_ids  # logprobs name tokens "token_id:N" (text offsets stay the text's)
         self._detokenizer = TokenTextDecoder(tokenizer, skip_special_tokens)
         self._stop = StopStringMatcher(stop, include_stop)
-        self._include_stop = include_stop
         self._client_stop_ids = client_stop_ids
         self._top_k = logprobs
         self.text = ""
@@ -68,7 +67,7 @@ class TextChoice:
             self.token_ids.append(token_id)
             if self.logprobs is not None and position < len(scores):
                 self._add_logprob(self.logprobs, token_id, scores[position])
-            if token_id != output.stop_token_id or self._include_stop:
+            if token_id != output.stop_token_id or self._stop.keep_match:
                 text += self._stop.feed(self._detokenizer.feed(token_id))
             if self.stopped_by_string:
                 break

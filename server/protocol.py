@@ -274,7 +274,8 @@ class ChatCompletionRequest(ChatTemplateFields, SamplingFields):
     tools: Annotated[list[ChatTool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="default auto with tools; required and named force a call (GPT-OSS only)")
-    parallel_tool_calls: bool | None = Field(None, description="harmony makes one call per turn either way")
+    parallel_tool_calls: bool | None = Field(
+        None, description="false: a forced call on a chat-template model is one call (harmony makes one per turn)")
     max_tokens: int | None = Field(None, ge=0, description="deprecated alias of max_completion_tokens")
     max_completion_tokens: int | None = Field(None, ge=0,
                                               description="null: what the context and KV cache hold for all n")

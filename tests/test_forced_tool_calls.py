@@ -1,9 +1,10 @@
 """tool_choice "required" or a named function forces a call whose arguments validate against the tool's schema.
 
-The tiny GPT-OSS checkpoint has random weights and never chooses a tool by itself, so every call here was made
-because the constraint allowed nothing else: the header openai-harmony renders for a call, then the arguments
-under the tool's schema as compact JSON, then `<|call|>`. Through a real server, raw HTTP and the OpenAI SDK,
-streamed and not, n > 1.
+The tiny checkpoints have random weights and never choose a tool by themselves, so every call here was made
+because the constraint allowed nothing else. On GPT-OSS: the header openai-harmony renders for a call, then the
+arguments under the tool's schema as compact JSON, then `<|call|>`. On GPT-2 with a chat template that renders
+tools: the named function's arguments, or a JSON array of calls, as vLLM forces them on any model. Through a real
+server, raw HTTP and the OpenAI SDK, streamed and not, n > 1.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ SCHEMAS = {"get_weather": WEATHER, "get": LOOKUP}  # "get" is a prefix of "get_w
 TOOLS = [{"type": "function", "function": {"name": name, "parameters": schema}} for name, schema in SCHEMAS.items()]
 MESSAGES = [{"role": "user", "content": "Weather in Oslo?"}]
 SAMPLED = {"temperature": 1.0, "seed": 11, "max_tokens": 200, "n": 2}
+TOOLS_TEMPLATE = ("{% if tools %}Tools:{% for tool in tools %} {{ tool.name }}{% endfor %}\n{% endif %}"
+                  "{% for message in messages %}{{ message.role | capitalize }}: {{ message.content }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}Assistant:{% endif %}")
+TEMPLATE_SAMPLED = SAMPLED | {"max_tokens": 90}  # the tiny GPT-2 has 128 positions
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def server(checkpoints):
     args = [arg for name, path in checkpoints.items() for arg in ("--model", f"{name}={path}")]
-    with ServerProcess(args) as running:
+    with ServerProcess([*args, "--chat-template", TOOLS_TEMPLATE, "--trust-request-chat-template"]) as running:
         yield running
 
 
@@ -158,12 +163,107 @@ def test_a_forced_call_wins_over_response_format(http):
         assert_forced_call(choice, {"get"})
 
 
+@pytest.mark.parametrize("tool_choice", [named("get_weather"), named("get")])
+def test_a_template_model_s_named_call_is_the_function_s_arguments(http, tool_choice):
+    body = {"model": "gpt2", "messages": MESSAGES, "tools": TOOLS, "tool_choice": tool_choice} | TEMPLATE_SAMPLED
+    response = http.post("/chat/completions", json=body | {"return_token_ids": True})
+    assert response.status_code == 200, response.text
+    for choice in response.json()["choices"]:
+        assert_forced_call(choice, {tool_choice["function"]["name"]})
+        arguments = choice["message"]["tool_calls"][0]["function"]["arguments"]
+        assert choice["token_ids"][-1] == GPT2_EOS and arguments == gpt2_text(http, choice["token_ids"][:-1])
+
+
+def assert_calls_array(choice: dict, http: httpx.Client) -> list[dict]:
+    """The choice's text is a JSON array of calls, each under its tool's schema, and its tool_calls are those
+    calls as json.loads reads them, each call's arguments its `parameters` text as written. A choice cut by
+    max_tokens holds the calls before its last, unfinished one likewise."""
+    calls = choice["message"]["tool_calls"]
+    assert calls and len({call["id"] for call in calls}) == len(calls), choice
+    assert not choice["message"]["content"]
+    ended = choice["finish_reason"] == "tool_calls"
+    assert ended or choice["finish_reason"] == "length", choice
+    text = gpt2_text(http, choice["token_ids"][:-1] if ended else choice["token_ids"])
+    complete = calls if ended else calls[:-1]
+    if ended:
+        written = json.loads(text)
+        assert [call["function"]["name"] for call in calls] == [item["name"] for item in written]
+        for call, item in zip(calls, written):
+            assert json.loads(call["function"]["arguments"]) == item["parameters"]
+    for call in complete:
+        assert_compact_json(call["function"]["arguments"], SCHEMAS[call["function"]["name"]])
+        assert f'"name":"{call["function"]["name"]}","parameters":{call["function"]["arguments"]}}}' in text
+    return calls
+
+
+def gpt2_text(http: httpx.Client, token_ids: list[int]) -> str:
+    response = http.post(str(http.base_url).removesuffix("v1/") + "detokenize",
+                         json={"model": "gpt2", "tokens": token_ids})
+    return response.json()["prompt"]
+
+
+GPT2_EOS = 50256
+
+
+def test_required_on_a_template_model_is_an_array_of_calls(http):
+    """Random weights seldom close the array, so most choices run to max_tokens with several calls made."""
+    body = {"model": "gpt2", "messages": MESSAGES, "tools": TOOLS, "tool_choice": "required",
+            "return_token_ids": True} | TEMPLATE_SAMPLED | {"n": 8, "seed": 6}
+    choices = http.post("/chat/completions", json=body).json()["choices"]
+    counts = [len(assert_calls_array(choice, http)) for choice in choices]
+    assert any(choice["finish_reason"] == "tool_calls" for choice in choices) and max(counts) > 1, choices
+    single = http.post("/chat/completions", json=body | {"parallel_tool_calls": False}).json()["choices"]
+    for choice in single:
+        assert choice["finish_reason"] == "tool_calls" and len(assert_calls_array(choice, http)) == 1
+
+
+def streamed_call_lists(http: httpx.Client, body: dict) -> list[list[dict]]:
+    """Each choice's calls reassembled from their deltas: named once, then argument fragments, by index."""
+    calls: list[list[dict]] = [[] for _ in range(body["n"])]
+    with http.stream("POST", "/chat/completions", json=body | {"stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[len("data: "):])["choices"]:
+                for delta in choice["delta"].get("tool_calls") or []:
+                    made = calls[choice["index"]]
+                    if "id" in delta:
+                        assert delta["index"] == len(made), "calls are named once, in order"
+                        made.append({"id": delta["id"], "name": delta["function"]["name"], "arguments": ""})
+                    made[delta["index"]]["arguments"] += delta["function"].get("arguments") or ""
+    return calls
+
+
 @pytest.mark.parametrize("tool_choice", [named("get_weather"), "required"])
-def test_a_chat_template_cannot_force_a_call_so_it_is_a_400(http, tool_choice):
-    body = {"model": "gpt2", "messages": MESSAGES, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 4}
-    response = http.post("/chat/completions", json=body)
-    assert response.status_code == 400, response.text
-    assert response.json()["error"]["param"] == "tool_choice"
+def test_a_template_model_s_streamed_calls_reassemble_to_the_same_calls(http, tool_choice):
+    body = {"model": "gpt2", "messages": MESSAGES, "tools": TOOLS, "tool_choice": tool_choice} | TEMPLATE_SAMPLED
+    body |= {"n": 4, "seed": 6}  # the same seed samples the same tokens streamed or not
+    streamed = streamed_call_lists(http, body)
+    whole = http.post("/chat/completions", json=body).json()["choices"]
+    assert max(len(calls) for calls in streamed) > (1 if tool_choice == "required" else 0)
+    for calls, choice in zip(streamed, whole):
+        assert [(c["name"], c["arguments"]) for c in calls] == [
+            (c["function"]["name"], c["function"]["arguments"]) for c in choice["message"]["tool_calls"]]
+
+
+def test_the_sdk_gets_a_template_model_s_required_calls(client):
+    result = client.chat.completions.create(model="gpt2", messages=MESSAGES, tools=TOOLS, tool_choice="required",
+                                            parallel_tool_calls=False, max_tokens=90, n=2, seed=5)
+    for choice in result.choices:
+        assert choice.finish_reason == "tool_calls"
+        call, = choice.message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def test_tools_a_chat_template_does_not_render_are_a_400_naming_tools(http):
+    plain = "{% for message in messages %}{{ message.content }}\n{% endfor %}"
+    for tool_choice in (named("get_weather"), "required", "auto"):
+        body = {"model": "gpt2", "messages": MESSAGES, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 4,
+                "chat_template": plain}
+        response = http.post("/chat/completions", json=body)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "tools"
     assert http.post("/chat/completions", json={"model": "gpt2", "messages": MESSAGES, "max_tokens": 2}).is_success
 
 
@@ -175,9 +275,9 @@ def test_an_unservable_tool_schema_is_a_400_naming_tools(http):
     assert response.json()["error"]["param"] == "tools"
 
 
-def response_items(http: httpx.Client, body: dict) -> list[dict]:
-    response = http.post("/responses", json=body | {"model": "oss", "input": "Weather in Oslo?",
-                                                    "max_output_tokens": 200, "store": False})
+def response_items(http: httpx.Client, body: dict, model: str = "oss") -> list[dict]:
+    response = http.post("/responses", json={"model": model, "input": "Weather in Oslo?", "max_output_tokens":
+                                             200 if model == "oss" else 90, "store": False} | body)
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "completed", response.json()
     return response.json()["output"]
@@ -190,6 +290,18 @@ def test_responses_api_forces_the_call_too(http, tool_choice):
     assert item["type"] == "function_call" and item["name"] in ({"get"} if isinstance(tool_choice, dict)
                                                                 else set(SCHEMAS)), item
     assert_compact_json(item["arguments"], SCHEMAS[item["name"]])
+
+
+def test_responses_api_forces_a_template_model_s_calls_too(http):
+    tools = [{"type": "function", "name": name, "parameters": schema} for name, schema in SCHEMAS.items()]
+    item, = response_items(http, {"tools": tools, "tool_choice": "required", "parallel_tool_calls": False,
+                                  "temperature": 0.0}, model="gpt2")
+    assert item["type"] == "function_call"
+    assert_compact_json(item["arguments"], SCHEMAS[item["name"]])
+    item, = response_items(http, {"tools": tools, "tool_choice": {"type": "function", "name": "get"},
+                                  "temperature": 1.0}, model="gpt2")
+    assert item["type"] == "function_call" and item["name"] == "get"
+    assert_compact_json(item["arguments"], LOOKUP)
 
 
 def test_responses_api_text_format_constrains_the_answer(http, client):

@@ -212,7 +212,7 @@ def test_required_and_named_tool_choice_render_the_prompt_as_auto_does(client, e
     ("oss", {"tools": [WEATHER_TOOL, WEATHER_TOOL]}, "tools"),
     ("oss", {"messages": QUESTION + [{"role": "tool", "content": "sunny"}]}, "messages"),
     ("oss", {"messages": QUESTION + [{"role": "tool", "content": "sunny", "tool_call_id": "x"}]}, "messages"),
-    ("gpt2", {"tools": [WEATHER_TOOL]}, "messages"),
+    ("gpt2", {"tools": [WEATHER_TOOL]}, "tools"),
 ])
 def test_bad_tool_requests_are_400s_naming_the_parameter(client, model, extra, param):
     with pytest.raises(openai.BadRequestError) as caught:

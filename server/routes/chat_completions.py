@@ -37,7 +37,7 @@ from server.protocol_tools import NamedToolChoice
 from server.routes.chat_choice import ChatChoice
 from server.routes.chat_prompt import assistant_text, chat_message, function_tools, render_chat_prompt
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
-from server.routes.forced_call import forced_call_spec
+from server.routes.forced_call import choice_parser, forced_call_spec
 from server.routes.models import ServedModel, find_model
 from server.routes.prompt_logprobs import check_prompt_logprobs, prompt_logprobs_body
 from server.routes.response_format import answer_prefix, request_grammar
@@ -169,9 +169,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     engine.validate(len(prompt), params, body.n)
     stop = stop_strings(body)
     continued = chat_message(body.messages[-1]) if body.continue_final_message else None
+    mode, named = tool_choice_parts(body.tool_choice)
     run = ChatRun(
         served, body, PromptJob(prompt, params),
-        choices=[ChatChoice(engine.tokenizer, served.chat_format.parser(continued, body.skip_special_tokens), stop,
+        choices=[ChatChoice(engine.tokenizer,
+                            choice_parser(served.chat_format, mode, named, continued, body.skip_special_tokens), stop,
                             top_logprobs, body.include_stop_str_in_output, body.return_tokens_as_token_ids,
                             client_stop_ids=params.stop_token_ids - served.chat_format.stop_token_ids)
                  for _ in range(body.n)],
@@ -186,12 +188,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 def chat_grammar(served: ServedModel, body: ChatCompletionRequest) -> GrammarSpec | None:
     """A forced tool call's constraint, else response_format's or structured_outputs': a forced call's output is
     the call."""
-    choice = body.tool_choice
-    tools = function_tools(body.tools or [], choice)
-    if isinstance(choice, NamedToolChoice):
-        forced = forced_call_spec(served.chat_format, tools, None, choice.function.name)
-    else:
-        forced = forced_call_spec(served.chat_format, tools, choice, None)
+    mode, named = tool_choice_parts(body.tool_choice)
+    forced = forced_call_spec(served.chat_format, function_tools(body.tools or [], body.tool_choice), mode, named,
+                              parallel=body.parallel_tool_calls is not False)
     grammar = forced or request_grammar(body.response_format, body.structured_outputs,
                                         answer_prefix(served.chat_format))
     if grammar is not None and isinstance(served.chat_format, HarmonyChatFormat) and not body.add_generation_prompt:
@@ -199,6 +198,13 @@ def chat_grammar(served: ServedModel, body: ChatCompletionRequest) -> GrammarSpe
                        "it needs add_generation_prompt true (and no continue_final_message)",
                        param="add_generation_prompt")
     return grammar
+
+
+def tool_choice_parts(tool_choice: str | NamedToolChoice | None) -> tuple[str | None, str | None]:
+    """("none" | "auto" | "required" | None, None) or (None, the named function)."""
+    if isinstance(tool_choice, NamedToolChoice):
+        return None, tool_choice.function.name
+    return tool_choice, None
 
 
 def echoed_text(body: ChatCompletionRequest) -> str:

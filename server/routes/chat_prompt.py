@@ -12,8 +12,9 @@ template or documents for it.
 tool_choice: "auto" (the default) and "none" follow OpenAI; with "none" the tools are left out of the
 prompt, so the model is not told of them. "required" and a named function render the prompt exactly as
 "auto" does; the call is forced by constrained decoding, not by the prompt (see routes.forced_call).
-parallel_tool_calls is accepted either way: a harmony turn ends at its first `<|call|>`, so a choice holds
-at most one generated call.
+parallel_tool_calls false limits a plain template's forced "required" output to one call; a harmony turn ends
+at its first `<|call|>`, so there a choice holds at most one generated call either way. Tools a chat template
+does not render are a 400 naming `tools`, never dropped unseen.
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def render_messages(chat_format: HarmonyChatFormat | TemplateChatFormat, message
                     tools: list[FunctionTool], reasoning_effort: str | None, param: str = "messages", *,
                     add_generation_prompt: bool = True, continue_final_message: bool = False,
                     current_date: str | None = None, variables: dict[str, Any] | None = None) -> list[int]:
+    if tools and isinstance(chat_format, TemplateChatFormat) and not chat_format.uses_tools:
+        raise APIError(400, "tools: this model's chat template does not render them (it never mentions `tools`); "
+                       "tool calling needs a GPT-OSS model or a --chat-template that renders them", param="tools")
     try:
         return chat_format.render(messages, tools=tools, reasoning_effort=reasoning_effort, current_date=current_date,
                                   add_generation_prompt=add_generation_prompt,

@@ -21,14 +21,14 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict
 
-from server.chat import ChatMessage, FunctionTool
+from server.chat import ChatMessage, ChatOutputParser, FunctionTool
 from server.engine.sampling_params import GrammarSpec, SamplingParams
 from server.protocol import STORED_RESPONSE_ERRORS, APIError, sse_responses
 from server.protocol_responses import NamedFunctionChoice, ResponsesRequest
 from server.routes.chat_choice import ChatChoice
 from server.routes.chat_prompt import chosen_tools, render_messages
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
-from server.routes.forced_call import forced_call_spec
+from server.routes.forced_call import choice_parser, forced_call_spec
 from server.routes.models import ServedModel, find_model
 from server.routes.response_background import BackgroundRuns, Run
 from server.routes.response_format import answer_prefix, text_format_spec
@@ -61,7 +61,8 @@ def foreground_runs(request: Request) -> dict[str, ResponseRun]:
 
 class ResponseRun:
     def __init__(self, served: ServedModel, body: ResponsesRequest, conversation: list[ChatMessage],
-                 prompt: list[int], max_tokens: int, store: ResponseStore, grammar: GrammarSpec | None) -> None:
+                 prompt: list[int], max_tokens: int, store: ResponseStore, grammar: GrammarSpec | None,
+                 parser: ChatOutputParser) -> None:
         self.served, self.body, self.conversation, self.prompt = served, body, conversation, prompt
         self.store = store
         logprobs = body.top_logprobs is not None or "message.output_text.logprobs" in (body.include or [])
@@ -74,7 +75,7 @@ class ResponseRun:
         self.id = new_id("resp")
         self.created = int(time.time())
         self.input_items = input_items(body.input)
-        self.choice = ChatChoice(served.engine.tokenizer, served.chat_format.parser(), [], top_logprobs,
+        self.choice = ChatChoice(served.engine.tokenizer, parser, [], top_logprobs,
                                  content_logprobs=True)
         self.output = ResponseOutput(logprobs)
         self.status = "queued" if body.background else "in_progress"
@@ -213,10 +214,12 @@ async def create_response(body: ResponsesRequest, request: Request):
     else:
         prompt = render(conversation)
     max_tokens = body.max_output_tokens or max(engine.max_model_len - len(prompt), 0)
-    forced = forced_call_spec(served.chat_format, tools, None if named else mode, named)
+    forced = forced_call_spec(served.chat_format, tools, None if named else mode, named,
+                              parallel=body.parallel_tool_calls is not False)
     grammar = forced or text_format_spec(body.text.format if body.text else None, answer_prefix(served.chat_format))
     await engine.compile_grammar(grammar)
-    run = ResponseRun(served, body, conversation, prompt, max_tokens, store, grammar)
+    run = ResponseRun(served, body, conversation, prompt, max_tokens, store, grammar,
+                      choice_parser(served.chat_format, None if named else mode, named))
     engine.validate(len(prompt), run.params, 1)
     if body.background:
         runs = background_runs(request)

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
-from server.protocol_base import Strict, WithoutNulls
+from server.protocol_base import INTEGRAL, Integer, OptionalInteger, Strict, WithoutNulls
 from server.protocol_messages import ChatMessageParam
 from server.protocol_tools import ChatTool, NamedToolChoice, ToolCall, ToolCallDelta
 
@@ -34,7 +34,8 @@ CACHE_SALT_DESCRIPTION = ("vLLM extra: prefix-cache blocks are shared only with 
                           "(make it secret and long, e.g. 256 random bits)")
 StopStrings = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 BadWord = Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS, pattern=r"\S")]  # more than whitespace
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0), INTEGRAL]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 PromptInput = (str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
                | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
 
@@ -128,13 +129,13 @@ class SamplingFields(NoOpFields):
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, lt=INT64_BOUND,
+    top_k: OptionalInteger = Field(None, ge=-1, lt=INT64_BOUND,
                               description="vLLM extra; 0, -1 or above the vocabulary is off")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="vLLM extra")
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: Integer = Field(1, ge=1, le=MAX_N)
     stop: StopStrings | Annotated[list[StopStrings], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None
-    seed: int | None = Field(None, ge=-INT64_BOUND, lt=INT64_BOUND)
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
+    seed: OptionalInteger = Field(None, ge=-INT64_BOUND, lt=INT64_BOUND)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, description="vLLM extra; 1 is off")
@@ -144,18 +145,18 @@ class SamplingFields(NoOpFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="vLLM extra: keep generating past the end-of-text token")
-    min_tokens: int = Field(0, ge=0, description="vLLM extra: no stop token before this many tokens")
+    min_tokens: Integer = Field(0, ge=0, description="vLLM extra: no stop token before this many tokens")
     structured_outputs: StructuredOutputs | None = Field(
         None, description="vLLM extra: constrain every choice's text (not with response_format)")
     include_stop_str_in_output: bool = Field(False, description="vLLM extra: a stop string that ends a choice "
                                              "stays at the end of its text")
-    truncate_prompt_tokens: Annotated[int, Field(ge=1, lt=INT64_BOUND)] | Literal[-1] | None = Field(
+    truncate_prompt_tokens: Annotated[int, Field(ge=1, lt=INT64_BOUND), INTEGRAL] | Literal[-1] | None = Field(
         None, description="vLLM extra: only the prompt's last k tokens are used (-1: the last max_model_len)")
     return_token_ids: bool = Field(False, description="vLLM extra: the prompt's and each choice's token ids in the "
                                    "reply (streamed: each chunk's new ones)")
     return_tokens_as_token_ids: bool = Field(False, description="vLLM extra: logprobs name each token "
                                              "\"token_id:N\", exact where its bytes are not whole UTF-8")
-    priority: int = Field(0, ge=-INT64_BOUND, lt=INT64_BOUND, description=PRIORITY_DESCRIPTION)
+    priority: Integer = Field(0, ge=-INT64_BOUND, lt=INT64_BOUND, description=PRIORITY_DESCRIPTION)
     cache_salt: CacheSalt | None = Field(None, description=CACHE_SALT_DESCRIPTION)
     bad_words: Annotated[list[BadWord], Field(max_length=MAX_BAD_WORDS)] | None = Field(
         None, description="vLLM extra: words never generated as these tokens (each as written and, when that is "
@@ -167,20 +168,20 @@ class SamplingFields(NoOpFields):
                                                 "(fast) tokenizers join them")
     skip_special_tokens: bool = Field(True, description="vLLM extra: false: special tokens generated (end-of-text "
                                       "under ignore_eos, for one) come out in the text as their names")
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM extra: each prompt token's "
+    prompt_logprobs: OptionalInteger = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM extra: each prompt token's "
                                         "logprob and rank, with its k likeliest alternatives (not with stream)")
-    allowed_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_ALLOWED_IDS)] \
-        | None = Field(None, description="vLLM extra: only these tokens are picked (list the end-of-text token to "
-                       "let a choice stop before max_tokens)")
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1, max_length=MAX_ALLOWED_IDS)] | None = Field(
+        None, description="vLLM extra: only these tokens are picked (list the end-of-text token to let a choice "
+        "stop before max_tokens)")
 
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
-    max_tokens: int | None = Field(16, ge=0, description="null: what the context and KV cache hold for all n")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: OptionalInteger = Field(16, ge=0, description="null: what the context and KV cache hold for all n")
+    logprobs: OptionalInteger = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = Field(None, description="not supported; must be null")
-    best_of: int | None = Field(None, ge=1, le=MAX_N, description="only best_of == n is supported")
+    best_of: OptionalInteger = Field(None, ge=1, le=MAX_N, description="only best_of == n is supported")
     response_format: ResponseFormat | None = Field(None, description="vLLM extra: constrain every choice's text")
 
 
@@ -276,11 +277,11 @@ class ChatCompletionRequest(ChatTemplateFields, SamplingFields):
         None, description="default auto with tools; required and named force a call (GPT-OSS only)")
     parallel_tool_calls: bool | None = Field(
         None, description="false: a forced call on a chat-template model is one call (harmony makes one per turn)")
-    max_tokens: int | None = Field(None, ge=0, description="deprecated alias of max_completion_tokens")
-    max_completion_tokens: int | None = Field(None, ge=0,
+    max_tokens: OptionalInteger = Field(None, ge=0, description="deprecated alias of max_completion_tokens")
+    max_completion_tokens: OptionalInteger = Field(None, ge=0,
                                               description="null: what the context and KV cache hold for all n")
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: OptionalInteger = Field(None, ge=0, le=MAX_LOGPROBS)
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = Field(True, description="vLLM extra: the prompt ends where the assistant's reply "
@@ -295,9 +296,9 @@ class ChatCompletionRequest(ChatTemplateFields, SamplingFields):
 class PerplexityRequest(Strict):
     model: str
     input: PromptInput
-    stride: int | None = Field(None, ge=1, description="distance between window starts, less than max_length; "
+    stride: OptionalInteger = Field(None, ge=1, description="distance between window starts, less than max_length; "
                                "default max_length // 2")
-    max_length: int | None = Field(None, ge=2, description="window length; default the model's context")
+    max_length: OptionalInteger = Field(None, ge=2, description="window length; default the model's context")
     prepend_bos: bool = False
     logprobs: bool = False
 

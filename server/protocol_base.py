@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, model_serializer
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, model_serializer
+
+
+def _integral_number(value: object) -> object:
+    """A float without a fractional part (``5.0``) as the int it equals; anything else for strict validation."""
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
+# A request's integer: JSON Schema's "integer" is any number without a fractional part, so `5.0` is one (as
+# vLLM reads it too); `true`, `"5"` and `5.5` are not. The validator goes after any bounds in an Annotated (and
+# over the whole `int | None`), or pydantic writes the bounds into the JSON schema under their Python names.
+INTEGRAL = BeforeValidator(_integral_number)
+Integer = Annotated[int, INTEGRAL]
+OptionalInteger = Annotated[int | None, INTEGRAL]
 
 
 class Strict(BaseModel):

@@ -18,7 +18,7 @@ from server.protocol import (
     CacheSalt,
     NoOpFields,
 )
-from server.protocol_base import Strict
+from server.protocol_base import Integer, OptionalInteger, Strict
 from server.protocol_tools import FunctionName
 
 MAX_INPUT_ITEMS = 4096
@@ -130,10 +130,10 @@ class ResponsesRequest(NoOpFields):
     input: str | Annotated[list[InputItem], Field(min_length=1, max_length=MAX_INPUT_ITEMS)]
     instructions: str | None = None
     reasoning: ReasoningParam | None = None
-    max_output_tokens: int | None = Field(None, ge=1, description="null: up to the context length")
+    max_output_tokens: OptionalInteger = Field(None, ge=1, description="null: up to the context length")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    priority: int = Field(0, ge=-INT64_BOUND, lt=INT64_BOUND, description=PRIORITY_DESCRIPTION)
+    priority: Integer = Field(0, ge=-INT64_BOUND, lt=INT64_BOUND, description=PRIORITY_DESCRIPTION)
     cache_salt: CacheSalt | None = Field(None, description=CACHE_SALT_DESCRIPTION)
     tools: Annotated[list[FunctionToolParam], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
@@ -147,8 +147,8 @@ class ResponsesRequest(NoOpFields):
     truncation: Literal["auto", "disabled"] | None = Field(
         None, description="auto: drop the conversation's oldest items until it fits; disabled (default): a 400")
     include: Annotated[list[Includable], Field(max_length=16)] | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives for each token of the "
+    top_logprobs: OptionalInteger = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives for each token of the "
                                      "answer's logprobs, which it asks for as include's message.output_text.logprobs")
-    max_tool_calls: int | None = Field(None, ge=0, lt=2**31, description="built-in tool calls: there are none")
+    max_tool_calls: OptionalInteger = Field(None, ge=0, lt=2**31, description="built-in tool calls: there are none")
     prompt_cache_retention: Literal["in_memory", "24h"] | None = Field(None, description="prefix caching is "
                                                                        "automatic, in memory")

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from server.protocol import GATEWAY_RESPONSES, ChatTemplateFields, ErrorResponse, Strict
+from server.protocol import GATEWAY_RESPONSES, ChatTemplateFields, ErrorResponse, Strict, TokenId
 from server.protocol_messages import ChatMessageParam
 from server.protocol_tools import ChatTool, NamedToolChoice
 
@@ -62,7 +62,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(Strict):
     model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(BaseModel):

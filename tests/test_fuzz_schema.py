@@ -16,6 +16,7 @@ import sys
 import time
 
 import httpx
+import jsonschema
 import pytest
 
 from tests.server_process import ServerProcess
@@ -80,6 +81,27 @@ def test_openapi_document_describes_every_route_and_its_errors(server):
     assert chat["documents"]["type"] == "null"  # the default template uses none
 
 
+def test_bounds_are_json_schema_keywords(server):
+    """pydantic writes a bound it cannot place as its Python name (`ge`), which JSON Schema ignores: the document
+    then allowed negative token ids."""
+    document = httpx.get(server.base_url + "/openapi.json", timeout=10).json()
+    misnamed = []
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, dict):
+            if node.get("type") in ("integer", "number", "string", "array"):
+                misnamed.extend(f"{path}.{key}" for key in ("ge", "gt", "le", "lt", "min_length", "max_length")
+                                if key in node)
+            for key, value in node.items():
+                walk(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{path}[{index}]")
+
+    walk(document, "")
+    assert not misnamed
+
+
 def test_schemathesis_finds_no_server_error_nor_schema_mismatch(server, tmp_path):
     config = tmp_path / "schemathesis.toml"
     config.write_text(FAIL_ON_REFUSED_VALID_DATA)
@@ -121,3 +143,33 @@ def test_values_are_not_coerced_into_what_the_schema_forbids(server, field, valu
     answer = httpx.post(server.v1 + "/completions", json=body, timeout=30)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == field
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/completions", {"prompt": [464.0, 3290.0], "max_tokens": 3.0, "n": 2.0, "seed": 7.0, "logprobs": 1.0,
+                         "temperature": 0}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 3.0,
+                              "top_logprobs": 2.0, "logprobs": True, "temperature": 0}),
+    ("/detokenize", {"tokens": [464.0, 3290.0]}),
+])
+def test_a_number_without_a_fraction_is_an_integer_as_json_schema_says(server, path, body):
+    """Found by the fuzzer: `5.0` is an integer to JSON Schema (and to vLLM) but strict validation refused it.
+    The request is valid under the served document and is answered exactly as its int twin."""
+    document = httpx.get(server.base_url + "/openapi.json", timeout=10).json()
+    schema = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    body = {"model": "tiny"} | body
+    jsonschema.validate(body, schema | {"components": document["components"]})
+    answers = [httpx.post(server.base_url + path, json=request, timeout=30) for request in (body, as_ints(body))]
+    assert [answer.status_code for answer in answers] == [200, 200], answers[0].text
+    strip = ("id", "created")
+    assert [{k: v for k, v in answer.json().items() if k not in strip} for answer in answers] == [
+        {k: v for k, v in answers[1].json().items() if k not in strip}] * 2
+
+
+def as_ints(value):
+    """The same JSON with every number written without a fraction."""
+    if isinstance(value, dict):
+        return {key: as_ints(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [as_ints(item) for item in value]
+    return int(value) if isinstance(value, float) else value

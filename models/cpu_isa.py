@@ -4,11 +4,11 @@ bf16 matmuls are "native" where the CPU multiplies bf16 pairs into fp32 sums in 
 (Sapphire Rapids and later) or AVX512-BF16 dot products (Cooper Lake, Zen 4). Elsewhere torch emulates them
 at 1-20 GFLOP/s, far behind fp32, and a bf16 model keeps torch's own matmuls.
 
-``auto`` picks bf16 on AMX, measured at 3-4x fp32's matmul rate (BASELINES.md). On Zen 4's AVX512-BF16, bf16
-also measured faster (bench/NOTES.md, "bf16 compute on CPU": matmuls 1.1-1.2x at 64 rows, ~2x at 1k rows; a
-GPT-2-124M 1k prefill 2-4x, a C=64 decode step 1.4-1.9x), but ``auto`` stays float32 there for now: the test
-suite and ``--cpu-weight-dtype`` / ``--kv-cache-dtype bfloat16`` rely on ``auto`` meaning float32 on CPU
-(the dev machine is a Zen 4), and need pinning first. Widening the rule is one line (bf16_faster_than_fp32).
+``auto`` picks bf16 wherever it is native. On AMX it measured 3-4x fp32's matmul rate (BASELINES.md); on
+AVX512-BF16 without AMX, faster too (bench/NOTES.md, "bf16 compute on CPU"): a Zen 4's matmuls 1.1-1.2x at 64
+rows and ~2x at 1k rows, a GPT-2-124M 1k prefill 2-4x and a C=64 decode step 1.4-1.9x; a Zen 5's oneDNN
+matmuls 1.8-2.1x, the prefill 1.3x, the decode step 1.7x, served C=1 1.7x. The test suite pins float32
+(tests/conftest.py), which every oracle comparison needs, and ``--dtype float32`` keeps the exact path.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ class CpuIsa:
 
     @property
     def bf16_faster_than_fp32(self) -> bool:
-        """The rule ``--dtype auto`` follows on CPU: AMX only, for now (see the module's docstring)."""
-        return self.amx_bf16
+        """The rule ``--dtype auto`` follows on CPU (see the module's docstring)."""
+        return self.native_bf16
 
     def __str__(self) -> str:
         names = [name for name, present in (("AMX-BF16", self.amx_bf16), ("AVX512-BF16", self.avx512_bf16),

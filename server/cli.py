@@ -92,9 +92,9 @@ def build_parser(*, defaults: bool = True) -> _Parser:
         "(env: comma-separated). Default: gpt2 from the HF cache/hub, else a tiny random-weight demo model",
         action="append", default=None)
     add("--device", "where the model runs", choices=["auto", "cpu", "cuda"], default="auto")
-    add("--dtype", "weight and activation dtype. auto: bfloat16 on GPU; on CPU bfloat16 on AMX-BF16, else float32 "
-        "(exact to the checkpoint). bfloat16 on CPU: bf16 matmuls with fp32 sums where the CPU has AMX-BF16 or "
-        "AVX512-BF16 (torch's emulated ones elsewhere, slow), fp32 logits",
+    add("--dtype", "weight and activation dtype. auto: bfloat16 on GPU; on CPU bfloat16 where the CPU has "
+        "AMX-BF16 or AVX512-BF16, else float32 (exact to the checkpoint). bfloat16 on CPU: bf16 matmuls with fp32 "
+        "sums where the CPU has AMX-BF16 or AVX512-BF16 (torch's emulated ones elsewhere, slow), fp32 logits",
         choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     add("--cpu-weight-dtype", "with --device cpu and --dtype float32: bfloat16 rounds the weights to bf16 and "
         "streams them at half the bytes in decode steps (activations and sums stay float32; outputs move by the "

@@ -23,7 +23,8 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def float32_servers() -> None:
     """Servers the tests start compute in float32 unless a test names a dtype: the suite compares them with
-    transformers in float32, and ``--dtype auto`` picks bfloat16 on a CPU with AMX (models/cpu_isa.py)."""
+    transformers in float32, and ``--dtype auto`` picks bfloat16 on a CPU with AMX-BF16 or AVX512-BF16
+    (models/cpu_isa.py)."""
     os.environ.setdefault("GPTSERVE_DTYPE", "float32")
 
 

@@ -52,7 +52,7 @@ def test_isa_is_read_from_the_kernel_cpu_flags():
     assert str(ZEN4) == "AVX512-BF16, AVX-512, AVX2"
 
 
-@pytest.mark.parametrize("isa,expected", [(AMX, torch.bfloat16), (ZEN4, torch.float32), (AVX512, torch.float32),
+@pytest.mark.parametrize("isa,expected", [(AMX, torch.bfloat16), (ZEN4, torch.bfloat16), (AVX512, torch.float32),
                                           (AVX2, torch.float32), (CpuIsa(), torch.float32)])
 def test_auto_dtype_on_cpu_is_bf16_only_where_measured_faster(monkeypatch, isa, expected):
     fake_isa(monkeypatch, isa)

@@ -79,9 +79,9 @@ def _state_limits(document: dict[str, Any], max_model_len: int, vocab_size: int)
             for node in _nodes(properties["logit_bias"], "object"):
                 node["propertyNames"] = {"pattern": f"^(0|[1-9][0-9]{{0,{digits - 1}}})$"}
         if "top_logprobs" in properties and "logprobs" in properties:  # a number only with logprobs: true
-            schemas[name]["dependentSchemas"] = {"top_logprobs": {"anyOf": [
+            schemas[name].setdefault("dependentSchemas", {})["top_logprobs"] = {"anyOf": [
                 {"properties": {"top_logprobs": {"type": "null"}}},
-                {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}]}}
+                {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}]}
         if "suffix" in properties:  # refused unless null
             properties["suffix"] = {"type": "null", "title": "Suffix", "description": "not supported; must be null"}
 

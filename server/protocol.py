@@ -22,6 +22,7 @@ from server.protocol_tools import ChatTool, NamedToolChoice, ToolCall, ToolCallD
 MAX_N = 128
 MAX_PROMPTS = 1024  # prompts (or perplexity inputs) in one request: each is tokenized before admission
 MAX_LOGPROBS = 20
+MAX_BEAM_WIDTH = MAX_LOGPROBS // 2  # a step asks the engine for 2n alternatives, as vLLM's default limit allows
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 512
 MAX_BAD_WORDS = 64  # each is matched against every choice's output at every step
@@ -121,10 +122,46 @@ def _masks_without_a_constraint(schema: dict[str, Any]) -> None:
     ]}
 
 
+def _empty_or_null(kind: str) -> dict[str, Any]:
+    size = {"array": "maxItems", "object": "maxProperties"}[kind]
+    return {"anyOf": [{"type": "null"}, {"type": kind, size: 0}]}
+
+
+BEAM_SEARCH_REFUSES = ("stop", "min_tokens", "logit_bias", "allowed_token_ids", "bad_words", "presence_penalty",
+                       "frequency_penalty", "repetition_penalty", "structured_outputs", "response_format",
+                       "tool_choice")
+
+
+def _beam_search_rules(schema: dict[str, Any]) -> None:
+    """use_beam_search ranks by the model's own log-probabilities and returns whole choices: n is its width, at
+    most MAX_BEAM_WIDTH, and what would change the log-probabilities or cut the text is refused with it."""
+    neutral = {
+        "n": {"maximum": MAX_BEAM_WIDTH},
+        "stop": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]},
+        "min_tokens": {"maximum": 0},
+        "logit_bias": _empty_or_null("object"),
+        "allowed_token_ids": {"type": "null"},
+        "bad_words": _empty_or_null("array"),
+        "presence_penalty": {"anyOf": [{"type": "null"}, {"const": 0}]},
+        "frequency_penalty": {"anyOf": [{"type": "null"}, {"const": 0}]},
+        "repetition_penalty": {"anyOf": [{"type": "null"}, {"const": 1}]},
+        "structured_outputs": {"type": "null"},
+        "response_format": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {"type": {"const": "text"}}}]},
+        "tool_choice": {"anyOf": [{"type": "null"}, {"enum": ["none", "auto"]}]},
+    }
+    schema.setdefault("dependentSchemas", {})["use_beam_search"] = {"anyOf": [
+        {"properties": {"use_beam_search": {"const": False}}}, {"properties": neutral}]}
+
+
+def _cross_field_rules(schema: dict[str, Any]) -> None:
+    _masks_without_a_constraint(schema)
+    _beam_search_rules(schema)
+
+
 class SamplingFields(NoOpFields):
     """The sampling and stopping fields the completions and chat endpoints share."""
 
-    model_config = ConfigDict(json_schema_extra=_masks_without_a_constraint)
+    model_config = ConfigDict(json_schema_extra=_cross_field_rules)
 
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1")
@@ -173,6 +210,12 @@ class SamplingFields(NoOpFields):
     allowed_token_ids: Annotated[list[TokenId], Field(min_length=1, max_length=MAX_ALLOWED_IDS)] | None = Field(
         None, description="vLLM extra: only these tokens are picked (list the end-of-text token to let a choice "
         "stop before max_tokens)")
+    use_beam_search: bool = Field(False, description="vLLM extra: the n best continuations by beam search, as "
+                                  f"transformers' generate(num_beams=n) finds them (n at most {MAX_BEAM_WIDTH}; "
+                                  "sampling fields unused; not with stop strings, penalties, biases, masks, "
+                                  "min_tokens or a constraint)")
+    length_penalty: float = Field(1.0, ge=-10.0, le=10.0, description="vLLM extra, with use_beam_search: a beam "
+                                  "that ended scores its log-probability / its length ** length_penalty")
 
 
 class CompletionRequest(SamplingFields):

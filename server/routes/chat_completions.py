@@ -34,9 +34,10 @@ from server.protocol import (
 )
 from server.protocol_messages import AssistantMessage
 from server.protocol_tools import NamedToolChoice
+from server.routes.beam_search import check_beam_search, request_outputs
 from server.routes.chat_choice import ChatChoice
 from server.routes.chat_prompt import assistant_text, chat_message, function_tools, render_chat_prompt
-from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
+from server.routes.engine_calls import PromptJob, cancel_on_disconnect
 from server.routes.forced_call import choice_parser, forced_call_spec
 from server.routes.models import ServedModel, find_model
 from server.routes.prompt_logprobs import check_prompt_logprobs, prompt_logprobs_body
@@ -61,7 +62,7 @@ class ChatRun:
 
     async def run(self) -> AsyncGenerator[int, None]:
         """Feeds engine outputs into the choices; yields the index of each choice that changed."""
-        async with MergedOutputs(self.served.engine, self.id, [self.job], self.body.n) as outputs:
+        async with request_outputs(self.served.engine, self.id, [self.job], self.body) as outputs:
             async for _, output in outputs:
                 self.cached_tokens = max(self.cached_tokens, output.num_cached_tokens)
                 if output.prompt_logprobs is not None and self.body.prompt_logprobs is not None \
@@ -156,6 +157,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     check_prompt_logprobs(body)
+    check_beam_search(body)
     grammar = chat_grammar(served, body)
     prompt = truncated(render_chat_prompt(served, body), body.truncate_prompt_tokens, engine.max_model_len)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

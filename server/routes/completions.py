@@ -20,7 +20,8 @@ from server.protocol import (
     Usage,
     sse_responses,
 )
-from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
+from server.routes.beam_search import check_beam_search, request_outputs
+from server.routes.engine_calls import PromptJob, cancel_on_disconnect
 from server.routes.models import ServedModel, find_model
 from server.routes.prompt_logprobs import check_prompt_logprobs, prompt_logprobs_body
 from server.routes.response_format import request_grammar
@@ -47,7 +48,7 @@ class CompletionRun:
     async def run(self) -> AsyncGenerator[int, None]:
         """Feeds engine outputs into the choices; yields the index of each choice that changed."""
         n = self.body.n
-        async with MergedOutputs(self.served.engine, self.id, self.jobs, n) as outputs:
+        async with request_outputs(self.served.engine, self.id, self.jobs, self.body) as outputs:
             async for prompt_index, output in outputs:
                 index = prompt_index * n + output.index
                 choice = self.choices[index]
@@ -120,6 +121,7 @@ class CompletionRun:
 async def create_completion(body: CompletionRequest, request: Request):
     served = find_model(request, body.model)
     _refuse_unsupported(body)
+    check_beam_search(body)
     check_prompt_logprobs(body)
     engine = served.engine
     engine.check_admission(count_prompts(body.prompt) * body.n)  # before tokenizing or building any choice

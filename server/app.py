@@ -80,7 +80,7 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
             process_metrics.before_exposition(engine.metric_backlog.flush)
             engine.start()
             chat_format = (HarmonyChatFormat(engine.tokenizer) if engine.family == "gpt_oss"
-                           else TemplateChatFormat(engine.tokenizer, chat_template))
+                           else TemplateChatFormat(engine.tokenizer, chat_template, config.tool_call_parser))
             info = tokenizer_info(engine.tokenizer_dir, engine.tokenizer, engine.max_model_len,
                                   chat_format.template_text)
             app.state.models[name] = ServedModel(name, engine, chat_format, created, info,

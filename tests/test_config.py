@@ -134,3 +134,18 @@ def test_gpt_oss_experts_are_packed_on_cpu_unless_told(argv, environ, expected, 
     model = load_model(checkpoint_dir, **{**asdict(load), "device": "cpu"}).model
     assert model.layers[0].moe.experts.packed is (expected is not False)
     assert experts_kept_packed(load.keep_experts_packed, torch.device("cuda")) is (expected is True)
+
+
+@pytest.mark.parametrize(("argv", "environ", "expected"), [
+    ([], {}, None),
+    (["--tool-call-parser", "hermes"], {}, "hermes"),
+    ([], {"GPTSERVE_TOOL_CALL_PARSER": "hermes"}, "hermes"),
+])
+def test_the_tool_call_parser_is_a_flag_and_a_variable(argv, environ, expected):
+    assert parse_config(argv, environ).tool_call_parser == expected
+
+
+def test_an_unknown_tool_call_parser_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--tool-call-parser", "mistral"], {})
+    assert "--tool-call-parser" in capsys.readouterr().err

@@ -1,13 +1,15 @@
-"""The JSON tool-call parser (server.chat.json_calls) reads a forced call's output as json.loads reads it, however
-the text is cut into tokens: names once, arguments as the `parameters` value's own text."""
+"""The JSON tool-call parsers (server.chat.json_calls) read output as the whole text, parsed at once, reads, however
+the text is cut into tokens: a forced call's JSON as json.loads reads it (names once, arguments as the
+`parameters` value's own text), and Hermes' tagged calls as a regular expression over the whole text finds them."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from server.chat.json_calls import CallArrayParser, NamedArgumentsParser
+from server.chat.json_calls import CallArrayParser, NamedArgumentsParser, TaggedCallsParser
 
 ARRAYS = [
     '[{"name":"get","parameters":{"id":7}}]',
@@ -65,3 +67,45 @@ def test_named_arguments_are_the_whole_text_and_special_tokens_add_none(gpt2_tok
     tokens = char_tokens(gpt2_tokenizer, text) + [gpt2_tokenizer.eos_token_id]
     assert parsed_calls(NamedArgumentsParser(gpt2_tokenizer, "get_weather"), tokens) == [
         {"name": "get_weather", "arguments": text}]
+
+
+HERMES_OUTPUTS = [
+    'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>',
+    '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", "arguments": {"x": [1, '
+    '"</tool_call"]}}</tool_call> done',
+    'a < b and <tool but no call; <tool_call>not json</tool_call> then text',
+    'unclosed at the end: <tool_call>{"name": "late", "arguments": {"k": 1}}',
+    'no calls at all, only <tool_ca',
+]
+
+
+def hermes_oracle(text: str) -> tuple[str, list[dict]]:
+    """The whole text read at once: content outside the tags (a block that is no call stays, tags and all), and
+    each tagged call (an unclosed last one included)."""
+    content, calls, rest = "", [], text
+    for match in re.finditer(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)$", text, re.DOTALL):
+        body = match.group(1) if match.group(1) is not None else match.group(2)
+        content += text[len(text) - len(rest): match.start()]
+        rest = text[match.end():]
+        try:
+            call = json.loads(body)
+            calls.append({"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)})
+        except (json.JSONDecodeError, KeyError, TypeError):
+            content += match.group(0)
+    return content + rest, calls
+
+
+@pytest.mark.parametrize("text", HERMES_OUTPUTS)
+@pytest.mark.parametrize("split", ["bpe", "chars"])
+def test_hermes_calls_are_read_as_the_whole_text_reads_them(gpt2_tokenizer, text, split):
+    tokens = gpt2_tokenizer.encode_ordinary(text) if split == "bpe" else char_tokens(gpt2_tokenizer, text)
+    parser = TaggedCallsParser(gpt2_tokenizer)
+    deltas = [parser.feed(token) for token in tokens] + [parser.finish()]
+    calls: list[dict] = []
+    for delta in [part for d in deltas for part in d.tool_calls]:
+        if delta.name is not None:
+            assert delta.index == len(calls)
+            calls.append({"name": delta.name, "arguments": ""})
+        calls[delta.index]["arguments"] += delta.arguments
+    assert ("".join(d.content for d in deltas), calls) == hermes_oracle(text)
+    assert sum(len(d.settled) for d in deltas) == len(tokens)

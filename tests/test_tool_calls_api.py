@@ -31,6 +31,11 @@ WEATHER_TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 ARGUMENTS = '{"city": "Oslo"}'
 QUESTION = [{"role": "user", "content": "Weather in Oslo?"}]
+# A Hermes-style template and what such a model writes (`--tool-call-parser hermes`), scripted
+HERMES_TEMPLATE = ("{% if tools %}<tools>{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools>\n{% endif %}"
+                   "{% for message in messages %}{{ message.role }}: {{ message.content }}\n{% endfor %}"
+                   "{% if add_generation_prompt %}assistant:{% endif %}")
+HERMES_TEXT = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
 
 
 class ScriptedEngine:
@@ -109,7 +114,9 @@ def engines(chat, call_tokens, tmp_path_factory) -> dict[str, ScriptedEngine]:
     directory = tmp_path_factory.mktemp("gpt2_tokenizer")
     write_gpt2_tokenizer(directory)
     gpt2 = load_tokenizer(directory)
-    return {"oss": ScriptedEngine(chat.tokenizer, call_tokens), "gpt2": ScriptedEngine(gpt2, [0, gpt2.eos_token_id])}
+    hermes = gpt2.encode_ordinary(HERMES_TEXT) + [gpt2.eos_token_id]
+    return {"oss": ScriptedEngine(chat.tokenizer, call_tokens), "gpt2": ScriptedEngine(gpt2, [0, gpt2.eos_token_id]),
+            "hermes": ScriptedEngine(gpt2, hermes)}
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +126,8 @@ def http(chat, engines) -> TestClient:
         app.state.models["oss"] = ServedModel("oss", engines["oss"], chat, 0, {})
         template = TemplateChatFormat(engines["gpt2"].tokenizer)
         app.state.models["gpt2"] = ServedModel("gpt2", engines["gpt2"], template, 0, {})
+        hermes = TemplateChatFormat(engines["hermes"].tokenizer, HERMES_TEMPLATE, tool_call_parser="hermes")
+        app.state.models["hermes"] = ServedModel("hermes", engines["hermes"], hermes, 0, {})
         yield running
 
 
@@ -245,3 +254,33 @@ def test_the_sdk_types_read_every_field_we_send_but_vllm_s_extras(client):
         assert set(delta.model_extra) <= {"reasoning", "reasoning_content"}
         assert all(not call.model_extra and not (call.function and call.function.model_extra)
                    for call in delta.tool_calls or [])
+
+
+def test_a_hermes_model_s_tagged_call_becomes_tool_calls(client):
+    result = client.chat.completions.create(model="hermes", messages=QUESTION, tools=[WEATHER_TOOL])
+    choice = result.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls
+    assert (call.function.name, call.function.arguments) == ("get_weather", ARGUMENTS)
+    assert choice.message.content == "Checking.\n"
+    with client.chat.completions.stream(model="hermes", messages=QUESTION, tools=[WEATHER_TOOL]) as stream:
+        final = stream.get_final_completion()
+    [streamed] = final.choices[0].message.tool_calls
+    assert (streamed.function.name, streamed.function.arguments) == ("get_weather", ARGUMENTS)
+    assert final.choices[0].message.content == "Checking.\n" and final.choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("extra", [{}, {"tools": [WEATHER_TOOL], "tool_choice": "none"}])
+def test_without_tools_offered_a_hermes_model_s_text_is_all_content(client, extra):
+    choice = client.chat.completions.create(model="hermes", messages=QUESTION, **extra).choices[0]
+    assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == (HERMES_TEXT, None, "stop")
+
+
+def test_the_responses_api_reads_a_hermes_model_s_call_too(http):
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}
+    response = http.post("/v1/responses", json={"model": "hermes", "input": "Weather in Oslo?", "tools": [tool],
+                                                "store": False})
+    assert response.status_code == 200, response.text
+    message, call = response.json()["output"]
+    assert message["content"][0]["text"] == "Checking.\n"
+    assert (call["type"], call["name"], call["arguments"]) == ("function_call", "get_weather", ARGUMENTS)

@@ -145,3 +145,66 @@ class CallArrayParser:
             self._held += text
             return []
         return [ToolCallDelta(self._index, arguments=text)]
+
+
+class TaggedCallsParser:
+    """`--tool-call-parser hermes`: a model given tools writes each call as `<tool_call>{"name": ..., "arguments":
+    {...}}</tool_call>` (the Hermes format, which vLLM's `hermes` parser reads) among its text. Text outside the
+    tags is content; text that could still become an opening tag waits until it cannot. A tagged call goes out
+    once its closing tag is read (or the output ends), its arguments as vLLM writes them; one that does not parse as
+    a call stays content, tags and all, as written."""
+
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self._text = TokenTextDecoder(tokenizer, skip_special_tokens)
+        self._pending = ""  # read, not yet placed: a possible opening tag's start, or a call's unclosed text
+        self._in_call = False
+        self._calls = 0
+
+    def feed(self, token_id: int) -> ChatDelta:
+        content, calls = self._read(self._text.feed(token_id))
+        return ChatDelta(content=content, tool_calls=calls, settled=[bool(content) and not calls])
+
+    def finish(self) -> ChatDelta:
+        content, calls = self._read(self._text.flush())
+        rest, self._pending = self._pending, ""
+        if self._in_call:
+            self._in_call = False
+            unclosed, call = self._call(rest)
+            return ChatDelta(content=content + unclosed, tool_calls=calls + call)
+        return ChatDelta(content=content + rest, tool_calls=calls)
+
+    def _read(self, text: str) -> tuple[str, list[ToolCallDelta]]:
+        self._pending += text
+        content, calls = "", list[ToolCallDelta]()
+        while True:
+            if self._in_call:
+                end = self._pending.find(self.CLOSE)
+                if end < 0:
+                    return content, calls
+                written, call = self._call(self._pending[:end], closed=True)
+                content, calls = content + written, calls + call
+                self._pending, self._in_call = self._pending[end + len(self.CLOSE):], False
+                continue
+            start = self._pending.find(self.OPEN)
+            if start < 0:
+                held = next((k for k in range(len(self.OPEN) - 1, 0, -1) if self._pending.endswith(self.OPEN[:k])), 0)
+                cut = len(self._pending) - held
+                content, self._pending = content + self._pending[:cut], self._pending[cut:]
+                return content, calls
+            content += self._pending[:start]
+            self._pending, self._in_call = self._pending[start + len(self.OPEN):], True
+
+    def _call(self, body: str, closed: bool = False) -> tuple[str, list[ToolCallDelta]]:
+        """(content, []) for a body that is no call, else ("", the call's deltas)."""
+        try:
+            call = json.loads(body)
+        except json.JSONDecodeError:
+            call = None
+        if not (isinstance(call, dict) and isinstance(call.get("name"), str)
+                and isinstance(call.get("arguments"), dict)):
+            return self.OPEN + body + (self.CLOSE if closed else ""), []
+        index, self._calls = self._calls, self._calls + 1
+        arguments = json.dumps(call["arguments"], ensure_ascii=False)  # as vLLM's hermes parser writes them
+        return "", [ToolCallDelta(index, name=call["name"]), ToolCallDelta(index, arguments=arguments)]

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from server.chat.json_calls import TaggedCallsParser
 from server.chat.messages import ChatDelta, ChatMessage, FunctionTool
 from server.detokenizer import TokenTextDecoder
 
@@ -67,8 +68,16 @@ def fence_printed_value(value: object) -> str:
     return f"{VALUE_START}{text}{VALUE_END}"
 
 
+TOOL_CALL_PARSERS = ("hermes",)  # how a template model's own tool calls are read from its text (--tool-call-parser)
+
+
 class TemplateChatFormat:
-    def __init__(self, tokenizer: Tokenizer, template: str | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, template: str | None = None, tool_call_parser: str | None = None) -> None:
+        """``tool_call_parser``: "hermes" reads `<tool_call>` JSON from the output of a request that offers tools;
+        None leaves all output content."""
+        if tool_call_parser not in (None, *TOOL_CALL_PARSERS):
+            raise ValueError(f"unknown tool call parser {tool_call_parser!r}: choose {', '.join(TOOL_CALL_PARSERS)}")
+        self.tool_call_parser = tool_call_parser
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset((tokenizer.eos_token_id,))
         self.template_text = template if template is not None else DEFAULT_CHAT_TEMPLATE
@@ -103,8 +112,12 @@ class TemplateChatFormat:
             text = cut_at_continue_mark(text)
         return self._encode(text)
 
-    def parser(self, continued: ChatMessage | None = None, skip_special_tokens: bool = True) -> PlainTextParser:
-        """All output is content, a continued message's too."""
+    def parser(self, continued: ChatMessage | None = None, skip_special_tokens: bool = True,
+               tools: bool = False) -> PlainTextParser | TaggedCallsParser:
+        """All output is content, a continued message's too; with ``tools`` offered and a tool call parser, the
+        calls the model writes are read out of it."""
+        if tools and self.tool_call_parser == "hermes":
+            return TaggedCallsParser(self.tokenizer, skip_special_tokens)
         return PlainTextParser(self.tokenizer, skip_special_tokens)
 
     def _encode(self, fenced: str) -> list[int]:

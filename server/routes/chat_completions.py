@@ -175,7 +175,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     run = ChatRun(
         served, body, PromptJob(prompt, params),
         choices=[ChatChoice(engine.tokenizer,
-                            choice_parser(served.chat_format, mode, named, continued, body.skip_special_tokens), stop,
+                            choice_parser(served.chat_format, mode, named, continued, body.skip_special_tokens,
+                                          tools=bool(function_tools(body.tools or [], body.tool_choice))), stop,
                             top_logprobs, body.include_stop_str_in_output, body.return_tokens_as_token_ids,
                             client_stop_ids=params.stop_token_ids - served.chat_format.stop_token_ids)
                  for _ in range(body.n)],

@@ -63,13 +63,17 @@ def json_calls_spec(candidates: list[FunctionTool], named: bool, parallel: bool)
 
 
 def choice_parser(chat_format: HarmonyChatFormat | TemplateChatFormat, tool_choice: str | None, named: str | None,
-                  continued: ChatMessage | None = None, skip_special_tokens: bool = True) -> ChatOutputParser:
-    """The parser for one choice's output: a plain template's forced call is JSON, anything else the format's."""
-    if isinstance(chat_format, HarmonyChatFormat) or not is_forced(tool_choice, named):
+                  continued: ChatMessage | None = None, skip_special_tokens: bool = True,
+                  tools: bool = False) -> ChatOutputParser:
+    """The parser for one choice's output: a plain template's forced call is JSON; otherwise the format's own,
+    told whether the request offers ``tools`` (a template model's --tool-call-parser reads calls only then)."""
+    if isinstance(chat_format, HarmonyChatFormat):
         return chat_format.parser(continued, skip_special_tokens)
     if named is not None:
         return NamedArgumentsParser(chat_format.tokenizer, named)
-    return CallArrayParser(chat_format.tokenizer)
+    if tool_choice == "required":
+        return CallArrayParser(chat_format.tokenizer)
+    return chat_format.parser(continued, skip_special_tokens, tools)
 
 
 def schema_text(tool: FunctionTool) -> str | None:

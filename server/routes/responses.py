@@ -219,7 +219,7 @@ async def create_response(body: ResponsesRequest, request: Request):
     grammar = forced or text_format_spec(body.text.format if body.text else None, answer_prefix(served.chat_format))
     await engine.compile_grammar(grammar)
     run = ResponseRun(served, body, conversation, prompt, max_tokens, store, grammar,
-                      choice_parser(served.chat_format, None if named else mode, named))
+                      choice_parser(served.chat_format, None if named else mode, named, tools=bool(tools)))
     engine.validate(len(prompt), run.params, 1)
     if body.background:
         runs = background_runs(request)

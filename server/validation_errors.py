@@ -85,7 +85,11 @@ def _is_tag(part: object) -> bool:
 
 
 def _describe(tag: str) -> str:
-    """``list[constrained-str]`` -> ``a list of strings``."""
+    """``list[constrained-str]`` -> ``a list of strings``; a validator's wrapper (an integer that takes ``5.0``:
+    ``function-before[_integral_number(), constrained-int]``) is described by what it wraps."""
+    wrapped = re.fullmatch(r"function-(?:before|after|wrap)\[[^\[\],]*, (.*)\]", tag)
+    if wrapped:
+        return _describe(wrapped.group(1))
     inner = re.fullmatch(r"list\[(.*)\]", tag)
     if inner:
         return "a list of " + _plural(_describe(inner.group(1)))

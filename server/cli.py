@@ -106,8 +106,8 @@ def build_parser(*, defaults: bool = True) -> _Parser:
     add("--chat-template", "Jinja chat template (file path or the text) for models without a built-in chat "
         "format (GPT-2)", default=None)
     add("--tool-call-parser", "how a chat-template model's own tool calls are read from its text when a request "
-        "offers tools (vLLM's flag): hermes reads <tool_call>{\"name\", \"arguments\"}</tool_call>; default: "
-        "none, all text is content (GPT-OSS's calls are harmony's either way)", choices=["hermes"], default=None)
+        "offers tools (vLLM's flag): hermes reads <tool_call>{\"name\", \"arguments\"}</tool_call>; none: all "
+        "text is content (GPT-OSS's calls are harmony's either way)", choices=["none", "hermes"], default="none")
     add("--trust-request-chat-template", "let requests bring their own chat template (vLLM's chat_template field): "
         "only for trusted clients, since a template is code that runs on the server, in a sandbox but unbounded "
         "in time", action="store_true")

@@ -74,7 +74,7 @@ class ServerConfig:
     log_level: str = "info"
     chat_template: str | None = None  # a file path or the template text itself, for models without harmony
     trust_request_chat_template: bool = False  # requests may bring their own chat template (vLLM's flag)
-    tool_call_parser: str | None = None  # "hermes": a template model's <tool_call> JSON is read as tool calls
+    tool_call_parser: str = "none"  # "hermes": a template model's <tool_call> JSON is read as tool calls
 
 
 SECTIONS = {"load": ModelLoadConfig, "engine": EngineConfig, "parallel": ParallelConfig, "http": HTTPConfig}

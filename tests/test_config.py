@@ -137,9 +137,10 @@ def test_gpt_oss_experts_are_packed_on_cpu_unless_told(argv, environ, expected, 
 
 
 @pytest.mark.parametrize(("argv", "environ", "expected"), [
-    ([], {}, None),
+    ([], {}, "none"),
     (["--tool-call-parser", "hermes"], {}, "hermes"),
     ([], {"GPTSERVE_TOOL_CALL_PARSER": "hermes"}, "hermes"),
+    (["--tool-call-parser", "none"], {"GPTSERVE_TOOL_CALL_PARSER": "hermes"}, "none"),  # the flag turns it off
 ])
 def test_the_tool_call_parser_is_a_flag_and_a_variable(argv, environ, expected):
     assert parse_config(argv, environ).tool_call_parser == expected

@@ -68,14 +68,14 @@ def fence_printed_value(value: object) -> str:
     return f"{VALUE_START}{text}{VALUE_END}"
 
 
-TOOL_CALL_PARSERS = ("hermes",)  # how a template model's own tool calls are read from its text (--tool-call-parser)
+TOOL_CALL_PARSERS = ("none", "hermes")  # how a template model's own tool calls are read from its text
 
 
 class TemplateChatFormat:
-    def __init__(self, tokenizer: Tokenizer, template: str | None = None, tool_call_parser: str | None = None) -> None:
-        """``tool_call_parser``: "hermes" reads `<tool_call>` JSON from the output of a request that offers tools;
-        None leaves all output content."""
-        if tool_call_parser not in (None, *TOOL_CALL_PARSERS):
+    def __init__(self, tokenizer: Tokenizer, template: str | None = None, tool_call_parser: str = "none") -> None:
+        """``tool_call_parser`` (--tool-call-parser): "hermes" reads `<tool_call>` JSON from the output of a
+        request that offers tools; "none" leaves all output content."""
+        if tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(f"unknown tool call parser {tool_call_parser!r}: choose {', '.join(TOOL_CALL_PARSERS)}")
         self.tool_call_parser = tool_call_parser
         self.tokenizer = tokenizer

@@ -109,8 +109,8 @@ def build_parser(*, defaults: bool = True) -> _Parser:
         "offers tools (vLLM's flag): hermes reads <tool_call>{\"name\", \"arguments\"}</tool_call>; none: all "
         "text is content (GPT-OSS's calls are harmony's either way)", choices=["none", "hermes"], default="none")
     add("--trust-request-chat-template", "let requests bring their own chat template (vLLM's chat_template field): "
-        "only for trusted clients, since a template is code that runs on the server, in a sandbox but unbounded "
-        "in time", action="store_true")
+        "only for trusted clients, since a template is code that runs on the server (sandboxed, in a worker "
+        "thread, stopped past 5 s; a single long C-level operation is not)", action="store_true")
     add("--seed", "seed for the global RNGs (per-request seeds come from the request)", type=int, default=None)
 
     group = parser.add_argument_group("engine", "scheduling and the KV cache")

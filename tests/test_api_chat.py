@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -303,3 +304,25 @@ def test_a_request_s_own_template_kwargs_and_documents_render_as_transformers_re
             client.chat.completions.create(model="tiny", messages=messages, max_tokens=1, extra_body={
                 "chat_template": template, "documents": documents})
         assert refused.value.body["param"] == ("chat_template" if "for" in template else "documents")
+
+
+def test_a_request_s_looping_template_is_stopped_and_the_server_answers_meanwhile(server, client):
+    """A request's own template renders off the event loop, within its limits (server.routes.chat_prompt)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_chat_template import LOOP_WRITING_NOTHING
+
+    def render_forever() -> openai.BadRequestError:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                           extra_body={"chat_template": LOOP_WRITING_NOTHING})
+        return refused.value
+
+    with ThreadPoolExecutor(1) as pool:
+        looping = pool.submit(render_forever)
+        time.sleep(1.0)  # the render has started
+        started = time.monotonic()
+        assert httpx.get(server.base_url + "/health", timeout=10).status_code == 200
+        assert time.monotonic() - started < 1.0 and not looping.done()
+        refused = looping.result(timeout=30)
+    assert refused.body["param"] == "chat_template" and "longer than" in refused.body["message"]

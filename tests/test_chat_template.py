@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from models.testing.tokenizer_files import write_gpt2_tokenizer
 from models.tokenizer import Tokenizer, load_tokenizer
 from server.chat import DEFAULT_CHAT_TEMPLATE, ChatMessage, TemplateChatFormat, load_chat_template
+from server.chat.template import RenderLimits, TemplateLimitExceeded
 
 EOS = 50256
 CONVERSATION = [ChatMessage("system", "Be brief."), ChatMessage("user", "Hello!"),
@@ -153,3 +156,25 @@ def test_template_variables_cannot_replace_the_conversation(tokenizer):
     ids = chat.render([ChatMessage("user", "Hi")], add_generation_prompt=False,
                       variables={"messages": [], "add_generation_prompt": True})
     assert tokenizer.decode(ids) == "user: Hi\n"
+
+
+LOOP_WRITING_NOTHING = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+
+
+@pytest.mark.parametrize(("template", "limits", "message"), [
+    (LOOP_WRITING_NOTHING, RenderLimits(0.3, 10**6), "longer than 0.3 s"),
+    ("{% for i in range(100000) %}{{ messages[0].content }}{% endfor %}", RenderLimits(30, 5000), "5,000 characters"),
+])
+def test_a_request_s_template_is_stopped_past_its_limits(tokenizer, template, limits, message):
+    chat_format = TemplateChatFormat(tokenizer, template, limits=limits)
+    started = time.monotonic()
+    with pytest.raises(TemplateLimitExceeded, match=message):
+        chat_format.render([ChatMessage("user", "Hello there")])
+    assert time.monotonic() - started < limits.seconds + 2
+    assert sys.gettrace() is None or "coverage" in type(sys.gettrace()).__module__  # the trace is gone again
+
+
+def test_limits_change_nothing_a_template_renders_within_them(tokenizer):
+    messages = [ChatMessage("system", "Be brief."), ChatMessage("user", "Hello!")]
+    bounded = TemplateChatFormat(tokenizer, DEFAULT_CHAT_TEMPLATE, limits=RenderLimits(5, 10**6))
+    assert bounded.render(messages) == TemplateChatFormat(tokenizer).render(messages)

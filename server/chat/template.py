@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import jinja2
@@ -71,10 +75,53 @@ def fence_printed_value(value: object) -> str:
 TOOL_CALL_PARSERS = ("none", "hermes")  # how a template model's own tool calls are read from its text
 
 
+class TemplateLimitExceeded(ValueError):
+    """A request's own template ran longer, or wrote more, than a request's template may."""
+
+
+@dataclass(frozen=True, slots=True)
+class RenderLimits:
+    """What rendering a template a request brought may cost: it is code from the client, and neither Jinja's
+    sandbox nor its range cap (100,000 a loop, nested at will) bounds its time or its output."""
+
+    seconds: float
+    chars: int
+
+
+def render_within(template: jinja2.Template, context: Mapping[str, Any], limits: RenderLimits) -> str:
+    """The template rendered, stopped with TemplateLimitExceeded past ``limits``. A trace function on this thread
+    checks the clock at every line the compiled template runs (so a loop that writes nothing is caught too);
+    the output is checked piece by piece as Jinja generates it. Slower than a plain render: for templates a
+    request brings, rendered off the event loop (server.routes.chat_prompt)."""
+    deadline = time.monotonic() + limits.seconds
+
+    def trace(frame: FrameType, event: str, arg: object) -> Callable | None:
+        if time.monotonic() > deadline:
+            raise TemplateLimitExceeded(f"rendering took longer than {limits.seconds:g} s")
+        return trace
+
+    parts: list[str] = []
+    written = 0
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        for part in template.generate(context):
+            written += len(part)
+            if written > limits.chars:
+                raise TemplateLimitExceeded(f"the rendered prompt passed {limits.chars:,} characters")
+            parts.append(part)
+    finally:
+        sys.settrace(previous)
+    return "".join(parts)
+
+
 class TemplateChatFormat:
-    def __init__(self, tokenizer: Tokenizer, template: str | None = None, tool_call_parser: str = "none") -> None:
+    def __init__(self, tokenizer: Tokenizer, template: str | None = None, tool_call_parser: str = "none",
+                 limits: RenderLimits | None = None) -> None:
         """``tool_call_parser`` (--tool-call-parser): "hermes" reads `<tool_call>` JSON from the output of a
-        request that offers tools; "none" leaves all output content."""
+        request that offers tools; "none" leaves all output content. ``limits``: what a render may cost (a
+        request's own template)."""
+        self.limits = limits
         if tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(f"unknown tool call parser {tool_call_parser!r}: choose {', '.join(TOOL_CALL_PARSERS)}")
         self.tool_call_parser = tool_call_parser
@@ -107,7 +154,8 @@ class TemplateChatFormat:
         context = {"reasoning_effort": reasoning_effort, "current_date": current_date, **(variables or {}),
                    "messages": listed, "tools": [dataclasses.asdict(t) for t in tools or []],
                    "add_generation_prompt": add_generation_prompt}
-        text = self.template.render(context)
+        text = self.template.render(context) if self.limits is None else render_within(self.template, context,
+                                                                                      self.limits)
         if continue_final_message:
             text = cut_at_continue_mark(text)
         return self._encode(text)

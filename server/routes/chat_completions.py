@@ -159,7 +159,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     check_prompt_logprobs(body)
     check_beam_search(body)
     grammar = chat_grammar(served, body)
-    prompt = truncated(render_chat_prompt(served, body), body.truncate_prompt_tokens, engine.max_model_len)
+    prompt = truncated(await render_chat_prompt(served, body), body.truncate_prompt_tokens, engine.max_model_len)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None:
         max_tokens = engine.default_max_tokens(len(prompt), body.n)

@@ -19,21 +19,34 @@ does not render are a 400 naming `tools`, never dropped unseen.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import jinja2
 
 from server.chat import ChatMessage, FunctionTool, HarmonyChatFormat, TemplateChatFormat, ToolCall
+from server.chat.template import RenderLimits, TemplateLimitExceeded
 from server.protocol import APIError, ChatCompletionRequest
 from server.protocol_messages import AssistantMessage, ChatMessageParam, FunctionMessage, TextContentPart, ToolMessage
 from server.protocol_tools import ChatTool, NamedToolChoice
 from server.routes.models import ServedModel
 
 HARMONY_VARIABLES = ("reasoning_effort", "current_date")  # what chat_template_kwargs may set on GPT-OSS
+# A request's own template may render for this long, and write this many characters for each token of context
+# (far more than any prompt that fits: a token is a few characters)
+REQUEST_TEMPLATE_SECONDS = 5.0
+REQUEST_TEMPLATE_CHARS_PER_TOKEN = 64
 
 
-def render_chat_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
-    """Prompt ids for the conversation; bad input is a 400 naming the parameter."""
+async def render_chat_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
+    """Prompt ids for the conversation; bad input is a 400 naming the parameter. A request's own template renders
+    in a worker thread, within REQUEST_TEMPLATE_LIMITS, so that the event loop keeps serving meanwhile."""
+    if body.chat_template is None:
+        return rendered_chat_prompt(served, body)
+    return await asyncio.to_thread(rendered_chat_prompt, served, body)
+
+
+def rendered_chat_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
     if body.add_generation_prompt and body.continue_final_message:
         raise APIError(400, "continue_final_message needs add_generation_prompt: false (the final message is "
                        "continued, no new one started)", param="continue_final_message")
@@ -68,8 +81,9 @@ def request_chat_format(served: ServedModel, chat_template: str | None) -> Harmo
     if not served.request_templates:
         raise APIError(400, "chat_template: this server takes no chat template from requests (it would need "
                        "--trust-request-chat-template)", param="chat_template")
+    limits = RenderLimits(REQUEST_TEMPLATE_SECONDS, served.engine.max_model_len * REQUEST_TEMPLATE_CHARS_PER_TOKEN)
     try:
-        return TemplateChatFormat(served.engine.tokenizer, chat_template)
+        return TemplateChatFormat(served.engine.tokenizer, chat_template, limits=limits)
     except ValueError as e:
         raise APIError(400, f"chat_template: {e}", param="chat_template") from None
 
@@ -98,6 +112,8 @@ def render_messages(chat_format: HarmonyChatFormat | TemplateChatFormat, message
         return chat_format.render(messages, tools=tools, reasoning_effort=reasoning_effort, current_date=current_date,
                                   add_generation_prompt=add_generation_prompt,
                                   continue_final_message=continue_final_message, variables=variables)
+    except TemplateLimitExceeded as e:  # only a request's own template has limits
+        raise APIError(400, f"chat_template: {e}", param="chat_template") from None
     except (ValueError, jinja2.TemplateError) as e:
         raise APIError(400, f"{param}: cannot render the conversation: {e}", param=param) from None
 

@@ -30,7 +30,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     served = find_model(request, body.model)
     tokenizer = served.engine.tokenizer
     if isinstance(body, TokenizeChatRequest):
-        ids = _chat_prompt(served, body)
+        ids = await _chat_prompt(served, body)
     else:
         ids = tokenize_prompts(body.prompt, tokenizer)[0]
     token_strs = [byte_level_text(tokenizer.token_bytes(t)) for t in ids] if body.return_token_strs else None
@@ -50,7 +50,7 @@ async def get_tokenizer_info(request: Request, model: str | None = Query(None)) 
     return TokenizerInfoResponse.model_validate(find_model(request, model).tokenizer_info)
 
 
-def _chat_prompt(served: ServedModel, body: TokenizeChatRequest) -> list[int]:
+async def _chat_prompt(served: ServedModel, body: TokenizeChatRequest) -> list[int]:
     """The chat request these fields make, rendered by the chat endpoint's own code."""
     names = ("messages", "tools", "tool_choice", "reasoning_effort", "add_generation_prompt", "continue_final_message",
              "chat_template", "chat_template_kwargs", "documents")
@@ -62,4 +62,4 @@ def _chat_prompt(served: ServedModel, body: TokenizeChatRequest) -> list[int]:
         first = e.errors()[0]
         path = ".".join(str(part) for part in first["loc"])
         raise APIError(400, f"{path}: {first['msg']}", param=str(first["loc"][0])) from None
-    return render_chat_prompt(served, chat_request)
+    return await render_chat_prompt(served, chat_request)

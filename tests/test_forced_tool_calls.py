@@ -80,9 +80,10 @@ def assert_forced_call(choice: dict, names: set[str]) -> None:
     assert not choice["message"]["content"] and not choice["message"].get("reasoning")
 
 
-def streamed_calls(http: httpx.Client, body: dict) -> tuple[list[dict], list[str]]:
-    """Each choice's call reassembled from its deltas (id, name, argument fragments), and its finish_reason."""
-    calls: list[dict] = [{} for _ in range(body["n"])]
+def streamed_calls(http: httpx.Client, body: dict) -> tuple[list[list[dict]], list[str]]:
+    """Each choice's calls reassembled from their deltas (named once, in order, then argument fragments, by
+    index), and each choice's finish_reason."""
+    calls: list[list[dict]] = [[] for _ in range(body["n"])]
     finishes = [""] * body["n"]
     with http.stream("POST", "/chat/completions", json=body | {"stream": True}) as response:
         assert response.status_code == 200, response.read()
@@ -92,12 +93,11 @@ def streamed_calls(http: httpx.Client, body: dict) -> tuple[list[dict], list[str
             for choice in json.loads(line[len("data: "):])["choices"]:
                 finishes[choice["index"]] = choice["finish_reason"] or finishes[choice["index"]]
                 for delta in choice["delta"].get("tool_calls") or []:
-                    assert delta["index"] == 0
-                    call = calls[choice["index"]]
+                    made = calls[choice["index"]]
                     if "id" in delta:
-                        assert not call, "one call per choice, named once"
-                        call.update(id=delta["id"], name=delta["function"]["name"], arguments="")
-                    call["arguments"] += delta["function"].get("arguments") or ""
+                        assert delta["index"] == len(made), "calls are named once, in order"
+                        made.append({"id": delta["id"], "name": delta["function"]["name"], "arguments": ""})
+                    made[delta["index"]]["arguments"] += delta["function"].get("arguments") or ""
     return calls, finishes
 
 
@@ -137,12 +137,12 @@ def test_streamed_call_deltas_reassemble_to_the_same_call(http, tool_choice):
     calls, finishes = streamed_calls(http, body | {"temperature": 0.0})
     whole = http.post("/chat/completions", json=body | {"temperature": 0.0}).json()["choices"]
     assert finishes == ["tool_calls"] * body["n"]
-    for call, choice in zip(calls, whole):
+    for (call,), choice in zip(calls, whole):  # one call per choice
         assert_forced_call(choice, set(SCHEMAS))
         function = choice["message"]["tool_calls"][0]["function"]
         assert (call["name"], call["arguments"]) == (function["name"], function["arguments"])
     sampled_calls, _ = streamed_calls(http, body)
-    for call in sampled_calls:
+    for (call,) in sampled_calls:
         assert_compact_json(call["arguments"], SCHEMAS[call["name"]])
 
 
@@ -217,29 +217,11 @@ def test_required_on_a_template_model_is_an_array_of_calls(http):
         assert choice["finish_reason"] == "tool_calls" and len(assert_calls_array(choice, http)) == 1
 
 
-def streamed_call_lists(http: httpx.Client, body: dict) -> list[list[dict]]:
-    """Each choice's calls reassembled from their deltas: named once, then argument fragments, by index."""
-    calls: list[list[dict]] = [[] for _ in range(body["n"])]
-    with http.stream("POST", "/chat/completions", json=body | {"stream": True}) as response:
-        assert response.status_code == 200, response.read()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            for choice in json.loads(line[len("data: "):])["choices"]:
-                for delta in choice["delta"].get("tool_calls") or []:
-                    made = calls[choice["index"]]
-                    if "id" in delta:
-                        assert delta["index"] == len(made), "calls are named once, in order"
-                        made.append({"id": delta["id"], "name": delta["function"]["name"], "arguments": ""})
-                    made[delta["index"]]["arguments"] += delta["function"].get("arguments") or ""
-    return calls
-
-
 @pytest.mark.parametrize("tool_choice", [named("get_weather"), "required"])
 def test_a_template_model_s_streamed_calls_reassemble_to_the_same_calls(http, tool_choice):
     body = {"model": "gpt2", "messages": MESSAGES, "tools": TOOLS, "tool_choice": tool_choice} | TEMPLATE_SAMPLED
     body |= {"n": 4, "seed": 6}  # the same seed samples the same tokens streamed or not
-    streamed = streamed_call_lists(http, body)
+    streamed, _ = streamed_calls(http, body)
     whole = http.post("/chat/completions", json=body).json()["choices"]
     assert max(len(calls) for calls in streamed) > (1 if tool_choice == "required" else 0)
     for calls, choice in zip(streamed, whole):

@@ -213,3 +213,12 @@ def test_a_client_that_leaves_mid_search_stops_it_and_leaves_nothing_behind(serv
     assert (stats["running"], stats["waiting"], stats["kv_blocks_used"]) == (0, 0, 0)
     assert generated_tokens(server) - before < 0.75 * whole_tokens, "the search stopped with its client"
     assert http.post("/completions", json=body | {"max_tokens": 2}).status_code == 200
+
+
+def test_there_are_always_n_choices():
+    """A search that ends no beam still answers n choices (max_tokens 0 here; served, n > 1 needs max_tokens)."""
+    from server.routes.beam_search import BeamSearch, BeamSettings
+
+    outputs = BeamSearch(BeamSettings(3, 1.0, frozenset(), None), max_tokens=0).outputs()
+    assert [(output.index, output.new_token_ids, output.finish_reason) for output in outputs] == [
+        (i, [], "length") for i in range(3)]

@@ -76,6 +76,7 @@ HERMES_OUTPUTS = [
     'a < b and <tool but no call; <tool_call>not json</tool_call> then text',
     'unclosed at the end: <tool_call>{"name": "late", "arguments": {"k": 1}}',
     'no calls at all, only <tool_ca',
+    '<tool_call>{"name": "deep", "arguments": ' + "[" * 5000 + "]" * 5000 + '}</tool_call> too deep to read',
 ]
 
 
@@ -90,7 +91,7 @@ def hermes_oracle(text: str) -> tuple[str, list[dict]]:
         try:
             call = json.loads(body)
             calls.append({"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)})
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, RecursionError, KeyError, TypeError):
             content += match.group(0)
     return content + rest, calls
 

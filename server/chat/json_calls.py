@@ -200,7 +200,7 @@ class TaggedCallsParser:
         """(content, []) for a body that is no call, else ("", the call's deltas)."""
         try:
             call = json.loads(body)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # a model may nest deeper than the reader goes
             call = None
         if not (isinstance(call, dict) and isinstance(call.get("name"), str)
                 and isinstance(call.get("arguments"), dict)):

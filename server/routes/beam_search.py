@@ -75,8 +75,11 @@ class BeamSearch:
         return Beam(beam.tokens + [token], logprob_sum, beam.scores + chosen)
 
     def outputs(self) -> list[ChoiceOutput]:
-        """The choices, best first: an ended beam finishes with "stop" if a stop token ended it, else "length"."""
-        beams = [beam for _, beam in self.ended] or [Beam()] * self.settings.width
+        """The choices, best first: an ended beam finishes with "stop" if a stop token ended it, else "length".
+        Always n of them: where fewer ended (max_tokens 0, a vocabulary smaller than 2n), running and then empty
+        beams make up the number."""
+        beams = [beam for _, beam in self.ended] + self.running + [Beam()] * self.settings.width
+        beams = beams[:self.settings.width]
         outputs = []
         for index, beam in enumerate(beams):
             stopped = bool(beam.tokens) and beam.tokens[-1] in self.settings.stop_token_ids

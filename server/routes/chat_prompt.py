@@ -40,7 +40,7 @@ REQUEST_TEMPLATE_CHARS_PER_TOKEN = 64
 
 async def render_chat_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
     """Prompt ids for the conversation; bad input is a 400 naming the parameter. A request's own template renders
-    in a worker thread, within REQUEST_TEMPLATE_LIMITS, so that the event loop keeps serving meanwhile."""
+    in a worker thread, within REQUEST_TEMPLATE_SECONDS and _CHARS_PER_TOKEN, so the event loop keeps serving."""
     if body.chat_template is None:
         return rendered_chat_prompt(served, body)
     return await asyncio.to_thread(rendered_chat_prompt, served, body)

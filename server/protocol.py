@@ -127,17 +127,12 @@ def _empty_or_null(kind: str) -> dict[str, Any]:
     return {"anyOf": [{"type": "null"}, {"type": kind, size: 0}]}
 
 
-BEAM_SEARCH_REFUSES = ("stop", "min_tokens", "logit_bias", "allowed_token_ids", "bad_words", "presence_penalty",
-                       "frequency_penalty", "repetition_penalty", "structured_outputs", "response_format",
-                       "tool_choice")
-
-
 def _beam_search_rules(schema: dict[str, Any]) -> None:
     """use_beam_search ranks by the model's own log-probabilities and returns whole choices: n is its width, at
     most MAX_BEAM_WIDTH, and what would change the log-probabilities or cut the text is refused with it."""
     neutral = {
         "n": {"maximum": MAX_BEAM_WIDTH},
-        "stop": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]},
+        "stop": _empty_or_null("array"),
         "min_tokens": {"maximum": 0},
         "logit_bias": _empty_or_null("object"),
         "allowed_token_ids": {"type": "null"},

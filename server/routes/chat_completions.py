@@ -172,11 +172,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     stop = stop_strings(body)
     continued = chat_message(body.messages[-1]) if body.continue_final_message else None
     mode, named = tool_choice_parts(body.tool_choice)
+    offers_tools = bool(function_tools(body.tools or [], body.tool_choice))
     run = ChatRun(
         served, body, PromptJob(prompt, params),
         choices=[ChatChoice(engine.tokenizer,
                             choice_parser(served.chat_format, mode, named, continued, body.skip_special_tokens,
-                                          tools=bool(function_tools(body.tools or [], body.tool_choice))), stop,
+                                          offers_tools), stop,
                             top_logprobs, body.include_stop_str_in_output, body.return_tokens_as_token_ids,
                             client_stop_ids=params.stop_token_ids - served.chat_format.stop_token_ids)
                  for _ in range(body.n)],

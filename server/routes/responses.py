@@ -214,12 +214,12 @@ async def create_response(body: ResponsesRequest, request: Request):
     else:
         prompt = render(conversation)
     max_tokens = body.max_output_tokens or max(engine.max_model_len - len(prompt), 0)
-    forced = forced_call_spec(served.chat_format, tools, None if named else mode, named,
+    forced = forced_call_spec(served.chat_format, tools, mode, named,
                               parallel=body.parallel_tool_calls is not False)
     grammar = forced or text_format_spec(body.text.format if body.text else None, answer_prefix(served.chat_format))
     await engine.compile_grammar(grammar)
     run = ResponseRun(served, body, conversation, prompt, max_tokens, store, grammar,
-                      choice_parser(served.chat_format, None if named else mode, named, tools=bool(tools)))
+                      choice_parser(served.chat_format, mode, named, tools=bool(tools)))
     engine.validate(len(prompt), run.params, 1)
     if body.background:
         runs = background_runs(request)

@@ -3,6 +3,9 @@ bf16 (or ``--dtype float32``) rows, through each way a model can multiply MXFP4 
 crossovers in models/mxfp4.py.
 
     kernel   the fp32 C++ kernel (bf16 rows widened to fp32, its result rounded back to bf16)
+    bf16kernel  its bf16 form (models/csrc/mxfp4_bf16_linear.cpp), bf16 rows on a CPU with AVX512-BF16
+    dots     the vdpbf16ps dots on the matrix decoded 32 outputs at a time (models/csrc/mxfp4_dot_linear.cpp),
+             bf16 rows on a CPU with AVX512-BF16
     gemm     the matrix dequantized whole (models/csrc/mxfp4_dequantize.cpp, into a reused buffer), one GEMM
     tilesN   the same a tile of N weight rows at a time
     dequant  the dequantization alone (both matrices)
@@ -21,6 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from models.cpu_isa import cpu_isa
 from models.cpu_kernels import cpu_kernels_loaded
 from models.mxfp4 import dequantized, packed_shapes
 
@@ -35,6 +39,15 @@ def random_matrix(out_features: int, in_features: int, g: torch.Generator) -> tu
 
 def kernel(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return torch.ops.gptserve.mxfp4_linear(x.float(), blocks, scales, None).to(x.dtype)
+
+
+def bf16_kernel(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    counts = torch.tensor([len(x)])
+    return torch.ops.gptserve.mxfp4_grouped_linear_bf16(x, counts, blocks.unsqueeze(0), scales.unsqueeze(0), None)
+
+
+def dots(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return torch.ops.gptserve.mxfp4_dot_linear(x, blocks, scales, None)
 
 
 def gemm(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -62,8 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     assert cpu_kernels_loaded()
     g = torch.Generator().manual_seed(0)
     gate_up, down = random_matrix(2 * WIDTH, WIDTH, g), random_matrix(WIDTH, WIDTH, g)
-    ways = {"kernel": kernel, "gemm": gemm} | {f"tiles{n}": tiles(n) for n in args.tiles}
     dtype = getattr(torch, args.dtype)
+    bf16_ways = {"bf16kernel": bf16_kernel, "dots": dots} if dtype == torch.bfloat16 and cpu_isa().avx512_bf16 else {}
+    ways = {"kernel": kernel} | bf16_ways | {"gemm": gemm} | {f"tiles{n}": tiles(n) for n in args.tiles}
     print(f"{args.dtype} threads={torch.get_num_threads()} loadavg {os.getloadavg()[0]:.2f}")
     with torch.inference_mode():
         times: dict[str, list[float]] = {}

@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("paged_decode_attention.cpp", "bf16_linear.cpp", "bf16_dot_linear.cpp", "mxfp4_linear.cpp",
-                        "mxfp4_bf16_linear.cpp", "mxfp4_dequantize.cpp", "gpt2_decode_block.cpp",
-                        "gpt_oss_decode_layer.cpp")]
+                        "mxfp4_bf16_linear.cpp", "mxfp4_dequantize.cpp", "mxfp4_dot_linear.cpp",
+                        "gpt2_decode_block.cpp", "gpt_oss_decode_layer.cpp")]
 
 
 KERNELS_NAME = "gptserve_cpu_kernels"

@@ -25,7 +25,11 @@ products), 1.1-1.6x the float32 kernel's speed at one token (a MoE layer's group
 at two to four (two threads, bench/NOTES.md session 13). Inputs of more rows (a
 prefill's) have the matrix dequantized (models/csrc/mxfp4_dequantize.cpp, ~2.5 ms an expert) into a reused
 buffer and multiplied by a GEMM: in fp32 ROWS_PER_TILE rows at a time, in bf16 whole, so a forward never
-holds a second dequantized expert.
+holds a second dequantized expert. Except bf16 rows on a CPU with AVX512-BF16 and no AMX: there the vdpbf16ps
+dots decode the weight 32 outputs at a time into a tile that stays in cache and multiply every row with it
+(models/csrc/mxfp4_dot_linear.cpp), where oneDNN's bf16 GEMM ran at ~3/4 of their rate at an expert's ~64
+prompt rows and the dequantized expert went through memory (a 512-token prefill of the gpt-oss-20b widths
+1.2-1.5x faster, bench/NOTES.md session 24).
 """
 
 from __future__ import annotations
@@ -55,9 +59,10 @@ ROWS_PER_TILE = 512
 # tiles open ~22 parallel regions an expert where the grouped kernel opens one a layer. So 96 stays.
 KERNEL_MAX_ROWS = 96
 # bf16 inputs (a ``--dtype bfloat16`` model) of at most this many rows take the kernel (its bf16 form on
-# AVX512-BF16: at 8 rows only 1.05-1.14x the widened rows', bench/NOTES.md session 13); more go through one
-# bf16 GEMM (bf16 products, fp32 sums where the CPU has AVX512-BF16 or AMX) on the whole matrix dequantized
-# to bf16. One thread, ms, best of 5 (`python -m bench.mxfp4_bf16_expert`),
+# AVX512-BF16: at 8 rows only 1.05-1.14x the widened rows', bench/NOTES.md session 13); more go through the
+# dots on the weight decoded group by group (AVX512-BF16 without AMX), or else one bf16 GEMM (bf16 products,
+# fp32 sums where the CPU has AMX) on the whole matrix dequantized to bf16. The kernel against that GEMM,
+# one thread, ms, best of 5 (`python -m bench.mxfp4_bf16_expert`),
 # 4 / 8 / 16 / 32 / 64 / 128 tokens: kernel 4.3 / 12.6 / 26.9 / 62.5 / 122 / 196, GEMM 7.7 / 12.7 / 16.0 /
 # 26.1 / 30.8 / 55.6 (dequantizing both matrices: 2.4).
 BF16_KERNEL_MAX_ROWS = 8
@@ -155,14 +160,19 @@ def linear_mxfp4(x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None)
     """``F.linear(x, W, bias)`` for W [O, I] stored as blocks [O, I/32, 16] and scales [O, I/32].
 
     Few rows on CPU: the C++ kernel, which never writes W out (bf16 rows in its bf16 form where the CPU has
-    AVX512-BF16, else widened to fp32 for it and the result rounded back). Otherwise W is dequantized and
-    multiplied by torch: ROWS_PER_TILE rows at a time, or, bf16 on CPU, whole, so that one GEMM reads it
-    (two-thread runs: tiles of 512 and 1440 rows were slower).
+    AVX512-BF16, else widened to fp32 for it and the result rounded back). More bf16 rows on a CPU with
+    AVX512-BF16 and no AMX: the dots on W decoded a group of outputs at a time, in cache. Otherwise W is
+    dequantized and multiplied by torch: ROWS_PER_TILE rows at a time, or, bf16 on CPU, whole, so that one GEMM
+    reads it (two-thread runs: tiles of 512 and 1440 rows were slower).
     """
     rows = x.reshape(-1, x.shape[-1])
     if kernel_takes(x, len(rows)):
         float_bias = None if bias is None else bias.float().unsqueeze(0)
         out = grouped_kernel(rows, [len(rows)], blocks.unsqueeze(0), scales.unsqueeze(0), float_bias)
+        return out.view(*x.shape[:-1], blocks.shape[0])
+    if takes_bf16_dots(x) and not cpu_isa().amx_bf16:  # dots decoding the weight a group at a time, in cache
+        out = torch.ops.gptserve.mxfp4_dot_linear(rows.contiguous(), blocks.contiguous(), scales.contiguous(),
+                                                  widened(bias))
         return out.view(*x.shape[:-1], blocks.shape[0])
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":  # other devices keep the measured tiles
         return F.linear(x, dequantized(blocks, scales, x.dtype), bias)

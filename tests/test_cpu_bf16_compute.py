@@ -40,7 +40,7 @@ native_bf16 = pytest.mark.skipif(not cpu_isa().native_bf16, reason=f"bf16 oneDNN
 
 
 def fake_isa(monkeypatch: pytest.MonkeyPatch, isa: CpuIsa) -> None:
-    for module in (models.loader, models.onednn_linear, models.bf16_dot_linear):
+    for module in (models.loader, models.onednn_linear, models.bf16_dot_linear, models.mxfp4):
         monkeypatch.setattr(module, "cpu_isa", lambda: isa)
 
 
@@ -159,7 +159,8 @@ def test_gpt_oss_bf16_with_mxfp4_experts_stays_as_close_as_transformers_bf16(
     bf16.load_state_dict(oracle.state_dict())
     bf16 = bf16.to(torch.bfloat16).eval()
     # 40: beyond the sliding window; 120: ~60 rows per expert (8 experts, top-4), so prefill experts take the
-    # bf16 GEMM on dequantized weights and decode ones the fp32 kernel (models/mxfp4.py)
+    # path's many-row product (a bf16 GEMM on dequantized weights, or the dots decoding them group by group)
+    # and decode ones the MXFP4 kernel (models/mxfp4.py)
     sequences = [random_tokens(n, seed=n) for n in (9, 40, 120)]
     decoded = 4
     for seq, ours in zip(sequences, teacher_forced_logits(model, sequences, decoded)):
@@ -168,21 +169,34 @@ def test_gpt_oss_bf16_with_mxfp4_experts_stays_as_close_as_transformers_bf16(
             assert_as_close_as_transformers_bf16(ours[part], theirs_fp32[part], theirs_bf16[part])
 
 
-@native_bf16
+@pytest.mark.parametrize("path", ["onednn", "dots"])
 @torch.inference_mode()
-def test_gpt_oss_bf16_prefill_dequantizes_experts_for_gemms_and_decode_never_does(monkeypatch, checkpoint_dir):  # noqa: F811
+def test_gpt_oss_bf16_prefill_experts_take_the_many_row_product_and_decode_the_packed_kernel(
+        monkeypatch, checkpoint_dir, path):  # noqa: F811
+    """A prompt's ~60 rows an expert: with AMX, oneDNN's GEMM on the expert dequantized to bf16; with the dots
+    only, the dots on the expert decoded a group at a time, never dequantized whole. One decode row an expert:
+    the MXFP4 kernel, which reads the packed bytes, on either."""
+    gpt2_path(monkeypatch, path)
     model = load_model(checkpoint_dir, dtype="bfloat16", device="cpu", keep_experts_packed=True).model
     dequantized: list[torch.dtype] = []
     real = models.mxfp4.dequantized
     monkeypatch.setattr(models.mxfp4, "dequantized", lambda b, s, dtype: dequantized.append(dtype) or real(b, s, dtype))
+    decoded_by_groups: list[int] = []
+    real_dots = torch.ops.gptserve.mxfp4_dot_linear
+    monkeypatch.setattr(torch.ops.gptserve, "mxfp4_dot_linear",
+                        lambda x, *args: decoded_by_groups.append(len(x)) or real_dots(x, *args))
     seq = random_tokens(120, seed=1)
     cache = PagedKVCache(model.kv_cache_spec(), -(-len(seq) // BLOCK), BLOCK, dtype=torch.bfloat16)
     table = list(range(cache.num_blocks))
     model(ForwardBatch.build([seq[:-1]], [0], [table], BLOCK), cache)
-    assert dequantized and set(dequantized) == {torch.bfloat16}  # ~60 rows an expert: bf16 GEMMs
+    if path == "onednn":
+        assert dequantized and set(dequantized) == {torch.bfloat16} and not decoded_by_groups
+    else:
+        assert decoded_by_groups and min(decoded_by_groups) > models.mxfp4.BF16_KERNEL_MAX_ROWS and not dequantized
     dequantized.clear()
+    decoded_by_groups.clear()
     model(ForwardBatch.build([seq[-1:]], [len(seq) - 1], [table], BLOCK), cache)
-    assert not dequantized  # one row an expert: the kernel, which reads the packed bytes
+    assert not dequantized and not decoded_by_groups
 
 
 def test_bf16_load_keeps_torch_matmuls_where_bf16_is_emulated(monkeypatch, tiny_gpt2_dir):

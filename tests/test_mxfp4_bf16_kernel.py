@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.bf16_weight_linear import pack_bf16_weight
+from models.cpu_isa import cpu_isa
 from models.moe import grouped_linear_mxfp4
 from models.mxfp4 import BF16_KERNEL_MAX_ROWS, dequantize_mxfp4, linear_mxfp4
 from tests.bf16_dots import HALF_BF16_STEP, assert_rounded_product, kernels, needs_avx512_bf16  # noqa: F401 (the kernels fixture applies itself)
@@ -113,7 +115,8 @@ def test_refuses_inputs_it_cannot_read():
 
 def test_the_models_bf16_rows_take_it_when_few():
     """linear_mxfp4 and a MoE layer's grouped call, on few bf16 rows, give this kernel's result; more rows
-    than BF16_KERNEL_MAX_ROWS still take the bf16 GEMM on the dequantized weight."""
+    than BF16_KERNEL_MAX_ROWS take the vdpbf16ps dots on the weight decoded a group at a time (oneDNN's GEMM on
+    the dequantized weight where the CPU has AMX)."""
     blocks, scales, g = random_packed(2, 600, 128, seed=13)
     bias = torch.randn(2, 600, generator=g).bfloat16()
     few = torch.randn(BF16_KERNEL_MAX_ROWS, 128, generator=g).bfloat16()
@@ -124,4 +127,6 @@ def test_the_models_bf16_rows_take_it_when_few():
                                                                                     bias.float()))
     many = torch.randn(BF16_KERNEL_MAX_ROWS + 1, 128, generator=g).bfloat16()
     weight = dequantize_mxfp4(blocks[0], scales[0], torch.bfloat16)
-    assert torch.equal(linear_mxfp4(many, blocks[0], scales[0], bias[0]), F.linear(many, weight, bias[0]))
+    expected = (F.linear(many, weight, bias[0]) if cpu_isa().amx_bf16 else
+                torch.ops.gptserve.bf16_dot_linear(many, pack_bf16_weight(weight), bias[0].float(), 600))
+    assert torch.equal(linear_mxfp4(many, blocks[0], scales[0], bias[0]), expected)

@@ -58,8 +58,7 @@ at::Tensor pairs_by_block(const at::Tensor& x, int64_t block_rows) {
 
 struct Call {
   const uint32_t* xt;  // pairs_by_block(x)
-  const uint16_t* w;
-  const float* bias;  // or nullptr
+  const float* bias;   // or nullptr
   c10::BFloat16* out;
   int64_t N, pairs, block_rows;
 };
@@ -67,12 +66,12 @@ struct Call {
 #if defined(__x86_64__)
 #define TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
-// ROWS rows from `first` (within one block) against group g: out[r][32 g + lane] for the group's valid lanes.
+// ROWS rows from `first` (within one block) against group g, whose packed weights are w: out[r][32 g + lane]
+// for the group's valid lanes.
 template <int ROWS, StreamHint HINT>
-TARGET_BF16 void group_pass(const Call& c, int64_t g, int64_t first) {
+TARGET_BF16 void group_pass(const Call& c, const uint16_t* w, int64_t g, int64_t first) {
   const int64_t block = first / c.block_rows, in_block = first % c.block_rows;
   const uint32_t* x = c.xt + block * c.pairs * c.block_rows + in_block;
-  const uint16_t* w = c.w + g * c.pairs * kGroupPair;
   __m512 acc[ROWS][2];
   for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t p = 0; p < c.pairs; ++p, w += kGroupPair, x += c.block_rows) {
@@ -95,27 +94,44 @@ TARGET_BF16 void group_pass(const Call& c, int64_t g, int64_t first) {
   }
 }
 
-using Pass = void (*)(const Call&, int64_t, int64_t);
+using Pass = void (*)(const Call&, const uint16_t*, int64_t, int64_t);
 
 template <StreamHint HINT, size_t... R>
 constexpr std::array<Pass, sizeof...(R)> passes(std::index_sequence<R...>) {
   return {&group_pass<static_cast<int>(R) + 1, HINT>...};
 }
 
-// Rows [first, first + rows) of one block against group g, in passes of nearly equal size (a block's 96 rows
-// are eight passes of 12; 13 rows are 7 and 6, not 12 and a pass of one that reads the weights for one row).
-void block_against_group(const Call& c, int64_t g, int64_t first, int64_t rows) {
+// Rows [first, first + rows) of one block against group g (packed weights w), in passes of nearly equal size
+// (a block's 96 rows are eight passes of 12; 13 rows are 7 and 6, not 12 and a pass of one that reads the
+// weights for one row). Weights streamed from memory are prefetched as this CPU streams best; a group decoded
+// into a scratch tile is in cache, and is prefetched into L2 (a no-op there).
+void block_against_group(const Call& c, const uint16_t* w, int64_t g, int64_t first, int64_t rows, StreamHint hint) {
   static constexpr auto into_l2 = passes<StreamHint::kIntoL2>(std::make_index_sequence<kRowsPerPass>());
   static constexpr auto non_temporal = passes<StreamHint::kNonTemporal>(std::make_index_sequence<kRowsPerPass>());
-  const auto& pass = stream_hint() == StreamHint::kIntoL2 ? into_l2 : non_temporal;
+  const auto& pass = hint == StreamHint::kIntoL2 ? into_l2 : non_temporal;
   const int64_t count = (rows + kRowsPerPass - 1) / kRowsPerPass, base = rows / count, longer = rows % count;
   for (int64_t p = 0; p < count; ++p) {
     const int64_t n = base + (p < longer ? 1 : 0);
-    pass[n - 1](c, g, first);
+    pass[n - 1](c, w, g, first);
     first += n;
   }
 }
 #endif
+
+// The checks and set-up both entry points share: out [M, N] and the Call over x's transposed blocks (kept
+// alive in xt).
+Call prepare(const at::Tensor& x, int64_t N, const c10::optional<at::Tensor>& bias, at::Tensor& xt, at::Tensor& out) {
+  TORCH_CHECK(has_avx512_bf16(), "bf16_dot_linear: this CPU lacks AVX512-BF16 (or AVX512-BW)");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous bfloat16 [M,K]");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias)
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "bias: float32 [N]");
+  const int64_t M = x.size(0), block_rows = std::max<int64_t>(1, std::min(M, kBlockRows));
+  out = at::empty({M, N}, x.options());
+  xt = M == 0 ? at::empty({0}, x.options().dtype(at::kInt)) : pairs_by_block(x, block_rows);
+  return Call{reinterpret_cast<const uint32_t*>(xt.data_ptr<int32_t>()), has_bias ? bias->data_ptr<float>() : nullptr,
+              out.data_ptr<c10::BFloat16>(), N, (x.size(1) + 1) / 2, block_rows};
+}
 
 }  // namespace
 
@@ -123,29 +139,45 @@ namespace gptserve {
 
 at::Tensor bf16_dot_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                            int64_t N) {
-  TORCH_CHECK(has_avx512_bf16(), "bf16_dot_linear: this CPU lacks AVX512-BF16 (or AVX512-BW)");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x: contiguous bfloat16 [M,K]");
+  at::Tensor xt, out;
+  const Call c = prepare(x, N, bias, xt, out);
   TORCH_CHECK(packed.scalar_type() == at::kShort && packed.dim() == 4 && packed.is_contiguous() &&
-                  packed.size(2) == kLanes && packed.size(3) == 2 && packed.size(1) == (x.size(1) + 1) / 2 &&
+                  packed.size(2) == kLanes && packed.size(3) == 2 && packed.size(1) == c.pairs &&
                   packed.size(0) * kLanes >= N && (packed.size(0) - 1) * kLanes < N,
               "packed: int16 [ceil(N/32), ceil(K/2), 32, 2] for this x and N");
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias)
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "bias: float32 [N]");
   const int64_t M = x.size(0), groups = packed.size(0);
-  at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
-  const int64_t block_rows = std::min(M, kBlockRows);
-  const at::Tensor xt = pairs_by_block(x, block_rows);
-  const Call c{reinterpret_cast<const uint32_t*>(xt.data_ptr<int32_t>()),
-               reinterpret_cast<const uint16_t*>(packed.data_ptr<int16_t>()), has_bias ? bias->data_ptr<float>() : nullptr,
-               out.data_ptr<c10::BFloat16>(), N, packed.size(1), block_rows};
 #if defined(__x86_64__)
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(packed.data_ptr<int16_t>());
   // Each thread takes a run of groups and, block by block, passes its rows over them: the x block stays in
   // cache while the groups stream by, and for a decode step (one block) every weight is read once.
   at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t first = 0; first < M; first += block_rows)
-      for (int64_t g = begin; g < end; ++g) block_against_group(c, g, first, std::min(block_rows, M - first));
+    for (int64_t first = 0; first < M; first += c.block_rows)
+      for (int64_t g = begin; g < end; ++g)
+        block_against_group(c, w + g * c.pairs * kGroupPair, g, first, std::min(c.block_rows, M - first),
+                            stream_hint());
+  });
+#endif
+  return out;
+}
+
+at::Tensor bf16_dot_linear_filled(const at::Tensor& x, int64_t N, c10::function_ref<void(int64_t, uint16_t*)> fill,
+                                  const c10::optional<at::Tensor>& bias) {
+  at::Tensor xt, out;
+  const Call c = prepare(x, N, bias, xt, out);
+  const int64_t M = x.size(0), groups = (N + kLanes - 1) / kLanes;
+  if (M == 0) return out;
+#if defined(__x86_64__)
+  // Each thread takes a run of groups; each group is filled into the thread's tile once and all of x's blocks
+  // pass over it while it is in cache.
+  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+    at::Tensor tile = at::empty({c.pairs * kGroupPair}, x.options().dtype(at::kShort));
+    uint16_t* w = reinterpret_cast<uint16_t*>(tile.data_ptr<int16_t>());
+    for (int64_t g = begin; g < end; ++g) {
+      fill(g, w);
+      for (int64_t first = 0; first < M; first += c.block_rows)
+        block_against_group(c, w, g, first, std::min(c.block_rows, M - first), StreamHint::kIntoL2);
+    }
   });
 #endif
   return out;

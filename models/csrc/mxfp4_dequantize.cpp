@@ -3,11 +3,9 @@
 // one thread, as long as a bf16 GEMM of ~200 rows against them; here each 16-byte block is decoded in
 // registers and its 32 values written once.
 //   mxfp4_dequantize(blocks [..., G, 16] uint8, scales [..., G] uint8, dtype float32|bfloat16) -> [..., G * 32]
-// Byte j of a block holds value 2j in its low nibble and 2j+1 in its high one (E2M1 codes); the block's values
-// are multiplied by 2^(scale - 127). The result equals models/mxfp4.py's dequantize_mxfp4 bit for bit: every
-// E2M1 value times a power of two is exact in float32, and in bfloat16 too (one mantissa bit, and bf16 has
-// float32's exponent range), so the bf16 bits are the float32's upper half. Only NaN (a zero code times the
-// scale 255, which is inf) may come out with other bits than torch's conversion gives it: still a NaN.
+// The block format and its decoding are mxfp4_decode.h's. The result equals models/mxfp4.py's dequantize_mxfp4
+// bit for bit. Only NaN (a zero code times the scale 255, which is inf) may come out with other bits than
+// torch's conversion gives it: still a NaN.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -15,6 +13,7 @@
 #include <torch/library.h>
 
 #include "cpu_features.h"
+#include "mxfp4_decode.h"
 
 #include <cmath>
 #include <cstdint>
@@ -26,12 +25,10 @@
 
 namespace {
 
-constexpr int64_t kValuesPerBlock = 32, kBytesPerBlock = 16;
+using namespace gptserve::mxfp4;
+
 // Blocks per parallel chunk: 2,048 blocks write 256 KiB of bf16, enough to pay for a thread's start.
 constexpr int64_t kGrainBlocks = 2048;
-
-constexpr float kFp4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
-                            -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
 template <typename Out>
 void block_portable(const uint8_t* bytes, float scale, Out* out) {
@@ -42,24 +39,9 @@ void block_portable(const uint8_t* bytes, float scale, Out* out) {
 }
 
 #if defined(__x86_64__)
-// The 16 bytes widened to one per 32-bit lane and the E2M1 table looked up by each lane's low four bits
-// (vpermps reads no others), once as they are (even values) and once shifted by a nibble (odd values).
-__attribute__((target("avx512f"))) inline void decode(const uint8_t* bytes, float scale, __m512& even,
-                                                      __m512& odd) {
-  const __m512 table = _mm512_loadu_ps(kFp4);
-  const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-  const __m512 s = _mm512_set1_ps(scale);
-  even = _mm512_mul_ps(_mm512_permutexvar_ps(codes, table), s);
-  odd = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table), s);
-}
-
-// bf16 pair j = (odd j's upper half) << 16 | (even j's upper half): 32 values in one 64-byte store.
+// 32 bf16 values in one 64-byte store.
 __attribute__((target("avx512f"))) void block_avx512(const uint8_t* bytes, float scale, c10::BFloat16* out) {
-  __m512 even, odd;
-  decode(bytes, scale, even, odd);
-  const __m512i high = _mm512_and_si512(_mm512_castps_si512(odd), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
-  const __m512i pairs = _mm512_or_si512(high, _mm512_srli_epi32(_mm512_castps_si512(even), 16));
-  _mm512_storeu_si512(out, pairs);
+  _mm512_storeu_si512(out, bf16_pairs(bytes, scale));
 }
 
 __attribute__((target("avx512f"))) void block_avx512(const uint8_t* bytes, float scale, float* out) {
@@ -74,22 +56,17 @@ __attribute__((target("avx512f"))) void block_avx512(const uint8_t* bytes, float
 
 template <typename Out>
 void dequantize_blocks(const uint8_t* blocks, const uint8_t* scales, Out* out, int64_t count, bool avx512) {
-  static const std::vector<float> scale_value = [] {
-    std::vector<float> t(256);
-    for (int s = 0; s < 256; ++s) t[s] = std::ldexp(1.0f, s - 127);  // as torch.exp2 gives it in float32
-    return t;
-  }();
   at::parallel_for(0, count, kGrainBlocks, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const uint8_t* bytes = blocks + b * kBytesPerBlock;
       Out* dst = out + b * kValuesPerBlock;
 #if defined(__x86_64__)
       if (avx512) {
-        block_avx512(bytes, scale_value[scales[b]], dst);
+        block_avx512(bytes, scale_value(scales[b]), dst);
         continue;
       }
 #endif
-      block_portable(bytes, scale_value[scales[b]], dst);
+      block_portable(bytes, scale_value(scales[b]), dst);
     }
   });
 }

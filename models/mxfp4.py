@@ -170,7 +170,7 @@ def linear_mxfp4(x: Tensor, blocks: Tensor, scales: Tensor, bias: Tensor | None)
         float_bias = None if bias is None else bias.float().unsqueeze(0)
         out = grouped_kernel(rows, [len(rows)], blocks.unsqueeze(0), scales.unsqueeze(0), float_bias)
         return out.view(*x.shape[:-1], blocks.shape[0])
-    if takes_bf16_dots(x) and not cpu_isa().amx_bf16:  # dots decoding the weight a group at a time, in cache
+    if takes_bf16_dots(x) and not cpu_isa().amx_bf16 and cpu_kernels_loaded():  # dots on W decoded group by group
         out = torch.ops.gptserve.mxfp4_dot_linear(rows.contiguous(), blocks.contiguous(), scales.contiguous(),
                                                   widened(bias))
         return out.view(*x.shape[:-1], blocks.shape[0])

@@ -4,9 +4,11 @@ with the reason, on CPUs without AVX512-BF16."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import models.mxfp4
 from models.bf16_weight_linear import pack_bf16_weight
-from models.mxfp4 import dequantize_mxfp4
+from models.mxfp4 import BF16_KERNEL_MAX_ROWS, dequantize_mxfp4, dequantize_mxfp4_torch, linear_mxfp4
 from tests.bf16_dots import assert_rounded_product, kernels, needs_avx512_bf16  # noqa: F401 (the kernels fixture applies itself)
 
 pytestmark = needs_avx512_bf16
@@ -67,3 +69,18 @@ def test_refuses_inputs_it_cannot_read():
         op(x, blocks, scales[:4])
     with pytest.raises(RuntimeError, match=r"bias: float32 \[N\]"):
         op(x, blocks, scales, torch.zeros(8, dtype=torch.bfloat16))
+
+
+def test_without_the_built_kernels_a_prompt_takes_torch_ops(monkeypatch):
+    """Where the C++ kernels failed to build, a bf16 prompt's product is torch's on the weight torch dequantized."""
+    monkeypatch.setattr(models.mxfp4, "cpu_kernels_loaded", lambda: False)
+
+    def unbuilt(*args):
+        raise AssertionError("the C++ kernel was called")
+
+    monkeypatch.setattr(torch.ops.gptserve, "mxfp4_dot_linear", unbuilt)
+    blocks, scales, g = random_weight(40, 64, seed=3)
+    x = torch.randn(BF16_KERNEL_MAX_ROWS + 1, 64, generator=g).bfloat16()
+    bias = torch.randn(40, generator=g).bfloat16()
+    expected = F.linear(x, dequantize_mxfp4_torch(blocks, scales, torch.bfloat16), bias)
+    assert torch.equal(linear_mxfp4(x, blocks, scales, bias), expected)

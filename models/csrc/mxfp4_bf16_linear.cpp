@@ -29,6 +29,7 @@
 
 #include "mxfp4_bf16_linear.h"
 #include "cpu_features.h"
+#include "mxfp4_decode.h"
 
 #include <algorithm>
 #include <cmath>
@@ -42,16 +43,15 @@
 
 namespace {
 
-constexpr int64_t kValuesPerBlock = 32, kBytesPerBlock = 16, kBlocksPerLine = 4;
+using gptserve::mxfp4::kBytesPerBlock, gptserve::mxfp4::kFp4, gptserve::mxfp4::kValuesPerBlock;
+
+constexpr int64_t kBlocksPerLine = 4;
 constexpr int64_t kLineValues = kValuesPerBlock * kBlocksPerLine, kLineBytes = kBytesPerBlock * kBlocksPerLine;
 constexpr int kMaxTokens = 8;  // tokens per pass over a row: one accumulator register each
 // The packed bytes are asked for this far ahead (32 lines): 4 KiB and 8 KiB, and the non-temporal hint,
 // measured the same or slower; no prefetch 15-40% slower (two threads, 5760x2880, one to four tokens).
 constexpr int64_t kPrefetchBytes = 2048;
 constexpr uint8_t kNeutralScale = 127;  // scale byte of the blocks past a row's end in its last line: 2^0
-
-constexpr float kFp4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
-                            -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
 // x [M, I] -> [M, lines, 4, 32] bf16 words in the order the line's four weight vectors hold their values
 // (vector q, word 2m + h: value 8m + 4h + q), zero past I.

@@ -15,7 +15,6 @@
 #include "cpu_features.h"
 #include "mxfp4_decode.h"
 
-#include <cmath>
 #include <cstdint>
 #include <vector>
 

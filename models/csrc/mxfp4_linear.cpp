@@ -24,6 +24,7 @@
 
 #include "mxfp4_linear.h"
 #include "cpu_features.h"
+#include "mxfp4_decode.h"
 
 #include <algorithm>
 #include <array>
@@ -39,7 +40,8 @@
 
 namespace {
 
-constexpr int64_t kValuesPerBlock = 32, kBytesPerBlock = 16;
+using gptserve::mxfp4::kBytesPerBlock, gptserve::mxfp4::kFp4, gptserve::mxfp4::kValuesPerBlock;
+
 // Tokens per pass over the weights: one accumulator register each. More tokens take more passes, whose
 // re-reads of the packed rows come from cache (a pass over all of a thread's rows measured the same as
 // passes over 32 rows at a time).
@@ -51,9 +53,6 @@ constexpr int kOverflowingScale = 253;
 // The vector paths ask for the packed bytes this far ahead, one 64-byte line (four blocks) at a time: with the
 // hardware's prefetch alone a 5760x2880 matrix at two tokens took 15-20% longer (bench/NOTES.md, MoE section).
 constexpr int64_t kPrefetchBytes = 2048, kBlocksPerLine = 4;
-
-constexpr float kFp4[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
-                            -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
 // 2^(s - 127) for every scale byte, as torch.exp2 gives it in float32 (s = 0 is subnormal, 255 is inf).
 const std::array<float, 256>& scale_values() {

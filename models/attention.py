@@ -10,7 +10,10 @@ On CPU in float32 (or bfloat16, the queries widened) the decode group skips the 
 (models/csrc/paged_decode_attention.cpp) reads each key and value row straight from the pool and takes the
 softmax in between. At 64 sequences of ~200 tokens the gather + SDPA read the cache three times and took
 ~120 ms of a ~270 ms GPT-2-124M step (bench/NOTES.md). A sliding-window layer's prefill gathers only the
-blocks its queries can see.
+blocks its queries can see, and a long chunk attends a run of QUERY_TILE queries at a time over only the keys
+that run may see: with one call over the whole chunk, SDPA under a mask computed every query against every
+key, 16 times the work a 2048-token chunk's sliding layers need and twice the causal half of the full ones
+(bench/NOTES.md, session 24).
 
 The pool may be narrower than the model (models/kv_cache.py): keys and values are cast to its dtype when
 written, and widened back when read (the kernels widen bfloat16 rows in registers).
@@ -40,6 +43,8 @@ log = logging.getLogger(__name__)
 # Every backend but cuDNN's: it builds a plan for each new shape (median 66 ms, up to 1.1 s on an H100), and
 # the groups here change shape almost every step, so those plans never pay off (bench/NOTES.md, CUDA).
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Queries of a prefill chunk attended together (AttentionGroup.query_tiles).
+QUERY_TILE = 256
 
 
 def paged_attention(
@@ -79,15 +84,31 @@ def paged_attention(
         qg = qg.view(group.num_seqs, group.max_query, num_heads, head_dim).transpose(1, 2)
         kg = _gather_blocks(key_cache, group).to(q.dtype).transpose(1, 2)  # [S, KVH, L, D]
         vg = _gather_blocks(value_cache, group).to(q.dtype).transpose(1, 2)
-        mask = group.mask(window)
-        if sinks is None:
-            with sdpa_kernel(SDPA_BACKENDS):
-                og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, enable_gqa=True)
-        else:
-            og = attention_with_sinks(qg, kg, vg, mask, sinks)
+        og = tiled_attention(qg, kg, vg, group, window, sinks)
         og = og.transpose(1, 2).reshape(group.num_seqs * group.max_query, num_heads, head_dim)
         out[group.token_index] = og[group.pad_index]
     return out
+
+
+def tiled_attention(q: Tensor, k: Tensor, v: Tensor, group: AttentionGroup, window: int | None,
+                    sinks: Tensor | None) -> Tensor:
+    """SDPA of the group's padded q [S, H, Q, D] over its gathered k, v [S, KVH, L, D], causal and through
+    ``window``; a long one-sequence chunk a tile of queries at a time, over the keys that tile may see."""
+    mask = group.mask(window)
+    if group.num_seqs > 1 or group.max_query <= QUERY_TILE:
+        return masked_attention(q, k, v, mask, sinks)
+    out = torch.empty_like(q)
+    for queries, keys in group.query_tiles(window, QUERY_TILE):
+        out[:, :, queries] = masked_attention(q[:, :, queries], k[:, :, keys], v[:, :, keys], mask[:, :, queries, keys],
+                                              sinks)
+    return out
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: Tensor | None) -> Tensor:
+    if sinks is not None:
+        return attention_with_sinks(q, k, v, mask, sinks)
+    with sdpa_kernel(SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 def attention_with_sinks(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, sinks: Tensor) -> Tensor:

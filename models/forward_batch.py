@@ -70,6 +70,20 @@ class AttentionGroup:
                 self.key_start + skip * self.block_size)
         return self._within[window]
 
+    def query_tiles(self, window: int | None, tile: int) -> list[tuple[slice, slice]]:
+        """A one-sequence chunk's queries in runs of ``tile``, each with the range of held keys some query of it
+        may see (causal, and through ``window``): attention over a run's keys alone is attention over all
+        held keys under the mask, which hides the rest, at a fraction of the work for a long chunk."""
+        if self.num_seqs != 1:
+            raise ValueError("query tiles are a one-sequence chunk's")
+        tiles = []
+        for start in range(0, self.max_query, tile):
+            end = min(start + tile, self.max_query)
+            first, last = self.first_query_position + start, self.first_query_position + end - 1
+            lowest = 0 if window is None else max(0, first - window + 1 - self.key_start)
+            tiles.append((slice(start, end), slice(lowest, last + 1 - self.key_start)))
+        return tiles
+
     def mask(self, window: int | None) -> Tensor:
         """[n_seqs, 1, max_query, keys held] True where a query may attend a key (causal, optional window)."""
         if window not in self._masks:

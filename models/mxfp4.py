@@ -29,7 +29,7 @@ holds a second dequantized expert. Except bf16 rows on a CPU with AVX512-BF16 an
 dots decode the weight 32 outputs at a time into a tile that stays in cache and multiply every row with it
 (models/csrc/mxfp4_dot_linear.cpp), where oneDNN's bf16 GEMM ran at ~3/4 of their rate at an expert's ~64
 prompt rows and the dequantized expert went through memory (a 512-token prefill of the gpt-oss-20b widths
-1.2-1.5x faster, bench/NOTES.md session 24).
+1.2-1.6x faster, bench/NOTES.md session 24).
 """
 
 from __future__ import annotations

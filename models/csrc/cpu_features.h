@@ -24,11 +24,19 @@ inline bool has_avx512f() {
   }();
   return yes;
 }
+// The AVX-512 word shuffles (vpermw) that look MXFP4 codes up as bf16 words.
+inline bool has_avx512bw() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return has_avx512f() && __builtin_cpu_supports("avx512bw");
+  }();
+  return yes;
+}
 // vdpbf16ps (AVX512-BF16) and the AVX512-BW word shuffles the bf16 kernels use beside it.
 inline bool has_avx512_bf16() {
   static const bool yes = [] {
     __builtin_cpu_init();
-    return has_avx512f() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+    return has_avx512bw() && __builtin_cpu_supports("avx512bf16");
   }();
   return yes;
 }
@@ -58,6 +66,7 @@ inline void prefetch_streamed(const void* p) {
 #else
 inline bool has_avx2_fma() { return false; }
 inline bool has_avx512f() { return false; }
+inline bool has_avx512bw() { return false; }
 inline bool has_avx512_bf16() { return false; }
 #endif
 

@@ -67,8 +67,9 @@ __attribute__((target("avx512f,avx512bw"))) inline __m512i bf16_pairs_exponent_a
                                                                                   uint8_t scale) {
   const __m512i table = _mm512_loadu_si512(kFp4Bf16);
   const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-  const __m512i nibbles = _mm512_or_si512(_mm512_and_si512(codes, _mm512_set1_epi32(0xF)),
-                                          _mm512_slli_epi32(_mm512_srli_epi32(codes, 4), 16));
+  // word 2j: byte j whole (vpermw reads its low five bits, the low nibble and one bit the doubled table
+  // ignores); word 2j+1: its high nibble, shifted into place.
+  const __m512i nibbles = _mm512_or_si512(codes, _mm512_slli_epi32(codes, 12));
   const __m512i bits = _mm512_permutexvar_epi16(nibbles, table);
   const __mmask32 nonzero = _mm512_test_epi16_mask(bits, _mm512_set1_epi16(0x7FFF));
   return _mm512_mask_add_epi16(bits, nonzero, bits, _mm512_set1_epi16(static_cast<int16_t>((scale - 127) * 128)));

@@ -81,6 +81,11 @@ class GPT2Config:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def hidden_size(self) -> int:
+        """The hidden states' width, by the name GPT-OSS's config gives it."""
+        return self.n_embd
+
 
 class GPT2Attention(nn.Module):
     def __init__(self, config: GPT2Config, tp: TensorParallel) -> None:

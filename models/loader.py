@@ -36,6 +36,7 @@ class LoadedModel:
     directory: Path
     dtype: torch.dtype
     device: torch.device
+    hidden_size: int  # the width of the final hidden states (an embedding's dimensions)
 
     @property
     def max_context(self) -> int:
@@ -142,7 +143,7 @@ def load_model(
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"the tokenizer defines {tokenizer.vocab_size} token ids but the model's vocabulary "
                               f"has only {model.config.vocab_size}")
-    return LoadedModel(model, tokenizer, family, model_dir, torch_dtype, torch_device)
+    return LoadedModel(model, tokenizer, family, model_dir, torch_dtype, torch_device, model.config.hidden_size)
 
 
 def load_weights(

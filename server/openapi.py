@@ -31,6 +31,7 @@ def install_openapi(app: FastAPI, model_names: list[str]) -> None:
                 _state_limits(document, min(s.engine.max_model_len for s in served),
                               min(s.engine.tokenizer.vocab_size for s in served))
                 _add_examples(document, model_names[0])
+                _state_embedding_widths(document, sorted({s.engine.hidden_size for s in served}))
                 _state_template_extras(document, [s.chat_format for s in served],
                                        any(s.request_templates for s in served))
             app.openapi_schema = document
@@ -62,7 +63,8 @@ def _pin_model_names(document: dict[str, Any], model_names: list[str]) -> None:
 
 def _state_limits(document: dict[str, Any], max_model_len: int, vocab_size: int) -> None:
     schemas = document.get("components", {}).get("schemas", {})
-    for name in ("CompletionRequest", "ChatCompletionRequest", "PerplexityRequest", "DetokenizeRequest"):
+    for name in ("CompletionRequest", "ChatCompletionRequest", "PerplexityRequest", "EmbeddingRequest",
+                 "DetokenizeRequest"):
         properties = schemas.get(name, {}).get("properties", {})
         for field in ("prompt", "input", "stop_token_ids", "allowed_token_ids", "tokens"):  # every integer: a token id
             for node in _nodes(properties.get(field), "integer"):
@@ -84,6 +86,13 @@ def _state_limits(document: dict[str, Any], max_model_len: int, vocab_size: int)
                 {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}]}
         if "suffix" in properties:  # refused unless null
             properties["suffix"] = {"type": "null", "title": "Suffix", "description": "not supported; must be null"}
+
+
+def _state_embedding_widths(document: dict[str, Any], widths: list[int]) -> None:
+    """``dimensions`` may only be a served model's own width (none is trained for shortened embeddings)."""
+    properties = document.get("components", {}).get("schemas", {}).get("EmbeddingRequest", {}).get("properties", {})
+    for node in _nodes(properties.get("dimensions"), "integer"):
+        node["enum"] = widths
 
 
 def _state_template_extras(document: dict[str, Any], formats: list[HarmonyChatFormat | TemplateChatFormat],
@@ -112,6 +121,7 @@ def _add_examples(document: dict[str, Any], model: str) -> None:
         "CompletionRequest": {"model": model, "prompt": "Hello", "max_tokens": 4},
         "ChatCompletionRequest": {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
         "PerplexityRequest": {"model": model, "input": "The quick brown fox"},
+        "EmbeddingRequest": {"model": model, "input": "The quick brown fox"},
     }
     for name, example in examples.items():
         if name in schemas:

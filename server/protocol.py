@@ -341,6 +341,24 @@ class PerplexityRequest(Strict):
     logprobs: bool = False
 
 
+EmbeddingText = Annotated[str, Field(min_length=1)]  # OpenAI's rule: an empty string has nothing to embed
+EmbeddingInput = (EmbeddingText | Annotated[list[EmbeddingText], Field(min_length=1, max_length=MAX_PROMPTS)]
+                  | TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
+
+
+class EmbeddingRequest(Strict):
+    model: str
+    input: EmbeddingInput
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64: each vector's float32 "
+                                                        "values, little-endian, base64-encoded")
+    dimensions: Annotated[int, Field(ge=1, lt=INT64_BOUND), INTEGRAL] | None = Field(
+        None, description="only the model's own width: GPT-2 and GPT-OSS were not trained for shortened "
+        "(matryoshka) embeddings")
+    user: str | None = Field(None, max_length=512)
+    truncate_prompt_tokens: Annotated[int, Field(ge=1, lt=INT64_BOUND), INTEGRAL] | Literal[-1] | None = Field(
+        None, description="vLLM extra: only each input's last k tokens are embedded (-1: the last max_model_len)")
+
+
 # ---- responses ----
 
 
@@ -502,6 +520,25 @@ class PerplexityResponse(BaseModel):
     model: str
     data: list[PerplexityResult]
     usage: PerplexityUsage
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="unit length (L2); a base64 string with encoding_format "
+                                         "base64")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[Embedding]
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

@@ -127,6 +127,25 @@ def test_graph_steps_match_eager_steps_logits_tokens_and_cache(loaded):
         torch.testing.assert_close(got[:handed_out], expected[:handed_out], rtol=tol, atol=tol)
 
 
+def test_a_one_token_embedding_request_among_decodes_is_not_replayed_from_a_graph(loaded):
+    """A graph returns logits only: a one-token prompt asking for its hidden state, in a step of one-token
+    decodes, takes the eager path and gets the same state as in an eager engine."""
+    config = dict(max_num_seqs=4, max_num_batched_tokens=16, kv_cache_tokens=1024, block_size=8)
+    states = []
+    for engine in (LLMEngine(loaded, EngineConfig(**config, enforce_eager=True)),
+                   graphed_engine(loaded, EngineConfig(**config))):
+        engine.add_request("decoding", [11, 22, 33], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+        engine.step()  # its prompt in: from now on it decodes one token a step
+        engine.add_request("embed", [44], SamplingParams(max_tokens=0, temperature=0.0, embed=True))
+        outputs = [out for _, out in engine.step()]
+        [embedded] = [out for out in outputs if out.embedding is not None]
+        states.append(torch.tensor(embedded.embedding))
+        assert embedded.new_token_ids == [] and embedded.finish_reason == "length"
+        drain(engine)
+    tol = 1e-4 if loaded.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(states[1], states[0], rtol=tol, atol=tol)
+
+
 def test_the_scratch_block_is_never_handed_out(loaded):
     engine = LLMEngine(loaded, EngineConfig(kv_cache_tokens=64, block_size=8))
     assert engine.block_manager.num_blocks == 8

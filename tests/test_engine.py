@@ -383,6 +383,28 @@ def test_prompt_logprobs_with_zero_max_tokens_match_full_forward(loaded):
         assert [t for t, _ in entry.top] == expected[i - 1].topk(2).indices.tolist()
 
 
+def test_an_embedding_request_reports_its_last_prompt_tokens_hidden_state_and_samples_nothing(
+        loaded, gpt2_oracle, monkeypatch):
+    """Over several prompt chunks, beside another embedding request: no logits are computed for either, the
+    hidden state is transformers' final (normed) one at the last prompt token, and the blocks come back."""
+    engine = make_engine(loaded, max_num_batched_tokens=16)
+    logits_rows = []
+    real_logits = engine.runner._logits
+    monkeypatch.setattr(engine.runner, "_logits", lambda hidden: logits_rows.append(len(hidden)) or real_logits(hidden))
+    prompts = {"long": random_prompt(45, 10), "short": random_prompt(3, 11)}
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, SamplingParams(max_tokens=0, temperature=0.0, embed=True))
+    results = run_all(engine)
+    for request_id, prompt in prompts.items():
+        [out] = results[request_id][0]
+        assert out.finish_reason == "length" and out.new_token_ids == [] and out.num_prompt_tokens == len(prompt)
+        with torch.no_grad():
+            expected = gpt2_oracle.transformer(torch.tensor([prompt])).last_hidden_state[0, -1]
+        torch.testing.assert_close(torch.tensor(out.embedding), expected, rtol=1e-4, atol=1e-4)
+    assert logits_rows == []
+    assert engine.block_manager.num_used_blocks == 0
+
+
 def test_sampled_logprobs_report_raw_distribution(loaded):
     engine = make_engine(loaded)
     prompt = random_prompt(12, 10)

@@ -39,6 +39,7 @@ warnings = false
 # held to what typing chat messages by role achieved at SEED, less a margin (served before -> after: chat 170 of
 # 245 -> 247 of 285, /tokenize 23 of 91 -> 123 of 139); the rest to most.
 MIN_SERVED = {"POST /v1/completions": 0.5, "POST /v1/chat/completions": 0.8, "POST /v1/perplexity": 0.5,
+              "POST /v1/embeddings": 0.5,
               "POST /v1/responses": 0.5, "POST /detokenize": 0.5, "POST /tokenize": 0.8, "GET /tokenizer_info": 0.8}
 
 
@@ -54,13 +55,14 @@ def test_openapi_document_describes_every_route_and_its_errors(server):
     document = httpx.get(server.base_url + "/openapi.json", timeout=10).json()
     assert set(document["paths"]) == {"/v1/completions", "/v1/chat/completions", "/v1/responses",
                                       "/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel",
-                                      "/v1/responses/{response_id}/input_items", "/v1/perplexity", "/v1/models",
+                                      "/v1/responses/{response_id}/input_items", "/v1/perplexity", "/v1/embeddings",
+                                      "/v1/models",
                                       "/v1/models/{model_id}", "/health", "/ready", "/metrics", "/tokenize",
                                       "/detokenize", "/tokenizer_info", "/version"}
     for path, operations in document["paths"].items():
         for operation in operations.values():
             assert "422" not in operation["responses"], f"{path}: validation errors are 400, not 422"
-    for path in ("/v1/completions", "/v1/chat/completions", "/v1/perplexity"):
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/perplexity", "/v1/embeddings"):
         responses = document["paths"][path]["post"]["responses"]
         assert {"200", "400", "401", "404", "413", "429", "500", "503"} <= set(responses)
     completions = document["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]
@@ -76,6 +78,8 @@ def test_openapi_document_describes_every_route_and_its_errors(server):
         for role in ("system", "developer", "user", "assistant", "tool", "function")}}
     assert "tool_call_id" in schemas["ToolMessage"]["required"]
     assert schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]["maximum"] == 50256  # the vocabulary's last
+    dimensions = schemas["EmbeddingRequest"]["properties"]["dimensions"]["anyOf"]
+    assert {"type": "integer", "enum": [64], "minimum": 1, "exclusiveMaximum": 2**63} in dimensions  # its own width
     chat = schemas["ChatCompletionRequest"]["properties"]
     assert chat["chat_template"]["type"] == "null"  # not started with --trust-request-chat-template
     assert chat["documents"]["type"] == "null"  # the default template uses none

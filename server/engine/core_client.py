@@ -54,6 +54,7 @@ class EngineCoreClient:
         self.family = core.family
         self.admission = core.ready.admission
         self.max_model_len = self.admission.max_model_len
+        self.hidden_size = core.ready.hidden_size
         self.max_queue = max_queue
         self.metric_backlog = MetricBacklog(metrics)  # the app flushes it before each /metrics exposition
         self.on_failure = on_failure

@@ -57,6 +57,7 @@ class Ready(msgspec.Struct, tag=True, array_like=True):
     stats: EngineStats
     family: str  # "gpt2" | "gpt_oss": which chat format the front end speaks
     tokenizer_dir: str  # where the front end loads the same tokenizer from
+    hidden_size: int  # the width of the model's final hidden states: an embedding's dimensions
 
 
 class LoadFailed(msgspec.Struct, tag=True, array_like=True):

@@ -84,9 +84,10 @@ class DecodeGraphs:
         return self.row_buckets[-1]
 
     def serves(self, chunks: list[ScheduledChunk]) -> bool:
-        """One-token chunks only, none scoring its prompt, at most as many as the largest graph holds."""
+        """One-token chunks only, none scoring its prompt or asking for its hidden state (a graph returns
+        logits), at most as many as the largest graph holds."""
         return len(chunks) <= self.max_rows and all(
-            c.num_tokens == 1 and not c.seq.wants_prompt_logprobs for c in chunks
+            c.num_tokens == 1 and not c.seq.wants_prompt_logprobs and not c.seq.params.embed for c in chunks
         )
 
     def run(self, chunks: list[ScheduledChunk]) -> Tensor:

@@ -204,9 +204,11 @@ class LLMEngine:
             chunk.seq.prompt_logprobs.extend(step.prompt_logprobs.get(id(chunk.seq), []))
             if self.held and chunk.seq.request_id in self.held and not chunk.seq.wants_prompt_logprobs:
                 self._release_held(chunk.seq)
-        tokens, logprobs, failed = self._sample(step.logits, step.sampling_seqs)
+        tokens, logprobs, failed = self._sample(step.logits, step.sampling_seqs) if step.sampling_seqs else ([], [], [])
         now = time.monotonic()
         outputs = [self._advance(seq, token, lp, now) for seq, token, lp in zip(step.sampling_seqs, tokens, logprobs)]
+        outputs += [self._embedded(chunk.seq, step.embeddings[id(chunk.seq)]) for chunk in chunks
+                    if id(chunk.seq) in step.embeddings]
         self.metrics.scheduler_state(self.stats())
         return failed + [o for o in outputs if o is not None]
 
@@ -287,6 +289,14 @@ class LLMEngine:
             out.stop_token_id = stop_token
             if reason == "error":
                 out.error = "the output left its grammar (response_format or a forced tool call)"
+        return seq.request_id, out
+
+    def _embedded(self, seq: Sequence, embedding: list[float]) -> Output:
+        """An embedding request is done once its prompt is in: it reports the hidden state, no tokens."""
+        seq.reported_prompt = True
+        self._finish(seq, "length")
+        out = ChoiceOutput(seq.index, [], finish_reason="length", num_prompt_tokens=seq.num_prompt_tokens,
+                           num_cached_tokens=seq.num_cached_tokens, embedding=embedding)
         return seq.request_id, out
 
     def _finish(self, seq: Sequence, reason: str) -> None:

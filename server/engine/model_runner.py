@@ -1,7 +1,8 @@
 """Turns a step's scheduled chunks into one model forward, and returns only the logits someone needs.
 
 Next-token logits are computed for sequences whose chunk catches them up (they sample this step); every
-prompt position is scored only for requests that asked for prompt logprobs (echo, perplexity). Steps of
+prompt position is scored only for requests that asked for prompt logprobs (echo, perplexity). An embedding
+request (``SamplingParams.embed``) gets the final hidden state of its last prompt token instead, and no logits. Steps of
 one-token chunks replay a captured CUDA graph where the engine has them (server/engine/decode_graphs.py).
 An eager step given an ``interrupt`` asks it before each layer and before the logits, and stops with
 ForwardInterrupted when it says so (a replayed graph runs to the end).
@@ -34,6 +35,7 @@ class StepLogits:
     sampling_seqs: list[Sequence]  # sequences that sample a token this step, in row order of `logits`
     logits: Tensor  # [len(sampling_seqs), vocab] float32
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # id(seq) -> new entries
+    embeddings: dict[int, list[float]] = field(default_factory=dict)  # id(seq) -> its last prompt token's state
 
 
 class ModelRunner:
@@ -66,14 +68,22 @@ class ModelRunner:
         )
         hidden = self.model(batch, self.cache, interrupt)
         check_interrupt(interrupt)
-        rows, sampling_seqs, offset = [], [], 0
+        rows: list[int] = []
+        sampling_seqs: list[Sequence] = []
+        embedding_rows: list[int] = []
+        embedding_seqs: list[Sequence] = []
+        offset = 0
         for chunk in chunks:
             offset += chunk.num_tokens
             if chunk.catches_up:
-                rows.append(offset - 1)
-                sampling_seqs.append(chunk.seq)
+                (embedding_rows if chunk.seq.params.embed else rows).append(offset - 1)
+                (embedding_seqs if chunk.seq.params.embed else sampling_seqs).append(chunk.seq)
         picked = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
-        step = StepLogits(sampling_seqs, self._logits(picked))
+        logits = self._logits(picked) if rows else hidden.new_empty(0, self.vocab_size, dtype=torch.float32)
+        step = StepLogits(sampling_seqs, logits)
+        if embedding_rows:
+            states = hidden[torch.tensor(embedding_rows, dtype=torch.long, device=self.device)].float().tolist()
+            step.embeddings = {id(seq): state for seq, state in zip(embedding_seqs, states)}
         offset = 0
         for chunk in chunks:
             if chunk.seq.wants_prompt_logprobs:

@@ -24,3 +24,4 @@ class ChoiceOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # what went wrong, with finish_reason "error"
     stop_token_id: int | None = None  # the stop token that ended the choice, new_token_ids' last: it has no text
+    embedding: list[float] | None = None  # SamplingParams.embed: the last prompt token's final hidden state

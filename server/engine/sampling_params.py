@@ -60,6 +60,7 @@ class SamplingParams:
     priority: int = 0  # with --scheduling-policy priority: lower is served first
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences the output never ends with (vLLM's bad_words)
     cache_salt: str | None = None  # prefix-cache blocks are shared only with requests that give the same salt
+    embed: bool = False  # return the last prompt token's final hidden state (an embedding) instead of sampling
 
     @property
     def greedy(self) -> bool:

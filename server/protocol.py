@@ -357,6 +357,8 @@ class EmbeddingRequest(Strict):
     user: str | None = Field(None, max_length=512)
     truncate_prompt_tokens: Annotated[int, Field(ge=1, lt=INT64_BOUND), INTEGRAL] | Literal[-1] | None = Field(
         None, description="vLLM extra: only each input's last k tokens are embedded (-1: the last max_model_len)")
+    normalize: bool = Field(True, description="vLLM extra: false returns the hidden state as the model gives it, "
+                            "not scaled to unit length")
 
 
 # ---- responses ----
@@ -525,8 +527,8 @@ class PerplexityResponse(BaseModel):
 class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str = Field(description="unit length (L2); a base64 string with encoding_format "
-                                         "base64")
+    embedding: list[float] | str = Field(description="unit length (L2) unless normalize is false; a base64 "
+                                         "string with encoding_format base64")
 
 
 class EmbeddingUsage(BaseModel):

@@ -102,6 +102,14 @@ def test_gpt_oss_embeddings_match_transformers(client, tiny_gpt_oss_dir, gpt_oss
     assert by_ids.data[1].embedding == pytest.approx(oracle_embedding(gpt_oss_oracle.model, ids[:5]), abs=1e-4)
 
 
+def test_normalize_false_gives_the_hidden_state_as_it_is(server, gpt2_tokenizer, gpt2_oracle):
+    with torch.no_grad():
+        state = gpt2_oracle.transformer(torch.tensor([gpt2_tokenizer.encode(TEXT)])).last_hidden_state[0, -1]
+    raw = embed(server, input=TEXT, normalize=False).json()["data"][0]["embedding"]
+    assert raw == pytest.approx(state.tolist(), abs=1e-4)
+    assert sum(v * v for v in raw) == pytest.approx(float(state.double().norm() ** 2), rel=1e-4)
+
+
 def test_a_repeated_input_is_served_from_the_prefix_cache_with_the_same_vector(server, gpt2_tokenizer):
     long_text = " ".join([TEXT] * 4)  # several full KV blocks to find in the cache
     first = embed(server, input=long_text).json()["data"][0]["embedding"]

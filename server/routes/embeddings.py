@@ -1,4 +1,5 @@
-"""POST /v1/embeddings: each input's last-token final hidden state, scaled to unit length.
+"""POST /v1/embeddings: each input's last-token final hidden state, scaled to unit length (unless vLLM's
+``normalize`` is false).
 
 GPT-2 and GPT-OSS are generative models; as vLLM does when it serves one as an embedding model, an input's
 embedding is the final (normed) hidden state at its last token, L2-normalised. Every input is its own engine
@@ -66,5 +67,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Embeddi
     prompt_tokens = sum(len(ids) for ids in prompts)
     usage = EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
     request.state.usage = lambda: usage  # read by the request log once the answer is out
-    data = [Embedding(index=i, embedding=encoded(unit_length(v), body.encoding_format)) for i, v in enumerate(vectors)]
+    if body.normalize:
+        vectors = [unit_length(v) for v in vectors]
+    data = [Embedding(index=i, embedding=encoded(v, body.encoding_format)) for i, v in enumerate(vectors)]
     return EmbeddingResponse(model=served.name, data=data, usage=usage)

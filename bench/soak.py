@@ -1,13 +1,14 @@
 """Soak under mixed load: ``python -m bench.soak --duration 60 --clients 64 [--model DIR | --url URL --pid PID]``.
 
-Concurrent clients send a mix of streaming and non-streaming completions, chat, perplexity, n > 1 (greedy
-and seeded), stop strings and token-id prompts; about one client in five drops its stream midway. Every
+Concurrent clients send a mix of streaming and non-streaming completions, chat, perplexity, embeddings, n > 1
+(greedy and seeded), stop strings and token-id prompts; about one client in five drops its stream midway. Every
 request's answer is computed once up front, alone on the idle server, and every greedy answer under load must
-equal it (perplexity to 1e-4, sampled choices in shape). At the end the server must be idle with no KV block
-held, its RSS must not have grown by more than 5% from the first window to the last, and the only errors
-allowed are 429s (the client waits Retry-After's second and goes on). RSS is sampled only after ``--warmup``
-seconds of the same load: a fresh server's RSS climbs through its first tens of seconds of load (allocator
-arenas, first-use paths) and then levels off, which a 60-second run would otherwise read as growth.
+equal it (perplexity to 1e-4, embeddings each value to 1e-4, sampled choices in shape). At the end the server
+must be idle with no KV block held, its RSS must not have grown by more than 5% from the first window to the
+last, and the only errors allowed are 429s (the client waits Retry-After's second and goes on). RSS is sampled
+only after ``--warmup`` seconds of the same load: a fresh server's RSS climbs through its first tens of seconds
+of load (allocator arenas, first-use paths) and then levels off, which a 60-second run would otherwise read as
+growth.
 Prints a JSON report; exits 1 if a check failed.
 """
 
@@ -50,6 +51,7 @@ def build_jobs(model: str) -> list[Job]:
             Job("chat-stream", "/v1/chat/completions",
                 base | {"messages": [{"role": "user", "content": text}], "stream": True}),
             Job("perplexity", "/v1/perplexity", {"model": model, "input": [text, text + " and more"]}),
+            Job("embeddings", "/v1/embeddings", {"model": model, "input": [text, text + " and more"]}),
             Job("n-greedy", "/v1/completions", base | {"prompt": text, "n": 2}),
             Job("n-sampled", "/v1/completions", base | {"prompt": text, "n": 3, "temperature": 1.0, "seed": i}),
             Job("stop", "/v1/completions", base | {"prompt": text, "stop": [" the", "e"], "max_tokens": 24}),
@@ -93,6 +95,8 @@ async def answer(http: httpx.AsyncClient, job: Job, drop_after: int | None = Non
 def comparable(job: Job, body: dict) -> object:
     if job.kind == "perplexity":
         return [item["perplexity"] for item in body["data"]]
+    if job.kind == "embeddings":
+        return [item["embedding"] for item in body["data"]]
     if job.kind == "n-sampled":  # sampled text may differ with the batch's float noise; its shape may not
         return [(c["index"], c["finish_reason"], len(c["text"]) > 0) for c in body["choices"]]
     if "message" in body["choices"][0]:
@@ -103,6 +107,10 @@ def comparable(job: Job, body: dict) -> object:
 def same(job: Job, got: object, expected: object) -> bool:
     if job.kind == "perplexity" and isinstance(got, list):  # batch composition moves float sums' last digits
         return len(got) == len(expected) and all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(got, expected))
+    if job.kind == "embeddings" and isinstance(got, list):  # unit vectors: each value to 1e-4
+        return len(got) == len(expected) and all(
+            len(a) == len(b) and all(math.isclose(x, y, abs_tol=1e-4) for x, y in zip(a, b))
+            for a, b in zip(got, expected))
     return got == expected
 
 

@@ -83,6 +83,7 @@ def test_failed_step_is_a_500_error_object_and_the_engine_serves_on(server, pois
                                                     "logit_bias": {str(poison): 100}})
         assert_internal_error(chat)
         assert_internal_error(http.post("/perplexity", json={"model": "tiny", "input": [*PROMPT, poison]}))
+        assert_internal_error(http.post("/embeddings", json={"model": "tiny", "input": [PROMPT, [*PROMPT, poison]]}))
         healthy = http.post("/completions", json=completion(PROMPT, max_tokens=POISON_AT))
     assert healthy.status_code == 200
     assert healthy.json()["choices"][0]["finish_reason"] == "length"

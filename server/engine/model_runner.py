@@ -2,8 +2,9 @@
 
 Next-token logits are computed for sequences whose chunk catches them up (they sample this step); every
 prompt position is scored only for requests that asked for prompt logprobs (echo, perplexity). An embedding
-request (``SamplingParams.embed``) gets the final hidden state of its last prompt token instead, and no logits. Steps of
-one-token chunks replay a captured CUDA graph where the engine has them (server/engine/decode_graphs.py).
+request (``SamplingParams.embed``) gets the final hidden state of its last prompt token instead, and no
+logits. Steps of one-token chunks replay a captured CUDA graph where the engine has them
+(server/engine/decode_graphs.py).
 An eager step given an ``interrupt`` asks it before each layer and before the logits, and stops with
 ForwardInterrupted when it says so (a replayed graph runs to the end).
 

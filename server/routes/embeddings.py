@@ -51,7 +51,10 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Embeddi
     engine.check_admission(count_prompts(body.input), param="input", what="inputs")
     prompts = [truncated(ids, body.truncate_prompt_tokens, engine.max_model_len)
                for ids in tokenize_prompts(body.input, engine.tokenizer, param="input")]
-    for ids in prompts:
+    for index, ids in enumerate(prompts):
+        if len(ids) > engine.max_model_len:  # the engine's own refusal would name completions' `prompt`
+            raise APIError(400, f"input {index} has {len(ids)} tokens, more than this model's context of "
+                           f"{engine.max_model_len}; shorten it or set truncate_prompt_tokens", param="input")
         engine.validate(len(ids), EMBED, 1)
     vectors: list[list[float]] = [[] for _ in prompts]
 

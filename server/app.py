@@ -96,6 +96,8 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
     app = FastAPI(title="gptserve", version=version.SERVER_VERSION, lifespan=lifespan,
                   description="OpenAI-compatible serving of GPT-2 and GPT-OSS checkpoints.")
     app.state.models = {}
+    names = config.served_model_names
+    app.state.model_aliases = {alias: names[0] for alias in names[1:]}  # --served-model-name's further names
     app.state.exit_status = 0
     app.state.response_store = ResponseStore()
     app.state.background_responses = BackgroundRuns()
@@ -107,7 +109,7 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
         app.include_router(router)
     app.state.api_routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
     _add_error_handlers(app)
-    install_openapi(app, list(cores))
+    install_openapi(app, [*cores, *app.state.model_aliases])
     app.add_middleware(Gateway, config=config.http, metrics=process_metrics)
     if config.http.allowed_origins:  # outside the gateway: a browser's preflight carries no API key
         app.add_middleware(AllowedOrigins, origins=list(config.http.allowed_origins))

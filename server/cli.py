@@ -91,6 +91,9 @@ def build_parser(*, defaults: bool = True) -> _Parser:
     add("--model", "checkpoint to serve, repeatable: PATH, NAME=PATH or a HuggingFace hub id "
         "(env: comma-separated). Default: gpt2 from the HF cache/hub, else a tiny random-weight demo model",
         action="append", default=None)
+    add("--served-model-name", "vLLM's flag: the name clients give the one model served, in place of the one "
+        "--model gives it; further names are aliases a request may use, while answers and metrics carry the first "
+        "(env: comma-separated)", nargs="+", default=None, metavar="NAME")
     add("--device", "where the model runs", choices=["auto", "cpu", "cuda"], default="auto")
     add("--dtype", "weight and activation dtype. auto: bfloat16 on GPU; on CPU bfloat16 where the CPU has "
         "AMX-BF16 or AVX512-BF16, else float32 (exact to the checkpoint). bfloat16 on CPU: bf16 matmuls with fp32 "
@@ -185,7 +188,8 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
     values["allowed_origins"] = tuple(values["allowed_origins"])
     sections = {name: section(**{f.name: values.pop(f.name) for f in fields(section)})
                 for name, section in SECTIONS.items()}
-    return ServerConfig(models=tuple(values.pop("model") or ()), **sections, **values)
+    return ServerConfig(models=tuple(values.pop("model") or ()),
+                        served_model_names=tuple(values.pop("served_model_name") or ()), **sections, **values)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,10 +259,19 @@ def checked_sources(config: ServerConfig) -> list[ModelSource]:
         raise ValueError("--tensor-parallel-size > 1 serves a single --model")
     if config.parallel.tensor_parallel_size > 1 and config.load.cpu_weight_dtype != "float32":
         raise ValueError("--cpu-weight-dtype bfloat16 is for a single process (not --tensor-parallel-size > 1)")
-    names = [source.name for source in sources]
+    if config.served_model_names:
+        from server.model_source import ModelSource
+
+        if len(sources) != 1:
+            raise ValueError("--served-model-name names the one model served; with several, give each --model as "
+                             "NAME=PATH")
+        sources = [ModelSource(config.served_model_names[0], sources[0].directory)]
+        names = list(config.served_model_names)
+    else:
+        names = [source.name for source in sources]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise ValueError(f"--model: served names must be unique, {duplicates} given twice (use NAME=PATH)")
+        raise ValueError(f"served names must be unique, {duplicates} given twice (use NAME=PATH)")
     return sources
 
 

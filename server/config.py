@@ -66,6 +66,7 @@ class HTTPConfig:
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     models: tuple[str, ...] = ()  # --model specs; empty: the default gpt2
+    served_model_names: tuple[str, ...] = ()  # --served-model-name: the one model's names, the first its own
     load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

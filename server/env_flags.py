@@ -30,7 +30,8 @@ def environment_arguments(
     """The arguments the environment stands for, and the names of the variables read.
 
     ``given``: dests set on the command line. An empty variable counts as unset (compose files pass
-    ``KEY:`` through empty). A repeatable flag (``--model``) takes a comma-separated list.
+    ``KEY:`` through empty). A repeatable flag (``--model``) or one of several values (``--served-model-name``)
+    takes a comma-separated list.
     """
     arguments: list[str] = []
     names: list[str] = []
@@ -45,6 +46,8 @@ def environment_arguments(
             arguments += switch_arguments(parser, action, name, value)
         elif isinstance(action, argparse._AppendAction):
             arguments += [f"{flag}={item.strip()}" for item in value.split(",") if item.strip()]
+        elif action.nargs == "+":  # --served-model-name a b
+            arguments += [flag, *(item.strip() for item in value.split(",") if item.strip())]
         else:
             arguments.append(f"{flag}={value}")  # one token: a value starting with "-" stays a value
     return arguments, names

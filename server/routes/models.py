@@ -31,6 +31,7 @@ def find_model(request: Request, name: str | None) -> ServedModel:
     """The model a request names; a request that names none (the tokenizer endpoints allow it, as vLLM's do) gets
     the only one served."""
     served: dict[str, ServedModel] = request.app.state.models
+    name = request.app.state.model_aliases.get(name, name)
     if name is None:
         if len(served) == 1:
             return next(iter(served.values()))

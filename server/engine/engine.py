@@ -204,11 +204,10 @@ class LLMEngine:
             chunk.seq.prompt_logprobs.extend(step.prompt_logprobs.get(id(chunk.seq), []))
             if self.held and chunk.seq.request_id in self.held and not chunk.seq.wants_prompt_logprobs:
                 self._release_held(chunk.seq)
-        tokens, logprobs, failed = self._sample(step.logits, step.sampling_seqs) if step.sampling_seqs else ([], [], [])
+        tokens, logprobs, failed = self._sample(step.logits, step.sampling_seqs)
         now = time.monotonic()
         outputs = [self._advance(seq, token, lp, now) for seq, token, lp in zip(step.sampling_seqs, tokens, logprobs)]
-        outputs += [self._embedded(chunk.seq, step.embeddings[id(chunk.seq)]) for chunk in chunks
-                    if id(chunk.seq) in step.embeddings]
+        outputs += [self._embedded(seq, state) for seq, state in step.embeddings]
         self.metrics.scheduler_state(self.stats())
         return failed + [o for o in outputs if o is not None]
 

@@ -36,7 +36,7 @@ class StepLogits:
     sampling_seqs: list[Sequence]  # sequences that sample a token this step, in row order of `logits`
     logits: Tensor  # [len(sampling_seqs), vocab] float32
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # id(seq) -> new entries
-    embeddings: dict[int, list[float]] = field(default_factory=dict)  # id(seq) -> its last prompt token's state
+    embeddings: list[tuple[Sequence, list[float]]] = field(default_factory=list)  # each with its last token's state
 
 
 class ModelRunner:
@@ -84,7 +84,7 @@ class ModelRunner:
         step = StepLogits(sampling_seqs, logits)
         if embedding_rows:
             states = hidden[torch.tensor(embedding_rows, dtype=torch.long, device=self.device)].float().tolist()
-            step.embeddings = {id(seq): state for seq, state in zip(embedding_seqs, states)}
+            step.embeddings = list(zip(embedding_seqs, states))
         offset = 0
         for chunk in chunks:
             if chunk.seq.wants_prompt_logprobs:

@@ -142,8 +142,12 @@ def minor_faults(pid: int) -> int:
 
 def test_engine_core_keeps_its_step_buffers_in_the_heap_instead_of_faulting_them_in_each_time(tmp_path):
     """The core is a spawned interpreter, so it must tune glibc itself (server/engine/host_memory.py): a prompt's
-    logprobs need [prompt, vocab] float32 logits and log-softmax (~80 MB each here), above glibc's largest
-    default mmap threshold (32 MB), which untuned are mapped and unmapped, page by page, on every request."""
+    logprobs need [prompt, vocab] float32 tensors (logits, log-softmax; ~80 MB each here), above glibc's largest
+    default mmap threshold (32 MB), which untuned are mapped and unmapped, page by page, on every request.
+
+    The tuned heap grows while it settles: what else a request allocates can land in a freed buffer's place, so
+    the next one takes fresh pages. That took up to three requests here and more on a CI machine, so the check is
+    on the last four of nine: together under two buffers' pages, where untuned each of them faults in four."""
     from models.testing.gpt2_checkpoint import write_tiny_gpt2
 
     model_dir = write_tiny_gpt2(tmp_path / "long", n_positions=512)
@@ -151,9 +155,9 @@ def test_engine_core_keeps_its_step_buffers_in_the_heap_instead_of_faulting_them
     with ServerProcess(["--model", f"tiny={model_dir}"]) as server:
         core = core_pid(server)
         faults = []
-        for _ in range(3):
+        for _ in range(9):
             before = minor_faults(core)
             response = httpx.post(server.v1 + "/completions", json=body, timeout=60)
             assert response.status_code == 200, response.text
             faults.append(minor_faults(core) - before)
-    assert faults[-1] < 5_000, faults  # untuned: ~40,000 a request (two 80 MB buffers, 4 KiB pages)
+    assert sum(faults[-4:]) < 40_000, faults  # untuned: ~78,000 each (four 80 MB buffers, 4 KiB pages)

@@ -59,9 +59,10 @@ EXPOSE 8000
 USER 10001:10001
 WORKDIR /home/gptserve
 
-# Healthy means ready to serve (/ready: models loaded, engines running), not merely alive (/health).
+# Healthy means ready to serve (/ready: models loaded, engines running), not merely alive (/health); the probe
+# (server/healthcheck.py) follows GPTSERVE_PORT and asks over HTTPS when GPTSERVE_SSL_CERTFILE is set.
 # Loading a large checkpoint on a CPU takes minutes: the start period keeps the container from counting as unhealthy.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('GPTSERVE_PORT', '8000'), timeout=4)"]
+    CMD ["python", "-m", "server.healthcheck"]
 
 ENTRYPOINT ["gptserve"]

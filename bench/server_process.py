@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -24,14 +25,17 @@ def free_port() -> int:
 
 
 class BenchServer:
-    """A context manager: starts gptserve with ``args``, waits for /health, terminates it on exit."""
+    """A context manager: starts gptserve with ``args``, waits for /health, terminates it on exit.
+
+    ``tls``: the client context that trusts the server's certificate, when ``args`` serve HTTPS."""
 
     def __init__(
         self, args: list[str], log_path: Path, startup_timeout: float = 300.0, env: dict[str, str] | None = None,
-        cwd: Path = PROJECT_ROOT,
+        cwd: Path = PROJECT_ROOT, tls: ssl.SSLContext | None = None,
     ) -> None:
         self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.base_url = f"{'http' if tls is None else 'https'}://127.0.0.1:{self.port}"
+        self.verify: ssl.SSLContext | bool = True if tls is None else tls
         self.cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.log_path = log_path
@@ -49,7 +53,7 @@ class BenchServer:
             if self._process.poll() is not None:
                 raise RuntimeError(f"server exited with {self._process.returncode}: {self.failure_detail()}")
             try:
-                if httpx.get(self.base_url + "/health", timeout=2.0).status_code == 200:
+                if httpx.get(self.base_url + "/health", timeout=2.0, verify=self.verify).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from server.config import DEFAULT_MAX_BODY_BYTES, SECTIONS, ServerConfig
 from server.env_flags import env_name, environment_arguments
+from server.tls import TLSSettingsError, cert_reqs, check_tls
 
 if TYPE_CHECKING:
     from models.loader import LoadedModel
@@ -169,6 +170,15 @@ def build_parser(*, defaults: bool = True) -> _Parser:
         default=1024)
     add("--drain-timeout", "on SIGTERM, seconds in-flight requests get to finish before they are ended with a 503 "
         "(an error event then [DONE] on a stream)", type=_positive_float, default=30.0)
+    add("--ssl-certfile", "serve HTTPS with this PEM certificate (chain): vLLM's flag, as are the three below",
+        default=None, metavar="PATH")
+    add("--ssl-keyfile", "the certificate's PEM private key, unencrypted; None: the key is in --ssl-certfile",
+        default=None, metavar="PATH")
+    add("--ssl-ca-certs", "PEM CA certificates that client certificates are checked against (with --ssl-cert-reqs)",
+        default=None, metavar="PATH")
+    add("--ssl-cert-reqs", "client certificates: 0 or none (not asked for), 1 or optional (checked when given), "
+        "2 or required (mutual TLS: a client without a valid one cannot connect)", type=cert_reqs, default=0,
+        metavar="0|1|2")
 
     group = parser.add_argument_group("logging")
     add("--log-level", "log verbosity", choices=LOG_LEVELS, type=str.lower, default="info")
@@ -211,11 +221,14 @@ def main(argv: list[str] | None = None) -> int:
             from server.engine.distributed import run_torchrun_rank
 
             return run_torchrun_rank(model_sources(config)[0].directory, config)
+        check_tls(config.http)
         from server.engine.core_startup import spawn_cores, wait_for_cores
 
         cores = spawn_cores(config, checked_sources(config))  # each model's weights load in its own core process
+    except TLSSettingsError as e:
+        return _cannot_start(e, "cannot serve HTTPS")
     except (OSError, ValueError) as e:  # ModelSourceError, a bad combination of flags
-        return _cannot_load(e)
+        return _cannot_start(e)
     try:  # the app's imports run while the cores load
         from server.app import abort_in_flight, create_app
         from server.http_server import serve
@@ -223,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             wait_for_cores(cores)
         except (OSError, ValueError) as e:  # CheckpointError, TokenizerError, missing files, as a core saw them
-            return _cannot_load(e)
+            return _cannot_start(e)
         app = create_app(config, cores)
         for stop_signal in (signal.SIGTERM, signal.SIGINT):
             signal.signal(stop_signal, _drained)
@@ -234,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     return app.state.exit_status  # 1 when an engine core failed
 
 
-def _cannot_load(e: Exception) -> int:
-    log.error("cannot load model: %s", e)
+def _cannot_start(e: Exception, what: str = "cannot load model") -> int:
+    log.error("%s: %s", what, e)
     print(f"gptserve: error: {e}", file=sys.stderr)
     return 2
 

@@ -61,6 +61,10 @@ class HTTPConfig:
     max_connections: int = 1024  # open connections; a request arriving over this gets 503
     drain_timeout: float = 30.0  # on SIGTERM, seconds in-flight requests get before they are aborted with 503
     log_requests: bool = False  # prompts and outputs go to the log only when asked for
+    ssl_certfile: str | None = None  # with ssl_keyfile: serve HTTPS with this certificate (chain)
+    ssl_keyfile: str | None = None
+    ssl_ca_certs: str | None = None  # CA certificates that client certificates are verified against
+    ssl_cert_reqs: int = 0  # ssl.CERT_NONE, CERT_OPTIONAL or CERT_REQUIRED: whether clients present a certificate
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,8 @@
 uvicorn bounds an idle keep-alive connection (``--keep-alive-timeout``) and, with ``limit_concurrency``
 (``--max-connections``), answers 503 once that many connections are open. The request headers' deadline
 (``--header-timeout``) is server.http_protocols'; the body has its own in the app's Gateway (``--body-timeout``).
-uvicorn runs on uvloop, which it picks when installed (a dependency, as httptools is).
+uvicorn runs on uvloop, which it picks when installed (a dependency, as httptools is). With ``--ssl-certfile`` it
+serves HTTPS (settings checked at start-up by server.tls).
 
 On SIGTERM uvicorn stops listening and waits for in-flight requests. After ``--drain-timeout`` seconds every
 request still in an engine is aborted, so each ends as the contract says (a 503 error object, or an error event
@@ -51,5 +52,7 @@ def serve(app: Callable[..., Any], config: ServerConfig, cut: Callable[[], None]
         limit_concurrency=config.http.max_connections,
         timeout_keep_alive=config.http.keep_alive_timeout,  # type: ignore[arg-type]
         timeout_graceful_shutdown=config.http.drain_timeout + CUT_GRACE_S,  # type: ignore[arg-type]
+        ssl_certfile=config.http.ssl_certfile, ssl_keyfile=config.http.ssl_keyfile,
+        ssl_ca_certs=config.http.ssl_ca_certs, ssl_cert_reqs=config.http.ssl_cert_reqs,
     )
     DrainingServer(uvicorn_config, config.http.drain_timeout, cut).run()

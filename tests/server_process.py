@@ -10,6 +10,7 @@ Usage in a test module (module-scoped: one server per test file):
 
 from __future__ import annotations
 
+import ssl
 import tempfile
 import time
 from pathlib import Path
@@ -22,10 +23,11 @@ from bench.server_process import BenchServer
 class ServerProcess(BenchServer):
     """The benchmarks' launcher on the CPU, with its log in a temporary file that failures quote whole."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, startup_timeout: float = 120.0) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, startup_timeout: float = 120.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         with tempfile.NamedTemporaryFile(prefix="gptserve-", suffix=".log", delete=False) as log:
             log_path = Path(log.name)
-        super().__init__(["--device", "cpu", *args], log_path, startup_timeout, env)
+        super().__init__(["--device", "cpu", *args], log_path, startup_timeout, env, tls=tls)
 
     @property
     def v1(self) -> str:
@@ -38,7 +40,7 @@ class ServerProcess(BenchServer):
         return "\n" + self.log_text()
 
     def health(self) -> dict:
-        return httpx.get(self.base_url + "/health", timeout=10.0).json()
+        return httpx.get(self.base_url + "/health", timeout=10.0, verify=self.verify).json()
 
 
 def exits_within(pid: int, seconds: float) -> bool:

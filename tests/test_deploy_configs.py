@@ -9,11 +9,13 @@ defines and the files agreeing on names, ports and paths.
 from __future__ import annotations
 
 import fnmatch
+import http.server
 import json
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import tomllib
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import yaml
 from dockerfile_parse import DockerfileParser
 from prometheus_client.parser import text_string_to_metric_families
 
+from server import healthcheck
 from server.app import OPEN_PATHS
 from server.metrics import Metrics
 
@@ -238,7 +241,7 @@ def test_compose_gptserve_serves_a_read_only_model_volume_with_a_health_check() 
     assert volume["target"] == "/models" and volume["read_only"] is True
     assert service["environment"]["GPTSERVE_MODEL"].startswith("/models/")
     assert service["environment"]["GPTSERVE_DEVICE"] == "cpu"
-    assert f"127.0.0.1:{SERVER_PORT}/ready" in " ".join(service["healthcheck"]["test"])
+    assert "server.healthcheck" in service["healthcheck"]["test"]
     assert service["ports"] == [f"127.0.0.1:{SERVER_PORT}:{SERVER_PORT}"]
     assert "profiles" not in service
 
@@ -305,7 +308,7 @@ def test_dockerfile_listens_on_all_interfaces_with_a_health_check_and_model_volu
     assert instructions("EXPOSE") == [str(SERVER_PORT)]
     assert json.loads(instructions("VOLUME")[0]) == ["/models"]
     (healthcheck,) = instructions("HEALTHCHECK")
-    assert "/ready'" in healthcheck and "--start-period=" in healthcheck
+    assert "server.healthcheck" in healthcheck and "--start-period=" in healthcheck
 
 
 def test_dockerfile_installs_torch_for_cpu_by_default_before_copying_source() -> None:
@@ -329,9 +332,30 @@ def test_build_context_holds_what_the_dockerfile_copies_and_nothing_local() -> N
         assert dockerignored(local), local
 
 
-def test_both_health_checks_probe_readiness_on_a_route_open_without_the_api_key() -> None:
+def test_both_health_checks_run_the_probe_module() -> None:
+    compose_probe = compose()["services"]["gptserve"]["healthcheck"]["test"]
+    dockerfile_probe = json.loads(instructions("HEALTHCHECK")[0].split(" CMD ", 1)[1])
+    assert compose_probe == ["CMD", *dockerfile_probe] and dockerfile_probe == ["python", "-m", "server.healthcheck"]
+
+
+@pytest.mark.parametrize(("status", "healthy"), [(200, True), (503, False)])
+def test_the_probe_asks_readiness_on_a_route_open_without_the_api_key(status: int, healthy: bool) -> None:
     """With GPTSERVE_API_KEY set, a probe of a keyed route would read 401 and mark every container unhealthy."""
-    probes = [" ".join(compose()["services"]["gptserve"]["healthcheck"]["test"]), instructions("HEALTHCHECK")[0]]
-    for probe in probes:
-        (path,) = re.findall(r"http://127\.0\.0\.1:[^/]+(/[\w/-]*)", probe)
-        assert path == "/ready" and path in OPEN_PATHS, probe
+    asked: list[str] = []
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.HTTPServer(("127.0.0.1", 0), Answer) as stand_in:
+        thread = threading.Thread(target=stand_in.handle_request)
+        thread.start()
+        result = healthcheck.probe({"GPTSERVE_PORT": str(stand_in.server_address[1])})
+        thread.join(10)
+    assert asked == ["/ready"] and asked[0] in OPEN_PATHS
+    assert result == (0 if healthy else 1)

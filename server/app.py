@@ -48,6 +48,7 @@ from server.routes import (
     perplexity,
     ready,
     responses,
+    scores,
     tokenize,
     version,
 )
@@ -103,8 +104,8 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
     app.state.background_responses = BackgroundRuns()
     app.state.foreground_responses = {}  # stored responses in flight on their request's connection, by id
     app.state.metrics = process_metrics
-    routers = [module.router for module in (completions, chat_completions, responses, perplexity, embeddings, models,
-                                            tokenize, health, ready, metrics, version)]
+    routers = [module.router for module in (completions, chat_completions, responses, perplexity, embeddings, scores,
+                                            models, tokenize, health, ready, metrics, version)]
     for router in routers:
         app.include_router(router)
     app.state.api_routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]

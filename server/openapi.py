@@ -122,6 +122,8 @@ def _add_examples(document: dict[str, Any], model: str) -> None:
         "ChatCompletionRequest": {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
         "PerplexityRequest": {"model": model, "input": "The quick brown fox"},
         "EmbeddingRequest": {"model": model, "input": "The quick brown fox"},
+        "ScoreRequest": {"model": model, "text_1": "What is a fox?", "text_2": ["A fox is an animal.", "Hello"]},
+        "RerankRequest": {"model": model, "query": "What is a fox?", "documents": ["A fox is an animal.", "Hello"]},
     }
     for name, example in examples.items():
         if name in schemas:

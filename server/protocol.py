@@ -37,6 +37,7 @@ StopStrings = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHAR
 BadWord = Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS, pattern=r"\S")]  # more than whitespace
 TokenId = Annotated[int, Field(ge=0), INTEGRAL]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+TruncatePromptTokens = Annotated[int, Field(ge=1, lt=INT64_BOUND), INTEGRAL] | Literal[-1] | None  # vLLM's
 PromptInput = (str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
                | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
 
@@ -182,7 +183,7 @@ class SamplingFields(NoOpFields):
         None, description="vLLM extra: constrain every choice's text (not with response_format)")
     include_stop_str_in_output: bool = Field(False, description="vLLM extra: a stop string that ends a choice "
                                              "stays at the end of its text")
-    truncate_prompt_tokens: Annotated[int, Field(ge=1, lt=INT64_BOUND), INTEGRAL] | Literal[-1] | None = Field(
+    truncate_prompt_tokens: TruncatePromptTokens = Field(
         None, description="vLLM extra: only the prompt's last k tokens are used (-1: the last max_model_len)")
     return_token_ids: bool = Field(False, description="vLLM extra: the prompt's and each choice's token ids in the "
                                    "reply (streamed: each chunk's new ones)")
@@ -355,10 +356,36 @@ class EmbeddingRequest(Strict):
         None, description="only the model's own width: GPT-2 and GPT-OSS were not trained for shortened "
         "(matryoshka) embeddings")
     user: str | None = Field(None, max_length=512)
-    truncate_prompt_tokens: Annotated[int, Field(ge=1, lt=INT64_BOUND), INTEGRAL] | Literal[-1] | None = Field(
+    truncate_prompt_tokens: TruncatePromptTokens = Field(
         None, description="vLLM extra: only each input's last k tokens are embedded (-1: the last max_model_len)")
     normalize: bool = Field(True, description="vLLM extra: false returns the hidden state as the model gives it, "
                             "not scaled to unit length")
+
+
+ScoreTexts = EmbeddingText | Annotated[list[EmbeddingText], Field(min_length=1, max_length=MAX_PROMPTS)]
+
+
+class ScoreRequest(Strict):
+    """vLLM's /score: text_1 paired with each of text_2 (one text, or as many as text_2, pair by pair)."""
+
+    model: str | None = None
+    text_1: ScoreTexts
+    text_2: ScoreTexts
+    truncate_prompt_tokens: TruncatePromptTokens = Field(
+        None, description="only each text's last k tokens are embedded (-1: the last max_model_len)")
+
+
+class RerankRequest(Strict):
+    """vLLM's (and Jina's, Cohere's) /rerank: the documents in order of relevance to the query."""
+
+    model: str | None = None
+    query: EmbeddingText
+    documents: Annotated[list[EmbeddingText], Field(min_length=1, max_length=MAX_PROMPTS)]
+    top_n: Annotated[int, Field(ge=0, lt=INT64_BOUND), INTEGRAL] = Field(
+        0, description="how many of the most relevant to return; 0: all")
+    return_documents: bool = Field(True, description="each result carries its document's text")
+    truncate_prompt_tokens: TruncatePromptTokens = Field(
+        None, description="only each text's last k tokens are embedded (-1: the last max_model_len)")
 
 
 # ---- responses ----
@@ -541,6 +568,38 @@ class EmbeddingResponse(BaseModel):
     model: str
     data: list[Embedding]
     usage: EmbeddingUsage
+
+
+class ScoreData(BaseModel):
+    object: Literal["score"] = "score"
+    index: int
+    score: float = Field(description="cosine similarity of the two texts' embeddings, in [-1, 1]")
+
+
+class ScoreResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ScoreData]
+    usage: EmbeddingUsage
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    document: RerankDocument | None = None
+    relevance_score: float = Field(description="cosine similarity of the query's and the document's embeddings")
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    usage: EmbeddingUsage
+    results: list[RerankResult]
 
 
 class ModelCard(BaseModel):

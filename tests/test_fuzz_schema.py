@@ -39,7 +39,7 @@ warnings = false
 # held to what typing chat messages by role achieved at SEED, less a margin (served before -> after: chat 170 of
 # 245 -> 247 of 285, /tokenize 23 of 91 -> 123 of 139); the rest to most.
 MIN_SERVED = {"POST /v1/completions": 0.5, "POST /v1/chat/completions": 0.8, "POST /v1/perplexity": 0.5,
-              "POST /v1/embeddings": 0.5,
+              "POST /v1/embeddings": 0.5, "POST /v1/score": 0.5, "POST /v1/rerank": 0.5,
               "POST /v1/responses": 0.5, "POST /detokenize": 0.5, "POST /tokenize": 0.8, "GET /tokenizer_info": 0.8}
 
 
@@ -56,13 +56,14 @@ def test_openapi_document_describes_every_route_and_its_errors(server):
     assert set(document["paths"]) == {"/v1/completions", "/v1/chat/completions", "/v1/responses",
                                       "/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel",
                                       "/v1/responses/{response_id}/input_items", "/v1/perplexity", "/v1/embeddings",
-                                      "/v1/models",
+                                      "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank", "/v1/models",
                                       "/v1/models/{model_id}", "/health", "/ready", "/metrics", "/tokenize",
                                       "/detokenize", "/tokenizer_info", "/version"}
     for path, operations in document["paths"].items():
         for operation in operations.values():
             assert "422" not in operation["responses"], f"{path}: validation errors are 400, not 422"
-    for path in ("/v1/completions", "/v1/chat/completions", "/v1/perplexity", "/v1/embeddings"):
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/perplexity", "/v1/embeddings", "/v1/score",
+                 "/v1/rerank"):
         responses = document["paths"][path]["post"]["responses"]
         assert {"200", "400", "401", "404", "413", "429", "500", "503"} <= set(responses)
     completions = document["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]

@@ -16,6 +16,7 @@ import uuid
 
 from fastapi import APIRouter, Request
 
+from server.engine.core_client import EngineCoreClient
 from server.engine.sampling_params import SamplingParams
 from server.protocol import ERROR_RESPONSES, APIError, Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect, raise_if_failed
@@ -40,22 +41,17 @@ def encoded(vector: list[float], encoding_format: str) -> list[float] | str:
     return vector
 
 
-@router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
-async def create_embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
-    served = find_model(request, body.model)
-    engine = served.engine
-    if body.dimensions is not None and body.dimensions != engine.hidden_size:
-        raise APIError(400, f"dimensions: this model's embeddings have {engine.hidden_size} dimensions, and it was "
-                       "not trained for shortened (matryoshka) ones; omit dimensions or give its width",
-                       param="dimensions")
-    engine.check_admission(count_prompts(body.input), param="input", what="inputs")
-    prompts = [truncated(ids, body.truncate_prompt_tokens, engine.max_model_len)
-               for ids in tokenize_prompts(body.input, engine.tokenizer, param="input")]
+def check_embeddable(engine: EngineCoreClient, prompts: list[list[int]], param: str) -> None:
+    """Refuse, before any is queued, an input the engine could not take whole."""
     for index, ids in enumerate(prompts):
         if len(ids) > engine.max_model_len:  # the engine's own refusal would name completions' `prompt`
-            raise APIError(400, f"input {index} has {len(ids)} tokens, more than this model's context of "
-                           f"{engine.max_model_len}; shorten it or set truncate_prompt_tokens", param="input")
+            raise APIError(400, f"{param} {index} has {len(ids)} tokens, more than this model's context of "
+                           f"{engine.max_model_len}; shorten it or set truncate_prompt_tokens", param=param)
         engine.validate(len(ids), EMBED, 1)
+
+
+async def embed_prompts(request: Request, engine: EngineCoreClient, prompts: list[list[int]]) -> list[list[float]]:
+    """Each prompt's last-token hidden state, as the model gives it; the requests end if the client goes away."""
     vectors: list[list[float]] = [[] for _ in prompts]
 
     async def embed() -> None:
@@ -67,6 +63,22 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Embeddi
                     vectors[index] = output.embedding
 
     await cancel_on_disconnect(request, embed())
+    return vectors
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
+async def create_embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
+    served = find_model(request, body.model)
+    engine = served.engine
+    if body.dimensions is not None and body.dimensions != engine.hidden_size:
+        raise APIError(400, f"dimensions: this model's embeddings have {engine.hidden_size} dimensions, and it was "
+                       "not trained for shortened (matryoshka) ones; omit dimensions or give its width",
+                       param="dimensions")
+    engine.check_admission(count_prompts(body.input), param="input", what="inputs")
+    prompts = [truncated(ids, body.truncate_prompt_tokens, engine.max_model_len)
+               for ids in tokenize_prompts(body.input, engine.tokenizer, param="input")]
+    check_embeddable(engine, prompts, param="input")
+    vectors = await embed_prompts(request, engine, prompts)
     prompt_tokens = sum(len(ids) for ids in prompts)
     usage = EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
     request.state.usage = lambda: usage  # read by the request log once the answer is out

@@ -8,7 +8,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import TYPE_CHECKING, NoReturn
 
@@ -17,6 +17,8 @@ from server.env_flags import env_name, environment_arguments
 from server.tls import TLSSettingsError, cert_reqs, check_tls
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from models.loader import LoadedModel
     from server.model_source import ModelSource
 
@@ -203,6 +205,23 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``gptserve``: load the models, then serve HTTP until SIGTERM/SIGINT."""
+    return start_and_run(argv, _serve)
+
+
+def _serve(app: FastAPI, config: ServerConfig) -> int:
+    from server.app import abort_in_flight
+    from server.http_server import serve
+
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, _drained)
+    serve(app, config, cut=lambda: abort_in_flight(app))
+    return app.state.exit_status  # 1 when an engine core failed
+
+
+def start_and_run(argv: list[str] | None, run: Callable[[FastAPI, ServerConfig], int]) -> int:
+    """Parse the flags, start every model's engine core, build the app and hand it to ``run`` (serving HTTP, or
+    server.run_batch's file of requests); the cores end with it. Exit status 2 when the models cannot load."""
     from server.engine.host_memory import keep_freed_memory_in_heap
 
     keep_freed_memory_in_heap()  # before any thread exists: every later thread then shares the tuned heap
@@ -230,21 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:  # ModelSourceError, a bad combination of flags
         return _cannot_start(e)
     try:  # the app's imports run while the cores load
-        from server.app import abort_in_flight, create_app
-        from server.http_server import serve
+        from server.app import create_app
 
         try:
             wait_for_cores(cores)
         except (OSError, ValueError) as e:  # CheckpointError, TokenizerError, missing files, as a core saw them
             return _cannot_start(e)
-        app = create_app(config, cores)
-        for stop_signal in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(stop_signal, _drained)
-        serve(app, config, cut=lambda: abort_in_flight(app))
+        return run(create_app(config, cores), config)
     finally:  # the app failed to start, or never did: no core may outlive us
         for core in cores.values():
             core.kill()
-    return app.state.exit_status  # 1 when an engine core failed
 
 
 def _cannot_start(e: Exception, what: str = "cannot load model") -> int:

@@ -38,15 +38,19 @@ class Traffic:
 
 
 class Prometheus:
-    """`prometheus` on a free loopback port with a throw-away config and TSDB, stopped by its pid."""
+    """`prometheus` on a free loopback port with a throw-away config and TSDB, stopped by its pid. With
+    ``tls_ca``, it scrapes over HTTPS and trusts that CA file."""
 
-    def __init__(self, target: str, workdir: Path) -> None:
+    def __init__(self, target: str, workdir: Path, tls_ca: str | None = None) -> None:
         binary = shutil.which("prometheus")
         assert binary, "the prometheus binary is missing; install it with: apt-get install prometheus"
+        job: dict = {"job_name": "gptserve", "static_configs": [{"targets": [target]}]}
+        if tls_ca is not None:
+            job |= {"scheme": "https", "tls_config": {"ca_file": tls_ca}}
         config = workdir / "prometheus.yml"
         config.write_text(json.dumps({  # JSON is YAML
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
-            "scrape_configs": [{"job_name": "gptserve", "static_configs": [{"targets": [target]}]}],
+            "scrape_configs": [job],
         }))
         self.url = f"http://127.0.0.1:{free_port()}"
         self.args = [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",

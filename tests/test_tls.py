@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from bench.server_process import PROJECT_ROOT
 from server.healthcheck import probe
 from tests.server_process import ServerProcess
+from tests.test_prometheus_scrape import Prometheus, wait_for_scrapes_after
 
 HEADER_TIMEOUT = 1.0
 
@@ -90,6 +91,14 @@ def test_a_client_silent_after_the_handshake_is_closed_at_the_header_timeout(ser
             received = sock.recv(1)  # nothing is sent: the server ends the connection
             seconds = time.monotonic() - started
     assert received == b"" and seconds < HEADER_TIMEOUT + 3
+
+
+def test_prometheus_scrapes_the_metrics_over_https_trusting_the_ca(server, pems, tmp_path):
+    """A real Prometheus, configured as an operator would (scheme https, tls_config.ca_file)."""
+    with Prometheus(f"127.0.0.1:{server.port}", tmp_path, tls_ca=pems["ca"]) as prometheus:
+        wait_for_scrapes_after(prometheus, time.time())
+        assert prometheus.value('up{job="gptserve"}') == 1
+        assert prometheus.series('gptserve:num_requests_running{model_name="tiny"}')
 
 
 def test_the_containers_probe_asks_over_https_when_the_certificate_is_set(server, pems):

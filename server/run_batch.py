@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gptserve-run-batch: error: {batch.input_file}: {e}", file=sys.stderr)
         return 2
     output = None if batch.output_file == "-" else Path(batch.output_file)
+    if output is not None and not os.access(output.parent, os.W_OK):  # found out now, not after the whole batch
+        print(f"gptserve-run-batch: error: {batch.output_file}: its folder is missing or not writable", file=sys.stderr)
+        return 2
     return start_and_run(rest, lambda app, config: asyncio.run(run_batch(app, config, requests, output)))
 
 

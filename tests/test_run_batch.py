@@ -125,3 +125,10 @@ def test_a_malformed_file_stops_the_run_before_any_model_loads(tmp_path, content
                         f"x={tmp_path / 'no-such-model'}"])  # never reached: the file is checked first
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_output_folder_that_cannot_be_written_stops_the_run_before_any_model_loads(tmp_path):
+    (tmp_path / "in.jsonl").write_text(line("a", "/v1/completions", COMPLETION))
+    result = run_batch(["-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "missing" / "out.jsonl"),
+                        "--model", f"x={tmp_path / 'no-such-model'}"])
+    assert result.returncode == 2 and "its folder is missing or not writable" in result.stderr, result.stderr

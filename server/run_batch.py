@@ -79,7 +79,7 @@ def refusal(request: BatchRequest) -> str | None:
     return None
 
 
-async def answer(client: Any, limit: asyncio.Semaphore, request: BatchRequest) -> dict[str, Any]:
+async def answer(client: Any, request: BatchRequest) -> dict[str, Any]:
     line: dict[str, Any] = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": request.custom_id,
                             "response": None, "error": None}
     reason = refusal(request)
@@ -88,9 +88,8 @@ async def answer(client: Any, limit: asyncio.Semaphore, request: BatchRequest) -
         body = {"error": {"message": reason, "type": "invalid_request_error", "param": param, "code": None}}
         line["response"] = {"status_code": 400, "request_id": None, "body": body}
         return line
-    async with limit:
-        while (reply := await client.post(request.url, json=request.body)).status_code == 429:
-            await asyncio.sleep(BUSY_RETRY_S)
+    while (reply := await client.post(request.url, json=request.body)).status_code == 429:
+        await asyncio.sleep(BUSY_RETRY_S)
     line["response"] = {"status_code": reply.status_code, "request_id": reply.headers.get("x-request-id"),
                         "body": reply.json()}
     return line
@@ -101,12 +100,18 @@ async def run_batch(app: FastAPI, config: ServerConfig, requests: list[BatchRequ
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request: the app's access log has them
     headers = {"authorization": f"Bearer {config.http.api_key}"} if config.http.api_key else {}
-    limit = asyncio.Semaphore(config.engine.max_num_seqs)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # a route's crash is its line's 500
         async with httpx.AsyncClient(transport=transport, base_url="http://gptserve", headers=headers,
                                      timeout=None) as client:
-            lines = await asyncio.gather(*(answer(client, limit, request) for request in requests))
+            lines: list[dict[str, Any]] = [{} for _ in requests]
+            queue = iter(enumerate(requests))
+
+            async def worker() -> None:  # one of --max-num-seqs, each taking the next request when it is done
+                for index, request in queue:
+                    lines[index] = await answer(client, request)
+
+            await asyncio.gather(*(worker() for _ in range(config.engine.max_num_seqs)))
     text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
     if output is None:
         sys.stdout.write(text)

@@ -27,6 +27,7 @@ from server.cli import start_and_run
 from server.config import ServerConfig
 
 if TYPE_CHECKING:
+    import httpx
     from fastapi import FastAPI
 
 log = logging.getLogger("gptserve.batch")
@@ -79,7 +80,7 @@ def refusal(request: BatchRequest) -> str | None:
     return None
 
 
-async def answer(client: Any, request: BatchRequest) -> dict[str, Any]:
+async def answer(client: httpx.AsyncClient, request: BatchRequest) -> dict[str, Any]:
     line: dict[str, Any] = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": request.custom_id,
                             "response": None, "error": None}
     reason = refusal(request)
@@ -90,8 +91,9 @@ async def answer(client: Any, request: BatchRequest) -> dict[str, Any]:
         return line
     while (reply := await client.post(request.url, json=request.body)).status_code == 429:
         await asyncio.sleep(BUSY_RETRY_S)
+    is_json = reply.headers.get("content-type", "").startswith("application/json")
     line["response"] = {"status_code": reply.status_code, "request_id": reply.headers.get("x-request-id"),
-                        "body": reply.json()}
+                        "body": reply.json() if is_json else reply.text}
     return line
 
 

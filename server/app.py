@@ -48,6 +48,7 @@ from server.routes import (
     perplexity,
     ready,
     responses,
+    sagemaker,
     scores,
     tokenize,
     version,
@@ -62,7 +63,8 @@ from server.validation_errors import validation_error_object
 log = logging.getLogger("gptserve")
 access_log = logging.getLogger("gptserve.access")
 
-OPEN_PATHS = ("/health", "/ready", "/metrics", "/version")  # reachable without the API key, for probes and scrapers
+# Reachable without the API key, for probes (SageMaker's /ping among them) and scrapers.
+OPEN_PATHS = ("/health", "/ready", "/metrics", "/version", "/ping")
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # a client's id is echoed back only if it is sane
 LOGGED_BODY_CHARS = 4096
 CORE_FAILED_EXIT_S = 2.0  # after an engine core failed: its 503s are written and probes see /health 503, then exit
@@ -105,7 +107,7 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
     app.state.foreground_responses = {}  # stored responses in flight on their request's connection, by id
     app.state.metrics = process_metrics
     routers = [module.router for module in (completions, chat_completions, responses, perplexity, embeddings, scores,
-                                            models, tokenize, health, ready, metrics, version)]
+                                            models, tokenize, health, ready, metrics, version, sagemaker)]
     for router in routers:
         app.include_router(router)
     app.state.api_routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]

@@ -57,6 +57,7 @@ def test_openapi_document_describes_every_route_and_its_errors(server):
                                       "/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel",
                                       "/v1/responses/{response_id}/input_items", "/v1/perplexity", "/v1/embeddings",
                                       "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank", "/v1/models",
+                                      "/ping", "/invocations",
                                       "/v1/models/{model_id}", "/health", "/ready", "/metrics", "/tokenize",
                                       "/detokenize", "/tokenizer_info", "/version"}
     for path, operations in document["paths"].items():

@@ -42,7 +42,7 @@ def test_every_route_but_the_probes_demands_the_key(server):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {KEY}x"},
                         {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}):
             response = httpx.request(method, server.base_url + path, headers=headers, timeout=10)
-            if path in ("/health", "/ready", "/version"):  # probes, and /version as vLLM leaves it open
+            if path in ("/health", "/ready", "/ping", "/version"):  # probes (SageMaker's too), and /version as vLLM
                 assert response.status_code == 200, (method, path)
             else:
                 assert response.status_code == 401, (method, path, headers)

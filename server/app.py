@@ -88,7 +88,7 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
             info = tokenizer_info(engine.tokenizer_dir, engine.tokenizer, engine.max_model_len,
                                   chat_format.template_text)
             app.state.models[name] = ServedModel(name, engine, chat_format, created, info,
-                                                 config.trust_request_chat_template)
+                                                 config.trust_request_chat_template, config.enable_auto_tool_choice)
             log.info("serving model", extra={"model": name, "family": engine.family,
                                               "max_model_len": engine.max_model_len})
         release_free_heap()  # what parsing the tokenizer and harmony's vocabulary freed: the tuned heap keeps it

@@ -113,7 +113,12 @@ def build_parser(*, defaults: bool = True) -> _Parser:
         "format (GPT-2)", default=None)
     add("--tool-call-parser", "how a chat-template model's own tool calls are read from its text when a request "
         "offers tools (vLLM's flag): hermes reads <tool_call>{\"name\", \"arguments\"}</tool_call>; none: all "
-        "text is content (GPT-OSS's calls are harmony's either way)", choices=["none", "hermes"], default="none")
+        "text is content. GPT-OSS's calls are harmony's whatever this says; openai (vLLM's name for them) is "
+        "refused with a chat-template model", choices=["none", "hermes", "openai"], default="none")
+    add("--enable-auto-tool-choice", "vLLM's switch for tool_choice auto (the default when a request offers tools): "
+        "the model may answer or call a tool. On here unless --no-enable-auto-tool-choice (env: 0), which refuses "
+        "such requests with a 400 as vLLM does without the flag; none, required and named choices stay",
+        action=argparse.BooleanOptionalAction, default=True)
     add("--trust-request-chat-template", "let requests bring their own chat template (vLLM's chat_template field): "
         "only for trusted clients, since a template is code that runs on the server (sandboxed, in a worker "
         "thread, stopped past 5 s; a single long C-level operation is not)", action="store_true")
@@ -253,12 +258,21 @@ def start_and_run(argv: list[str] | None, run: Callable[[FastAPI, ServerConfig],
 
         try:
             wait_for_cores(cores)
+            _check_tool_call_parser(config, {name: core.family for name, core in cores.items()})
         except (OSError, ValueError) as e:  # CheckpointError, TokenizerError, missing files, as a core saw them
             return _cannot_start(e)
         return run(create_app(config, cores), config)
     finally:  # the app failed to start, or never did: no core may outlive us
         for core in cores.values():
             core.kill()
+
+
+def _check_tool_call_parser(config: ServerConfig, families: dict[str, str]) -> None:
+    """``--tool-call-parser openai`` names harmony's calls, which only GPT-OSS writes."""
+    templated = sorted(name for name, family in families.items() if family != "gpt_oss")
+    if config.tool_call_parser == "openai" and templated:
+        raise ValueError(f"--tool-call-parser openai reads GPT-OSS's harmony tool calls, and {templated} use a chat "
+                         "template: give hermes or none (GPT-OSS models read harmony's calls whatever it says)")
 
 
 def _cannot_start(e: Exception, what: str = "cannot load model") -> int:

@@ -80,6 +80,7 @@ class ServerConfig:
     chat_template: str | None = None  # a file path or the template text itself, for models without harmony
     trust_request_chat_template: bool = False  # requests may bring their own chat template (vLLM's flag)
     tool_call_parser: str = "none"  # "hermes": a template model's <tool_call> JSON is read as tool calls
+    enable_auto_tool_choice: bool = True  # tool_choice "auto" allowed (vLLM's flag; there it must be given)
 
 
 SECTIONS = {"load": ModelLoadConfig, "engine": EngineConfig, "parallel": ParallelConfig, "http": HTTPConfig}

@@ -36,7 +36,13 @@ from server.protocol_messages import AssistantMessage
 from server.protocol_tools import NamedToolChoice
 from server.routes.beam_search import check_beam_search, request_outputs
 from server.routes.chat_choice import ChatChoice
-from server.routes.chat_prompt import assistant_text, chat_message, function_tools, render_chat_prompt
+from server.routes.chat_prompt import (
+    assistant_text,
+    chat_message,
+    check_auto_tool_choice,
+    function_tools,
+    render_chat_prompt,
+)
 from server.routes.engine_calls import PromptJob, cancel_on_disconnect
 from server.routes.forced_call import choice_parser, forced_call_spec
 from server.routes.models import ServedModel, find_model
@@ -158,6 +164,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     check_prompt_logprobs(body)
     check_beam_search(body)
+    mode, named = tool_choice_parts(body.tool_choice)
+    offered = function_tools(body.tools or [], body.tool_choice)
+    check_auto_tool_choice(served, offered, "named" if named else mode)
     grammar = chat_grammar(served, body)
     prompt = truncated(await render_chat_prompt(served, body), body.truncate_prompt_tokens, engine.max_model_len)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -171,13 +180,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     engine.validate(len(prompt), params, body.n)
     stop = stop_strings(body)
     continued = chat_message(body.messages[-1]) if body.continue_final_message else None
-    mode, named = tool_choice_parts(body.tool_choice)
-    offers_tools = bool(function_tools(body.tools or [], body.tool_choice))
     run = ChatRun(
         served, body, PromptJob(prompt, params),
         choices=[ChatChoice(engine.tokenizer,
                             choice_parser(served.chat_format, mode, named, continued, body.skip_special_tokens,
-                                          offers_tools), stop,
+                                          bool(offered)), stop,
                             top_logprobs, body.include_stop_str_in_output, body.return_tokens_as_token_ids,
                             client_stop_ids=params.stop_token_ids - served.chat_format.stop_token_ids)
                  for _ in range(body.n)],

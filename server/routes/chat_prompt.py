@@ -137,6 +137,15 @@ def chosen_tools(tools: list[FunctionTool], tool_choice: str | None, named: str 
     return [] if tool_choice == "none" else tools
 
 
+def check_auto_tool_choice(served: ServedModel, offered: list[FunctionTool], tool_choice: str | None) -> None:
+    """--no-enable-auto-tool-choice: tools offered with tool_choice "auto" (or None, the default with tools; a
+    named choice is "named") are refused."""
+    if offered and tool_choice in (None, "auto") and not served.auto_tool_choice:
+        raise APIError(400, 'tool_choice "auto" (the default when tools are given) is off on this server '
+                       '(--no-enable-auto-tool-choice): give "none", "required" or a named function',
+                       param="tool_choice")
+
+
 def chat_message(message: ChatMessageParam) -> ChatMessage:
     """The message as chat formats take it; its role's rules were checked when the body was parsed."""
     if isinstance(message, AssistantMessage):

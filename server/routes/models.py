@@ -22,6 +22,7 @@ class ServedModel:
     created: int  # unix time the server started serving it
     tokenizer_info: dict[str, Any]  # GET /tokenizer_info's body (server/tokenizer_info.py)
     request_templates: bool = False  # requests may bring their own chat template (--trust-request-chat-template)
+    auto_tool_choice: bool = True  # tool_choice "auto" allowed (--enable-auto-tool-choice)
 
     def card(self) -> ModelCard:
         return ModelCard(id=self.name, created=self.created, max_model_len=self.engine.max_model_len)

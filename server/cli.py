@@ -136,6 +136,9 @@ def build_parser(*, defaults: bool = True) -> _Parser:
     add("--kv-memory-fraction", "fraction in (0, 1] of the device's free memory at start-up given to the KV cache, "
         "when --kv-cache-tokens is not given (never more than --max-num-seqs x --max-model-len tokens)",
         type=_fraction, default=0.25)
+    add("--gpu-memory-utilization", "vLLM's flag, in place of --kv-memory-fraction: the KV cache takes what keeps the "
+        "device's memory in use (weights and other processes included) within this fraction in (0, 1] of its "
+        "total, GPU memory or the host's RAM", type=_fraction, default=None)
     add("--block-size", "tokens per KV cache block", type=_positive_int, default=16)
     add("--kv-cache-dtype", "dtype of the KV cache (auto: the model's). bfloat16 under a float32 model holds "
         "twice the tokens and halves what decode attention reads; keys and values are rounded to bf16 when "

@@ -35,6 +35,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"  # fcfs: arrival order; priority: by each request's priority, then arrival
     kv_memory_fraction: float = 0.25  # of free memory at start-up, when kv_cache_tokens is not given
+    gpu_memory_utilization: float | None = None  # vLLM's: in place of kv_memory_fraction, the device's share in use
     enforce_eager: bool = False  # never replay decode steps from CUDA graphs
     kv_cache_dtype: str = "auto"  # the pool's dtype: auto (the model's) or a name in models.kv_cache.KV_CACHE_DTYPES
 

@@ -106,6 +106,18 @@ def test_kv_memory_fraction_sizes_the_pool_when_kv_cache_tokens_is_absent(loaded
     assert sized.block_manager.num_blocks == 32  # --kv-cache-tokens wins over the fraction
 
 
+def test_gpu_memory_utilization_keeps_the_memory_in_use_within_its_share_of_the_total(loaded, monkeypatch):
+    """vLLM's flag: 10 of 16 GiB in use (weights and all), 0.75 allowed -> 2 GiB for the KV cache; 0.5 leaves none."""
+    monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device: 6 * 2**30)
+    monkeypatch.setattr(engine_module, "total_memory_bytes", lambda device: 16 * 2**30)
+    bytes_per_token = loaded.model.kv_cache_spec().bytes_per_token(loaded.dtype)
+    config = EngineConfig(gpu_memory_utilization=0.75, kv_memory_fraction=0.01, max_num_seqs=10**7, block_size=8)
+    assert LLMEngine(loaded, config).block_manager.num_blocks == 2 * 2**30 // bytes_per_token // 8
+    with pytest.raises(ValueError, match=r"--gpu-memory-utilization 0.5: 10.0 GiB of the device's 16.0 GiB"):
+        LLMEngine(loaded, EngineConfig(gpu_memory_utilization=0.5, block_size=8))
+    assert parse_config(["--gpu-memory-utilization", "0.9"], {}).engine.gpu_memory_utilization == 0.9
+
+
 def test_tensor_parallel_ranks_get_the_sections_themselves_and_they_survive_pickling():
     import pickle
     from pathlib import Path

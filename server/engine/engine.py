@@ -50,9 +50,35 @@ Output = tuple[str, ChoiceOutput]  # (request id, what happened to one of its ch
 def free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    return _meminfo_bytes("MemAvailable")
+
+
+def total_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return _meminfo_bytes("MemTotal")
+
+
+def _meminfo_bytes(field: str) -> int:
     with open("/proc/meminfo") as f:
         fields = dict(line.split(":", 1) for line in f)
-    return int(fields["MemAvailable"].split()[0]) * 1024
+    return int(fields[field].split()[0]) * 1024
+
+
+def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
+    """What the KV pool may take: --kv-memory-fraction of the memory free now, or with vLLM's
+    --gpu-memory-utilization what keeps the device's memory in use (the weights and everything else on it
+    included) within that share of its total."""
+    free = free_memory_bytes(device)
+    if config.gpu_memory_utilization is None:
+        return int(free * config.kv_memory_fraction)
+    total = total_memory_bytes(device)
+    budget = int(total * config.gpu_memory_utilization) - (total - free)
+    if budget <= 0:
+        raise ValueError(f"--gpu-memory-utilization {config.gpu_memory_utilization}: {(total - free) / 2**30:.1f} "
+                         f"GiB of the device's {total / 2**30:.1f} GiB are in use already, the weights loaded; "
+                         "nothing is left for the KV cache: raise it, or give --kv-cache-tokens")
+    return budget
 
 
 class LLMEngine:
@@ -93,7 +119,7 @@ class LLMEngine:
         """Blocks of the pool: ``bytes_per_token`` is a grouped pool's per token of one group (models/kv_cache.py)."""
         tokens, bs = self.config.kv_cache_tokens, self.config.block_size
         if tokens is None:
-            budget = int(free_memory_bytes(self.loaded.device) * self.config.kv_memory_fraction)
+            budget = kv_budget_bytes(self.config, self.loaded.device)
             sliding = sliding_blocks(self.max_model_len, bs, windows, self.config.max_num_batched_tokens)
             useful = self.config.max_num_seqs * (self.max_model_len + sliding * bs)  # never used at once
             tokens = min(budget // bytes_per_token, useful)

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from bench.server_process import PROJECT_ROOT
+from tests.same_answer import assert_same_answer
 from tests.server_process import ServerProcess
 
 COMPLETION = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 6, "temperature": 0}
@@ -68,23 +69,7 @@ def test_each_line_gets_what_the_server_answers_over_http(batch, server):
         response = by_id[custom_id]["response"]
         assert response["status_code"] == 200 and by_id[custom_id]["error"] is None
         assert response["request_id"] and by_id[custom_id]["id"].startswith("batch_req_")
-        assert_same(response["body"], served, custom_id)
-
-
-def assert_same(got, expected, where: str) -> None:
-    """The same JSON but for the answer's id and time; numbers to float32 rounding (rows batched differently)."""
-    if isinstance(expected, dict):
-        assert got.keys() == expected.keys(), where
-        for key in expected.keys() - {"id", "created"}:
-            assert_same(got[key], expected[key], f"{where}.{key}")
-    elif isinstance(expected, list):
-        assert len(got) == len(expected), where
-        for index, (mine, theirs) in enumerate(zip(got, expected)):
-            assert_same(mine, theirs, f"{where}[{index}]")
-    elif isinstance(expected, float):
-        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6), where
-    else:
-        assert got == expected, where
+        assert_same_answer(response["body"], served, custom_id)
 
 
 def test_the_output_keeps_the_inputs_order_and_refusals_keep_their_status(batch):

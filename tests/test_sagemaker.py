@@ -8,6 +8,7 @@ import json
 import httpx
 import pytest
 
+from tests.same_answer import assert_same_answer
 from tests.server_process import ServerProcess
 
 KEY = "sagemaker-test-key"
@@ -32,29 +33,13 @@ def server(tiny_gpt2_dir, tmp_path_factory):
         yield running
 
 
-def assert_same(got, expected, where: str) -> None:
-    """The same JSON but for the answer's id and time; numbers to float32 rounding (rows batched differently)."""
-    if isinstance(expected, dict):
-        assert got.keys() == expected.keys(), where
-        for key in expected.keys() - {"id", "created"}:
-            assert_same(got[key], expected[key], f"{where}.{key}")
-    elif isinstance(expected, list):
-        assert len(got) == len(expected), where
-        for index, (mine, theirs) in enumerate(zip(got, expected)):
-            assert_same(mine, theirs, f"{where}[{index}]")
-    elif isinstance(expected, float):
-        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6), where
-    else:
-        assert got == expected, where
-
-
 @pytest.mark.parametrize("path", BODIES)
 def test_invocations_answers_each_api_as_its_own_route_does(server, path):
     body = BODIES[path]
     direct = httpx.post(server.base_url + path, json=body, headers=AUTH, timeout=60)
     invoked = httpx.post(server.base_url + "/invocations", json=body, headers=AUTH, timeout=60)
     assert direct.status_code == invoked.status_code == 200, invoked.text
-    assert_same(invoked.json(), direct.json(), path)
+    assert_same_answer(invoked.json(), direct.json(), path)
 
 
 def test_invocations_streams_when_asked(server):

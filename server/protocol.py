@@ -539,16 +539,22 @@ class PerplexityResult(BaseModel):
     token_logprobs: list[float | None] | None = Field(None, description="only with logprobs=true")
 
 
-class PerplexityUsage(BaseModel):
+class PromptUsage(BaseModel):
+    """The usage of a request that reads prompts and generates nothing (perplexity, embeddings, scores)."""
+
     prompt_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int) -> PromptUsage:
+        return cls(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
 
 
 class PerplexityResponse(BaseModel):
     object: Literal["list"] = "list"
     model: str
     data: list[PerplexityResult]
-    usage: PerplexityUsage
+    usage: PromptUsage
 
 
 class Embedding(BaseModel):
@@ -558,16 +564,11 @@ class Embedding(BaseModel):
                                          "string with encoding_format base64")
 
 
-class EmbeddingUsage(BaseModel):
-    prompt_tokens: int
-    total_tokens: int
-
-
 class EmbeddingResponse(BaseModel):
     object: Literal["list"] = "list"
     model: str
     data: list[Embedding]
-    usage: EmbeddingUsage
+    usage: PromptUsage
 
 
 class ScoreData(BaseModel):
@@ -582,7 +583,7 @@ class ScoreResponse(BaseModel):
     created: int
     model: str
     data: list[ScoreData]
-    usage: EmbeddingUsage
+    usage: PromptUsage
 
 
 class RerankDocument(BaseModel):
@@ -598,7 +599,7 @@ class RerankResult(BaseModel):
 class RerankResponse(BaseModel):
     id: str
     model: str
-    usage: EmbeddingUsage
+    usage: PromptUsage
     results: list[RerankResult]
 
 

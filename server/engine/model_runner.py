@@ -69,22 +69,19 @@ class ModelRunner:
         )
         hidden = self.model(batch, self.cache, interrupt)
         check_interrupt(interrupt)
-        rows: list[int] = []
-        sampling_seqs: list[Sequence] = []
-        embedding_rows: list[int] = []
-        embedding_seqs: list[Sequence] = []
+        sampled: list[tuple[int, Sequence]] = []  # (row of its last token in `hidden`, sequence)
+        embedded: list[tuple[int, Sequence]] = []
         offset = 0
         for chunk in chunks:
             offset += chunk.num_tokens
             if chunk.catches_up:
-                (embedding_rows if chunk.seq.params.embed else rows).append(offset - 1)
-                (embedding_seqs if chunk.seq.params.embed else sampling_seqs).append(chunk.seq)
-        picked = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
-        logits = self._logits(picked) if rows else hidden.new_empty(0, self.vocab_size, dtype=torch.float32)
-        step = StepLogits(sampling_seqs, logits)
-        if embedding_rows:
-            states = hidden[torch.tensor(embedding_rows, dtype=torch.long, device=self.device)].float().tolist()
-            step.embeddings = list(zip(embedding_seqs, states))
+                (embedded if chunk.seq.params.embed else sampled).append((offset - 1, chunk.seq))
+        picked = hidden[torch.tensor([row for row, _ in sampled], dtype=torch.long, device=self.device)]
+        logits = self._logits(picked) if sampled else hidden.new_empty(0, self.vocab_size, dtype=torch.float32)
+        step = StepLogits([seq for _, seq in sampled], logits)
+        if embedded:
+            rows = torch.tensor([row for row, _ in embedded], dtype=torch.long, device=self.device)
+            step.embeddings = list(zip([seq for _, seq in embedded], hidden[rows].float().tolist()))
         offset = 0
         for chunk in chunks:
             if chunk.seq.wants_prompt_logprobs:

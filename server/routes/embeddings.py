@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 
 from server.engine.core_client import EngineCoreClient
 from server.engine.sampling_params import SamplingParams
-from server.protocol import ERROR_RESPONSES, APIError, Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from server.protocol import ERROR_RESPONSES, APIError, Embedding, EmbeddingRequest, EmbeddingResponse, PromptUsage
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect, raise_if_failed
 from server.routes.models import find_model
 from server.routes.sampling import count_prompts, tokenize_prompts, truncated
@@ -80,7 +80,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Embeddi
     check_embeddable(engine, prompts, param="input")
     vectors = await embed_prompts(request, engine, prompts)
     prompt_tokens = sum(len(ids) for ids in prompts)
-    usage = EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
+    usage = PromptUsage.of(prompt_tokens)
     request.state.usage = lambda: usage  # read by the request log once the answer is out
     if body.normalize:
         vectors = [unit_length(v) for v in vectors]

@@ -20,7 +20,7 @@ from server.protocol import (
     PerplexityRequest,
     PerplexityResponse,
     PerplexityResult,
-    PerplexityUsage,
+    PromptUsage,
 )
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.models import find_model
@@ -103,7 +103,7 @@ async def score_perplexity(body: PerplexityRequest, request: Request) -> Perplex
     skip = 1 if body.prepend_bos else 0  # the added token is not the client's: report the input's own tokens
     data = [_result(i, scores[skip:], body.logprobs) for i, scores in enumerate(token_logprobs)]
     prompt_tokens = sum(len(ids) for ids in texts)
-    usage = PerplexityUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
+    usage = PromptUsage.of(prompt_tokens)
     request.state.usage = lambda: usage  # read by the request log once the answer is out
     return PerplexityResponse(model=served.name, data=data, usage=usage)
 

@@ -17,7 +17,7 @@ from server.engine.core_client import EngineCoreClient
 from server.protocol import (
     ERROR_RESPONSES,
     APIError,
-    EmbeddingUsage,
+    PromptUsage,
     RerankDocument,
     RerankRequest,
     RerankResponse,
@@ -34,7 +34,7 @@ router = APIRouter()
 
 
 async def pair_scores(request: Request, engine: EngineCoreClient, firsts: list[str], seconds: list[str],
-                      keep: int | None, params: tuple[str, str]) -> tuple[list[float], EmbeddingUsage]:
+                      keep: int | None, params: tuple[str, str]) -> tuple[list[float], PromptUsage]:
     """The cosine similarity of firsts[i] (or of the one first text) and seconds[i], for every i."""
     engine.check_admission(len(firsts) + len(seconds), param=params[1], what="texts")
     sides = [[truncated(engine.tokenizer.encode(text), keep, engine.max_model_len) for text in texts]
@@ -47,7 +47,7 @@ async def pair_scores(request: Request, engine: EngineCoreClient, firsts: list[s
         first_vectors *= len(second_vectors)
     scores = [math.fsum(a * b for a, b in zip(u, v)) for u, v in zip(first_vectors, second_vectors)]
     prompt_tokens = sum(len(ids) for prompts in sides for ids in prompts)
-    usage = EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
+    usage = PromptUsage.of(prompt_tokens)
     request.state.usage = lambda: usage  # read by the request log once the answer is out
     return scores, usage
 

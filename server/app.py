@@ -87,7 +87,8 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
                            else TemplateChatFormat(engine.tokenizer, chat_template, config.tool_call_parser))
             info = tokenizer_info(engine.tokenizer_dir, engine.tokenizer, engine.max_model_len,
                                   chat_format.template_text)
-            app.state.models[name] = ServedModel(name, engine, chat_format, created, info,
+            assert core.generation is not None  # read by wait_for_cores
+            app.state.models[name] = ServedModel(name, engine, chat_format, created, info, core.generation,
                                                  config.trust_request_chat_template, config.enable_auto_tool_choice)
             log.info("serving model", extra={"model": name, "family": engine.family,
                                               "max_model_len": engine.max_model_len})

@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import fields
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from server.config import DEFAULT_MAX_BODY_BYTES, SECTIONS, ServerConfig
 from server.env_flags import env_name, environment_arguments
@@ -72,6 +72,15 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _generation_overrides(text: str) -> dict[str, Any]:
+    from server.generation_defaults import parse_overrides
+
+    try:
+        return parse_overrides(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser(*, defaults: bool = True) -> _Parser:
     """Every flag, in --help groups. ``defaults=False`` makes a probe without defaults or --help, whose namespace
     holds only the flags actually given: those the environment must not override. Each flag's dest is the name
@@ -122,6 +131,14 @@ def build_parser(*, defaults: bool = True) -> _Parser:
     add("--trust-request-chat-template", "let requests bring their own chat template (vLLM's chat_template field): "
         "only for trusted clients, since a template is code that runs on the server (sandboxed, in a worker "
         "thread, stopped past 5 s; a single long C-level operation is not)", action="store_true")
+    add("--generation-config", "vLLM's flag: where each model's generation_config.json is read. auto: the model's "
+        "folder; its eos_token_id ends choices beside the tokenizer's end of text, and its temperature, top_p, top_k, "
+        "min_p and repetition_penalty are the defaults of requests that leave them unset, its max_new_tokens a limit "
+        "on every choice's output tokens. vllm: the end tokens only. A folder: its generation_config.json instead",
+        default="auto", metavar="auto|vllm|DIR")
+    add("--override-generation-config", "vLLM's flag: sampling defaults as a JSON object, set over the generation "
+        "config's, e.g. '{\"temperature\": 0.6, \"max_new_tokens\": 512}'", type=_generation_overrides,
+        default={}, metavar="JSON")
     add("--seed", "seed for the global RNGs (per-request seeds come from the request)", type=int, default=None)
 
     group = parser.add_argument_group("engine", "scheduling and the KV cache")
@@ -260,7 +277,7 @@ def start_and_run(argv: list[str] | None, run: Callable[[FastAPI, ServerConfig],
         from server.app import create_app
 
         try:
-            wait_for_cores(cores)
+            wait_for_cores(cores, config)
             _check_tool_call_parser(config, {name: core.family for name, core in cores.items()})
         except (OSError, ValueError) as e:  # CheckpointError, TokenizerError, missing files, as a core saw them
             return _cannot_start(e)

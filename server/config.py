@@ -8,6 +8,7 @@ rather than a copy of its fields. Every section is frozen and picklable: spawned
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -82,6 +83,8 @@ class ServerConfig:
     trust_request_chat_template: bool = False  # requests may bring their own chat template (vLLM's flag)
     tool_call_parser: str = "none"  # "hermes": a template model's <tool_call> JSON is read as tool calls
     enable_auto_tool_choice: bool = True  # tool_choice "auto" allowed (vLLM's flag; there it must be given)
+    generation_config: str = "auto"  # auto | vllm | a folder: where the models' generation_config.json is read
+    override_generation_config: dict[str, Any] = field(default_factory=dict)  # sampling defaults set over it
 
 
 SECTIONS = {"load": ModelLoadConfig, "engine": EngineConfig, "parallel": ParallelConfig, "http": HTTPConfig}

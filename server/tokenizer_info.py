@@ -28,7 +28,7 @@ def tokenizer_info(
     fast = (tokenizer_dir / "tokenizer.json").is_file()
     info.setdefault("tokenizer_class", "PreTrainedTokenizerFast" if fast else "GPT2Tokenizer")
     for field in TOKEN_FIELDS:
-        text = _token_text(config.get(field))
+        text = token_text(config.get(field))
         if text in tokenizer.special_tokens:
             info[field] = text
     info.setdefault("eos_token", ENDOFTEXT)  # the tokenizer's end of text: what completions stop at
@@ -47,7 +47,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _token_text(value: Any) -> str | None:
+def token_text(value: Any) -> str | None:
     """A special token as tokenizer_config.json writes it: its text, or an AddedToken object holding it."""
     if isinstance(value, dict):
         value = value.get("content")

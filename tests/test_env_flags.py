@@ -12,7 +12,8 @@ from server.cli import build_parser, parse_config
 from server.env_flags import env_name, flag_actions
 from tests.server_process import ServerProcess
 
-CANDIDATE_VALUES = ["7", "8", "0.5", "bfloat16", "some-text", "2", "0.9"]  # tried in turn until the flag accepts one
+CANDIDATE_VALUES = ["7", "8", "0.5", "bfloat16", "some-text", "2", "0.9",  # tried in turn until the flag accepts one
+                    '{"temperature": 0.5}']
 CANDIDATE_PAIRS = [("a=/models/a", "b=/models/b"), ("https://a.example", "http://b.example:8080")]  # repeatables
 
 

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.chat import ChatMessage
 from server.config import ServerConfig
+from server.generation_defaults import GenerationDefaults
 from server.routes.models import ServedModel
 from server.routes.response_store import ResponseStore, StoredResponse
 from tests.test_chat_harmony import assistant, chat, harmony, tokenizer  # noqa: F401 - fixtures
@@ -41,7 +42,7 @@ def engine(chat, scripts) -> ScriptedEngine:
 def client(chat, engine) -> openai.OpenAI:
     app = create_app(ServerConfig(), {})
     with TestClient(app) as http:
-        app.state.models["oss"] = ServedModel("oss", engine, chat, 0, {})
+        app.state.models["oss"] = ServedModel("oss", engine, chat, 0, {}, GenerationDefaults(chat.stop_token_ids))
         yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
 
 

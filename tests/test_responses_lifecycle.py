@@ -27,6 +27,7 @@ from server.engine.admission import Admission
 from server.engine.errors import EngineUnavailable, QueueFull
 from server.engine.outputs import ChoiceOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
+from server.generation_defaults import GenerationDefaults
 from server.routes.models import ServedModel
 from server.routes.response_background import BackgroundRuns
 from server.routes.responses import truncated
@@ -88,7 +89,7 @@ def engine(chat, harmony) -> HeldEngine:
 def http(chat, engine) -> TestClient:
     app = create_app(ServerConfig(), {})
     with TestClient(app) as running:
-        app.state.models["oss"] = ServedModel("oss", engine, chat, 0, {})
+        app.state.models["oss"] = ServedModel("oss", engine, chat, 0, {}, GenerationDefaults(chat.stop_token_ids))
         yield running
 
 

@@ -23,6 +23,7 @@ from server.chat import TemplateChatFormat
 from server.config import ServerConfig
 from server.engine.outputs import ChoiceOutput
 from server.engine.sampling_params import GrammarSpec, SamplingParams
+from server.generation_defaults import GenerationDefaults
 from server.routes.models import ServedModel
 from tests.test_chat_harmony import assistant, chat, harmony, tokenizer  # noqa: F401 - fixtures
 
@@ -123,11 +124,14 @@ def engines(chat, call_tokens, tmp_path_factory) -> dict[str, ScriptedEngine]:
 def http(chat, engines) -> TestClient:
     app = create_app(ServerConfig(), {})
     with TestClient(app) as running:
-        app.state.models["oss"] = ServedModel("oss", engines["oss"], chat, 0, {})
+        app.state.models["oss"] = ServedModel("oss", engines["oss"], chat, 0, {},
+                                                GenerationDefaults(chat.stop_token_ids))
         template = TemplateChatFormat(engines["gpt2"].tokenizer)
-        app.state.models["gpt2"] = ServedModel("gpt2", engines["gpt2"], template, 0, {})
+        app.state.models["gpt2"] = ServedModel("gpt2", engines["gpt2"], template, 0, {},
+                                                 GenerationDefaults(template.stop_token_ids))
         hermes = TemplateChatFormat(engines["hermes"].tokenizer, HERMES_TEMPLATE, tool_call_parser="hermes")
-        app.state.models["hermes"] = ServedModel("hermes", engines["hermes"], hermes, 0, {})
+        app.state.models["hermes"] = ServedModel("hermes", engines["hermes"], hermes, 0, {},
+                                                   GenerationDefaults(hermes.stop_token_ids))
         yield running
 
 

@@ -21,6 +21,7 @@ import zmq
 from models.tokenizer import Tokenizer, load_tokenizer
 from server.config import ServerConfig
 from server.engine import core_messages as wire
+from server.generation_defaults import GenerationDefaults, generation_defaults
 
 log = logging.getLogger("gptserve")
 
@@ -44,6 +45,7 @@ class StartedCore:
     socket_dir: Path
     ready: wire.Ready | None = None
     tokenizer: Tokenizer | None = None
+    generation: GenerationDefaults | None = None  # from its generation_config.json (server/generation_defaults.py)
 
     @property
     def family(self) -> str:
@@ -66,7 +68,7 @@ class StartedCore:
 def start_cores(config: ServerConfig, sources: list) -> dict[str, StartedCore]:
     """Spawn every model's core and wait until each is ready."""
     cores = spawn_cores(config, sources)
-    wait_for_cores(cores)
+    wait_for_cores(cores, config)
     return cores
 
 
@@ -83,8 +85,9 @@ def spawn_cores(config: ServerConfig, sources: list) -> dict[str, StartedCore]:
     return started
 
 
-def wait_for_cores(cores: dict[str, StartedCore]) -> None:
-    """Take each core's Ready and load its tokenizer; if any core fails, every core is killed."""
+def wait_for_cores(cores: dict[str, StartedCore], config: ServerConfig) -> None:
+    """Take each core's Ready, load its tokenizer and read its generation config; if any core fails, or a file,
+    every core is killed."""
     try:
         early = {name: _tokenizer_in(core.directory) for name, core in cores.items()}  # while the cores load
         for core in cores.values():
@@ -92,6 +95,8 @@ def wait_for_cores(cores: dict[str, StartedCore]) -> None:
             named = Path(core.ready.tokenizer_dir)
             preloaded = early[core.name]
             core.tokenizer = preloaded if preloaded is not None and named == core.directory else load_tokenizer(named)
+            core.generation = generation_defaults(core.directory, named, core.tokenizer, config.generation_config,
+                                                  config.override_generation_config)
     except BaseException:
         for core in cores.values():
             core.kill()

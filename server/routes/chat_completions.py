@@ -173,8 +173,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     if max_tokens is None:
         max_tokens = engine.default_max_tokens(len(prompt), body.n)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, engine.tokenizer, max_tokens=max_tokens, logprobs=top_logprobs,
-                             model_stop_ids=served.chat_format.stop_token_ids,
+    params = sampling_params(body, engine.tokenizer, max_tokens=served.generation.max_tokens(max_tokens),
+                             logprobs=top_logprobs, model_stop_ids=served.chat_stop_ids,
+                             defaults=served.generation.sampling,
                              prompt_logprobs=body.prompt_logprobs, grammar=grammar)
     await engine.compile_grammar(params.grammar)
     engine.validate(len(prompt), params, body.n)
@@ -186,7 +187,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                             choice_parser(served.chat_format, mode, named, continued, body.skip_special_tokens,
                                           bool(offered)), stop,
                             top_logprobs, body.include_stop_str_in_output, body.return_tokens_as_token_ids,
-                            client_stop_ids=params.stop_token_ids - served.chat_format.stop_token_ids)
+                            client_stop_ids=params.stop_token_ids - served.chat_stop_ids)
                  for _ in range(body.n)],
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), echoed=echoed_text(body),
     )

@@ -131,12 +131,13 @@ async def create_completion(body: CompletionRequest, request: Request):
                           default=None)
     grammar = request_grammar(body.response_format, body.structured_outputs)
     await engine.compile_grammar(grammar)
-    model_stop_ids = frozenset((engine.tokenizer.eos_token_id,))
+    model_stop_ids = served.generation.eos_token_ids
     jobs = []
     for prompt in prompts:
-        max_tokens = body.max_tokens if body.max_tokens is not None else engine.default_max_tokens(len(prompt), body.n)
+        max_tokens = served.generation.max_tokens(
+            body.max_tokens if body.max_tokens is not None else engine.default_max_tokens(len(prompt), body.n))
         params = sampling_params(body, engine.tokenizer, max_tokens=max_tokens, logprobs=body.logprobs,
-                                 model_stop_ids=model_stop_ids,
+                                 model_stop_ids=model_stop_ids, defaults=served.generation.sampling,
                                  prompt_logprobs=prompt_logprobs, grammar=grammar)
         engine.validate(len(prompt), params, body.n)
         jobs.append(PromptJob(prompt, params))

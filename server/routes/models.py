@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 
 from server.chat import HarmonyChatFormat, TemplateChatFormat
 from server.engine.core_client import EngineCoreClient
+from server.generation_defaults import GenerationDefaults
 from server.protocol import GATEWAY_RESPONSES, APIError, ErrorResponse, ModelCard, ModelList
 
 router = APIRouter()
@@ -21,8 +22,14 @@ class ServedModel:
     chat_format: HarmonyChatFormat | TemplateChatFormat
     created: int  # unix time the server started serving it
     tokenizer_info: dict[str, Any]  # GET /tokenizer_info's body (server/tokenizer_info.py)
+    generation: GenerationDefaults  # its end tokens and sampling defaults (server/generation_defaults.py)
     request_templates: bool = False  # requests may bring their own chat template (--trust-request-chat-template)
     auto_tool_choice: bool = True  # tool_choice "auto" allowed (--enable-auto-tool-choice)
+
+    @property
+    def chat_stop_ids(self) -> frozenset[int]:
+        """What ends a chat choice: the chat format's end tokens and the model's own."""
+        return self.chat_format.stop_token_ids | self.generation.eos_token_ids
 
     def card(self) -> ModelCard:
         return ModelCard(id=self.name, created=self.created, max_model_len=self.engine.max_model_len)

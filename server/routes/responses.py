@@ -35,6 +35,7 @@ from server.routes.response_format import answer_prefix, text_format_spec
 from server.routes.response_input import input_items, input_messages, output_messages
 from server.routes.response_output import ResponseOutput, new_id
 from server.routes.response_store import ResponseStore, StoredResponse
+from server.routes.sampling import first_given
 from server.streaming import named_sse_response, prime
 
 router = APIRouter()
@@ -67,9 +68,14 @@ class ResponseRun:
         self.store = store
         logprobs = body.top_logprobs is not None or "message.output_text.logprobs" in (body.include or [])
         top_logprobs = (body.top_logprobs or 0) if logprobs else None
-        self.params = SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None
-                                     else body.temperature, top_p=1.0 if body.top_p is None else body.top_p,
-                                     stop_token_ids=served.chat_format.stop_token_ids, grammar=grammar,
+        defaults = served.generation.sampling
+        self.params = SamplingParams(max_tokens=max_tokens,
+                                     temperature=first_given(body.temperature, defaults.temperature, 1.0),
+                                     top_p=first_given(body.top_p, defaults.top_p, 1.0),
+                                     top_k=max(first_given(defaults.top_k, 0), 0),
+                                     min_p=first_given(defaults.min_p, 0.0),
+                                     repetition_penalty=first_given(defaults.repetition_penalty, 1.0),
+                                     stop_token_ids=served.chat_stop_ids, grammar=grammar,
                                      logprobs=top_logprobs, priority=body.priority,
                                      cache_salt=body.cache_salt)
         self.id = new_id("resp")
@@ -214,7 +220,7 @@ async def create_response(body: ResponsesRequest, request: Request):
         conversation, prompt = truncated(conversation, render, engine.max_model_len - (body.max_output_tokens or 1))
     else:
         prompt = render(conversation)
-    max_tokens = body.max_output_tokens or max(engine.max_model_len - len(prompt), 0)
+    max_tokens = served.generation.max_tokens(body.max_output_tokens or max(engine.max_model_len - len(prompt), 0))
     forced = forced_call_spec(served.chat_format, tools, mode, named,
                               parallel=body.parallel_tool_calls is not False)
     grammar = forced or text_format_spec(body.text.format if body.text else None, answer_prefix(served.chat_format))

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from models.tokenizer import Tokenizer
 from server.engine.sampling_params import GrammarSpec, SamplingParams
+from server.generation_defaults import SamplingDefaults
 from server.protocol import APIError, SamplingFields
+
+T = TypeVar("T")
 
 
 def count_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
@@ -46,9 +51,11 @@ def stop_strings(body: SamplingFields) -> list[str]:
 
 
 def sampling_params(body: SamplingFields, tokenizer: Tokenizer, *, max_tokens: int, model_stop_ids: frozenset[int],
-                    logprobs: int | None = None, prompt_logprobs: int | None = None,
+                    defaults: SamplingDefaults, logprobs: int | None = None, prompt_logprobs: int | None = None,
                     grammar: GrammarSpec | None = None) -> SamplingParams:
-    """The engine's view of one request; ``max_tokens`` is already resolved (defaults differ per endpoint)."""
+    """The engine's view of one request; ``max_tokens`` is already resolved (defaults differ per endpoint). A field
+    the request leaves unset takes the model's default (its generation config's), else the API's; beam search
+    ranks by the model's own log-probabilities and takes none."""
     if body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})",
                        param="min_tokens")
@@ -56,16 +63,18 @@ def sampling_params(body: SamplingFields, tokenizer: Tokenizer, *, max_tokens: i
     check_token_ids(client_stop_ids, tokenizer, "stop_token_ids")
     allowed = body.allowed_token_ids or []
     check_token_ids(allowed, tokenizer, "allowed_token_ids")
+    if body.use_beam_search:
+        defaults = SamplingDefaults()
     return SamplingParams(
         max_tokens=max_tokens,
         min_tokens=body.min_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=max(body.top_k or 0, 0),
-        min_p=body.min_p or 0.0,
+        temperature=first_given(body.temperature, defaults.temperature, 1.0),
+        top_p=first_given(body.top_p, defaults.top_p, 1.0),
+        top_k=max(first_given(body.top_k, defaults.top_k, 0), 0),
+        min_p=first_given(body.min_p, defaults.min_p, 0.0),
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        repetition_penalty=first_given(body.repetition_penalty, defaults.repetition_penalty, 1.0),
         logit_bias=_logit_bias(body.logit_bias or {}, tokenizer),
         allowed_token_ids=tuple(sorted(set(allowed))),
         seed=body.seed,
@@ -78,6 +87,11 @@ def sampling_params(body: SamplingFields, tokenizer: Tokenizer, *, max_tokens: i
         cache_salt=body.cache_salt,
         bad_words=_bad_words(body.bad_words or [], tokenizer),
     )
+
+
+def first_given(*values: T | None) -> T:
+    """The request's value, else the model's default, else the API's (the last, never None)."""
+    return next(value for value in values if value is not None)
 
 
 def _bad_words(words: list[str], tokenizer: Tokenizer) -> tuple[tuple[int, ...], ...]:

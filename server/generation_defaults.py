@@ -1,0 +1,121 @@
+"""What a checkpoint's generation_config.json asks of generation, read as vLLM's ``--generation-config`` reads it.
+
+Two things come from it:
+
+- **Its end tokens.** ``eos_token_id`` (one id or a list) ends a choice beside the tokenizer's end of text and the
+  tokenizer_config.json's ``eos_token``. GPT-OSS lists <|return|>, <|endoftext|> and <|call|>: a completion of a
+  harmony prompt ends at the assistant's <|return|> or <|call|>, where it would otherwise run on to max_tokens.
+  A checkpoint without the file takes config.json's ``eos_token_id``, as transformers builds a generation config
+  from the model's config.
+- **Sampling defaults** for what a request leaves unset: temperature, top_p, top_k, min_p, repetition_penalty, and
+  ``max_new_tokens``, which bounds every choice's output tokens, asked for or not (vLLM's server-wide limit).
+  vLLM reads the file through transformers' ``to_diff_dict``, which drops fields at transformers' own defaults,
+  so ``"top_k": 50`` in the file is no default here either.
+
+``--generation-config vllm`` keeps the end tokens and drops the file's defaults; ``--generation-config DIR`` reads
+DIR/generation_config.json instead; ``--override-generation-config JSON`` sets defaults over either.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+from models.tokenizer import Tokenizer
+from server.tokenizer_info import token_text
+
+FILE_NAME = "generation_config.json"
+AUTO, VLLM = "auto", "vllm"  # --generation-config's two names; anything else is a folder
+# transformers' GenerationConfig defaults for the fields read here: to_diff_dict leaves them out
+TRANSFORMERS_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+
+
+class SamplingDefaults(BaseModel):
+    """The fields a default may set, with the bounds a request's own value has (server/protocol.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: StrictInt | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    max_new_tokens: StrictInt | None = Field(default=None, ge=1)
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    eos_token_ids: frozenset[int]  # the model's end tokens: what ends a choice unless ignore_eos
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+
+    def max_tokens(self, wanted: int) -> int:
+        """``wanted`` (asked for, or what the context leaves) within the generation config's max_new_tokens."""
+        limit = self.sampling.max_new_tokens
+        return wanted if limit is None else min(wanted, limit)
+
+
+def generation_defaults(model_dir: Path, tokenizer_dir: Path, tokenizer: Tokenizer, source: str = AUTO,
+                        overrides: dict[str, Any] | None = None) -> GenerationDefaults:
+    """One model's defaults. ``source``: auto, vllm or a folder (--generation-config); ``overrides``: the fields of
+    --override-generation-config. A file or override that cannot be honoured is a ValueError naming it."""
+    folders = [model_dir, tokenizer_dir] if source in (AUTO, VLLM) else [Path(source)]
+    path = next((folder / FILE_NAME for folder in folders if (folder / FILE_NAME).is_file()), None)
+    if path is None and source not in (AUTO, VLLM):
+        raise ValueError(f"--generation-config {source}: no {FILE_NAME} there")
+    config = _read_object(path) if path is not None else _read_object(model_dir / "config.json", missing_ok=True)
+    ends = {tokenizer.eos_token_id, *_eos_ids(config, path or model_dir / "config.json", tokenizer)}
+    eos_text = token_text(_read_object(tokenizer_dir / "tokenizer_config.json", missing_ok=True).get("eos_token"))
+    if eos_text in tokenizer.special_tokens:
+        ends.add(tokenizer.special_tokens[eos_text])
+    from_file = {} if source == VLLM or path is None else {
+        name: value for name, value in config.items()
+        if name in SamplingDefaults.model_fields and value is not None and TRANSFORMERS_DEFAULTS.get(name) != value}
+    sampling = _checked(from_file, str(path)) | _checked(overrides or {}, "--override-generation-config")
+    return GenerationDefaults(frozenset(ends), SamplingDefaults(**sampling))
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """--override-generation-config's JSON object, checked field by field."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object such as '{\"temperature\": 0.6}'")
+    return _checked(value, "--override-generation-config")
+
+
+def _checked(values: dict[str, Any], where: str) -> dict[str, Any]:
+    try:
+        return SamplingDefaults(**values).model_dump(include=set(values))
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in e.errors())
+        raise ValueError(f"{where}: {problems} (fields: {', '.join(SamplingDefaults.model_fields)}; "
+                         "--generation-config vllm ignores a checkpoint's file)") from None
+
+
+def _eos_ids(config: dict[str, Any], path: Path, tokenizer: Tokenizer) -> list[int]:
+    value = config.get("eos_token_id")
+    ids = [] if value is None else [value] if not isinstance(value, list) else value
+    for token in ids:
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < tokenizer.vocab_size:
+            raise ValueError(f"{path}: eos_token_id {token!r} is not a token id of this tokenizer "
+                             f"(0 to {tokenizer.vocab_size - 1})")
+    return ids
+
+
+def _read_object(path: Path, *, missing_ok: bool = False) -> dict[str, Any]:
+    if missing_ok and not path.is_file():
+        return {}
+    try:
+        with path.open(encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return value

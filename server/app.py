@@ -57,6 +57,7 @@ from server.routes.engine_calls import ClientDisconnected
 from server.routes.models import ServedModel
 from server.routes.response_background import BackgroundRuns
 from server.routes.response_store import ResponseStore
+from server.stats_log import StatsLog
 from server.tokenizer_info import tokenizer_info
 from server.validation_errors import validation_error_object
 
@@ -93,7 +94,12 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
             log.info("serving model", extra={"model": name, "family": engine.family,
                                               "max_model_len": engine.max_model_len})
         release_free_heap()  # what parsing the tokenizer and harmony's vocabulary freed: the tuned heap keeps it
+        engines = {name: served.engine for name, served in app.state.models.items()}
+        stats_log = None if config.disable_log_stats else asyncio.create_task(
+            StatsLog(process_metrics, engines, config.log_stats_interval).run())
         yield
+        if stats_log is not None:
+            stats_log.cancel()
         for served in app.state.models.values():
             await served.engine.shutdown()
 

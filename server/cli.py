@@ -210,6 +210,10 @@ def build_parser(*, defaults: bool = True) -> _Parser:
     group = parser.add_argument_group("logging")
     add("--log-level", "log verbosity", choices=LOG_LEVELS, type=str.lower, default="info")
     add("--log-requests", "include prompts and completions in the request log", action="store_true")
+    add("--disable-log-stats", "vLLM's flag: no log line per model every --log-stats-interval seconds while it works "
+        "(prompt and generation throughput, requests running and waiting, KV cache use, prefix cache hits)",
+        action="store_true")
+    add("--log-stats-interval", "seconds between those lines", type=_positive_float, default=10.0)
     return parser
 
 

@@ -79,6 +79,8 @@ class ServerConfig:
     http: HTTPConfig = field(default_factory=HTTPConfig)
     seed: int | None = None
     log_level: str = "info"
+    disable_log_stats: bool = False  # no periodic throughput and queue line per model (vLLM's flag)
+    log_stats_interval: float = 10.0  # seconds between those lines
     chat_template: str | None = None  # a file path or the template text itself, for models without harmony
     trust_request_chat_template: bool = False  # requests may bring their own chat template (vLLM's flag)
     tool_call_parser: str = "none"  # "hermes": a template model's <tool_call> JSON is read as tool calls

@@ -164,10 +164,14 @@ class Metrics:
         """``flush`` is called before every exposition: calls made in batches are all in what a scrape reads."""
         self._flushes.append(flush)
 
-    def exposition(self) -> tuple[bytes, str]:
-        """Body and content type for GET /metrics (Prometheus text format)."""
+    def flush(self) -> None:
+        """Make the calls waiting in batches, before the registry is read."""
         for flush in self._flushes:
             flush()
+
+    def exposition(self) -> tuple[bytes, str]:
+        """Body and content type for GET /metrics (Prometheus text format)."""
+        self.flush()
         return generate_latest(self.registry), CONTENT_TYPE
 
 

@@ -67,7 +67,6 @@ access_log = logging.getLogger("gptserve.access")
 # Reachable without the API key, for probes (SageMaker's /ping among them) and scrapers.
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/version", "/ping")
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # a client's id is echoed back only if it is sane
-LOGGED_BODY_CHARS = 4096
 CORE_FAILED_EXIT_S = 2.0  # after an engine core failed: its 503s are written and probes see /health 503, then exit
 
 
@@ -103,8 +102,14 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
         for served in app.state.models.values():
             await served.engine.shutdown()
 
+    documented = not config.http.disable_fastapi_docs
     app = FastAPI(title="gptserve", version=version.SERVER_VERSION, lifespan=lifespan,
+                  openapi_url="/openapi.json" if documented else None,
+                  docs_url="/docs" if documented else None, redoc_url="/redoc" if documented else None,
                   description="OpenAI-compatible serving of GPT-2 and GPT-OSS checkpoints.")
+    # Set on the app, not by uvicorn: then a path that still has the prefix is served as well as one without it
+    # (FastAPI's root_path argument is deprecated for uvicorn's, which serves only paths the proxy stripped).
+    app.root_path = config.http.root_path
     app.state.models = {}
     names = config.served_model_names
     app.state.model_aliases = {alias: names[0] for alias in names[1:]}  # --served-model-name's further names
@@ -227,7 +232,7 @@ class Gateway:
             self._record(scope, request_id, status, time.perf_counter() - started, body)
 
     def _refuse(self, scope: Scope, headers: Headers) -> Response | None:
-        if self._api_key is not None and scope["path"] not in self._open_paths:
+        if self._api_key is not None and route_path(scope) not in self._open_paths:
             scheme, _, token = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key):
                 return error_response(401, ErrorObject(
@@ -273,8 +278,17 @@ class Gateway:
         if usage is not None:
             line |= usage().model_dump(exclude={"prompt_tokens_details"})
         if self.config.log_requests and body:
-            line["body"] = body[:LOGGED_BODY_CHARS].decode("utf-8", "replace")
+            line["body"] = body[:self.config.max_log_len].decode("utf-8", "replace")
         access_log.info("request", extra=line)
+
+
+def route_path(scope: Scope) -> str:
+    """The path the routes see: without --root-path's prefix where the request still has it (as Starlette strips
+    it), so a proxy may pass the prefix on or strip it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+        return path[len(root):] or "/"
+    return path
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

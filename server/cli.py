@@ -72,6 +72,14 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _root_path(text: str) -> str:
+    """A path prefix: "" or "/a/b", without a trailing slash."""
+    path = text.rstrip("/")
+    if path and (not path.startswith("/") or any(c in path for c in "?# \t")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a path prefix like /llm")
+    return path
+
+
 def _generation_overrides(text: str) -> dict[str, Any]:
     from server.generation_defaults import parse_overrides
 
@@ -93,12 +101,15 @@ def build_parser(*, defaults: bool = True) -> _Parser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         add_help=defaults,
     )
+    parser.add_argument("model_tag", nargs="?", default=None if defaults else argparse.SUPPRESS, metavar="MODEL",
+                        help="the model to serve, as `vllm serve MODEL` takes it: the same as --model MODEL (put it "
+                        "before the flags)")
     group = parser.add_argument_group("model", "what is served and how its weights are loaded")
 
-    def add(flag: str, help: str, **kwargs) -> None:
+    def add(flag: str, help: str, *aliases: str, **kwargs) -> None:
         if not defaults:
             kwargs["default"] = argparse.SUPPRESS
-        group.add_argument(flag, help=f"{help} [env {env_name(flag)}]", **kwargs)
+        group.add_argument(flag, *aliases, help=f"{help} [env {env_name(flag)}]", **kwargs)
 
     add("--model", "checkpoint to serve, repeatable: PATH, NAME=PATH or a HuggingFace hub id "
         "(env: comma-separated). Default: gpt2 from the HF cache/hub, else a tiny random-weight demo model",
@@ -197,6 +208,9 @@ def build_parser(*, defaults: bool = True) -> _Parser:
         default=1024)
     add("--drain-timeout", "on SIGTERM, seconds in-flight requests get to finish before they are ended with a 503 "
         "(an error event then [DONE] on a stream)", type=_positive_float, default=30.0)
+    add("--root-path", "the path prefix a proxy serves the API under, e.g. /llm (vLLM's flag): requests may come "
+        "with it or with it stripped, and /docs and the OpenAPI document name it", type=_root_path, default="")
+    add("--disable-fastapi-docs", "vLLM's flag: no /docs, /redoc or /openapi.json", action="store_true")
     add("--ssl-certfile", "serve HTTPS with this PEM certificate (chain): vLLM's flag, as are the three below",
         default=None, metavar="PATH")
     add("--ssl-keyfile", "the certificate's PEM private key, unencrypted; None: the key is in --ssl-certfile",
@@ -209,7 +223,12 @@ def build_parser(*, defaults: bool = True) -> _Parser:
 
     group = parser.add_argument_group("logging")
     add("--log-level", "log verbosity", choices=LOG_LEVELS, type=str.lower, default="info")
-    add("--log-requests", "include prompts and completions in the request log", action="store_true")
+    add("--log-requests", "include request bodies (prompts) in the request log; --enable-log-requests is vLLM's "
+        "name for it", "--enable-log-requests", action="store_true")
+    add("--disable-log-requests", "vLLM's older flag, and the default here: bodies stay out of the request log, "
+        "whatever GPTSERVE_LOG_REQUESTS says", action="store_false", dest="log_requests", default=False)
+    add("--max-log-len", "bytes of a request body the request log keeps (vLLM's flag; with --log-requests)",
+        type=_positive_int, default=4096)
     add("--disable-log-stats", "vLLM's flag: no log line per model every --log-stats-interval seconds while it works "
         "(prompt and generation throughput, requests running and waiting, KV cache use, prefix cache hits)",
         action="store_true")
@@ -229,7 +248,8 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
     values["allowed_origins"] = tuple(values["allowed_origins"])
     sections = {name: section(**{f.name: values.pop(f.name) for f in fields(section)})
                 for name, section in SECTIONS.items()}
-    return ServerConfig(models=tuple(values.pop("model") or ()),
+    tag = values.pop("model_tag")
+    return ServerConfig(models=(*([tag] if tag else []), *(values.pop("model") or ())),
                         served_model_names=tuple(values.pop("served_model_name") or ()), **sections, **values)
 
 

@@ -63,6 +63,9 @@ class HTTPConfig:
     max_connections: int = 1024  # open connections; a request arriving over this gets 503
     drain_timeout: float = 30.0  # on SIGTERM, seconds in-flight requests get before they are aborted with 503
     log_requests: bool = False  # prompts and outputs go to the log only when asked for
+    max_log_len: int = 4096  # bytes of a logged request body (--log-requests)
+    root_path: str = ""  # the path prefix a proxy serves the API under (/docs and the OpenAPI document name it)
+    disable_fastapi_docs: bool = False  # no /docs, /redoc or /openapi.json
     ssl_certfile: str | None = None  # with ssl_keyfile: serve HTTPS with this certificate (chain)
     ssl_keyfile: str | None = None
     ssl_ca_certs: str | None = None  # CA certificates that client certificates are verified against

@@ -23,7 +23,7 @@ def install_openapi(app: FastAPI, model_names: list[str]) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             document = get_openapi(title=app.title, version=app.version, description=app.description,
-                                   routes=app.routes)
+                                   routes=app.routes, servers=app.servers)  # --root-path's, once a request named it
             _drop_validation_422(document)
             _pin_model_names(document, model_names)
             served = list(app.state.models.values())

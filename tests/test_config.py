@@ -34,10 +34,12 @@ def loaded(tiny_gpt2_dir):
 
 def test_help_groups_every_flag_under_its_heading():
     parser = build_parser()
-    groups = {group.title: [a.option_strings[0] for a in group._group_actions] for group in parser._action_groups}
+    groups = {group.title: [(a.option_strings or [a.metavar])[0] for a in group._group_actions]
+              for group in parser._action_groups}
     for title, flags in GROUPS.items():
         assert set(flags) <= set(groups[title]), title
     assert groups["options"] == ["-h"]  # no flag left ungrouped
+    assert groups["positional arguments"] == ["MODEL"]  # vLLM's `vllm serve MODEL`
     text = parser.format_help()
     assert all(f"\n{title}:" in text for title in GROUPS)
     words = " ".join(text.split())

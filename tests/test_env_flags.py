@@ -13,7 +13,9 @@ from server.env_flags import env_name, flag_actions
 from tests.server_process import ServerProcess
 
 CANDIDATE_VALUES = ["7", "8", "0.5", "bfloat16", "some-text", "2", "0.9",  # tried in turn until the flag accepts one
-                    '{"temperature": 0.5}']
+                    '{"temperature": 0.5}', "/llm"]
+# vLLM's flags for what is the default here: each must win over the variable that asks for the opposite
+DEFAULT_SPELLINGS = {"--disable-log-requests": "GPTSERVE_LOG_REQUESTS"}
 CANDIDATE_PAIRS = [("a=/models/a", "b=/models/b"), ("https://a.example", "http://b.example:8080")]  # repeatables
 
 
@@ -54,6 +56,13 @@ def other_value(action: argparse.Action, value: str) -> str:
 
 @pytest.mark.parametrize("action", flags(), ids=lambda action: action.option_strings[0])
 def test_the_variable_has_the_flags_effect(action):
+    flag = action.option_strings[0]
+    if flag in DEFAULT_SPELLINGS:
+        opposite = {DEFAULT_SPELLINGS[flag]: "1"}
+        assert parse_config([], opposite) != parse_config([], {})
+        assert parse_config([flag], opposite) == parse_config([], {env_name(flag): "1", **opposite}) == \
+            parse_config([], {})
+        return
     argv, value = sample_arguments(action)
     from_flag = parse_config(argv, {})
     assert from_flag != parse_config([], {})

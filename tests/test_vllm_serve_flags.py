@@ -1,0 +1,85 @@
+"""vLLM serve's command line: the model as its positional argument, --root-path behind a proxy, the request log's
+flags (--enable-log-requests, --disable-log-requests, --max-log-len) and --disable-fastapi-docs."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from server.cli import parse_config
+from tests.server_process import ServerProcess
+
+KEY = {"Authorization": "Bearer sesame"}
+BODY = {"model": "tiny", "prompt": "A secret prompt", "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def proxied(tiny_gpt2_dir):
+    args = [f"tiny={tiny_gpt2_dir}", "--root-path", "/llm/", "--api-key", "sesame", "--enable-log-requests",
+            "--max-log-len", "24"]
+    with ServerProcess(args) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def undocumented(tiny_gpt2_dir):
+    args = [f"tiny={tiny_gpt2_dir}", "--disable-fastapi-docs", "--disable-log-requests"]
+    with ServerProcess(args, env={"GPTSERVE_LOG_REQUESTS": "1"}) as running:
+        yield running
+
+
+def logged_bodies(server: ServerProcess) -> list[str]:
+    lines = [json.loads(line) for line in server.log_text().splitlines() if line.startswith("{")]
+    return [line["body"] for line in lines if line.get("msg") == "request" and "body" in line]
+
+
+def test_the_positional_model_is_served(proxied):
+    models = httpx.get(proxied.v1 + "/models", headers=KEY, timeout=10).json()["data"]
+    assert [model["id"] for model in models] == ["tiny"]
+
+
+@pytest.mark.parametrize("prefix", ["", "/llm"])
+def test_requests_are_served_with_the_root_path_or_with_it_stripped(proxied, prefix):
+    base = proxied.base_url + prefix
+    assert httpx.post(base + "/v1/completions", json=BODY, headers=KEY, timeout=60).status_code == 200
+    assert httpx.post(base + "/v1/completions", json=BODY, timeout=60).status_code == 401
+    for open_path in ("/health", "/metrics", "/ping"):  # open to probes and scrapers under the prefix too
+        assert httpx.get(base + open_path, timeout=10).status_code == 200, open_path
+
+
+def test_the_docs_and_the_openapi_document_name_the_root_path(proxied):
+    document = httpx.get(proxied.base_url + "/openapi.json", headers=KEY, timeout=10).json()
+    assert document["servers"] == [{"url": "/llm"}]
+    assert "/llm/openapi.json" in httpx.get(proxied.base_url + "/docs", headers=KEY, timeout=10).text
+
+
+def test_the_request_log_keeps_max_log_len_bytes_of_each_body(proxied):
+    httpx.post(proxied.v1 + "/completions", json=BODY, headers=KEY, timeout=60)
+    bodies = logged_bodies(proxied)
+    assert bodies and all(len(body) <= 24 for body in bodies)
+    assert json.dumps(BODY, separators=(",", ":"))[:24] in bodies  # as httpx writes it
+
+
+def test_disable_fastapi_docs_serves_no_docs(undocumented):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(undocumented.base_url + path, timeout=10).status_code == 404, path
+    assert httpx.get(undocumented.v1 + "/models", timeout=10).status_code == 200
+
+
+def test_disable_log_requests_wins_over_the_environment(undocumented):
+    assert httpx.post(undocumented.v1 + "/completions", json=BODY, timeout=60).status_code == 200
+    assert "A secret prompt" not in undocumented.log_text()
+    assert logged_bodies(undocumented) == []
+
+
+def test_the_positional_model_comes_first_among_the_models():
+    assert parse_config(["a=/models/a", "--model", "b=/models/b"], {}).models == ("a=/models/a", "b=/models/b")
+    assert parse_config(["--model", "b=/models/b"], {}).models == ("b=/models/b",)
+
+
+@pytest.mark.parametrize("path", ["llm", "/llm?x=1", "/l m"])
+def test_a_root_path_that_is_no_path_prefix_is_refused(path):
+    with pytest.raises(SystemExit):
+        parse_config(["--root-path", path], {})

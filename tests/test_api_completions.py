@@ -174,6 +174,19 @@ def test_stop_reason_names_the_stop_string_or_stop_token_that_ended_a_choice(cli
     assert by_length.usage.completion_tokens == 3
 
 
+def test_ignore_eos_passes_the_models_end_token_but_not_the_clients_stop_token_ids(client, gpt2_tokenizer,
+                                                                                     gpt2_oracle):
+    """As vLLM stops: ignore_eos is about the end-of-text token, and a stop token the client asked for still ends."""
+    expected = oracle_greedy(gpt2_oracle, gpt2_tokenizer.encode(PROMPTS[0]), 8)
+    body = dict(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    stopped = client.completions.create(**body, extra_body={"ignore_eos": True, "stop_token_ids": [expected[4]],
+                                                            "return_token_ids": True}).choices[0]
+    assert (stopped.finish_reason, stopped.stop_reason, stopped.token_ids) == ("stop", expected[4], expected[:5])
+    past_eos = client.completions.create(**body, extra_body={"ignore_eos": True, "allowed_token_ids": [EOS],
+                                                             "stop_token_ids": [expected[4]]})
+    assert (past_eos.choices[0].finish_reason, past_eos.usage.completion_tokens) == ("length", 8)
+
+
 def test_eos_is_an_output_token_counted_and_scored_without_text(client, gpt2_tokenizer):
     """Only end-of-text allowed: the choice is that one token, stopped by the model's own token (no stop_reason)."""
     result = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=5, temperature=0, logprobs=0,

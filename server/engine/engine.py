@@ -291,7 +291,7 @@ class LLMEngine:
             new_tokens.append(token)
             if logprob is not None:
                 new_logprobs.append(logprob)
-            if token in params.stop_token_ids and not params.ignore_eos:
+            if token in params.ending_token_ids:
                 reason, stop_token = "stop", token  # an output token like any other (as vLLM counts it)
             elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = "length"

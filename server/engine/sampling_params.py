@@ -53,7 +53,8 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] = ()  # when given, no other token is picked
     seed: int | None = None
     stop_token_ids: frozenset[int] = frozenset()  # the model's eos/stop ids plus any the client added
-    ignore_eos: bool = False  # keep going past stop_token_ids until max_tokens
+    client_stop_ids: frozenset[int] = frozenset()  # those the client added: they end a choice under ignore_eos too
+    ignore_eos: bool = False  # keep going past the model's end tokens until max_tokens
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's logprob plus the top k
     prompt_logprobs: int | None = None  # same, for every prompt token after the first (echo, perplexity)
     grammar: GrammarSpec | None = None  # constrained decoding: every choice's output follows it
@@ -61,6 +62,12 @@ class SamplingParams:
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences the output never ends with (vLLM's bad_words)
     cache_salt: str | None = None  # prefix-cache blocks are shared only with requests that give the same salt
     embed: bool = False  # return the last prompt token's final hidden state (an embedding) instead of sampling
+
+    @property
+    def ending_token_ids(self) -> frozenset[int]:
+        """What ends a choice, as vLLM stops: ignore_eos passes the model's end tokens, never the client's
+        stop_token_ids. (min_tokens masks all of stop_token_ids either way, as vLLM masks them.)"""
+        return self.client_stop_ids if self.ignore_eos else self.stop_token_ids
 
     @property
     def greedy(self) -> bool:

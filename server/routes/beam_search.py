@@ -35,7 +35,7 @@ class Beam:
 class BeamSettings:
     width: int  # n: beams kept, and choices returned
     length_penalty: float
-    stop_token_ids: frozenset[int]  # what ends a beam (none under ignore_eos)
+    stop_token_ids: frozenset[int]  # what ends a beam (under ignore_eos, the client's stop_token_ids only)
     logprobs: int | None  # alternatives reported for each chosen token, as a choice's logprobs; None: none
 
 
@@ -165,9 +165,8 @@ def request_outputs(engine: EngineCoreClient, request_id: str, jobs: list[Prompt
     if not body.use_beam_search:
         return MergedOutputs(engine, request_id, jobs, body.n)
     params = jobs[0].params
-    stops = frozenset() if params.ignore_eos else params.stop_token_ids
-    return BeamSearchOutputs(engine, request_id, jobs, BeamSettings(body.n, body.length_penalty, stops,
-                                                                    params.logprobs))
+    settings = BeamSettings(body.n, body.length_penalty, params.ending_token_ids, params.logprobs)
+    return BeamSearchOutputs(engine, request_id, jobs, settings)
 
 
 def check_beam_search(body: SamplingFields) -> None:

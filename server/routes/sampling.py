@@ -79,6 +79,7 @@ def sampling_params(body: SamplingFields, tokenizer: Tokenizer, *, max_tokens: i
         allowed_token_ids=tuple(sorted(set(allowed))),
         seed=body.seed,
         stop_token_ids=model_stop_ids | frozenset(client_stop_ids),
+        client_stop_ids=frozenset(client_stop_ids),
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,

@@ -90,9 +90,10 @@ def _state_limits(document: dict[str, Any], max_model_len: int, vocab_size: int)
 
 def _state_embedding_widths(document: dict[str, Any], widths: list[int]) -> None:
     """``dimensions`` may only be a served model's own width (none is trained for shortened embeddings)."""
-    properties = document.get("components", {}).get("schemas", {}).get("EmbeddingRequest", {}).get("properties", {})
-    for node in _nodes(properties.get("dimensions"), "integer"):
-        node["enum"] = widths
+    schemas = document.get("components", {}).get("schemas", {})
+    for name in ("EmbeddingRequest", "EmbeddingChatRequest"):
+        for node in _nodes(schemas.get(name, {}).get("properties", {}).get("dimensions"), "integer"):
+            node["enum"] = widths
 
 
 def _state_template_extras(document: dict[str, Any], formats: list[HarmonyChatFormat | TemplateChatFormat],
@@ -101,7 +102,7 @@ def _state_template_extras(document: dict[str, Any], formats: list[HarmonyChatFo
     them, and on GPT-OSS alone only the kwargs harmony has."""
     templates = [f for f in formats if isinstance(f, TemplateChatFormat)]
     schemas = document.get("components", {}).get("schemas", {})
-    for name in ("ChatCompletionRequest", "TokenizeChatRequest"):
+    for name in ("ChatCompletionRequest", "TokenizeChatRequest", "EmbeddingChatRequest"):
         properties = schemas.get(name, {}).get("properties", {})
         if not properties:
             continue
@@ -122,6 +123,7 @@ def _add_examples(document: dict[str, Any], model: str) -> None:
         "ChatCompletionRequest": {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
         "PerplexityRequest": {"model": model, "input": "The quick brown fox"},
         "EmbeddingRequest": {"model": model, "input": "The quick brown fox"},
+        "EmbeddingChatRequest": {"model": model, "messages": [{"role": "user", "content": "The quick brown fox"}]},
         "ScoreRequest": {"model": model, "text_1": "What is a fox?", "text_2": ["A fox is an animal.", "Hello"]},
         "RerankRequest": {"model": model, "query": "What is a fox?", "documents": ["A fox is an animal.", "Hello"]},
     }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, field_validator, model_validator
 
 from server.protocol_base import INTEGRAL, Integer, OptionalInteger, Strict, WithoutNulls
 from server.protocol_messages import ChatMessageParam
@@ -347,9 +347,9 @@ EmbeddingInput = (EmbeddingText | Annotated[list[EmbeddingText], Field(min_lengt
                   | TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
 
 
-class EmbeddingRequest(Strict):
-    model: str
-    input: EmbeddingInput
+class EmbeddingFields(Strict):
+    """What an embeddings request asks of its vectors, whichever form its input takes."""
+
     encoding_format: Literal["float", "base64"] = Field("float", description="base64: each vector's float32 "
                                                         "values, little-endian, base64-encoded")
     dimensions: Annotated[int, Field(ge=1, lt=INT64_BOUND), INTEGRAL] | None = Field(
@@ -360,6 +360,33 @@ class EmbeddingRequest(Strict):
         None, description="vLLM extra: only each input's last k tokens are embedded (-1: the last max_model_len)")
     normalize: bool = Field(True, description="vLLM extra: false returns the hidden state as the model gives it, "
                             "not scaled to unit length")
+
+
+class EmbeddingRequest(EmbeddingFields):
+    model: str
+    input: EmbeddingInput
+
+
+class EmbeddingChatRequest(ChatTemplateFields, EmbeddingFields):
+    """vLLM's chat form: one embedding of the conversation as the chat endpoint renders it (by default without
+    the assistant's opening: the conversation itself, not a reply to it)."""
+
+    model: str
+    messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
+    add_generation_prompt: bool = Field(False, description="end with the assistant's opening, as chat does")
+    continue_final_message: bool = Field(False, description="as chat completions")
+
+
+def messages_or_prompt(body: Any) -> str:
+    """The tag of a body's form: with ``messages`` a chat, else a prompt (so a missing prompt is named as such)."""
+    return "chat-form" if isinstance(body, dict) and "messages" in body else "completion-form"
+
+
+# Two shapes, as vLLM has them: an input or messages, never both, and chat-only fields only with messages.
+EmbeddingsBody = Annotated[
+    Annotated[EmbeddingRequest, Tag("completion-form")] | Annotated[EmbeddingChatRequest, Tag("chat-form")],
+    Discriminator(messages_or_prompt),
+]
 
 
 ScoreTexts = EmbeddingText | Annotated[list[EmbeddingText], Field(min_length=1, max_length=MAX_PROMPTS)]

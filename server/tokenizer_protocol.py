@@ -6,11 +6,11 @@ Kept apart from ``server.protocol`` (the OpenAI endpoints' bodies) so each file 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from server.protocol import GATEWAY_RESPONSES, ChatTemplateFields, ErrorResponse, Strict, TokenId
+from server.protocol import GATEWAY_RESPONSES, ChatTemplateFields, ErrorResponse, Strict, TokenId, messages_or_prompt
 from server.protocol_messages import ChatMessageParam
 from server.protocol_tools import ChatTool, NamedToolChoice
 
@@ -40,16 +40,11 @@ class TokenizeChatRequest(ChatTemplateFields):
     return_token_strs: bool = Field(False, description="also return each token as its byte-level string")
 
 
-def _form(body: Any) -> str:
-    """A body with ``messages`` is a chat; any other is a prompt, so a missing prompt is named as such."""
-    return "chat-form" if isinstance(body, dict) and "messages" in body else "completion-form"
-
-
 # Two shapes, as vLLM has them, so the schema says what a valid body is: a prompt or messages, never both,
 # and chat-only fields only with messages.
 TokenizeRequest = Annotated[
     Annotated[TokenizeCompletionRequest, Tag("completion-form")] | Annotated[TokenizeChatRequest, Tag("chat-form")],
-    Discriminator(_form),
+    Discriminator(messages_or_prompt),
 ]
 
 

@@ -103,6 +103,50 @@ def test_gpt_oss_embeddings_match_transformers(client, tiny_gpt_oss_dir, gpt_oss
     assert by_ids.data[1].embedding == pytest.approx(oracle_embedding(gpt_oss_oracle.model, ids[:5]), abs=1e-4)
 
 
+CONVERSATION = [{"role": "user", "content": "What is a fox?"}, {"role": "assistant", "content": "An animal."}]
+
+
+def chat_ids(server, model: str, **fields) -> list[int]:
+    """The conversation's prompt as /tokenize renders it (test_chat_harmony holds that to openai-harmony's)."""
+    reply = httpx.post(server.base_url + "/tokenize", json={"model": model, "messages": CONVERSATION, **fields},
+                       timeout=30)
+    return reply.json()["tokens"]
+
+
+@pytest.mark.parametrize("model", ["tiny", "oss"])
+def test_a_conversation_is_embedded_as_its_chat_prompt_without_the_assistants_opening(server, model):
+    """vLLM's chat form: messages rendered as chat renders them, add_generation_prompt false by default."""
+    ids = chat_ids(server, model, add_generation_prompt=False)
+    assert ids != chat_ids(server, model)  # /tokenize's default opens the assistant's reply
+    reply = embed(server, model=model, messages=CONVERSATION).json()
+    assert reply["usage"]["prompt_tokens"] == len(ids)
+    assert reply["data"][0]["embedding"] == pytest.approx(
+        embed(server, model=model, input=ids).json()["data"][0]["embedding"], abs=1e-5)
+    opened = embed(server, model=model, messages=CONVERSATION, add_generation_prompt=True).json()
+    assert opened["usage"]["prompt_tokens"] == len(chat_ids(server, model))
+
+
+def test_a_gpt_oss_conversations_embedding_matches_transformers(server, gpt_oss_oracle):
+    ids = chat_ids(server, "oss", add_generation_prompt=False)
+    reply = embed(server, model="oss", messages=CONVERSATION, truncate_prompt_tokens=8).json()
+    assert reply["data"][0]["embedding"] == pytest.approx(oracle_embedding(gpt_oss_oracle.model, ids[-8:]),
+                                                          abs=1e-4)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": CONVERSATION, "input": TEXT}, "input"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "narrator", "content": "Once"}]}, "messages"),
+    ({"messages": CONVERSATION, "add_generation_prompt": True, "continue_final_message": True},
+     "continue_final_message"),
+    ({"messages": CONVERSATION, "dimensions": 3}, "dimensions"),
+], ids=["both-forms", "no-messages", "unknown-role", "continue-and-open", "dimensions"])
+def test_a_bad_conversation_gets_an_openai_error_naming_the_field(server, body, param):
+    response = embed(server, **body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
 def test_normalize_false_gives_the_hidden_state_as_it_is(server, gpt2_tokenizer, gpt2_oracle):
     with torch.no_grad():
         state = gpt2_oracle.transformer(torch.tensor([gpt2_tokenizer.encode(TEXT)])).last_hidden_state[0, -1]

@@ -23,6 +23,7 @@ import asyncio
 from typing import Any
 
 import jinja2
+from pydantic import BaseModel, ValidationError
 
 from server.chat import ChatMessage, FunctionTool, HarmonyChatFormat, TemplateChatFormat, ToolCall
 from server.chat.template import RenderLimits, TemplateLimitExceeded
@@ -44,6 +45,24 @@ async def render_chat_prompt(served: ServedModel, body: ChatCompletionRequest) -
     if body.chat_template is None:
         return rendered_chat_prompt(served, body)
     return await asyncio.to_thread(rendered_chat_prompt, served, body)
+
+
+CHAT_FIELDS = ("messages", "tools", "tool_choice", "reasoning_effort", "add_generation_prompt",
+               "continue_final_message", "chat_template", "chat_template_kwargs", "documents")
+
+
+async def render_chat_fields(served: ServedModel, body: BaseModel) -> list[int]:
+    """The prompt the chat request made of ``body``'s chat fields would have (/tokenize's and /v1/embeddings' chat
+    forms), rendered by the chat endpoint's own code."""
+    fields = {name: getattr(body, name) for name in CHAT_FIELDS if getattr(body, name, None) is not None}
+    fields["model"] = served.name  # the body may leave it out
+    try:
+        chat_request = ChatCompletionRequest.model_validate(fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        path = ".".join(str(part) for part in first["loc"])
+        raise APIError(400, f"{path}: {first['msg']}", param=str(first["loc"][0])) from None
+    return await render_chat_prompt(served, chat_request)
 
 
 def rendered_chat_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:

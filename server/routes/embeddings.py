@@ -18,7 +18,16 @@ from fastapi import APIRouter, Request
 
 from server.engine.core_client import EngineCoreClient
 from server.engine.sampling_params import SamplingParams
-from server.protocol import ERROR_RESPONSES, APIError, Embedding, EmbeddingRequest, EmbeddingResponse, PromptUsage
+from server.protocol import (
+    ERROR_RESPONSES,
+    APIError,
+    Embedding,
+    EmbeddingChatRequest,
+    EmbeddingResponse,
+    EmbeddingsBody,
+    PromptUsage,
+)
+from server.routes.chat_prompt import render_chat_fields
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect, raise_if_failed
 from server.routes.models import find_model
 from server.routes.sampling import count_prompts, tokenize_prompts, truncated
@@ -67,17 +76,21 @@ async def embed_prompts(request: Request, engine: EngineCoreClient, prompts: lis
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERROR_RESPONSES)
-async def create_embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
+async def create_embeddings(body: EmbeddingsBody, request: Request) -> EmbeddingResponse:
     served = find_model(request, body.model)
     engine = served.engine
     if body.dimensions is not None and body.dimensions != engine.hidden_size:
         raise APIError(400, f"dimensions: this model's embeddings have {engine.hidden_size} dimensions, and it was "
                        "not trained for shortened (matryoshka) ones; omit dimensions or give its width",
                        param="dimensions")
-    engine.check_admission(count_prompts(body.input), param="input", what="inputs")
-    prompts = [truncated(ids, body.truncate_prompt_tokens, engine.max_model_len)
-               for ids in tokenize_prompts(body.input, engine.tokenizer, param="input")]
-    check_embeddable(engine, prompts, param="input")
+    if isinstance(body, EmbeddingChatRequest):
+        engine.check_admission(1, param="messages", what="inputs")
+        param, inputs = "messages", [await render_chat_fields(served, body)]
+    else:
+        engine.check_admission(count_prompts(body.input), param="input", what="inputs")
+        param, inputs = "input", tokenize_prompts(body.input, engine.tokenizer, param="input")
+    prompts = [truncated(ids, body.truncate_prompt_tokens, engine.max_model_len) for ids in inputs]
+    check_embeddable(engine, prompts, param=param)
     vectors = await embed_prompts(request, engine, prompts)
     prompt_tokens = sum(len(ids) for ids in prompts)
     usage = PromptUsage.of(prompt_tokens)

@@ -72,6 +72,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _max_logprobs(text: str) -> int:
+    value = int(text)
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be -1 (the vocabulary) or >= 0, got {value}")
+    return value
+
+
 def _root_path(text: str) -> str:
     """A path prefix: "" or "/a/b", without a trailing slash."""
     path = text.rstrip("/")
@@ -142,6 +149,9 @@ def build_parser(*, defaults: bool = True) -> _Parser:
     add("--trust-request-chat-template", "let requests bring their own chat template (vLLM's chat_template field): "
         "only for trusted clients, since a template is code that runs on the server (sandboxed, in a worker "
         "thread, stopped past 5 s; a single long C-level operation is not)", action="store_true")
+    add("--max-logprobs", "vLLM's flag: the most alternatives a token a request may ask for (completions' logprobs, "
+        "chat's and Responses' top_logprobs, prompt_logprobs); -1: the whole vocabulary. A response holds up to that "
+        "many entries for every token it returns", type=_max_logprobs, default=20)
     add("--generation-config", "vLLM's flag: where each model's generation_config.json is read. auto: the model's "
         "folder; its eos_token_id ends choices beside the tokenizer's end of text, and its temperature, top_p, top_k, "
         "min_p and repetition_penalty are the defaults of requests that leave them unset, its max_new_tokens a limit "

@@ -32,6 +32,7 @@ def install_openapi(app: FastAPI, model_names: list[str]) -> None:
                               min(s.engine.tokenizer.vocab_size for s in served))
                 _add_examples(document, model_names[0])
                 _state_embedding_widths(document, sorted({s.engine.hidden_size for s in served}))
+                _state_logprob_limit(document, min(s.max_logprobs for s in served))
                 _state_template_extras(document, [s.chat_format for s in served],
                                        any(s.request_templates for s in served))
             app.openapi_schema = document
@@ -94,6 +95,14 @@ def _state_embedding_widths(document: dict[str, Any], widths: list[int]) -> None
     for name in ("EmbeddingRequest", "EmbeddingChatRequest"):
         for node in _nodes(schemas.get(name, {}).get("properties", {}).get("dimensions"), "integer"):
             node["enum"] = widths
+
+
+def _state_logprob_limit(document: dict[str, Any], limit: int) -> None:
+    """Alternatives a token: at most --max-logprobs (chat's boolean ``logprobs`` has no integer to bound)."""
+    for schema in document.get("components", {}).get("schemas", {}).values():
+        for field in ("logprobs", "top_logprobs", "prompt_logprobs"):
+            for node in _nodes(schema.get("properties", {}).get(field), "integer"):
+                node["maximum"] = limit
 
 
 def _state_template_extras(document: dict[str, Any], formats: list[HarmonyChatFormat | TemplateChatFormat],

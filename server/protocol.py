@@ -21,7 +21,8 @@ from server.protocol_tools import ChatTool, NamedToolChoice, ToolCall, ToolCallD
 
 MAX_N = 128
 MAX_PROMPTS = 1024  # prompts (or perplexity inputs) in one request: each is tokenized before admission
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # OpenAI's limit on alternatives a token, and vLLM's default --max-logprobs
+LOGPROBS_LIMIT = f"at most the server's --max-logprobs ({MAX_LOGPROBS} unless set)"
 MAX_BEAM_WIDTH = MAX_LOGPROBS // 2  # a step asks the engine for 2n alternatives, as vLLM's default limit allows
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 512
@@ -201,8 +202,9 @@ class SamplingFields(NoOpFields):
                                                 "(fast) tokenizers join them")
     skip_special_tokens: bool = Field(True, description="vLLM extra: false: special tokens generated (end-of-text "
                                       "under ignore_eos, for one) come out in the text as their names")
-    prompt_logprobs: OptionalInteger = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM extra: each prompt token's "
-                                        "logprob and rank, with its k likeliest alternatives (not with stream)")
+    prompt_logprobs: OptionalInteger = Field(None, ge=0, lt=INT64_BOUND, description="vLLM extra: each prompt token's "
+                                        "logprob and rank, with its k likeliest alternatives (not with stream; k "
+                                        f"{LOGPROBS_LIMIT})")
     allowed_token_ids: Annotated[list[TokenId], Field(min_length=1, max_length=MAX_ALLOWED_IDS)] | None = Field(
         None, description="vLLM extra: only these tokens are picked (list the end-of-text token to let a choice "
         "stop before max_tokens)")
@@ -217,7 +219,7 @@ class SamplingFields(NoOpFields):
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
     max_tokens: OptionalInteger = Field(16, ge=0, description="null: what the context and KV cache hold for all n")
-    logprobs: OptionalInteger = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: OptionalInteger = Field(None, ge=0, lt=INT64_BOUND, description=LOGPROBS_LIMIT)
     echo: bool = False
     suffix: str | None = Field(None, description="not supported; must be null")
     best_of: OptionalInteger = Field(None, ge=1, le=MAX_N, description="only best_of == n is supported")
@@ -320,7 +322,7 @@ class ChatCompletionRequest(ChatTemplateFields, SamplingFields):
     max_completion_tokens: OptionalInteger = Field(None, ge=0,
                                               description="null: what the context and KV cache hold for all n")
     logprobs: bool = False
-    top_logprobs: OptionalInteger = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: OptionalInteger = Field(None, ge=0, lt=INT64_BOUND, description=LOGPROBS_LIMIT)
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = Field(True, description="vLLM extra: the prompt ends where the assistant's reply "

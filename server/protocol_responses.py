@@ -13,7 +13,7 @@ from pydantic import Discriminator, Field, Tag
 from server.protocol import (
     CACHE_SALT_DESCRIPTION,
     INT64_BOUND,
-    MAX_LOGPROBS,
+    LOGPROBS_LIMIT,
     PRIORITY_DESCRIPTION,
     CacheSalt,
     NoOpFields,
@@ -147,8 +147,9 @@ class ResponsesRequest(NoOpFields):
     truncation: Literal["auto", "disabled"] | None = Field(
         None, description="auto: drop the conversation's oldest items until it fits; disabled (default): a 400")
     include: Annotated[list[Includable], Field(max_length=16)] | None = None
-    top_logprobs: OptionalInteger = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives for each token of the "
-                                     "answer's logprobs, which it asks for as include's message.output_text.logprobs")
+    top_logprobs: OptionalInteger = Field(None, ge=0, lt=INT64_BOUND, description="alternatives for each token of the "
+                                     "answer's logprobs, which it asks for as include's message.output_text.logprobs; "
+                                     + LOGPROBS_LIMIT)
     max_tool_calls: OptionalInteger = Field(None, ge=0, lt=2**31, description="built-in tool calls: there are none")
     prompt_cache_retention: Literal["in_memory", "24h"] | None = Field(None, description="prefix caching is "
                                                                        "automatic, in memory")

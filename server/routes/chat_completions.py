@@ -162,6 +162,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     engine = served.engine
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    served.check_logprobs(top_logprobs=body.top_logprobs, prompt_logprobs=body.prompt_logprobs)
     check_prompt_logprobs(body)
     check_beam_search(body)
     mode, named = tool_choice_parts(body.tool_choice)

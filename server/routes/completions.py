@@ -121,6 +121,7 @@ class CompletionRun:
 async def create_completion(body: CompletionRequest, request: Request):
     served = find_model(request, body.model)
     _refuse_unsupported(body)
+    served.check_logprobs(logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs)
     check_beam_search(body)
     check_prompt_logprobs(body)
     engine = served.engine

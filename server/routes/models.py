@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from server.chat import HarmonyChatFormat, TemplateChatFormat
 from server.engine.core_client import EngineCoreClient
 from server.generation_defaults import GenerationDefaults
-from server.protocol import GATEWAY_RESPONSES, APIError, ErrorResponse, ModelCard, ModelList
+from server.protocol import GATEWAY_RESPONSES, MAX_LOGPROBS, APIError, ErrorResponse, ModelCard, ModelList
 
 router = APIRouter()
 
@@ -25,11 +25,19 @@ class ServedModel:
     generation: GenerationDefaults  # its end tokens and sampling defaults (server/generation_defaults.py)
     request_templates: bool = False  # requests may bring their own chat template (--trust-request-chat-template)
     auto_tool_choice: bool = True  # tool_choice "auto" allowed (--enable-auto-tool-choice)
+    max_logprobs: int = MAX_LOGPROBS  # most alternatives a token a request may ask for (--max-logprobs)
 
     @property
     def chat_stop_ids(self) -> frozenset[int]:
         """What ends a chat choice: the chat format's end tokens and the model's own."""
         return self.chat_format.stop_token_ids | self.generation.eos_token_ids
+
+    def check_logprobs(self, **asked: int | None) -> None:
+        """Each of a request's logprob counts within --max-logprobs, else a 400 naming the field."""
+        for param, count in asked.items():
+            if count is not None and count > self.max_logprobs:
+                raise APIError(400, f"{param}: at most {self.max_logprobs} alternatives a token on this server "
+                               "(--max-logprobs)", param=param)
 
     def card(self) -> ModelCard:
         return ModelCard(id=self.name, created=self.created, max_model_len=self.engine.max_model_len)

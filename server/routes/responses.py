@@ -189,6 +189,7 @@ def truncated(conversation: list[ChatMessage], render: Callable[[list[ChatMessag
 @router.post("/v1/responses", response_model=ResponseBody, responses=sse_responses(ResponseBody, named=True))
 async def create_response(body: ResponsesRequest, request: Request):
     served = find_model(request, body.model)
+    served.check_logprobs(top_logprobs=body.top_logprobs)
     if body.background and not body.store:
         raise APIError(400, "a background response is stored: background needs store true", param="background")
     store = response_store(request)

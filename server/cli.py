@@ -200,7 +200,8 @@ def build_parser(*, defaults: bool = True) -> _Parser:
     group = parser.add_argument_group("HTTP and security", "the listener, its limits, and who may call it")
     add("--host", "address to listen on", default="127.0.0.1")
     add("--port", "port to listen on", type=int, default=8000)
-    add("--api-key", "require 'Authorization: Bearer KEY' on /v1/* routes", default=None)
+    add("--api-key", "require 'Authorization: Bearer KEY' on /v1/* routes; unset, vLLM's VLLM_API_KEY is read",
+        default=None)
     add("--metrics-require-key", "with --api-key, /metrics demands the key too (by default scrapers need none)",
         action="store_true")
     add("--allowed-origins", "browser origin allowed to call the API (CORS), repeatable, exact: "
@@ -249,12 +250,13 @@ def build_parser(*, defaults: bool = True) -> _Parser:
 def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
     """The flags in ``argv`` (default: sys.argv), each flag not given read from ``environ`` (default: os.environ)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    environ = os.environ if environ is None else environ
     given, _ = build_parser(defaults=False).parse_known_args(argv)
     parser = build_parser()
-    from_environment, parser.environment = environment_arguments(
-        parser, os.environ if environ is None else environ, set(vars(given))
-    )
+    from_environment, parser.environment = environment_arguments(parser, environ, set(vars(given)))
     values = vars(parser.parse_args(from_environment + argv))
+    if values["api_key"] is None:  # vLLM's variable: a deployment moved from vLLM keeps its key, never loses it
+        values["api_key"] = environ.get("VLLM_API_KEY", "").strip() or None
     values["allowed_origins"] = tuple(values["allowed_origins"])
     sections = {name: section(**{f.name: values.pop(f.name) for f in fields(section)})
                 for name, section in SECTIONS.items()}

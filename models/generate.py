@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
+from models.end_tokens import end_token_ids, read_generation_config
 from models.generation import greedy_generate
-from models.loader import load_model
+from models.loader import load_model, tokenizer_directory
 
 log = logging.getLogger("models.generate")
 
@@ -30,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("loaded %s (%s) on %s as %s", args.model, loaded.family, loaded.device, loaded.dtype)
     tokenizer = loaded.tokenizer
     prompt = tokenizer.encode(args.prompt)
-    stop = frozenset({tokenizer.eos_token_id})
+    tokenizer_dir = tokenizer_directory(Path(args.model))
+    stop = end_token_ids(read_generation_config(Path(args.model), tokenizer_dir), tokenizer_dir, tokenizer)
     [completion] = greedy_generate(loaded.model, [prompt], args.max_tokens, stop_token_ids=stop,
                                    vocab_size=tokenizer.vocab_size)
     sys.stdout.write(tokenizer.decode(completion))

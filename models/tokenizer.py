@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import AnyStr
+from typing import Any, AnyStr
 
 import tiktoken
 
@@ -32,6 +32,13 @@ ENDOFTEXT = "<|endoftext|>"
 
 # The pattern HF's ByteLevel pre-tokenizer applies when use_regex is true: GPT-2's.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def special_token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: its text, or an AddedToken object holding it."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
 
 
 class TokenizerError(ValueError):

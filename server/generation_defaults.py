@@ -2,11 +2,9 @@
 
 Two things come from it:
 
-- **Its end tokens.** ``eos_token_id`` (one id or a list) ends a choice beside the tokenizer's end of text and the
-  tokenizer_config.json's ``eos_token``. GPT-OSS lists <|return|>, <|endoftext|> and <|call|>: a completion of a
-  harmony prompt ends at the assistant's <|return|> or <|call|>, where it would otherwise run on to max_tokens.
-  A checkpoint without the file takes config.json's ``eos_token_id``, as transformers builds a generation config
-  from the model's config.
+- **Its end tokens** (models/end_tokens.py). GPT-OSS lists <|return|>, <|endoftext|> and <|call|>: a completion
+  of a harmony prompt ends at the assistant's <|return|> or <|call|>, where it would otherwise run on to
+  max_tokens.
 - **Sampling defaults** for what a request leaves unset: temperature, top_p, top_k, min_p, repetition_penalty, and
   ``max_new_tokens``, which bounds every choice's output tokens, asked for or not (vLLM's server-wide limit).
   vLLM reads the file through transformers' ``to_diff_dict``, which drops fields at transformers' own defaults,
@@ -25,10 +23,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
+from models.end_tokens import end_token_ids, read_generation_config
 from models.tokenizer import Tokenizer
-from server.tokenizer_info import token_text
 
-FILE_NAME = "generation_config.json"
 AUTO, VLLM = "auto", "vllm"  # --generation-config's two names; anything else is a folder
 # transformers' GenerationConfig defaults for the fields read here: to_diff_dict leaves them out
 TRANSFORMERS_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
@@ -62,20 +59,15 @@ def generation_defaults(model_dir: Path, tokenizer_dir: Path, tokenizer: Tokeniz
                         overrides: dict[str, Any] | None = None) -> GenerationDefaults:
     """One model's defaults. ``source``: auto, vllm or a folder (--generation-config); ``overrides``: the fields of
     --override-generation-config. A file or override that cannot be honoured is a ValueError naming it."""
-    folders = [model_dir, tokenizer_dir] if source in (AUTO, VLLM) else [Path(source)]
-    path = next((folder / FILE_NAME for folder in folders if (folder / FILE_NAME).is_file()), None)
-    if path is None and source not in (AUTO, VLLM):
-        raise ValueError(f"--generation-config {source}: no {FILE_NAME} there")
-    config = _read_object(path) if path is not None else _read_object(model_dir / "config.json", missing_ok=True)
-    ends = {tokenizer.eos_token_id, *_eos_ids(config, path or model_dir / "config.json", tokenizer)}
-    eos_text = token_text(_read_object(tokenizer_dir / "tokenizer_config.json", missing_ok=True).get("eos_token"))
-    if eos_text in tokenizer.special_tokens:
-        ends.add(tokenizer.special_tokens[eos_text])
-    from_file = {} if source == VLLM or path is None else {
-        name: value for name, value in config.items()
+    folder = None if source in (AUTO, VLLM) else Path(source)
+    if folder is not None and not folder.is_dir():
+        raise ValueError(f"--generation-config {source}: no such folder")
+    config = read_generation_config(model_dir, tokenizer_dir, folder)
+    from_file = {} if source == VLLM or not config.from_file else {
+        name: value for name, value in config.fields.items()
         if name in SamplingDefaults.model_fields and value is not None and TRANSFORMERS_DEFAULTS.get(name) != value}
-    sampling = _checked(from_file, str(path)) | _checked(overrides or {}, "--override-generation-config")
-    return GenerationDefaults(frozenset(ends), SamplingDefaults(**sampling))
+    sampling = _checked(from_file, str(config.path)) | _checked(overrides or {}, "--override-generation-config")
+    return GenerationDefaults(end_token_ids(config, tokenizer_dir, tokenizer), SamplingDefaults(**sampling))
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
@@ -96,26 +88,3 @@ def _checked(values: dict[str, Any], where: str) -> dict[str, Any]:
         problems = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in e.errors())
         raise ValueError(f"{where}: {problems} (fields: {', '.join(SamplingDefaults.model_fields)}; "
                          "--generation-config vllm ignores a checkpoint's file)") from None
-
-
-def _eos_ids(config: dict[str, Any], path: Path, tokenizer: Tokenizer) -> list[int]:
-    value = config.get("eos_token_id")
-    ids = [] if value is None else [value] if not isinstance(value, list) else value
-    for token in ids:
-        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < tokenizer.vocab_size:
-            raise ValueError(f"{path}: eos_token_id {token!r} is not a token id of this tokenizer "
-                             f"(0 to {tokenizer.vocab_size - 1})")
-    return ids
-
-
-def _read_object(path: Path, *, missing_ok: bool = False) -> dict[str, Any]:
-    if missing_ok and not path.is_file():
-        return {}
-    try:
-        with path.open(encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return value

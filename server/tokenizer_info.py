@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from models.tokenizer import ENDOFTEXT, Tokenizer
+from models.tokenizer import ENDOFTEXT, Tokenizer, special_token_text
 
 TOKEN_FIELDS = ("bos_token", "eos_token", "unk_token", "pad_token")
 SET_HERE = (*TOKEN_FIELDS, "model_max_length", "chat_template")
@@ -28,7 +28,7 @@ def tokenizer_info(
     fast = (tokenizer_dir / "tokenizer.json").is_file()
     info.setdefault("tokenizer_class", "PreTrainedTokenizerFast" if fast else "GPT2Tokenizer")
     for field in TOKEN_FIELDS:
-        text = token_text(config.get(field))
+        text = special_token_text(config.get(field))
         if text in tokenizer.special_tokens:
             info[field] = text
     info.setdefault("eos_token", ENDOFTEXT)  # the tokenizer's end of text: what completions stop at
@@ -45,13 +45,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     with path.open(encoding="utf-8") as f:
         value = json.load(f)
     return value if isinstance(value, dict) else {}
-
-
-def token_text(value: Any) -> str | None:
-    """A special token as tokenizer_config.json writes it: its text, or an AddedToken object holding it."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
 
 
 def _checkpoint_template(tokenizer_dir: Path, config: dict[str, Any]) -> str | None:

@@ -169,7 +169,7 @@ def test_overrides_are_checked_field_by_field(text, message):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--generation-config", "/nonexistent/folder"], "--generation-config /nonexistent/folder: no generation_config"),
+    (["--generation-config", "/nonexistent/folder"], "--generation-config /nonexistent/folder: no such folder"),
     (["--override-generation-config", '{"top_p": 0}'], "argument --override-generation-config: "
                                                         "--override-generation-config: top_p: Input should be greater"),
 ])
@@ -178,3 +178,8 @@ def test_the_cli_refuses_what_it_cannot_honour(gpt2_dir, flags, message):
                              *flags], check=False, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
+
+
+def test_a_folder_without_the_file_is_refused_naming_it(tmp_path, gpt2_dir):
+    with pytest.raises(ValueError, match=f"no generation_config.json in {tmp_path}"):
+        generation_defaults(gpt2_dir, gpt2_dir, load_tokenizer(gpt2_dir), str(tmp_path))

@@ -46,3 +46,23 @@ def test_generate_cli_reads_either_gpt_oss_layout(tiny_root, layout):
     result = run_module("models.generate", "--model", str(tiny_root / layout), "--max-tokens", "8", "--prompt", prompt,
                         "--device", "cpu")
     assert result.stdout == loaded.tokenizer.decode(tokens)
+
+
+def test_generate_cli_stops_at_the_generation_configs_end_tokens(tiny_root, tmp_path):
+    """From an ``original/`` folder too, whose generation config is its parent's (as the real repository keeps it)."""
+    import json
+    import shutil
+
+    copy = tmp_path / "gpt-oss"
+    shutil.copytree(tiny_root / "gpt-oss", copy)
+    loaded = load_model(copy / "original", device="cpu")
+    tokenizer = loaded.tokenizer
+    prompt = "The harmony format"
+    [tokens] = greedy_generate(loaded.model, [tokenizer.encode(prompt)], 8, frozenset({tokenizer.eos_token_id}),
+                               vocab_size=tokenizer.vocab_size)
+    assert len(tokens) == 8 and tokens[3] not in tokens[:3]
+    generation = json.loads((copy / "generation_config.json").read_text())
+    (copy / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [tokens[3]]}))
+    result = run_module("models.generate", "--model", str(copy / "original"), "--max-tokens", "8", "--prompt", prompt,
+                        "--device", "cpu")
+    assert result.stdout == tokenizer.decode(tokens[:3])

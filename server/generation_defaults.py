@@ -38,10 +38,10 @@ class SamplingDefaults(BaseModel):
 
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: StrictInt | None = Field(default=None, ge=-1)
+    top_k: StrictInt | None = Field(default=None, ge=-1, lt=2**63)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
-    max_new_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_new_tokens: StrictInt | None = Field(default=None, ge=1, lt=2**63)
 
 
 @dataclass(frozen=True)

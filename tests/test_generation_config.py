@@ -162,6 +162,7 @@ def test_a_generation_config_that_cannot_be_honoured_is_refused_naming_the_file(
     ('["temperature"]', "must be a JSON object"),
     ('{"do_sample": true}', "do_sample: Extra inputs are not permitted"),
     ('{"top_k": 2.5}', "top_k: Input should be a valid integer"),
+    ('{"top_k": 9223372036854775808}', "top_k: Input should be less than 9223372036854775808"),
 ])
 def test_overrides_are_checked_field_by_field(text, message):
     with pytest.raises(ValueError, match=message):

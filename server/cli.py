@@ -152,6 +152,8 @@ def build_parser(*, defaults: bool = True) -> _Parser:
     add("--max-logprobs", "vLLM's flag: the most alternatives a token a request may ask for (completions' logprobs, "
         "chat's and Responses' top_logprobs, prompt_logprobs); -1: the whole vocabulary. A response holds up to that "
         "many entries for every token it returns", type=_max_logprobs, default=20)
+    add("--enable-force-include-usage", "vLLM's flag: every completions and chat stream ends with a usage chunk, "
+        "whether or not its stream_options ask for one", action="store_true")
     add("--generation-config", "vLLM's flag: where each model's generation_config.json is read. auto: the model's "
         "folder; its eos_token_id ends choices beside the tokenizer's end of text, and its temperature, top_p, top_k, "
         "min_p and repetition_penalty are the defaults of requests that leave them unset, its max_new_tokens a limit "

@@ -88,6 +88,7 @@ class ServerConfig:
     trust_request_chat_template: bool = False  # requests may bring their own chat template (vLLM's flag)
     tool_call_parser: str = "none"  # "hermes": a template model's <tool_call> JSON is read as tool calls
     enable_auto_tool_choice: bool = True  # tool_choice "auto" allowed (vLLM's flag; there it must be given)
+    enable_force_include_usage: bool = False  # every stream ends with a usage chunk, asked for or not (vLLM's flag)
     max_logprobs: int = 20  # most alternatives a token a request may ask for (vLLM's flag; -1: the vocabulary)
     generation_config: str = "auto"  # auto | vllm | a folder: where the models' generation_config.json is read
     override_generation_config: dict[str, Any] = field(default_factory=dict)  # sampling defaults set over it

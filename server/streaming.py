@@ -56,9 +56,15 @@ async def _prepend(first: BaseModel, rest: AsyncGenerator[BaseModel, None]) -> A
         await rest.aclose()
 
 
-def continuous_usage(options: StreamOptions | None, usage: UsageSoFar) -> UsageSoFar | None:
-    """vLLM's ``continuous_usage_stats``: usage on every chunk, and only together with ``include_usage``."""
-    if options is not None and options.include_usage and options.continuous_usage_stats:
+def includes_usage(options: StreamOptions | None, forced: bool) -> bool:
+    """Whether a stream ends with a usage chunk: asked for by ``include_usage``, or for every stream on a server
+    started with --enable-force-include-usage (``forced``), as vLLM decides it."""
+    return forced or (options is not None and options.include_usage)
+
+
+def continuous_usage(options: StreamOptions | None, forced: bool, usage: UsageSoFar) -> UsageSoFar | None:
+    """vLLM's ``continuous_usage_stats``: usage on every chunk, and only on a stream that includes usage."""
+    if options is not None and options.continuous_usage_stats and includes_usage(options, forced):
         return usage
     return None
 

@@ -1,5 +1,6 @@
 """vLLM serve's command line: the model as its positional argument, --root-path behind a proxy, the request log's
-flags (--enable-log-requests, --disable-log-requests, --max-log-len) and --disable-fastapi-docs."""
+flags (--enable-log-requests, --disable-log-requests, --max-log-len), --disable-fastapi-docs and
+--enable-force-include-usage."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def proxied(tiny_gpt2_dir):
 
 @pytest.fixture(scope="module")
 def undocumented(tiny_gpt2_dir):
-    args = [f"tiny={tiny_gpt2_dir}", "--disable-fastapi-docs", "--disable-log-requests"]
+    args = [f"tiny={tiny_gpt2_dir}", "--disable-fastapi-docs", "--disable-log-requests", "--enable-force-include-usage"]
     with ServerProcess(args, env={"GPTSERVE_LOG_REQUESTS": "1"}) as running:
         yield running
 
@@ -72,6 +73,24 @@ def test_disable_log_requests_wins_over_the_environment(undocumented):
     assert httpx.post(undocumented.v1 + "/completions", json=BODY, timeout=60).status_code == 200
     assert "A secret prompt" not in undocumented.log_text()
     assert logged_bodies(undocumented) == []
+
+
+def stream_chunks(server: ServerProcess, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", server.v1 + path, json={"model": "tiny", "max_tokens": 3, "ignore_eos": True,
+                                                      "stream": True, **body}, timeout=60) as reply:
+        lines = [line[len("data: "):] for line in reply.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("path, body", [("/completions", {"prompt": "Once"}),
+                                        ("/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})])
+def test_force_include_usage_ends_every_stream_with_usage(undocumented, path, body):
+    chunks = stream_chunks(undocumented, path, body)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+    assert all(chunk.get("usage") is None for chunk in chunks[:-1])
+    continuous = stream_chunks(undocumented, path, {**body, "stream_options": {"continuous_usage_stats": True}})
+    assert all(chunk.get("usage") for chunk in continuous)  # as vLLM: continuous stats once usage is included
 
 
 def test_the_positional_model_comes_first_among_the_models():

@@ -49,7 +49,7 @@ from server.routes.models import ServedModel, find_model
 from server.routes.prompt_logprobs import check_prompt_logprobs, prompt_logprobs_body
 from server.routes.response_format import answer_prefix, request_grammar
 from server.routes.sampling import sampling_params, stop_strings, truncated
-from server.streaming import continuous_usage, prime, sse_response
+from server.streaming import continuous_usage, includes_usage, prime, sse_response
 
 router = APIRouter()
 
@@ -145,7 +145,7 @@ class ChatRun:
                 chunk.choices[0].finish_reason = choice.finish_reason
                 chunk.choices[0].stop_reason = choice.stop_reason
             yield chunk
-        if self.body.stream_options is not None and self.body.stream_options.include_usage:
+        if includes_usage(self.body.stream_options, self.served.force_include_usage):
             yield ChatCompletionChunk(id=self.id, created=self.created, model=self.served.name, choices=[],
                                       usage=self.usage())
 
@@ -194,7 +194,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     )
     request.state.usage = run.usage  # read by the request log once the answer is out
     if body.stream:
-        return sse_response(await prime(request, run.chunks()), continuous_usage(body.stream_options, run.usage))
+        usage = continuous_usage(body.stream_options, served.force_include_usage, run.usage)
+        return sse_response(await prime(request, run.chunks()), usage)
     return await cancel_on_disconnect(request, run.response())
 
 

@@ -27,7 +27,7 @@ from server.routes.prompt_logprobs import check_prompt_logprobs, prompt_logprobs
 from server.routes.response_format import request_grammar
 from server.routes.sampling import count_prompts, sampling_params, stop_strings, tokenize_prompts, truncated
 from server.routes.text_choice import TextChoice
-from server.streaming import continuous_usage, prime, sse_response
+from server.streaming import continuous_usage, includes_usage, prime, sse_response
 
 router = APIRouter()
 
@@ -111,7 +111,7 @@ class CompletionRun:
             started[index] = True
             chunk = CompletionResponse(id=self.id, created=self.created, model=self.served.name, choices=[delta])
             yield chunk
-        if self.body.stream_options is not None and self.body.stream_options.include_usage:
+        if includes_usage(self.body.stream_options, self.served.force_include_usage):
             yield CompletionResponse(id=self.id, created=self.created, model=self.served.name, choices=[],
                                      usage=self.usage())
 
@@ -153,7 +153,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     )
     request.state.usage = run.usage  # read by the request log once the answer is out
     if body.stream:
-        return sse_response(await prime(request, run.chunks()), continuous_usage(body.stream_options, run.usage))
+        usage = continuous_usage(body.stream_options, served.force_include_usage, run.usage)
+        return sse_response(await prime(request, run.chunks()), usage)
     return await cancel_on_disconnect(request, run.response())
 
 

@@ -26,6 +26,7 @@ class ServedModel:
     request_templates: bool = False  # requests may bring their own chat template (--trust-request-chat-template)
     auto_tool_choice: bool = True  # tool_choice "auto" allowed (--enable-auto-tool-choice)
     max_logprobs: int = MAX_LOGPROBS  # most alternatives a token a request may ask for (--max-logprobs)
+    force_include_usage: bool = False  # every stream ends with a usage chunk (--enable-force-include-usage)
 
     @property
     def chat_stop_ids(self) -> frozenset[int]:

@@ -43,6 +43,17 @@ class SamplingDefaults(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     max_new_tokens: StrictInt | None = Field(default=None, ge=1, lt=2**63)
 
+    def resolve(self, *, temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+              min_p: float | None = None, repetition_penalty: float | None = None) -> dict[str, Any]:
+        """SamplingParams' fields from a request's values: each one it leaves unset takes this default, else the
+        API's (top_k 0, -1 or above the vocabulary is off, as 0)."""
+        def given(value: Any, default: Any, fallback: Any) -> Any:
+            return value if value is not None else default if default is not None else fallback
+
+        return {"temperature": given(temperature, self.temperature, 1.0), "top_p": given(top_p, self.top_p, 1.0),
+                "top_k": max(given(top_k, self.top_k, 0), 0), "min_p": given(min_p, self.min_p, 0.0),
+                "repetition_penalty": given(repetition_penalty, self.repetition_penalty, 1.0)}
+
 
 @dataclass(frozen=True)
 class GenerationDefaults:

@@ -35,7 +35,6 @@ from server.routes.response_format import answer_prefix, text_format_spec
 from server.routes.response_input import input_items, input_messages, output_messages
 from server.routes.response_output import ResponseOutput, new_id
 from server.routes.response_store import ResponseStore, StoredResponse
-from server.routes.sampling import first_given
 from server.streaming import named_sse_response, prime
 
 router = APIRouter()
@@ -68,15 +67,9 @@ class ResponseRun:
         self.store = store
         logprobs = body.top_logprobs is not None or "message.output_text.logprobs" in (body.include or [])
         top_logprobs = (body.top_logprobs or 0) if logprobs else None
-        defaults = served.generation.sampling
-        self.params = SamplingParams(max_tokens=max_tokens,
-                                     temperature=first_given(body.temperature, defaults.temperature, 1.0),
-                                     top_p=first_given(body.top_p, defaults.top_p, 1.0),
-                                     top_k=max(first_given(defaults.top_k, 0), 0),
-                                     min_p=first_given(defaults.min_p, 0.0),
-                                     repetition_penalty=first_given(defaults.repetition_penalty, 1.0),
-                                     stop_token_ids=served.chat_stop_ids, grammar=grammar,
-                                     logprobs=top_logprobs, priority=body.priority,
+        sampling = served.generation.sampling.resolve(temperature=body.temperature, top_p=body.top_p)
+        self.params = SamplingParams(max_tokens=max_tokens, **sampling, stop_token_ids=served.chat_stop_ids,
+                                     grammar=grammar, logprobs=top_logprobs, priority=body.priority,
                                      cache_salt=body.cache_salt)
         self.id = new_id("resp")
         self.created = int(time.time())

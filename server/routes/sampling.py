@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
-
 from models.tokenizer import Tokenizer
 from server.engine.sampling_params import GrammarSpec, SamplingParams
 from server.generation_defaults import SamplingDefaults
 from server.protocol import APIError, SamplingFields
-
-T = TypeVar("T")
 
 
 def count_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
@@ -68,13 +64,10 @@ def sampling_params(body: SamplingFields, tokenizer: Tokenizer, *, max_tokens: i
     return SamplingParams(
         max_tokens=max_tokens,
         min_tokens=body.min_tokens,
-        temperature=first_given(body.temperature, defaults.temperature, 1.0),
-        top_p=first_given(body.top_p, defaults.top_p, 1.0),
-        top_k=max(first_given(body.top_k, defaults.top_k, 0), 0),
-        min_p=first_given(body.min_p, defaults.min_p, 0.0),
+        **defaults.resolve(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+                           repetition_penalty=body.repetition_penalty),
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=first_given(body.repetition_penalty, defaults.repetition_penalty, 1.0),
         logit_bias=_logit_bias(body.logit_bias or {}, tokenizer),
         allowed_token_ids=tuple(sorted(set(allowed))),
         seed=body.seed,
@@ -88,11 +81,6 @@ def sampling_params(body: SamplingFields, tokenizer: Tokenizer, *, max_tokens: i
         cache_salt=body.cache_salt,
         bad_words=_bad_words(body.bad_words or [], tokenizer),
     )
-
-
-def first_given(*values: T | None) -> T:
-    """The request's value, else the model's default, else the API's (the last, never None)."""
-    return next(value for value in values if value is not None)
 
 
 def _bad_words(words: list[str], tokenizer: Tokenizer) -> tuple[tuple[int, ...], ...]:

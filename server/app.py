@@ -89,9 +89,10 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
                                   chat_format.template_text)
             assert core.generation is not None  # read by wait_for_cores
             max_logprobs = config.max_logprobs if config.max_logprobs >= 0 else engine.tokenizer.vocab_size
-            app.state.models[name] = ServedModel(name, engine, chat_format, created, info, core.generation,
-                                                 config.trust_request_chat_template, config.enable_auto_tool_choice,
-                                                 max_logprobs, config.enable_force_include_usage)
+            app.state.models[name] = ServedModel(
+                name, engine, chat_format, created, info, core.generation,
+                request_templates=config.trust_request_chat_template, auto_tool_choice=config.enable_auto_tool_choice,
+                max_logprobs=max_logprobs, force_include_usage=config.enable_force_include_usage)
             log.info("serving model", extra={"model": name, "family": engine.family,
                                               "max_model_len": engine.max_model_len})
         release_free_heap()  # what parsing the tokenizer and harmony's vocabulary freed: the tuned heap keeps it

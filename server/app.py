@@ -72,7 +72,8 @@ CORE_FAILED_EXIT_S = 2.0  # after an engine core failed: its 503s are written an
 
 def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
     """``cores``: every model's engine core, started and ready (server.engine.core_startup)."""
-    chat_template = load_chat_template(config.chat_template) if config.chat_template else None
+    frontend = config.frontend
+    chat_template = load_chat_template(frontend.chat_template) if frontend.chat_template else None
     process_metrics = Metrics()
 
     @asynccontextmanager
@@ -84,15 +85,11 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
             process_metrics.before_exposition(engine.metric_backlog.flush)
             engine.start()
             chat_format = (HarmonyChatFormat(engine.tokenizer) if engine.family == "gpt_oss"
-                           else TemplateChatFormat(engine.tokenizer, chat_template, config.tool_call_parser))
+                           else TemplateChatFormat(engine.tokenizer, chat_template, frontend.tool_call_parser))
             info = tokenizer_info(engine.tokenizer_dir, engine.tokenizer, engine.max_model_len,
                                   chat_format.template_text)
             assert core.generation is not None  # read by wait_for_cores
-            max_logprobs = config.max_logprobs if config.max_logprobs >= 0 else engine.tokenizer.vocab_size
-            app.state.models[name] = ServedModel(
-                name, engine, chat_format, created, info, core.generation,
-                request_templates=config.trust_request_chat_template, auto_tool_choice=config.enable_auto_tool_choice,
-                max_logprobs=max_logprobs, force_include_usage=config.enable_force_include_usage)
+            app.state.models[name] = ServedModel(name, engine, chat_format, created, info, core.generation, frontend)
             log.info("serving model", extra={"model": name, "family": engine.family,
                                               "max_model_len": engine.max_model_len})
         release_free_heap()  # what parsing the tokenizer and harmony's vocabulary freed: the tuned heap keeps it

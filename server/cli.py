@@ -136,24 +136,6 @@ def build_parser(*, defaults: bool = True) -> _Parser:
         "GiB instead of 36 in bf16 or 71 in float32), read by C++ kernels on CPU and dequantized per step on GPU; "
         "--no-keep-experts-packed (env: 0) dequantizes them once at load. Default (None): packed on CPU only",
         action=argparse.BooleanOptionalAction, default=None)
-    add("--chat-template", "Jinja chat template (file path or the text) for models without a built-in chat "
-        "format (GPT-2)", default=None)
-    add("--tool-call-parser", "how a chat-template model's own tool calls are read from its text when a request "
-        "offers tools (vLLM's flag): hermes reads <tool_call>{\"name\", \"arguments\"}</tool_call>; none: all "
-        "text is content. GPT-OSS's calls are harmony's whatever this says; openai (vLLM's name for them) is "
-        "refused with a chat-template model", choices=["none", "hermes", "openai"], default="none")
-    add("--enable-auto-tool-choice", "vLLM's switch for tool_choice auto (the default when a request offers tools): "
-        "the model may answer or call a tool. On here unless --no-enable-auto-tool-choice (env: 0), which refuses "
-        "such requests with a 400 as vLLM does without the flag; none, required and named choices stay",
-        action=argparse.BooleanOptionalAction, default=True)
-    add("--trust-request-chat-template", "let requests bring their own chat template (vLLM's chat_template field): "
-        "only for trusted clients, since a template is code that runs on the server (sandboxed, in a worker "
-        "thread, stopped past 5 s; a single long C-level operation is not)", action="store_true")
-    add("--max-logprobs", "vLLM's flag: the most alternatives a token a request may ask for (completions' logprobs, "
-        "chat's and Responses' top_logprobs, prompt_logprobs); -1: the whole vocabulary. A response holds up to that "
-        "many entries for every token it returns", type=_max_logprobs, default=20)
-    add("--enable-force-include-usage", "vLLM's flag: every completions and chat stream ends with a usage chunk, "
-        "whether or not its stream_options ask for one", action="store_true")
     add("--generation-config", "vLLM's flag: where each model's generation_config.json is read. auto: the model's "
         "folder; its eos_token_id ends choices beside the tokenizer's end of text, and its temperature, top_p, top_k, "
         "min_p and repetition_penalty are the defaults of requests that leave them unset, its max_new_tokens a limit "
@@ -233,6 +215,26 @@ def build_parser(*, defaults: bool = True) -> _Parser:
     add("--ssl-cert-reqs", "client certificates: 0 or none (not asked for), 1 or optional (checked when given), "
         "2 or required (mutual TLS: a client without a valid one cannot connect)", type=cert_reqs, default=0,
         metavar="0|1|2")
+
+    group = parser.add_argument_group("API", "what requests may ask for and how answers are shaped")
+    add("--chat-template", "Jinja chat template (file path or the text) for models without a built-in chat "
+        "format (GPT-2)", default=None)
+    add("--tool-call-parser", "how a chat-template model's own tool calls are read from its text when a request "
+        "offers tools (vLLM's flag): hermes reads <tool_call>{\"name\", \"arguments\"}</tool_call>; none: all "
+        "text is content. GPT-OSS's calls are harmony's whatever this says; openai (vLLM's name for them) is "
+        "refused with a chat-template model", choices=["none", "hermes", "openai"], default="none")
+    add("--enable-auto-tool-choice", "vLLM's switch for tool_choice auto (the default when a request offers tools): "
+        "the model may answer or call a tool. On here unless --no-enable-auto-tool-choice (env: 0), which refuses "
+        "such requests with a 400 as vLLM does without the flag; none, required and named choices stay",
+        action=argparse.BooleanOptionalAction, default=True)
+    add("--trust-request-chat-template", "let requests bring their own chat template (vLLM's chat_template field): "
+        "only for trusted clients, since a template is code that runs on the server (sandboxed, in a worker "
+        "thread, stopped past 5 s; a single long C-level operation is not)", action="store_true")
+    add("--max-logprobs", "vLLM's flag: the most alternatives a token a request may ask for (completions' logprobs, "
+        "chat's and Responses' top_logprobs, prompt_logprobs); -1: the whole vocabulary. A response holds up to that "
+        "many entries for every token it returns", type=_max_logprobs, default=20)
+    add("--enable-force-include-usage", "vLLM's flag: every completions and chat stream ends with a usage chunk, "
+        "whether or not its stream_options ask for one", action="store_true")
 
     group = parser.add_argument_group("logging")
     add("--log-level", "log verbosity", choices=LOG_LEVELS, type=str.lower, default="info")
@@ -328,7 +330,7 @@ def start_and_run(argv: list[str] | None, run: Callable[[FastAPI, ServerConfig],
 def _check_tool_call_parser(config: ServerConfig, families: dict[str, str]) -> None:
     """``--tool-call-parser openai`` names harmony's calls, which only GPT-OSS writes."""
     templated = sorted(name for name, family in families.items() if family != "gpt_oss")
-    if config.tool_call_parser == "openai" and templated:
+    if config.frontend.tool_call_parser == "openai" and templated:
         raise ValueError(f"--tool-call-parser openai reads GPT-OSS's harmony tool calls, and {templated} use a chat "
                          "template: give hermes or none (GPT-OSS models read harmony's calls whatever it says)")
 

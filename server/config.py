@@ -73,6 +73,18 @@ class HTTPConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FrontendConfig:
+    """What requests may ask for and how answers are shaped: the front end's (vLLM's FrontendArgs)."""
+
+    chat_template: str | None = None  # a file path or the template text itself, for models without harmony
+    trust_request_chat_template: bool = False  # requests may bring their own chat template (vLLM's flag)
+    tool_call_parser: str = "none"  # "hermes": a template model's <tool_call> JSON is read as tool calls
+    enable_auto_tool_choice: bool = True  # tool_choice "auto" allowed (vLLM's flag; there it must be given)
+    enable_force_include_usage: bool = False  # every stream ends with a usage chunk, asked for or not (vLLM's flag)
+    max_logprobs: int = 20  # most alternatives a token a request may ask for (vLLM's flag; -1: the vocabulary)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     models: tuple[str, ...] = ()  # --model specs; empty: the default gpt2
     served_model_names: tuple[str, ...] = ()  # --served-model-name: the one model's names, the first its own
@@ -80,18 +92,14 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
     seed: int | None = None
     log_level: str = "info"
     disable_log_stats: bool = False  # no periodic throughput and queue line per model (vLLM's flag)
     log_stats_interval: float = 10.0  # seconds between those lines
-    chat_template: str | None = None  # a file path or the template text itself, for models without harmony
-    trust_request_chat_template: bool = False  # requests may bring their own chat template (vLLM's flag)
-    tool_call_parser: str = "none"  # "hermes": a template model's <tool_call> JSON is read as tool calls
-    enable_auto_tool_choice: bool = True  # tool_choice "auto" allowed (vLLM's flag; there it must be given)
-    enable_force_include_usage: bool = False  # every stream ends with a usage chunk, asked for or not (vLLM's flag)
-    max_logprobs: int = 20  # most alternatives a token a request may ask for (vLLM's flag; -1: the vocabulary)
     generation_config: str = "auto"  # auto | vllm | a folder: where the models' generation_config.json is read
     override_generation_config: dict[str, Any] = field(default_factory=dict)  # sampling defaults set over it
 
 
-SECTIONS = {"load": ModelLoadConfig, "engine": EngineConfig, "parallel": ParallelConfig, "http": HTTPConfig}
+SECTIONS = {"load": ModelLoadConfig, "engine": EngineConfig, "parallel": ParallelConfig, "http": HTTPConfig,
+            "frontend": FrontendConfig}

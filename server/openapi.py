@@ -34,7 +34,7 @@ def install_openapi(app: FastAPI, model_names: list[str]) -> None:
                 _state_embedding_widths(document, sorted({s.engine.hidden_size for s in served}))
                 _state_logprob_limit(document, min(s.max_logprobs for s in served))
                 _state_template_extras(document, [s.chat_format for s in served],
-                                       any(s.request_templates for s in served))
+                                       any(s.frontend.trust_request_chat_template for s in served))
             app.openapi_schema = document
         return app.openapi_schema
 

@@ -19,10 +19,11 @@ from server.engine.sampling_params import SamplingParams
 from tests.test_gpt_oss import checkpoint_dir  # noqa: F401
 
 GROUPS = {
-    "model": ["--model", "--device", "--dtype", "--keep-experts-packed", "--chat-template"],
+    "model": ["--model", "--device", "--dtype", "--keep-experts-packed", "--generation-config"],
     "engine": ["--max-num-seqs", "--kv-cache-tokens", "--kv-memory-fraction", "--enable-prefix-caching"],
     "parallel": ["--tensor-parallel-size", "--tp-step-timeout"],
     "HTTP and security": ["--host", "--port", "--api-key", "--allowed-origins", "--max-body-bytes"],
+    "API": ["--chat-template", "--tool-call-parser", "--max-logprobs", "--enable-force-include-usage"],
     "logging": ["--log-level", "--log-requests"],
 }
 
@@ -157,7 +158,7 @@ def test_gpt_oss_experts_are_packed_on_cpu_unless_told(argv, environ, expected, 
     (["--tool-call-parser", "none"], {"GPTSERVE_TOOL_CALL_PARSER": "hermes"}, "none"),  # the flag turns it off
 ])
 def test_the_tool_call_parser_is_a_flag_and_a_variable(argv, environ, expected):
-    assert parse_config(argv, environ).tool_call_parser == expected
+    assert parse_config(argv, environ).frontend.tool_call_parser == expected
 
 
 def test_an_unknown_tool_call_parser_is_refused(capsys):

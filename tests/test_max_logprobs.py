@@ -59,7 +59,7 @@ def test_the_openapi_document_states_the_limit(server):
 
 @pytest.mark.parametrize("value, expected", [("-1", -1), ("0", 0), ("100", 100)])
 def test_minus_one_names_the_whole_vocabulary(value, expected):
-    assert parse_config(["--max-logprobs", value], {}).max_logprobs == expected
+    assert parse_config(["--max-logprobs", value], {}).frontend.max_logprobs == expected
 
 
 def test_below_minus_one_is_refused():

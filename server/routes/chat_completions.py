@@ -145,7 +145,7 @@ class ChatRun:
                 chunk.choices[0].finish_reason = choice.finish_reason
                 chunk.choices[0].stop_reason = choice.stop_reason
             yield chunk
-        if includes_usage(self.body.stream_options, self.served.force_include_usage):
+        if includes_usage(self.body.stream_options, self.served.frontend.enable_force_include_usage):
             yield ChatCompletionChunk(id=self.id, created=self.created, model=self.served.name, choices=[],
                                       usage=self.usage())
 
@@ -194,7 +194,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     )
     request.state.usage = run.usage  # read by the request log once the answer is out
     if body.stream:
-        usage = continuous_usage(body.stream_options, served.force_include_usage, run.usage)
+        usage = continuous_usage(body.stream_options, served.frontend.enable_force_include_usage, run.usage)
         return sse_response(await prime(request, run.chunks()), usage)
     return await cancel_on_disconnect(request, run.response())
 

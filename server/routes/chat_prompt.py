@@ -97,7 +97,7 @@ def request_chat_format(served: ServedModel, chat_template: str | None) -> Harmo
     if isinstance(served.chat_format, HarmonyChatFormat):
         raise APIError(400, "chat_template: GPT-OSS's prompt is harmony's, rendered without a template",
                        param="chat_template")
-    if not served.request_templates:
+    if not served.frontend.trust_request_chat_template:
         raise APIError(400, "chat_template: this server takes no chat template from requests (it would need "
                        "--trust-request-chat-template)", param="chat_template")
     limits = RenderLimits(REQUEST_TEMPLATE_SECONDS, served.engine.max_model_len * REQUEST_TEMPLATE_CHARS_PER_TOKEN)
@@ -159,7 +159,7 @@ def chosen_tools(tools: list[FunctionTool], tool_choice: str | None, named: str 
 def check_auto_tool_choice(served: ServedModel, offered: list[FunctionTool], tool_choice: str | None) -> None:
     """--no-enable-auto-tool-choice: tools offered with tool_choice "auto" (or None, the default with tools; a
     named choice is "named") are refused."""
-    if offered and tool_choice in (None, "auto") and not served.auto_tool_choice:
+    if offered and tool_choice in (None, "auto") and not served.frontend.enable_auto_tool_choice:
         raise APIError(400, 'tool_choice "auto" (the default when tools are given) is off on this server '
                        '(--no-enable-auto-tool-choice): give "none", "required" or a named function',
                        param="tool_choice")

@@ -111,7 +111,7 @@ class CompletionRun:
             started[index] = True
             chunk = CompletionResponse(id=self.id, created=self.created, model=self.served.name, choices=[delta])
             yield chunk
-        if includes_usage(self.body.stream_options, self.served.force_include_usage):
+        if includes_usage(self.body.stream_options, self.served.frontend.enable_force_include_usage):
             yield CompletionResponse(id=self.id, created=self.created, model=self.served.name, choices=[],
                                      usage=self.usage())
 
@@ -153,7 +153,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     )
     request.state.usage = run.usage  # read by the request log once the answer is out
     if body.stream:
-        usage = continuous_usage(body.stream_options, served.force_include_usage, run.usage)
+        usage = continuous_usage(body.stream_options, served.frontend.enable_force_include_usage, run.usage)
         return sse_response(await prime(request, run.chunks()), usage)
     return await cancel_on_disconnect(request, run.response())
 

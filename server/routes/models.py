@@ -8,9 +8,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from server.chat import HarmonyChatFormat, TemplateChatFormat
+from server.config import FrontendConfig
 from server.engine.core_client import EngineCoreClient
 from server.generation_defaults import GenerationDefaults
-from server.protocol import GATEWAY_RESPONSES, MAX_LOGPROBS, APIError, ErrorResponse, ModelCard, ModelList
+from server.protocol import GATEWAY_RESPONSES, APIError, ErrorResponse, ModelCard, ModelList
 
 router = APIRouter()
 
@@ -23,10 +24,13 @@ class ServedModel:
     created: int  # unix time the server started serving it
     tokenizer_info: dict[str, Any]  # GET /tokenizer_info's body (server/tokenizer_info.py)
     generation: GenerationDefaults  # its end tokens and sampling defaults (server/generation_defaults.py)
-    request_templates: bool = False  # requests may bring their own chat template (--trust-request-chat-template)
-    auto_tool_choice: bool = True  # tool_choice "auto" allowed (--enable-auto-tool-choice)
-    max_logprobs: int = MAX_LOGPROBS  # most alternatives a token a request may ask for (--max-logprobs)
-    force_include_usage: bool = False  # every stream ends with a usage chunk (--enable-force-include-usage)
+    frontend: FrontendConfig = FrontendConfig()  # what requests may ask for, how answers are shaped (server flags)
+
+    @property
+    def max_logprobs(self) -> int:
+        """The most alternatives a token a request may ask for (--max-logprobs; -1: the vocabulary)."""
+        limit = self.frontend.max_logprobs
+        return limit if limit >= 0 else self.engine.tokenizer.vocab_size
 
     @property
     def chat_stop_ids(self) -> frozenset[int]:

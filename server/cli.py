@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -65,6 +66,12 @@ def _origins(text: str) -> list[str]:
     return origins
 
 
+def _name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -94,6 +101,21 @@ def _generation_overrides(text: str) -> dict[str, Any]:
         return parse_overrides(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _template_kwargs(text: str) -> dict[str, Any]:
+    from server.protocol import RESERVED_TEMPLATE_VARIABLES
+
+    try:
+        kwargs = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r}") from None
+    if not isinstance(kwargs, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of template variables, got {text!r}")
+    reserved = sorted(set(kwargs) & set(RESERVED_TEMPLATE_VARIABLES))
+    if reserved:
+        raise argparse.ArgumentTypeError(f"{', '.join(reserved)} come from each request, not from defaults")
+    return kwargs
 
 
 def build_parser(*, defaults: bool = True) -> _Parser:
@@ -235,6 +257,15 @@ def build_parser(*, defaults: bool = True) -> _Parser:
         "many entries for every token it returns", type=_max_logprobs, default=20)
     add("--enable-force-include-usage", "vLLM's flag: every completions and chat stream ends with a usage chunk, "
         "whether or not its stream_options ask for one", action="store_true")
+    add("--default-chat-template-kwargs", "vLLM's flag: chat template variables as a JSON object, under each "
+        "request's chat_template_kwargs (the request's win), e.g. '{\"enable_thinking\": false}'; for GPT-OSS only "
+        "harmony's, '{\"reasoning_effort\": \"high\"}' or current_date. Chat, Responses, /tokenize and embeddings "
+        "render with them", type=_template_kwargs, default={}, metavar="JSON")
+    add("--response-role", "vLLM's flag: the role chat completions give their messages when the request adds a "
+        "generation prompt (add_generation_prompt, the default); without one it is the last message's role",
+        type=_name, default="assistant", metavar="ROLE")
+    add("--return-tokens-as-token-ids", "vLLM's flag: logprobs name each token \"token_id:N\" (exact where its "
+        "bytes are not whole UTF-8) unless a request's return_tokens_as_token_ids says false", action="store_true")
 
     group = parser.add_argument_group("logging")
     add("--log-level", "log verbosity", choices=LOG_LEVELS, type=str.lower, default="info")
@@ -318,7 +349,9 @@ def start_and_run(argv: list[str] | None, run: Callable[[FastAPI, ServerConfig],
 
         try:
             wait_for_cores(cores, config)
-            _check_tool_call_parser(config, {name: core.family for name, core in cores.items()})
+            families = {name: core.family for name, core in cores.items()}
+            _check_tool_call_parser(config, families)
+            _check_default_template_kwargs(config, families)
         except (OSError, ValueError) as e:  # CheckpointError, TokenizerError, missing files, as a core saw them
             return _cannot_start(e)
         return run(create_app(config, cores), config)
@@ -333,6 +366,18 @@ def _check_tool_call_parser(config: ServerConfig, families: dict[str, str]) -> N
     if config.frontend.tool_call_parser == "openai" and templated:
         raise ValueError(f"--tool-call-parser openai reads GPT-OSS's harmony tool calls, and {templated} use a chat "
                          "template: give hermes or none (GPT-OSS models read harmony's calls whatever it says)")
+
+
+def _check_default_template_kwargs(config: ServerConfig, families: dict[str, str]) -> None:
+    """Defaults a GPT-OSS model cannot render would turn every chat request into a 400: refused at the start."""
+    from server.routes.chat_prompt import harmony_variables_problem
+
+    rest = dict(config.frontend.default_chat_template_kwargs)
+    effort, current_date = rest.pop("reasoning_effort", None), rest.pop("current_date", None)
+    problem = harmony_variables_problem(rest, effort, current_date)
+    harmony = sorted(name for name, family in families.items() if family == "gpt_oss")
+    if problem and harmony:
+        raise ValueError(f"--default-chat-template-kwargs: {harmony} render harmony's prompt: {problem}")
 
 
 def _cannot_start(e: Exception, what: str = "cannot load model") -> int:

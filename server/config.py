@@ -82,6 +82,9 @@ class FrontendConfig:
     enable_auto_tool_choice: bool = True  # tool_choice "auto" allowed (vLLM's flag; there it must be given)
     enable_force_include_usage: bool = False  # every stream ends with a usage chunk, asked for or not (vLLM's flag)
     max_logprobs: int = 20  # most alternatives a token a request may ask for (vLLM's flag; -1: the vocabulary)
+    default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # under each request's own
+    response_role: str = "assistant"  # the role of chat's answers to a prompt that asks for a new message
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N" unless a request says otherwise
 
 
 @dataclass(frozen=True, slots=True)

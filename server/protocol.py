@@ -188,8 +188,9 @@ class SamplingFields(NoOpFields):
         None, description="vLLM extra: only the prompt's last k tokens are used (-1: the last max_model_len)")
     return_token_ids: bool = Field(False, description="vLLM extra: the prompt's and each choice's token ids in the "
                                    "reply (streamed: each chunk's new ones)")
-    return_tokens_as_token_ids: bool = Field(False, description="vLLM extra: logprobs name each token "
-                                             "\"token_id:N\", exact where its bytes are not whole UTF-8")
+    return_tokens_as_token_ids: bool | None = Field(None, description="vLLM extra: logprobs name each token "
+                                                    "\"token_id:N\", exact where its bytes are not whole UTF-8 "
+                                                    "(null: as the server's --return-tokens-as-token-ids says)")
     priority: Integer = Field(0, ge=-INT64_BOUND, lt=INT64_BOUND, description=PRIORITY_DESCRIPTION)
     cache_salt: CacheSalt | None = Field(None, description=CACHE_SALT_DESCRIPTION)
     bad_words: Annotated[list[BadWord], Field(max_length=MAX_BAD_WORDS)] | None = Field(
@@ -502,7 +503,8 @@ FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatResponseMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
+    role: str = Field("assistant", description="assistant, or the server's --response-role; without a generation "
+                      "prompt, the last message's role")
     content: str | None = None
     reasoning: str | None = None
     reasoning_content: str | None = Field(None, description="the same text as `reasoning`, for older clients")
@@ -531,7 +533,7 @@ class ChatCompletionResponse(BaseModel):
 
 
 class ChatDeltaMessage(WithoutNulls):
-    role: Literal["assistant"] | None = None
+    role: str | None = None
     content: str | None = None
     reasoning: str | None = None
     reasoning_content: str | None = None

@@ -75,7 +75,7 @@ class ChatRun:
                         and self.prompt_logprobs is None:  # every choice's first output carries the same
                     self.prompt_logprobs = prompt_logprobs_body(
                         self.served.engine.tokenizer, self.job.prompt_ids, output.prompt_logprobs,
-                        self.body.prompt_logprobs, self.body.return_tokens_as_token_ids)
+                        self.body.prompt_logprobs, self.served.tokens_as_ids(self.body.return_tokens_as_token_ids))
                 choice = self.choices[output.index]
                 was_done = choice.done
                 choice.add(output)
@@ -85,6 +85,13 @@ class ChatRun:
                     else:
                         outputs.choice_finished(0)
                 yield output.index
+
+    @property
+    def role(self) -> str:
+        """vLLM's: the server's --response-role for a new message, else the role of the message continued."""
+        if self.body.add_generation_prompt:
+            return self.served.frontend.response_role
+        return self.body.messages[-1].role
 
     def usage(self) -> Usage:
         prompt_tokens = len(self.job.prompt_ids)
@@ -102,7 +109,7 @@ class ChatRun:
         choices = [
             ChatChoiceBody(
                 index=i,
-                message=ChatResponseMessage(content=self.echoed + c.content,
+                message=ChatResponseMessage(role=self.role, content=self.echoed + c.content,
                                             reasoning=c.reasoning if shown and c.reasoning else None,
                                             reasoning_content=c.reasoning if shown and c.reasoning else None,
                                             tool_calls=c.tool_calls or None),
@@ -123,7 +130,7 @@ class ChatRun:
         async for index in self.run():
             choice = self.choices[index]
             if not announced[index]:  # OpenAI's first delta of each choice carries only the role
-                chunk = self._chunk(index, ChatDeltaMessage(role="assistant", content=self.echoed))
+                chunk = self._chunk(index, ChatDeltaMessage(role=self.role, content=self.echoed))
                 if ids and not any(announced):  # vLLM's return_token_ids: the prompt goes in the first chunk
                     chunk.prompt_token_ids = self.job.prompt_ids
                 announced[index] = True
@@ -187,7 +194,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         choices=[ChatChoice(engine.tokenizer,
                             choice_parser(served.chat_format, mode, named, continued, body.skip_special_tokens,
                                           bool(offered)), stop,
-                            top_logprobs, body.include_stop_str_in_output, body.return_tokens_as_token_ids,
+                            top_logprobs, body.include_stop_str_in_output,
+                            served.tokens_as_ids(body.return_tokens_as_token_ids),
                             client_stop_ids=params.stop_token_ids - served.chat_stop_ids)
                  for _ in range(body.n)],
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), echoed=echoed_text(body),

@@ -20,6 +20,7 @@ does not render are a 400 naming `tools`, never dropped unseen.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
@@ -70,24 +71,43 @@ def rendered_chat_prompt(served: ServedModel, body: ChatCompletionRequest) -> li
         raise APIError(400, "continue_final_message needs add_generation_prompt: false (the final message is "
                        "continued, no new one started)", param="continue_final_message")
     chat_format = request_chat_format(served, body.chat_template)
-    variables: dict[str, Any] = dict(body.chat_template_kwargs or {})
-    effort = variables.pop("reasoning_effort", None)
-    if None not in (effort, body.reasoning_effort) and effort != body.reasoning_effort:
-        raise APIError(400, "chat_template_kwargs sets reasoning_effort to another value than the request's",
-                       param="chat_template_kwargs")
-    current_date = None
-    if isinstance(chat_format, HarmonyChatFormat):
-        current_date = variables.pop("current_date", None)
-        _check_harmony_variables(variables, effort, current_date)
+    variables = template_variables(served, chat_format, body.chat_template_kwargs, body.reasoning_effort)
     if body.documents is not None:
         if not isinstance(chat_format, TemplateChatFormat) or not chat_format.uses_documents:
             raise APIError(400, "documents: this model's chat template does not use them", param="documents")
-        variables["documents"] = body.documents
+        variables.rest["documents"] = body.documents
     offered = function_tools(body.tools or [], body.tool_choice)
-    return render_messages(chat_format, [chat_message(m) for m in body.messages], offered,
-                           body.reasoning_effort or effort, add_generation_prompt=body.add_generation_prompt,
-                           continue_final_message=body.continue_final_message, current_date=current_date,
-                           variables=variables)
+    return render_messages(chat_format, [chat_message(m) for m in body.messages], offered, variables,
+                           add_generation_prompt=body.add_generation_prompt,
+                           continue_final_message=body.continue_final_message)
+
+
+@dataclass(slots=True)
+class TemplateVariables:
+    """What a prompt is rendered with beyond its messages and tools."""
+
+    reasoning_effort: str | None = None
+    current_date: str | None = None  # harmony's; a template's comes in rest
+    rest: dict[str, Any] = field(default_factory=dict)  # more variables for a Jinja template
+
+
+def template_variables(served: ServedModel, chat_format: HarmonyChatFormat | TemplateChatFormat,
+                       asked: dict[str, Any] | None, reasoning_effort: str | None) -> TemplateVariables:
+    """The server's --default-chat-template-kwargs under a request's chat_template_kwargs, as vLLM merges them. The
+    request's reasoning_effort field wins over a default one, and must agree with its own kwargs'."""
+    own_effort = (asked or {}).get("reasoning_effort")
+    if None not in (own_effort, reasoning_effort) and own_effort != reasoning_effort:
+        raise APIError(400, "chat_template_kwargs sets reasoning_effort to another value than the request's",
+                       param="chat_template_kwargs")
+    rest = {**served.frontend.default_chat_template_kwargs, **(asked or {})}
+    default_effort = rest.pop("reasoning_effort", None)
+    variables = TemplateVariables(reasoning_effort or default_effort, rest=rest)
+    if isinstance(chat_format, HarmonyChatFormat):
+        variables.current_date = rest.pop("current_date", None)
+        problem = harmony_variables_problem(rest, variables.reasoning_effort, variables.current_date)
+        if problem:
+            raise APIError(400, f"chat_template_kwargs: {problem}", param="chat_template_kwargs")
+    return variables
 
 
 def request_chat_format(served: ServedModel, chat_template: str | None) -> HarmonyChatFormat | TemplateChatFormat:
@@ -107,30 +127,28 @@ def request_chat_format(served: ServedModel, chat_template: str | None) -> Harmo
         raise APIError(400, f"chat_template: {e}", param="chat_template") from None
 
 
-def _check_harmony_variables(rest: dict[str, Any], effort: Any, current_date: Any) -> None:
+def harmony_variables_problem(rest: dict[str, Any], effort: Any, current_date: Any) -> str | None:
+    """What is wrong with template variables given to GPT-OSS (by a request or --default-chat-template-kwargs)."""
     if rest:
-        raise APIError(400, f"chat_template_kwargs: GPT-OSS's prompt is harmony's, rendered without a template; of "
-                       f"the kwargs it takes only {' and '.join(HARMONY_VARIABLES)}, not {', '.join(sorted(rest))}",
-                       param="chat_template_kwargs")
+        return (f"GPT-OSS's prompt is harmony's, rendered without a template; of the kwargs it takes only "
+                f"{' and '.join(HARMONY_VARIABLES)}, not {', '.join(sorted(rest))}")
     if effort is not None and effort not in ("low", "medium", "high"):
-        raise APIError(400, "chat_template_kwargs: reasoning_effort must be low, medium or high",
-                       param="chat_template_kwargs")
+        return "reasoning_effort must be low, medium or high"
     if current_date is not None and not isinstance(current_date, str):
-        raise APIError(400, "chat_template_kwargs: current_date must be a string (YYYY-MM-DD)",
-                       param="chat_template_kwargs")
+        return "current_date must be a string (YYYY-MM-DD)"
+    return None
 
 
 def render_messages(chat_format: HarmonyChatFormat | TemplateChatFormat, messages: list[ChatMessage],
-                    tools: list[FunctionTool], reasoning_effort: str | None, param: str = "messages", *,
-                    add_generation_prompt: bool = True, continue_final_message: bool = False,
-                    current_date: str | None = None, variables: dict[str, Any] | None = None) -> list[int]:
+                    tools: list[FunctionTool], variables: TemplateVariables, param: str = "messages", *,
+                    add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
     if tools and isinstance(chat_format, TemplateChatFormat) and not chat_format.uses_tools:
         raise APIError(400, "tools: this model's chat template does not render them (it never mentions `tools`); "
                        "tool calling needs a GPT-OSS model or a --chat-template that renders them", param="tools")
     try:
-        return chat_format.render(messages, tools=tools, reasoning_effort=reasoning_effort, current_date=current_date,
-                                  add_generation_prompt=add_generation_prompt,
-                                  continue_final_message=continue_final_message, variables=variables)
+        return chat_format.render(messages, tools=tools, reasoning_effort=variables.reasoning_effort,
+                                  current_date=variables.current_date, add_generation_prompt=add_generation_prompt,
+                                  continue_final_message=continue_final_message, variables=variables.rest)
     except TemplateLimitExceeded as e:  # only a request's own template has limits
         raise APIError(400, f"chat_template: {e}", param="chat_template") from None
     except (ValueError, jinja2.TemplateError) as e:

@@ -72,7 +72,7 @@ class CompletionRun:
             if prompt_index not in self.scored_prompts:  # built once, shared by the prompt's n choices
                 self.scored_prompts[prompt_index] = prompt_logprobs_body(
                     self.served.engine.tokenizer, prompt_ids, output.prompt_logprobs or [],
-                    self.body.prompt_logprobs, self.body.return_tokens_as_token_ids)
+                    self.body.prompt_logprobs, self.served.tokens_as_ids(self.body.return_tokens_as_token_ids))
             choice.prompt_logprobs = self.scored_prompts[prompt_index]
 
     def _prompt_ids(self, choice_index: int) -> list[int]:
@@ -146,7 +146,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     run = CompletionRun(
         served, body, jobs,
         choices=[TextChoice(engine.tokenizer, stop, body.logprobs, body.include_stop_str_in_output,
-                            body.return_tokens_as_token_ids, body.skip_special_tokens,
+                            served.tokens_as_ids(body.return_tokens_as_token_ids), body.skip_special_tokens,
                             client_stop_ids=frozenset(body.stop_token_ids or ()) - model_stop_ids)
                  for _ in range(len(prompts) * body.n)],
         id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), cached_tokens=[0] * len(prompts),

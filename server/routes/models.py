@@ -37,6 +37,10 @@ class ServedModel:
         """What ends a chat choice: the chat format's end tokens and the model's own."""
         return self.chat_format.stop_token_ids | self.generation.eos_token_ids
 
+    def tokens_as_ids(self, asked: bool | None) -> bool:
+        """Whether logprobs name tokens "token_id:N": as the request asks, else as --return-tokens-as-token-ids."""
+        return self.frontend.return_tokens_as_token_ids if asked is None else asked
+
     def check_logprobs(self, **asked: int | None) -> None:
         """Each of a request's logprob counts within --max-logprobs, else a 400 naming the field."""
         for param, count in asked.items():

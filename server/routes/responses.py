@@ -26,7 +26,7 @@ from server.engine.sampling_params import GrammarSpec, SamplingParams
 from server.protocol import STORED_RESPONSE_ERRORS, APIError, sse_responses
 from server.protocol_responses import NamedFunctionChoice, ResponsesRequest
 from server.routes.chat_choice import ChatChoice
-from server.routes.chat_prompt import check_auto_tool_choice, chosen_tools, render_messages
+from server.routes.chat_prompt import check_auto_tool_choice, chosen_tools, render_messages, template_variables
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.forced_call import choice_parser, forced_call_spec
 from server.routes.models import ServedModel, find_model
@@ -205,9 +205,10 @@ async def create_response(body: ResponsesRequest, request: Request):
                          "named" if named else mode, named)
     check_auto_tool_choice(served, tools, "named" if named else mode)
     effort = body.reasoning.effort if body.reasoning else None
+    variables = template_variables(served, served.chat_format, None, effort)  # the server's defaults
 
     def render(messages: list[ChatMessage]) -> list[int]:
-        return render_messages(served.chat_format, head + messages, tools, effort, param="input")
+        return render_messages(served.chat_format, head + messages, tools, variables, param="input")
 
     engine = served.engine
     if body.truncation == "auto":

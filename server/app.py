@@ -43,6 +43,7 @@ from server.routes import (
     completions,
     embeddings,
     health,
+    load,
     metrics,
     models,
     perplexity,
@@ -54,6 +55,7 @@ from server.routes import (
     version,
 )
 from server.routes.engine_calls import ClientDisconnected
+from server.routes.load import ServerLoad, counts_as_load
 from server.routes.models import ServedModel
 from server.routes.response_background import BackgroundRuns
 from server.routes.response_store import ResponseStore
@@ -65,7 +67,7 @@ log = logging.getLogger("gptserve")
 access_log = logging.getLogger("gptserve.access")
 
 # Reachable without the API key, for probes (SageMaker's /ping among them) and scrapers.
-OPEN_PATHS = ("/health", "/ready", "/metrics", "/version", "/ping")
+OPEN_PATHS = ("/health", "/ready", "/metrics", "/version", "/ping", "/load")
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # a client's id is echoed back only if it is sane
 CORE_FAILED_EXIT_S = 2.0  # after an engine core failed: its 503s are written and probes see /health 503, then exit
 
@@ -118,14 +120,17 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
     app.state.background_responses = BackgroundRuns()
     app.state.foreground_responses = {}  # stored responses in flight on their request's connection, by id
     app.state.metrics = process_metrics
+    app.state.server_load = ServerLoad() if config.http.enable_server_load_tracking else None
     routers = [module.router for module in (completions, chat_completions, responses, perplexity, embeddings, scores,
                                             models, tokenize, health, ready, metrics, version, sagemaker)]
+    if config.http.enable_server_load_tracking:
+        routers.append(load.router)
     for router in routers:
         app.include_router(router)
     app.state.api_routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
     _add_error_handlers(app)
     install_openapi(app, [*cores, *app.state.model_aliases])
-    app.add_middleware(Gateway, config=config.http, metrics=process_metrics)
+    app.add_middleware(Gateway, config=config.http, metrics=process_metrics, load=app.state.server_load)
     if config.http.allowed_origins:  # outside the gateway: a browser's preflight carries no API key
         app.add_middleware(AllowedOrigins, origins=list(config.http.allowed_origins))
     return app
@@ -193,10 +198,11 @@ def allowed_methods(routes: list[APIRoute], request: Request) -> list[str]:
 
 
 class Gateway:
-    def __init__(self, app: ASGIApp, config: HTTPConfig, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, config: HTTPConfig, metrics: Metrics, load: ServerLoad | None = None) -> None:
         self.app = app
         self.config = config
         self.metrics = metrics
+        self.load = load  # GET /load's count, kept only with --enable-server-load-tracking
         self._api_key = config.api_key.encode() if config.api_key else None
         self._open_paths = tuple(p for p in OPEN_PATHS if p != "/metrics" or not config.metrics_require_key)
 
@@ -227,7 +233,14 @@ class Gateway:
             if rejection is not None:
                 await rejection(scope, receive, send_with_id)
                 return
-            await self.app(scope, _replay(body, receive), send_with_id)
+            if self.load is None or not counts_as_load(scope["method"], route_path(scope)):
+                await self.app(scope, _replay(body, receive), send_with_id)
+                return
+            self.load.in_flight += 1
+            try:
+                await self.app(scope, _replay(body, receive), send_with_id)
+            finally:
+                self.load.in_flight -= 1
         finally:
             self._record(scope, request_id, status, time.perf_counter() - started, body)
 

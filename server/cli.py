@@ -227,6 +227,8 @@ def build_parser(*, defaults: bool = True) -> _Parser:
         "(an error event then [DONE] on a stream)", type=_positive_float, default=30.0)
     add("--root-path", "the path prefix a proxy serves the API under, e.g. /llm (vLLM's flag): requests may come "
         "with it or with it stripped, and /docs and the OpenAPI document name it", type=_root_path, default="")
+    add("--enable-server-load-tracking", "vLLM's flag: GET /load answers {\"server_load\": N}, the requests in "
+        "flight that run a model, for load balancers (open like /health)", action="store_true")
     add("--disable-fastapi-docs", "vLLM's flag: no /docs, /redoc or /openapi.json", action="store_true")
     add("--ssl-certfile", "serve HTTPS with this PEM certificate (chain): vLLM's flag, as are the three below",
         default=None, metavar="PATH")

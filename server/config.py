@@ -66,6 +66,7 @@ class HTTPConfig:
     max_log_len: int = 4096  # bytes of a logged request body (--log-requests)
     root_path: str = ""  # the path prefix a proxy serves the API under (/docs and the OpenAPI document name it)
     disable_fastapi_docs: bool = False  # no /docs, /redoc or /openapi.json
+    enable_server_load_tracking: bool = False  # GET /load counts the requests in flight that run a model
     ssl_certfile: str | None = None  # with ssl_keyfile: serve HTTPS with this certificate (chain)
     ssl_keyfile: str | None = None
     ssl_ca_certs: str | None = None  # CA certificates that client certificates are verified against

@@ -1,15 +1,17 @@
 """vLLM serve's command line: the model as its positional argument, --root-path behind a proxy, the request log's
-flags (--enable-log-requests, --disable-log-requests, --max-log-len), --disable-fastapi-docs and
---enable-force-include-usage."""
+flags (--enable-log-requests, --disable-log-requests, --max-log-len), --disable-fastapi-docs,
+--enable-force-include-usage and --enable-server-load-tracking (GET /load)."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
 
 from server.cli import parse_config
+from server.routes.load import counts_as_load
 from tests.server_process import ServerProcess
 
 KEY = {"Authorization": "Bearer sesame"}
@@ -17,9 +19,12 @@ BODY = {"model": "tiny", "prompt": "A secret prompt", "max_tokens": 2}
 
 
 @pytest.fixture(scope="module")
-def proxied(tiny_gpt2_dir):
-    args = [f"tiny={tiny_gpt2_dir}", "--root-path", "/llm/", "--api-key", "sesame", "--enable-log-requests",
-            "--max-log-len", "24"]
+def proxied(tmp_path_factory):
+    from models.testing.gpt2_checkpoint import write_tiny_gpt2
+
+    model = write_tiny_gpt2(tmp_path_factory.mktemp("long") / "gpt2", n_positions=4096)  # streams long enough to watch
+    args = [f"tiny={model}", "--root-path", "/llm/", "--api-key", "sesame", "--enable-log-requests",
+            "--max-log-len", "24", "--enable-server-load-tracking"]
     with ServerProcess(args) as running:
         yield running
 
@@ -102,3 +107,41 @@ def test_the_positional_model_comes_first_among_the_models():
 def test_a_root_path_that_is_no_path_prefix_is_refused(path):
     with pytest.raises(SystemExit):
         parse_config(["--root-path", path], {})
+
+
+def server_load(server: ServerProcess, prefix: str = "") -> int:
+    reply = httpx.get(server.base_url + prefix + "/load", timeout=10)  # open, like /health: no key
+    assert reply.status_code == 200, reply.text
+    return reply.json()["server_load"]
+
+
+@pytest.mark.parametrize("prefix", ["", "/llm"])
+def test_load_counts_the_requests_in_flight_until_their_stream_ends(proxied, prefix):
+    assert server_load(proxied, prefix) == 0
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4000,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", proxied.v1 + "/chat/completions", json=body, headers=KEY, timeout=60) as reply:
+        lines = reply.iter_lines()  # held: a generator let go closes the stream
+        next(line for line in lines if line.startswith("data: {"))
+        assert server_load(proxied, prefix) == 1
+        httpx.post(proxied.base_url + "/tokenize", json={"prompt": "Hi"}, headers=KEY, timeout=10)
+        assert server_load(proxied, prefix) == 1  # finished, and not model work anyway
+    deadline = time.monotonic() + 10
+    while server_load(proxied, prefix) and time.monotonic() < deadline:  # the disconnect reaches the server
+        time.sleep(0.05)
+    assert server_load(proxied, prefix) == 0
+
+
+def test_without_load_tracking_there_is_no_load_route(undocumented):
+    assert httpx.get(undocumented.base_url + "/load", timeout=10).status_code == 404
+
+
+@pytest.mark.parametrize("method, path, counted", [
+    ("POST", "/v1/completions", True), ("POST", "/v1/chat/completions", True), ("POST", "/v1/responses", True),
+    ("GET", "/v1/responses/resp_1", True), ("POST", "/v1/responses/resp_1/cancel", True),
+    ("POST", "/v1/embeddings", True), ("POST", "/v2/rerank", True), ("POST", "/invocations", True),
+    ("POST", "/v1/perplexity", True), ("DELETE", "/v1/responses/resp_1", False),
+    ("GET", "/v1/responses/resp_1/input_items", False), ("POST", "/tokenize", False), ("GET", "/v1/models", False),
+    ("GET", "/load", False), ("POST", "/v1/completions/x", False)])
+def test_load_counts_the_routes_that_run_a_model(method, path, counted):
+    assert counts_as_load(method, path) is counted

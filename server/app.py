@@ -132,7 +132,7 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
     install_openapi(app, [*cores, *app.state.model_aliases])
     app.add_middleware(Gateway, config=config.http, metrics=process_metrics, load=app.state.server_load)
     if config.http.allowed_origins:  # outside the gateway: a browser's preflight carries no API key
-        app.add_middleware(AllowedOrigins, origins=list(config.http.allowed_origins))
+        app.add_middleware(AllowedOrigins, config=config.http)
     return app
 
 

@@ -26,7 +26,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("gptserve")
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
-ORIGIN = re.compile(r"https?://[^/\s]+")  # scheme://host[:port], as a browser sends it in Origin
+ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+")  # scheme://host[:port], as a browser sends it in Origin
+METHOD = re.compile(r"[A-Z]+")
+HEADER = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an HTTP token, as header names are
+CORS_METHODS = ["GET", "POST", "DELETE"]  # every method the API serves
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,13 +60,43 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _listed(text: str) -> list[str]:
+    """vLLM's JSON list ('["a", "b"]'), or one value, or a comma-separated list (how the environment gives
+    several)."""
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {text!r}") from None
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise argparse.ArgumentTypeError(f"must be a JSON list of strings, got {text!r}")
+        return [item.strip() for item in items if item.strip()]
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _origins(text: str) -> list[str]:
-    """One origin, or a comma-separated list (how the environment gives several)."""
-    origins = [part.strip() for part in text.split(",") if part.strip()]
+    origins = _listed(text)
     for origin in origins:
-        if not ORIGIN.fullmatch(origin):
-            raise argparse.ArgumentTypeError(f"{origin!r} is not an exact origin like https://app.example.com:8443")
+        if origin != "*" and not ORIGIN.fullmatch(origin):
+            raise argparse.ArgumentTypeError(f"{origin!r} is not an exact origin like https://app.example.com:8443 "
+                                             "(or *, any origin)")
     return origins
+
+
+def _methods(text: str) -> list[str]:
+    methods = [method.upper() for method in _listed(text)]
+    for method in methods:
+        if method != "*" and not METHOD.fullmatch(method):
+            raise argparse.ArgumentTypeError(f"{method!r} is not an HTTP method")
+    return methods
+
+
+def _headers(text: str) -> list[str]:
+    headers = _listed(text)
+    for header in headers:
+        if not HEADER.fullmatch(header):
+            raise argparse.ArgumentTypeError(f"{header!r} is not a header name (or *, any)")
+    return headers
 
 
 def _name(text: str) -> str:
@@ -210,9 +243,18 @@ def build_parser(*, defaults: bool = True) -> _Parser:
         default=None)
     add("--metrics-require-key", "with --api-key, /metrics demands the key too (by default scrapers need none)",
         action="store_true")
-    add("--allowed-origins", "browser origin allowed to call the API (CORS), repeatable, exact: "
-        "https://app.example.com[:port] (env: comma-separated). Default none: no CORS headers at all",
-        action="extend", type=_origins, default=[], metavar="ORIGIN")
+    add("--allowed-origins", "browser origin allowed to call the API (CORS), exact: https://app.example.com[:port], "
+        "or * for any; repeatable, comma-separated, or vLLM's JSON list '[\"https://a.example\"]'. Default none: no "
+        "CORS headers at all, whatever the three flags below say", action="extend", type=_origins, default=[],
+        metavar="ORIGIN")
+    add("--allowed-methods", "vLLM's flag: methods allowed in a CORS preflight, as --allowed-origins takes a list "
+        f"(* for any); default: the API's, {', '.join(CORS_METHODS)}", action="extend", type=_methods, default=None,
+        metavar="METHOD")
+    add("--allowed-headers", "vLLM's flag: request headers allowed in a CORS preflight, as --allowed-origins takes a "
+        "list; default * (any the browser asks for, Authorization included: the OpenAI SDK's x-stainless-* among "
+        "them)", action="extend", type=_headers, default=None, metavar="HEADER")
+    add("--allow-credentials", "vLLM's flag: browsers may send cookies and HTTP authentication to the allowed "
+        "origins (Access-Control-Allow-Credentials); not with --allowed-origins *", action="store_true")
     add("--max-body-bytes", "largest request body accepted; larger ones get 413", type=_positive_int,
         default=DEFAULT_MAX_BODY_BYTES)
     add("--keep-alive-timeout", "seconds an idle keep-alive connection stays open", type=_positive_float,
@@ -295,6 +337,11 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
     if values["api_key"] is None:  # vLLM's variable: a deployment moved from vLLM keeps its key, never loses it
         values["api_key"] = environ.get("VLLM_API_KEY", "").strip() or None
     values["allowed_origins"] = tuple(values["allowed_origins"])
+    values["allowed_methods"] = tuple(values["allowed_methods"] or CORS_METHODS)  # extend would add to a default
+    values["allowed_headers"] = tuple(values["allowed_headers"] or ["*"])
+    if values["allow_credentials"] and "*" in values["allowed_origins"]:
+        parser.error("--allow-credentials with --allowed-origins * would let every site act with its visitors' "
+                     "credentials: name the origins")
     sections = {name: section(**{f.name: values.pop(f.name) for f in fields(section)})
                 for name, section in SECTIONS.items()}
     tag = values.pop("model_tag")

@@ -55,7 +55,10 @@ class HTTPConfig:
     port: int = 8000
     api_key: str | None = None
     metrics_require_key: bool = False  # /metrics is open to scrapers unless asked
-    allowed_origins: tuple[str, ...] = ()  # CORS: browser origins let in; none: no CORS headers
+    allowed_origins: tuple[str, ...] = ()  # CORS: browser origins let in ("*": any); none: no CORS headers
+    allowed_methods: tuple[str, ...] = ("GET", "POST", "DELETE")  # what their preflights may ask for
+    allowed_headers: tuple[str, ...] = ("*",)  # request headers their preflights may ask for; "*": any
+    allow_credentials: bool = False  # browsers may send cookies and HTTP authentication to those origins
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection is kept
     header_timeout: float = 10.0  # seconds a request's headers may take to arrive

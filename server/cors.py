@@ -1,8 +1,10 @@
-"""CORS for browser clients (``--allowed-origins``): Starlette's middleware, set up for this API.
+"""CORS for browser clients (``--allowed-origins``, vLLM's ``--allowed-methods``, ``--allowed-headers`` and
+``--allow-credentials``): Starlette's middleware, set up for this API.
 
-Preflights from the listed origins (exact matches) are answered with the methods and request headers the API
-uses; a refused preflight gets the contract's error object instead of Starlette's plain text. Without the flag
-the app has no such middleware, so no response carries a CORS header.
+Preflights from the listed origins (exact matches, or any with ``*``) are answered with the allowed methods and
+request headers; by default every header a preflight asks for, as browser code using the OpenAI SDK sends its own
+(x-stainless-*). A refused preflight gets the contract's error object instead of Starlette's plain text. Without
+``--allowed-origins`` the app has no such middleware, so no response carries a CORS header.
 """
 
 from __future__ import annotations
@@ -12,16 +14,16 @@ from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp
 
+from server.config import HTTPConfig
 from server.protocol import ErrorObject, ErrorResponse
 
-METHODS = ["GET", "POST"]
-REQUEST_HEADERS = ["authorization", "content-type", "x-request-id"]
 EXPOSED_HEADERS = ["x-request-id"]  # so browser code can quote it in a bug report
 
 
 class AllowedOrigins(CORSMiddleware):
-    def __init__(self, app: ASGIApp, origins: list[str]) -> None:
-        super().__init__(app, allow_origins=origins, allow_methods=METHODS, allow_headers=REQUEST_HEADERS,
+    def __init__(self, app: ASGIApp, config: HTTPConfig) -> None:
+        super().__init__(app, allow_origins=config.allowed_origins, allow_methods=config.allowed_methods,
+                         allow_headers=config.allowed_headers, allow_credentials=config.allow_credentials,
                          expose_headers=EXPOSED_HEADERS)
 
     def preflight_response(self, request_headers: Headers) -> Response:

@@ -16,7 +16,8 @@ CANDIDATE_VALUES = ["7", "8", "0.5", "bfloat16", "some-text", "2", "0.9",  # tri
                     '{"temperature": 0.5}', "/llm"]
 # vLLM's flags for what is the default here: each must win over the variable that asks for the opposite
 DEFAULT_SPELLINGS = {"--disable-log-requests": "GPTSERVE_LOG_REQUESTS"}
-CANDIDATE_PAIRS = [("a=/models/a", "b=/models/b"), ("https://a.example", "http://b.example:8080")]  # repeatables
+CANDIDATE_PAIRS = [("a=/models/a", "b=/models/b"), ("https://a.example", "http://b.example:8080"),  # repeatables
+                   ("PUT", "PATCH")]
 
 
 def flags() -> list[argparse.Action]:

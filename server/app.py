@@ -203,7 +203,7 @@ class Gateway:
         self.config = config
         self.metrics = metrics
         self.load = load  # GET /load's count, kept only with --enable-server-load-tracking
-        self._api_key = config.api_key.encode() if config.api_key else None
+        self._api_keys = [key.encode() for key in config.api_keys]
         self._open_paths = tuple(p for p in OPEN_PATHS if p != "/metrics" or not config.metrics_require_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -245,9 +245,11 @@ class Gateway:
             self._record(scope, request_id, status, time.perf_counter() - started, body)
 
     def _refuse(self, scope: Scope, headers: Headers) -> Response | None:
-        if self._api_key is not None and route_path(scope) not in self._open_paths:
+        if self._api_keys and route_path(scope) not in self._open_paths:
             scheme, _, token = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key):
+            given = token.strip().encode()
+            matches = [hmac.compare_digest(given, key) for key in self._api_keys]  # every key, each in constant time
+            if scheme.lower() != "bearer" or not any(matches):
                 return error_response(401, ErrorObject(
                     message="missing or incorrect API key: send 'Authorization: Bearer <key>'",
                     type="invalid_request_error", code="invalid_api_key"))

@@ -99,6 +99,13 @@ def _headers(text: str) -> list[str]:
     return headers
 
 
+def _api_key(text: str) -> str:
+    """A key a client can send: not empty (which would silently leave the API open), no white space."""
+    if not text or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError("an API key must be non-empty, without white space")
+    return text
+
+
 def _name(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
@@ -239,8 +246,9 @@ def build_parser(*, defaults: bool = True) -> _Parser:
     group = parser.add_argument_group("HTTP and security", "the listener, its limits, and who may call it")
     add("--host", "address to listen on", default="127.0.0.1")
     add("--port", "port to listen on", type=int, default=8000)
-    add("--api-key", "require 'Authorization: Bearer KEY' on /v1/* routes; unset, vLLM's VLLM_API_KEY is read",
-        default=None)
+    add("--api-key", "require 'Authorization: Bearer KEY' on /v1/* routes; several keys (vLLM's list, e.g. while "
+        "rotating one): any of them (env: comma-separated). Unset, vLLM's VLLM_API_KEY is read", nargs="+",
+        action="extend", type=_api_key, dest="api_keys", default=None, metavar="KEY")
     add("--metrics-require-key", "with --api-key, /metrics demands the key too (by default scrapers need none)",
         action="store_true")
     add("--allowed-origins", "browser origin allowed to call the API (CORS), exact: https://app.example.com[:port], "
@@ -334,8 +342,9 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
     parser = build_parser()
     from_environment, parser.environment = environment_arguments(parser, environ, set(vars(given)))
     values = vars(parser.parse_args(from_environment + argv))
-    if values["api_key"] is None:  # vLLM's variable: a deployment moved from vLLM keeps its key, never loses it
-        values["api_key"] = environ.get("VLLM_API_KEY", "").strip() or None
+    if not values["api_keys"]:  # vLLM's variable: a deployment moved from vLLM keeps its key, never loses it
+        values["api_keys"] = [key for key in [environ.get("VLLM_API_KEY", "").strip()] if key]
+    values["api_keys"] = tuple(values["api_keys"])
     values["allowed_origins"] = tuple(values["allowed_origins"])
     values["allowed_methods"] = tuple(values["allowed_methods"] or CORS_METHODS)  # extend would add to a default
     values["allowed_headers"] = tuple(values["allowed_headers"] or ["*"])

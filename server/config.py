@@ -53,7 +53,7 @@ class HTTPConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()  # any one of them lets a request in; none: no key asked for
     metrics_require_key: bool = False  # /metrics is open to scrapers unless asked
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins let in ("*": any); none: no CORS headers
     allowed_methods: tuple[str, ...] = ("GET", "POST", "DELETE")  # what their preflights may ask for

@@ -101,7 +101,7 @@ async def run_batch(app: FastAPI, config: ServerConfig, requests: list[BatchRequ
     import httpx
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request: the app's access log has them
-    headers = {"authorization": f"Bearer {config.http.api_key}"} if config.http.api_key else {}
+    headers = {"authorization": f"Bearer {config.http.api_keys[0]}"} if config.http.api_keys else {}
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # a route's crash is its line's 500
         async with httpx.AsyncClient(transport=transport, base_url="http://gptserve", headers=headers,

@@ -111,14 +111,14 @@ def test_empty_variables_count_as_unset():
 
 def test_vllms_api_key_variable_is_read_when_no_key_is_given():
     """A deployment moved from vLLM with VLLM_API_KEY set must not start open to everyone."""
-    assert parse_config([], {"VLLM_API_KEY": "from-vllm"}).http.api_key == "from-vllm"
-    assert parse_config([], {"VLLM_API_KEY": "from-vllm", "GPTSERVE_API_KEY": "ours"}).http.api_key == "ours"
-    assert parse_config(["--api-key", "flag"], {"VLLM_API_KEY": "from-vllm"}).http.api_key == "flag"
-    assert parse_config([], {"VLLM_API_KEY": " "}).http.api_key is None
+    assert parse_config([], {"VLLM_API_KEY": "from-vllm"}).http.api_keys == ("from-vllm",)
+    assert parse_config([], {"VLLM_API_KEY": "from-vllm", "GPTSERVE_API_KEY": "ours"}).http.api_keys == ("ours",)
+    assert parse_config(["--api-key", "flag"], {"VLLM_API_KEY": "from-vllm"}).http.api_keys == ("flag",)
+    assert parse_config([], {"VLLM_API_KEY": " "}).http.api_keys == ()
 
 
 def test_a_value_that_starts_with_a_dash_stays_a_value():
-    assert parse_config([], {"GPTSERVE_API_KEY": "--port"}).http.api_key == "--port"
+    assert parse_config([], {"GPTSERVE_API_KEY": "--port"}).http.api_keys == ("--port",)
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,24 @@ def test_every_route_but_the_probes_demands_the_key(server):
     assert httpx.get(server.base_url + "/metrics", headers=AUTH, timeout=10).status_code == 200
 
 
+def test_any_of_several_api_keys_lets_a_request_in(capsys):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.config import ServerConfig
+
+    config = parse_config(["--api-key", "old-key", "new-key"], {})
+    assert config.http.api_keys == ("old-key", "new-key")
+    assert parse_config([], {"GPTSERVE_API_KEY": "old-key,new-key"}).http.api_keys == ("old-key", "new-key")
+    client = TestClient(create_app(ServerConfig(http=config.http), {}))
+    for key, status in (("old-key", 200), ("new-key", 200), ("new-keyx", 401), ("old-key new-key", 401)):
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == status, key
+    for bad in ("", " spaced key"):  # an empty key would leave the API open
+        with pytest.raises(SystemExit):
+            parse_config(["--api-key", bad], {})
+        assert "--api-key" in capsys.readouterr().err
+
+
 def test_metrics_stay_open_without_metrics_require_key():
     assert parse_config(["--api-key", KEY]).http.metrics_require_key is False
     assert parse_config(["--api-key", KEY, "--metrics-require-key"]).http.metrics_require_key is True

@@ -100,6 +100,11 @@ class ModelMetrics:
         """A step of decodes was given up part-way for a newcomer's prompt (its layers so far are lost work)."""
         self._interrupted.inc()
 
+    def prompt_processed(self, prompt_tokens: int) -> None:
+        """A sequence's prompt is in (its prefill done), as vLLM counts prompt tokens: prompt throughput stays live
+        while long answers run."""
+        self._prompt_tokens.inc(prompt_tokens)
+
     def first_token(self, seconds: float) -> None:
         """A sequence's first token, `seconds` after arrival. Counted as it comes, so throughput graphs stay live."""
         self._ttft.observe(seconds)
@@ -118,7 +123,6 @@ class ModelMetrics:
         to last token, e2e = arrival to finish.
         """
         self._finished[finished_reason].inc()
-        self._prompt_tokens.inc(prompt_tokens)
         self._request_prompt.observe(prompt_tokens)
         self._request_generation.observe(generation_tokens)
         self._e2e.observe(e2e)
@@ -198,7 +202,7 @@ def _model_families(registry: CollectorRegistry) -> dict[str, Counter | Gauge | 
         "num_preemptions": counter("num_preemptions", "Requests preempted to free KV-cache blocks."),
         "num_steps_interrupted": counter("num_steps_interrupted",
                                          "Steps given up part-way so that a newcomer's prompt starts sooner."),
-        "prompt_tokens": counter("prompt_tokens", "Prompt tokens of finished requests."),
+        "prompt_tokens": counter("prompt_tokens", "Prompt tokens processed (counted as each prefill completes)."),
         "generation_tokens": counter("generation_tokens", "Tokens generated, counted as each is sampled."),
         "request_success": counter("request_success", "Requests finished, by finish reason.", ("finished_reason",)),
         "iteration_tokens": histogram("iteration_tokens_total", "Tokens per engine step.", ITERATION_TOKEN_BUCKETS),

@@ -105,6 +105,19 @@ def test_cached_blocks_nobody_holds_read_as_free(loaded):
     assert value(metrics, "gptserve:prefix_cache_hits_total") == 32  # 4 full blocks; the last token is computed
 
 
+def test_prompt_tokens_count_when_the_prefill_is_done_not_when_the_request_ends(loaded):
+    """As vLLM counts them: a long answer's prompt shows in the prompt throughput while it is written."""
+    engine, metrics = make_engine(loaded, max_num_batched_tokens=16)  # the 40-token prompt takes three steps
+    engine.add_request("long", PROMPT, greedy(20))
+    for _ in range(2):
+        engine.step()
+        assert value(metrics, "gptserve:prompt_tokens_total") == 0  # a chunk of it is in, not all
+    engine.step()
+    assert engine.has_work and value(metrics, "gptserve:prompt_tokens_total") == len(PROMPT)
+    drain(engine)
+    assert value(metrics, "gptserve:prompt_tokens_total") == len(PROMPT)  # once, not again at the end
+
+
 def test_token_counters_and_histograms_match_the_outputs(loaded):
     engine, metrics = make_engine(loaded)
     for i, max_tokens in enumerate((3, 7, 1)):  # prompts share no block, so nothing comes from the cache

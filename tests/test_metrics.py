@@ -138,13 +138,14 @@ def test_step_observes_tokens_per_engine_step() -> None:
     assert value(metrics, "gptserve:iteration_tokens_total_bucket", le="16.0") == 2
 
 
-def test_generated_tokens_count_as_they_come_and_prompt_tokens_when_requests_finish() -> None:
+def test_generated_tokens_count_as_they_come_and_prompt_tokens_when_their_prefill_is_done() -> None:
     metrics = Metrics()
     model = metrics.for_model("gpt2")
+    model.prompt_processed(12)
+    assert value(metrics, "gptserve:prompt_tokens_total") == 12
     model.first_token(0.5)
     model.inter_token(0.1)
     assert value(metrics, "gptserve:generation_tokens_total") == 2
-    assert value(metrics, "gptserve:prompt_tokens_total") == 0
     model.inter_token(0.1)
     model.request_finished("stop", prompt_tokens=12, generation_tokens=3, e2e=0.8, queue=0.1, prefill=0.4, decode=0.2)
     assert value(metrics, "gptserve:generation_tokens_total") == 3
@@ -210,6 +211,7 @@ def test_two_models_keep_separate_series() -> None:
     metrics = Metrics()
     gpt2, oss = metrics.for_model("gpt2"), metrics.for_model("gpt-oss-20b")
     gpt2.scheduler_state(running=2, waiting=0, kv_blocks_used=10, kv_blocks_total=20)
+    oss.prompt_processed(7)
     oss.first_token(0.2)
     oss.request_finished("abort", prompt_tokens=7, generation_tokens=1, e2e=1, queue=0, prefill=1, decode=0)
     assert value(metrics, "gptserve:num_requests_running", model_name="gpt2") == 2

@@ -36,6 +36,7 @@ def test_each_line_gives_the_intervals_rates_and_the_engines_state(caplog):
     log = StatsLog(metrics, {"m": engine}, 5.0, clock=lambda: clock[0])
     caplog.set_level(logging.INFO, logger="gptserve")
     log.take_readings()
+    model.prompt_processed(30)
     for _ in range(20):
         model.inter_token(0.01)
     model.request_finished("stop", prompt_tokens=30, generation_tokens=20, e2e=1, queue=0, prefill=0.5, decode=0.5)

@@ -304,6 +304,7 @@ class LLMEngine:
         out = ChoiceOutput(seq.index, new_tokens, new_logprobs if params.logprobs is not None else None)
         if not seq.reported_prompt:
             seq.reported_prompt = True
+            self.metrics.prompt_processed(seq)
             out.num_prompt_tokens = seq.num_prompt_tokens
             out.num_cached_tokens = seq.num_cached_tokens
             if params.prompt_logprobs is not None:
@@ -319,6 +320,7 @@ class LLMEngine:
     def _embedded(self, seq: Sequence, embedding: list[float]) -> Output:
         """An embedding request is done once its prompt is in: it reports the hidden state, no tokens."""
         seq.reported_prompt = True
+        self.metrics.prompt_processed(seq)
         self._finish(seq, "length")
         out = ChoiceOutput(seq.index, [], finish_reason="length", num_prompt_tokens=seq.num_prompt_tokens,
                            num_cached_tokens=seq.num_cached_tokens, embedding=embedding)

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
 MAX_BACKLOG_EVENTS = 4096  # replayed at once when this many wait (about 1,400 tokens at C=1) and no scrape came
 
-REPLAYED = frozenset({"scheduler_state", "step", "prefix_cache", "preempted", "step_interrupted", "first_token",
-                      "inter_token", "request_finished"})
+REPLAYED = frozenset({"scheduler_state", "step", "prefix_cache", "preempted", "step_interrupted", "prompt_processed",
+                      "first_token", "inter_token", "request_finished"})
 
 
 class MetricRecorder:
@@ -45,6 +45,9 @@ class MetricRecorder:
 
     def step_interrupted(self) -> None:
         self.events.append(("step_interrupted", ()))
+
+    def prompt_processed(self, prompt_tokens: int) -> None:
+        self.events.append(("prompt_processed", (prompt_tokens,)))
 
     def first_token(self, seconds: float) -> None:
         self.events.append(("first_token", (seconds,)))

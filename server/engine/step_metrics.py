@@ -32,6 +32,11 @@ class StepMetrics:
         if self.sink:
             self.sink.prefix_cache(queried_tokens=seq.num_prompt_tokens, hit_tokens=seq.num_cached_tokens)
 
+    def prompt_processed(self, seq: Sequence) -> None:
+        """Its prompt is in (once, whatever preemptions recompute later)."""
+        if self.sink:
+            self.sink.prompt_processed(seq.num_prompt_tokens)
+
     def step(self, num_tokens: int) -> None:
         if self.sink:
             self.sink.step(num_tokens)

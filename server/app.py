@@ -205,6 +205,7 @@ class Gateway:
         self.load = load  # GET /load's count, kept only with --enable-server-load-tracking
         self._api_keys = [key.encode() for key in config.api_keys]
         self._open_paths = tuple(p for p in OPEN_PATHS if p != "/metrics" or not config.metrics_require_key)
+        self._unlogged_paths = set(config.disable_access_log_for_endpoints)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -294,7 +295,8 @@ class Gateway:
             line |= usage().model_dump(exclude={"prompt_tokens_details"})
         if self.config.log_requests and body:
             line["body"] = body[:self.config.max_log_len].decode("utf-8", "replace")
-        access_log.info("request", extra=line)
+        if not (self.config.disable_access_log or route_path(scope) in self._unlogged_paths):
+            access_log.info("request", extra=line)
 
 
 def route_path(scope: Scope) -> str:

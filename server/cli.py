@@ -99,6 +99,14 @@ def _headers(text: str) -> list[str]:
     return headers
 
 
+def _paths(text: str) -> tuple[str, ...]:
+    paths = tuple(path.strip().rstrip("/") or "/" for path in text.split(",") if path.strip())
+    for path in paths:
+        if not path.startswith("/"):
+            raise argparse.ArgumentTypeError(f"{path!r} is not a path like /health")
+    return paths
+
+
 def _api_key(text: str) -> str:
     """A key a client can send: not empty (which would silently leave the API open), no white space."""
     if not text or any(c.isspace() for c in text):
@@ -246,6 +254,8 @@ def build_parser(*, defaults: bool = True) -> _Parser:
     group = parser.add_argument_group("HTTP and security", "the listener, its limits, and who may call it")
     add("--host", "address to listen on", default="127.0.0.1")
     add("--port", "port to listen on", type=int, default=8000)
+    add("--uds", "vLLM's flag: listen on this Unix domain socket (created at start, removed at exit) instead of "
+        "--host and --port, for a proxy or sidecar on the same machine", default=None, metavar="PATH")
     add("--api-key", "require 'Authorization: Bearer KEY' on /v1/* routes; several keys (vLLM's list, e.g. while "
         "rotating one): any of them (env: comma-separated). Unset, vLLM's VLLM_API_KEY is read", nargs="+",
         action="extend", type=_api_key, dest="api_keys", default=None, metavar="KEY")
@@ -327,6 +337,12 @@ def build_parser(*, defaults: bool = True) -> _Parser:
         "whatever GPTSERVE_LOG_REQUESTS says", action="store_false", dest="log_requests", default=False)
     add("--max-log-len", "bytes of a request body the request log keeps (vLLM's flag; with --log-requests)",
         type=_positive_int, default=4096)
+    add("--disable-access-log", "no log line per request (method, route, status, latency, tokens); "
+        "--disable-uvicorn-access-log is vLLM's name for it", "--disable-uvicorn-access-log", action="store_true")
+    add("--disable-access-log-for-endpoints", "vLLM's flag: paths whose requests get no log line, comma-separated, "
+        "e.g. /health,/metrics,/ping (probes and scrapes)", type=_paths, default=(), metavar="PATHS")
+    add("--uvicorn-log-level", "vLLM's flag: the level of uvicorn's own log lines (start, stop, protocol errors); "
+        "default: --log-level's", choices=[*LOG_LEVELS, "trace"], type=str.lower, default=None)
     add("--disable-log-stats", "vLLM's flag: no log line per model every --log-stats-interval seconds while it works "
         "(prompt and generation throughput, requests running and waiting, KV cache use, prefix cache hits)",
         action="store_true")

@@ -53,6 +53,7 @@ class HTTPConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
+    uds: str | None = None  # listen on this Unix domain socket instead of host:port
     api_keys: tuple[str, ...] = ()  # any one of them lets a request in; none: no key asked for
     metrics_require_key: bool = False  # /metrics is open to scrapers unless asked
     allowed_origins: tuple[str, ...] = ()  # CORS: browser origins let in ("*": any); none: no CORS headers
@@ -66,6 +67,8 @@ class HTTPConfig:
     max_connections: int = 1024  # open connections; a request arriving over this gets 503
     drain_timeout: float = 30.0  # on SIGTERM, seconds in-flight requests get before they are aborted with 503
     log_requests: bool = False  # prompts and outputs go to the log only when asked for
+    disable_access_log: bool = False  # no log line per request
+    disable_access_log_for_endpoints: tuple[str, ...] = ()  # paths whose requests get no log line (probes)
     max_log_len: int = 4096  # bytes of a logged request body (--log-requests)
     root_path: str = ""  # the path prefix a proxy serves the API under (/docs and the OpenAPI document name it)
     disable_fastapi_docs: bool = False  # no /docs, /redoc or /openapi.json
@@ -102,6 +105,7 @@ class ServerConfig:
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
     seed: int | None = None
     log_level: str = "info"
+    uvicorn_log_level: str | None = None  # uvicorn's own loggers (start, stop, connection errors); None: log_level
     disable_log_stats: bool = False  # no periodic throughput and queue line per model (vLLM's flag)
     log_stats_interval: float = 10.0  # seconds between those lines
     generation_config: str = "auto"  # auto | vllm | a folder: where the models' generation_config.json is read

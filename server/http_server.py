@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -47,12 +48,16 @@ def serve(app: Callable[..., Any], config: ServerConfig, cut: Callable[[], None]
     """Run the ASGI ``app`` until SIGTERM/SIGINT; ``cut`` aborts whatever is still in flight at the drain deadline."""
     # uvicorn annotates both timeouts as int but hands them to call_later and wait_for, which take fractions.
     uvicorn_config = uvicorn.Config(
-        app, host=config.http.host, port=config.http.port, log_config=None, access_log=False,
-        log_level=config.log_level, http=guarded_protocol(config.http.header_timeout),
+        app, host=config.http.host, port=config.http.port, uds=config.http.uds, log_config=None, access_log=False,
+        log_level=config.uvicorn_log_level or config.log_level, http=guarded_protocol(config.http.header_timeout),
         limit_concurrency=config.http.max_connections,
         timeout_keep_alive=config.http.keep_alive_timeout,  # type: ignore[arg-type]
         timeout_graceful_shutdown=config.http.drain_timeout + CUT_GRACE_S,  # type: ignore[arg-type]
         ssl_certfile=config.http.ssl_certfile, ssl_keyfile=config.http.ssl_keyfile,
         ssl_ca_certs=config.http.ssl_ca_certs, ssl_cert_reqs=config.http.ssl_cert_reqs,
     )
-    DrainingServer(uvicorn_config, config.http.drain_timeout, cut).run()
+    try:
+        DrainingServer(uvicorn_config, config.http.drain_timeout, cut).run()
+    finally:
+        if config.http.uds:  # as uvicorn.run does: a socket left behind would look like a server to clients
+            Path(config.http.uds).unlink(missing_ok=True)

@@ -2,7 +2,8 @@
 turns it off): prompt and generation throughput, requests running and waiting, KV cache use, prefix cache hits.
 
 It reads what /metrics serves, so the two agree: tokens from the Prometheus counters (prompt tokens are counted as
-each prefill completes, as vLLM counts them), queues and KV blocks from the engine core's last report. A model that was idle for a whole interval logs nothing more until it works again.
+each prefill completes, as vLLM counts them), queues and KV blocks from the engine core's last report. A model
+that was idle for a whole interval logs nothing more until it works again.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from server.env_flags import env_name, flag_actions
 from tests.server_process import ServerProcess
 
 CANDIDATE_VALUES = ["7", "8", "0.5", "bfloat16", "some-text", "2", "0.9",  # tried in turn until the flag accepts one
-                    '{"temperature": 0.5}', "/llm"]
+                    '{"temperature": 0.5}', "/llm", "/health,/metrics"]
 # vLLM's flags for what is the default here: each must win over the variable that asks for the opposite
 DEFAULT_SPELLINGS = {"--disable-log-requests": "GPTSERVE_LOG_REQUESTS"}
 CANDIDATE_PAIRS = [("a=/models/a", "b=/models/b"), ("https://a.example", "http://b.example:8080"),  # repeatables

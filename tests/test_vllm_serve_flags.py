@@ -1,10 +1,12 @@
 """vLLM serve's command line: the model as its positional argument, --root-path behind a proxy, the request log's
 flags (--enable-log-requests, --disable-log-requests, --max-log-len), --disable-fastapi-docs,
---enable-force-include-usage and --enable-server-load-tracking (GET /load)."""
+--enable-force-include-usage, --enable-server-load-tracking (GET /load), and the access log's flags
+(--disable-uvicorn-access-log, --disable-access-log-for-endpoints, --uvicorn-log-level)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import httpx
@@ -31,7 +33,8 @@ def proxied(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def undocumented(tiny_gpt2_dir):
-    args = [f"tiny={tiny_gpt2_dir}", "--disable-fastapi-docs", "--disable-log-requests", "--enable-force-include-usage"]
+    args = [f"tiny={tiny_gpt2_dir}", "--disable-fastapi-docs", "--disable-log-requests", "--enable-force-include-usage",
+            "--disable-access-log-for-endpoints", "/health,/v1/models", "--uvicorn-log-level", "warning"]
     with ServerProcess(args, env={"GPTSERVE_LOG_REQUESTS": "1"}) as running:
         yield running
 
@@ -145,3 +148,37 @@ def test_without_load_tracking_there_is_no_load_route(undocumented):
     ("GET", "/load", False), ("POST", "/v1/completions/x", False)])
 def test_load_counts_the_routes_that_run_a_model(method, path, counted):
     assert counts_as_load(method, path) is counted
+
+
+def access_lines(server: ServerProcess) -> list[dict]:
+    lines = [json.loads(line) for line in server.log_text().splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("logger") == "gptserve.access"]
+
+
+def test_requests_to_the_quiet_endpoints_get_no_access_line(undocumented):
+    for _ in range(3):
+        assert httpx.get(undocumented.base_url + "/health", timeout=10).status_code == 200
+        assert httpx.get(undocumented.v1 + "/models", timeout=10).status_code == 200
+    assert httpx.post(undocumented.v1 + "/completions", json=BODY, timeout=60).status_code == 200
+    routes = {line["route"] for line in access_lines(undocumented)}
+    assert "/v1/completions" in routes and not routes & {"/health", "/v1/models"}
+
+
+def test_uvicorn_logs_at_its_own_level(undocumented):
+    lines = [json.loads(line) for line in undocumented.log_text().splitlines() if line.startswith("{")]
+    assert any(line["logger"] == "gptserve" for line in lines)  # ours stay at --log-level's info
+    assert not [line for line in lines if line["logger"].startswith("uvicorn") and line["level"] == "INFO"]
+
+
+def test_disable_access_log_leaves_out_every_request_line(caplog):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.config import ServerConfig
+
+    caplog.set_level(logging.INFO, logger="gptserve.access")
+    for flags, logged in (([], True), (["--disable-uvicorn-access-log"], False), (["--disable-access-log"], False)):
+        caplog.clear()
+        client = TestClient(create_app(ServerConfig(http=parse_config(flags, {}).http), {}))
+        assert client.get("/version").status_code == 200
+        assert any(record.name == "gptserve.access" for record in caplog.records) is logged, flags

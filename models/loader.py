@@ -37,6 +37,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     hidden_size: int  # the width of the final hidden states (an embedding's dimensions)
+    tokenizer_dir: Path  # where the tokenizer's files are: the model's folder (or its parent), or --tokenizer's
 
     @property
     def max_context(self) -> int:
@@ -119,12 +120,13 @@ def load_model(
     tp: TensorParallel = SINGLE,
     cpu_weight_dtype: str = "float32",
     defer_tokenizer: bool = False,
+    tokenizer: str | Path | None = None,
 ) -> LoadedModel:
     """``cpu_weight_dtype="bfloat16"`` (CPU, float32 only) rounds the weights to bf16 and streams them as bf16
     in decode steps: about half the time per batch-1 step, outputs off the checkpoint's by the rounding.
     ``keep_experts_packed``: GPT-OSS experts kept in MXFP4; None chooses by device (``experts_kept_packed``).
     ``defer_tokenizer``: build the tokenizer's tables only when first used (an engine core, whose front end
-    holds and checks the same tokenizer)."""
+    holds and checks the same tokenizer). ``tokenizer``: its folder, when not the model's."""
     model_dir = Path(path)
     if not model_dir.is_dir():
         raise CheckpointError(f"missing file: model directory {model_dir} does not exist")
@@ -138,12 +140,13 @@ def load_model(
     if bf16_weights and not (torch_dtype == torch.float32 and onednn_usable(torch_device, torch_dtype)):
         raise ValueError("bfloat16 CPU weights need --device cpu and --dtype float32")
     model = load_weights(model_dir, family, torch_dtype, torch_device, keep_experts_packed, tp, bf16_weights)
-    tokenizer_dir = tokenizer_directory(model_dir)
-    tokenizer = DeferredTokenizer(tokenizer_dir) if defer_tokenizer else load_tokenizer(tokenizer_dir)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise CheckpointError(f"the tokenizer defines {tokenizer.vocab_size} token ids but the model's vocabulary "
+    tokenizer_dir = Path(tokenizer) if tokenizer is not None else tokenizer_directory(model_dir)
+    built = DeferredTokenizer(tokenizer_dir) if defer_tokenizer else load_tokenizer(tokenizer_dir)
+    if built.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"the tokenizer defines {built.vocab_size} token ids but the model's vocabulary "
                               f"has only {model.config.vocab_size}")
-    return LoadedModel(model, tokenizer, family, model_dir, torch_dtype, torch_device, model.config.hidden_size)
+    return LoadedModel(model, built, family, model_dir, torch_dtype, torch_device, model.config.hidden_size,
+                       tokenizer_dir)
 
 
 def load_weights(

@@ -10,7 +10,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from server.config import DEFAULT_MAX_BODY_BYTES, SECTIONS, ServerConfig
@@ -214,6 +214,9 @@ def build_parser(*, defaults: bool = True) -> _Parser:
     add("--override-generation-config", "vLLM's flag: sampling defaults as a JSON object, set over the generation "
         "config's, e.g. '{\"temperature\": 0.6, \"max_new_tokens\": 512}'", type=_generation_overrides,
         default={}, metavar="JSON")
+    add("--tokenizer", "vLLM's flag: the tokenizer's folder, or a hub id whose tokenizer files are fetched, in place "
+        "of the model's own (for a checkpoint shipped without one); one model only", default=None,
+        metavar="PATH|HUB_ID")
     add("--seed", "seed for the global RNGs (per-request seeds come from the request)", type=int, default=None)
 
     group = parser.add_argument_group("engine", "scheduling and the KV cache")
@@ -406,6 +409,7 @@ def start_and_run(argv: list[str] | None, run: Callable[[FastAPI, ServerConfig],
 
     configure_logging(config.log_level)
     try:
+        config = with_resolved_tokenizer(config)
         if config.parallel.tensor_parallel_size > 1 and int(os.environ.get("RANK", "0")) > 0:  # a torchrun worker rank
             from server.engine.distributed import run_torchrun_rank
 
@@ -465,9 +469,23 @@ def _drained(signum: int, frame: object) -> None:
     the handlers it found: landing here, after a clean shutdown, makes the exit status 0 rather than -15."""
 
 
+def with_resolved_tokenizer(config: ServerConfig) -> ServerConfig:
+    """--tokenizer's hub id or folder, resolved once to the folder every process then loads it from."""
+    if config.load.tokenizer is None:
+        return config
+    if len(config.models) > 1:
+        raise ValueError("--tokenizer names the one model's tokenizer; with several models each keeps its own")
+    from server.model_source import resolve_tokenizer_spec
+
+    directory = resolve_tokenizer_spec(config.load.tokenizer)
+    return replace(config, load=replace(config.load, tokenizer=str(directory)))
+
+
 def load_models(config: ServerConfig) -> dict[str, LoadedModel]:
     """Every model loaded in this process, one at a time (the server loads each in its engine core instead)."""
     from server.engine.core_process import load_served_model
+
+    config = with_resolved_tokenizer(config)
 
     return {source.name: load_served_model(source.directory, config) for source in checked_sources(config)}
 

@@ -21,6 +21,7 @@ class ModelLoadConfig:
     device: str = "auto"
     cpu_weight_dtype: str = "float32"  # bfloat16: weights rounded to bf16 and streamed as bf16 in decode steps
     keep_experts_packed: bool | None = None  # GPT-OSS experts stay MXFP4; None: on CPU only (models/loader.py)
+    tokenizer: str | None = None  # the tokenizer's folder (a hub id until resolved at start); None: the model's
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""From a ``--model`` spec (PATH, NAME=PATH or a hub id) to a served name and a local checkpoint directory.
+"""From a ``--model`` spec (PATH, NAME=PATH or a hub id) to a served name and a local checkpoint directory, and
+from a ``--tokenizer`` spec (PATH or a hub id) to a local tokenizer directory.
 
 Nothing here loads weights; it only decides where they are, so a bad spec fails before any slow work starts.
 """
@@ -10,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +20,8 @@ log = logging.getLogger(__name__)
 DEFAULT_HUB_ID = "gpt2"
 DEMO_MODEL_NAME = "gpt2-tiny-random-demo"
 # Only what the loader reads: GPT-OSS repos also ship original/ and metal/ copies of the weights.
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt"]
 HUB_IGNORE_PATTERNS = ["original/*", "metal/*"]
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # either makes a folder a tokenizer's (models.loader reads them)
 
 
 class ModelSourceError(ValueError):
@@ -63,19 +65,43 @@ def default_model_source() -> ModelSource:
         return ModelSource(DEMO_MODEL_NAME, directory)
 
 
-def download_from_hub(repo_id: str) -> Path:
-    """The local snapshot of a hub model: the cache first, the network only when the hub is not set offline.
+@dataclass(frozen=True, slots=True)
+class SnapshotFiles:
+    """What is fetched of a hub repository, and what a snapshot must hold to be used."""
+
+    what: str  # "model" or "tokenizer", as errors name it
+    allow_patterns: tuple[str, ...]
+    missing: Callable[[Path], list[str]]
+
+
+def resolve_tokenizer_spec(spec: str) -> Path:
+    """``--tokenizer``: a folder with the tokenizer's files, or a hub id whose tokenizer files are fetched."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if _missing_tokenizer_files(path):
+            raise ModelSourceError(f"--tokenizer {spec!r}: {path} holds neither {' nor '.join(TOKENIZER_FILES)}")
+        return path
+    if _looks_like_path(spec):
+        raise ModelSourceError(f"--tokenizer {spec!r}: directory {path} does not exist")
+    return download_from_hub(spec, TOKENIZER)
+
+
+def download_from_hub(repo_id: str, files: SnapshotFiles | None = None) -> Path:
+    """The local snapshot of a hub model (or only its tokenizer): the cache first, the network only when the hub
+    is not set offline.
 
     A download cut part-way leaves a snapshot folder with some files in it, which the hub's cache lookup may
     still return: a snapshot is used only once every file the loader needs is there.
     """
     from huggingface_hub import snapshot_download
 
+    files = files or CHECKPOINT
+    allow = list(files.allow_patterns)
     missing: list[str] = []
     try:
-        cached = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=HUB_ALLOW_PATTERNS,
+        cached = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=allow,
                                         ignore_patterns=HUB_IGNORE_PATTERNS))
-        missing = _missing_checkpoint_files(cached)
+        missing = files.missing(cached)
         if not missing:
             return cached
     except Exception:  # noqa: BLE001 - any failure here just means "not cached"
@@ -83,18 +109,17 @@ def download_from_hub(repo_id: str) -> Path:
     if _hub_offline():
         state = (f"is only partly in the local HuggingFace cache (missing {', '.join(missing)}: an interrupted "
                  "download? run once online to finish it)") if missing else "is not in the local HuggingFace cache"
-        raise ModelSourceError(f"hub model {repo_id!r} {state} and HF_HUB_OFFLINE is set")
+        raise ModelSourceError(f"hub {files.what} {repo_id!r} {state} and HF_HUB_OFFLINE is set")
     try:
-        directory = Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS,
-                                           ignore_patterns=HUB_IGNORE_PATTERNS))
+        directory = Path(snapshot_download(repo_id, allow_patterns=allow, ignore_patterns=HUB_IGNORE_PATTERNS))
     except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end the same way
         raise ModelSourceError(
-            f"hub model {repo_id!r} is not in the local HuggingFace cache and could not be downloaded "
+            f"hub {files.what} {repo_id!r} is not in the local HuggingFace cache and could not be downloaded "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
         ) from None
-    missing = _missing_checkpoint_files(directory)
+    missing = files.missing(directory)
     if missing:
-        raise ModelSourceError(f"hub model {repo_id!r}: the downloaded snapshot {directory} lacks "
+        raise ModelSourceError(f"hub {files.what} {repo_id!r}: the downloaded snapshot {directory} lacks "
                                f"{', '.join(missing)}")
     return directory
 
@@ -113,6 +138,14 @@ def _missing_checkpoint_files(directory: Path) -> list[str]:
     else:
         shards = ["model.safetensors"]
     return [name for name in shards if not (directory / name).is_file()]
+
+
+def _missing_tokenizer_files(directory: Path) -> list[str]:
+    return [] if any((directory / name).is_file() for name in TOKENIZER_FILES) else [" or ".join(TOKENIZER_FILES)]
+
+
+CHECKPOINT = SnapshotFiles("model", ("*.json", "*.safetensors", "*.txt"), _missing_checkpoint_files)
+TOKENIZER = SnapshotFiles("tokenizer", ("*.json", "*.txt", "*.jinja"), _missing_tokenizer_files)
 
 
 def demo_model_directory() -> Path:

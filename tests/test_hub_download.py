@@ -13,7 +13,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 
-from server.model_source import ModelSourceError, download_from_hub
+from server.model_source import ModelSourceError, download_from_hub, resolve_tokenizer_spec
 
 REPO = "acme/tiny-gpt2"
 SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
@@ -87,3 +87,21 @@ def test_snapshot_lacking_a_shard_after_download_is_refused(hub):
     with pytest.raises(ModelSourceError) as raised:
         download_from_hub(REPO)
     assert SHARDS[1] in str(raised.value)
+
+
+def test_a_tokenizer_spec_fetches_the_tokenizer_files_of_a_hub_repository(hub, monkeypatch):
+    asked: list[list[str]] = []
+    fetch = hub.snapshot_download
+
+    def recording(repo_id: str, local_files_only: bool = False, **patterns) -> str:
+        asked.append(patterns["allow_patterns"])
+        return fetch(repo_id, local_files_only, **patterns)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
+    directory = resolve_tokenizer_spec(REPO)
+    assert (directory / "vocab.json").is_file()
+    assert all("*.safetensors" not in patterns for patterns in asked)  # never the weights
+    del hub.files["vocab.json"]
+    (directory / "vocab.json").unlink()
+    with pytest.raises(ModelSourceError, match="hub tokenizer 'acme/tiny-gpt2'.*lacks tokenizer.json or vocab.json"):
+        resolve_tokenizer_spec(REPO)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import zmq
 
-from models.loader import LoadedModel, load_model, tokenizer_directory
+from models.loader import LoadedModel, load_model
 from server.config import ServerConfig
 from server.engine import core_messages as wire
 from server.engine.engine import LLMEngine, Output
@@ -97,7 +97,7 @@ class EngineCore:
         loaded = self.engine.loaded
         loaded.model.attach(self.engine.cache, self.fail)  # tensor parallel: the other ranks allocate their KV too
         self.channel.send(wire.Ready(self.engine.admission, self._sent_stats, loaded.family,
-                                     str(tokenizer_directory(loaded.directory)), loaded.hidden_size))
+                                     str(loaded.tokenizer_dir), loaded.hidden_size))
         try:
             while not self.stopping and self.failure is None:
                 outputs = self._apply_commands()

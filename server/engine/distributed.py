@@ -158,7 +158,8 @@ def launch(model_dir: Path, config: ServerConfig) -> LoadedModel:
         watchdog = WorkerWatchdog(processes)
         ctx = join(0, world_size, spec, 0, store)
     device = str(ctx.device) if config.load.device != "cpu" else "cpu"
-    loaded = load_model(model_dir, config.load.dtype, device, config.load.keep_experts_packed, tp=ctx.tp)
+    loaded = load_model(model_dir, config.load.dtype, device, config.load.keep_experts_packed, tp=ctx.tp,
+                        tokenizer=config.load.tokenizer)
     dist.barrier(group=ctx.control)  # every shard loaded
     loaded.model = ShardedModel(loaded.model, StepChannel(ctx), watchdog)
     log.info("tensor parallel over %d ranks", world_size, extra={"backend": dist.get_backend()})

@@ -302,6 +302,12 @@ def build_parser(*, defaults: bool = True) -> _Parser:
     add("--ssl-cert-reqs", "client certificates: 0 or none (not asked for), 1 or optional (checked when given), "
         "2 or required (mutual TLS: a client without a valid one cannot connect)", type=cert_reqs, default=0,
         metavar="0|1|2")
+    add("--ssl-ciphers", "vLLM's flag: OpenSSL's cipher list for TLS 1.2 and below, e.g. "
+        "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-CHACHA20-POLY1305 (TLS 1.3's suites are OpenSSL's own)", default=None,
+        metavar="CIPHERS")
+    add("--enable-ssl-refresh", "vLLM's flag: reload the certificate, key and CAs when their files change (a "
+        "renewal, e.g. cert-manager's), for new connections, without a restart; a half-written set is retried",
+        action="store_true")
 
     group = parser.add_argument_group("API", "what requests may ask for and how answers are shaped")
     add("--chat-template", "Jinja chat template (file path or the text) for models without a built-in chat "

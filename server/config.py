@@ -78,6 +78,8 @@ class HTTPConfig:
     ssl_keyfile: str | None = None
     ssl_ca_certs: str | None = None  # CA certificates that client certificates are verified against
     ssl_cert_reqs: int = 0  # ssl.CERT_NONE, CERT_OPTIONAL or CERT_REQUIRED: whether clients present a certificate
+    ssl_ciphers: str | None = None  # OpenSSL's cipher list for TLS 1.2 and below; None: uvicorn's
+    enable_ssl_refresh: bool = False  # reload the certificate, key and CAs when their files change
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,21 +22,34 @@ from typing import Any
 
 import uvicorn
 
-from server.config import ServerConfig
+from server.config import HTTPConfig, ServerConfig
 from server.http_protocols import guarded_protocol
+from server.tls import CertificateRefresher
 
+UVICORN_CIPHERS = "TLSv1"  # uvicorn.Config's default cipher list, kept without --ssl-ciphers
 CUT_GRACE_S = 5.0  # after the drain deadline's aborts, how long requests get to write their 503s and [DONE]s
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose shutdown calls ``cut`` once ``drain_timeout`` seconds have passed."""
 
-    def __init__(self, config: uvicorn.Config, drain_timeout: float, cut: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, drain_timeout: float, cut: Callable[[], None],
+                 refresh_tls: HTTPConfig | None = None) -> None:
+        """``refresh_tls``: the settings whose files are reloaded when they change (--enable-ssl-refresh)."""
         super().__init__(config)
         self.drain_timeout = drain_timeout
         self.cut = cut
+        self.refresh_tls = refresh_tls
+        self._refresher: asyncio.Task | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.refresh_tls is not None and self.config.ssl is not None:  # the context every handshake uses
+            self._refresher = asyncio.create_task(CertificateRefresher(self.config.ssl, self.refresh_tls).run())
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
         deadline = asyncio.get_running_loop().call_later(self.drain_timeout, self.cut)
         try:
             await super().shutdown(sockets)
@@ -55,9 +68,11 @@ def serve(app: Callable[..., Any], config: ServerConfig, cut: Callable[[], None]
         timeout_graceful_shutdown=config.http.drain_timeout + CUT_GRACE_S,  # type: ignore[arg-type]
         ssl_certfile=config.http.ssl_certfile, ssl_keyfile=config.http.ssl_keyfile,
         ssl_ca_certs=config.http.ssl_ca_certs, ssl_cert_reqs=config.http.ssl_cert_reqs,
+        ssl_ciphers=config.http.ssl_ciphers or UVICORN_CIPHERS,
     )
     try:
-        DrainingServer(uvicorn_config, config.http.drain_timeout, cut).run()
+        refresh = config.http if config.http.enable_ssl_refresh else None
+        DrainingServer(uvicorn_config, config.http.drain_timeout, cut, refresh).run()
     finally:
         if config.http.uds:  # as uvicorn.run does: a socket left behind would look like a server to clients
             Path(config.http.uds).unlink(missing_ok=True)

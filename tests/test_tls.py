@@ -163,6 +163,11 @@ REFUSALS = {
                                       "--ssl-ca-certs: "),
     "unknown client requirement": (["--ssl-certfile", "{both}", "--ssl-cert-reqs", "3"],
                                    "--ssl-cert-reqs: must be one of 0, 1, 2"),
+    "unknown ciphers": (["--ssl-certfile", "{both}", "--ssl-ciphers", "NO-SUCH-CIPHER"],
+                        "--ssl-ciphers: OpenSSL knows no cipher in 'NO-SUCH-CIPHER'"),
+    "ciphers without a certificate": (["--ssl-ciphers", "ECDHE-ECDSA-AES256-GCM-SHA384"],
+                                      "--ssl-ciphers needs --ssl-certfile"),
+    "refresh without a certificate": (["--enable-ssl-refresh"], "--enable-ssl-refresh needs --ssl-certfile"),
 }
 
 
@@ -176,3 +181,60 @@ def test_tls_settings_that_cannot_serve_stop_the_start_with_the_flag_named(tiny_
                             check=False, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "started engine core" not in result.stderr, result.stderr
+
+
+def served_certificate(port: int, context: ssl.SSLContext) -> bytes:
+    """The certificate a new connection is shown (DER)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def der(leaf: trustme.LeafCert) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+
+
+@pytest.fixture(scope="module")
+def refreshing(tiny_gpt2_dir, ca, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rotated")
+    first = ca.issue_cert("127.0.0.1")
+    first.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+    first.private_key_pem.write_to_path(str(folder / "key.pem"))
+    args = ["--model", f"tiny={tiny_gpt2_dir}", "--ssl-certfile", str(folder / "cert.pem"), "--ssl-keyfile",
+            str(folder / "key.pem"), "--enable-ssl-refresh", "--ssl-ciphers", "ECDHE-ECDSA-AES256-GCM-SHA384"]
+    with ServerProcess(args, tls=client_context(ca)) as running:
+        yield running, folder, first
+
+
+def test_a_renewed_certificate_is_served_to_new_connections_without_a_restart(refreshing, ca):
+    server, folder, first = refreshing
+    context = client_context(ca)
+    assert served_certificate(server.port, context) == der(first)
+    (folder / "cert.pem").write_text("-----BEGIN CERTIFICATE-----\nhalf-written")  # a renewal caught mid-write
+    time.sleep(2.5)
+    assert served_certificate(server.port, context) == der(first)  # the old one stays until the new set loads
+    assert "TLS files changed but do not load" in server.log_text()
+    renewed = ca.issue_cert("127.0.0.1")
+    renewed.private_key_pem.write_to_path(str(folder / "key.pem"))
+    renewed.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+    deadline = time.monotonic() + 15
+    while served_certificate(server.port, context) != der(renewed) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert served_certificate(server.port, context) == der(renewed)
+    reply = httpx.get(server.base_url + "/health", verify=context, timeout=10)
+    assert reply.status_code == 200
+
+
+def test_tls_12_clients_get_only_the_ciphers_named(refreshing, ca):
+    server, _, _ = refreshing
+    for cipher, accepted in (("ECDHE-ECDSA-AES256-GCM-SHA384", True), ("ECDHE-ECDSA-AES128-GCM-SHA256", False)):
+        context = client_context(ca)
+        context.maximum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.3's suites are not --ssl-ciphers'
+        context.set_ciphers(cipher)
+        if accepted:
+            served_certificate(server.port, context)
+        else:
+            with pytest.raises(ssl.SSLError):
+                served_certificate(server.port, context)

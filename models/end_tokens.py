@@ -46,11 +46,17 @@ def end_token_ids(generation: GenerationConfig, tokenizer_dir: Path, tokenizer: 
         if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < tokenizer.vocab_size:
             raise ValueError(f"{generation.path}: eos_token_id {token!r} is not a token id of this tokenizer "
                              f"(0 to {tokenizer.vocab_size - 1})")
+    return frozenset((tokenizer.eos_token_id, primary_end_token(tokenizer_dir, tokenizer), *ids))
+
+
+def primary_end_token(tokenizer_dir: Path, tokenizer: Tokenizer) -> int:
+    """The tokenizer's own end token, as transformers' ``eos_token_id`` gives it: tokenizer_config.json's
+    ``eos_token`` (GPT-OSS's <|return|>), else the end of text. vLLM's primary one: a choice it ends has no
+    stop_reason, while the generation config's other end tokens are named there as stop tokens."""
     tokenizer_config = tokenizer_dir / "tokenizer_config.json"
     named = special_token_text(read_json_object(tokenizer_config).get("eos_token")) \
         if tokenizer_config.is_file() else None
-    extra = [tokenizer.special_tokens[named]] if named in tokenizer.special_tokens else []
-    return frozenset((tokenizer.eos_token_id, *ids, *extra))
+    return tokenizer.special_tokens[named] if named in tokenizer.special_tokens else tokenizer.eos_token_id
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

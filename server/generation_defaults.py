@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from models.end_tokens import end_token_ids, read_generation_config
+from models.end_tokens import end_token_ids, primary_end_token, read_generation_config
 from models.tokenizer import Tokenizer
 
 AUTO, VLLM = "auto", "vllm"  # --generation-config's two names; anything else is a folder
@@ -59,6 +59,12 @@ class SamplingDefaults(BaseModel):
 class GenerationDefaults:
     eos_token_ids: frozenset[int]  # the model's end tokens: what ends a choice unless ignore_eos
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    eos_token_id: int | None = None  # the tokenizer's own end token (vLLM's primary one; models.end_tokens)
+
+    def stop_reason_ids(self, stop_token_ids: frozenset[int]) -> frozenset[int]:
+        """The stop tokens a choice's stop_reason names when one ends it: all but the tokenizer's own end token,
+        as vLLM's check_stop names them."""
+        return stop_token_ids - {self.eos_token_id}
 
     def max_tokens(self, wanted: int) -> int:
         """``wanted`` (asked for, or what the context leaves) within the generation config's max_new_tokens."""
@@ -78,7 +84,8 @@ def generation_defaults(model_dir: Path, tokenizer_dir: Path, tokenizer: Tokeniz
         name: value for name, value in config.fields.items()
         if name in SamplingDefaults.model_fields and value is not None and TRANSFORMERS_DEFAULTS.get(name) != value}
     sampling = _checked(from_file, str(config.path)) | _checked(overrides or {}, "--override-generation-config")
-    return GenerationDefaults(end_token_ids(config, tokenizer_dir, tokenizer), SamplingDefaults(**sampling))
+    return GenerationDefaults(end_token_ids(config, tokenizer_dir, tokenizer), SamplingDefaults(**sampling),
+                              primary_end_token(tokenizer_dir, tokenizer))
 
 
 def parse_overrides(text: str) -> dict[str, Any]:

@@ -458,7 +458,8 @@ class PromptLogprob(BaseModel):
 PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
-STOP_REASON_DESCRIPTION = "vLLM extra: the stop string or stop_token_ids entry that ended the choice, else null"
+STOP_REASON_DESCRIPTION = ("vLLM extra: the stop string or stop token that ended the choice; null for the "
+                           "tokenizer's own end token, length and the rest")
 TOKEN_IDS_DESCRIPTION = "vLLM extra (return_token_ids): the tokens generated, a stop token included"
 PROMPT_TOKEN_IDS_DESCRIPTION = "vLLM extra (return_token_ids): the prompt's tokens"
 

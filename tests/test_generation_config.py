@@ -65,6 +65,8 @@ def test_gpt_oss_completions_end_at_each_end_token_its_generation_config_lists(s
                       logit_bias={str(end): 100})
     assert answer["choices"][0]["finish_reason"] == "stop", answer
     assert answer["usage"]["completion_tokens"] == 1
+    # vLLM's: the tokenizer's own end (tokenizer_config.json's eos_token) leaves stop_reason null, the rest are named
+    assert answer["choices"][0]["stop_reason"] == (None if end == RETURN else end)
     kept = complete(server, model="oss", max_tokens=8, logit_bias={str(end): 100}, ignore_eos=True)
     assert kept["choices"][0]["finish_reason"] == "length" and kept["usage"]["completion_tokens"] == 8
 
@@ -76,7 +78,7 @@ def test_an_end_token_of_the_generation_config_ends_chat_and_completions(server)
                            json={"model": "tiny", "max_tokens": 5, "logit_bias": {str(DOT): 100}, **body})
         choice = reply.json()["choices"][0]
         assert choice["finish_reason"] == "stop" and reply.json()["usage"]["completion_tokens"] == 1, reply.text
-        assert choice.get("stop_reason") is None  # the model's own end, not one the client asked for
+        assert choice["stop_reason"] == DOT  # an end of the generation config's, not the tokenizer's own: named
 
 
 def test_the_generation_configs_top_k_is_the_default_of_requests_that_leave_it_unset(server):

@@ -31,16 +31,16 @@ class StreamDelta:
 class ChatChoice:
     def __init__(self, tokenizer: Tokenizer, parser: ChatOutputParser, stop: list[str], top_logprobs: int | None,
                  include_stop: bool = False, tokens_as_ids: bool = False, content_logprobs: bool = False,
-                 client_stop_ids: frozenset[int] = frozenset()):
+                 named_stop_ids: frozenset[int] = frozenset()):
         """``content_logprobs``: logprobs only for the content's tokens (the Responses API's output_text), not
-        for every token generated (chat completions). ``client_stop_ids``: the stop tokens the client added (not
-        the chat format's own), which stop_reason names."""
+        for every token generated (chat completions). ``named_stop_ids``: the stop tokens stop_reason names when
+        one ends the choice (GenerationDefaults.stop_reason_ids)."""
         self._tokenizer = tokenizer
         self._content_logprobs = content_logprobs
         self._tokens_as_ids = tokens_as_ids  # logprobs name tokens "token_id:N"
         self._parser = parser
         self._stop = StopStringMatcher(stop, include_stop)
-        self._client_stop_ids = client_stop_ids
+        self._named_stop_ids = named_stop_ids
         self._top_k = top_logprobs  # None: no logprobs asked for
         self.reasoning = ""
         self.content = ""
@@ -94,7 +94,7 @@ class ChatChoice:
             self.finish_reason, self.stop_reason = "stop", self._stop.matched
         elif finish_reason is not None:
             self.finish_reason = "tool_calls" if finish_reason == "stop" and self.tool_calls else finish_reason
-            if output.stop_token_id in self._client_stop_ids:
+            if output.stop_token_id in self._named_stop_ids:
                 self.stop_reason = output.stop_token_id
 
     def _take(self, delta: ChatDelta) -> None:

@@ -196,7 +196,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                                           bool(offered)), stop,
                             top_logprobs, body.include_stop_str_in_output,
                             served.tokens_as_ids(body.return_tokens_as_token_ids),
-                            client_stop_ids=params.stop_token_ids - served.chat_stop_ids)
+                            named_stop_ids=served.generation.stop_reason_ids(params.stop_token_ids))
                  for _ in range(body.n)],
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), echoed=echoed_text(body),
     )

@@ -147,7 +147,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         served, body, jobs,
         choices=[TextChoice(engine.tokenizer, stop, body.logprobs, body.include_stop_str_in_output,
                             served.tokens_as_ids(body.return_tokens_as_token_ids), body.skip_special_tokens,
-                            client_stop_ids=frozenset(body.stop_token_ids or ()) - model_stop_ids)
+                            named_stop_ids=served.generation.stop_reason_ids(params.stop_token_ids))
                  for _ in range(len(prompts) * body.n)],
         id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), cached_tokens=[0] * len(prompts),
     )

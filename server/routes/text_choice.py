@@ -14,13 +14,13 @@ from server.routes.engine_calls import raise_if_failed
 class TextChoice:
     def __init__(self, tokenizer: Tokenizer, stop: list[str], logprobs: int | None,
                  include_stop: bool = False, tokens_as_ids: bool = False, skip_special_tokens: bool = True,
-                 client_stop_ids: frozenset[int] = frozenset()) -> None:
-        """``client_stop_ids``: the stop tokens the client added (not the model's own), which stop_reason names."""
+                 named_stop_ids: frozenset[int] = frozenset()) -> None:
+        """``named_stop_ids``: the stop tokens stop_reason names when one ends the choice (GenerationDefaults')."""
         self._tokenizer = tokenizer
         self._tokens_as_ids = tokens_as_ids  # logprobs name tokens "token_id:N" (text offsets stay the text's)
         self._detokenizer = TokenTextDecoder(tokenizer, skip_special_tokens)
         self._stop = StopStringMatcher(stop, include_stop)
-        self._client_stop_ids = client_stop_ids
+        self._named_stop_ids = named_stop_ids
         self._top_k = logprobs
         self.text = ""
         self.token_ids: list[int] = []  # every token generated, a stop token included
@@ -79,7 +79,7 @@ class TextChoice:
             self.finish_reason, self.stop_reason = "stop", self._stop.matched
         elif finish_reason is not None:
             self.finish_reason = finish_reason
-            if output.stop_token_id in self._client_stop_ids:
+            if output.stop_token_id in self._named_stop_ids:
                 self.stop_reason = output.stop_token_id
 
     def take_delta(self) -> tuple[str, list[int], CompletionLogprobs | None]:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import fields, replace
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
+from server import flag_types
 from server.config import DEFAULT_MAX_BODY_BYTES, SECTIONS, ServerConfig
 from server.env_flags import env_name, environment_arguments
 from server.tls import TLSSettingsError, cert_reqs, check_tls
@@ -26,9 +25,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("gptserve")
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
-ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s]+")  # scheme://host[:port], as a browser sends it in Origin
-METHOD = re.compile(r"[A-Z]+")
-HEADER = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an HTTP token, as header names are
 CORS_METHODS = ["GET", "POST", "DELETE"]  # every method the API serves
 
 
@@ -44,126 +40,6 @@ class _Parser(argparse.ArgumentParser):
         if self.environment:
             message += f" (arguments also read from the environment: {', '.join(self.environment)})"
         super().error(message)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _listed(text: str) -> list[str]:
-    """vLLM's JSON list ('["a", "b"]'), or one value, or a comma-separated list (how the environment gives
-    several)."""
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a JSON list: {text!r}") from None
-        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-            raise argparse.ArgumentTypeError(f"must be a JSON list of strings, got {text!r}")
-        return [item.strip() for item in items if item.strip()]
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _origins(text: str) -> list[str]:
-    origins = _listed(text)
-    for origin in origins:
-        if origin != "*" and not ORIGIN.fullmatch(origin):
-            raise argparse.ArgumentTypeError(f"{origin!r} is not an exact origin like https://app.example.com:8443 "
-                                             "(or *, any origin)")
-    return origins
-
-
-def _methods(text: str) -> list[str]:
-    methods = [method.upper() for method in _listed(text)]
-    for method in methods:
-        if method != "*" and not METHOD.fullmatch(method):
-            raise argparse.ArgumentTypeError(f"{method!r} is not an HTTP method")
-    return methods
-
-
-def _headers(text: str) -> list[str]:
-    headers = _listed(text)
-    for header in headers:
-        if not HEADER.fullmatch(header):
-            raise argparse.ArgumentTypeError(f"{header!r} is not a header name (or *, any)")
-    return headers
-
-
-def _paths(text: str) -> tuple[str, ...]:
-    paths = tuple(path.strip().rstrip("/") or "/" for path in text.split(",") if path.strip())
-    for path in paths:
-        if not path.startswith("/"):
-            raise argparse.ArgumentTypeError(f"{path!r} is not a path like /health")
-    return paths
-
-
-def _api_key(text: str) -> str:
-    """A key a client can send: not empty (which would silently leave the API open), no white space."""
-    if not text or any(c.isspace() for c in text):
-        raise argparse.ArgumentTypeError("an API key must be non-empty, without white space")
-    return text
-
-
-def _name(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _max_logprobs(text: str) -> int:
-    value = int(text)
-    if value < -1:
-        raise argparse.ArgumentTypeError(f"must be -1 (the vocabulary) or >= 0, got {value}")
-    return value
-
-
-def _root_path(text: str) -> str:
-    """A path prefix: "" or "/a/b", without a trailing slash."""
-    path = text.rstrip("/")
-    if path and (not path.startswith("/") or any(c in path for c in "?# \t")):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a path prefix like /llm")
-    return path
-
-
-def _generation_overrides(text: str) -> dict[str, Any]:
-    from server.generation_defaults import parse_overrides
-
-    try:
-        return parse_overrides(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _template_kwargs(text: str) -> dict[str, Any]:
-    from server.protocol import RESERVED_TEMPLATE_VARIABLES
-
-    try:
-        kwargs = json.loads(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not JSON: {text!r}") from None
-    if not isinstance(kwargs, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object of template variables, got {text!r}")
-    reserved = sorted(set(kwargs) & set(RESERVED_TEMPLATE_VARIABLES))
-    if reserved:
-        raise argparse.ArgumentTypeError(f"{', '.join(reserved)} come from each request, not from defaults")
-    return kwargs
 
 
 def build_parser(*, defaults: bool = True) -> _Parser:
@@ -212,7 +88,7 @@ def build_parser(*, defaults: bool = True) -> _Parser:
         "on every choice's output tokens. vllm: the end tokens only. A folder: its generation_config.json instead",
         default="auto", metavar="auto|vllm|DIR")
     add("--override-generation-config", "vLLM's flag: sampling defaults as a JSON object, set over the generation "
-        "config's, e.g. '{\"temperature\": 0.6, \"max_new_tokens\": 512}'", type=_generation_overrides,
+        "config's, e.g. '{\"temperature\": 0.6, \"max_new_tokens\": 512}'", type=flag_types.generation_overrides,
         default={}, metavar="JSON")
     add("--tokenizer", "vLLM's flag: the tokenizer's folder, or a hub id whose tokenizer files are fetched, in place "
         "of the model's own (for a checkpoint shipped without one); one model only", default=None,
@@ -220,21 +96,22 @@ def build_parser(*, defaults: bool = True) -> _Parser:
     add("--seed", "seed for the global RNGs (per-request seeds come from the request)", type=int, default=None)
 
     group = parser.add_argument_group("engine", "scheduling and the KV cache")
-    add("--max-num-seqs", "most sequences decoded together in one step", type=_positive_int, default=64)
-    add("--max-num-batched-tokens", "most tokens (prefill + decode) in one step", type=_positive_int, default=512)
+    add("--max-num-seqs", "most sequences decoded together in one step", type=flag_types.positive_int, default=64)
+    add("--max-num-batched-tokens", "most tokens (prefill + decode) in one step", type=flag_types.positive_int,
+        default=512)
     add("--max-model-len", "longest prompt + completion in tokens (default: the model's context length)",
-        type=_positive_int, default=None)
+        type=flag_types.positive_int, default=None)
     add("--max-queue", "sequences (n per prompt) allowed to wait before new requests get 429",
-        type=_positive_int, default=1024)
+        type=flag_types.positive_int, default=1024)
     add("--kv-cache-tokens", "KV cache capacity in tokens (default: sized by --kv-memory-fraction)",
-        type=_positive_int, default=None)
+        type=flag_types.positive_int, default=None)
     add("--kv-memory-fraction", "fraction in (0, 1] of the device's free memory at start-up given to the KV cache, "
         "when --kv-cache-tokens is not given (never more than --max-num-seqs x --max-model-len tokens)",
-        type=_fraction, default=0.25)
+        type=flag_types.fraction, default=0.25)
     add("--gpu-memory-utilization", "vLLM's flag, in place of --kv-memory-fraction: the KV cache takes what keeps the "
         "device's memory in use (weights and other processes included) within this fraction in (0, 1] of its "
-        "total, GPU memory or the host's RAM", type=_fraction, default=None)
-    add("--block-size", "tokens per KV cache block", type=_positive_int, default=16)
+        "total, GPU memory or the host's RAM", type=flag_types.fraction, default=None)
+    add("--block-size", "tokens per KV cache block", type=flag_types.positive_int, default=16)
     add("--kv-cache-dtype", "dtype of the KV cache (auto: the model's). bfloat16 under a float32 model holds "
         "twice the tokens and halves what decode attention reads; keys and values are rounded to bf16 when "
         "stored, so outputs move by that rounding", choices=["auto", "float32", "bfloat16"], default="auto")
@@ -249,10 +126,10 @@ def build_parser(*, defaults: bool = True) -> _Parser:
 
     group = parser.add_argument_group("parallel", "tensor parallelism (docs/distributed.md)")
     add("--tensor-parallel-size", "ranks (one GPU each) to shard the model over; this process is rank 0 and "
-        "spawns the others, or joins torchrun's (see docs/distributed.md)", type=_positive_int, default=1)
+        "spawns the others, or joins torchrun's (see docs/distributed.md)", type=flag_types.positive_int, default=1)
     add("--tp-step-timeout", "with --tensor-parallel-size > 1: seconds a rank may lag inside one step's "
-        "collectives before the step fails, the engine turns unhealthy and requests get 503", type=_positive_float,
-        default=8.0)
+        "collectives before the step fails, the engine turns unhealthy and requests get 503",
+        type=flag_types.positive_float, default=8.0)
 
     group = parser.add_argument_group("HTTP and security", "the listener, its limits, and who may call it")
     add("--host", "address to listen on", default="127.0.0.1")
@@ -261,35 +138,36 @@ def build_parser(*, defaults: bool = True) -> _Parser:
         "--host and --port, for a proxy or sidecar on the same machine", default=None, metavar="PATH")
     add("--api-key", "require 'Authorization: Bearer KEY' on /v1/* routes; several keys (vLLM's list, e.g. while "
         "rotating one): any of them (env: comma-separated). Unset, vLLM's VLLM_API_KEY is read", nargs="+",
-        action="extend", type=_api_key, dest="api_keys", default=None, metavar="KEY")
+        action="extend", type=flag_types.api_key, dest="api_keys", default=None, metavar="KEY")
     add("--metrics-require-key", "with --api-key, /metrics demands the key too (by default scrapers need none)",
         action="store_true")
     add("--allowed-origins", "browser origin allowed to call the API (CORS), exact: https://app.example.com[:port], "
         "or * for any; repeatable, comma-separated, or vLLM's JSON list '[\"https://a.example\"]'. Default none: no "
-        "CORS headers at all, whatever the three flags below say", action="extend", type=_origins, default=[],
+        "CORS headers at all, whatever the three flags below say", action="extend", type=flag_types.origins, default=[],
         metavar="ORIGIN")
     add("--allowed-methods", "vLLM's flag: methods allowed in a CORS preflight, as --allowed-origins takes a list "
-        f"(* for any); default: the API's, {', '.join(CORS_METHODS)}", action="extend", type=_methods, default=None,
-        metavar="METHOD")
+        f"(* for any); default: the API's, {', '.join(CORS_METHODS)}", action="extend", type=flag_types.methods,
+        default=None, metavar="METHOD")
     add("--allowed-headers", "vLLM's flag: request headers allowed in a CORS preflight, as --allowed-origins takes a "
         "list; default * (any the browser asks for, Authorization included: the OpenAI SDK's x-stainless-* among "
-        "them)", action="extend", type=_headers, default=None, metavar="HEADER")
+        "them)", action="extend", type=flag_types.headers, default=None, metavar="HEADER")
     add("--allow-credentials", "vLLM's flag: browsers may send cookies and HTTP authentication to the allowed "
         "origins (Access-Control-Allow-Credentials); not with --allowed-origins *", action="store_true")
-    add("--max-body-bytes", "largest request body accepted; larger ones get 413", type=_positive_int,
+    add("--max-body-bytes", "largest request body accepted; larger ones get 413", type=flag_types.positive_int,
         default=DEFAULT_MAX_BODY_BYTES)
-    add("--keep-alive-timeout", "seconds an idle keep-alive connection stays open", type=_positive_float,
+    add("--keep-alive-timeout", "seconds an idle keep-alive connection stays open", type=flag_types.positive_float,
         default=5.0)
     add("--header-timeout", "seconds a request's headers may take to arrive before the connection is closed",
-        type=_positive_float, default=10.0)
+        type=flag_types.positive_float, default=10.0)
     add("--body-timeout", "seconds a request's body may take to arrive (after its headers) before a 408",
-        type=_positive_float, default=30.0)
-    add("--max-connections", "open connections served at once; requests over this get 503", type=_positive_int,
-        default=1024)
+        type=flag_types.positive_float, default=30.0)
+    add("--max-connections", "open connections served at once; requests over this get 503",
+        type=flag_types.positive_int, default=1024)
     add("--drain-timeout", "on SIGTERM, seconds in-flight requests get to finish before they are ended with a 503 "
-        "(an error event then [DONE] on a stream)", type=_positive_float, default=30.0)
+        "(an error event then [DONE] on a stream)", type=flag_types.positive_float, default=30.0)
     add("--root-path", "the path prefix a proxy serves the API under, e.g. /llm (vLLM's flag): requests may come "
-        "with it or with it stripped, and /docs and the OpenAPI document name it", type=_root_path, default="")
+        "with it or with it stripped, and /docs and the OpenAPI document name it", type=flag_types.root_path,
+        default="")
     add("--enable-server-load-tracking", "vLLM's flag: GET /load answers {\"server_load\": N}, the requests in "
         "flight that run a model, for load balancers (open like /health)", action="store_true")
     add("--disable-fastapi-docs", "vLLM's flag: no /docs, /redoc or /openapi.json", action="store_true")
@@ -325,16 +203,16 @@ def build_parser(*, defaults: bool = True) -> _Parser:
         "thread, stopped past 5 s; a single long C-level operation is not)", action="store_true")
     add("--max-logprobs", "vLLM's flag: the most alternatives a token a request may ask for (completions' logprobs, "
         "chat's and Responses' top_logprobs, prompt_logprobs); -1: the whole vocabulary. A response holds up to that "
-        "many entries for every token it returns", type=_max_logprobs, default=20)
+        "many entries for every token it returns", type=flag_types.max_logprobs, default=20)
     add("--enable-force-include-usage", "vLLM's flag: every completions and chat stream ends with a usage chunk, "
         "whether or not its stream_options ask for one", action="store_true")
     add("--default-chat-template-kwargs", "vLLM's flag: chat template variables as a JSON object, under each "
         "request's chat_template_kwargs (the request's win), e.g. '{\"enable_thinking\": false}'; for GPT-OSS only "
         "harmony's, '{\"reasoning_effort\": \"high\"}' or current_date. Chat, Responses, /tokenize and embeddings "
-        "render with them", type=_template_kwargs, default={}, metavar="JSON")
+        "render with them", type=flag_types.template_kwargs, default={}, metavar="JSON")
     add("--response-role", "vLLM's flag: the role chat completions give their messages when the request adds a "
         "generation prompt (add_generation_prompt, the default); without one it is the last message's role",
-        type=_name, default="assistant", metavar="ROLE")
+        type=flag_types.non_empty, default="assistant", metavar="ROLE")
     add("--return-tokens-as-token-ids", "vLLM's flag: logprobs name each token \"token_id:N\" (exact where its "
         "bytes are not whole UTF-8) unless a request's return_tokens_as_token_ids says false", action="store_true")
 
@@ -345,17 +223,17 @@ def build_parser(*, defaults: bool = True) -> _Parser:
     add("--disable-log-requests", "vLLM's older flag, and the default here: bodies stay out of the request log, "
         "whatever GPTSERVE_LOG_REQUESTS says", action="store_false", dest="log_requests", default=False)
     add("--max-log-len", "bytes of a request body the request log keeps (vLLM's flag; with --log-requests)",
-        type=_positive_int, default=4096)
+        type=flag_types.positive_int, default=4096)
     add("--disable-access-log", "no log line per request (method, route, status, latency, tokens); "
         "--disable-uvicorn-access-log is vLLM's name for it", "--disable-uvicorn-access-log", action="store_true")
     add("--disable-access-log-for-endpoints", "vLLM's flag: paths whose requests get no log line, comma-separated, "
-        "e.g. /health,/metrics,/ping (probes and scrapes)", type=_paths, default=(), metavar="PATHS")
+        "e.g. /health,/metrics,/ping (probes and scrapes)", type=flag_types.url_paths, default=(), metavar="PATHS")
     add("--uvicorn-log-level", "vLLM's flag: the level of uvicorn's own log lines (start, stop, protocol errors); "
         "default: --log-level's", choices=[*LOG_LEVELS, "trace"], type=str.lower, default=None)
     add("--disable-log-stats", "vLLM's flag: no log line per model every --log-stats-interval seconds while it works "
         "(prompt and generation throughput, requests running and waiting, KV cache use, prefix cache hits)",
         action="store_true")
-    add("--log-stats-interval", "seconds between those lines", type=_positive_float, default=10.0)
+    add("--log-stats-interval", "seconds between those lines", type=flag_types.positive_float, default=10.0)
     return parser
 
 

@@ -4,7 +4,8 @@
 (chat completions, /tokenize) renders the same ids.
 
 vLLM's template extras: `chat_template` (a request's own template, on a server started with
---trust-request-chat-template), `chat_template_kwargs` (more template variables) and `documents` (the template's
+--trust-request-chat-template), `chat_template_kwargs` (more template variables, over the server's
+--default-chat-template-kwargs) and `documents` (the template's
 `documents`) reach a Jinja template (GPT-2's). GPT-OSS's prompt is harmony's, rendered without a template: of
 the kwargs it takes only what harmony has, `reasoning_effort` and `current_date`; the rest are 400s, as is a
 template or documents for it.

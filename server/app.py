@@ -91,7 +91,8 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
             info = tokenizer_info(engine.tokenizer_dir, engine.tokenizer, engine.max_model_len,
                                   chat_format.template_text)
             assert core.generation is not None  # read by wait_for_cores
-            app.state.models[name] = ServedModel(name, engine, chat_format, created, info, core.generation, frontend)
+            app.state.models[name] = ServedModel(name, engine, chat_format, created, info, core.generation, frontend,
+                                                 core.root)
             log.info("serving model", extra={"model": name, "family": engine.family,
                                               "max_model_len": engine.max_model_len})
         release_free_heap()  # what parsing the tokenizer and harmony's vocabulary freed: the tuned heap keeps it

@@ -387,7 +387,7 @@ def checked_sources(config: ServerConfig) -> list[ModelSource]:
         if len(sources) != 1:
             raise ValueError("--served-model-name names the one model served; with several, give each --model as "
                              "NAME=PATH")
-        sources = [ModelSource(config.served_model_names[0], sources[0].directory)]
+        sources = [ModelSource(config.served_model_names[0], sources[0].directory, sources[0].root)]
         names = list(config.served_model_names)
     else:
         names = [source.name for source in sources]

@@ -32,29 +32,34 @@ class ModelSourceError(ValueError):
 class ModelSource:
     name: str  # the id clients put in the request's "model" field
     directory: Path
+    root: str = ""  # the path or hub id it was given as (/v1/models' root, as vLLM's); "": the directory
+
+    @property
+    def given_as(self) -> str:
+        return self.root or str(self.directory)
 
 
 def resolve_model_spec(spec: str) -> ModelSource:
     path = Path(spec).expanduser()
     if path.is_dir():
-        return ModelSource(_default_name(path), path)
+        return ModelSource(_default_name(path), path, spec)
     name, sep, target = spec.partition("=")
     if sep:
         if not name or not target:
             raise ModelSourceError(f"--model {spec!r}: NAME=PATH needs both a name and a path")
         target_path = Path(target).expanduser()
         if target_path.is_dir():
-            return ModelSource(name, target_path)
-        return ModelSource(name, download_from_hub(target))
+            return ModelSource(name, target_path, target)
+        return ModelSource(name, download_from_hub(target), target)
     if _looks_like_path(spec):
         raise ModelSourceError(f"--model {spec!r}: directory {path} does not exist")
-    return ModelSource(spec, download_from_hub(spec))
+    return ModelSource(spec, download_from_hub(spec), spec)
 
 
 def default_model_source() -> ModelSource:
     """``gpt2`` from the HF cache or hub; failing that, a tiny random-weight demo model written once locally."""
     try:
-        return ModelSource(DEFAULT_HUB_ID, download_from_hub(DEFAULT_HUB_ID))
+        return ModelSource(DEFAULT_HUB_ID, download_from_hub(DEFAULT_HUB_ID), DEFAULT_HUB_ID)
     except ModelSourceError as e:
         directory = demo_model_directory()
         # info, not a warning: on a fresh offline machine this is the documented first run, not a fault

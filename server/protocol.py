@@ -641,6 +641,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "gptserve"
     max_model_len: int
+    root: str = Field(description="vLLM's: the path or hub id the model was given as")
+    parent: str | None = Field(default=None, description="vLLM's: the base model of an adapter; null (none here)")
 
 
 class ModelList(BaseModel):

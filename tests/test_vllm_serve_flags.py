@@ -182,3 +182,14 @@ def test_disable_access_log_leaves_out_every_request_line(caplog):
         client = TestClient(create_app(ServerConfig(http=parse_config(flags, {}).http), {}))
         assert client.get("/version").status_code == 200
         assert any(record.name == "gptserve.access" for record in caplog.records) is logged, flags
+
+
+def test_models_name_the_path_they_were_given_as_their_root(undocumented, tiny_gpt2_dir):
+    """vLLM's ModelCard root (the path or hub id given) and parent (an adapter's base model: none here)."""
+    from server.model_source import resolve_model_spec
+
+    [card] = httpx.get(undocumented.v1 + "/models", timeout=10).json()["data"]
+    assert (card["id"], card["root"], card["parent"]) == ("tiny", str(tiny_gpt2_dir), None)
+    assert httpx.get(undocumented.v1 + "/models/tiny", timeout=10).json()["root"] == str(tiny_gpt2_dir)
+    assert resolve_model_spec(str(tiny_gpt2_dir)).root == str(tiny_gpt2_dir)
+    assert resolve_model_spec(f"x={tiny_gpt2_dir}").given_as == str(tiny_gpt2_dir)

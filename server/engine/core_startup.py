@@ -22,6 +22,7 @@ from models.tokenizer import Tokenizer, load_tokenizer
 from server.config import ServerConfig
 from server.engine import core_messages as wire
 from server.generation_defaults import GenerationDefaults, generation_defaults
+from server.model_source import ModelSource
 
 log = logging.getLogger("gptserve")
 
@@ -43,6 +44,7 @@ class StartedCore:
     commands: zmq.Socket  # PUSH: front end -> core
     outputs: zmq.Socket  # PULL: core -> front end
     socket_dir: Path
+    root: str  # the path or hub id the model was given as (/v1/models' root)
     ready: wire.Ready | None = None
     tokenizer: Tokenizer | None = None
     generation: GenerationDefaults | None = None  # from its generation_config.json (server/generation_defaults.py)
@@ -72,12 +74,12 @@ def start_cores(config: ServerConfig, sources: list) -> dict[str, StartedCore]:
     return cores
 
 
-def spawn_cores(config: ServerConfig, sources: list) -> dict[str, StartedCore]:
+def spawn_cores(config: ServerConfig, sources: list[ModelSource]) -> dict[str, StartedCore]:
     """Start every model's core; they load side by side while the caller does its own start-up."""
     started: dict[str, StartedCore] = {}
     try:
         for source in sources:
-            started[source.name] = _spawn(source.name, source.directory, config)
+            started[source.name] = _spawn(source, config)
     except BaseException:
         for core in started.values():
             core.kill()
@@ -119,7 +121,8 @@ def _run_core(*args: object) -> None:
     run_core(*args)  # type: ignore[arg-type]
 
 
-def _spawn(name: str, directory: Path, config: ServerConfig) -> StartedCore:
+def _spawn(source: ModelSource, config: ServerConfig) -> StartedCore:
+    name, directory = source.name, source.directory
     socket_dir = Path(tempfile.mkdtemp(prefix="gptserve-core-"))
     context = zmq.Context()
     commands, outputs = context.socket(zmq.PUSH), context.socket(zmq.PULL)
@@ -132,7 +135,7 @@ def _spawn(name: str, directory: Path, config: ServerConfig) -> StartedCore:
     )
     process.start()  # not a daemon: it starts tensor-parallel ranks of its own
     log.info("started engine core", extra={"model": name, "pid": process.pid})
-    return StartedCore(name, directory, process, context, commands, outputs, socket_dir)
+    return StartedCore(name, directory, process, context, commands, outputs, socket_dir, source.given_as)
 
 
 def _wait_ready(core: StartedCore) -> wire.Ready:

@@ -25,6 +25,7 @@ class ServedModel:
     tokenizer_info: dict[str, Any]  # GET /tokenizer_info's body (server/tokenizer_info.py)
     generation: GenerationDefaults  # its end tokens and sampling defaults (server/generation_defaults.py)
     frontend: FrontendConfig = FrontendConfig()  # what requests may ask for, how answers are shaped (server flags)
+    root: str = ""  # the path or hub id it was given as ("": its name)
 
     @property
     def max_logprobs(self) -> int:
@@ -49,7 +50,8 @@ class ServedModel:
                                "(--max-logprobs)", param=param)
 
     def card(self) -> ModelCard:
-        return ModelCard(id=self.name, created=self.created, max_model_len=self.engine.max_model_len)
+        return ModelCard(id=self.name, created=self.created, max_model_len=self.engine.max_model_len,
+                         root=self.root or self.name)
 
 
 def find_model(request: Request, name: str | None) -> ServedModel:

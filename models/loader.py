@@ -73,10 +73,13 @@ def detect_family(config: dict) -> str:
     raise CheckpointError(f"config.json: unknown model_type {model_type!r} (supported: gpt2, gpt_oss)")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # either makes a folder a tokenizer's
+
+
 def tokenizer_directory(model_dir: Path) -> Path:
     """A GPT-OSS ``original/`` folder may hold no tokenizer: the real repository keeps it in the parent."""
     for candidate in (model_dir, model_dir.parent):
-        if any((candidate / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        if any((candidate / name).is_file() for name in TOKENIZER_FILES):
             return candidate
     return model_dir
 

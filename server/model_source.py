@@ -15,13 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.loader import TOKENIZER_FILES
+
 log = logging.getLogger(__name__)
 
 DEFAULT_HUB_ID = "gpt2"
 DEMO_MODEL_NAME = "gpt2-tiny-random-demo"
 # Only what the loader reads: GPT-OSS repos also ship original/ and metal/ copies of the weights.
 HUB_IGNORE_PATTERNS = ["original/*", "metal/*"]
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # either makes a folder a tokenizer's (models.loader reads them)
 
 
 class ModelSourceError(ValueError):
@@ -32,11 +33,7 @@ class ModelSourceError(ValueError):
 class ModelSource:
     name: str  # the id clients put in the request's "model" field
     directory: Path
-    root: str = ""  # the path or hub id it was given as (/v1/models' root, as vLLM's); "": the directory
-
-    @property
-    def given_as(self) -> str:
-        return self.root or str(self.directory)
+    root: str  # the path or hub id it was given as (/v1/models' root, as vLLM's)
 
 
 def resolve_model_spec(spec: str) -> ModelSource:
@@ -67,7 +64,7 @@ def default_model_source() -> ModelSource:
             "no --model given and %s; serving %s, a tiny GPT-2 with RANDOM weights from %s: its text is noise",
             e, DEMO_MODEL_NAME, directory,
         )
-        return ModelSource(DEMO_MODEL_NAME, directory)
+        return ModelSource(DEMO_MODEL_NAME, directory, str(directory))
 
 
 @dataclass(frozen=True, slots=True)

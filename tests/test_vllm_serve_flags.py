@@ -192,4 +192,4 @@ def test_models_name_the_path_they_were_given_as_their_root(undocumented, tiny_g
     assert (card["id"], card["root"], card["parent"]) == ("tiny", str(tiny_gpt2_dir), None)
     assert httpx.get(undocumented.v1 + "/models/tiny", timeout=10).json()["root"] == str(tiny_gpt2_dir)
     assert resolve_model_spec(str(tiny_gpt2_dir)).root == str(tiny_gpt2_dir)
-    assert resolve_model_spec(f"x={tiny_gpt2_dir}").given_as == str(tiny_gpt2_dir)
+    assert resolve_model_spec(f"x={tiny_gpt2_dir}").root == str(tiny_gpt2_dir)

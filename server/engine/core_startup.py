@@ -135,7 +135,7 @@ def _spawn(source: ModelSource, config: ServerConfig) -> StartedCore:
     )
     process.start()  # not a daemon: it starts tensor-parallel ranks of its own
     log.info("started engine core", extra={"model": name, "pid": process.pid})
-    return StartedCore(name, directory, process, context, commands, outputs, socket_dir, source.given_as)
+    return StartedCore(name, directory, process, context, commands, outputs, socket_dir, source.root)
 
 
 def _wait_ready(core: StartedCore) -> wire.Ready:

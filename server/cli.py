@@ -93,6 +93,17 @@ def build_parser(*, defaults: bool = True) -> _Parser:
     add("--tokenizer", "vLLM's flag: the tokenizer's folder, or a hub id whose tokenizer files are fetched, in place "
         "of the model's own (for a checkpoint shipped without one); one model only", default=None,
         metavar="PATH|HUB_ID")
+    add("--revision", "vLLM's flag: the branch, tag or commit of every model given as a hub id (default: main); "
+        "with HF_HUB_OFFLINE set, one already in the cache", type=flag_types.non_empty, default=None,
+        metavar="REVISION")
+    add("--tokenizer-revision", "vLLM's flag: the branch, tag or commit of --tokenizer's hub id (default: "
+        "--revision's)", type=flag_types.non_empty, default=None, metavar="REVISION")
+    add("--download-dir", "vLLM's flag: the HuggingFace hub cache that hub models and tokenizers are read from and "
+        "downloaded into (default: huggingface_hub's, HF_HUB_CACHE or ~/.cache/huggingface/hub)",
+        type=flag_types.non_empty, default=None, metavar="DIR")
+    add("--hf-token", "vLLM's flag: the token that hub downloads send (a gated or private model); bare: the one "
+        "`hf auth login` saved. Default: HF_TOKEN, else the saved one", type=flag_types.non_empty, nargs="?",
+        const=True, default=None, metavar="TOKEN")
     add("--seed", "seed for the global RNGs (per-request seeds come from the request)", type=int, default=None)
 
     group = parser.add_argument_group("engine", "scheduling and the KV cache")
@@ -356,12 +367,15 @@ def _drained(signum: int, frame: object) -> None:
 def with_resolved_tokenizer(config: ServerConfig) -> ServerConfig:
     """--tokenizer's hub id or folder, resolved once to the folder every process then loads it from."""
     if config.load.tokenizer is None:
+        if config.hub.tokenizer_revision is not None:
+            raise ValueError("--tokenizer-revision is a revision of --tokenizer's hub id; the model's own tokenizer "
+                             "comes from --revision's snapshot")
         return config
     if len(config.models) > 1:
         raise ValueError("--tokenizer names the one model's tokenizer; with several models each keeps its own")
     from server.model_source import resolve_tokenizer_spec
 
-    directory = resolve_tokenizer_spec(config.load.tokenizer)
+    directory = resolve_tokenizer_spec(config.load.tokenizer, config.hub)
     return replace(config, load=replace(config.load, tokenizer=str(directory)))
 
 
@@ -400,4 +414,4 @@ def checked_sources(config: ServerConfig) -> list[ModelSource]:
 def model_sources(config: ServerConfig) -> list[ModelSource]:
     from server.model_source import default_model_source, resolve_model_spec
 
-    return [resolve_model_spec(spec) for spec in config.models] or [default_model_source()]
+    return [resolve_model_spec(spec, config.hub) for spec in config.models] or [default_model_source(config.hub)]

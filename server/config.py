@@ -25,6 +25,16 @@ class ModelLoadConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HubConfig:
+    """Which revision of a HuggingFace hub model is served, where its files are kept, and the token to fetch them."""
+
+    revision: str | None = None  # a branch, tag or commit of every model given as a hub id; None: main
+    tokenizer_revision: str | None = None  # of --tokenizer's hub id; None: revision
+    download_dir: str | None = None  # the hub cache to read and fill; None: huggingface_hub's (HF_HUB_CACHE)
+    hf_token: str | bool | None = field(default=None, repr=False)  # True: the saved login's; None: the hub's rule
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     """One engine's scheduling limits and KV cache."""
 
@@ -102,6 +112,7 @@ class ServerConfig:
     models: tuple[str, ...] = ()  # --model specs; empty: the default gpt2
     served_model_names: tuple[str, ...] = ()  # --served-model-name: the one model's names, the first its own
     load: ModelLoadConfig = field(default_factory=ModelLoadConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
@@ -115,5 +126,5 @@ class ServerConfig:
     override_generation_config: dict[str, Any] = field(default_factory=dict)  # sampling defaults set over it
 
 
-SECTIONS = {"load": ModelLoadConfig, "engine": EngineConfig, "parallel": ParallelConfig, "http": HTTPConfig,
-            "frontend": FrontendConfig}
+SECTIONS = {"load": ModelLoadConfig, "hub": HubConfig, "engine": EngineConfig, "parallel": ParallelConfig,
+            "http": HTTPConfig, "frontend": FrontendConfig}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.loader import TOKENIZER_FILES
+from server.config import HubConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,27 +37,34 @@ class ModelSource:
     root: str  # the path or hub id it was given as (/v1/models' root, as vLLM's)
 
 
-def resolve_model_spec(spec: str) -> ModelSource:
+def resolve_model_spec(spec: str, hub: HubConfig) -> ModelSource:
     path = Path(spec).expanduser()
     if path.is_dir():
-        return ModelSource(_default_name(path), path, spec)
+        return ModelSource(_default_name(path), _local(path, spec, hub), spec)
     name, sep, target = spec.partition("=")
     if sep:
         if not name or not target:
             raise ModelSourceError(f"--model {spec!r}: NAME=PATH needs both a name and a path")
         target_path = Path(target).expanduser()
         if target_path.is_dir():
-            return ModelSource(name, target_path, target)
-        return ModelSource(name, download_from_hub(target), target)
+            return ModelSource(name, _local(target_path, spec, hub), target)
+        return ModelSource(name, download_from_hub(target, hub.revision, hub), target)
     if _looks_like_path(spec):
         raise ModelSourceError(f"--model {spec!r}: directory {path} does not exist")
-    return ModelSource(spec, download_from_hub(spec), spec)
+    return ModelSource(spec, download_from_hub(spec, hub.revision, hub), spec)
 
 
-def default_model_source() -> ModelSource:
+def _local(path: Path, spec: str, hub: HubConfig) -> Path:
+    """A folder has no revisions: --revision with one is a mistake, not something to ignore."""
+    if hub.revision is not None:
+        raise ModelSourceError(f"--revision {hub.revision!r} is for a hub id; --model {spec!r} is a local folder")
+    return path
+
+
+def default_model_source(hub: HubConfig) -> ModelSource:
     """``gpt2`` from the HF cache or hub; failing that, a tiny random-weight demo model written once locally."""
     try:
-        return ModelSource(DEFAULT_HUB_ID, download_from_hub(DEFAULT_HUB_ID), DEFAULT_HUB_ID)
+        return ModelSource(DEFAULT_HUB_ID, download_from_hub(DEFAULT_HUB_ID, hub.revision, hub), DEFAULT_HUB_ID)
     except ModelSourceError as e:
         directory = demo_model_directory()
         # info, not a warning: on a fresh offline machine this is the documented first run, not a fault
@@ -76,19 +84,23 @@ class SnapshotFiles:
     missing: Callable[[Path], list[str]]
 
 
-def resolve_tokenizer_spec(spec: str) -> Path:
+def resolve_tokenizer_spec(spec: str, hub: HubConfig) -> Path:
     """``--tokenizer``: a folder with the tokenizer's files, or a hub id whose tokenizer files are fetched."""
     path = Path(spec).expanduser()
+    revision = hub.tokenizer_revision or hub.revision
     if path.is_dir():
+        if hub.tokenizer_revision is not None:
+            raise ModelSourceError(f"--tokenizer-revision {revision!r} is for a hub id; --tokenizer {spec!r} is a "
+                                   "local folder")
         if _missing_tokenizer_files(path):
             raise ModelSourceError(f"--tokenizer {spec!r}: {path} holds neither {' nor '.join(TOKENIZER_FILES)}")
         return path
     if _looks_like_path(spec):
         raise ModelSourceError(f"--tokenizer {spec!r}: directory {path} does not exist")
-    return download_from_hub(spec, TOKENIZER)
+    return download_from_hub(spec, revision, hub, TOKENIZER)
 
 
-def download_from_hub(repo_id: str, files: SnapshotFiles | None = None) -> Path:
+def download_from_hub(repo_id: str, revision: str | None, hub: HubConfig, files: SnapshotFiles | None = None) -> Path:
     """The local snapshot of a hub model (or only its tokenizer): the cache first, the network only when the hub
     is not set offline.
 
@@ -98,30 +110,36 @@ def download_from_hub(repo_id: str, files: SnapshotFiles | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     files = files or CHECKPOINT
-    allow = list(files.allow_patterns)
+
+    def snapshot(local_files_only: bool) -> Path:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=hub.download_dir, token=hub.hf_token,
+                                      local_files_only=local_files_only, allow_patterns=list(files.allow_patterns),
+                                      ignore_patterns=HUB_IGNORE_PATTERNS))
+
+    at = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    cache = f"the hub cache {hub.download_dir}" if hub.download_dir else "the local HuggingFace cache"
     missing: list[str] = []
     try:
-        cached = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=allow,
-                                        ignore_patterns=HUB_IGNORE_PATTERNS))
+        cached = snapshot(local_files_only=True)
         missing = files.missing(cached)
         if not missing:
             return cached
     except Exception:  # noqa: BLE001 - any failure here just means "not cached"
         pass
     if _hub_offline():
-        state = (f"is only partly in the local HuggingFace cache (missing {', '.join(missing)}: an interrupted "
-                 "download? run once online to finish it)") if missing else "is not in the local HuggingFace cache"
-        raise ModelSourceError(f"hub {files.what} {repo_id!r} {state} and HF_HUB_OFFLINE is set")
+        state = (f"is only partly in {cache} (missing {', '.join(missing)}: an interrupted download? run once "
+                 "online to finish it)") if missing else f"is not in {cache}"
+        raise ModelSourceError(f"hub {files.what} {at} {state} and HF_HUB_OFFLINE is set")
     try:
-        directory = Path(snapshot_download(repo_id, allow_patterns=allow, ignore_patterns=HUB_IGNORE_PATTERNS))
+        directory = snapshot(local_files_only=False)
     except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end the same way
         raise ModelSourceError(
-            f"hub {files.what} {repo_id!r} is not in the local HuggingFace cache and could not be downloaded "
+            f"hub {files.what} {at} is not in {cache} and could not be downloaded "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
         ) from None
     missing = files.missing(directory)
     if missing:
-        raise ModelSourceError(f"hub {files.what} {repo_id!r}: the downloaded snapshot {directory} lacks "
+        raise ModelSourceError(f"hub {files.what} {at}: the downloaded snapshot {directory} lacks "
                                f"{', '.join(missing)}")
     return directory
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 
+from server.config import HubConfig
 from server.model_source import ModelSourceError, download_from_hub, resolve_tokenizer_spec
 
 REPO = "acme/tiny-gpt2"
@@ -57,7 +58,7 @@ def hub(tmp_path, monkeypatch) -> FakeHub:
 def test_download_cut_part_way_is_a_clear_error(hub):
     hub.cut_before = SHARDS[1]
     with pytest.raises(ModelSourceError) as raised:
-        download_from_hub(REPO)
+        download_from_hub(REPO, None, HubConfig())
     message = str(raised.value)
     assert REPO in message and "could not be downloaded" in message and "ConnectionError" in message
 
@@ -65,10 +66,10 @@ def test_download_cut_part_way_is_a_clear_error(hub):
 def test_half_written_snapshot_is_never_served_offline(hub, monkeypatch):
     hub.cut_before = SHARDS[1]
     with pytest.raises(ModelSourceError):
-        download_from_hub(REPO)
+        download_from_hub(REPO, None, HubConfig())
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelSourceError) as raised:
-        download_from_hub(REPO)
+        download_from_hub(REPO, None, HubConfig())
     message = str(raised.value)
     assert "partly" in message and SHARDS[1] in message and "HF_HUB_OFFLINE" in message
 
@@ -76,16 +77,16 @@ def test_half_written_snapshot_is_never_served_offline(hub, monkeypatch):
 def test_half_written_snapshot_is_finished_online_then_served(hub):
     hub.cut_before = SHARDS[1]
     with pytest.raises(ModelSourceError):
-        download_from_hub(REPO)
+        download_from_hub(REPO, None, HubConfig())
     hub.cut_before = None
-    directory = download_from_hub(REPO)
+    directory = download_from_hub(REPO, None, HubConfig())
     assert all((directory / name).read_bytes() == data for name, data in hub.files.items())
 
 
 def test_snapshot_lacking_a_shard_after_download_is_refused(hub):
     del hub.files[SHARDS[1]]  # the repository itself, or the allow patterns, leave a shard out
     with pytest.raises(ModelSourceError) as raised:
-        download_from_hub(REPO)
+        download_from_hub(REPO, None, HubConfig())
     assert SHARDS[1] in str(raised.value)
 
 
@@ -98,10 +99,10 @@ def test_a_tokenizer_spec_fetches_the_tokenizer_files_of_a_hub_repository(hub, m
         return fetch(repo_id, local_files_only, **patterns)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
-    directory = resolve_tokenizer_spec(REPO)
+    directory = resolve_tokenizer_spec(REPO, HubConfig())
     assert (directory / "vocab.json").is_file()
     assert all("*.safetensors" not in patterns for patterns in asked)  # never the weights
     del hub.files["vocab.json"]
     (directory / "vocab.json").unlink()
     with pytest.raises(ModelSourceError, match="hub tokenizer 'acme/tiny-gpt2'.*lacks tokenizer.json or vocab.json"):
-        resolve_tokenizer_spec(REPO)
+        resolve_tokenizer_spec(REPO, HubConfig())

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 import huggingface_hub
-from huggingface_hub import constants
 import pytest
+from huggingface_hub import constants
 
 from server.cli import checked_sources, parse_config, with_resolved_tokenizer
 from server.model_source import ModelSourceError

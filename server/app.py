@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -296,8 +297,16 @@ class Gateway:
             line |= usage().model_dump(exclude={"prompt_tokens_details"})
         if self.config.log_requests and body:
             line["body"] = body[:self.config.max_log_len].decode("utf-8", "replace")
+        outputs = scope.get("state", {}).get("outputs")
+        if self.config.log_outputs and outputs is not None:
+            line["outputs"] = [clipped(output, self.config.max_log_len) for output in outputs()]
         if not (self.config.disable_access_log or route_path(scope) in self._unlogged_paths):
             access_log.info("request", extra=line)
+
+
+def clipped(output: dict[str, Any], limit: int) -> dict[str, Any]:
+    """A choice's output as logged: each text and list at most ``limit`` long, as a body is."""
+    return {key: value[:limit] if isinstance(value, (str, list)) else value for key, value in output.items()}
 
 
 def route_path(scope: Scope) -> str:

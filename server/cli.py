@@ -233,7 +233,12 @@ def build_parser(*, defaults: bool = True) -> _Parser:
         "name for it", "--enable-log-requests", action="store_true")
     add("--disable-log-requests", "vLLM's older flag, and the default here: bodies stay out of the request log, "
         "whatever GPTSERVE_LOG_REQUESTS says", action="store_false", dest="log_requests", default=False)
-    add("--max-log-len", "bytes of a request body the request log keeps (vLLM's flag; with --log-requests)",
+    add("--enable-log-outputs", "vLLM's flag: the request log line also holds each choice's output (text, or chat's "
+        "content, reasoning and tool calls; its token ids; finish_reason), cut at --max-log-len; here it does not need "
+        "--log-requests. Completions, chat and Responses (not background ones)", action="store_true",
+        dest="log_outputs")
+    add("--max-log-len", "bytes of a request body the request log keeps, characters (or token ids) of each logged "
+        "output (vLLM's flag; with --log-requests or --enable-log-outputs)",
         type=flag_types.positive_int, default=4096)
     add("--disable-access-log", "no log line per request (method, route, status, latency, tokens); "
         "--disable-uvicorn-access-log is vLLM's name for it", "--disable-uvicorn-access-log", action="store_true")

@@ -77,10 +77,11 @@ class HTTPConfig:
     body_timeout: float = 30.0  # seconds a request's body may take to arrive, once its headers have
     max_connections: int = 1024  # open connections; a request arriving over this gets 503
     drain_timeout: float = 30.0  # on SIGTERM, seconds in-flight requests get before they are aborted with 503
-    log_requests: bool = False  # prompts and outputs go to the log only when asked for
+    log_requests: bool = False  # prompts (request bodies) go to the log only when asked for
+    log_outputs: bool = False  # as do the outputs: each choice's text, tokens and finish_reason
     disable_access_log: bool = False  # no log line per request
     disable_access_log_for_endpoints: tuple[str, ...] = ()  # paths whose requests get no log line (probes)
-    max_log_len: int = 4096  # bytes of a logged request body (--log-requests)
+    max_log_len: int = 4096  # bytes of a logged request body (--log-requests), characters of a logged output
     root_path: str = ""  # the path prefix a proxy serves the API under (/docs and the OpenAPI document name it)
     disable_fastapi_docs: bool = False  # no /docs, /redoc or /openapi.json
     enable_server_load_tracking: bool = False  # GET /load counts the requests in flight that run a model

@@ -26,7 +26,7 @@ def proxied(tmp_path_factory):
 
     model = write_tiny_gpt2(tmp_path_factory.mktemp("long") / "gpt2", n_positions=4096)  # streams long enough to watch
     args = [f"tiny={model}", "--root-path", "/llm/", "--api-key", "sesame", "--enable-log-requests",
-            "--max-log-len", "24", "--enable-server-load-tracking"]
+            "--max-log-len", "24", "--enable-server-load-tracking", "--enable-log-outputs"]
     with ServerProcess(args) as running:
         yield running
 
@@ -69,6 +69,54 @@ def test_the_request_log_keeps_max_log_len_bytes_of_each_body(proxied):
     bodies = logged_bodies(proxied)
     assert bodies and all(len(body) <= 24 for body in bodies)
     assert json.dumps(BODY, separators=(",", ":"))[:24] in bodies  # as httpx writes it
+
+
+def request_line(server: ServerProcess, request_id: str, timeout: float = 10.0) -> dict:
+    """The request's log line, written once its answer's last byte is out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for raw in server.log_text().splitlines():
+            line = json.loads(raw) if raw.startswith("{") else {}
+            if line.get("msg") == "request" and line.get("request_id") == request_id:
+                return line
+        assert time.monotonic() < deadline, f"no request line for {request_id}"
+        time.sleep(0.05)
+
+
+def test_log_outputs_writes_each_choice_cut_at_max_log_len(proxied):
+    """Chat and completions, whole and streamed, and Responses: the text the client got (its first 24
+    characters), the tokens it came from (24 of 30) and why it ended."""
+    long = {"model": "tiny", "max_tokens": 30, "ignore_eos": True}
+    reply = httpx.post(proxied.v1 + "/completions", json={**long, "prompt": "Once", "n": 2}, headers=KEY, timeout=60)
+    outputs = request_line(proxied, reply.headers["x-request-id"])["outputs"]
+    assert [output["text"] for output in outputs] == [choice["text"][:24] for choice in reply.json()["choices"]]
+    assert [(len(output["token_ids"]), output["finish_reason"]) for output in outputs] == [(24, "length")] * 2
+
+    chat = {**long, "messages": [{"role": "user", "content": "Hi"}]}
+    reply = httpx.post(proxied.v1 + "/chat/completions", json=chat, headers=KEY, timeout=60)
+    [output] = request_line(proxied, reply.headers["x-request-id"])["outputs"]
+    content = reply.json()["choices"][0]["message"]["content"]
+    assert output == {"content": content[:24], "reasoning": "", "tool_calls": [], "token_ids": output["token_ids"],
+                      "finish_reason": "length"} and len(output["token_ids"]) == 24
+
+    with httpx.stream("POST", proxied.v1 + "/completions", json={**long, "prompt": "Once", "stream": True},
+                      headers=KEY, timeout=60) as streamed:
+        chunks = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
+    [output] = request_line(proxied, streamed.headers["x-request-id"])["outputs"]
+    assert output["text"] == "".join(chunk["choices"][0]["text"] for chunk in chunks)[:24]
+
+    reply = httpx.post(proxied.v1 + "/responses", json={"model": "tiny", "input": "Hi", "max_output_tokens": 5},
+                       headers=KEY, timeout=60)
+    line = request_line(proxied, reply.headers["x-request-id"])
+    [output] = line["outputs"]
+    assert output["content"] == reply.json()["output"][0]["content"][0]["text"][:24]
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (reply.json()["usage"]["input_tokens"],
+                                                                  reply.json()["usage"]["output_tokens"])
+
+
+def test_outputs_stay_out_of_the_log_unless_asked_for(undocumented):
+    reply = httpx.post(undocumented.v1 + "/completions", json=BODY, timeout=60)
+    assert "outputs" not in request_line(undocumented, reply.headers["x-request-id"])
 
 
 def test_disable_fastapi_docs_serves_no_docs(undocumented):
@@ -186,10 +234,11 @@ def test_disable_access_log_leaves_out_every_request_line(caplog):
 
 def test_models_name_the_path_they_were_given_as_their_root(undocumented, tiny_gpt2_dir):
     """vLLM's ModelCard root (the path or hub id given) and parent (an adapter's base model: none here)."""
+    from server.config import HubConfig
     from server.model_source import resolve_model_spec
 
     [card] = httpx.get(undocumented.v1 + "/models", timeout=10).json()["data"]
     assert (card["id"], card["root"], card["parent"]) == ("tiny", str(tiny_gpt2_dir), None)
     assert httpx.get(undocumented.v1 + "/models/tiny", timeout=10).json()["root"] == str(tiny_gpt2_dir)
-    assert resolve_model_spec(str(tiny_gpt2_dir)).root == str(tiny_gpt2_dir)
-    assert resolve_model_spec(f"x={tiny_gpt2_dir}").root == str(tiny_gpt2_dir)
+    assert resolve_model_spec(str(tiny_gpt2_dir), HubConfig()).root == str(tiny_gpt2_dir)
+    assert resolve_model_spec(f"x={tiny_gpt2_dir}", HubConfig()).root == str(tiny_gpt2_dir)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from models.tokenizer import Tokenizer
 from server.chat import ChatDelta, ChatOutputParser
@@ -65,6 +66,13 @@ class ChatChoice:
     @property
     def stopped_by_string(self) -> bool:
         return self._stop.matched is not None
+
+    def logged(self) -> dict[str, Any]:
+        """What --enable-log-outputs writes of it: the parts as parsed, and the tokens they came from."""
+        return {"content": self.content, "reasoning": self.reasoning,
+                "tool_calls": [{"name": call.function.name, "arguments": call.function.arguments}
+                               for call in self.tool_calls],
+                "token_ids": self.token_ids, "finish_reason": self.finish_reason}
 
     def add(self, output: ChoiceOutput) -> None:
         """Take in one engine output. The tokens after the one that completes a stop string are dropped, as if

@@ -152,6 +152,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), cached_tokens=[0] * len(prompts),
     )
     request.state.usage = run.usage  # read by the request log once the answer is out
+    request.state.outputs = lambda: [choice.logged() for choice in run.choices]  # and by --enable-log-outputs
     if body.stream:
         usage = continuous_usage(body.stream_options, served.frontend.enable_force_include_usage, run.usage)
         return sse_response(await prime(request, run.chunks()), usage)

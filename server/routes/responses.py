@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from server.chat import ChatMessage, ChatOutputParser, FunctionTool
 from server.engine.sampling_params import GrammarSpec, SamplingParams
-from server.protocol import STORED_RESPONSE_ERRORS, APIError, sse_responses
+from server.protocol import STORED_RESPONSE_ERRORS, APIError, CompletionTokensDetails, Usage, sse_responses
 from server.protocol_responses import NamedFunctionChoice, ResponsesRequest
 from server.routes.chat_choice import ChatChoice
 from server.routes.chat_prompt import check_auto_tool_choice, chosen_tools, render_messages, template_variables
@@ -128,6 +128,13 @@ class ResponseRun:
             conversation = self.conversation + output_messages(self.output.items)
             self.store.put(self.id, StoredResponse(final, conversation, self.input_items))
         return final
+
+    def usage(self) -> Usage:
+        """The request log's counts, named as the other routes' are."""
+        output_tokens = self.choice.num_tokens
+        return Usage(prompt_tokens=len(self.prompt), completion_tokens=output_tokens,
+                     total_tokens=len(self.prompt) + output_tokens,
+                     completion_tokens_details=CompletionTokensDetails(reasoning_tokens=self.choice.reasoning_tokens))
 
     def snapshot(self, status: str, error: dict[str, str] | None = None) -> dict[str, Any]:
         body = self.body
@@ -236,6 +243,8 @@ async def create_response(body: ResponsesRequest, request: Request):
         return ResponseBody(**background.log.events[0]["response"])  # as response.created had it: queued
     if body.store:
         run.in_flight = foreground_runs(request)
+    request.state.usage = run.usage  # read by the request log once the answer is out
+    request.state.outputs = lambda: [run.choice.logged()]  # and by --enable-log-outputs
     if body.stream:
         return named_sse_response(await prime(request, run.stream()))
     return await cancel_on_disconnect(request, run.response())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from models.tokenizer import Tokenizer
 from server.detokenizer import StopStringMatcher, TokenTextDecoder, token_id_name, token_text
@@ -44,6 +44,10 @@ class TextChoice:
     @property
     def stopped_by_string(self) -> bool:
         return self._stop.matched is not None
+
+    def logged(self) -> dict[str, Any]:
+        """What --enable-log-outputs writes of it."""
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason}
 
     def echo(self, prompt_ids: list[int], prompt_logprobs: list[TokenLogprob | None] | None) -> None:
         """The prompt goes first in the text; with logprobs its tokens are scored too (the first one is null)."""

@@ -19,7 +19,7 @@ from models.mapped_pages import module_tensors, read_ahead_views, release_unview
 from models.onednn_linear import onednn_usable
 from models.parallel import SINGLE, TensorParallel
 from models.servable import ServableModel
-from models.tokenizer import Tokenizer, load_tokenizer
+from models.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
     from models.gpt2 import GPT2
@@ -71,9 +71,6 @@ def detect_family(config: dict) -> str:
     if model_type is None and is_original_gpt_oss_config(config):
         return "gpt_oss"
     raise CheckpointError(f"config.json: unknown model_type {model_type!r} (supported: gpt2, gpt_oss)")
-
-
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # either makes a folder a tokenizer's
 
 
 def tokenizer_directory(model_dir: Path) -> Path:

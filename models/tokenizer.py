@@ -75,6 +75,9 @@ class Tokenizer:
         return self._encoding.decode_bytes(ids)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # either makes a folder a tokenizer's (load_tokenizer reads it)
+
+
 def load_tokenizer(model_dir: Path, *, checked: bool = True) -> Tokenizer:
     """The tokenizer of a checkpoint directory: tokenizer.json, else GPT-2's vocab.json + merges.txt.
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.loader import TOKENIZER_FILES
+from models.tokenizer import TOKENIZER_FILES
 from server.config import HubConfig
 
 log = logging.getLogger(__name__)

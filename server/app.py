@@ -62,6 +62,7 @@ from server.routes.response_background import BackgroundRuns
 from server.routes.response_store import ResponseStore
 from server.stats_log import StatsLog
 from server.tokenizer_info import tokenizer_info
+from server.user_middleware import add_user_middleware
 from server.validation_errors import validation_error_object
 
 log = logging.getLogger("gptserve")
@@ -132,6 +133,7 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
     app.state.api_routes = [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
     _add_error_handlers(app)
     install_openapi(app, [*cores, *app.state.model_aliases])
+    add_user_middleware(app, config.http.middleware)  # before the gateway, so inside it
     app.add_middleware(Gateway, config=config.http, metrics=process_metrics, load=app.state.server_load)
     if config.http.allowed_origins:  # outside the gateway: a browser's preflight carries no API key
         app.add_middleware(AllowedOrigins, config=config.http)

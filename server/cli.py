@@ -15,6 +15,7 @@ from server import flag_types
 from server.config import DEFAULT_MAX_BODY_BYTES, SECTIONS, ServerConfig
 from server.env_flags import env_name, environment_arguments
 from server.tls import TLSSettingsError, cert_reqs, check_tls
+from server.user_middleware import check_user_middleware
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -179,6 +180,10 @@ def build_parser(*, defaults: bool = True) -> _Parser:
     add("--root-path", "the path prefix a proxy serves the API under, e.g. /llm (vLLM's flag): requests may come "
         "with it or with it stripped, and /docs and the OpenAPI document name it", type=flag_types.root_path,
         default="")
+    add("--middleware", "vLLM's flag, repeatable: the import path of an ASGI middleware class or of an async function "
+        "(request, call_next) to run on every request once the gateway has let it in (API key, body limits); "
+        "a later one wraps the earlier ones (env: comma-separated)", action="append", type=flag_types.import_path,
+        default=None, metavar="MODULE.NAME")
     add("--enable-server-load-tracking", "vLLM's flag: GET /load answers {\"server_load\": N}, the requests in "
         "flight that run a model, for load balancers (open like /health)", action="store_true")
     add("--disable-fastapi-docs", "vLLM's flag: no /docs, /redoc or /openapi.json", action="store_true")
@@ -265,6 +270,7 @@ def parse_config(argv: list[str] | None = None, environ: Mapping[str, str] | Non
         values["api_keys"] = [key for key in [environ.get("VLLM_API_KEY", "").strip()] if key]
     values["api_keys"] = tuple(values["api_keys"])
     values["allowed_origins"] = tuple(values["allowed_origins"])
+    values["middleware"] = tuple(values["middleware"] or ())
     values["allowed_methods"] = tuple(values["allowed_methods"] or CORS_METHODS)  # extend would add to a default
     values["allowed_headers"] = tuple(values["allowed_headers"] or ["*"])
     if values["allow_credentials"] and "*" in values["allowed_origins"]:
@@ -315,6 +321,7 @@ def start_and_run(argv: list[str] | None, run: Callable[[FastAPI, ServerConfig],
 
             return run_torchrun_rank(model_sources(config)[0].directory, config)
         check_tls(config.http)
+        check_user_middleware(config.http.middleware)  # before the models load: a typo costs no minutes
         from server.engine.core_startup import spawn_cores, wait_for_cores
 
         cores = spawn_cores(config, checked_sources(config))  # each model's weights load in its own core process

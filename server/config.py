@@ -84,6 +84,7 @@ class HTTPConfig:
     max_log_len: int = 4096  # bytes of a logged request body (--log-requests), characters of a logged output
     root_path: str = ""  # the path prefix a proxy serves the API under (/docs and the OpenAPI document name it)
     disable_fastapi_docs: bool = False  # no /docs, /redoc or /openapi.json
+    middleware: tuple[str, ...] = ()  # import paths of ASGI middleware (or async functions) run inside the gateway
     enable_server_load_tracking: bool = False  # GET /load counts the requests in flight that run a model
     ssl_certfile: str | None = None  # with ssl_keyfile: serve HTTPS with this certificate (chain)
     ssl_keyfile: str | None = None

@@ -74,6 +74,13 @@ def url_paths(text: str) -> tuple[str, ...]:
     return paths
 
 
+def import_path(text: str) -> str:
+    """module.name, as Python would import it (whether it imports is checked at the start)."""
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an import path like package.module.Name")
+    return text
+
+
 def api_key(text: str) -> str:
     """A key a client can send: not empty (which would silently leave the API open), no white space."""
     if not text or any(c.isspace() for c in text):

@@ -17,7 +17,7 @@ CANDIDATE_VALUES = ["7", "8", "0.5", "bfloat16", "some-text", "2", "0.9",  # tri
 # vLLM's flags for what is the default here: each must win over the variable that asks for the opposite
 DEFAULT_SPELLINGS = {"--disable-log-requests": "GPTSERVE_LOG_REQUESTS"}
 CANDIDATE_PAIRS = [("a=/models/a", "b=/models/b"), ("https://a.example", "http://b.example:8080"),  # repeatables
-                   ("PUT", "PATCH")]
+                   ("PUT", "PATCH"), ("pkg.first", "pkg.second")]
 
 
 def flags() -> list[argparse.Action]:

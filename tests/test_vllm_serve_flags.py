@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
+from bench.server_process import PROJECT_ROOT
 from server.cli import parse_config
 from server.routes.load import counts_as_load
 from tests.server_process import ServerProcess
@@ -26,7 +29,8 @@ def proxied(tmp_path_factory):
 
     model = write_tiny_gpt2(tmp_path_factory.mktemp("long") / "gpt2", n_positions=4096)  # streams long enough to watch
     args = [f"tiny={model}", "--root-path", "/llm/", "--api-key", "sesame", "--enable-log-requests",
-            "--max-log-len", "24", "--enable-server-load-tracking", "--enable-log-outputs"]
+            "--max-log-len", "24", "--enable-server-load-tracking", "--enable-log-outputs",
+            "--middleware", "tests.sample_middleware.StampHeader", "--middleware", "tests.sample_middleware.stamp"]
     with ServerProcess(args) as running:
         yield running
 
@@ -117,6 +121,31 @@ def test_log_outputs_writes_each_choice_cut_at_max_log_len(proxied):
 def test_outputs_stay_out_of_the_log_unless_asked_for(undocumented):
     reply = httpx.post(undocumented.v1 + "/completions", json=BODY, timeout=60)
     assert "outputs" not in request_line(undocumented, reply.headers["x-request-id"])
+
+
+def test_middleware_sees_every_request_the_gateway_lets_in(proxied):
+    models = httpx.get(proxied.v1 + "/models", headers=KEY, timeout=10)
+    assert (models.headers["x-stamp-class"], models.headers["x-stamp-function"]) == ("/v1/models", "seen")
+    with httpx.stream("POST", proxied.v1 + "/completions", headers=KEY, timeout=60,
+                      json={**BODY, "max_tokens": 5, "ignore_eos": True, "stream": True}) as streamed:
+        events = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert streamed.headers["x-stamp-class"] == "/v1/completions" and len(events) == 6  # 5 tokens and [DONE]
+    refused = httpx.get(proxied.v1 + "/models", timeout=10)  # no key: the gateway answers, the middleware never ran
+    assert refused.status_code == 401 and "x-stamp-class" not in refused.headers
+    assert "x-stamp-function" not in refused.headers
+
+
+@pytest.mark.parametrize("path, error", [
+    ("tests.sample_middleware.Absent", "cannot be imported (AttributeError"),
+    ("tests.no_such_module.Stamp", "cannot be imported (ModuleNotFoundError"),
+    ("tests.sample_middleware.NOT_MIDDLEWARE", "is neither a class (ASGI middleware) nor an async function"),
+    ("not-a-path", "is not an import path like package.module.Name"),
+])
+def test_middleware_that_cannot_be_used_stops_the_start_before_the_models_load(tiny_gpt2_dir, path, error):
+    started = subprocess.run([sys.executable, "-m", "server", "--model", str(tiny_gpt2_dir), "--middleware", path],
+                             capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
+    assert started.returncode == 2 and error in started.stderr, started.stderr
+    assert "serving model" not in started.stderr
 
 
 def test_disable_fastapi_docs_serves_no_docs(undocumented):

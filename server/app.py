@@ -42,6 +42,7 @@ from server.protocol import APIError, ErrorObject, ErrorResponse
 from server.routes import (
     chat_completions,
     completions,
+    conversations,
     embeddings,
     health,
     load,
@@ -55,6 +56,7 @@ from server.routes import (
     tokenize,
     version,
 )
+from server.routes.conversation_store import ConversationStore
 from server.routes.engine_calls import ClientDisconnected
 from server.routes.load import ServerLoad, counts_as_load
 from server.routes.models import ServedModel
@@ -120,12 +122,14 @@ def create_app(config: ServerConfig, cores: dict[str, StartedCore]) -> FastAPI:
     app.state.model_aliases = {alias: names[0] for alias in names[1:]}  # --served-model-name's further names
     app.state.exit_status = 0
     app.state.response_store = ResponseStore()
+    app.state.conversations = ConversationStore()
     app.state.background_responses = BackgroundRuns()
     app.state.foreground_responses = {}  # stored responses in flight on their request's connection, by id
     app.state.metrics = process_metrics
     app.state.server_load = ServerLoad() if config.http.enable_server_load_tracking else None
-    routers = [module.router for module in (completions, chat_completions, responses, perplexity, embeddings, scores,
-                                            models, tokenize, health, ready, metrics, version, sagemaker)]
+    routers = [module.router for module in (completions, chat_completions, responses, conversations, perplexity,
+                                            embeddings, scores, models, tokenize, health, ready, metrics, version,
+                                            sagemaker)]
     if config.http.enable_server_load_tracking:
         routers.append(load.router)
     for router in routers:

@@ -92,13 +92,16 @@ class StructuredOutputs(Strict):
         return self
 
 
+# OpenAI's metadata: at most 16 pairs, keys of 64 characters, values of 512.
+Metadata = dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]]
+
+
 class NoOpFields(Strict):
     """Fields OpenAI clients send that change nothing here: accepted so those clients work, never acted on."""
 
     user: str | None = Field(None, max_length=512)
     store: bool | None = None
-    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
-        None, max_length=16)
+    metadata: Metadata | None = Field(None, max_length=16)
     service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
     prompt_cache_key: str | None = Field(None, max_length=512, description="prefix caching is automatic")
     safety_identifier: str | None = Field(None, max_length=512)
@@ -700,6 +703,8 @@ ERROR_RESPONSES = GATEWAY_RESPONSES | _error_responses(
     (500, "the model failed while running this request"), (503, "not ready or the engine failed"))
 STORED_RESPONSE_ERRORS = GATEWAY_RESPONSES | _error_responses((400, "invalid request"),
                                                               (404, "no such stored response"))
+CONVERSATION_ERRORS = GATEWAY_RESPONSES | _error_responses((400, "invalid request"),
+                                                           (404, "no such conversation or item"))
 SSE_DESCRIPTION = ("with stream=true: server-sent events, one `data: {chunk}` per event, an error object as an "
                    "event if the request fails after the stream began, and `data: [DONE]` last")
 NAMED_SSE_DESCRIPTION = ("with stream=true: server-sent events, each `event: {its type}` then `data: {event}`, an "

@@ -125,6 +125,10 @@ class ResponseStreamOptions(Strict):
     include_obfuscation: bool | None = Field(None, description="accepted; events carry no obfuscation padding")
 
 
+class ConversationParam(Strict):
+    id: str = Field(max_length=256)
+
+
 class ResponsesRequest(NoOpFields):
     model: str
     input: str | Annotated[list[InputItem], Field(min_length=1, max_length=MAX_INPUT_ITEMS)]
@@ -144,6 +148,9 @@ class ResponsesRequest(NoOpFields):
     store: bool = True
     background: bool = Field(False, description="answer at once (status queued); GET it, stream it, cancel it")
     previous_response_id: str | None = Field(None, max_length=256)
+    conversation: Annotated[str, Field(max_length=256)] | ConversationParam | None = Field(
+        None, description="a conversation's id: the response starts from its items and adds its input and output to "
+        "them once it ends (not with previous_response_id)")
     truncation: Literal["auto", "disabled"] | None = Field(
         None, description="auto: drop the conversation's oldest items until it fits; disabled (default): a 400")
     include: Annotated[list[Includable], Field(max_length=16)] | None = None

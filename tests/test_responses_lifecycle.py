@@ -369,7 +369,7 @@ def test_logprobs_cover_the_answer_s_tokens_only_streamed_or_not(client, chat):
     assert plain.output[-1].content[0].logprobs is None and plain.top_logprobs is None
 
 
-@pytest.mark.parametrize("field", [{"top_logprobs": 21}, {"conversation": "conv_1"}])
+@pytest.mark.parametrize("field", [{"top_logprobs": 21}, {"prompt": {"id": "pmpt_1"}}])
 def test_fields_that_are_out_of_bounds_or_not_served_are_refused_by_name(client, field):
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(model="oss", input="Hi!", **field)

@@ -3,13 +3,19 @@
 `instructions` becomes a developer message in front and is not carried over to a follow-up, as OpenAI does;
 every input item is one message: a `message` keeps its role, `reasoning` is an assistant turn's reasoning,
 `function_call` an assistant turn's call, `function_call_output` a tool message answering `call_id`.
-`input_items` keeps the input as items too, each with an id, for `GET /v1/responses/{id}/input_items`.
+`input_items` keeps the input as items too, each with an id, for `GET /v1/responses/{id}/input_items` and for
+conversations, whose stored items `stored_item_messages` reads back.
 """
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
+from pydantic import TypeAdapter
+
 from server.chat import ChatMessage, ToolCall
-from server.protocol_responses import FunctionCallItem, FunctionCallOutputItem, MessageItem, ReasoningItem
+from server.protocol import APIError
+from server.protocol_responses import FunctionCallItem, FunctionCallOutputItem, InputItem, MessageItem, ReasoningItem
 from server.routes.response_output import new_id
 
 ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
@@ -62,3 +68,25 @@ def output_messages(items: list[dict]) -> list[ChatMessage]:
             messages.append(ChatMessage("assistant", "", tool_calls=[
                 ToolCall(item["call_id"], item["name"], item["arguments"])]))
     return messages
+
+
+_INPUT_ITEM: TypeAdapter[Any] = TypeAdapter(InputItem)
+
+
+def stored_item_messages(items: list[dict]) -> list[ChatMessage]:
+    """Items as listed (input items with ids, and output items as a response returned them, which are valid input
+    items) as the messages the model is shown."""
+    return [item_message(_INPUT_ITEM.validate_python(item)) for item in items]
+
+
+def item_page(items: list[dict], after: str | None, limit: int, order: Literal["asc", "desc"],
+              owner: str) -> tuple[list[dict], bool]:
+    """One page of a list of items (oldest first) in ``order``, after the item ``after``; and whether more follow.
+    ``owner`` names the list in the 400 for an ``after`` it does not hold."""
+    ordered = items if order == "asc" else items[::-1]
+    if after is not None:
+        ids = [item["id"] for item in ordered]
+        if after not in ids:
+            raise APIError(400, f"no item {after!r} in {owner}", param="after")
+        ordered = ordered[ids.index(after) + 1:]
+    return ordered[:limit], len(ordered) > limit

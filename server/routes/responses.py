@@ -27,12 +27,14 @@ from server.protocol import STORED_RESPONSE_ERRORS, APIError, CompletionTokensDe
 from server.protocol_responses import NamedFunctionChoice, ResponsesRequest
 from server.routes.chat_choice import ChatChoice
 from server.routes.chat_prompt import check_auto_tool_choice, chosen_tools, render_messages, template_variables
+from server.routes.conversation_store import ConversationStore, StoredConversation
+from server.routes.conversations import conversation_store, stored_conversation
 from server.routes.engine_calls import MergedOutputs, PromptJob, cancel_on_disconnect
 from server.routes.forced_call import choice_parser, forced_call_spec
 from server.routes.models import ServedModel, find_model
 from server.routes.response_background import BackgroundRuns, Run
 from server.routes.response_format import answer_prefix, text_format_spec
-from server.routes.response_input import input_items, input_messages, output_messages
+from server.routes.response_input import input_items, input_messages, item_page, output_messages, stored_item_messages
 from server.routes.response_output import ResponseOutput, new_id
 from server.routes.response_store import ResponseStore, StoredResponse
 from server.streaming import named_sse_response, prime
@@ -81,6 +83,7 @@ class ResponseRun:
         self.sequence = 0
         self.cached_tokens = 0  # prompt tokens the prefix cache served
         self.in_flight: dict[str, ResponseRun] | None = None  # where a foreground run is found while it runs
+        self.joined: tuple[ConversationStore, StoredConversation] | None = None  # the conversation it adds to
 
     async def events(self) -> AsyncGenerator[dict, None]:
         """Every stream event without its sequence number, ending with response.completed or .incomplete."""
@@ -124,6 +127,9 @@ class ResponseRun:
     def _finish(self, status: str, error: dict[str, str] | None = None) -> dict[str, Any]:
         self.status = status
         final = self.snapshot(status, error)
+        if self.joined is not None and status in ("completed", "incomplete"):
+            conversations, joined = self.joined
+            conversations.add_items(joined, self.input_items + [dict(item) for item in self.output.items])
         if self.body.store:
             conversation = self.conversation + output_messages(self.output.items)
             self.store.put(self.id, StoredResponse(final, conversation, self.input_items))
@@ -155,6 +161,7 @@ class ResponseRun:
             "max_tool_calls": body.max_tool_calls,
             "metadata": body.metadata or {}, "parallel_tool_calls": body.parallel_tool_calls is not False,
             "previous_response_id": body.previous_response_id,
+            "conversation": {"id": self.joined[1].id} if self.joined else None,
             "prompt_cache_key": body.prompt_cache_key, "safety_identifier": body.safety_identifier,
             "reasoning": {"effort": body.reasoning.effort if body.reasoning else None, "summary": None},
             "service_tier": "default", "store": body.store, "temperature": body.temperature, "top_p": body.top_p,
@@ -194,6 +201,13 @@ async def create_response(body: ResponsesRequest, request: Request):
         raise APIError(400, "a background response is stored: background needs store true", param="background")
     store = response_store(request)
     conversation: list[ChatMessage] = []
+    joined = None
+    if body.conversation is not None:
+        if body.previous_response_id is not None:
+            raise APIError(400, "give conversation or previous_response_id, not both", param="conversation")
+        conversation_id = body.conversation if isinstance(body.conversation, str) else body.conversation.id
+        joined = stored_conversation(request, conversation_id, param="conversation")
+        conversation = stored_item_messages(joined.items)
     if body.previous_response_id is not None:
         previous = store.get(body.previous_response_id)
         running = in_progress(request, body.previous_response_id)
@@ -229,6 +243,8 @@ async def create_response(body: ResponsesRequest, request: Request):
     await engine.compile_grammar(grammar)
     run = ResponseRun(served, body, conversation, prompt, max_tokens, store, grammar,
                       choice_parser(served.chat_format, mode, named, tools=bool(tools)))
+    if joined is not None:
+        run.joined = conversation_store(request), joined
     engine.validate(len(prompt), run.params, 1)
     if body.background:
         runs = background_runs(request)
@@ -336,15 +352,9 @@ async def list_input_items(response_id: str, request: Request,
         items = running.input_items
     else:
         raise not_stored(response_id)
-    ordered = items if order == "asc" else items[::-1]
-    if after is not None:
-        ids = [item["id"] for item in ordered]
-        if after not in ids:
-            raise APIError(400, f"no input item {after!r} in response {response_id!r}", param="after")
-        ordered = ordered[ids.index(after) + 1:]
-    page = ordered[:limit]
+    page, has_more = item_page(items, after, limit, order, f"response {response_id!r}'s input")
     return InputItemList(data=page, first_id=page[0]["id"] if page else None,
-                         last_id=page[-1]["id"] if page else None, has_more=len(ordered) > limit)
+                         last_id=page[-1]["id"] if page else None, has_more=has_more)
 
 
 def in_progress(request: Request, response_id: str) -> Run | None:

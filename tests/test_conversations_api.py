@@ -46,6 +46,12 @@ def test_a_conversation_is_created_read_updated_and_deleted(client):
     assert missing.value.body["param"] == "conversation_id" and created.id in missing.value.body["message"]
 
 
+def test_a_conversation_created_without_a_body_is_empty(client):
+    created = client._client.post("http://testserver/v1/conversations")  # the TestClient, as curl -X POST sends it
+    assert created.status_code == 200 and created.json()["metadata"] == {}
+    assert client.conversations.items.list(created.json()["id"]).data == []
+
+
 def test_items_are_added_listed_in_pages_read_and_deleted(client):
     conversation = client.conversations.create()
     added = client.conversations.items.create(conversation.id, items=[

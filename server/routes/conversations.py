@@ -37,10 +37,14 @@ def conversation_store(request: Request) -> ConversationStore:
     return request.app.state.conversations
 
 
+def not_found(what: str, param: str) -> APIError:
+    return APIError(404, f"no {what}", param=param, type="not_found_error")
+
+
 def stored_conversation(request: Request, conversation_id: str, param: str = "conversation_id") -> StoredConversation:
     conversation = conversation_store(request).get(conversation_id)
     if conversation is None:
-        raise APIError(404, f"no conversation {conversation_id!r}", param=param, type="not_found_error")
+        raise not_found(f"conversation {conversation_id!r}", param)
     return conversation
 
 
@@ -54,9 +58,11 @@ def item_list(page: list[dict[str, Any]], has_more: bool) -> ConversationItemLis
 
 
 @router.post("/v1/conversations", response_model=Conversation, responses=CONVERSATION_ERRORS)
-async def create_conversation(body: ConversationCreateRequest, request: Request) -> Conversation:
-    conversation = conversation_store(request).create(new_id("conv"), int(time.time()), dict(body.metadata or {}),
-                                                      input_items(body.items or []))
+async def create_conversation(request: Request, body: ConversationCreateRequest | None = None) -> Conversation:
+    """The body may be left out: an empty conversation."""
+    metadata = dict(body.metadata or {}) if body else {}
+    items = input_items(body.items or []) if body else []
+    conversation = conversation_store(request).create(new_id("conv"), int(time.time()), metadata, items)
     return conversation_body(conversation)
 
 
@@ -77,7 +83,7 @@ async def update_conversation(conversation_id: str, body: ConversationUpdateRequ
 async def delete_conversation(conversation_id: str, request: Request) -> DeletedConversation:
     """Its items go with it; a response still running on it adds nothing when it ends."""
     if not conversation_store(request).delete(conversation_id):
-        raise APIError(404, f"no conversation {conversation_id!r}", param="conversation_id", type="not_found_error")
+        raise not_found(f"conversation {conversation_id!r}", "conversation_id")
     return DeletedConversation(id=conversation_id)
 
 
@@ -111,8 +117,7 @@ async def retrieve_item(conversation_id: str, item_id: str, request: Request,
                         include: list[Includable] | None = INCLUDE) -> dict[str, Any]:
     item = stored_conversation(request, conversation_id).item(item_id)
     if item is None:
-        raise APIError(404, f"no item {item_id!r} in conversation {conversation_id!r}", param="item_id",
-                       type="not_found_error")
+        raise not_found(f"item {item_id!r} in conversation {conversation_id!r}", "item_id")
     return item
 
 
@@ -122,6 +127,5 @@ async def delete_item(conversation_id: str, item_id: str, request: Request) -> C
     """The conversation, as OpenAI answers."""
     conversation = stored_conversation(request, conversation_id)
     if not conversation_store(request).delete_item(conversation, item_id):
-        raise APIError(404, f"no item {item_id!r} in conversation {conversation_id!r}", param="item_id",
-                       type="not_found_error")
+        raise not_found(f"item {item_id!r} in conversation {conversation_id!r}", "item_id")
     return conversation_body(conversation)

@@ -4,7 +4,7 @@ name it (server/routes/conversations.py)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -40,12 +40,4 @@ class DeletedConversation(BaseModel):
     id: str
     object: Literal["conversation.deleted"] = "conversation.deleted"
     deleted: Literal[True] = True
-
-
-class ConversationItemList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[dict[str, Any]]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
 

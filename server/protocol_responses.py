@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag
+from pydantic import BaseModel, Discriminator, Field, Tag
 
 from server.protocol import (
     CACHE_SALT_DESCRIPTION,
@@ -88,6 +88,21 @@ def item_type(item: Any) -> str:
 InputItem = Annotated[Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
                       | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
                       | Annotated[ReasoningItem, Tag("reasoning")], Discriminator(item_type)]
+
+
+class ItemList(BaseModel):
+    """A page of items: a response's input items, or a conversation's."""
+
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+    @classmethod
+    def of(cls, page: list[dict[str, Any]], has_more: bool) -> ItemList:
+        return cls(data=page, first_id=page[0]["id"] if page else None, last_id=page[-1]["id"] if page else None,
+                   has_more=has_more)
 
 
 class FunctionToolParam(Strict):

@@ -17,12 +17,11 @@ from server.protocol import CONVERSATION_ERRORS, APIError
 from server.protocol_conversations import (
     Conversation,
     ConversationCreateRequest,
-    ConversationItemList,
-    ConversationUpdateRequest,
+        ConversationUpdateRequest,
     DeletedConversation,
     ItemsCreateRequest,
 )
-from server.protocol_responses import Includable
+from server.protocol_responses import Includable, ItemList
 from server.routes.conversation_store import ConversationStore, StoredConversation
 from server.routes.response_input import input_items, item_page
 from server.routes.response_output import new_id
@@ -50,11 +49,6 @@ def stored_conversation(request: Request, conversation_id: str, param: str = "co
 
 def conversation_body(conversation: StoredConversation) -> Conversation:
     return Conversation(id=conversation.id, created_at=conversation.created_at, metadata=conversation.metadata)
-
-
-def item_list(page: list[dict[str, Any]], has_more: bool) -> ConversationItemList:
-    return ConversationItemList(data=page, first_id=page[0]["id"] if page else None,
-                                last_id=page[-1]["id"] if page else None, has_more=has_more)
 
 
 @router.post("/v1/conversations", response_model=Conversation, responses=CONVERSATION_ERRORS)
@@ -87,28 +81,28 @@ async def delete_conversation(conversation_id: str, request: Request) -> Deleted
     return DeletedConversation(id=conversation_id)
 
 
-@router.post("/v1/conversations/{conversation_id}/items", response_model=ConversationItemList,
+@router.post("/v1/conversations/{conversation_id}/items", response_model=ItemList,
              responses=CONVERSATION_ERRORS)
 async def create_items(conversation_id: str, body: ItemsCreateRequest, request: Request,
-                       include: list[Includable] | None = INCLUDE) -> ConversationItemList:
+                       include: list[Includable] | None = INCLUDE) -> ItemList:
     """The items added, with their ids, in the order given."""
     conversation = stored_conversation(request, conversation_id)
     added = input_items(body.items)
     conversation_store(request).add_items(conversation, added)
-    return item_list(added, has_more=False)
+    return ItemList.of(added, has_more=False)
 
 
-@router.get("/v1/conversations/{conversation_id}/items", response_model=ConversationItemList,
+@router.get("/v1/conversations/{conversation_id}/items", response_model=ItemList,
             responses=CONVERSATION_ERRORS)
 async def list_items(conversation_id: str, request: Request,
                      after: str | None = Query(None, max_length=256, description="an item id"),
                      limit: int = Query(20, ge=1, le=MAX_LISTED_ITEMS),
                      order: Literal["asc", "desc"] = "desc",
-                     include: list[Includable] | None = INCLUDE) -> ConversationItemList:
+                     include: list[Includable] | None = INCLUDE) -> ItemList:
     """Newest first by default, as OpenAI lists them."""
     conversation = stored_conversation(request, conversation_id)
     page, has_more = item_page(conversation.items, after, limit, order, f"conversation {conversation_id!r}")
-    return item_list(page, has_more)
+    return ItemList.of(page, has_more)
 
 
 @router.get("/v1/conversations/{conversation_id}/items/{item_id}", response_model=dict[str, Any],

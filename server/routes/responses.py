@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from server.chat import ChatMessage, ChatOutputParser, FunctionTool
 from server.engine.sampling_params import GrammarSpec, SamplingParams
 from server.protocol import STORED_RESPONSE_ERRORS, APIError, CompletionTokensDetails, Usage, sse_responses
-from server.protocol_responses import NamedFunctionChoice, ResponsesRequest
+from server.protocol_responses import ItemList, NamedFunctionChoice, ResponsesRequest
 from server.routes.chat_choice import ChatChoice
 from server.routes.chat_prompt import check_auto_tool_choice, chosen_tools, render_messages, template_variables
 from server.routes.conversation_store import ConversationStore, StoredConversation
@@ -329,20 +329,12 @@ async def delete_response(response_id: str, request: Request) -> DeletedResponse
     return DeletedResponse(id=response_id)
 
 
-class InputItemList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[dict[str, Any]]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
-
-
-@router.get("/v1/responses/{response_id}/input_items", response_model=InputItemList,
+@router.get("/v1/responses/{response_id}/input_items", response_model=ItemList,
             responses=STORED_RESPONSE_ERRORS)
 async def list_input_items(response_id: str, request: Request,
                            after: str | None = Query(None, max_length=256, description="an item id"),
                            limit: int = Query(20, ge=1, le=MAX_LISTED_ITEMS),
-                           order: Literal["asc", "desc"] = "desc") -> InputItemList:
+                           order: Literal["asc", "desc"] = "desc") -> ItemList:
     """The items of the request's own `input` (a string input is one user message), newest first by default."""
     running = in_progress(request, response_id)
     stored = response_store(request).get(response_id)
@@ -353,8 +345,7 @@ async def list_input_items(response_id: str, request: Request,
     else:
         raise not_stored(response_id)
     page, has_more = item_page(items, after, limit, order, f"response {response_id!r}'s input")
-    return InputItemList(data=page, first_id=page[0]["id"] if page else None,
-                         last_id=page[-1]["id"] if page else None, has_more=has_more)
+    return ItemList.of(page, has_more)
 
 
 def in_progress(request: Request, response_id: str) -> Run | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from server.protocol import (
     CACHE_SALT_DESCRIPTION,
@@ -144,9 +144,18 @@ class ConversationParam(Strict):
     id: str = Field(max_length=256)
 
 
+def _input_or_what_came_before(schema: dict[str, Any]) -> None:
+    """The document's statement of the rule create_response enforces: no input needs a conversation to continue."""
+    schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+                       for name in ("input", "conversation", "previous_response_id")]
+
+
 class ResponsesRequest(NoOpFields):
+    model_config = ConfigDict(json_schema_extra=_input_or_what_came_before)
+
     model: str
-    input: str | Annotated[list[InputItem], Field(min_length=1, max_length=MAX_INPUT_ITEMS)]
+    input: str | Annotated[list[InputItem], Field(min_length=1, max_length=MAX_INPUT_ITEMS)] | None = Field(
+        None, description="required unless conversation or previous_response_id gives a conversation to answer")
     instructions: str | None = None
     reasoning: ReasoningParam | None = None
     max_output_tokens: OptionalInteger = Field(None, ge=1, description="null: up to the context length")

@@ -98,6 +98,21 @@ def test_responses_start_from_the_conversation_and_add_their_input_and_output(cl
                                                           *[item.type for item in second.output]]
 
 
+def test_a_response_to_a_conversation_needs_no_input_of_its_own(client, engine, harmony):
+    """The client adds the user's message as an item, then asks for the answer; without a conversation (or a
+    previous response) there is nothing to answer."""
+    conversation = client.conversations.create()
+    client.conversations.items.create(conversation.id, items=[{"role": "user", "content": "Hi!"}])
+    answered = client.responses.create(model="oss", conversation=conversation.id)
+    client.responses.create(model="oss", input="Hi!", store=False)
+    assert answered.output_text == "Hello there!" and engine.prompts[-2] == engine.prompts[-1]  # as if given inline
+    listed = client.conversations.items.list(conversation.id, order="asc").data
+    assert [item.type for item in listed] == ["message", *[item.type for item in answered.output]]
+    with pytest.raises(openai.BadRequestError) as nothing:
+        client.responses.create(model="oss")
+    assert nothing.value.body["param"] == "input"
+
+
 def test_a_streamed_response_adds_to_its_conversation_too(client):
     conversation = client.conversations.create()
     with client.responses.stream(model="oss", input="Hi!", conversation=conversation.id) as stream:

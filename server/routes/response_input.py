@@ -21,14 +21,18 @@ from server.routes.response_output import new_id
 ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 
 
-def input_messages(items: str | list) -> list[ChatMessage]:
+def input_messages(items: str | list | None) -> list[ChatMessage]:
+    if items is None:
+        return []
     if isinstance(items, str):
         return [ChatMessage("user", items)]
     return [item_message(item) for item in items]
 
 
-def input_items(items: str | list) -> list[dict]:
+def input_items(items: str | list | None) -> list[dict]:
     """The input as the items OpenAI lists: a string is one user message; text content becomes parts."""
+    if items is None:
+        return []
     if isinstance(items, str):
         return [{"id": new_id("msg"), "type": "message", "role": "user", "status": "completed",
                  "content": [{"type": "input_text", "text": items}]}]

@@ -200,6 +200,9 @@ async def create_response(body: ResponsesRequest, request: Request):
     if body.background and not body.store:
         raise APIError(400, "a background response is stored: background needs store true", param="background")
     store = response_store(request)
+    if body.input is None and body.conversation is None and body.previous_response_id is None:
+        raise APIError(400, "input is required unless conversation or previous_response_id gives a conversation "
+                       "to answer", param="input")
     conversation: list[ChatMessage] = []
     joined = None
     if body.conversation is not None:

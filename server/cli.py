@@ -210,6 +210,9 @@ def build_parser(*, defaults: bool = True) -> _Parser:
         "offers tools (vLLM's flag): hermes reads <tool_call>{\"name\", \"arguments\"}</tool_call>; none: all "
         "text is content. GPT-OSS's calls are harmony's whatever this says; openai (vLLM's name for them) is "
         "refused with a chat-template model", choices=["none", "hermes", "openai"], default="none")
+    add("--reasoning-parser", "vLLM's flag: openai_gptoss names GPT-OSS's harmony reasoning (the analysis channel), "
+        "which GPT-OSS models read into reasoning whether or not it is given; refused with a chat-template model",
+        choices=["none", "openai_gptoss"], default="none")
     add("--enable-auto-tool-choice", "vLLM's switch for tool_choice auto (the default when a request offers tools): "
         "the model may answer or call a tool. On here unless --no-enable-auto-tool-choice (env: 0), which refuses "
         "such requests with a 400 as vLLM does without the flag; none, required and named choices stay",
@@ -335,7 +338,7 @@ def start_and_run(argv: list[str] | None, run: Callable[[FastAPI, ServerConfig],
         try:
             wait_for_cores(cores, config)
             families = {name: core.family for name, core in cores.items()}
-            _check_tool_call_parser(config, families)
+            _check_harmony_parsers(config, families)
             _check_default_template_kwargs(config, families)
         except (OSError, ValueError) as e:  # CheckpointError, TokenizerError, missing files, as a core saw them
             return _cannot_start(e)
@@ -345,12 +348,16 @@ def start_and_run(argv: list[str] | None, run: Callable[[FastAPI, ServerConfig],
             core.kill()
 
 
-def _check_tool_call_parser(config: ServerConfig, families: dict[str, str]) -> None:
-    """``--tool-call-parser openai`` names harmony's calls, which only GPT-OSS writes."""
+def _check_harmony_parsers(config: ServerConfig, families: dict[str, str]) -> None:
+    """``--tool-call-parser openai`` and ``--reasoning-parser openai_gptoss`` name harmony's calls and reasoning,
+    which only GPT-OSS writes."""
     templated = sorted(name for name, family in families.items() if family != "gpt_oss")
     if config.frontend.tool_call_parser == "openai" and templated:
         raise ValueError(f"--tool-call-parser openai reads GPT-OSS's harmony tool calls, and {templated} use a chat "
                          "template: give hermes or none (GPT-OSS models read harmony's calls whatever it says)")
+    if config.frontend.reasoning_parser == "openai_gptoss" and templated:
+        raise ValueError(f"--reasoning-parser openai_gptoss reads GPT-OSS's harmony reasoning, and {templated} use a "
+                         "chat template, whose text is all content: leave it out")
 
 
 def _check_default_template_kwargs(config: ServerConfig, families: dict[str, str]) -> None:

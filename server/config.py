@@ -101,6 +101,7 @@ class FrontendConfig:
     chat_template: str | None = None  # a file path or the template text itself, for models without harmony
     trust_request_chat_template: bool = False  # requests may bring their own chat template (vLLM's flag)
     tool_call_parser: str = "none"  # "hermes": a template model's <tool_call> JSON is read as tool calls
+    reasoning_parser: str = "none"  # "openai_gptoss" (vLLM's name for harmony's reasoning): GPT-OSS only
     enable_auto_tool_choice: bool = True  # tool_choice "auto" allowed (vLLM's flag; there it must be given)
     enable_force_include_usage: bool = False  # every stream ends with a usage chunk, asked for or not (vLLM's flag)
     max_logprobs: int = 20  # most alternatives a token a request may ask for (vLLM's flag; -1: the vocabulary)

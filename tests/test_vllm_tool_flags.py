@@ -1,5 +1,6 @@
-"""vLLM's tool-calling flags on the command line: --tool-call-parser openai (GPT-OSS's harmony calls) and
---enable-auto-tool-choice, whose negative form refuses tool_choice "auto" as vLLM does without the flag."""
+"""vLLM's tool-calling flags on the command line: --tool-call-parser openai (GPT-OSS's harmony calls),
+--reasoning-parser openai_gptoss (its reasoning) and --enable-auto-tool-choice, whose negative form refuses
+tool_choice "auto" as vLLM does without the flag."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def test_vllms_gpt_oss_command_line_serves_tools_for_the_model_to_choose(tmp_pat
 
     model = write_tiny_gpt_oss(tmp_path / "gpt-oss")
     args = ["--model", f"tiny={model}", "--dtype", "float32", "--tool-call-parser", "openai",
-            "--enable-auto-tool-choice"]
+            "--enable-auto-tool-choice", "--reasoning-parser", "openai_gptoss"]
     with ServerProcess(args, startup_timeout=300) as server:
         reply = chat(server, tools=[WEATHER])
         forced = chat(server, tools=[WEATHER], tool_choice="required", max_tokens=64)
@@ -70,13 +71,18 @@ def test_vllms_gpt_oss_command_line_serves_tools_for_the_model_to_choose(tmp_pat
     assert forced.status_code == 200 and forced.json()["choices"][0]["message"]["tool_calls"], forced.text
 
 
-def test_the_openai_parser_with_a_chat_template_model_stops_the_start(tiny_gpt2_dir):
+@pytest.mark.parametrize("flag, value, error", [
+    ("--tool-call-parser", "openai", "--tool-call-parser openai reads GPT-OSS's harmony tool calls, and ['tiny'] use "
+                                     "a chat template"),
+    ("--reasoning-parser", "openai_gptoss", "--reasoning-parser openai_gptoss reads GPT-OSS's harmony reasoning, and "
+                                            "['tiny'] use a chat template"),
+])
+def test_harmonys_parsers_with_a_chat_template_model_stop_the_start(tiny_gpt2_dir, flag, value, error):
     result = subprocess.run([sys.executable, "-m", "server", "--device", "cpu", "--model", f"tiny={tiny_gpt2_dir}",
-                             "--tool-call-parser", "openai"],
+                             flag, value],
                             check=False, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
-    assert "--tool-call-parser openai reads GPT-OSS's harmony tool calls, and ['tiny'] use a chat template" \
-        in result.stderr
+    assert error in result.stderr
     core = next(int(line.split('"pid": ')[1].split("}")[0]) for line in result.stderr.splitlines()
                 if '"started engine core"' in line)
     assert exits_within(core, seconds=5)

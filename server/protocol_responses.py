@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic.json_schema import SkipJsonSchema
 
 from server.protocol import (
     CACHE_SALT_DESCRIPTION,
@@ -144,17 +145,22 @@ class ConversationParam(Strict):
     id: str = Field(max_length=256)
 
 
-def _input_or_what_came_before(schema: dict[str, Any]) -> None:
-    """The document's statement of the rule create_response enforces: no input needs a conversation to continue."""
-    schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
-                       for name in ("input", "conversation", "previous_response_id")]
+ResponseInput = str | Annotated[list[InputItem], Field(min_length=1, max_length=MAX_INPUT_ITEMS)]
+
+
+def _input_as_documented(schema: dict[str, Any]) -> None:
+    """The document asks for input always, as the rule it would need (input, or an existing conversation or
+    previous response) names server state no schema-driven client can make: stated as an anyOf, it left
+    schemathesis generating almost no request the server could serve. The server is the more lenient: without
+    input it answers a conversation or previous response that exists (create_response says so with a 400)."""
+    schema["required"] = sorted({*schema.get("required", []), "input"})
 
 
 class ResponsesRequest(NoOpFields):
-    model_config = ConfigDict(json_schema_extra=_input_or_what_came_before)
+    model_config = ConfigDict(json_schema_extra=_input_as_documented)
 
     model: str
-    input: str | Annotated[list[InputItem], Field(min_length=1, max_length=MAX_INPUT_ITEMS)] | None = Field(
+    input: ResponseInput | SkipJsonSchema[None] = Field(
         None, description="required unless conversation or previous_response_id gives a conversation to answer")
     instructions: str | None = None
     reasoning: ReasoningParam | None = None

@@ -17,18 +17,17 @@ from server.protocol import CONVERSATION_ERRORS, APIError
 from server.protocol_conversations import (
     Conversation,
     ConversationCreateRequest,
-        ConversationUpdateRequest,
+    ConversationUpdateRequest,
     DeletedConversation,
     ItemsCreateRequest,
 )
 from server.protocol_responses import Includable, ItemList
 from server.routes.conversation_store import ConversationStore, StoredConversation
-from server.routes.response_input import input_items, item_page
+from server.routes.response_input import MAX_LISTED_ITEMS, input_items, item_page
 from server.routes.response_output import new_id
 
 router = APIRouter()
 
-MAX_LISTED_ITEMS = 100
 INCLUDE = Query(None, max_length=16, description="accepted: every item is returned whole")
 
 

@@ -18,6 +18,7 @@ from server.protocol import APIError
 from server.protocol_responses import FunctionCallItem, FunctionCallOutputItem, InputItem, MessageItem, ReasoningItem
 from server.routes.response_output import new_id
 
+MAX_LISTED_ITEMS = 100  # items a page may hold (a response's input items, a conversation's)
 ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 
 

@@ -34,13 +34,19 @@ from server.routes.forced_call import choice_parser, forced_call_spec
 from server.routes.models import ServedModel, find_model
 from server.routes.response_background import BackgroundRuns, Run
 from server.routes.response_format import answer_prefix, text_format_spec
-from server.routes.response_input import input_items, input_messages, item_page, output_messages, stored_item_messages
+from server.routes.response_input import (
+    MAX_LISTED_ITEMS,
+    input_items,
+    input_messages,
+    item_page,
+    output_messages,
+    stored_item_messages,
+)
 from server.routes.response_output import ResponseOutput, new_id
 from server.routes.response_store import ResponseStore, StoredResponse
 from server.streaming import named_sse_response, prime
 
 router = APIRouter()
-MAX_LISTED_ITEMS = 100
 
 
 class ResponseBody(BaseModel):
